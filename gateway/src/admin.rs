@@ -1,0 +1,181 @@
+//! The admin listener: liveness, readiness and the effective config. It runs
+//! on its own port so data-plane routes can never shadow it. `/metrics` joins
+//! these endpoints with the observability work.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::{header, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::config::model::Config;
+use crate::runtime::Runtime;
+
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub struct AdminApp {
+    runtime: Arc<ArcSwap<Runtime>>,
+    /// Set once every listener has accepted a probe connection.
+    listeners_up: AtomicBool,
+}
+
+impl AdminApp {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        AdminApp {
+            runtime,
+            listeners_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Ready = a config is loaded and every listener accepts connections.
+    async fn ready(&self) -> Result<(), String> {
+        if self.listeners_up.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let rt = self.runtime.load_full();
+        for l in &rt.listeners {
+            let mut addr = l.bind;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "listener {} ({}) not accepting: {e}",
+                        l.name, l.bind
+                    ))
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "listener {} ({}) did not accept within {PROBE_TIMEOUT:?}",
+                        l.name, l.bind
+                    ))
+                }
+            }
+        }
+        self.listeners_up.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+    let body = body.to_string().into_bytes();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "alive" })),
+            "/readyz" => match self.ready().await {
+                Ok(()) => json(StatusCode::OK, serde_json::json!({ "status": "ready" })),
+                Err(why) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "status": "not ready", "reason": why }),
+                ),
+            },
+            "/config" => json(StatusCode::OK, config_json(&self.runtime.load().config)),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config"] }),
+            ),
+        }
+    }
+}
+
+/// The effective config (defaults filled in) as JSON.
+pub fn config_json(c: &Config) -> serde_json::Value {
+    use crate::config::model::{Action, HeaderRewrite, HostMatch};
+    use serde_json::json;
+    let secs = |d: Duration| d.as_secs_f64();
+    let rewrite = |rw: &HeaderRewrite| {
+        json!({
+            "set": pairs(&rw.set),
+            "add": pairs(&rw.add),
+            "remove": rw.remove.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        })
+    };
+    let routes: Vec<_> = c
+        .routes
+        .iter()
+        .map(|r| {
+            let mut v = json!({
+                "name": r.name,
+                "listeners": r.listeners,
+                "host": r.host.as_ref().map(|h| match h {
+                    HostMatch::Exact(h) => h.clone(),
+                    HostMatch::Wildcard(s) => format!("*{s}"),
+                }),
+                "methods": r.methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                "headers": pairs(&r.headers),
+                "timeout_seconds": secs(r.timeout),
+                "response_headers": rewrite(&r.response_headers),
+            });
+            if let Some(p) = &r.path {
+                let (k, val) = p.describe();
+                v[k] = json!(val);
+            }
+            match &r.action {
+                Action::Forward(f) => {
+                    v["split"] = f.targets.iter().map(|(u, w)| (u.clone(), json!(w))).collect::<serde_json::Map<_, _>>().into();
+                    v["strip_prefix"] = json!(f.strip_prefix);
+                    v["request_headers"] = rewrite(&f.request_headers);
+                }
+                Action::Respond { status, body, content_type } => {
+                    v["respond"] = json!({ "status": status.as_u16(), "body": String::from_utf8_lossy(body), "content_type": String::from_utf8_lossy(content_type.as_bytes()) });
+                }
+                Action::Redirect { location, status } => {
+                    v["redirect"] = json!({ "location": String::from_utf8_lossy(location.as_bytes()), "status": status.as_u16() });
+                }
+            }
+            v
+        })
+        .collect();
+    json!({
+        "gateway": {
+            "name": c.gateway.name,
+            "workers": c.gateway.workers,
+            "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
+        },
+        "admin": { "listen": c.admin.listen.to_string() },
+        "listeners": c.listeners.iter().map(|l| json!({ "name": l.name, "bind": l.bind.to_string(), "direction": l.direction.as_str() })).collect::<Vec<_>>(),
+        "routes": routes,
+        "upstreams": c.upstreams.iter().map(|u| json!({
+            "name": u.name,
+            "endpoints": u.endpoints.iter().map(|e| json!({ "addr": e.addr, "resolved": e.socket.to_string(), "weight": e.weight })).collect::<Vec<_>>(),
+            "protocol": u.protocol.as_str(),
+            "connect_timeout_seconds": secs(u.connect_timeout),
+            "read_timeout_seconds": secs(u.read_timeout),
+            "write_timeout_seconds": secs(u.write_timeout),
+            "idle_timeout_seconds": secs(u.idle_timeout),
+            "connect_retries": u.connect_retries,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn pairs(list: &[(http::HeaderName, http::HeaderValue)]) -> serde_json::Value {
+    list.iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}

@@ -1,0 +1,152 @@
+//! Config diagnostics: every problem found in a file, each with where and how to fix it.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Byte range in the source, when the problem has a place.
+    pub span: Option<Range<usize>>,
+    pub message: String,
+    /// What to change; shown on its own line so it stands out.
+    pub fix: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn new(span: impl Into<Option<Range<usize>>>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            span: span.into(),
+            message: message.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+/// Why a config could not be loaded: the file could not be read, or it holds
+/// one or more problems. Rendered with file:line:col for each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(.path, .source_text, .diagnostics))]
+    Invalid {
+        path: PathBuf,
+        source_text: String,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl ConfigError {
+    /// The problems, empty for a read error.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { diagnostics, .. } => diagnostics,
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..floor_char_boundary(src, offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn render(path: &Path, src: &str, diags: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diags {
+        out.push_str(&DiagnosticDisplay { path, src, diag: d }.to_string());
+        out.push('\n');
+    }
+    let n = diags.len();
+    out.push_str(&format!(
+        "{}: {} error{} found",
+        path.display(),
+        n,
+        if n == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+struct DiagnosticDisplay<'a> {
+    path: &'a Path,
+    src: &'a str,
+    diag: &'a Diagnostic,
+}
+
+impl fmt::Display for DiagnosticDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.diag.span {
+            Some(span) => {
+                let (line, col) = line_col(self.src, span.start);
+                write!(
+                    f,
+                    "{}:{}:{}: error: {}",
+                    self.path.display(),
+                    line,
+                    col,
+                    self.diag.message
+                )?;
+                if let Some(text) = self.src.lines().nth(line - 1) {
+                    write!(f, "\n    | {text}")?;
+                }
+            }
+            None => write!(f, "{}: error: {}", self.path.display(), self.diag.message)?,
+        }
+        if let Some(fix) = &self.diag.fix {
+            write!(f, "\n    = fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        let src = "a = 1\nbé = 2\n";
+        assert_eq!(line_col(src, 0), (1, 1));
+        assert_eq!(line_col(src, 6), (2, 1));
+        // 'é' is two bytes but one column.
+        assert_eq!(line_col(src, 9), (2, 3));
+        assert_eq!(line_col(src, 1000), (3, 1));
+    }
+
+    #[test]
+    fn render_names_file_line_col_and_fix() {
+        let err = ConfigError::Invalid {
+            path: "gw.toml".into(),
+            source_text: "x = 1\ny = 2\n".into(),
+            diagnostics: vec![Diagnostic::new(6..7, "bad y").fix("remove y")],
+        };
+        let text = err.to_string();
+        assert!(text.contains("gw.toml:2:1: error: bad y"), "{text}");
+        assert!(text.contains("| y = 2"), "{text}");
+        assert!(text.contains("= fix: remove y"), "{text}");
+        assert!(text.ends_with("1 error found"), "{text}");
+    }
+}

@@ -1,0 +1,188 @@
+//! The validated config: what the rest of meshgate reads. No serde here; every
+//! value has been checked, defaults are filled in, and names are resolved.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+
+/// Defaults, documented in `docs/config.md`.
+pub const DEFAULT_GATEWAY_NAME: &str = "meshgate";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_RETRIES: u32 = 1;
+pub const DEFAULT_REDIRECT_STATUS: u16 = 302;
+
+/// A whole, valid gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub admin: Admin,
+    /// In file order.
+    pub listeners: Vec<Listener>,
+    /// In file order; the order breaks ties between equally specific routes.
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub name: String,
+    /// Worker threads for the proxy; `None` = one per core.
+    pub workers: Option<usize>,
+    pub shutdown_grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// North-south, into the cluster or VM.
+    Ingress,
+    /// North-south, out of it.
+    Egress,
+    /// East-west, service to service.
+    Mesh,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+            Direction::Mesh => "mesh",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    /// Lower-case, without port.
+    Exact(String),
+    /// `*.example.com`, stored as the suffix `.example.com`.
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl PathMatch {
+    /// Text that identifies the matcher, for comparing routes and for `/config`.
+    pub fn describe(&self) -> (&'static str, &str) {
+        match self {
+            PathMatch::Exact(p) => ("path", p),
+            PathMatch::Prefix(p) => ("path_prefix", p),
+            PathMatch::Regex(r) => ("path_regex", r.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Names of the listeners this route is served on (all of them when the file
+    /// names none).
+    pub listeners: Vec<String>,
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    /// Sorted and deduplicated; empty = any method.
+    pub methods: Vec<Method>,
+    /// Sorted by name; each must be present with exactly this value.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub action: Action,
+    pub timeout: Duration,
+    /// Applied to every response of the route, forwarded or generated.
+    pub response_headers: HeaderRewrite,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Proxy to one upstream, or to one of several by weight.
+    Forward(Forward),
+    Respond {
+        status: StatusCode,
+        body: bytes::Bytes,
+        content_type: HeaderValue,
+    },
+    Redirect {
+        location: HeaderValue,
+        status: StatusCode,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// (upstream name, weight); weights are > 0.
+    pub targets: Vec<(String, u32)>,
+    pub strip_prefix: Option<String>,
+    pub request_headers: HeaderRewrite,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderRewrite {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderRewrite {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC backends).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// As written, for `/config` and logs.
+    pub addr: String,
+    /// Resolved once at load time.
+    pub socket: SocketAddr,
+    pub weight: u32,
+}

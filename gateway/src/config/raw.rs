@@ -1,0 +1,95 @@
+//! The file format: the only structs in meshgate that derive serde.
+//!
+//! Every table rejects unknown keys. Values that validation may need to point at
+//! are `Spanned`, so an error can name file:line:col. Names of listeners, routes
+//! and upstreams are the keys of flat tables; references between them are by name.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[gateway]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub name: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
+    pub shutdown_grace_period: Option<Spanned<String>>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
+}
+
+/// `[listeners.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub bind: Spanned<String>,
+    pub direction: Option<Spanned<String>>,
+}
+
+/// `[routes.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub listeners: Option<Spanned<Vec<Spanned<String>>>>,
+    pub host: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub path_regex: Option<Spanned<String>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub headers: Option<Spanned<IndexMap<Spanned<String>, Spanned<String>>>>,
+    pub upstream: Option<Spanned<String>>,
+    pub split: Option<Spanned<IndexMap<Spanned<String>, Spanned<i64>>>>,
+    pub respond: Option<Spanned<RawRespond>>,
+    pub redirect: Option<Spanned<RawRedirect>>,
+    pub strip_prefix: Option<Spanned<String>>,
+    pub request_headers: Option<Spanned<RawHeaderRewrite>>,
+    pub response_headers: Option<Spanned<RawHeaderRewrite>>,
+    pub timeout: Option<Spanned<String>>,
+}
+
+/// `respond = { status, body, content_type }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    pub status: Option<Spanned<i64>>,
+    pub body: Option<String>,
+    pub content_type: Option<Spanned<String>>,
+}
+
+/// `redirect = { location, status }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    pub location: Spanned<String>,
+    pub status: Option<Spanned<i64>>,
+}
+
+/// `request_headers` / `response_headers = { set, add, remove }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRewrite {
+    pub set: Option<IndexMap<Spanned<String>, Spanned<String>>>,
+    pub add: Option<IndexMap<Spanned<String>, Spanned<String>>>,
+    pub remove: Option<Vec<Spanned<String>>>,
+}
+
+/// `[upstreams.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// A string `"host:port"` or a table `{ addr = "host:port", weight = 3 }`; kept as a
+    /// value because serde's untagged enums drop spans.
+    pub endpoints: Spanned<Vec<Spanned<toml::Value>>>,
+    pub protocol: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub read_timeout: Option<Spanned<String>>,
+    pub write_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub connect_retries: Option<Spanned<i64>>,
+}

@@ -1,0 +1,1112 @@
+//! Raw file -> validated model. Every problem is collected (not just the first),
+//! each with its byte span and a suggested fix.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use super::error::Diagnostic;
+use super::model::*;
+use super::raw::*;
+
+const SECTIONS: &[&str] = &["gateway", "admin", "listeners", "routes", "upstreams"];
+const MAX_WORKERS: i64 = 1024;
+const MAX_WEIGHT: i64 = 1_000_000;
+const MAX_CONNECT_RETRIES: i64 = 10;
+const REDIRECT_STATUSES: &[u16] = &[301, 302, 303, 307, 308];
+
+/// Validate a config document. `Err` holds every problem found.
+pub fn validate(src: &str) -> Result<Config, Vec<Diagnostic>> {
+    let mut v = Validator::default();
+    let (root, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        return Err(syntax
+            .into_iter()
+            .map(|e| {
+                Diagnostic::new(e.span(), format!("TOML syntax: {}", e.message().trim()))
+                    .fix("fix the TOML syntax at this place (https://toml.io)")
+            })
+            .collect());
+    }
+    let raw = v.read_sections(root.get_ref());
+    let config = v.build(raw);
+    if v.diags.is_empty() {
+        Ok(config)
+    } else {
+        v.diags
+            .sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
+        Err(v.diags)
+    }
+}
+
+/// The raw file, split into sections, each entry keeping its key's span.
+#[derive(Default)]
+struct RawFile {
+    gateway: RawGateway,
+    admin: RawAdmin,
+    listeners: Vec<(Spanned<String>, RawListener)>,
+    routes: Vec<(Spanned<String>, RawRoute)>,
+    upstreams: Vec<(Spanned<String>, RawUpstream)>,
+}
+
+#[derive(Default)]
+struct Validator {
+    diags: Vec<Diagnostic>,
+}
+
+fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
+    Spanned::new(key.span(), key.get_ref().to_string())
+}
+
+impl Validator {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>, fix: impl Into<String>) {
+        self.diags.push(Diagnostic::new(span, message).fix(fix));
+    }
+
+    fn read_sections(&mut self, root: &DeTable<'_>) -> RawFile {
+        let mut raw = RawFile::default();
+        for (key, value) in root {
+            match key.get_ref().as_ref() {
+                "gateway" => raw.gateway = self.de(value).unwrap_or_default(),
+                "admin" => raw.admin = self.de(value).unwrap_or_default(),
+                "listeners" => raw.listeners = self.de_named(key, value),
+                "routes" => raw.routes = self.de_named(key, value),
+                "upstreams" => raw.upstreams = self.de_named(key, value),
+                other => {
+                    let fix = match suggest(other, SECTIONS) {
+                        Some(s) => format!(
+                            "did you mean [{s}]? Known sections: {}",
+                            SECTIONS.join(", ")
+                        ),
+                        None => format!("remove it; known sections: {}", SECTIONS.join(", ")),
+                    };
+                    self.error(key.span(), format!("unknown section `{other}`"), fix);
+                }
+            }
+        }
+        raw
+    }
+
+    /// Deserialize one value, turning serde errors into diagnostics. An unknown
+    /// key is reported, dropped, and the value tried again, so one typo does not
+    /// hide the table's other problems (or make references to it dangle).
+    fn de<T: DeserializeOwned>(&mut self, value: &Spanned<DeValue<'_>>) -> Option<T> {
+        const MAX_UNKNOWN_KEYS: usize = 64;
+        let mut owned = value.clone();
+        owned.get_mut().make_owned();
+        for _ in 0..MAX_UNKNOWN_KEYS {
+            match T::deserialize(ValueDeserializer::from(owned.clone())) {
+                Ok(t) => return Some(t),
+                Err(e) => {
+                    let span = e.span().unwrap_or(value.span());
+                    let (message, fix) = explain_serde_error(e.message());
+                    let unknown_key = message.starts_with("unknown key");
+                    self.diags
+                        .push(Diagnostic::new(span.clone(), message).fix(fix));
+                    if !unknown_key || !remove_key_at(owned.get_mut(), &span) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// A table of named entries (`[routes.NAME]`): each entry on its own, so one
+    /// bad entry does not hide the problems of the others.
+    fn de_named<T: DeserializeOwned>(
+        &mut self,
+        section_key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Vec<(Spanned<String>, T)> {
+        let section = section_key.get_ref();
+        let Some(table) = value.get_ref().as_table() else {
+            self.error(
+                value.span(),
+                format!("`{section}` must be a table of named entries"),
+                format!("write entries as [{section}.NAME]"),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, entry) in table {
+            let name = spanned_key(name);
+            if !valid_name(name.get_ref()) {
+                self.error(
+                    name.span(),
+                    format!("invalid name `{}` in [{section}]", name.get_ref()),
+                    "use letters, digits, `_` and `-` only (it becomes a metric label)",
+                );
+            }
+            if !entry.get_ref().is_table() {
+                self.error(
+                    entry.span(),
+                    format!("[{section}.{}] must be a table", name.get_ref()),
+                    format!(
+                        "write it as a [{section}.{}] table with its keys below",
+                        name.get_ref()
+                    ),
+                );
+                continue;
+            }
+            if let Some(t) = self.de(entry) {
+                out.push((name, t));
+            }
+        }
+        out
+    }
+
+    fn build(&mut self, raw: RawFile) -> Config {
+        let gateway = self.gateway(raw.gateway);
+        let admin = self.admin(raw.admin);
+        let listeners = self.listeners(&raw.listeners, &admin);
+        let upstreams: Vec<Upstream> = raw
+            .upstreams
+            .into_iter()
+            .filter_map(|(name, u)| self.upstream(name, u))
+            .collect();
+        let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        let names = Names {
+            listeners: listeners.iter().map(|l| l.name.as_str()).collect(),
+            upstreams: upstream_names,
+        };
+        let mut routes = Vec::new();
+        let mut route_spans = Vec::new();
+        for (name, r) in raw.routes {
+            let span = name.span();
+            if let Some(route) = self.route(name, r, &names) {
+                routes.push(route);
+                route_spans.push(span);
+            }
+        }
+        self.check_indistinguishable(&routes, &route_spans);
+        if listeners.is_empty() && !raw.listeners.is_empty() {
+            // Each listener already has an error of its own.
+        } else if listeners.is_empty() {
+            self.diags.push(
+                Diagnostic::new(
+                    None,
+                    "no listeners defined; the gateway would serve nothing",
+                )
+                .fix("add a listener, e.g. [listeners.public] with bind = \"0.0.0.0:8080\""),
+            );
+        }
+        Config {
+            gateway,
+            admin,
+            listeners,
+            routes,
+            upstreams,
+        }
+    }
+
+    fn gateway(&mut self, raw: RawGateway) -> Gateway {
+        let name = match raw.name {
+            Some(n) if n.get_ref().trim().is_empty() => {
+                self.error(
+                    n.span(),
+                    "gateway.name is empty",
+                    "set a name such as \"edge-1\", or remove the key",
+                );
+                DEFAULT_GATEWAY_NAME.to_string()
+            }
+            Some(n) => n.into_inner(),
+            None => DEFAULT_GATEWAY_NAME.to_string(),
+        };
+        let workers = raw.workers.and_then(|w| {
+            let n = *w.get_ref();
+            if (1..=MAX_WORKERS).contains(&n) {
+                Some(n as usize)
+            } else {
+                self.error(
+                    w.span(),
+                    format!("gateway.workers = {n} is out of range"),
+                    format!("use 1..={MAX_WORKERS}, or remove the key for one worker per core"),
+                );
+                None
+            }
+        });
+        let shutdown_grace_period = self.duration_or(
+            raw.shutdown_grace_period.as_ref(),
+            "gateway.shutdown_grace_period",
+            DEFAULT_SHUTDOWN_GRACE_PERIOD,
+            true,
+        );
+        Gateway {
+            name,
+            workers,
+            shutdown_grace_period,
+        }
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> Admin {
+        let default: SocketAddr = DEFAULT_ADMIN_LISTEN
+            .parse()
+            .expect("constant address parses");
+        let listen = match raw.listen {
+            Some(l) => self.socket_addr(&l, "admin.listen").unwrap_or(default),
+            None => default,
+        };
+        Admin { listen }
+    }
+
+    fn socket_addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    s.span(),
+                    format!("{what} = \"{}\" is not an IP address and port", s.get_ref()),
+                    "write IP:PORT, e.g. \"0.0.0.0:8080\", \"127.0.0.1:9901\" or \"[::]:8080\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn listeners(
+        &mut self,
+        raw: &[(Spanned<String>, RawListener)],
+        admin: &Admin,
+    ) -> Vec<Listener> {
+        let mut out: Vec<Listener> = Vec::new();
+        for (name, l) in raw {
+            let what = format!("listeners.{}.bind", name.get_ref());
+            let Some(bind) = self.socket_addr(&l.bind, &what) else {
+                continue;
+            };
+            let direction = match l.direction.as_ref() {
+                None => Direction::Ingress,
+                Some(d) => match d.get_ref().as_str() {
+                    "ingress" => Direction::Ingress,
+                    "egress" => Direction::Egress,
+                    "mesh" => Direction::Mesh,
+                    other => {
+                        self.error(
+                            d.span(),
+                            format!("unknown direction \"{other}\""),
+                            "use \"ingress\" (north-south in), \"egress\" (north-south out) or \"mesh\" (east-west)",
+                        );
+                        Direction::Ingress
+                    }
+                },
+            };
+            if binds_conflict(bind, admin.listen) {
+                self.error(
+                    l.bind.span(),
+                    format!(
+                        "listener `{}` binds {bind}, which overlaps admin.listen = {}",
+                        name.get_ref(),
+                        admin.listen
+                    ),
+                    "give the listener or the admin endpoint another port",
+                );
+            }
+            if let Some(other) = out.iter().find(|o| binds_conflict(o.bind, bind)) {
+                self.error(
+                    l.bind.span(),
+                    format!(
+                        "listener `{}` binds {bind}, which overlaps listener `{}` ({})",
+                        name.get_ref(),
+                        other.name,
+                        other.bind
+                    ),
+                    "give each listener its own port (or distinct specific IPs on the same port)",
+                );
+                continue;
+            }
+            out.push(Listener {
+                name: name.get_ref().clone(),
+                bind,
+                direction,
+            });
+        }
+        out
+    }
+
+    fn upstream(&mut self, name: Spanned<String>, u: RawUpstream) -> Option<Upstream> {
+        let n = name.get_ref().clone();
+        let mut endpoints = Vec::new();
+        if u.endpoints.get_ref().is_empty() {
+            self.error(
+                u.endpoints.span(),
+                format!("upstream `{n}` has no endpoints"),
+                "list at least one, e.g. endpoints = [\"127.0.0.1:9001\"]",
+            );
+        }
+        for e in u.endpoints.get_ref() {
+            if let Some(ep) = self.endpoint(e) {
+                endpoints.push(ep);
+            }
+        }
+        let protocol = match u.protocol.as_ref() {
+            None => UpstreamProtocol::Http1,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2c" => UpstreamProtocol::H2c,
+                other => {
+                    self.error(
+                        p.span(),
+                        format!("unknown upstream protocol \"{other}\""),
+                        "use \"http1\" (default) or \"h2c\" (HTTP/2 with prior knowledge, e.g. gRPC)",
+                    );
+                    UpstreamProtocol::Http1
+                }
+            },
+        };
+        let key = |k: &str| format!("upstreams.{n}.{k}");
+        let connect_timeout = self.duration_or(
+            u.connect_timeout.as_ref(),
+            &key("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+            false,
+        );
+        let read_timeout = self.duration_or(
+            u.read_timeout.as_ref(),
+            &key("read_timeout"),
+            DEFAULT_READ_TIMEOUT,
+            false,
+        );
+        let write_timeout = self.duration_or(
+            u.write_timeout.as_ref(),
+            &key("write_timeout"),
+            DEFAULT_WRITE_TIMEOUT,
+            false,
+        );
+        let idle_timeout = self.duration_or(
+            u.idle_timeout.as_ref(),
+            &key("idle_timeout"),
+            DEFAULT_IDLE_TIMEOUT,
+            true,
+        );
+        let connect_retries = match u.connect_retries {
+            None => DEFAULT_CONNECT_RETRIES,
+            Some(r) if (0..=MAX_CONNECT_RETRIES).contains(r.get_ref()) => *r.get_ref() as u32,
+            Some(r) => {
+                self.error(
+                    r.span(),
+                    format!("connect_retries = {} is out of range", r.get_ref()),
+                    format!("use 0..={MAX_CONNECT_RETRIES}"),
+                );
+                DEFAULT_CONNECT_RETRIES
+            }
+        };
+        Some(Upstream {
+            name: n,
+            endpoints,
+            protocol,
+            connect_timeout,
+            read_timeout,
+            write_timeout,
+            idle_timeout,
+            connect_retries,
+        })
+    }
+
+    fn endpoint(&mut self, e: &Spanned<toml::Value>) -> Option<Endpoint> {
+        let (addr, weight) = match e.get_ref() {
+            toml::Value::String(s) => (s.clone(), 1),
+            toml::Value::Table(t) => {
+                if let Some(k) = t.keys().find(|k| *k != "addr" && *k != "weight") {
+                    self.error(
+                        e.span(),
+                        format!("unknown key `{k}` in endpoint"),
+                        "an endpoint table has only `addr` and `weight`",
+                    );
+                    return None;
+                }
+                let Some(addr) = t.get("addr").and_then(|a| a.as_str()) else {
+                    self.error(
+                        e.span(),
+                        "endpoint table has no `addr` string",
+                        "write { addr = \"127.0.0.1:9001\", weight = 3 }",
+                    );
+                    return None;
+                };
+                let weight = match t.get("weight") {
+                    None => 1,
+                    Some(toml::Value::Integer(w)) if (1..=MAX_WEIGHT).contains(w) => *w as u32,
+                    Some(w) => {
+                        self.error(
+                            e.span(),
+                            format!("endpoint weight {w} is not an integer in 1..={MAX_WEIGHT}"),
+                            "use a positive integer weight; remove the endpoint to stop sending it traffic",
+                        );
+                        return None;
+                    }
+                };
+                (addr.to_string(), weight)
+            }
+            other => {
+                self.error(
+                    e.span(),
+                    format!(
+                        "endpoint must be a string or a table, found {}",
+                        other.type_str()
+                    ),
+                    "write \"127.0.0.1:9001\" or { addr = \"127.0.0.1:9001\", weight = 3 }",
+                );
+                return None;
+            }
+        };
+        match resolve(&addr) {
+            Ok(socket) => Some(Endpoint {
+                addr,
+                socket,
+                weight,
+            }),
+            Err(why) => {
+                self.error(e.span(), format!("endpoint \"{addr}\": {why}"), "write HOST:PORT with a resolvable host, e.g. \"127.0.0.1:9001\" or \"app.internal:8080\"");
+                None
+            }
+        }
+    }
+
+    fn route(&mut self, name: Spanned<String>, r: RawRoute, names: &Names<'_>) -> Option<Route> {
+        let n = name.get_ref().clone();
+        let before = self.diags.len();
+
+        let listeners = match &r.listeners {
+            None => names.listeners.iter().map(|s| s.to_string()).collect(),
+            Some(ls) => {
+                if ls.get_ref().is_empty() {
+                    self.error(
+                        ls.span(),
+                        format!("route `{n}` lists no listeners"),
+                        "name at least one listener, or remove the key to serve it on all",
+                    );
+                }
+                let mut out = Vec::new();
+                for l in ls.get_ref() {
+                    if names.listeners.contains(&l.get_ref().as_str()) {
+                        if !out.contains(l.get_ref()) {
+                            out.push(l.get_ref().clone());
+                        }
+                    } else {
+                        let fix = unknown_name_fix("listener", l.get_ref(), &names.listeners);
+                        self.error(
+                            l.span(),
+                            format!("route `{n}` names unknown listener `{}`", l.get_ref()),
+                            fix,
+                        );
+                    }
+                }
+                out
+            }
+        };
+
+        let host = r.host.as_ref().and_then(|h| self.host(h));
+        let path = self.path_match(&n, &r);
+        let methods = self.methods(&r);
+        let headers = self.match_headers(&r);
+        let timeout = self.duration_or(
+            r.timeout.as_ref(),
+            &format!("routes.{n}.timeout"),
+            DEFAULT_ROUTE_TIMEOUT,
+            false,
+        );
+        let response_headers = r
+            .response_headers
+            .as_ref()
+            .map(|h| self.rewrite(h))
+            .unwrap_or_default();
+        let action = self.action(&name, &r, names);
+
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(Route {
+            name: n,
+            listeners,
+            host,
+            path,
+            methods,
+            headers,
+            action: action?,
+            timeout,
+            response_headers,
+        })
+    }
+
+    fn host(&mut self, h: &Spanned<String>) -> Option<HostMatch> {
+        let s = h.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let (wild, rest) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s.as_str()),
+        };
+        let ok = !rest.is_empty()
+            && rest.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !ok || rest.contains(':') {
+            self.error(
+                h.span(),
+                format!("host \"{}\" is not a host name or a `*.` wildcard", h.get_ref()),
+                "write an exact name such as \"api.example.com\" or a wildcard such as \"*.example.com\" (no port, no scheme)",
+            );
+            return None;
+        }
+        Some(if wild {
+            HostMatch::Wildcard(format!(".{rest}"))
+        } else {
+            HostMatch::Exact(rest.to_string())
+        })
+    }
+
+    fn path_match(&mut self, n: &str, r: &RawRoute) -> Option<PathMatch> {
+        let given: Vec<&Spanned<String>> = [&r.path, &r.path_prefix, &r.path_regex]
+            .into_iter()
+            .flatten()
+            .collect();
+        if given.len() > 1 {
+            self.error(
+                given[1].span(),
+                format!("route `{n}` sets more than one of path, path_prefix, path_regex"),
+                "keep exactly one path matcher per route; make two routes for two paths",
+            );
+            return None;
+        }
+        if let Some(p) = &r.path {
+            self.abs_path(p, "path")
+                .then(|| PathMatch::Exact(p.get_ref().clone()))
+        } else if let Some(p) = &r.path_prefix {
+            self.abs_path(p, "path_prefix")
+                .then(|| PathMatch::Prefix(p.get_ref().clone()))
+        } else if let Some(p) = &r.path_regex {
+            match regex::Regex::new(p.get_ref()) {
+                Ok(re) => Some(PathMatch::Regex(re)),
+                Err(e) => {
+                    let detail = e
+                        .to_string()
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim()
+                        .trim_start_matches("error: ")
+                        .to_string();
+                    self.error(p.span(), format!("invalid path_regex: {detail}"), "fix the regular expression (Rust `regex` syntax; anchor with ^ and $ to match the whole path)");
+                    None
+                }
+            }
+        } else {
+            None
+        }
+    }
+
+    fn abs_path(&mut self, p: &Spanned<String>, key: &str) -> bool {
+        let s = p.get_ref();
+        if !s.starts_with('/')
+            || s.bytes()
+                .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
+        {
+            self.error(
+                p.span(),
+                format!("{key} \"{s}\" must start with `/` and hold no spaces, `?` or `#`"),
+                format!("write e.g. {key} = \"/v1/\"; queries are not matched"),
+            );
+            return false;
+        }
+        true
+    }
+
+    fn methods(&mut self, r: &RawRoute) -> Vec<Method> {
+        let Some(ms) = &r.methods else {
+            return Vec::new();
+        };
+        if ms.get_ref().is_empty() {
+            self.error(
+                ms.span(),
+                "methods = [] matches nothing",
+                "list methods, e.g. [\"GET\", \"POST\"], or remove the key to match any",
+            );
+        }
+        let mut out = Vec::new();
+        for m in ms.get_ref() {
+            let up = m.get_ref().to_ascii_uppercase();
+            match Method::from_bytes(up.as_bytes()) {
+                Ok(method) => out.push(method),
+                Err(_) => self.error(
+                    m.span(),
+                    format!("\"{}\" is not an HTTP method", m.get_ref()),
+                    "use a method token such as \"GET\", \"POST\", \"PUT\", \"DELETE\"",
+                ),
+            }
+        }
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        out.dedup();
+        out
+    }
+
+    fn match_headers(&mut self, r: &RawRoute) -> Vec<(HeaderName, HeaderValue)> {
+        let Some(hs) = &r.headers else {
+            return Vec::new();
+        };
+        let mut out: Vec<(HeaderName, HeaderValue)> = hs
+            .get_ref()
+            .iter()
+            .filter_map(|(k, v)| self.header_pair(k, v))
+            .collect();
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out
+    }
+
+    fn header_pair(
+        &mut self,
+        k: &Spanned<String>,
+        v: &Spanned<String>,
+    ) -> Option<(HeaderName, HeaderValue)> {
+        let name = match HeaderName::from_bytes(k.get_ref().as_bytes()) {
+            Ok(n) => n,
+            Err(_) => {
+                self.error(
+                    k.span(),
+                    format!("\"{}\" is not a valid header name", k.get_ref()),
+                    "use a token such as \"x-canary\" (letters, digits, `-`)",
+                );
+                return None;
+            }
+        };
+        match HeaderValue::from_str(v.get_ref()) {
+            Ok(val) => Some((name, val)),
+            Err(_) => {
+                self.error(
+                    v.span(),
+                    format!("value of header `{name}` is not a valid header value"),
+                    "use visible ASCII characters and spaces only, no newlines",
+                );
+                None
+            }
+        }
+    }
+
+    fn rewrite(&mut self, h: &Spanned<RawHeaderRewrite>) -> HeaderRewrite {
+        let raw = h.get_ref();
+        let mut out = HeaderRewrite::default();
+        for (k, v) in raw.set.iter().flatten() {
+            if let Some(p) = self.header_pair(k, v) {
+                out.set.push(p);
+            }
+        }
+        for (k, v) in raw.add.iter().flatten() {
+            if let Some(p) = self.header_pair(k, v) {
+                out.add.push(p);
+            }
+        }
+        for k in raw.remove.iter().flatten() {
+            match HeaderName::from_bytes(k.get_ref().as_bytes()) {
+                Ok(n) => out.remove.push(n),
+                Err(_) => self.error(
+                    k.span(),
+                    format!("\"{}\" is not a valid header name", k.get_ref()),
+                    "use a token such as \"x-debug\"",
+                ),
+            }
+        }
+        out
+    }
+
+    fn action(
+        &mut self,
+        name: &Spanned<String>,
+        r: &RawRoute,
+        names: &Names<'_>,
+    ) -> Option<Action> {
+        let n = name.get_ref();
+        let set: Vec<(&str, Range<usize>)> = [
+            r.upstream.as_ref().map(|s| ("upstream", s.span())),
+            r.split.as_ref().map(|s| ("split", s.span())),
+            r.respond.as_ref().map(|s| ("respond", s.span())),
+            r.redirect.as_ref().map(|s| ("redirect", s.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.is_empty() {
+            self.error(
+                name.span(),
+                format!("route `{n}` has no action"),
+                "add one of: upstream = \"NAME\", split = { a = 90, b = 10 }, respond = { status = 200 }, redirect = { location = \"...\" }",
+            );
+            return None;
+        }
+        if set.len() > 1 {
+            let keys: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
+            self.error(
+                set[1].1.clone(),
+                format!("route `{n}` has more than one action: {}", keys.join(", ")),
+                "keep exactly one of upstream, split, respond, redirect",
+            );
+            return None;
+        }
+        let forwarding = r.upstream.is_some() || r.split.is_some();
+        if !forwarding {
+            for (key, span) in [
+                ("strip_prefix", r.strip_prefix.as_ref().map(|s| s.span())),
+                (
+                    "request_headers",
+                    r.request_headers.as_ref().map(|s| s.span()),
+                ),
+            ] {
+                if let Some(span) = span {
+                    self.error(
+                        span,
+                        format!("`{key}` only applies to routes that forward to an upstream"),
+                        format!("remove `{key}` from route `{n}`"),
+                    );
+                }
+            }
+        }
+        if let Some(u) = &r.upstream {
+            let target = self.upstream_ref(n, u, names)?;
+            return Some(Action::Forward(self.forward(r, vec![(target, 1)])));
+        }
+        if let Some(split) = &r.split {
+            if split.get_ref().is_empty() {
+                self.error(split.span(), format!("route `{n}` has an empty split"), "name at least one upstream with a weight, e.g. split = { api = 90, api_canary = 10 }");
+                return None;
+            }
+            let mut targets = Vec::new();
+            let mut ok = true;
+            for (u, w) in split.get_ref() {
+                let target = self.upstream_ref(n, u, names);
+                let weight = *w.get_ref();
+                if !(1..=MAX_WEIGHT).contains(&weight) {
+                    self.error(
+                        w.span(),
+                        format!(
+                            "split weight {weight} for `{}` must be in 1..={MAX_WEIGHT}",
+                            u.get_ref()
+                        ),
+                        "use a positive weight; remove the entry to send it no traffic",
+                    );
+                    ok = false;
+                }
+                match target {
+                    Some(t) if ok => targets.push((t, weight as u32)),
+                    _ => ok = false,
+                }
+            }
+            return ok.then(|| Action::Forward(self.forward(r, targets)));
+        }
+        if let Some(resp) = &r.respond {
+            let resp = resp.get_ref();
+            let status = match &resp.status {
+                None => StatusCode::OK,
+                Some(s) => self.status(s, 200..=599, "respond.status")?,
+            };
+            let content_type = match &resp.content_type {
+                None => HeaderValue::from_static("text/plain; charset=utf-8"),
+                Some(ct) => match HeaderValue::from_str(ct.get_ref()) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        self.error(
+                            ct.span(),
+                            "respond.content_type is not a valid header value",
+                            "write e.g. \"application/json\"",
+                        );
+                        return None;
+                    }
+                },
+            };
+            return Some(Action::Respond {
+                status,
+                body: bytes::Bytes::from(resp.body.clone().unwrap_or_default()),
+                content_type,
+            });
+        }
+        if let Some(red) = &r.redirect {
+            let red = red.get_ref();
+            let status = match &red.status {
+                None => StatusCode::from_u16(DEFAULT_REDIRECT_STATUS).ok()?,
+                Some(s)
+                    if REDIRECT_STATUSES
+                        .iter()
+                        .any(|&c| i64::from(c) == *s.get_ref()) =>
+                {
+                    self.status(s, 300..=399, "redirect.status")?
+                }
+                Some(s) => {
+                    self.error(
+                        s.span(),
+                        format!("redirect.status {} is not a redirect status", s.get_ref()),
+                        "use 301, 302, 303, 307 or 308",
+                    );
+                    return None;
+                }
+            };
+            let loc = red.location.get_ref();
+            return match HeaderValue::from_str(loc) {
+                Ok(location) if !loc.is_empty() => Some(Action::Redirect { location, status }),
+                _ => {
+                    self.error(red.location.span(), "redirect.location is empty or not a valid header value", "write an absolute URL such as \"https://docs.example.com/\" or a path such as \"/new/\"");
+                    None
+                }
+            };
+        }
+        None
+    }
+
+    fn status(
+        &mut self,
+        s: &Spanned<i64>,
+        range: std::ops::RangeInclusive<i64>,
+        key: &str,
+    ) -> Option<StatusCode> {
+        let v = *s.get_ref();
+        if range.contains(&v) {
+            StatusCode::from_u16(v as u16).ok()
+        } else {
+            self.error(
+                s.span(),
+                format!("{key} {v} is out of range"),
+                format!("use a status in {}..={}", range.start(), range.end()),
+            );
+            None
+        }
+    }
+
+    fn upstream_ref(
+        &mut self,
+        route: &str,
+        u: &Spanned<String>,
+        names: &Names<'_>,
+    ) -> Option<String> {
+        if names.upstreams.contains(&u.get_ref().as_str()) {
+            Some(u.get_ref().clone())
+        } else {
+            let fix = unknown_name_fix("upstream", u.get_ref(), &names.upstreams);
+            self.error(
+                u.span(),
+                format!("route `{route}` names unknown upstream `{}`", u.get_ref()),
+                fix,
+            );
+            None
+        }
+    }
+
+    fn forward(&mut self, r: &RawRoute, targets: Vec<(String, u32)>) -> Forward {
+        let strip_prefix = r.strip_prefix.as_ref().and_then(|p| {
+            self.abs_path(p, "strip_prefix")
+                .then(|| p.get_ref().clone())
+        });
+        let request_headers = r
+            .request_headers
+            .as_ref()
+            .map(|h| self.rewrite(h))
+            .unwrap_or_default();
+        Forward {
+            targets,
+            strip_prefix,
+            request_headers,
+        }
+    }
+
+    fn duration_or(
+        &mut self,
+        d: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+        zero_ok: bool,
+    ) -> Duration {
+        let Some(d) = d else { return default };
+        match humantime::parse_duration(d.get_ref().trim()) {
+            Ok(v) if zero_ok || !v.is_zero() => v,
+            Ok(_) => {
+                self.error(
+                    d.span(),
+                    format!("{key} must be greater than zero"),
+                    "write a positive duration such as \"500ms\" or \"15s\"",
+                );
+                default
+            }
+            Err(_) => {
+                self.error(
+                    d.span(),
+                    format!("{key} = \"{}\" is not a duration", d.get_ref()),
+                    "write a number and a unit, e.g. \"250ms\", \"15s\", \"2m\"",
+                );
+                default
+            }
+        }
+    }
+
+    /// Two routes that share a listener and have identical match conditions can
+    /// never be told apart: the later one would never be chosen.
+    fn check_indistinguishable(&mut self, routes: &[Route], spans: &[Range<usize>]) {
+        let mut seen: HashMap<MatchKey, Vec<usize>> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            let key = MatchKey::of(r);
+            let earlier = seen.entry(key).or_default();
+            for &j in earlier.iter() {
+                let other = &routes[j];
+                if r.listeners.iter().any(|l| other.listeners.contains(l)) {
+                    self.error(
+                        spans[i].clone(),
+                        format!("route `{}` can never match: route `{}` has the same host, path, methods and headers on the same listener", r.name, other.name),
+                        "make the conditions differ (host, path, methods or headers), put them on different listeners, or remove one",
+                    );
+                    break;
+                }
+            }
+            earlier.push(i);
+        }
+    }
+}
+
+struct Names<'a> {
+    listeners: Vec<&'a str>,
+    upstreams: Vec<&'a str>,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct MatchKey {
+    host: Option<HostMatch>,
+    path: Option<(&'static str, String)>,
+    methods: Vec<String>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl MatchKey {
+    fn of(r: &Route) -> Self {
+        MatchKey {
+            host: r.host.clone(),
+            path: r.path.as_ref().map(|p| {
+                let (k, v) = p.describe();
+                (k, v.to_string())
+            }),
+            methods: r.methods.iter().map(|m| m.to_string()).collect(),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Two binds conflict when they share a port and either is the wildcard address
+/// of the same family, or both are the same address.
+fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("missing `:PORT`".to_string());
+    };
+    if host.is_empty() {
+        return Err("missing host".to_string());
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("`{port}` is not a port (1-65535)"));
+    }
+    if host.contains('/') || host.contains(' ') {
+        return Err("not a host name (no scheme or path allowed)".to_string());
+    }
+    match addr.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("host `{host}` resolved to no address")),
+        Err(e) => Err(format!("cannot resolve host `{host}`: {e}")),
+    }
+}
+
+/// Remove the key whose span is `span`, searching nested tables.
+fn remove_key_at(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(t) => {
+            if t.keys().any(|k| k.span() == *span) {
+                *t = std::mem::take(t)
+                    .into_iter()
+                    .filter(|(k, _)| k.span() != *span)
+                    .collect();
+                return true;
+            }
+            t.iter_mut().any(|(_, v)| remove_key_at(v.get_mut(), span))
+        }
+        DeValue::Array(a) => a.iter_mut().any(|v| remove_key_at(v.get_mut(), span)),
+        _ => false,
+    }
+}
+
+/// Closest candidate by edit distance, when it is close enough to be a typo.
+pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn unknown_name_fix(kind: &str, name: &str, known: &[&str]) -> String {
+    match suggest(name, known) {
+        Some(s) => format!("did you mean `{s}`? Otherwise define [{kind}s.{name}]"),
+        None if known.is_empty() => format!("define [{kind}s.{name}]"),
+        None => format!(
+            "define [{kind}s.{name}] or use one of: {}",
+            known.join(", ")
+        ),
+    }
+}
+
+/// Reword serde's messages for people editing a file, and suggest a fix.
+fn explain_serde_error(msg: &str) -> (String, String) {
+    let msg = msg.trim();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((field, expected)) = rest.split_once("`, expected ") {
+            let known: Vec<&str> = expected
+                .trim_start_matches("one of ")
+                .split(", ")
+                .map(|s| s.trim_matches('`'))
+                .collect();
+            let fix = match suggest(field, &known) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("remove it; allowed keys: {}", known.join(", ")),
+            };
+            return (format!("unknown key `{field}`"), fix);
+        }
+        if let Some((field, _)) = rest.split_once('`') {
+            return (
+                format!("unknown key `{field}`"),
+                "remove it; this table takes no keys".to_string(),
+            );
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`');
+        return (
+            format!("missing required key `{field}`"),
+            format!("add `{field} = ...`; see docs/config.md"),
+        );
+    }
+    if msg.starts_with("invalid type") {
+        return (
+            msg.to_string(),
+            "use the type shown in docs/config.md for this key".to_string(),
+        );
+    }
+    (
+        msg.to_string(),
+        "see docs/config.md for this key".to_string(),
+    )
+}

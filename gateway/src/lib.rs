@@ -1,0 +1,27 @@
+//! meshgate: an HTTP gateway on Pingora, configured from one TOML file.
+//!
+//! # Layout
+//! - [`config`]: the file. `raw` (serde, the only serde structs) -> `validate`
+//!   (collects every error with file:line:col and a fix) -> `model` (plain data).
+//! - [`router`]: pure route selection for one listener (`RouteTable`).
+//! - [`upstream`]: upstream pools: weighted endpoint choice and pre-built peers.
+//! - [`runtime`]: the compiled config (routes, tables, pools) held in an
+//!   `ArcSwap`; each request takes one snapshot.
+//! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
+//!   modules above; `headers` (forwarding policy) and `respond` (errors, direct
+//!   responses) live beside it.
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`).
+//! - [`server`]: builds the pingora `Server` and runs it.
+//! - [`demo`]: the bundled echo upstream used by `make run`.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod upstream;
+
+/// Exit status for an invalid config or command line (sysexits EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;

@@ -1,0 +1,101 @@
+//! Per-request state carried between proxy phases.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::runtime::Runtime;
+
+/// Why a request failed, as the gateway sees it; shown in the error body and log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    NoRoute,
+    NoListener,
+    Timeout,
+    UpstreamUnreachable,
+    UpstreamError,
+    BadRequest,
+    Internal,
+}
+
+impl Failure {
+    pub fn status(self) -> u16 {
+        match self {
+            Failure::NoRoute => 404,
+            Failure::NoListener | Failure::Internal => 500,
+            Failure::Timeout => 504,
+            Failure::UpstreamUnreachable | Failure::UpstreamError => 502,
+            Failure::BadRequest => 400,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Failure::NoRoute => "no route matches this request",
+            Failure::NoListener => "connection arrived on an unknown listener",
+            Failure::Timeout => "upstream timed out",
+            Failure::UpstreamUnreachable => "upstream unreachable",
+            Failure::UpstreamError => "upstream failed to answer",
+            Failure::BadRequest => "malformed request",
+            Failure::Internal => "internal gateway error",
+        }
+    }
+}
+
+pub struct RequestCtx {
+    /// The config snapshot this request uses from start to end.
+    pub runtime: Option<Arc<Runtime>>,
+    pub listener: Option<usize>,
+    pub route: Option<usize>,
+    pub upstream: Option<usize>,
+    /// Endpoint indexes already tried, so a retry goes elsewhere.
+    pub tried: Vec<usize>,
+    pub request_id: String,
+    pub started: Instant,
+    /// The route's whole-request deadline.
+    pub deadline: Option<Instant>,
+    pub failure: Option<Failure>,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            runtime: None,
+            listener: None,
+            route: None,
+            upstream: None,
+            tried: Vec::new(),
+            request_id: String::new(),
+            started: Instant::now(),
+            deadline: None,
+            failure: None,
+        }
+    }
+
+    pub fn route_name(&self) -> Option<&str> {
+        let rt = self.runtime.as_ref()?;
+        Some(rt.route(self.route?).name.as_str())
+    }
+
+    pub fn upstream_name(&self) -> Option<&str> {
+        let rt = self.runtime.as_ref()?;
+        rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())
+    }
+
+    pub fn listener_name(&self) -> Option<&str> {
+        let rt = self.runtime.as_ref()?;
+        rt.listeners.get(self.listener?).map(|l| l.name.as_str())
+    }
+
+    /// Time left before the route's deadline (zero when passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

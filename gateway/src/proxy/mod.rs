@@ -1,0 +1,316 @@
+//! The `ProxyHttp` implementation: a thin dispatcher. Each phase takes what it
+//! needs from the request snapshot and calls the router, upstream pools,
+//! header policy or responder.
+
+pub mod ctx;
+pub mod headers;
+pub mod respond;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::model::Action;
+use crate::router::{normalize_host, RequestParts};
+use crate::runtime::Runtime;
+use ctx::{Failure, RequestCtx};
+
+/// The proxy service shared by every data-plane listener.
+pub struct Gateway {
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl Gateway {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        Gateway { runtime }
+    }
+}
+
+/// The request's authority as sent: `:authority` (HTTP/2, absolute-form) or
+/// `Host`, port included.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Route the request; answer it here when the route needs no upstream.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let rt = self.runtime.load_full();
+        ctx.request_id =
+            headers::request_id(session.req_header().headers.get(headers::X_REQUEST_ID));
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        ctx.listener = rt.listener_for(local);
+        ctx.runtime = Some(rt.clone());
+        let Some(listener) = ctx.listener else {
+            ctx.failure = Some(Failure::NoListener);
+            respond::send_error(session, Failure::NoListener, ctx).await?;
+            return Ok(true);
+        };
+
+        let req = session.req_header();
+        let host = request_host(req).map(normalize_host);
+        let parts = RequestParts {
+            host: host.as_deref(),
+            path: req.uri.path(),
+            method: &req.method,
+            headers: &req.headers,
+        };
+        ctx.route = rt.find_route(listener, &parts);
+        let Some(route_idx) = ctx.route else {
+            ctx.failure = Some(Failure::NoRoute);
+            respond::send_error(session, Failure::NoRoute, ctx).await?;
+            return Ok(true);
+        };
+        let route = rt.route(route_idx);
+        ctx.deadline = Some(ctx.started + route.timeout);
+        match &route.action {
+            Action::Forward(_) => {
+                ctx.upstream = rt.pick_upstream(route_idx);
+                if ctx.upstream.is_none() {
+                    ctx.failure = Some(Failure::Internal);
+                    respond::send_error(session, Failure::Internal, ctx).await?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            Action::Respond {
+                status,
+                body,
+                content_type,
+            } => {
+                let hdrs = [(header::CONTENT_TYPE, content_type.clone())];
+                respond::send(
+                    session,
+                    *status,
+                    &hdrs,
+                    body.clone(),
+                    &ctx.request_id,
+                    Some(&route.response_headers),
+                )
+                .await?;
+                Ok(true)
+            }
+            Action::Redirect { location, status } => {
+                let hdrs = [(header::LOCATION, location.clone())];
+                respond::send(
+                    session,
+                    *status,
+                    &hdrs,
+                    Bytes::new(),
+                    &ctx.request_id,
+                    Some(&route.response_headers),
+                )
+                .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let remaining = ctx.remaining();
+        if remaining.is_zero() {
+            ctx.failure = Some(Failure::Timeout);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "route timeout passed before connecting",
+            ));
+        }
+        let rt = ctx
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::new_in(ErrorType::InternalError))?;
+        let pool = ctx
+            .upstream
+            .and_then(|u| rt.upstreams.get(u))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
+        // An upgraded connection (WebSocket) lives past the route deadline.
+        let remaining = if session.is_upgrade_req() {
+            std::time::Duration::MAX
+        } else {
+            remaining
+        };
+        let (endpoint, peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
+        })?;
+        ctx.tried.push(endpoint);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream yet, so any method may go to another endpoint.
+        let retries = ctx
+            .runtime
+            .as_ref()
+            .zip(ctx.upstream)
+            .and_then(|(rt, u)| rt.upstreams.get(u))
+            .map_or(0, |p| p.connect_retries as usize);
+        if ctx.tried.len() <= retries && !ctx.remaining().is_zero() {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(rt) = ctx.runtime.as_ref() else {
+            return Ok(());
+        };
+        let Some(route) = ctx.route.map(|r| rt.route(r)) else {
+            return Ok(());
+        };
+        let Action::Forward(fwd) = &route.action else {
+            return Ok(());
+        };
+        if let Some(prefix) = &fwd.strip_prefix {
+            let pq = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(new) = headers::strip_prefix(pq, prefix) {
+                let uri = new.parse::<http::Uri>().map_err(|e| {
+                    Error::because(ErrorType::InternalError, "rewritten path is not a URI", e)
+                })?;
+                upstream.set_uri(uri);
+            }
+        }
+        let host = request_host(session.req_header()).map(str::to_owned);
+        headers::add_forwarding(upstream, client_ip(session), "http", host.as_deref());
+        upstream.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        headers::rewrite_request(upstream, &fwd.request_headers);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        headers::strip_response_hop_by_hop(resp);
+        if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+            resp.insert_header(headers::X_REQUEST_ID, id)?;
+        }
+        if let Some((rt, r)) = ctx.runtime.as_ref().zip(ctx.route) {
+            headers::rewrite_response(resp, &rt.route(r).response_headers);
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.deadline.is_some_and(|d| Instant::now() > d) && !session.is_upgrade_req() {
+            ctx.failure = Some(Failure::Timeout);
+            return Err(Error::explain(
+                ErrorType::ReadTimedout,
+                "route timeout passed while reading the response body",
+            ));
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let failure = respond::classify(e, ctx);
+        ctx.failure = failure;
+        let Some(failure) = failure else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        // Headers already sent: the response can only be cut short.
+        if session.response_written().is_none() {
+            if let Err(write_err) = respond::send_error(session, failure, ctx).await {
+                log::debug!("could not write error response: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: failure.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        if let Some(e) = e {
+            log::warn!(
+                "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={:?} error={}",
+                ctx.request_id,
+                ctx.listener_name().unwrap_or("-"),
+                ctx.route_name().unwrap_or("-"),
+                ctx.upstream_name().unwrap_or("-"),
+                req.method,
+                req.uri.path(),
+                status,
+                ctx.failure.map(|f| f.message()),
+                e
+            );
+        } else {
+            log::debug!(
+                "request_id={} listener={} route={} upstream={} method={} path={} status={} duration_ms={}",
+                ctx.request_id,
+                ctx.listener_name().unwrap_or("-"),
+                ctx.route_name().unwrap_or("-"),
+                ctx.upstream_name().unwrap_or("-"),
+                req.method,
+                req.uri.path(),
+                status,
+                ctx.started.elapsed().as_millis()
+            );
+        }
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        format!(
+            "{} request_id={}",
+            session.as_ref().request_summary(),
+            ctx.request_id
+        )
+    }
+}

@@ -1,0 +1,107 @@
+//! Responses the gateway writes itself: direct responses, redirects, and
+//! JSON error bodies.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use super::ctx::{Failure, RequestCtx};
+use super::headers::{rewrite_response, X_REQUEST_ID};
+use crate::config::model::HeaderRewrite;
+
+/// Write a complete response: status, headers, body (omitted for HEAD).
+pub async fn send(
+    session: &mut Session,
+    status: StatusCode,
+    headers: &[(header::HeaderName, HeaderValue)],
+    body: Bytes,
+    request_id: &str,
+    rewrite: Option<&HeaderRewrite>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 3))?;
+    for (name, value) in headers {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        resp.insert_header(X_REQUEST_ID, id)?;
+    }
+    if let Some(rw) = rewrite {
+        rewrite_response(&mut resp, rw);
+    }
+    let head_only = session.req_header().method == Method::HEAD;
+    let empty = head_only || body.is_empty();
+    session.write_response_header(Box::new(resp), empty).await?;
+    if !empty {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// `{"error": "...", "route": "...", "request_id": "..."}`
+pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
+    let body = serde_json::json!({
+        "error": failure.message(),
+        "status": failure.status(),
+        "route": ctx.route_name(),
+        "request_id": ctx.request_id,
+    });
+    Bytes::from(body.to_string())
+}
+
+pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCtx) -> Result<()> {
+    let status =
+        StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let json = HeaderValue::from_static("application/json");
+    let rewrite = ctx
+        .route
+        .and_then(|_| ctx.runtime.as_ref())
+        .zip(ctx.route)
+        .map(|(rt, r)| &rt.route(r).response_headers);
+    send(
+        session,
+        status,
+        &[(header::CONTENT_TYPE, json)],
+        error_body(failure, ctx),
+        &ctx.request_id,
+        rewrite,
+    )
+    .await
+}
+
+/// Classify a pingora error that ended a request. `None`: the client is gone,
+/// nothing to write.
+pub fn classify(e: &Error, ctx: &RequestCtx) -> Option<Failure> {
+    if let Some(f) = ctx.failure {
+        return Some(f);
+    }
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(504)) => Some(Failure::Timeout),
+        (_, HTTPStatus(400)) => Some(Failure::BadRequest),
+        (_, HTTPStatus(_)) => Some(Failure::Internal),
+        (
+            ErrorSource::Upstream,
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout,
+        ) => Some(Failure::Timeout),
+        (
+            ErrorSource::Upstream,
+            ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+            | TLSHandshakeFailure | InvalidCert | HandshakeError,
+        ) => Some(Failure::UpstreamUnreachable),
+        (ErrorSource::Upstream, _) => Some(Failure::UpstreamError),
+        (
+            ErrorSource::Downstream,
+            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
+        ) => None,
+        (ErrorSource::Downstream, _) => Some(Failure::BadRequest),
+        (
+            ErrorSource::Internal | ErrorSource::Unset,
+            ConnectTimedout | ReadTimedout | WriteTimedout,
+        ) => Some(Failure::Timeout),
+        (ErrorSource::Internal | ErrorSource::Unset, _) => Some(Failure::Internal),
+    }
+}

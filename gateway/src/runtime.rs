@@ -1,0 +1,111 @@
+//! The compiled runtime: everything a request needs, built once from a
+//! validated config and swapped whole on reload. A request loads one snapshot
+//! at its start and uses it to its end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::model::{Action, Config, Direction, Route};
+use crate::router::{RequestParts, RouteTable};
+use crate::upstream::UpstreamPool;
+
+pub struct Runtime {
+    pub config: Arc<Config>,
+    /// In config order.
+    pub listeners: Vec<ListenerRuntime>,
+    /// Parallel to `config.routes`.
+    pub routes: Vec<RouteRuntime>,
+    pub upstreams: Vec<UpstreamPool>,
+}
+
+pub struct ListenerRuntime {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub direction: Direction,
+    pub table: RouteTable,
+}
+
+/// A route plus what its action resolved to.
+pub struct RouteRuntime {
+    /// For `split`: (upstream index, cumulative weight); a single upstream is one entry.
+    targets: Vec<(usize, u32)>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Self {
+        let upstreams: Vec<UpstreamPool> =
+            config.upstreams.iter().map(UpstreamPool::build).collect();
+        let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(_, r)| {
+                let mut targets = Vec::new();
+                if let Action::Forward(f) = &r.action {
+                    let mut total = 0u32;
+                    for (name, weight) in &f.targets {
+                        // Validation guarantees every name resolves.
+                        if let Some(u) = upstream_index(name) {
+                            total = total.saturating_add(*weight);
+                            targets.push((u, total));
+                        }
+                    }
+                }
+                RouteRuntime { targets }
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| ListenerRuntime {
+                name: l.name.clone(),
+                bind: l.bind,
+                direction: l.direction,
+                table: RouteTable::build(&config.routes, &l.name),
+            })
+            .collect();
+        Runtime {
+            config: Arc::new(config),
+            listeners,
+            routes,
+            upstreams,
+        }
+    }
+
+    /// The listener a connection arrived on, by its local address: an exact
+    /// bind first, then a wildcard bind on the same port.
+    pub fn listener_for(&self, local: Option<SocketAddr>) -> Option<usize> {
+        let local = local?;
+        self.listeners
+            .iter()
+            .position(|l| l.bind == local)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .position(|l| l.bind.port() == local.port() && l.bind.ip().is_unspecified())
+            })
+    }
+
+    pub fn find_route(&self, listener: usize, req: &RequestParts<'_>) -> Option<usize> {
+        self.listeners.get(listener)?.table.find(req)
+    }
+
+    pub fn route(&self, index: usize) -> &Route {
+        &self.config.routes[index]
+    }
+
+    /// The upstream for one request of a forwarding route (weighted draw for a split).
+    pub fn pick_upstream(&self, route: usize) -> Option<usize> {
+        let targets = &self.routes.get(route)?.targets;
+        match targets.as_slice() {
+            [] => None,
+            [(u, _)] => Some(*u),
+            many => {
+                let total = many.last()?.1;
+                let draw = fastrand::u32(0..total);
+                many.iter().find(|(_, cum)| draw < *cum).map(|(u, _)| *u)
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Assembling and running the pingora server from a validated config.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::model::Config;
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {what} {addr}: {source} (is another process using the port?)")]
+    Bind {
+        what: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Fail early with a clear message when a port is taken, instead of a panic
+/// deep inside the listener start-up.
+fn check_binds(config: &Config) -> Result<(), ServerError> {
+    let admin = std::iter::once(("admin listener".to_string(), config.admin.listen));
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| (format!("listener `{}`", l.name), l.bind));
+    for (what, addr) in admin.chain(listeners) {
+        TcpListener::bind(addr).map_err(|source| ServerError::Bind { what, addr, source })?;
+    }
+    Ok(())
+}
+
+/// Start every listener and serve until a shutdown signal: SIGTERM drains
+/// (graceful), SIGINT stops at once.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    check_binds(&config)?;
+    let conf = ServerConf {
+        threads: config.gateway.workers.unwrap_or_else(num_workers),
+        grace_period_seconds: Some(config.gateway.shutdown_grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let admin_addr = config.admin.listen;
+    let binds: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| l.bind.to_string())
+        .collect();
+    log::info!(
+        "meshgate `{}` starting: {} listener(s), {} route(s), {} upstream(s); admin on http://{admin_addr}",
+        config.gateway.name,
+        config.listeners.len(),
+        config.routes.len(),
+        config.upstreams.len()
+    );
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config)));
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(runtime.clone()),
+        "meshgate proxy",
+    );
+    for bind in &binds {
+        proxy.add_tcp(bind);
+    }
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+
+    let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
+    admin.add_tcp(&admin_addr.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.run(RunArgs::default());
+    log::info!("meshgate stopped");
+    Ok(())
+}
+
+fn num_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
