@@ -39,8 +39,7 @@ impl Runtime {
         let routes = config
             .routes
             .iter()
-            .enumerate()
-            .map(|(_, r)| {
+            .map(|r| {
                 let mut targets = Vec::new();
                 if let Action::Forward(f) = &r.action {
                     let mut total = 0u32;

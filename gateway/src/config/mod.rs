@@ -27,3 +27,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         diagnostics,
     })
 }
+
+#[cfg(test)]
+mod tests;

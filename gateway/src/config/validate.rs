@@ -342,6 +342,14 @@ impl Validator {
         }
         for e in u.endpoints.get_ref() {
             if let Some(ep) = self.endpoint(e) {
+                if endpoints.iter().any(|p: &Endpoint| p.socket == ep.socket) {
+                    self.error(
+                        e.span(),
+                        format!("upstream `{n}` lists endpoint {} twice", ep.socket),
+                        "list each endpoint once; use { addr = \"...\", weight = N } to send it more traffic",
+                    );
+                    continue;
+                }
                 endpoints.push(ep);
             }
         }

@@ -57,8 +57,8 @@ pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCt
         StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let json = HeaderValue::from_static("application/json");
     let rewrite = ctx
-        .route
-        .and_then(|_| ctx.runtime.as_ref())
+        .runtime
+        .as_ref()
         .zip(ctx.route)
         .map(|(rt, r)| &rt.route(r).response_headers);
     send(

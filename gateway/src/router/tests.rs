@@ -30,7 +30,7 @@ struct Req<'a> {
     headers: HeaderMap,
 }
 
-fn req(host: Option<&str>, path: &str) -> Req<'_> {
+fn req<'a>(host: Option<&'a str>, path: &'a str) -> Req<'a> {
     Req {
         host,
         path,

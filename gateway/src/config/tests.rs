@@ -1,0 +1,396 @@
+//! One test per validation message: each bad config yields that message at
+//! the right line, with a fix.
+
+use std::path::Path;
+
+use super::*;
+
+const OK_LISTENER: &str = "[listeners.public]\nbind = \"127.0.0.1:18080\"\n";
+const OK_UPSTREAM: &str = "[upstreams.u]\nendpoints = [\"127.0.0.1:9\"]\n";
+
+fn diags(src: &str) -> Vec<Diagnostic> {
+    match parse(Path::new("t.toml"), src) {
+        Ok(_) => panic!("config unexpectedly valid:\n{src}"),
+        Err(e) => e.diagnostics().to_vec(),
+    }
+}
+
+/// Assert that `src` has an error containing `needle` on `line` (1-based),
+/// carrying a fix.
+fn expect(src: &str, line: usize, needle: &str) {
+    let all = diags(src);
+    let found = all
+        .iter()
+        .find(|d| d.message.contains(needle))
+        .unwrap_or_else(|| {
+            panic!(
+                "no error containing `{needle}`; got: {:#?}",
+                all.iter().map(|d| &d.message).collect::<Vec<_>>()
+            )
+        });
+    let span = found.span.clone().expect("error has a location");
+    assert_eq!(
+        error::line_col(src, span.start).0,
+        line,
+        "`{needle}` on the wrong line"
+    );
+    assert!(
+        found.fix.as_deref().is_some_and(|f| !f.is_empty()),
+        "`{needle}` has no fix"
+    );
+}
+
+macro_rules! bad {
+    ($name:ident, $src:expr, $line:expr, $needle:expr) => {
+        #[test]
+        fn $name() {
+            expect(AsRef::<str>::as_ref(&$src), $line, $needle);
+        }
+    };
+}
+
+fn with_route(route: &str) -> String {
+    format!("{OK_LISTENER}{OK_UPSTREAM}[routes.r]\n{route}")
+}
+
+fn with_upstream(body: &str) -> String {
+    format!("{OK_LISTENER}[upstreams.x]\n{body}")
+}
+
+bad!(
+    toml_syntax,
+    "[listeners.public\n".to_string(),
+    1,
+    "TOML syntax"
+);
+bad!(
+    unknown_section,
+    format!("{OK_LISTENER}[upstream.x]\n"),
+    3,
+    "unknown section `upstream`"
+);
+bad!(
+    section_not_a_table,
+    format!("routes = 5\n{OK_LISTENER}"),
+    1,
+    "must be a table of named entries"
+);
+bad!(
+    entry_not_a_table,
+    "[listeners]\npublic = 1\n".to_string(),
+    2,
+    "must be a table"
+);
+bad!(
+    invalid_name,
+    "[listeners.\"a b\"]\nbind = \"127.0.0.1:1\"\n".to_string(),
+    1,
+    "invalid name `a b`"
+);
+bad!(
+    unknown_key,
+    format!("{OK_LISTENER}colour = 1\n"),
+    3,
+    "unknown key `colour`"
+);
+bad!(
+    missing_key,
+    "[listeners.public]\ndirection = \"mesh\"\n".to_string(),
+    1,
+    "missing required key `bind`"
+);
+bad!(
+    wrong_type,
+    "[listeners.public]\nbind = 8080\n".to_string(),
+    2,
+    "invalid type"
+);
+bad!(
+    empty_gateway_name,
+    format!("[gateway]\nname = \" \"\n{OK_LISTENER}"),
+    2,
+    "gateway.name is empty"
+);
+bad!(
+    workers_range,
+    format!("[gateway]\nworkers = 0\n{OK_LISTENER}"),
+    2,
+    "gateway.workers = 0 is out of range"
+);
+bad!(
+    bad_duration,
+    format!("[gateway]\nshutdown_grace_period = \"a while\"\n{OK_LISTENER}"),
+    2,
+    "is not a duration"
+);
+bad!(
+    zero_duration,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nconnect_timeout = \"0s\"\n"),
+    5,
+    "must be greater than zero"
+);
+bad!(
+    bad_admin_addr,
+    format!("[admin]\nlisten = \"localhost\"\n{OK_LISTENER}"),
+    2,
+    "is not an IP address and port"
+);
+bad!(
+    bad_bind,
+    "[listeners.public]\nbind = \"8080\"\n".to_string(),
+    2,
+    "is not an IP address and port"
+);
+bad!(
+    unknown_direction,
+    format!("{OK_LISTENER}direction = \"up\"\n"),
+    3,
+    "unknown direction \"up\""
+);
+bad!(
+    overlaps_admin,
+    "[admin]\nlisten = \"127.0.0.1:9901\"\n[listeners.a]\nbind = \"0.0.0.0:9901\"\n".to_string(),
+    4,
+    "overlaps admin.listen"
+);
+bad!(
+    duplicate_bind,
+    format!("{OK_LISTENER}[listeners.b]\nbind = \"127.0.0.1:18080\"\n"),
+    4,
+    "overlaps listener `public`"
+);
+bad!(
+    no_endpoints,
+    with_upstream("endpoints = []\n"),
+    4,
+    "has no endpoints"
+);
+bad!(
+    unknown_protocol,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nprotocol = \"h3\"\n"),
+    5,
+    "unknown upstream protocol"
+);
+bad!(
+    retries_range,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nconnect_retries = 99\n"),
+    5,
+    "connect_retries = 99 is out of range"
+);
+bad!(
+    endpoint_unknown_key,
+    with_upstream("endpoints = [{ addr = \"127.0.0.1:9\", wieght = 2 }]\n"),
+    4,
+    "unknown key `wieght` in endpoint"
+);
+bad!(
+    endpoint_no_addr,
+    with_upstream("endpoints = [{ weight = 2 }]\n"),
+    4,
+    "has no `addr`"
+);
+bad!(
+    endpoint_weight,
+    with_upstream("endpoints = [{ addr = \"127.0.0.1:9\", weight = 0 }]\n"),
+    4,
+    "endpoint weight 0"
+);
+bad!(
+    endpoint_type,
+    with_upstream("endpoints = [9001]\n"),
+    4,
+    "must be a string or a table"
+);
+bad!(
+    endpoint_no_port,
+    with_upstream("endpoints = [\"localhost\"]\n"),
+    4,
+    "missing `:PORT`"
+);
+bad!(
+    endpoint_bad_port,
+    with_upstream("endpoints = [\"localhost:99999\"]\n"),
+    4,
+    "is not a port"
+);
+bad!(
+    endpoint_no_host,
+    with_upstream("endpoints = [\":80\"]\n"),
+    4,
+    "missing host"
+);
+bad!(
+    endpoint_scheme,
+    with_upstream("endpoints = [\"http://a:80\"]\n"),
+    4,
+    "not a host name"
+);
+bad!(
+    endpoint_twice,
+    with_upstream("endpoints = [\"127.0.0.1:9\", \"127.0.0.1:9\"]\n"),
+    4,
+    "lists endpoint 127.0.0.1:9 twice"
+);
+bad!(
+    route_no_listeners,
+    with_route("listeners = []\nupstream = \"u\"\n"),
+    6,
+    "lists no listeners"
+);
+bad!(
+    route_unknown_listener,
+    with_route("listeners = [\"publik\"]\nupstream = \"u\"\n"),
+    6,
+    "unknown listener `publik`"
+);
+bad!(
+    bad_host,
+    with_route("host = \"http://a.com\"\nupstream = \"u\"\n"),
+    6,
+    "is not a host name"
+);
+bad!(
+    two_path_matchers,
+    with_route("path = \"/a\"\npath_prefix = \"/b\"\nupstream = \"u\"\n"),
+    7,
+    "more than one of path"
+);
+bad!(
+    relative_path,
+    with_route("path_prefix = \"v1/\"\nupstream = \"u\"\n"),
+    6,
+    "must start with `/`"
+);
+bad!(
+    bad_regex,
+    with_route("path_regex = \"(\"\nupstream = \"u\"\n"),
+    6,
+    "invalid path_regex"
+);
+bad!(
+    empty_methods,
+    with_route("methods = []\nupstream = \"u\"\n"),
+    6,
+    "matches nothing"
+);
+bad!(
+    bad_method,
+    with_route("methods = [\"GE T\"]\nupstream = \"u\"\n"),
+    6,
+    "is not an HTTP method"
+);
+bad!(
+    bad_header_name,
+    with_route("headers = { \"x y\" = \"1\" }\nupstream = \"u\"\n"),
+    6,
+    "is not a valid header name"
+);
+bad!(
+    bad_header_value,
+    with_route("headers = { \"x\" = \"a\\nb\" }\nupstream = \"u\"\n"),
+    6,
+    "is not a valid header value"
+);
+bad!(no_action, with_route("path = \"/a\"\n"), 5, "has no action");
+bad!(
+    two_actions,
+    with_route("upstream = \"u\"\nrespond = { status = 200 }\n"),
+    7,
+    "more than one action"
+);
+bad!(
+    strip_without_forward,
+    with_route("respond = { status = 200 }\nstrip_prefix = \"/a\"\n"),
+    7,
+    "only applies to routes that forward"
+);
+bad!(
+    unknown_upstream,
+    with_route("upstream = \"uu\"\n"),
+    6,
+    "unknown upstream `uu`"
+);
+bad!(empty_split, with_route("split = {}\n"), 6, "empty split");
+bad!(
+    zero_split_weight,
+    with_route("split = { u = 0 }\n"),
+    6,
+    "split weight 0"
+);
+bad!(
+    respond_status,
+    with_route("respond = { status = 42 }\n"),
+    6,
+    "respond.status 42 is out of range"
+);
+bad!(
+    respond_content_type,
+    with_route("respond = { content_type = \"a\\nb\" }\n"),
+    6,
+    "content_type is not a valid header value"
+);
+bad!(
+    redirect_status,
+    with_route("redirect = { location = \"/x\", status = 200 }\n"),
+    6,
+    "is not a redirect status"
+);
+bad!(
+    redirect_location,
+    with_route("redirect = { location = \"\" }\n"),
+    6,
+    "redirect.location is empty"
+);
+bad!(
+    indistinguishable,
+    format!("{OK_LISTENER}{OK_UPSTREAM}[routes.a]\npath = \"/x\"\nupstream = \"u\"\n[routes.b]\npath = \"/x\"\nupstream = \"u\"\n"),
+    8,
+    "route `b` can never match"
+);
+
+#[test]
+fn no_listeners_has_no_location_but_a_fix() {
+    let d = diags("[gateway]\nname = \"x\"\n");
+    assert_eq!(d.len(), 1);
+    assert!(d[0].message.contains("no listeners defined"));
+    assert!(d[0].span.is_none() && d[0].fix.is_some());
+}
+
+#[test]
+fn same_conditions_on_different_listeners_are_fine() {
+    let src = format!(
+        "{OK_LISTENER}[listeners.b]\nbind = \"127.0.0.1:18081\"\n{OK_UPSTREAM}[routes.a]\nlisteners = [\"public\"]\npath = \"/x\"\nupstream = \"u\"\n[routes.c]\nlisteners = [\"b\"]\npath = \"/x\"\nupstream = \"u\"\n"
+    );
+    parse(Path::new("t.toml"), &src).unwrap();
+}
+
+#[test]
+fn errors_are_all_collected_in_file_order() {
+    let src = format!(
+        "[gateway]\nworkers = 0\n{OK_LISTENER}colour = 1\n[routes.r]\nupstream = \"nope\"\n"
+    );
+    let d = diags(&src);
+    let messages: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 3, "{messages:?}");
+    let starts: Vec<usize> = d.iter().map(|d| d.span.clone().unwrap().start).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{messages:?}");
+}
+
+#[test]
+fn defaults_are_filled_in() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}{OK_UPSTREAM}[routes.r]\nupstream = \"u\"\n"),
+    )
+    .unwrap();
+    assert_eq!(cfg.gateway.name, model::DEFAULT_GATEWAY_NAME);
+    assert_eq!(cfg.admin.listen.to_string(), model::DEFAULT_ADMIN_LISTEN);
+    assert_eq!(cfg.listeners[0].direction, model::Direction::Ingress);
+    assert_eq!(cfg.routes[0].timeout, model::DEFAULT_ROUTE_TIMEOUT);
+    assert_eq!(cfg.routes[0].listeners, vec!["public".to_string()]);
+    let u = &cfg.upstreams[0];
+    assert_eq!(u.connect_timeout, model::DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(u.idle_timeout, model::DEFAULT_IDLE_TIMEOUT);
+    assert_eq!(u.connect_retries, model::DEFAULT_CONNECT_RETRIES);
+    assert_eq!(u.endpoints[0].weight, 1);
+}

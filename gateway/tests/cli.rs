@@ -1,0 +1,196 @@
+//! The command line and the admin listener, as an operator uses them.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::client::get;
+use support::{Gateway, BIN};
+
+fn meshgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run meshgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+            assert_eq!(code, 0, "{} failed check:\n{out}{err}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "expected the example configs in {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn check_reports_every_mistake_with_location_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"[listeners.public]
+bind = "0.0.0.0:8080"
+[listeners.again]
+bind = "0.0.0.0:8080"
+
+[routes.api]
+listeners = ["publc"]
+path_prefix = "/v1/"
+upstream = "apii"
+timeout = "soon"
+
+[routes.bad_regex]
+path_regex = "^/v[0-9+$"
+split = { api = 0 }
+
+[upstreams.api]
+endpoints = ["127.0.0.1:notaport"]
+conect_timeout = "1s"
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "stdout: {out}\nstderr: {err}");
+    let p = path.display().to_string();
+    for (line_col, what) in [
+        ("4:8", "overlaps listener `public`"),
+        ("7:14", "unknown listener `publc`"),
+        ("9:12", "unknown upstream `apii`"),
+        ("10:11", "is not a duration"),
+        ("13:14", "invalid path_regex"),
+        ("14:17", "split weight 0"),
+        ("17:14", "is not a port"),
+        ("18:1", "unknown key `conect_timeout`"),
+    ] {
+        let needle = format!("{p}:{line_col}: error: ");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&needle))
+            .unwrap_or_else(|| panic!("no error at {line_col} in:\n{err}"));
+        assert!(
+            line.contains(what),
+            "at {line_col} expected `{what}`, got: {line}"
+        );
+    }
+    assert!(err.contains("did you mean `public`?"), "{err}");
+    assert!(err.contains("did you mean `connect_timeout`?"), "{err}");
+    assert!(err.contains("8 errors found"), "{err}");
+}
+
+#[test]
+fn check_missing_file_and_syntax_error() {
+    let (code, _, err) = meshgate(&["check", "-c", "/nonexistent/gateway.toml"]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("/nonexistent/gateway.toml: cannot read config file"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("syntax.toml");
+    std::fs::write(&path, "[listeners.public\nbind = 1\n").unwrap();
+    let (code, _, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains(&format!("{}:1:", path.display())) && err.contains("TOML syntax"),
+        "{err}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, _) = meshgate(&["version"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        format!("meshgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    for sub in ["run", "check"] {
+        let (code, out, _) = meshgate(&[sub, "--help"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("--config <FILE>") && out.contains("/etc/meshgate/gateway.toml"),
+            "{out}"
+        );
+    }
+    let (_, out, _) = meshgate(&["--help"]);
+    for sub in ["run", "check", "version", "demo-upstream"] {
+        assert!(out.contains(sub), "{out}");
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_config_and_a_taken_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[listeners.x]\nbind = \"nope\"\n").unwrap();
+    let (code, _, err) = meshgate(&["run", "-c", bad.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is not an IP address and port"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let admin = support::free_port();
+    let cfg = dir.path().join("taken.toml");
+    std::fs::write(
+        &cfg,
+        format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[listeners.x]\nbind = \"127.0.0.1:{port}\"\n[routes.r]\nrespond = {{ body = \"x\" }}\n"),
+    )
+    .unwrap();
+    let (code, _, err) = meshgate(&["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot bind listener `x` 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let gw = Gateway::start(
+        r#"
+[gateway]
+name = "edge-7"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+direction = "mesh"
+[routes.ping]
+path = "/ping"
+respond = { body = "pong" }
+"#,
+    )
+    .await;
+    let r = get(gw.admin, "/healthz", &[]).await.unwrap();
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("alive"))
+    );
+    let r = get(gw.admin, "/readyz", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    let c = get(gw.admin, "/config", &[]).await.unwrap().json();
+    assert_eq!(c["gateway"]["name"], "edge-7");
+    assert_eq!(c["listeners"][0]["direction"], "mesh");
+    assert_eq!(c["listeners"][0]["bind"], gw.listen.to_string());
+    assert_eq!(c["routes"][0]["path"], "/ping");
+    // Defaults are filled in.
+    assert_eq!(c["routes"][0]["timeout_seconds"], 30.0);
+    assert_eq!(c["routes"][0]["respond"]["status"], 200);
+    // Data-plane routes never shadow the admin port and vice versa.
+    assert_eq!(get(gw.admin, "/ping", &[]).await.unwrap().status, 404);
+    assert_eq!(get(gw.listen, "/healthz", &[]).await.unwrap().status, 404);
+}

@@ -1,0 +1,189 @@
+//! Error statuses and their JSON bodies, retries, timeouts, broken upstreams
+//! and hostile input.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::client::get;
+use support::upstream::{close_mid_response, dead_addr, echo};
+use support::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HEAD: &str = r#"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+"#;
+
+fn assert_error_body(r: &support::client::Resp, status: u16, route: Option<&str>) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let j = r.json();
+    assert!(j["error"].as_str().is_some_and(|e| !e.is_empty()), "{j}");
+    assert_eq!(j["route"].as_str(), route, "{j}");
+    assert_eq!(j["request_id"].as_str(), r.header("x-request-id"), "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_dead_upstream_and_timeout() {
+    let slow = echo("slow").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.dead]
+path = "/dead"
+upstream = "dead"
+[routes.slow]
+path_prefix = "/delay/"
+upstream = "slow"
+timeout = "300ms"
+[routes.slow_read]
+path_prefix = "/slowread/"
+strip_prefix = "/slowread"
+upstream = "slow_read"
+[upstreams.dead]
+endpoints = ["{}"]
+connect_retries = 0
+[upstreams.slow]
+endpoints = ["{}"]
+[upstreams.slow_read]
+endpoints = ["{}"]
+read_timeout = "200ms"
+"#,
+        dead_addr(),
+        slow.addr,
+        slow.addr
+    );
+    let gw = Gateway::start(&config).await;
+
+    let r = get(gw.listen, "/nothing-here", &[]).await.unwrap();
+    assert_error_body(&r, 404, None);
+
+    let r = get(gw.listen, "/dead", &[]).await.unwrap();
+    assert_error_body(&r, 502, Some("dead"));
+
+    let started = Instant::now();
+    let r = get(gw.listen, "/delay/3000", &[]).await.unwrap();
+    assert_error_body(&r, 504, Some("slow"));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "route timeout not enforced: {:?}",
+        started.elapsed()
+    );
+
+    let r = get(gw.listen, "/slowread/delay/3000", &[]).await.unwrap();
+    assert_error_body(&r, 504, Some("slow_read"));
+
+    // Fast requests on the same routes still work.
+    assert_eq!(get(gw.listen, "/delay/1", &[]).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_retry_on_another_endpoint() {
+    let live = echo("live").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.r]
+upstream = "mixed"
+[upstreams.mixed]
+endpoints = ["{}", "{}"]
+connect_retries = 1
+"#,
+        dead_addr(),
+        live.addr
+    );
+    let gw = Gateway::start(&config).await;
+    for i in 0..20 {
+        let r = get(gw.listen, "/", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_mid_response_cuts_the_response() {
+    let broken = close_mid_response().await;
+    let live = echo("live").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.broken]
+path = "/broken"
+upstream = "broken"
+[routes.ok]
+path = "/ok"
+upstream = "live"
+[upstreams.broken]
+endpoints = ["{}"]
+[upstreams.live]
+endpoints = ["{}"]
+"#,
+        broken.addr, live.addr
+    );
+    let mut gw = Gateway::start(&config).await;
+    // Headers went out before the failure, so the client must see a cut body,
+    // never a complete-looking response.
+    let result = get(gw.listen, "/broken", &[]).await;
+    assert!(
+        result.is_err(),
+        "a truncated body was passed off as complete: {result:?}"
+    );
+    assert!(gw.alive());
+    assert_eq!(get(gw.listen, "/ok", &[]).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_gets_400_or_close_and_never_kills_the_gateway() {
+    let live = echo("live").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.ok]
+upstream = "live"
+[upstreams.live]
+endpoints = ["{}"]
+"#,
+        live.addr
+    );
+    let mut gw = Gateway::start(&config).await;
+    let inputs: &[&[u8]] = &[
+        b"\x00\x01\x02garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /\xff\xfe HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header Name: x\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: a\r\n\r\n",
+    ];
+    for input in inputs {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(input).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            out.is_empty()
+                || text.starts_with("HTTP/1.1 4")
+                || text.starts_with("HTTP/1.1 200")
+                || text.starts_with("HTTP/1.1 5"),
+            "unexpected answer to {:?}: {text}",
+            String::from_utf8_lossy(input)
+        );
+        assert!(
+            !text.starts_with("HTTP/1.1 5"),
+            "a malformed request is the client's fault, not a 5xx: {text}"
+        );
+        assert!(
+            gw.alive(),
+            "gateway died on {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    // A huge header block is refused, not buffered forever.
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+    let _ = s.write_all(&big).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(gw.alive());
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+}

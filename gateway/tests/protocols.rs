@@ -1,0 +1,146 @@
+//! Protocols through the gateway: h2c downstream, WebSocket upgrades, HTTP/2
+//! trailers (gRPC), and upstream keep-alive pooling.
+
+mod support;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use support::client::{get, send};
+use support::upstream::{echo, websocket_echo};
+use support::Gateway;
+use tokio_tungstenite::tungstenite::Message;
+
+const HEAD: &str = r#"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_gateway() {
+    let ws = websocket_echo().await;
+    let config = format!(
+        r#"{HEAD}
+[routes.ws]
+path = "/ws"
+upstream = "ws"
+timeout = "1s"
+[upstreams.ws]
+endpoints = ["{}"]
+read_timeout = "5s"
+"#,
+        ws.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let (mut socket, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.listen))
+        .await
+        .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        let text = format!("hello {i}");
+        socket.send(Message::text(text.clone())).await.unwrap();
+        let back = socket.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    // The route timeout (1s) must not cut an upgraded connection.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    socket.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        socket.next().await.unwrap().unwrap().into_data().as_ref(),
+        &[1, 2, 3]
+    );
+    socket.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_style_trailers_pass_through_h2c() {
+    let up = echo("grpc").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.grpc]
+upstream = "grpc"
+[upstreams.grpc]
+endpoints = ["{}"]
+protocol = "h2c"
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let r = send(
+        gw.listen,
+        Method::POST,
+        "/trailers",
+        &[("content-type", "application/grpc"), ("te", "trailers")],
+        Bytes::from_static(b"\0\0\0\0\0"),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.as_ref(), b"\x00\x00\x00\x00\x02hi");
+    let trailers = r.trailers.expect("trailers must reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    // The upstream really saw HTTP/2.
+    let r = send(gw.listen, Method::GET, "/echo", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_downstream_to_http1_upstream_with_a_body() {
+    let up = echo("h1").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.r]
+upstream = "h1"
+[upstreams.h1]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let r = send(
+        gw.listen,
+        Method::POST,
+        "/upload",
+        &[("content-type", "text/plain")],
+        Bytes::from_static(b"payload"),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["version"], "HTTP/1.1");
+    assert_eq!(j["body"], "payload");
+    assert_eq!(j["method"], "POST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled() {
+    let up = echo("pooled").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.r]
+upstream = "pooled"
+[upstreams.pooled]
+endpoints = ["{}"]
+idle_timeout = "30s"
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    // Each request opens a new downstream connection; upstream ones are reused.
+    for _ in 0..50 {
+        assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+    }
+    let opened = up.connections();
+    assert!(
+        opened <= 4,
+        "50 sequential requests opened {opened} upstream connections"
+    );
+}

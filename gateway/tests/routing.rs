@@ -1,0 +1,336 @@
+//! Matchers, splits, rewrites, redirects and direct responses through the real
+//! gateway binary, against real upstreams.
+
+mod support;
+
+use bytes::Bytes;
+use http::Method;
+use support::client::{get, send};
+use support::upstream::echo;
+use support::Gateway;
+
+const HEAD: &str = r#"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_matcher_picks_its_route() {
+    let ups: Vec<_> = futures_util::future::join_all(
+        [
+            "exact", "prefix", "regex", "host", "wild", "methods", "headers", "any",
+        ]
+        .map(echo),
+    )
+    .await;
+    let addr = |i: usize| ups[i].addr;
+    let config = format!(
+        r#"{HEAD}
+[routes.exact]
+path = "/exact"
+upstream = "exact"
+[routes.prefix]
+path_prefix = "/p/"
+upstream = "prefix"
+[routes.regex]
+path_regex = "^/v[0-9]+/items$"
+upstream = "regex"
+[routes.host]
+host = "api.example.com"
+upstream = "host"
+[routes.wild]
+host = "*.example.com"
+upstream = "wild"
+[routes.methods]
+path_prefix = "/m/"
+methods = ["POST", "DELETE"]
+upstream = "methods"
+[routes.headers]
+path_prefix = "/m/"
+headers = {{ "x-canary" = "true" }}
+upstream = "headers"
+# No path condition: ranks below every path matcher, regex included.
+[routes.any]
+upstream = "any"
+[upstreams.exact]
+endpoints = ["{}"]
+[upstreams.prefix]
+endpoints = ["{}"]
+[upstreams.regex]
+endpoints = ["{}"]
+[upstreams.host]
+endpoints = ["{}"]
+[upstreams.wild]
+endpoints = ["{}"]
+[upstreams.methods]
+endpoints = ["{}"]
+[upstreams.headers]
+endpoints = ["{}"]
+[upstreams.any]
+endpoints = ["{}"]
+"#,
+        addr(0),
+        addr(1),
+        addr(2),
+        addr(3),
+        addr(4),
+        addr(5),
+        addr(6),
+        addr(7)
+    );
+    let gw = Gateway::start(&config).await;
+    let l = gw.listen;
+    let name = |r: support::client::Resp| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["name"].as_str().unwrap().to_string()
+    };
+    assert_eq!(name(get(l, "/exact", &[]).await.unwrap()), "exact");
+    assert_eq!(name(get(l, "/exact/more", &[]).await.unwrap()), "any");
+    assert_eq!(name(get(l, "/p/x?q=1", &[]).await.unwrap()), "prefix");
+    assert_eq!(name(get(l, "/v2/items", &[]).await.unwrap()), "regex");
+    assert_eq!(name(get(l, "/v2/items/1", &[]).await.unwrap()), "any");
+    assert_eq!(
+        name(
+            get(l, "/", &[("host", "API.example.com:8080")])
+                .await
+                .unwrap()
+        ),
+        "host"
+    );
+    assert_eq!(
+        name(get(l, "/", &[("host", "www.example.com")]).await.unwrap()),
+        "wild"
+    );
+    assert_eq!(
+        name(get(l, "/", &[("host", "example.com")]).await.unwrap()),
+        "any"
+    );
+    let post = send(
+        l,
+        Method::POST,
+        "/m/1",
+        &[],
+        Bytes::from_static(b"x"),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(name(post), "methods");
+    assert_eq!(
+        name(get(l, "/m/1", &[("x-canary", "true")]).await.unwrap()),
+        "headers"
+    );
+    assert_eq!(
+        name(get(l, "/m/1", &[("x-canary", "false")]).await.unwrap()),
+        "any"
+    );
+    // Over h2c the :authority is the host.
+    let h2 = send(l, Method::GET, "/exact", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!(name(h2), "exact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_endpoint_weights_hold_within_tolerance() {
+    let (a, b, c, d) = (
+        echo("a").await,
+        echo("b").await,
+        echo("c").await,
+        echo("d").await,
+    );
+    let config = format!(
+        r#"{HEAD}
+[routes.split]
+path_prefix = "/split"
+split = {{ a = 90, b = 10 }}
+[routes.weighted]
+path_prefix = "/weighted"
+upstream = "cd"
+[upstreams.a]
+endpoints = ["{}"]
+[upstreams.b]
+endpoints = ["{}"]
+[upstreams.cd]
+endpoints = [{{ addr = "{}", weight = 3 }}, "{}"]
+"#,
+        a.addr, b.addr, c.addr, d.addr
+    );
+    let gw = Gateway::start(&config).await;
+    const N: usize = 1000;
+    let mut to_b = 0;
+    for _ in 0..N {
+        let r = get(gw.listen, "/split", &[]).await.unwrap();
+        if r.header("x-upstream") == Some("b") {
+            to_b += 1;
+        }
+    }
+    // Binomial(1000, 0.1): sd ~9.5; +-50 is more than 5 sd.
+    assert!(
+        (50..=150).contains(&to_b),
+        "b got {to_b} of {N}, expected ~100"
+    );
+    let mut to_c = 0;
+    for _ in 0..400 {
+        if get(gw.listen, "/weighted", &[])
+            .await
+            .unwrap()
+            .header("x-upstream")
+            == Some("c")
+        {
+            to_c += 1;
+        }
+    }
+    // Weighted round robin is deterministic: exactly 3 of 4.
+    assert!(
+        (280..=320).contains(&to_c),
+        "c got {to_c} of 400, expected 300"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_and_forwarding_headers() {
+    let up = echo("api").await;
+    let config = format!(
+        r#"{HEAD}
+[gateway]
+name = "edge-test"
+[routes.api]
+path_prefix = "/v1/"
+strip_prefix = "/v1"
+upstream = "api"
+request_headers = {{ set = {{ "x-via" = "meshgate" }}, add = {{ "x-tag" = "two" }}, remove = ["x-debug"] }}
+response_headers = {{ set = {{ "x-served-by" = "edge-1" }}, remove = ["x-upstream"] }}
+[upstreams.api]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let r = get(
+        gw.listen,
+        "/v1/items/7?full=1",
+        &[
+            ("x-debug", "secret"),
+            ("x-tag", "one"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-request-id", "req-abc-1"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "hop"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let h = &j["headers"];
+    assert_eq!(j["path"], "/items/7?full=1");
+    assert_eq!(h["x-via"], "meshgate");
+    assert_eq!(h["x-tag"], "one, two");
+    assert!(h.get("x-debug").is_none(), "{h}");
+    assert!(
+        h.get("x-private").is_none(),
+        "connection-nominated header must not pass: {h}"
+    );
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-request-id"], "req-abc-1");
+    assert!(
+        h["forwarded"]
+            .as_str()
+            .unwrap()
+            .starts_with("for=127.0.0.1;host="),
+        "{h}"
+    );
+    // Response side: rewrite applied, request id echoed, hop-by-hop dropped.
+    assert_eq!(r.header("x-served-by"), Some("edge-1"));
+    assert_eq!(r.header("x-upstream"), None);
+    assert_eq!(r.header("x-request-id"), Some("req-abc-1"));
+    assert_eq!(
+        r.header("x-hop"),
+        None,
+        "connection-nominated response header must not pass"
+    );
+    assert_eq!(r.header("keep-alive"), None);
+
+    // Without an incoming id one is generated and sent both ways.
+    let r = get(gw.listen, "/v1/x", &[]).await.unwrap();
+    let id = r.header("x-request-id").unwrap().to_string();
+    assert_eq!(id.len(), 36);
+    assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_responses_and_redirects() {
+    let config = format!(
+        r#"{HEAD}
+[routes.ping]
+path = "/ping"
+respond = {{ status = 200, body = "pong" }}
+response_headers = {{ set = {{ "x-served-by" = "edge-1" }} }}
+[routes.teapot]
+path = "/teapot"
+respond = {{ status = 418, body = '{{"short":"stout"}}', content_type = "application/json" }}
+[routes.old_docs]
+path_prefix = "/docs/"
+redirect = {{ location = "https://docs.example.com/", status = 301 }}
+[routes.temp]
+path = "/temp"
+redirect = {{ location = "/elsewhere" }}
+"#
+    );
+    let gw = Gateway::start(&config).await;
+    let r = get(gw.listen, "/ping", &[]).await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "pong"));
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(r.header("x-served-by"), Some("edge-1"));
+    let head = send(gw.listen, Method::HEAD, "/ping", &[], Bytes::new(), false)
+        .await
+        .unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    let r = get(gw.listen, "/teapot", &[]).await.unwrap();
+    assert_eq!(r.status, 418);
+    assert_eq!(r.json()["short"], "stout");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let r = get(gw.listen, "/docs/intro", &[]).await.unwrap();
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://docs.example.com/"));
+    let r = get(gw.listen, "/temp", &[]).await.unwrap();
+    assert_eq!((r.status, r.header("location")), (302, Some("/elsewhere")));
+    // Direct responses work over h2c too.
+    let r = send(gw.listen, Method::GET, "/ping", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "pong"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_only_serve_their_listeners() {
+    let up = echo("u").await;
+    let other = support::free_port();
+    let config = format!(
+        r#"{HEAD}
+[listeners.internal]
+bind = "127.0.0.1:{other}"
+direction = "mesh"
+[routes.public_only]
+listeners = ["public"]
+path = "/p"
+respond = {{ body = "public" }}
+[routes.mesh_only]
+listeners = ["internal"]
+path = "/p"
+upstream = "u"
+[upstreams.u]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    assert_eq!(get(gw.listen, "/p", &[]).await.unwrap().text(), "public");
+    let internal = format!("127.0.0.1:{other}").parse().unwrap();
+    let r = get(internal, "/p", &[]).await.unwrap();
+    assert_eq!(r.json()["name"], "u");
+}

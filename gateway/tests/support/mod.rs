@@ -1,0 +1,112 @@
+//! Test harness: the real `meshgate` binary on ephemeral ports, real upstream
+//! servers started by the test, and small real clients.
+#![allow(dead_code)] // each test binary uses part of the harness
+
+pub mod client;
+pub mod upstream;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A port the OS just handed out and released, for a listener in a config.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A running gateway process; killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Gateway {
+    /// Start the gateway with `config`, where `@LISTEN@` and `@ADMIN@` stand for
+    /// fresh loopback addresses, and wait until `/readyz` answers 200.
+    pub async fn start(config: &str) -> Gateway {
+        let mut last_err = String::new();
+        // A released port can be taken by someone else before we bind it again.
+        for _ in 0..3 {
+            match Self::try_start(config).await {
+                Ok(gw) => return gw,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("gateway did not start: {last_err}");
+    }
+
+    async fn try_start(config: &str) -> Result<Gateway, String> {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = config
+            .replace("@LISTEN@", &listen.to_string())
+            .replace("@ADMIN@", &admin.to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::File::create(&config_path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut gw = Gateway {
+            child,
+            listen,
+            admin,
+            _dir: dir,
+            config_path,
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                return Err(format!("exited with {status}: {}", gw.log()));
+            }
+            if let Ok(resp) = client::get(admin, "/readyz", &[]).await {
+                if resp.status == 200 {
+                    return Ok(gw);
+                }
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(format!("not ready after {READY_TIMEOUT:?}: {}", gw.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listen, path)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,225 @@
+//! Real upstream servers for tests, each on an ephemeral loopback port and
+//! stopped when dropped.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Connections accepted so far (to see upstream keep-alive reuse).
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address where nothing listens.
+pub fn dead_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", super::free_port()).parse().unwrap()
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// HTTP/1.1 and h2c (prior knowledge) echo server named `name`.
+///
+/// - any path: 200 with JSON {name, method, path, version, headers, body}
+/// - `/delay/MS`: the same after MS milliseconds
+/// - `/status/CODE`: answers CODE
+/// - `/trailers`: a body followed by `grpc-status: 0` trailers (HTTP/2 only)
+pub async fn echo(name: &str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let name: Arc<str> = name.into();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(name.clone(), req));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        task,
+    }
+}
+
+async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+    {
+        return Ok(Response::builder().status(code).body(full("")).unwrap());
+    }
+    if path == "/trailers" {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("grpc-message", "ok".parse().unwrap());
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x02hi"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)));
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap());
+    }
+    let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
+    let full_path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&v);
+            }
+            _ => {
+                headers.insert(k.to_string(), v.into());
+            }
+        }
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let json = serde_json::json!({
+        "name": &*name,
+        "method": method,
+        "path": full_path,
+        "version": version,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .header("x-upstream", &*name)
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must-not-pass")
+        .header("keep-alive", "timeout=30")
+        .body(full(json.to_string()))
+        .unwrap())
+}
+
+/// WebSocket echo server: sends back every text or binary message.
+pub async fn websocket_echo() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    } else if msg.is_close() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        task,
+    }
+}
+
+/// Answers every request with headers promising 100 bytes, sends 7, closes.
+pub async fn close_mid_response() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        task,
+    }
+}
