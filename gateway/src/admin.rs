@@ -89,7 +89,12 @@ impl ServeHttp for AdminApp {
                     serde_json::json!({ "status": "not ready", "reason": why }),
                 ),
             },
-            "/config" => json(StatusCode::OK, config_json(&self.runtime.load().config)),
+            "/config" => {
+                let rt = self.runtime.load();
+                let mut body = config_json(&rt.config);
+                body["generation"] = rt.generation.into();
+                json(StatusCode::OK, body)
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
                 serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config"] }),

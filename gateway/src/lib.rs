@@ -11,6 +11,7 @@
 //!   modules above; `headers` (forwarding policy) and `respond` (errors, direct
 //!   responses) live beside it.
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`).
+//! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
 //! - [`server`]: builds the pingora `Server` and runs it.
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod server;

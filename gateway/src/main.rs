@@ -17,6 +17,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config and serve traffic until SIGTERM (graceful) or SIGINT (immediate).
+    ///
+    /// SIGHUP reloads the config file; an invalid file is rejected and the old config keeps serving.
     Run {
         /// Config file (TOML); see docs/config.md.
         #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(meshgate::EXIT_CONFIG as u8);
                 }
             };
-            match meshgate::server::run(cfg) {
+            match meshgate::server::run(cfg, &config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("meshgate: {:#}", anyhow::Error::from(e));

@@ -11,6 +11,8 @@ use crate::upstream::UpstreamPool;
 
 pub struct Runtime {
     pub config: Arc<Config>,
+    /// 1 for the config loaded at start, +1 per successful reload.
+    pub generation: u64,
     /// In config order.
     pub listeners: Vec<ListenerRuntime>,
     /// Parallel to `config.routes`.
@@ -32,7 +34,7 @@ pub struct RouteRuntime {
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Self {
+    pub fn build(config: Config, generation: u64) -> Self {
         let upstreams: Vec<UpstreamPool> =
             config.upstreams.iter().map(UpstreamPool::build).collect();
         let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
@@ -66,6 +68,7 @@ impl Runtime {
             .collect();
         Runtime {
             config: Arc::new(config),
+            generation,
             listeners,
             routes,
             upstreams,

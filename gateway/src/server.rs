@@ -1,17 +1,20 @@
 //! Assembling and running the pingora server from a validated config.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::model::Config;
 use crate::proxy::Gateway;
+use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +44,7 @@ fn check_binds(config: &Config) -> Result<(), ServerError> {
 
 /// Start every listener and serve until a shutdown signal: SIGTERM drains
 /// (graceful), SIGINT stops at once.
-pub fn run(config: Config) -> Result<(), ServerError> {
+pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     check_binds(&config)?;
     let conf = ServerConf {
         threads: config.gateway.workers.unwrap_or_else(num_workers),
@@ -65,7 +68,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         config.routes.len(),
         config.upstreams.len()
     );
-    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config)));
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -82,12 +85,21 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         app.server_options = Some(options);
     }
 
+    let reloader = background_service(
+        "config reload",
+        ReloadOnSighup {
+            path: path.to_path_buf(),
+            runtime: runtime.clone(),
+        },
+    );
     let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(reloader);
+    ignore_sighup_until_handled();
     server.run(RunArgs::default());
     log::info!("meshgate stopped");
     Ok(())
@@ -95,4 +107,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
 fn num_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// SIGHUP's default action ends the process. Register tokio's handler before
+/// the services start, so a SIGHUP that arrives before the reload service
+/// listens is dropped instead of killing the gateway.
+fn ignore_sighup_until_handled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let registered = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .and_then(|rt| rt.block_on(async { signal(SignalKind::hangup()).map(drop) }));
+    if let Err(e) = registered {
+        log::warn!("cannot register a SIGHUP handler: {e}");
+    }
 }

@@ -194,3 +194,78 @@ respond = { body = "pong" }
     assert_eq!(get(gw.admin, "/ping", &[]).await.unwrap().status, 404);
     assert_eq!(get(gw.listen, "/healthz", &[]).await.unwrap().status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
+    let config = |body: &str| {
+        format!("[admin]\nlisten = \"@ADMIN@\"\n[listeners.public]\nbind = \"@LISTEN@\"\n[routes.r]\npath = \"/v\"\nrespond = {{ body = \"{body}\" }}\n")
+    };
+    let mut gw = Gateway::start(&config("one")).await;
+    let (admin, listen) = (gw.admin.to_string(), gw.listen.to_string());
+    let concrete = |text: String| text.replace("@ADMIN@", &admin).replace("@LISTEN@", &listen);
+    assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "one");
+
+    std::fs::write(&gw.config_path, concrete(config("two"))).unwrap();
+    support::signal(gw.pid(), "HUP");
+    let generation = wait_for_generation(&gw, 2).await;
+    assert_eq!(generation, 2);
+    assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
+
+    // A broken file: rejected, reported, old config keeps serving.
+    std::fs::write(
+        &gw.config_path,
+        concrete(config("three")).replace("[routes.r]", "[routes.r]\ncolour = 1"),
+    )
+    .unwrap();
+    support::signal(gw.pid(), "HUP");
+    let start = std::time::Instant::now();
+    while !gw.log().contains("config reload rejected") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no rejection logged: {}",
+            gw.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gw.log().contains("unknown key `colour`"), "{}", gw.log());
+    assert!(gw.alive());
+    assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
+    let c = get(gw.admin, "/config", &[]).await.unwrap().json();
+    assert_eq!(c["generation"], 2);
+
+    // Changing what is bound needs a restart: rejected too.
+    let other = support::free_port();
+    std::fs::write(
+        &gw.config_path,
+        concrete(config("four")).replace(&gw.listen.to_string(), &format!("127.0.0.1:{other}")),
+    )
+    .unwrap();
+    support::signal(gw.pid(), "HUP");
+    let start = std::time::Instant::now();
+    while !gw.log().contains("bind addresses changed") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no rejection logged: {}",
+            gw.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
+}
+
+async fn wait_for_generation(gw: &Gateway, want: u64) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let c = get(gw.admin, "/config", &[]).await.unwrap().json();
+        let g = c["generation"].as_u64().unwrap();
+        if g >= want {
+            return g;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still at generation {g}: {}",
+            gw.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -187,3 +187,42 @@ endpoints = ["{}"]
     assert!(gw.alive());
     assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let slow = echo("slow").await;
+    let config = format!(
+        r#"{HEAD}
+[gateway]
+shutdown_grace_period = "3s"
+[routes.r]
+upstream = "slow"
+[upstreams.slow]
+endpoints = ["{}"]
+"#,
+        slow.addr
+    );
+    let mut gw = Gateway::start(&config).await;
+    let listen = gw.listen;
+    let in_flight = tokio::spawn(async move { get(listen, "/delay/1000", &[]).await });
+    // Signal once the request has reached the upstream.
+    let start = Instant::now();
+    while slow.connections() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    support::signal(gw.pid(), "TERM");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes during the drain");
+    assert_eq!(r.status, 200);
+    let status = gw
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("gateway exits after the grace period");
+    assert!(status.success(), "{status}");
+}

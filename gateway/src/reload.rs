@@ -1,0 +1,87 @@
+//! Config reload on SIGHUP: read and validate the file again, and swap the
+//! compiled runtime whole. A file that fails validation, or that changes what
+//! is bound (listeners, admin), is rejected and the old config keeps serving.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::{self, model::Config};
+use crate::runtime::Runtime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Invalid(#[from] config::ConfigError),
+    #[error(
+        "{0}; listeners and the admin address change only on restart, the old config keeps serving"
+    )]
+    NeedsRestart(String),
+}
+
+/// Validate `path` and, when it can be applied live, swap it in.
+pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64, ReloadError> {
+    let new = config::load(path)?;
+    let current = runtime.load();
+    bound_addresses_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
+    let generation = current.generation + 1;
+    runtime.store(Arc::new(Runtime::build(new, generation)));
+    Ok(generation)
+}
+
+fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
+    if old.admin.listen != new.admin.listen {
+        return Err(format!(
+            "admin.listen changed from {} to {}",
+            old.admin.listen, new.admin.listen
+        ));
+    }
+    let key = |c: &Config| {
+        let mut v: Vec<(String, std::net::SocketAddr)> = c
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.bind))
+            .collect();
+        v.sort();
+        v
+    };
+    if key(old) != key(new) {
+        return Err("the set of listeners or their bind addresses changed".to_string());
+    }
+    Ok(())
+}
+
+/// Waits for SIGHUP and reloads; runs as a pingora background service.
+pub struct ReloadOnSighup {
+    pub path: PathBuf,
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnSighup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reload disabled: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    match reload(&self.path, &self.runtime) {
+                        Ok(generation) => log::info!("config reloaded from {} (generation {generation})", self.path.display()),
+                        Err(e) => log::error!("config reload rejected, old config keeps serving:\n{e}"),
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
