@@ -1,6 +1,6 @@
-//! The admin listener: liveness, readiness and the effective config. It runs
-//! on its own port so data-plane routes can never shadow it. `/metrics` joins
-//! these endpoints with the observability work.
+//! The admin listener: liveness, readiness, the effective config and
+//! Prometheus metrics. It runs on its own port so data-plane routes can never
+//! shadow it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -89,6 +89,18 @@ impl ServeHttp for AdminApp {
                     serde_json::json!({ "status": "not ready", "reason": why }),
                 ),
             },
+            "/metrics" => {
+                let body = crate::telemetry::metrics::metrics().render();
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                    .header(header::CONTENT_LENGTH, body.len())
+                    .body(body)
+                    .unwrap_or_default()
+            }
             "/config" => {
                 let rt = self.runtime.load();
                 let mut body = config_json(&rt.config);
@@ -97,7 +109,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config"] }),
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/metrics"] }),
             ),
         }
     }
@@ -158,6 +170,11 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
         },
         "admin": { "listen": c.admin.listen.to_string() },
+        "telemetry": {
+            "access_log": c.telemetry.access_log.as_str(),
+            "access_log_file": c.telemetry.access_log_file.as_ref().map(|p| p.display().to_string()),
+        },
+        "config_hash": c.source_hash,
         "listeners": c.listeners.iter().map(|l| json!({ "name": l.name, "bind": l.bind.to_string(), "direction": l.direction.as_str() })).collect::<Vec<_>>(),
         "routes": routes,
         "upstreams": c.upstreams.iter().map(|u| json!({

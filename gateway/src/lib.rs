@@ -10,7 +10,8 @@
 //! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
 //!   modules above; `headers` (forwarding policy) and `respond` (errors, direct
 //!   responses) live beside it.
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`).
+//! - [`telemetry`]: Prometheus metrics (names in one module) and access logs.
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`).
 //! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
 //! - [`server`]: builds the pingora `Server` and runs it.
 //! - [`demo`]: the bundled echo upstream used by `make run`.
@@ -23,6 +24,7 @@ pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;
 
 /// Exit status for an invalid config or command line (sysexits EX_USAGE).

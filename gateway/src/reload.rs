@@ -10,8 +10,11 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::config::{self, model::Config};
+use crate::config;
+use crate::config::model::{AccessLogFormat, Config};
 use crate::runtime::Runtime;
+use crate::telemetry::access_log;
+use crate::telemetry::metrics::metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -28,7 +31,13 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
     let new = config::load(path)?;
     let current = runtime.load();
     bound_addresses_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
+    if new.telemetry.access_log != AccessLogFormat::Off {
+        // Starts the writer if logging was off; refuses a new destination.
+        access_log::init(&crate::server::access_log_sink(&new))
+            .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
+    }
     let generation = current.generation + 1;
+    metrics().config_loaded(generation, &new.source_hash);
     runtime.store(Arc::new(Runtime::build(new, generation)));
     Ok(generation)
 }
@@ -76,8 +85,14 @@ impl BackgroundService for ReloadOnSighup {
             tokio::select! {
                 _ = hup.recv() => {
                     match reload(&self.path, &self.runtime) {
-                        Ok(generation) => log::info!("config reloaded from {} (generation {generation})", self.path.display()),
-                        Err(e) => log::error!("config reload rejected, old config keeps serving:\n{e}"),
+                        Ok(generation) => {
+                            metrics().config_reloads.with_label_values(&["success"]).inc();
+                            log::info!("config reloaded from {} (generation {generation})", self.path.display());
+                        }
+                        Err(e) => {
+                            metrics().config_reloads.with_label_values(&["failure"]).inc();
+                            log::error!("config reload rejected, old config keeps serving:\n{e}");
+                        }
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -12,13 +12,22 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
-use crate::config::model::Config;
+use crate::config::model::{AccessLogFormat, Config};
 use crate::proxy::Gateway;
 use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
+use crate::telemetry::access_log::{self, Sink};
+use crate::telemetry::connections::CountConnections;
+use crate::telemetry::metrics::metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot bind {what} {addr}: {source} (is another process using the port?)")]
     Bind {
         what: String,
@@ -46,6 +55,8 @@ fn check_binds(config: &Config) -> Result<(), ServerError> {
 /// (graceful), SIGINT stops at once.
 pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     check_binds(&config)?;
+    start_access_log(&config)?;
+    metrics().config_loaded(1, &config.source_hash);
     let conf = ServerConf {
         threads: config.gateway.workers.unwrap_or_else(num_workers),
         grace_period_seconds: Some(config.gateway.shutdown_grace_period.as_secs_f64().ceil() as u64),
@@ -70,19 +81,18 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     );
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(runtime.clone()),
-        "meshgate proxy",
+    let mut proxy =
+        pingora::proxy::http_proxy(&server.configuration, Gateway::new(runtime.clone()));
+    let mut options = HttpServerOptions::default();
+    // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.
+    options.h2c = true;
+    proxy.server_options = Some(options);
+    let mut proxy = Service::new(
+        "meshgate proxy".to_string(),
+        CountConnections::new(proxy, runtime.clone()),
     );
     for bind in &binds {
         proxy.add_tcp(bind);
-    }
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.
-        options.h2c = true;
-        app.server_options = Some(options);
     }
 
     let reloader = background_service(
@@ -103,6 +113,30 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.run(RunArgs::default());
     log::info!("meshgate stopped");
     Ok(())
+}
+
+/// The access-log writer starts only when some format is on, so `off` costs nothing.
+fn start_access_log(config: &Config) -> Result<(), ServerError> {
+    if config.telemetry.access_log == AccessLogFormat::Off {
+        return Ok(());
+    }
+    let sink = access_log_sink(config);
+    access_log::init(&sink).map_err(|source| ServerError::AccessLog {
+        path: config
+            .telemetry
+            .access_log_file
+            .as_ref()
+            .map_or("(stdout)".to_string(), |p| p.display().to_string()),
+        source,
+    })
+}
+
+pub fn access_log_sink(config: &Config) -> Sink {
+    config
+        .telemetry
+        .access_log_file
+        .clone()
+        .map_or(Sink::Stdout, Sink::File)
 }
 
 fn num_workers() -> usize {

@@ -23,11 +23,38 @@ pub const DEFAULT_REDIRECT_STATUS: u16 = 302;
 pub struct Config {
     pub gateway: Gateway,
     pub admin: Admin,
+    pub telemetry: Telemetry,
     /// In file order.
     pub listeners: Vec<Listener>,
     /// In file order; the order breaks ties between equally specific routes.
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    /// Hash of the file's text, to tell configs apart in metrics and logs.
+    pub source_hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    pub access_log: AccessLogFormat,
+    /// `None`: standard output.
+    pub access_log_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+    Off,
+}
+
+impl AccessLogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLogFormat::Json => "json",
+            AccessLogFormat::Text => "text",
+            AccessLogFormat::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

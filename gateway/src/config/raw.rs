@@ -24,6 +24,14 @@ pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
 }
 
+/// `[telemetry]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub access_log: Option<Spanned<String>>,
+    pub access_log_file: Option<Spanned<String>>,
+}
+
 /// `[listeners.NAME]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,14 @@ use super::error::Diagnostic;
 use super::model::*;
 use super::raw::*;
 
-const SECTIONS: &[&str] = &["gateway", "admin", "listeners", "routes", "upstreams"];
+const SECTIONS: &[&str] = &[
+    "gateway",
+    "admin",
+    "telemetry",
+    "listeners",
+    "routes",
+    "upstreams",
+];
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
@@ -35,7 +42,8 @@ pub fn validate(src: &str) -> Result<Config, Vec<Diagnostic>> {
             .collect());
     }
     let raw = v.read_sections(root.get_ref());
-    let config = v.build(raw);
+    let mut config = v.build(raw);
+    config.source_hash = hash_text(src);
     if v.diags.is_empty() {
         Ok(config)
     } else {
@@ -50,6 +58,7 @@ pub fn validate(src: &str) -> Result<Config, Vec<Diagnostic>> {
 struct RawFile {
     gateway: RawGateway,
     admin: RawAdmin,
+    telemetry: RawTelemetry,
     listeners: Vec<(Spanned<String>, RawListener)>,
     routes: Vec<(Spanned<String>, RawRoute)>,
     upstreams: Vec<(Spanned<String>, RawUpstream)>,
@@ -75,6 +84,7 @@ impl Validator {
             match key.get_ref().as_ref() {
                 "gateway" => raw.gateway = self.de(value).unwrap_or_default(),
                 "admin" => raw.admin = self.de(value).unwrap_or_default(),
+                "telemetry" => raw.telemetry = self.de(value).unwrap_or_default(),
                 "listeners" => raw.listeners = self.de_named(key, value),
                 "routes" => raw.routes = self.de_named(key, value),
                 "upstreams" => raw.upstreams = self.de_named(key, value),
@@ -165,6 +175,7 @@ impl Validator {
     fn build(&mut self, raw: RawFile) -> Config {
         let gateway = self.gateway(raw.gateway);
         let admin = self.admin(raw.admin);
+        let telemetry = self.telemetry(raw.telemetry);
         let listeners = self.listeners(&raw.listeners, &admin);
         let upstreams: Vec<Upstream> = raw
             .upstreams
@@ -200,9 +211,11 @@ impl Validator {
         Config {
             gateway,
             admin,
+            telemetry,
             listeners,
             routes,
             upstreams,
+            source_hash: String::new(),
         }
     }
 
@@ -254,6 +267,41 @@ impl Validator {
             None => default,
         };
         Admin { listen }
+    }
+
+    fn telemetry(&mut self, raw: RawTelemetry) -> Telemetry {
+        let access_log = match raw.access_log.as_ref() {
+            None => AccessLogFormat::Off,
+            Some(f) => match f.get_ref().as_str() {
+                "json" => AccessLogFormat::Json,
+                "text" => AccessLogFormat::Text,
+                "off" => AccessLogFormat::Off,
+                other => {
+                    self.error(
+                        f.span(),
+                        format!("unknown access_log format \"{other}\""),
+                        "use \"json\", \"text\" or \"off\"",
+                    );
+                    AccessLogFormat::Off
+                }
+            },
+        };
+        let access_log_file = raw.access_log_file.and_then(|f| {
+            if f.get_ref().trim().is_empty() {
+                self.error(
+                    f.span(),
+                    "telemetry.access_log_file is empty",
+                    "write a file path, or remove the key to log to standard output",
+                );
+                None
+            } else {
+                Some(std::path::PathBuf::from(f.into_inner()))
+            }
+        });
+        Telemetry {
+            access_log,
+            access_log_file,
+        }
     }
 
     fn socket_addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
@@ -1036,6 +1084,14 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
             .ok_or_else(|| format!("host `{host}` resolved to no address")),
         Err(e) => Err(format!("cannot resolve host `{host}`: {e}")),
     }
+}
+
+/// A short, stable fingerprint of the file's text (FNV-1a, 64 bits).
+fn hash_text(src: &str) -> String {
+    let hash = src.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// Remove the key whose span is `span`, searching nested tables.

@@ -54,6 +54,32 @@ pub struct RequestCtx {
     /// The route's whole-request deadline.
     pub deadline: Option<Instant>,
     pub failure: Option<Failure>,
+    /// Counts this request in the in-flight gauge until the context drops.
+    pub in_flight: Option<InFlight>,
+    /// First endpoint choice: start of the upstream exchange.
+    pub upstream_started: Option<Instant>,
+    /// Start of the current connection attempt.
+    pub connect_started: Option<Instant>,
+    /// A connection to the upstream was established (or reused).
+    pub connected: bool,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub upstream_status: Option<u16>,
+}
+
+/// Decrements the in-flight gauge when the request ends, however it ends.
+pub struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    pub fn start(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl RequestCtx {
@@ -68,6 +94,12 @@ impl RequestCtx {
             started: Instant::now(),
             deadline: None,
             failure: None,
+            in_flight: None,
+            upstream_started: None,
+            connect_started: None,
+            connected: false,
+            endpoint: None,
+            upstream_status: None,
         }
     }
 
@@ -84,6 +116,13 @@ impl RequestCtx {
     pub fn listener_name(&self) -> Option<&str> {
         let rt = self.runtime.as_ref()?;
         rt.listeners.get(self.listener?).map(|l| l.name.as_str())
+    }
+
+    pub fn direction(&self) -> Option<&'static str> {
+        let rt = self.runtime.as_ref()?;
+        rt.listeners
+            .get(self.listener?)
+            .map(|l| l.direction.as_str())
     }
 
     /// Time left before the route's deadline (zero when passed).

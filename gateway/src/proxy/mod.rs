@@ -4,6 +4,7 @@
 
 pub mod ctx;
 pub mod headers;
+mod observe;
 pub mod respond;
 
 use std::sync::Arc;
@@ -66,6 +67,12 @@ impl ProxyHttp for Gateway {
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
         ctx.listener = rt.listener_for(local);
         ctx.runtime = Some(rt.clone());
+        let listener_label = ctx.listener_name().unwrap_or("");
+        ctx.in_flight = Some(ctx::InFlight::start(
+            crate::telemetry::metrics::metrics()
+                .in_flight
+                .with_label_values(&[listener_label]),
+        ));
         let Some(listener) = ctx.listener else {
             ctx.failure = Some(Failure::NoListener);
             respond::send_error(session, Failure::NoListener, ctx).await?;
@@ -161,7 +168,17 @@ impl ProxyHttp for Gateway {
         let (endpoint, peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
         })?;
+        if ctx.tried.is_empty() {
+            ctx.upstream_started = Some(Instant::now());
+        } else {
+            crate::telemetry::metrics::metrics()
+                .upstream_retries
+                .with_label_values(&[pool.name.as_str()])
+                .inc();
+        }
         ctx.tried.push(endpoint);
+        ctx.connect_started = Some(Instant::now());
+        ctx.endpoint = peer._address.as_inet().copied();
         Ok(Box::new(peer))
     }
 
@@ -172,6 +189,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        observe::connect_failed(ctx, &e);
         // Nothing reached the upstream yet, so any method may go to another endpoint.
         let retries = ctx
             .runtime
@@ -213,6 +231,29 @@ impl ProxyHttp for Gateway {
         headers::add_forwarding(upstream, client_ip(session), "http", host.as_deref());
         upstream.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         headers::rewrite_request(upstream, &fwd.request_headers);
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        observe::connected(ctx, reused);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
         Ok(())
     }
 
@@ -276,9 +317,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
+        observe::finished(session, e, ctx);
         if let Some(e) = e {
+            let req = session.req_header();
             log::warn!(
                 "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={:?} error={}",
                 ctx.request_id,
@@ -287,21 +328,9 @@ impl ProxyHttp for Gateway {
                 ctx.upstream_name().unwrap_or("-"),
                 req.method,
                 req.uri.path(),
-                status,
+                session.response_written().map_or(0, |r| r.status.as_u16()),
                 ctx.failure.map(|f| f.message()),
                 e
-            );
-        } else {
-            log::debug!(
-                "request_id={} listener={} route={} upstream={} method={} path={} status={} duration_ms={}",
-                ctx.request_id,
-                ctx.listener_name().unwrap_or("-"),
-                ctx.route_name().unwrap_or("-"),
-                ctx.upstream_name().unwrap_or("-"),
-                req.method,
-                req.uri.path(),
-                status,
-                ctx.started.elapsed().as_millis()
             );
         }
     }

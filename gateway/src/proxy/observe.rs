@@ -1,0 +1,177 @@
+//! Turning a finished request into metrics and an access-log line. Called
+//! from the proxy's phases; all label values are config ids or fixed sets.
+
+use std::time::{Instant, SystemTime};
+
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+
+use super::ctx::RequestCtx;
+use crate::telemetry::access_log::{self, Entry};
+use crate::telemetry::metrics::metrics;
+use crate::telemetry::names::{method_class, status_class, NO_ROUTE};
+
+/// Kind label for an upstream failure.
+pub fn upstream_error_kind(e: &Error) -> &'static str {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => "timeout",
+        ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+        | ConnectProxyFailure => "connect",
+        TLSHandshakeFailure | InvalidCert | HandshakeError | TLSWantX509Lookup => "tls",
+        ConnectionClosed | ReadError | WriteError => "reset",
+        InvalidHTTPHeader | H1Error | H2Error | H2Downgrade | InvalidH2 => "protocol",
+        _ => "other",
+    }
+}
+
+/// Record a failed connection attempt.
+pub fn connect_failed(ctx: &RequestCtx, e: &Error) {
+    if let Some(u) = ctx.upstream_name() {
+        metrics()
+            .upstream_errors
+            .with_label_values(&[u, upstream_error_kind(e)])
+            .inc();
+    }
+}
+
+/// Record a connection to an upstream, new or from the pool.
+pub fn connected(ctx: &mut RequestCtx, reused: bool) {
+    ctx.connected = true;
+    let Some(u) = ctx.upstream_name() else { return };
+    let m = metrics();
+    m.upstream_connections
+        .with_label_values(&[u, if reused { "true" } else { "false" }])
+        .inc();
+    if !reused {
+        if let Some(start) = ctx.connect_started {
+            m.upstream_connect_duration
+                .with_label_values(&[u])
+                .observe(start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Everything recorded once the request is over.
+pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    let m = metrics();
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let listener = ctx.listener_name().unwrap_or("");
+    let route = ctx.route_name().unwrap_or(NO_ROUTE);
+    let class = status_class(status);
+    let req = session.req_header();
+    let elapsed = ctx.started.elapsed();
+
+    m.requests
+        .with_label_values(&[listener, route, method_class(&req.method), class])
+        .inc();
+    m.request_duration
+        .with_label_values(&[listener, route, class])
+        .observe(elapsed.as_secs_f64());
+    let (bytes_in, bytes_out) = (
+        session.body_bytes_read() as u64,
+        session.body_bytes_sent() as u64,
+    );
+    m.request_bytes
+        .with_label_values(&[listener, route])
+        .inc_by(bytes_in);
+    m.response_bytes
+        .with_label_values(&[listener, route])
+        .inc_by(bytes_out);
+    if ctx.failure == Some(super::ctx::Failure::NoRoute) {
+        m.no_route.with_label_values(&[listener]).inc();
+    }
+
+    let upstream = ctx.upstream_name();
+    let upstream_elapsed = ctx
+        .upstream_started
+        .map(|s| Instant::now().saturating_duration_since(s));
+    if let (Some(u), Some(d)) = (upstream, upstream_elapsed) {
+        let upstream_class = ctx.upstream_status.map_or("none", status_class);
+        m.upstream_requests
+            .with_label_values(&[u, upstream_class])
+            .inc();
+        m.upstream_duration
+            .with_label_values(&[u])
+            .observe(d.as_secs_f64());
+        // Connect failures were counted per attempt; count what broke after connecting.
+        if let Some(e) =
+            e.filter(|e| ctx.connected && *e.esource() == pingora::ErrorSource::Upstream)
+        {
+            m.upstream_errors
+                .with_label_values(&[u, upstream_error_kind(e)])
+                .inc();
+        }
+    }
+
+    let Some(rt) = ctx.runtime.as_ref() else {
+        return;
+    };
+    let format = rt.config.telemetry.access_log;
+    if format == access_log::Format::Off {
+        return;
+    }
+    let host = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let error = match (ctx.failure, e) {
+        (Some(f), _) => f.message().to_string(),
+        (None, Some(e)) => e.etype().as_str().to_string(),
+        (None, None) => String::new(),
+    };
+    let entry = Entry {
+        timestamp: access_log::timestamp(SystemTime::now() - elapsed),
+        request_id: &ctx.request_id,
+        trace_id: "",
+        listener,
+        direction: ctx.direction().unwrap_or(""),
+        route,
+        upstream: upstream.unwrap_or(""),
+        endpoint: ctx.endpoint.map(|a| a.to_string()).unwrap_or_default(),
+        method: req.method.as_str(),
+        host,
+        path: req.uri.path(),
+        protocol: version_str(req.version),
+        status,
+        bytes_in,
+        bytes_out,
+        duration_ms: millis(elapsed),
+        upstream_duration_ms: upstream_elapsed.map(millis),
+        client: session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        user_agent: req
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        error: &error,
+    };
+    if let Some(line) = entry.format(format) {
+        access_log::submit(line);
+    }
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}

@@ -1,0 +1,250 @@
+//! Access logs: one line per request, JSON or text, to stdout or a file.
+//! The proxy only formats the line and hands it to a bounded queue; a
+//! dedicated thread writes, so a slow disk or pipe never holds a request.
+//! Lines that do not fit in the queue are dropped and counted.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::metrics::metrics;
+
+/// Lines buffered between the proxy and the writer thread.
+const QUEUE_LINES: usize = 65_536;
+/// Longest a written line waits in the buffer before it is flushed.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+pub use crate::config::model::AccessLogFormat as Format;
+
+/// Where lines go: standard output, or a file (appended to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    File(PathBuf),
+}
+
+/// One request, as logged. Field names are documented in docs/observability.md.
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
+    pub timestamp: String,
+    pub request_id: &'a str,
+    pub trace_id: &'a str,
+    pub listener: &'a str,
+    pub direction: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub endpoint: String,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    pub upstream_duration_ms: Option<f64>,
+    pub client: String,
+    pub user_agent: &'a str,
+    pub error: &'a str,
+}
+
+impl Entry<'_> {
+    fn text(&self) -> String {
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        format!(
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\"",
+            ts = self.timestamp,
+            client = dash(&self.client),
+            method = self.method,
+            path = self.path,
+            proto = self.protocol,
+            status = self.status,
+            bytes_out = self.bytes_out,
+            dur = self.duration_ms,
+            host = dash(self.host),
+            listener = dash(self.listener),
+            route = dash(self.route),
+            upstream = dash(self.upstream),
+            endpoint = dash(&self.endpoint),
+            ums = self.upstream_duration_ms.map_or("-".to_string(), |d| format!("{d:.3}")),
+            bytes_in = self.bytes_in,
+            rid = self.request_id,
+            tid = dash(self.trace_id),
+            ua = self.user_agent.replace('"', "'"),
+            err = self.error,
+        )
+    }
+
+    pub fn format(&self, format: Format) -> Option<String> {
+        match format {
+            Format::Off => None,
+            Format::Text => Some(self.text()),
+            Format::Json => serde_json::to_string(self).ok(),
+        }
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+struct Writer {
+    tx: SyncSender<String>,
+    sink: Sink,
+}
+
+static WRITER: OnceLock<Writer> = OnceLock::new();
+
+/// Start the writer thread for `sink`. Once per process; later calls with
+/// another sink are refused (the caller reports that a restart is needed).
+pub fn init(sink: &Sink) -> std::io::Result<()> {
+    if let Some(w) = WRITER.get() {
+        return if &w.sink == sink {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(
+                "the access log destination changes only on restart",
+            ))
+        };
+    }
+    let out: Box<dyn Write + Send> = match sink {
+        Sink::Stdout => Box::new(std::io::stdout()),
+        Sink::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+    };
+    let (tx, rx) = sync_channel(QUEUE_LINES);
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || write_loop(rx, out))?;
+    let _ = WRITER.set(Writer {
+        tx,
+        sink: sink.clone(),
+    });
+    Ok(())
+}
+
+/// Queue a line; never blocks.
+pub fn submit(line: String) {
+    let Some(w) = WRITER.get() else { return };
+    match w.tx.try_send(line) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            metrics().access_log_dropped.inc()
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    loop {
+        match rx.recv_timeout(FLUSH_INTERVAL) {
+            Ok(line) => {
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.write_all(b"\n");
+                // Drain what is already queued before flushing once.
+                while let Ok(line) = rx.try_recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.write_all(b"\n");
+                }
+                let _ = out.flush();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            timestamp: "2026-11-25T10:00:00.000Z".into(),
+            request_id: "rid",
+            trace_id: "",
+            listener: "public",
+            direction: "ingress",
+            route: "api",
+            upstream: "api",
+            endpoint: "127.0.0.1:9001".into(),
+            method: "GET",
+            host: "api.example.com",
+            path: "/v1/x",
+            protocol: "HTTP/1.1",
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 12,
+            duration_ms: 1.5,
+            upstream_duration_ms: Some(1.0),
+            client: "127.0.0.1:5555".into(),
+            user_agent: "curl \"x\"",
+            error: "",
+        }
+    }
+
+    #[test]
+    fn json_line_has_every_field() {
+        let line = entry().format(Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for key in [
+            "timestamp",
+            "request_id",
+            "trace_id",
+            "listener",
+            "direction",
+            "route",
+            "upstream",
+            "endpoint",
+            "method",
+            "host",
+            "path",
+            "protocol",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "duration_ms",
+            "upstream_duration_ms",
+            "client",
+            "user_agent",
+            "error",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {line}");
+        }
+        assert_eq!(v["status"], 200);
+    }
+
+    #[test]
+    fn text_line_is_one_line_with_dashes_for_empty_fields() {
+        let line = entry().format(Format::Text).unwrap();
+        assert!(
+            line.starts_with(
+                "2026-11-25T10:00:00.000Z 127.0.0.1:5555 \"GET /v1/x HTTP/1.1\" 200 12 1.500ms"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("trace_id=-"), "{line}");
+        assert!(line.contains("ua=\"curl 'x'\""), "{line}");
+        assert!(!line.contains('\n'));
+        assert!(entry().format(Format::Off).is_none());
+    }
+}

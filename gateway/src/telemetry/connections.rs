@@ -1,0 +1,59 @@
+//! Counting open client connections per listener. Pingora has no connection
+//! hooks in `ProxyHttp`, so the proxy app is wrapped: the listening service
+//! calls `process_new` for a new connection and again for each kept-alive
+//! HTTP/1 request on it, and an HTTP/2 connection stays inside one call.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+
+use super::metrics::metrics;
+use crate::runtime::Runtime;
+
+pub struct CountConnections<A> {
+    inner: Arc<A>,
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl<A> CountConnections<A> {
+    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        CountConnections {
+            inner: Arc::new(inner),
+            runtime,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let local = session
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let rt = self.runtime.load();
+        let (listener, direction) = rt
+            .listener_for(local)
+            .and_then(|i| rt.listeners.get(i))
+            .map_or(("", ""), |l| (l.name.as_str(), l.direction.as_str()));
+        let gauge = metrics()
+            .connections_active
+            .with_label_values(&[listener, direction]);
+        drop(rt);
+        gauge.inc();
+        let reused = self.inner.process_new(session, shutdown).await;
+        gauge.dec();
+        reused
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}

@@ -1,0 +1,124 @@
+//! The Prometheus registry and every metric family, created once per process.
+//! Label values come from config ids and small fixed sets only, so the number
+//! of series is bounded by the config.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use super::names::{self, label::*};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub in_flight: IntGaugeVec,
+    pub connections_active: IntGaugeVec,
+    pub no_route: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_connect_duration: HistogramVec,
+    pub upstream_connections: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub config_last_load: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub access_log_dropped: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(names::LATENCY_BUCKETS.to_vec());
+    let h = HistogramVec::new(opts, labels).expect("metric definition is valid");
+    r.register(Box::new(h.clone()))
+        .expect("metric names are unique");
+    h
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let scalar_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric definition is valid");
+            r.register(Box::new(g.clone()))
+                .expect("metric names are unique");
+            g
+        };
+        let access_log_dropped = IntCounter::new(
+            names::ACCESS_LOG_DROPPED_TOTAL,
+            "Access log lines dropped because the writer could not keep up.",
+        )
+        .expect("metric definition is valid");
+        r.register(Box::new(access_log_dropped.clone()))
+            .expect("metric names are unique");
+        Metrics {
+            requests: counter(&r, names::DOWNSTREAM_REQUESTS_TOTAL, "Requests received, by listener, route, method and response status class.", &[LISTENER, ROUTE, METHOD, STATUS_CLASS]),
+            request_duration: histogram(&r, names::DOWNSTREAM_REQUEST_DURATION_SECONDS, "Time from request arrival to the last response byte sent.", &[LISTENER, ROUTE, STATUS_CLASS]),
+            request_bytes: counter(&r, names::DOWNSTREAM_REQUEST_BYTES_TOTAL, "Request body bytes received from clients.", &[LISTENER, ROUTE]),
+            response_bytes: counter(&r, names::DOWNSTREAM_RESPONSE_BYTES_TOTAL, "Response body bytes sent to clients.", &[LISTENER, ROUTE]),
+            in_flight: gauge(&r, names::DOWNSTREAM_REQUESTS_IN_FLIGHT, "Requests being served now.", &[LISTENER]),
+            connections_active: gauge(&r, names::DOWNSTREAM_CONNECTIONS_ACTIVE, "Open client connections.", &[LISTENER, DIRECTION]),
+            no_route: counter(&r, names::NO_ROUTE_TOTAL, "Requests no route matched (answered 404).", &[LISTENER]),
+            upstream_requests: counter(&r, names::UPSTREAM_REQUESTS_TOTAL, "Requests forwarded to an upstream, by upstream response status class (`none`: no response).", &[UPSTREAM, STATUS_CLASS]),
+            upstream_duration: histogram(&r, names::UPSTREAM_REQUEST_DURATION_SECONDS, "Time from choosing an endpoint to the end of the upstream response, retries included.", &[UPSTREAM]),
+            upstream_connect_duration: histogram(&r, names::UPSTREAM_CONNECT_DURATION_SECONDS, "Time to open a new upstream connection.", &[UPSTREAM]),
+            upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
+            upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
+            upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
+            config_generation: scalar_gauge(names::CONFIG_GENERATION, "Generation of the config in use: 1 at start, +1 per successful reload."),
+            config_last_load: scalar_gauge(names::CONFIG_LAST_LOAD_TIMESTAMP_SECONDS, "Unix time the config in use was loaded."),
+            config_reloads: counter(&r, names::CONFIG_RELOADS_TOTAL, "Reload attempts by result (success, failure).", &[RESULT]),
+            access_log_dropped,
+            build_info: gauge(&r, names::BUILD_INFO, "Always 1; labels carry the version and the hash of the config in use.", &[VERSION, CONFIG_HASH]),
+            registry: r,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+
+    /// Record that a config is now in use.
+    pub fn config_loaded(&self, generation: u64, config_hash: &str) {
+        self.config_generation.set(generation as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.config_last_load.set(now);
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), config_hash])
+            .set(1);
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}

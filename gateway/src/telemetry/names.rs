@@ -1,0 +1,77 @@
+//! Every metric name and label meshgate exports, in one place. Documented in
+//! docs/metrics.md; the Grafana dashboards are checked against the scraped
+//! output, so a rename here must be made there too.
+
+pub const DOWNSTREAM_REQUESTS_TOTAL: &str = "meshgate_downstream_requests_total";
+pub const DOWNSTREAM_REQUEST_DURATION_SECONDS: &str =
+    "meshgate_downstream_request_duration_seconds";
+pub const DOWNSTREAM_REQUEST_BYTES_TOTAL: &str = "meshgate_downstream_request_bytes_total";
+pub const DOWNSTREAM_RESPONSE_BYTES_TOTAL: &str = "meshgate_downstream_response_bytes_total";
+pub const DOWNSTREAM_REQUESTS_IN_FLIGHT: &str = "meshgate_downstream_requests_in_flight";
+pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "meshgate_downstream_connections_active";
+pub const NO_ROUTE_TOTAL: &str = "meshgate_no_route_total";
+
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "meshgate_upstream_requests_total";
+pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str = "meshgate_upstream_request_duration_seconds";
+pub const UPSTREAM_CONNECT_DURATION_SECONDS: &str = "meshgate_upstream_connect_duration_seconds";
+pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "meshgate_upstream_connections_total";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "meshgate_upstream_errors_total";
+pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
+
+pub const CONFIG_GENERATION: &str = "meshgate_config_generation";
+pub const CONFIG_LAST_LOAD_TIMESTAMP_SECONDS: &str = "meshgate_config_last_load_timestamp_seconds";
+pub const CONFIG_RELOADS_TOTAL: &str = "meshgate_config_reloads_total";
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "meshgate_access_log_dropped_total";
+pub const BUILD_INFO: &str = "meshgate_build_info";
+
+/// Label names.
+pub mod label {
+    pub const LISTENER: &str = "listener";
+    pub const DIRECTION: &str = "direction";
+    pub const ROUTE: &str = "route";
+    pub const UPSTREAM: &str = "upstream";
+    pub const METHOD: &str = "method";
+    pub const STATUS_CLASS: &str = "status_class";
+    pub const KIND: &str = "kind";
+    pub const REUSED: &str = "reused";
+    pub const RESULT: &str = "result";
+    pub const VERSION: &str = "version";
+    pub const CONFIG_HASH: &str = "config_hash";
+}
+
+/// Histogram buckets for a proxy: 100µs to 30s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The label value for "no route matched".
+pub const NO_ROUTE: &str = "";
+
+/// Bounded method label: the standard methods, everything else `other`.
+pub fn method_class(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// `1xx`..`5xx`; `none` when no response was sent (the client went away).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

@@ -1,0 +1,422 @@
+//! Prometheus metrics and access logs, scraped and read as an operator would.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::client::get;
+use support::upstream::{dead_addr, echo};
+use support::Gateway;
+
+/// Parse the text exposition into `series -> value` (series = name{labels} as printed).
+fn scrape(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn metrics_text(gw: &Gateway) -> String {
+    let r = get(gw.admin, "/metrics", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    r.text()
+}
+
+/// Scrape once the gateway has recorded `n` requests: metrics are recorded in
+/// the logging phase, just after the client has its response.
+async fn settled(gw: &Gateway, n: f64) -> HashMap<String, f64> {
+    let start = Instant::now();
+    loop {
+        let m = scrape(&metrics_text(gw).await);
+        let total: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("meshgate_downstream_requests_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        if total >= n {
+            return m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "only {total} of {n} requests recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Requests `exercise` sends.
+const EXERCISED: f64 = 7.0;
+
+fn config(up: &str, dead: &str, extra: &str) -> String {
+    format!(
+        r#"
+{extra}
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+direction = "ingress"
+[routes.api]
+path_prefix = "/api/"
+upstream = "api"
+[routes.slow]
+path_prefix = "/delay/"
+upstream = "api"
+[routes.dead]
+path = "/dead"
+upstream = "dead"
+[routes.ping]
+path = "/ping"
+respond = {{ body = "pong" }}
+[upstreams.api]
+endpoints = ["{up}"]
+[upstreams.dead]
+endpoints = ["{dead}"]
+connect_retries = 0
+"#
+    )
+}
+
+/// Traffic that touches every metric family: success, 404, direct response,
+/// a dead upstream, pooled connections.
+async fn exercise(gw: &Gateway) {
+    for _ in 0..3 {
+        assert_eq!(get(gw.listen, "/api/x", &[]).await.unwrap().status, 200);
+    }
+    assert_eq!(get(gw.listen, "/nothing", &[]).await.unwrap().status, 404);
+    assert_eq!(get(gw.listen, "/ping", &[]).await.unwrap().status, 200);
+    assert_eq!(get(gw.listen, "/dead", &[]).await.unwrap().status, 502);
+    let body = bytes::Bytes::from_static(b"12345");
+    let r = support::client::send(
+        gw.listen,
+        http::Method::POST,
+        "/api/upload",
+        &[],
+        body,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let up = echo("api").await;
+    let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
+    exercise(&gw).await;
+    let m = settled(&gw, EXERCISED).await;
+    let v = |s: &str| {
+        *m.get(s)
+            .unwrap_or_else(|| panic!("no series {s} in {m:#?}"))
+    };
+    assert_eq!(
+        v(
+            r#"meshgate_downstream_requests_total{listener="public",method="GET",route="api",status_class="2xx"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        v(
+            r#"meshgate_downstream_requests_total{listener="public",method="POST",route="api",status_class="2xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"meshgate_downstream_requests_total{listener="public",method="GET",route="",status_class="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"meshgate_downstream_requests_total{listener="public",method="GET",route="dead",status_class="5xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"meshgate_downstream_request_duration_seconds_count{listener="public",route="ping",status_class="2xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(r#"meshgate_downstream_request_bytes_total{listener="public",route="api"}"#),
+        5.0
+    );
+    assert_eq!(
+        v(r#"meshgate_downstream_response_bytes_total{listener="public",route="ping"}"#),
+        4.0
+    );
+    assert_eq!(v(r#"meshgate_no_route_total{listener="public"}"#), 1.0);
+    assert_eq!(
+        v(r#"meshgate_upstream_requests_total{status_class="2xx",upstream="api"}"#),
+        4.0
+    );
+    assert_eq!(
+        v(r#"meshgate_upstream_requests_total{status_class="none",upstream="dead"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"meshgate_upstream_errors_total{kind="connect",upstream="dead"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"meshgate_upstream_request_duration_seconds_count{upstream="api"}"#),
+        4.0
+    );
+    // Four requests over new client connections, one upstream connection reused.
+    let new = v(r#"meshgate_upstream_connections_total{reused="false",upstream="api"}"#);
+    let reused = v(r#"meshgate_upstream_connections_total{reused="true",upstream="api"}"#);
+    assert_eq!(new + reused, 4.0);
+    assert!(
+        reused >= 2.0,
+        "pool reuse not visible: new={new} reused={reused}"
+    );
+    assert_eq!(
+        v(r#"meshgate_upstream_connect_duration_seconds_count{upstream="api"}"#),
+        new
+    );
+    assert_eq!(
+        v(r#"meshgate_downstream_requests_in_flight{listener="public"}"#),
+        0.0
+    );
+    assert_eq!(v("meshgate_config_generation"), 1.0);
+    assert!(v("meshgate_config_last_load_timestamp_seconds") > 1.7e9);
+    let hash = get(gw.admin, "/config", &[]).await.unwrap().json()["config_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        v(&format!(
+            r#"meshgate_build_info{{config_hash="{hash}",version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_and_open_connections_are_visible() {
+    let up = echo("api").await;
+    let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
+    let listen = gw.listen;
+    let slow = tokio::spawn(async move { get(listen, "/delay/1500", &[]).await });
+    let in_flight = r#"meshgate_downstream_requests_in_flight{listener="public"}"#;
+    let active = r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#;
+    let start = Instant::now();
+    loop {
+        let m = scrape(&metrics_text(&gw).await);
+        if m.get(in_flight) == Some(&1.0) {
+            assert_eq!(m.get(active), Some(&1.0), "{m:#?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "in-flight never reached 1: {m:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    // The gauge drops when the request's context does, just after the last byte.
+    let start = Instant::now();
+    while scrape(&metrics_text(&gw).await).get(in_flight) != Some(&0.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "in-flight never went back to 0"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_output() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: promtool not installed (make test installs the `prometheus` package)");
+        return;
+    }
+    let up = echo("api").await;
+    let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
+    exercise(&gw).await;
+    settled(&gw, EXERCISED).await;
+    let text = metrics_text(&gw).await;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_endpoint() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED: prometheus not installed (make test installs the `prometheus` package)"
+        );
+        return;
+    }
+    let up = echo("api").await;
+    let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
+    exercise(&gw).await;
+    settled(&gw, EXERCISED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: ['{}']\n",
+            gw.admin
+        ),
+    )
+    .unwrap();
+    let port = support::free_port();
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", prom_cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prom_addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = Instant::now();
+    let result = loop {
+        let q = "/api/v1/query?query=meshgate_downstream_requests_total%7Broute%3D%22api%22%7D";
+        if let Ok(r) = get(prom_addr, q, &[]).await {
+            if r.status == 200 {
+                let j = r.json();
+                if j["data"]["result"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+                {
+                    break Ok(j);
+                }
+            }
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let targets = get(prom_addr, "/api/v1/targets", &[])
+                .await
+                .map(|r| r.text());
+            break Err(format!("no scraped data after 30s; targets: {targets:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let j = result.unwrap();
+    let series = &j["data"]["result"];
+    let total: f64 = series
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, 4.0, "{j}");
+    assert_eq!(series[0]["metric"]["job"], "meshgate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_describe_each_request() {
+    let up = echo("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.log");
+    let telemetry = format!(
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"",
+        file.display()
+    );
+    let gw = Gateway::start(&config(
+        &up.addr.to_string(),
+        &dead_addr().to_string(),
+        &telemetry,
+    ))
+    .await;
+    let ok = get(
+        gw.listen,
+        "/api/items?x=1",
+        &[("x-request-id", "rid-1"), ("user-agent", "probe/1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        get(gw.listen, "/dead", &[("x-request-id", "rid-2")])
+            .await
+            .unwrap()
+            .status,
+        502
+    );
+    let start = Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        // The admin readiness probe is not logged; only data-plane requests are.
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "access log has: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let first = lines
+        .iter()
+        .find(|l| l["request_id"] == "rid-1")
+        .expect("line for rid-1");
+    assert_eq!(first["route"], "api");
+    assert_eq!(first["upstream"], "api");
+    assert_eq!(first["endpoint"], up.addr.to_string());
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/api/items");
+    assert_eq!(first["listener"], "public");
+    assert_eq!(first["direction"], "ingress");
+    assert_eq!(first["protocol"], "HTTP/1.1");
+    assert_eq!(first["user_agent"], "probe/1");
+    assert_eq!(first["bytes_out"].as_u64(), Some(ok.body.len() as u64));
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(first["upstream_duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(first["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(first["error"], "");
+    let failed = lines
+        .iter()
+        .find(|l| l["request_id"] == "rid-2")
+        .expect("line for rid-2");
+    assert_eq!(failed["status"], 502);
+    assert_eq!(failed["error"], "upstream unreachable");
+}
