@@ -43,6 +43,12 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
 }
 
 fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
+    if old.gateway.workers != new.gateway.workers {
+        return Err("gateway.workers changed".to_string());
+    }
+    if old.gateway.shutdown_grace_period != new.gateway.shutdown_grace_period {
+        return Err("gateway.shutdown_grace_period changed".to_string());
+    }
     if old.admin.listen != new.admin.listen {
         return Err(format!(
             "admin.listen changed from {} to {}",

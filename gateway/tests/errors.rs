@@ -226,3 +226,34 @@ endpoints = ["{}"]
         .expect("gateway exits after the grace period");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_websocket_upgrade_header_does_not_escape_the_route_timeout() {
+    let slow = echo("slow").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.slow]
+path_prefix = "/delay/"
+upstream = "slow"
+timeout = "300ms"
+[upstreams.slow]
+endpoints = ["{}"]
+"#,
+        slow.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let started = Instant::now();
+    let r = get(
+        gw.listen,
+        "/delay/3000",
+        &[("upgrade", "foo"), ("connection", "upgrade")],
+    )
+    .await
+    .unwrap();
+    assert_error_body(&r, 504, Some("slow"));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+}

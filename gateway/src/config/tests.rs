@@ -106,6 +106,42 @@ bad!(
     "invalid type"
 );
 bad!(
+    duration_too_long,
+    with_route("upstream = \"u\"\ntimeout = \"9999999999999s\"\n"),
+    7,
+    "is longer than 24h"
+);
+bad!(
+    port_zero_bind,
+    "[listeners.public]\nbind = \"127.0.0.1:0\"\n",
+    2,
+    "has port 0"
+);
+bad!(
+    port_zero_endpoint,
+    with_upstream("endpoints = [\"127.0.0.1:0\"]\n"),
+    4,
+    "port 0 is not a port"
+);
+bad!(
+    rewrite_framing,
+    with_route("upstream = \"u\"\nrequest_headers = { set = { \"Content-Length\" = \"0\" } }\n"),
+    7,
+    "header `Content-Length` cannot be rewritten"
+);
+bad!(
+    rewrite_hop_by_hop,
+    with_route("upstream = \"u\"\nresponse_headers = { remove = [\"connection\"] }\n"),
+    7,
+    "header `connection` cannot be rewritten"
+);
+bad!(
+    no_content_body,
+    with_route("respond = { status = 204, body = \"x\" }\n"),
+    6,
+    "a 204 response has no body"
+);
+bad!(
     empty_gateway_name,
     format!("[gateway]\nname = \" \"\n{OK_LISTENER}"),
     2,

@@ -27,6 +27,21 @@ const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
 const REDIRECT_STATUSES: &[u16] = &[301, 302, 303, 307, 308];
+/// Longest duration any key accepts; longer values are typos, and would
+/// overflow deadline arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Header fields that describe a single hop or the message framing: a rewrite
+/// setting them would desynchronize the connection or defeat hop-by-hop rules.
+const FORBIDDEN_REWRITES: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 /// Validate a config document. `Err` holds every problem found.
 pub fn validate(src: &str) -> Result<Config, Vec<Diagnostic>> {
@@ -306,6 +321,14 @@ impl Validator {
 
     fn socket_addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                self.error(
+                    s.span(),
+                    format!("{what} = \"{}\" has port 0", s.get_ref()),
+                    "name a fixed port: meshgate must know where it listens",
+                );
+                None
+            }
             Ok(a) => Some(a),
             Err(_) => {
                 self.error(
@@ -747,6 +770,23 @@ impl Validator {
 
     fn rewrite(&mut self, h: &Spanned<RawHeaderRewrite>) -> HeaderRewrite {
         let raw = h.get_ref();
+        let named = raw
+            .set
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .chain(raw.add.iter().flatten().map(|(k, _)| k))
+            .chain(raw.remove.iter().flatten());
+        let forbidden: Vec<&Spanned<String>> = named
+            .filter(|k| FORBIDDEN_REWRITES.contains(&k.get_ref().to_ascii_lowercase().as_str()))
+            .collect();
+        for k in forbidden {
+            self.error(
+                k.span(),
+                format!("header `{}` cannot be rewritten: it describes the connection or the message framing", k.get_ref()),
+                "remove it; meshgate sets framing and hop-by-hop fields itself for each hop",
+            );
+        }
         let mut out = HeaderRewrite::default();
         for (k, v) in raw.set.iter().flatten() {
             if let Some(p) = self.header_pair(k, v) {
@@ -874,6 +914,21 @@ impl Validator {
                     }
                 },
             };
+            if matches!(status.as_u16(), 204 | 304)
+                && resp.body.as_ref().is_some_and(|b| !b.is_empty())
+            {
+                if let Some(st) = &resp.status {
+                    self.error(
+                        st.span(),
+                        format!(
+                            "a {} response has no body, but `body` is set",
+                            status.as_u16()
+                        ),
+                        "remove `body`, or use another status such as 200",
+                    );
+                }
+                return None;
+            }
             return Some(Action::Respond {
                 status,
                 body: bytes::Bytes::from(resp.body.clone().unwrap_or_default()),
@@ -976,6 +1031,14 @@ impl Validator {
     ) -> Duration {
         let Some(d) = d else { return default };
         match humantime::parse_duration(d.get_ref().trim()) {
+            Ok(v) if v > MAX_DURATION => {
+                self.error(
+                    d.span(),
+                    format!("{key} = \"{}\" is longer than 24h", d.get_ref()),
+                    "use a duration of at most \"24h\"",
+                );
+                default
+            }
             Ok(v) if zero_ok || !v.is_zero() => v,
             Ok(_) => {
                 self.error(
@@ -1064,7 +1127,11 @@ fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
-        return Ok(a);
+        return if a.port() == 0 {
+            Err("port 0 is not a port to connect to".to_string())
+        } else {
+            Ok(a)
+        };
     }
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err("missing `:PORT`".to_string());

@@ -64,6 +64,10 @@ pub struct RequestCtx {
     pub connected: bool,
     pub endpoint: Option<std::net::SocketAddr>,
     pub upstream_status: Option<u16>,
+    /// The client asked for a WebSocket upgrade.
+    pub websocket: bool,
+    /// The upstream accepted it (101): the route deadline no longer applies.
+    pub upgraded: bool,
 }
 
 /// Decrements the in-flight gauge when the request ends, however it ends.
@@ -100,6 +104,8 @@ impl RequestCtx {
             connected: false,
             endpoint: None,
             upstream_status: None,
+            websocket: false,
+            upgraded: false,
         }
     }
 

@@ -36,6 +36,45 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> String {
         .to_string()
 }
 
+/// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
+pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3).
+/// Lines that are not visible ASCII are kept as they are (lossless bytes).
+fn joined(req: &RequestHeader, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut out: Vec<u8> = Vec::new();
+    for v in req.headers.get_all(name) {
+        let v = v.as_bytes();
+        if v.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(v);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn append_element(req: &mut RequestHeader, name: HeaderName, element: &str) {
+    let value = match joined(req, &name) {
+        Some(mut prev) => {
+            prev.extend_from_slice(b", ");
+            prev.extend_from_slice(element.as_bytes());
+            prev
+        }
+        None => element.as_bytes().to_vec(),
+    };
+    if let Ok(v) = HeaderValue::from_bytes(&value) {
+        let _ = req.insert_header(name, v);
+    }
+}
+
 /// Append the client to the forwarding chain and record scheme and host.
 pub fn add_forwarding(
     req: &mut RequestHeader,
@@ -44,15 +83,7 @@ pub fn add_forwarding(
     host: Option<&str>,
 ) {
     if let Some(ip) = client {
-        let xff = match req
-            .headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip.to_string(),
-        };
-        set(req, X_FORWARDED_FOR, &xff);
+        append_element(req, X_FORWARDED_FOR, &ip.to_string());
     }
     set(req, X_FORWARDED_PROTO, proto);
     if let Some(h) = host {
@@ -76,15 +107,7 @@ pub fn add_forwarding(
         element.push_str(&format!("host=\"{h}\";"));
     }
     element.push_str(&format!("proto={proto}"));
-    let forwarded = match req
-        .headers
-        .get(header::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
-    set(req, header::FORWARDED, &forwarded);
+    append_element(req, header::FORWARDED, &element);
 }
 
 fn set(req: &mut RequestHeader, name: HeaderName, value: &str) {
@@ -211,6 +234,35 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         add_forwarding(&mut req, Some("2001:db8::1".parse().unwrap()), "http", None);
         assert_eq!(req.headers["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+    }
+
+    #[test]
+    fn every_forwarding_line_is_kept() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "10.0.0.1").unwrap();
+        req.append_header("x-forwarded-for", "10.0.0.2").unwrap();
+        req.append_header("forwarded", "for=10.0.0.1").unwrap();
+        req.append_header("forwarded", "for=10.0.0.2").unwrap();
+        add_forwarding(&mut req, Some("192.0.2.7".parse().unwrap()), "http", None);
+        assert_eq!(
+            req.headers["x-forwarded-for"],
+            "10.0.0.1, 10.0.0.2, 192.0.2.7"
+        );
+        assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            req.headers["forwarded"],
+            "for=10.0.0.1, for=10.0.0.2, for=192.0.2.7;proto=http"
+        );
+    }
+
+    #[test]
+    fn websocket_upgrade_detection() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        assert!(!is_websocket_upgrade(&req));
+        req.insert_header("upgrade", "foo").unwrap();
+        assert!(!is_websocket_upgrade(&req));
+        req.insert_header("upgrade", "WebSocket").unwrap();
+        assert!(is_websocket_upgrade(&req));
     }
 
     #[test]

@@ -44,11 +44,13 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
+/// The client's IP; an IPv4 client on a dual-stack `[::]` listener shows as
+/// its IPv4 address, not `::ffff:a.b.c.d`.
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+        .map(|a| a.ip().to_canonical())
 }
 
 #[async_trait]
@@ -94,7 +96,8 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         let route = rt.route(route_idx);
-        ctx.deadline = Some(ctx.started + route.timeout);
+        ctx.deadline = ctx.started.checked_add(route.timeout);
+        ctx.websocket = headers::is_websocket_upgrade(session.req_header());
         match &route.action {
             Action::Forward(_) => {
                 ctx.upstream = rt.pick_upstream(route_idx);
@@ -140,7 +143,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let remaining = ctx.remaining();
@@ -159,8 +162,8 @@ impl ProxyHttp for Gateway {
             .upstream
             .and_then(|u| rt.upstreams.get(u))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
-        // An upgraded connection (WebSocket) lives past the route deadline.
-        let remaining = if session.is_upgrade_req() {
+        // A WebSocket connection lives past the route deadline once upgraded.
+        let remaining = if ctx.websocket {
             std::time::Duration::MAX
         } else {
             remaining
@@ -263,6 +266,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_response_hop_by_hop(resp);
         if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
             resp.insert_header(headers::X_REQUEST_ID, id)?;
@@ -275,12 +279,12 @@ impl ProxyHttp for Gateway {
 
     fn upstream_response_body_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         _body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        if ctx.deadline.is_some_and(|d| Instant::now() > d) && !session.is_upgrade_req() {
+        if ctx.deadline.is_some_and(|d| Instant::now() > d) && !ctx.upgraded {
             ctx.failure = Some(Failure::Timeout);
             return Err(Error::explain(
                 ErrorType::ReadTimedout,
@@ -318,10 +322,13 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         observe::finished(session, e, ctx);
-        if let Some(e) = e {
+        // Client errors (404, 400) are visible in metrics and the access log;
+        // the log proper carries what an operator must look at.
+        let gateway_fault = ctx.failure.is_some_and(|f| f.status() >= 500);
+        if e.is_some() || gateway_fault {
             let req = session.req_header();
             log::warn!(
-                "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={:?} error={}",
+                "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={} error={}",
                 ctx.request_id,
                 ctx.listener_name().unwrap_or("-"),
                 ctx.route_name().unwrap_or("-"),
@@ -329,8 +336,8 @@ impl ProxyHttp for Gateway {
                 req.method,
                 req.uri.path(),
                 session.response_written().map_or(0, |r| r.status.as_u16()),
-                ctx.failure.map(|f| f.message()),
-                e
+                ctx.failure.map_or("-", |f| f.message()),
+                e.map_or_else(|| "-".to_string(), |e| e.to_string())
             );
         }
     }

@@ -25,7 +25,13 @@ pub async fn send(
     for (name, value) in headers {
         resp.insert_header(name.clone(), value.clone())?;
     }
-    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    // RFC 9110 §8.6: no Content-Length on 1xx and 204; a 304 would describe another representation.
+    if !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+    {
+        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    }
     if let Ok(id) = HeaderValue::from_str(request_id) {
         resp.insert_header(X_REQUEST_ID, id)?;
     }
