@@ -54,7 +54,7 @@ async fn settled(gw: &Gateway, n: f64) -> HashMap<String, f64> {
 }
 
 /// Requests `exercise` sends.
-const EXERCISED: f64 = 7.0;
+const EXERCISED: f64 = 11.0;
 
 fn config(up: &str, dead: &str, extra: &str) -> String {
     format!(
@@ -82,6 +82,12 @@ endpoints = ["{up}"]
 [upstreams.dead]
 endpoints = ["{dead}"]
 connect_retries = 0
+[routes.flaky]
+path = "/flaky"
+upstream = "flaky"
+[upstreams.flaky]
+endpoints = ["{dead}", "{up}"]
+connect_retries = 1
 "#
     )
 }
@@ -107,6 +113,10 @@ async fn exercise(gw: &Gateway) {
     .await
     .unwrap();
     assert_eq!(r.status, 200);
+    // Round robin starts half of these on the dead endpoint: retried, then answered.
+    for _ in 0..4 {
+        assert_eq!(get(gw.listen, "/flaky", &[]).await.unwrap().status, 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,4 +429,102 @@ async fn access_log_lines_describe_each_request() {
         .expect("line for rid-2");
     assert_eq!(failed["status"], 502);
     assert_eq!(failed["error"], "upstream unreachable");
+}
+
+/// Every metric a dashboard queries must exist in a real scrape, so renaming a
+/// metric without updating the dashboards fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_only_use_exported_metrics() {
+    let up = echo("api").await;
+    let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
+    exercise(&gw).await;
+    settled(&gw, EXERCISED).await;
+    let exported: std::collections::HashSet<String> = scrape(&metrics_text(&gw).await)
+        .keys()
+        .map(|series| series.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    assert!(
+        exported.contains("meshgate_upstream_retries_total"),
+        "retries not exercised: {exported:?}"
+    );
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana");
+    let mut dashboards = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        dashboards += 1;
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
+        assert!(
+            json["uid"].is_string() && json["title"].is_string(),
+            "{}: no uid/title",
+            path.display()
+        );
+        let panels = json["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty());
+        let mut queries = Vec::new();
+        collect_queries(&json, &mut queries);
+        for p in panels {
+            assert!(
+                p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+                "{}: panel {} has no query",
+                path.display(),
+                p["title"]
+            );
+        }
+        let mut names = 0;
+        for q in &queries {
+            for name in metric_names(q) {
+                names += 1;
+                assert!(
+                    exported.contains(&name),
+                    "{}: `{name}` (in `{q}`) is not exported; exported: {exported:?}",
+                    path.display()
+                );
+            }
+        }
+        assert!(names > 0, "{}: no metric names found", path.display());
+    }
+    assert_eq!(dashboards, 3, "overview, route and upstream dashboards");
+}
+
+/// Every PromQL string in a dashboard: panel `expr`s and variable queries.
+fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "definition", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_queries(v, out)),
+        _ => {}
+    }
+}
+
+/// Identifiers in a query that name meshgate metrics.
+fn metric_names(q: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = q.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = q[i..].find("meshgate_") {
+        let start = i + pos;
+        let preceded_by_ident =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if !preceded_by_ident {
+            out.push(q[start..end].to_string());
+        }
+        i = end;
+    }
+    out
 }

@@ -94,6 +94,14 @@ impl Metrics {
         }
     }
 
+    /// Series with fixed label sets exist from the start, so dashboards and
+    /// alerts see a 0 instead of no data.
+    fn init_known_series(&self) {
+        for result in ["success", "failure"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -120,5 +128,9 @@ impl Metrics {
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+    METRICS.get_or_init(|| {
+        let m = Metrics::new();
+        m.init_known_series();
+        m
+    })
 }
