@@ -46,6 +46,9 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     if old.gateway.workers != new.gateway.workers {
         return Err("gateway.workers changed".to_string());
     }
+    if old.telemetry.tracing != new.telemetry.tracing {
+        return Err("[telemetry.tracing] changed".to_string());
+    }
     if old.gateway.shutdown_grace_period != new.gateway.shutdown_grace_period {
         return Err("gateway.shutdown_grace_period changed".to_string());
     }

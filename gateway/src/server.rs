@@ -19,9 +19,12 @@ use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Sink};
 use crate::telemetry::connections::CountConnections;
 use crate::telemetry::metrics::metrics;
+use crate::telemetry::tracing::Tracing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::tracing::TracingError),
     #[error("cannot open the access log {path}: {source}")]
     AccessLog {
         path: String,
@@ -56,6 +59,14 @@ fn check_binds(config: &Config) -> Result<(), ServerError> {
 pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     check_binds(&config)?;
     start_access_log(&config)?;
+    // Before any runtime exists: the exporter's blocking HTTP client needs that.
+    let tracing = config
+        .telemetry
+        .tracing
+        .as_ref()
+        .map(|t| Tracing::start(t, &config.gateway.name))
+        .transpose()?
+        .map(Arc::new);
     metrics().config_loaded(1, &config.source_hash);
     let conf = ServerConf {
         threads: config.gateway.workers.unwrap_or_else(num_workers),
@@ -81,8 +92,10 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     );
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
-    let mut proxy =
-        pingora::proxy::http_proxy(&server.configuration, Gateway::new(runtime.clone()));
+    let mut proxy = pingora::proxy::http_proxy(
+        &server.configuration,
+        Gateway::new(runtime.clone(), tracing.clone()),
+    );
     let mut options = HttpServerOptions::default();
     // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.
     options.h2c = true;
@@ -111,6 +124,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.add_service(reloader);
     ignore_sighup_until_handled();
     server.run(RunArgs::default());
+    if let Some(t) = tracing {
+        t.shutdown();
+    }
     log::info!("meshgate stopped");
     Ok(())
 }

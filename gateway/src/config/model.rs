@@ -38,6 +38,29 @@ pub struct Telemetry {
     pub access_log: AccessLogFormat,
     /// `None`: standard output.
     pub access_log_file: Option<std::path::PathBuf>,
+    /// `None`: tracing off (no spans, no exporter).
+    pub tracing: Option<Tracing>,
+}
+
+pub const DEFAULT_OTLP_ENDPOINT: &str = "http://127.0.0.1:4318/v1/traces";
+pub const DEFAULT_SERVICE_NAME: &str = "meshgate";
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TRACE_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// OTLP/HTTP (protobuf) traces URL.
+    pub endpoint: String,
+    pub service_name: String,
+    /// For traces this gateway starts; an incoming sampled flag is followed.
+    pub sample_ratio: f64,
+    /// Extra resource attributes.
+    pub resource: Vec<(String, String)>,
+    pub export_interval: Duration,
+    pub export_timeout: Duration,
+    pub queue_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

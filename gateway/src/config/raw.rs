@@ -30,6 +30,21 @@ pub struct RawAdmin {
 pub struct RawTelemetry {
     pub access_log: Option<Spanned<String>>,
     pub access_log_file: Option<Spanned<String>>,
+    pub tracing: Option<Spanned<RawTracing>>,
+}
+
+/// `[telemetry.tracing]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub enabled: Option<bool>,
+    pub endpoint: Option<Spanned<String>>,
+    pub service_name: Option<Spanned<String>>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    pub resource: Option<IndexMap<String, String>>,
+    pub export_interval: Option<Spanned<String>>,
+    pub export_timeout: Option<Spanned<String>>,
+    pub queue_size: Option<Spanned<i64>>,
 }
 
 /// `[listeners.NAME]`

@@ -430,3 +430,24 @@ fn defaults_are_filled_in() {
     assert_eq!(u.connect_retries, model::DEFAULT_CONNECT_RETRIES);
     assert_eq!(u.endpoints[0].weight, 1);
 }
+
+#[test]
+fn tracing_defaults_and_bare_endpoint() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("[telemetry.tracing]\nendpoint = \"http://otel:4318\"\n{OK_LISTENER}"),
+    )
+    .unwrap();
+    let t = cfg.telemetry.tracing.expect("tracing on");
+    assert_eq!(t.endpoint, "http://otel:4318/v1/traces");
+    assert_eq!(t.sample_ratio, model::DEFAULT_SAMPLE_RATIO);
+    assert_eq!(t.service_name, model::DEFAULT_SERVICE_NAME);
+    let off = parse(
+        Path::new("t.toml"),
+        &format!("[telemetry.tracing]\nenabled = false\n{OK_LISTENER}"),
+    )
+    .unwrap();
+    assert!(off.telemetry.tracing.is_none());
+    let absent = parse(Path::new("t.toml"), OK_LISTENER).unwrap();
+    assert!(absent.telemetry.tracing.is_none());
+}

@@ -313,10 +313,103 @@ impl Validator {
                 Some(std::path::PathBuf::from(f.into_inner()))
             }
         });
+        let tracing = raw.tracing.and_then(|t| self.tracing(t));
         Telemetry {
             access_log,
             access_log_file,
+            tracing,
         }
+    }
+
+    fn tracing(&mut self, raw: Spanned<RawTracing>) -> Option<Tracing> {
+        let raw = raw.into_inner();
+        let endpoint = match &raw.endpoint {
+            None => DEFAULT_OTLP_ENDPOINT.to_string(),
+            Some(e) => {
+                let url = e.get_ref().trim();
+                let parsed = url.parse::<http::Uri>().ok().filter(|u| {
+                    matches!(u.scheme_str(), Some("http") | Some("https"))
+                        && u.host().is_some_and(|h| !h.is_empty())
+                });
+                match parsed {
+                    // A bare collector address gets the standard traces path.
+                    Some(u) if u.path() == "/" || u.path().is_empty() => {
+                        format!("{}/v1/traces", url.trim_end_matches('/'))
+                    }
+                    Some(_) => url.to_string(),
+                    None => {
+                        self.error(e.span(), format!("telemetry.tracing.endpoint \"{url}\" is not an http(s) URL"), "write the collector's OTLP/HTTP URL, e.g. \"http://127.0.0.1:4318/v1/traces\"");
+                        return None;
+                    }
+                }
+            }
+        };
+        let service_name = match &raw.service_name {
+            Some(n) if n.get_ref().trim().is_empty() => {
+                self.error(
+                    n.span(),
+                    "telemetry.tracing.service_name is empty",
+                    "set a name such as \"edge-gateway\", or remove the key for \"meshgate\"",
+                );
+                return None;
+            }
+            Some(n) => n.get_ref().clone(),
+            None => DEFAULT_SERVICE_NAME.to_string(),
+        };
+        let sample_ratio = match &raw.sample_ratio {
+            None => DEFAULT_SAMPLE_RATIO,
+            Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                self.error(
+                    r.span(),
+                    format!(
+                        "telemetry.tracing.sample_ratio = {} is outside 0.0..=1.0",
+                        r.get_ref()
+                    ),
+                    "use a fraction: 1.0 traces every request, 0.01 one in a hundred",
+                );
+                return None;
+            }
+        };
+        let queue_size = match &raw.queue_size {
+            None => DEFAULT_TRACE_QUEUE,
+            Some(q) if (1..=1_000_000).contains(q.get_ref()) => *q.get_ref() as usize,
+            Some(q) => {
+                self.error(
+                    q.span(),
+                    format!(
+                        "telemetry.tracing.queue_size = {} is out of range",
+                        q.get_ref()
+                    ),
+                    "use 1..=1000000 spans",
+                );
+                return None;
+            }
+        };
+        let export_interval = self.duration_or(
+            raw.export_interval.as_ref(),
+            "telemetry.tracing.export_interval",
+            DEFAULT_EXPORT_INTERVAL,
+            false,
+        );
+        let export_timeout = self.duration_or(
+            raw.export_timeout.as_ref(),
+            "telemetry.tracing.export_timeout",
+            DEFAULT_EXPORT_TIMEOUT,
+            false,
+        );
+        if raw.enabled == Some(false) {
+            return None;
+        }
+        Some(Tracing {
+            endpoint,
+            service_name,
+            sample_ratio,
+            resource: raw.resource.unwrap_or_default().into_iter().collect(),
+            export_interval,
+            export_timeout,
+            queue_size,
+        })
     }
 
     fn socket_addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {

@@ -68,6 +68,11 @@ pub struct RequestCtx {
     pub websocket: bool,
     /// The upstream accepted it (101): the route deadline no longer applies.
     pub upgraded: bool,
+    /// Tracing (when on): the server span, the current attempt's client span.
+    pub server_cx: Option<opentelemetry::Context>,
+    pub client_cx: Option<opentelemetry::Context>,
+    /// W3C trace id for the access log; empty when tracing is off.
+    pub trace_id: String,
 }
 
 /// Decrements the in-flight gauge when the request ends, however it ends.
@@ -106,6 +111,9 @@ impl RequestCtx {
             upstream_status: None,
             websocket: false,
             upgraded: false,
+            server_cx: None,
+            client_cx: None,
+            trace_id: String::new(),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod ctx;
 pub mod headers;
 mod observe;
 pub mod respond;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,22 +23,25 @@ use pingora::{Error, ErrorType, Result};
 use crate::config::model::Action;
 use crate::router::{normalize_host, RequestParts};
 use crate::runtime::Runtime;
+use crate::telemetry::tracing::Tracing;
 use ctx::{Failure, RequestCtx};
 
 /// The proxy service shared by every data-plane listener.
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
+    /// `None` when tracing is off: then no span work happens at all.
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl Gateway {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
-        Gateway { runtime }
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, tracing: Option<Arc<Tracing>>) -> Self {
+        Gateway { runtime, tracing }
     }
 }
 
 /// The request's authority as sent: `:authority` (HTTP/2, absolute-form) or
 /// `Host`, port included.
-fn request_host(req: &RequestHeader) -> Option<&str> {
+pub(crate) fn request_host(req: &RequestHeader) -> Option<&str> {
     req.uri
         .authority()
         .map(|a| a.as_str())
@@ -75,6 +79,9 @@ impl ProxyHttp for Gateway {
                 .in_flight
                 .with_label_values(&[listener_label]),
         ));
+        if let Some(t) = &self.tracing {
+            trace::start_server(t, session, ctx);
+        }
         let Some(listener) = ctx.listener else {
             ctx.failure = Some(Failure::NoListener);
             respond::send_error(session, Failure::NoListener, ctx).await?;
@@ -90,6 +97,7 @@ impl ProxyHttp for Gateway {
             headers: &req.headers,
         };
         ctx.route = rt.find_route(listener, &parts);
+        trace::routed(ctx, &req.method);
         let Some(route_idx) = ctx.route else {
             ctx.failure = Some(Failure::NoRoute);
             respond::send_error(session, Failure::NoRoute, ctx).await?;
@@ -143,7 +151,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let remaining = ctx.remaining();
@@ -182,6 +190,9 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(endpoint);
         ctx.connect_started = Some(Instant::now());
         ctx.endpoint = peer._address.as_inet().copied();
+        if let Some(t) = &self.tracing {
+            trace::start_attempt(t, session.req_header(), ctx);
+        }
         Ok(Box::new(peer))
     }
 
@@ -193,6 +204,7 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         observe::connect_failed(ctx, &e);
+        trace::attempt_failed(ctx, &e);
         // Nothing reached the upstream yet, so any method may go to another endpoint.
         let retries = ctx
             .runtime
@@ -234,6 +246,9 @@ impl ProxyHttp for Gateway {
         headers::add_forwarding(upstream, client_ip(session), "http", host.as_deref());
         upstream.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         headers::rewrite_request(upstream, &fwd.request_headers);
+        if let Some(t) = &self.tracing {
+            trace::inject(t, ctx, upstream);
+        }
         Ok(())
     }
 
@@ -322,6 +337,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         observe::finished(session, e, ctx);
+        trace::finish(session, e, ctx);
         // Client errors (404, 400) are visible in metrics and the access log;
         // the log proper carries what an operator must look at.
         let gateway_fault = ctx.failure.is_some_and(|f| f.status() >= 500);

@@ -129,7 +129,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now() - elapsed),
         request_id: &ctx.request_id,
-        trace_id: "",
+        trace_id: &ctx.trace_id,
         listener,
         direction: ctx.direction().unwrap_or(""),
         route,

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub config_last_load: IntGauge,
     pub config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounter,
+    pub trace_export_errors: IntCounter,
     pub build_info: IntGaugeVec,
 }
 
@@ -64,13 +67,16 @@ impl Metrics {
                 .expect("metric names are unique");
             g
         };
-        let access_log_dropped = IntCounter::new(
+        let scalar_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric definition is valid");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        };
+        let access_log_dropped = scalar_counter(
             names::ACCESS_LOG_DROPPED_TOTAL,
             "Access log lines dropped because the writer could not keep up.",
-        )
-        .expect("metric definition is valid");
-        r.register(Box::new(access_log_dropped.clone()))
-            .expect("metric names are unique");
+        );
         Metrics {
             requests: counter(&r, names::DOWNSTREAM_REQUESTS_TOTAL, "Requests received, by listener, route, method and response status class.", &[LISTENER, ROUTE, METHOD, STATUS_CLASS]),
             request_duration: histogram(&r, names::DOWNSTREAM_REQUEST_DURATION_SECONDS, "Time from request arrival to the last response byte sent.", &[LISTENER, ROUTE, STATUS_CLASS]),
@@ -89,6 +95,9 @@ impl Metrics {
             config_last_load: scalar_gauge(names::CONFIG_LAST_LOAD_TIMESTAMP_SECONDS, "Unix time the config in use was loaded."),
             config_reloads: counter(&r, names::CONFIG_RELOADS_TOTAL, "Reload attempts by result (success, failure).", &[RESULT]),
             access_log_dropped,
+            trace_spans_exported: scalar_counter(names::TRACE_SPANS_EXPORTED_TOTAL, "Spans accepted by the OTLP collector."),
+            trace_spans_dropped: scalar_counter(names::TRACE_SPANS_DROPPED_TOTAL, "Spans dropped: export queue full, or the collector refused or was unreachable."),
+            trace_export_errors: scalar_counter(names::TRACE_EXPORT_ERRORS_TOTAL, "Failed OTLP export requests."),
             build_info: gauge(&r, names::BUILD_INFO, "Always 1; labels carry the version and the hash of the config in use.", &[VERSION, CONFIG_HASH]),
             registry: r,
         }

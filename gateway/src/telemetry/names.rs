@@ -21,6 +21,9 @@ pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 pub const CONFIG_GENERATION: &str = "meshgate_config_generation";
 pub const CONFIG_LAST_LOAD_TIMESTAMP_SECONDS: &str = "meshgate_config_last_load_timestamp_seconds";
 pub const CONFIG_RELOADS_TOTAL: &str = "meshgate_config_reloads_total";
+pub const TRACE_SPANS_EXPORTED_TOTAL: &str = "meshgate_trace_spans_exported_total";
+pub const TRACE_SPANS_DROPPED_TOTAL: &str = "meshgate_trace_spans_dropped_total";
+pub const TRACE_EXPORT_ERRORS_TOTAL: &str = "meshgate_trace_export_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "meshgate_access_log_dropped_total";
 pub const BUILD_INFO: &str = "meshgate_build_info";
 

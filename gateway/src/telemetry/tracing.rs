@@ -1,0 +1,311 @@
+//! OpenTelemetry tracing: a server span per request, a client span per
+//! upstream attempt, W3C Trace Context in and out, OTLP/HTTP export.
+//!
+//! Export never touches the request path: finished spans go into a bounded
+//! queue drained by one thread, which batches them and calls the OTLP
+//! exporter. A full queue drops the span and counts it, so a dead collector
+//! costs requests nothing. The SDK's own batch processor keeps its drop count
+//! private, hence this small processor.
+
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use pingora::http::RequestHeader;
+
+use super::metrics::metrics;
+use crate::config::model::Tracing as TracingConfig;
+
+/// Spans sent to the collector in one request at most.
+const MAX_BATCH: usize = 512;
+/// How long shutdown waits for the last export.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TracingError {
+    #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
+    Exporter {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("cannot start the span export thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The tracer, its provider and the propagator; one per process.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+impl std::fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tracing")
+    }
+}
+
+impl Tracing {
+    /// Build the exporter and the export thread. Call outside any tokio
+    /// runtime: the blocking HTTP client refuses to be built inside one.
+    pub fn start(cfg: &TracingConfig, gateway_name: &str) -> Result<Tracing, TracingError> {
+        let mut exporter = OtlpExporter::builder()
+            .with_http()
+            .with_endpoint(cfg.endpoint.clone())
+            .with_timeout(cfg.export_timeout)
+            .build()
+            .map_err(|source| TracingError::Exporter {
+                endpoint: cfg.endpoint.clone(),
+                source,
+            })?;
+        let mut attributes = vec![
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("meshgate.gateway", gateway_name.to_string()),
+        ];
+        attributes.extend(
+            cfg.resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        );
+        let resource = Resource::builder()
+            .with_service_name(cfg.service_name.clone())
+            .with_attributes(attributes)
+            .build();
+        exporter.set_resource(&resource);
+        let processor =
+            BoundedBatchProcessor::start(exporter, cfg.queue_size, cfg.export_interval)?;
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                cfg.sample_ratio,
+            ))))
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("meshgate");
+        Ok(Tracing {
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+        })
+    }
+
+    /// The server span for a request, child of the caller's `traceparent` if any.
+    pub fn server_span(&self, req: &RequestHeader, attributes: Vec<KeyValue>) -> Context {
+        let parent = self.propagator.extract(&HeaderExtractor(&req.headers));
+        let span = self
+            .tracer
+            .span_builder(req.method.as_str().to_string())
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        parent.with_span(span)
+    }
+
+    /// A client span for one upstream attempt, child of the server span.
+    pub fn client_span(&self, server: &Context, name: &str, attributes: Vec<KeyValue>) -> Context {
+        let span = self
+            .tracer
+            .span_builder(name.to_string())
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, server);
+        server.with_span(span)
+    }
+
+    /// Write `cx` as `traceparent` (and `tracestate`) into the upstream request,
+    /// replacing what the client sent.
+    pub fn inject(&self, cx: &Context, req: &mut RequestHeader) {
+        req.remove_header("traceparent");
+        req.remove_header("tracestate");
+        self.propagator.inject_context(cx, &mut HeaderInjector(req));
+    }
+
+    /// Flush what is queued and stop the export thread.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+            log::warn!("tracing shutdown: {e}");
+        }
+    }
+}
+
+/// The trace id of a context as 32 hex digits, or "" when it has no valid span.
+pub fn trace_id(cx: &Context) -> String {
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        sc.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// End a span, marking it failed with `error` when given.
+pub fn end(cx: &Context, status_code: Option<u16>, error: Option<&str>, error_from_status: u16) {
+    let span = cx.span();
+    if let Some(code) = status_code.filter(|c| *c > 0) {
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
+    }
+    match (error, status_code) {
+        (Some(e), _) => {
+            span.set_attribute(KeyValue::new("error.type", e.to_string()));
+            span.set_status(Status::error(e.to_string()));
+        }
+        (None, Some(code)) if code >= error_from_status => {
+            span.set_attribute(KeyValue::new("error.type", code.to_string()));
+            span.set_status(Status::error(format!("HTTP {code}")));
+        }
+        _ => {}
+    }
+    span.end();
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut RequestHeader);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            let _ = self.0.insert_header(name, value);
+        }
+    }
+}
+
+enum Message {
+    Span(Box<SpanData>),
+    /// Export everything queued, then acknowledge.
+    Flush(SyncSender<()>),
+    Shutdown(SyncSender<()>),
+}
+
+/// Bounded queue + one export thread; see the module docs.
+#[derive(Debug)]
+struct BoundedBatchProcessor {
+    tx: SyncSender<Message>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl BoundedBatchProcessor {
+    fn start(exporter: OtlpExporter, queue: usize, interval: Duration) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(queue);
+        let thread = std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || export_loop(rx, exporter, interval))?;
+        Ok(BoundedBatchProcessor {
+            tx,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn request(&self, make: fn(SyncSender<()>) -> Message, timeout: Duration) -> OTelSdkResult {
+        let (ack_tx, ack_rx) = sync_channel(1);
+        self.tx
+            .send(make(ack_tx))
+            .map_err(|_| opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown)?;
+        ack_rx
+            .recv_timeout(timeout)
+            .map_err(|_| opentelemetry_sdk::error::OTelSdkError::Timeout(timeout))
+    }
+}
+
+impl SpanProcessor for BoundedBatchProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        match self.tx.try_send(Message::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                metrics().trace_spans_dropped.inc()
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.request(Message::Flush, SHUTDOWN_TIMEOUT)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let result = self.request(Message::Shutdown, timeout);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+        result
+    }
+}
+
+fn export_loop(rx: Receiver<Message>, exporter: OtlpExporter, interval: Duration) {
+    let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
+    let mut next_export = Instant::now() + interval;
+    loop {
+        let wait = next_export.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Message::Span(span)) => {
+                batch.push(*span);
+                if batch.len() >= MAX_BATCH {
+                    export(&exporter, &mut batch);
+                }
+            }
+            Ok(Message::Flush(ack)) => {
+                export(&exporter, &mut batch);
+                let _ = ack.send(());
+            }
+            Ok(Message::Shutdown(ack)) => {
+                export(&exporter, &mut batch);
+                let _ = exporter.shutdown();
+                let _ = ack.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                export(&exporter, &mut batch);
+                next_export = Instant::now() + interval;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                export(&exporter, &mut batch);
+                return;
+            }
+        }
+    }
+}
+
+fn export(exporter: &OtlpExporter, batch: &mut Vec<SpanData>) {
+    if batch.is_empty() {
+        return;
+    }
+    let spans = std::mem::take(batch);
+    let n = spans.len() as u64;
+    match futures_executor::block_on(exporter.export(spans)) {
+        Ok(()) => metrics().trace_spans_exported.inc_by(n),
+        Err(e) => {
+            metrics().trace_export_errors.inc();
+            metrics().trace_spans_dropped.inc_by(n);
+            log::warn!("OTLP export of {n} span(s) failed: {e}");
+        }
+    }
+}
