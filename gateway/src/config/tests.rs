@@ -106,6 +106,36 @@ bad!(
     "invalid type"
 );
 bad!(
+    tracing_endpoint,
+    format!("[telemetry.tracing]\nendpoint = \"collector:4318\"\n{OK_LISTENER}"),
+    2,
+    "is not an http(s) URL"
+);
+bad!(
+    tracing_ratio,
+    format!("[telemetry.tracing]\nsample_ratio = 1.5\n{OK_LISTENER}"),
+    2,
+    "sample_ratio = 1.5 is outside"
+);
+bad!(
+    tracing_queue,
+    format!("[telemetry.tracing]\nqueue_size = 0\n{OK_LISTENER}"),
+    2,
+    "queue_size = 0 is out of range"
+);
+bad!(
+    tracing_service_name,
+    format!("[telemetry.tracing]\nservice_name = \"\"\n{OK_LISTENER}"),
+    2,
+    "service_name is empty"
+);
+bad!(
+    tracing_unknown_key,
+    format!("[telemetry.tracing]\nendpont = \"x\"\n{OK_LISTENER}"),
+    2,
+    "unknown key `endpont`"
+);
+bad!(
     duration_too_long,
     with_route("upstream = \"u\"\ntimeout = \"9999999999999s\"\n"),
     7,
