@@ -7,15 +7,8 @@ use std::time::{Duration, Instant};
 
 use support::client::get;
 use support::upstream::{close_mid_response, dead_addr, echo};
-use support::Gateway;
+use support::{Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const HEAD: &str = r#"
-[admin]
-listen = "@ADMIN@"
-[listeners.public]
-bind = "@LISTEN@"
-"#;
 
 fn assert_error_body(r: &support::client::Resp, status: u16, route: Option<&str>) {
     assert_eq!(r.status, status, "{}", r.text());

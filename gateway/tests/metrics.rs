@@ -31,23 +31,27 @@ async fn metrics_text(gw: &Gateway) -> String {
     r.text()
 }
 
-/// Scrape once the gateway has recorded `n` requests: metrics are recorded in
-/// the logging phase, just after the client has its response.
+/// Scrape once the gateway has recorded `n` requests and finished them all:
+/// metrics are recorded in the logging phase, just after the client has its
+/// response, and the in-flight gauge drops when the request's context does.
 async fn settled(gw: &Gateway, n: f64) -> HashMap<String, f64> {
     let start = Instant::now();
     loop {
         let m = scrape(&metrics_text(gw).await);
-        let total: f64 = m
-            .iter()
-            .filter(|(k, _)| k.starts_with("meshgate_downstream_requests_total{"))
-            .map(|(_, v)| v)
-            .sum();
-        if total >= n {
+        let sum = |prefix: &str| -> f64 {
+            m.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let total = sum("meshgate_downstream_requests_total{");
+        let in_flight = sum("meshgate_downstream_requests_in_flight{");
+        if total >= n && in_flight == 0.0 {
             return m;
         }
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "only {total} of {n} requests recorded"
+            "only {total} of {n} requests recorded, {in_flight} in flight"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -8,15 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use support::client::{get, send};
 use support::upstream::{echo, websocket_echo};
-use support::Gateway;
+use support::{Gateway, HEAD};
 use tokio_tungstenite::tungstenite::Message;
-
-const HEAD: &str = r#"
-[admin]
-listen = "@ADMIN@"
-[listeners.public]
-bind = "@LISTEN@"
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {

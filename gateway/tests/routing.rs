@@ -7,14 +7,7 @@ use bytes::Bytes;
 use http::Method;
 use support::client::{get, send};
 use support::upstream::echo;
-use support::Gateway;
-
-const HEAD: &str = r#"
-[admin]
-listen = "@ADMIN@"
-[listeners.public]
-bind = "@LISTEN@"
-"#;
+use support::{Gateway, HEAD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_matcher_picks_its_route() {

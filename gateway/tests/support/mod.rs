@@ -12,6 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
+
+/// The admin endpoint and one listener, on the addresses `Gateway::start` fills in.
+pub const HEAD: &str = r#"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+"#;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A port the OS just handed out and released, for a listener in a config.

@@ -56,31 +56,17 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// - `/status/CODE`: answers CODE
 /// - `/trailers`: a body followed by `grpc-status: 0` trailers (HTTP/2 only)
 pub async fn echo(name: &str) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counter = connections.clone();
     let name: Arc<str> = name.into();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            let name = name.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(name.clone(), req));
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
+    serve(move |stream| {
+        let name = name.clone();
+        async move {
+            let svc = service_fn(move |req| handle(name.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
         }
-    });
-    Upstream {
-        addr,
-        connections,
-        task,
-    }
+    })
+    .await
 }
 
 async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -154,8 +140,13 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>
         .unwrap())
 }
 
-/// WebSocket echo server: sends back every text or binary message.
-pub async fn websocket_echo() -> Upstream {
+/// Accept connections on a fresh loopback port and hand each to `handle`
+/// on its own task, counting them.
+async fn serve<F, Fut>(handle: F) -> Upstream
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -166,20 +157,7 @@ pub async fn websocket_echo() -> Upstream {
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            return;
-                        }
-                    } else if msg.is_close() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(handle(stream));
         }
     });
     Upstream {
@@ -189,37 +167,40 @@ pub async fn websocket_echo() -> Upstream {
     }
 }
 
+/// WebSocket echo server: sends back every text or binary message.
+pub async fn websocket_echo() -> Upstream {
+    serve(|stream| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if ws.send(msg).await.is_err() {
+                    return;
+                }
+            } else if msg.is_close() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
 /// Answers every request with headers promising 100 bytes, sends 7, closes.
 pub async fn close_mid_response() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counter = connections.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
+    serve(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    Upstream {
-        addr,
-        connections,
-        task,
-    }
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            .await;
+        let _ = stream.shutdown().await;
+    })
+    .await
 }
