@@ -35,7 +35,7 @@ run: build
 	@$(BIN) check -c $(CONFIG)
 	@$(BIN) demo-upstream --listen 127.0.0.1:9001 & demo=$$!; \
 	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
-	echo "meshgate: try  curl -s localhost:8080/demo/hello  (admin: curl -s localhost:9901/config)"; \
+	echo "meshgate: try  curl -s localhost:8080/hello  (admin: curl -s localhost:9901/metrics)"; \
 	$(BIN) run -c $(CONFIG)
 
 lint:

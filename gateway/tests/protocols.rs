@@ -137,3 +137,57 @@ idle_timeout = "30s"
         "50 sequential requests opened {opened} upstream connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_over_h1_and_h2c() {
+    let up = echo("big").await;
+    let config = format!(
+        r#"{HEAD}
+[routes.r]
+upstream = "big"
+[upstreams.big]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    const N: usize = 3 * 1024 * 1024 + 7;
+    let upload: Vec<u8> = (0..N).map(|i| (i % 253) as u8).collect();
+    let sum: u64 = upload.iter().map(|b| u64::from(*b)).sum();
+    for h2c in [false, true] {
+        let r = send(
+            gw.listen,
+            Method::POST,
+            "/upload",
+            &[],
+            Bytes::from(upload.clone()),
+            h2c,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "h2c={h2c}");
+        let j = r.json();
+        assert_eq!(j["body_len"].as_u64(), Some(N as u64), "h2c={h2c}");
+        assert_eq!(j["body_sum"].as_u64(), Some(sum), "h2c={h2c}");
+
+        let r = send(
+            gw.listen,
+            Method::GET,
+            &format!("/bytes/{N}"),
+            &[],
+            Bytes::new(),
+            h2c,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), N, "h2c={h2c}");
+        assert!(
+            r.body
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == (i % 251) as u8),
+            "download corrupted (h2c={h2c})"
+        );
+    }
+}

@@ -14,6 +14,13 @@ use crate::telemetry::tracing::{self, Tracing};
 /// Start the server span once the listener is known.
 pub fn start_server(t: &Tracing, session: &Session, ctx: &mut RequestCtx) {
     let req = session.req_header();
+    let cx = t.server_span(req, || server_attributes(session, ctx));
+    ctx.trace_id = tracing::trace_id(&cx);
+    ctx.server_cx = Some(cx);
+}
+
+fn server_attributes(session: &Session, ctx: &RequestCtx) -> Vec<KeyValue> {
+    let req = session.req_header();
     let mut attrs = vec![
         KeyValue::new("http.request.method", req.method.as_str().to_string()),
         KeyValue::new("url.path", req.uri.path().to_string()),
@@ -62,9 +69,7 @@ pub fn start_server(t: &Tracing, session: &Session, ctx: &mut RequestCtx) {
     {
         attrs.push(KeyValue::new("user_agent.original", ua.to_string()));
     }
-    let cx = t.server_span(req, attrs);
-    ctx.trace_id = tracing::trace_id(&cx);
-    ctx.server_cx = Some(cx);
+    attrs
 }
 
 /// Name the server span after the route (`GET api`), per the HTTP conventions.
@@ -79,10 +84,17 @@ pub fn routed(ctx: &RequestCtx, method: &http::Method) {
 
 /// Start a client span for an upstream attempt, ending the previous one.
 pub fn start_attempt(t: &Tracing, req: &RequestHeader, ctx: &mut RequestCtx) {
-    let Some(server) = &ctx.server_cx else { return };
+    let Some(server) = ctx.server_cx.clone() else {
+        return;
+    };
     if let Some(prev) = ctx.client_cx.take() {
         tracing::end(&prev, None, Some("retried"), 400);
     }
+    let cx = t.client_span(&server, req.method.as_str(), || client_attributes(req, ctx));
+    ctx.client_cx = Some(cx);
+}
+
+fn client_attributes(req: &RequestHeader, ctx: &RequestCtx) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("http.request.method", req.method.as_str().to_string()),
         KeyValue::new(
@@ -100,7 +112,7 @@ pub fn start_attempt(t: &Tracing, req: &RequestHeader, ctx: &mut RequestCtx) {
         attrs.push(KeyValue::new("server.port", i64::from(ep.port())));
         attrs.push(KeyValue::new("network.peer.address", ep.ip().to_string()));
     }
-    ctx.client_cx = Some(t.client_span(server, req.method.as_str(), attrs));
+    attrs
 }
 
 /// A connection attempt failed: close its span as an error.

@@ -7,7 +7,7 @@
 //! costs requests nothing. The SDK's own batch processor keeps its drop count
 //! private, hence this small processor.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,27 +101,44 @@ impl Tracing {
         })
     }
 
-    /// The server span for a request, child of the caller's `traceparent` if any.
-    pub fn server_span(&self, req: &RequestHeader, attributes: Vec<KeyValue>) -> Context {
+    /// The server span for a request, child of the caller's `traceparent` if
+    /// any. `attributes` is only called when the span is sampled.
+    pub fn server_span(
+        &self,
+        req: &RequestHeader,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Context {
         let parent = self.propagator.extract(&HeaderExtractor(&req.headers));
         let span = self
             .tracer
             .span_builder(req.method.as_str().to_string())
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, &parent);
-        parent.with_span(span)
+        let cx = parent.with_span(span);
+        if cx.span().is_recording() {
+            cx.span().set_attributes(attributes());
+        }
+        cx
     }
 
     /// A client span for one upstream attempt, child of the server span.
-    pub fn client_span(&self, server: &Context, name: &str, attributes: Vec<KeyValue>) -> Context {
+    /// `attributes` is only called when the span is sampled.
+    pub fn client_span(
+        &self,
+        server: &Context,
+        name: &str,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Context {
         let span = self
             .tracer
             .span_builder(name.to_string())
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, server);
-        server.with_span(span)
+        let cx = server.with_span(span);
+        if cx.span().is_recording() {
+            cx.span().set_attributes(attributes());
+        }
+        cx
     }
 
     /// Write `cx` as `traceparent` (and `tracestate`) into the upstream request,
@@ -260,36 +277,43 @@ impl SpanProcessor for BoundedBatchProcessor {
     }
 }
 
+/// How often the export thread wakes to drain the queue. It sleeps rather
+/// than blocking on the queue, so ending a span never wakes a thread.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 fn export_loop(rx: Receiver<Message>, exporter: OtlpExporter, interval: Duration) {
     let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
     let mut next_export = Instant::now() + interval;
     loop {
-        let wait = next_export.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(Message::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= MAX_BATCH {
+        std::thread::sleep(DRAIN_INTERVAL.min(interval));
+        loop {
+            match rx.try_recv() {
+                Ok(Message::Span(span)) => {
+                    batch.push(*span);
+                    if batch.len() >= MAX_BATCH {
+                        export(&exporter, &mut batch);
+                    }
+                }
+                Ok(Message::Flush(ack)) => {
                     export(&exporter, &mut batch);
+                    let _ = ack.send(());
+                }
+                Ok(Message::Shutdown(ack)) => {
+                    export(&exporter, &mut batch);
+                    let _ = exporter.shutdown();
+                    let _ = ack.send(());
+                    return;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    export(&exporter, &mut batch);
+                    return;
                 }
             }
-            Ok(Message::Flush(ack)) => {
-                export(&exporter, &mut batch);
-                let _ = ack.send(());
-            }
-            Ok(Message::Shutdown(ack)) => {
-                export(&exporter, &mut batch);
-                let _ = exporter.shutdown();
-                let _ = ack.send(());
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&exporter, &mut batch);
-                next_export = Instant::now() + interval;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                export(&exporter, &mut batch);
-                return;
-            }
+        }
+        if Instant::now() >= next_export {
+            export(&exporter, &mut batch);
+            next_export = Instant::now() + interval;
         }
     }
 }

@@ -55,6 +55,8 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// - `/delay/MS`: the same after MS milliseconds
 /// - `/status/CODE`: answers CODE
 /// - `/trailers`: a body followed by `grpc-status: 0` trailers (HTTP/2 only)
+/// - `/bytes/N`: N bytes, byte i = i mod 251
+/// Request bodies are reported as `body` (up to 4 KiB), `body_len` and `body_sum`.
 pub async fn echo(name: &str) -> Upstream {
     let name: Arc<str> = name.into();
     serve(move |stream| {
@@ -82,6 +84,13 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>
         .and_then(|s| s.parse::<u16>().ok())
     {
         return Ok(Response::builder().status(code).body(full("")).unwrap());
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        return Ok(Response::builder().body(full(body)).unwrap());
     }
     if path == "/trailers" {
         let mut trailers = HeaderMap::new();
@@ -128,7 +137,9 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>
         "path": full_path,
         "version": version,
         "headers": headers,
-        "body": String::from_utf8_lossy(&body),
+        "body": if body.len() <= 4096 { String::from_utf8_lossy(&body).into_owned() } else { String::new() },
+        "body_len": body.len(),
+        "body_sum": body.iter().map(|b| u64::from(*b)).sum::<u64>(),
     });
     Ok(Response::builder()
         .header("content-type", "application/json")
