@@ -56,6 +56,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// - `/status/CODE`: answers CODE
 /// - `/trailers`: a body followed by `grpc-status: 0` trailers (HTTP/2 only)
 /// - `/bytes/N`: N bytes, byte i = i mod 251
+///
 /// Request bodies are reported as `body` (up to 4 KiB), `body_len` and `body_sum`.
 pub async fn echo(name: &str) -> Upstream {
     let name: Arc<str> = name.into();
