@@ -5,6 +5,8 @@
 //!   (collects every error with file:line:col and a fix) -> `model` (plain data).
 //! - [`router`]: pure route selection for one listener (`RouteTable`).
 //! - [`upstream`]: upstream pools: weighted endpoint choice and pre-built peers.
+//! - [`ratelimit`]: keyed GCRA policies (governor), client IP behind trusted
+//!   proxies, `RateLimit` headers.
 //! - [`runtime`]: the compiled config (routes, tables, pools) held in an
 //!   `ArcSwap`; each request takes one snapshot.
 //! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
@@ -20,6 +22,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod router;
 pub mod runtime;

@@ -38,13 +38,20 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
     }
     let generation = current.generation + 1;
     metrics().config_loaded(generation, &new.source_hash);
-    runtime.store(Arc::new(Runtime::build(new, generation)));
+    runtime.store(Arc::new(Runtime::build_after(
+        new,
+        generation,
+        Some(&current),
+    )));
     Ok(generation)
 }
 
 fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     if old.gateway.workers != new.gateway.workers {
         return Err("gateway.workers changed".to_string());
+    }
+    if old.telemetry.access_log_file != new.telemetry.access_log_file {
+        return Err("telemetry.access_log_file changed".to_string());
     }
     if old.telemetry.tracing != new.telemetry.tracing {
         return Err("[telemetry.tracing] changed".to_string());

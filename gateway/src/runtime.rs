@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::model::{Action, Config, Direction, Route};
+use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
 use crate::upstream::UpstreamPool;
 
@@ -18,6 +19,8 @@ pub struct Runtime {
     /// Parallel to `config.routes`.
     pub routes: Vec<RouteRuntime>,
     pub upstreams: Vec<UpstreamPool>,
+    /// One per `[rate_limits]` entry.
+    pub policies: Vec<Arc<Policy>>,
 }
 
 pub struct ListenerRuntime {
@@ -31,10 +34,29 @@ pub struct ListenerRuntime {
 pub struct RouteRuntime {
     /// For `split`: (upstream index, cumulative weight); a single upstream is one entry.
     targets: Vec<(usize, u32)>,
+    /// The route's rate-limit policies, in order.
+    pub limits: Vec<Arc<Policy>>,
 }
 
 impl Runtime {
     pub fn build(config: Config, generation: u64) -> Self {
+        Self::build_after(config, generation, None)
+    }
+
+    /// Build, keeping the limiter state of every policy whose settings did not
+    /// change, so a reload does not hand out a fresh budget.
+    pub fn build_after(config: Config, generation: u64, previous: Option<&Runtime>) -> Self {
+        let policies: Vec<Arc<Policy>> = config
+            .rate_limits
+            .iter()
+            .filter_map(|model| {
+                previous
+                    .and_then(|p| p.policies.iter().find(|old| old.model == *model))
+                    .cloned()
+                    .or_else(|| Policy::build(model))
+            })
+            .collect();
+        let policy_index = |name: &str| policies.iter().find(|p| p.model.name == name).cloned();
         let upstreams: Vec<UpstreamPool> =
             config.upstreams.iter().map(UpstreamPool::build).collect();
         let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
@@ -53,7 +75,12 @@ impl Runtime {
                         }
                     }
                 }
-                RouteRuntime { targets }
+                let limits = r
+                    .rate_limits
+                    .iter()
+                    .filter_map(|n| policy_index(n))
+                    .collect();
+                RouteRuntime { targets, limits }
             })
             .collect();
         let listeners = config
@@ -72,6 +99,7 @@ impl Runtime {
             listeners,
             routes,
             upstreams,
+            policies,
         }
     }
 

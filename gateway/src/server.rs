@@ -115,6 +115,12 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
+    let evictor = background_service(
+        "rate-limit key eviction",
+        crate::ratelimit::EvictIdleKeys {
+            runtime: runtime.clone(),
+        },
+    );
     let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
@@ -122,11 +128,13 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(reloader);
+    server.add_service(evictor);
     ignore_sighup_until_handled();
     server.run(RunArgs::default());
     if let Some(t) = tracing {
         t.shutdown();
     }
+    access_log::flush(std::time::Duration::from_secs(2));
     log::info!("meshgate stopped");
     Ok(())
 }

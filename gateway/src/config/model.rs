@@ -29,6 +29,7 @@ pub struct Config {
     /// In file order; the order breaks ties between equally specific routes.
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    pub rate_limits: Vec<RateLimit>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
 }
@@ -118,6 +119,38 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub direction: Direction,
+    /// Peers whose `x-forwarded-for` is believed (see ratelimit::client_ip).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+pub const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub name: String,
+    pub key: RateLimitKey,
+    /// `rate` requests per `per`, up to `burst` at once.
+    pub rate: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub mode: LimitMode,
+    /// Send `RateLimit`/`RateLimit-Policy` on allowed responses too.
+    pub headers_on_allowed: bool,
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateLimitKey {
+    ClientIp,
+    Header(HeaderName),
+    Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    Enforce,
+    Shadow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -162,6 +195,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Applied to every response of the route, forwarded or generated.
     pub response_headers: HeaderRewrite,
+    /// Names of `[rate_limits]` policies, checked in this order.
+    pub rate_limits: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

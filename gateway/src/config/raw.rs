@@ -53,6 +53,21 @@ pub struct RawTracing {
 pub struct RawListener {
     pub bind: Spanned<String>,
     pub direction: Option<Spanned<String>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+}
+
+/// `[rate_limits.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub key: Spanned<String>,
+    pub rate: Spanned<i64>,
+    pub per: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
+    pub mode: Option<Spanned<String>>,
+    pub scope: Option<Spanned<String>>,
+    pub headers_on_allowed: Option<bool>,
+    pub max_keys: Option<Spanned<i64>>,
 }
 
 /// `[routes.NAME]`
@@ -74,6 +89,7 @@ pub struct RawRoute {
     pub request_headers: Option<Spanned<RawHeaderRewrite>>,
     pub response_headers: Option<Spanned<RawHeaderRewrite>>,
     pub timeout: Option<Spanned<String>>,
+    pub rate_limits: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `respond = { status, body, content_type }`

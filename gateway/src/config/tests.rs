@@ -106,6 +106,66 @@ bad!(
     "invalid type"
 );
 bad!(
+    rate_limit_unknown,
+    with_route("upstream = \"u\"\nrate_limits = [\"per_clinet\"]\n"),
+    7,
+    "unknown rate limit `per_clinet`"
+);
+bad!(
+    rate_limit_key,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"cookie\"\nrate = 1\n"),
+    4,
+    "unknown rate-limit key"
+);
+bad!(
+    rate_limit_identity,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"identity\"\nrate = 1\n"),
+    4,
+    "needs mTLS peer identities"
+);
+bad!(
+    rate_limit_global,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nscope = \"global\"\n"),
+    6,
+    "not available in this version"
+);
+bad!(
+    rate_limit_mode,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nmode = \"loud\"\n"),
+    6,
+    "unknown mode"
+);
+bad!(
+    rate_limit_rate,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 0\n"),
+    5,
+    "rate = 0 is out of range"
+);
+bad!(
+    rate_limit_burst,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nburst = -1\n"),
+    6,
+    "burst = -1 is out of range"
+);
+bad!(
+    rate_limit_too_fine,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1000000000\nper = \"1ms\"\n"),
+    5,
+    "finer than a nanosecond"
+);
+bad!(
+    rate_limit_max_keys,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nmax_keys = 0\n"),
+    6,
+    "max_keys = 0 is out of range"
+);
+bad!(
+    trusted_proxy_cidr,
+    format!("{OK_LISTENER}trusted_proxies = [\"10.0.0.0/99\"]\n"),
+    3,
+    "is not an IP network"
+);
+bad!(
     tracing_endpoint,
     format!("[telemetry.tracing]\nendpoint = \"collector:4318\"\n{OK_LISTENER}"),
     2,
@@ -480,4 +540,26 @@ fn tracing_defaults_and_bare_endpoint() {
     assert!(off.telemetry.tracing.is_none());
     let absent = parse(Path::new("t.toml"), OK_LISTENER).unwrap();
     assert!(absent.telemetry.tracing.is_none());
+}
+
+#[test]
+fn rate_limit_defaults() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\"]\n[rate_limits.p]\nkey = \"header:X-Api-Key\"\nrate = 7\n"),
+    )
+    .unwrap();
+    let p = &cfg.rate_limits[0];
+    assert_eq!(
+        (p.rate, p.burst, p.per),
+        (7, 7, model::DEFAULT_RATE_LIMIT_PER)
+    );
+    assert_eq!(p.mode, model::LimitMode::Enforce);
+    assert_eq!(
+        p.key,
+        model::RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
+    );
+    assert!(!p.headers_on_allowed);
+    assert_eq!(p.max_keys, model::DEFAULT_MAX_KEYS);
+    assert_eq!(cfg.listeners[0].trusted_proxies.len(), 2);
 }

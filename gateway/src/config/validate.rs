@@ -77,6 +77,7 @@ struct RawFile {
     listeners: Vec<(Spanned<String>, RawListener)>,
     routes: Vec<(Spanned<String>, RawRoute)>,
     upstreams: Vec<(Spanned<String>, RawUpstream)>,
+    rate_limits: Vec<(Spanned<String>, RawRateLimit)>,
 }
 
 #[derive(Default)]
@@ -103,6 +104,7 @@ impl Validator {
                 "listeners" => raw.listeners = self.de_named(key, value),
                 "routes" => raw.routes = self.de_named(key, value),
                 "upstreams" => raw.upstreams = self.de_named(key, value),
+                "rate_limits" => raw.rate_limits = self.de_named(key, value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(
@@ -197,10 +199,16 @@ impl Validator {
             .into_iter()
             .filter_map(|(name, u)| self.upstream(name, u))
             .collect();
+        let rate_limits: Vec<RateLimit> = raw
+            .rate_limits
+            .into_iter()
+            .filter_map(|(name, r)| self.rate_limit(name, r))
+            .collect();
         let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let names = Names {
             listeners: listeners.iter().map(|l| l.name.as_str()).collect(),
             upstreams: upstream_names,
+            rate_limits: rate_limits.iter().map(|r| r.name.as_str()).collect(),
         };
         let mut routes = Vec::new();
         let mut route_spans = Vec::new();
@@ -230,6 +238,7 @@ impl Validator {
             listeners,
             routes,
             upstreams,
+            rate_limits,
             source_hash: String::new(),
         }
     }
@@ -485,10 +494,17 @@ impl Validator {
                 );
                 continue;
             }
+            let trusted_proxies = l
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .filter_map(|c| self.cidr(c))
+                .collect();
             out.push(Listener {
                 name: name.get_ref().clone(),
                 bind,
                 direction,
+                trusted_proxies,
             });
         }
         out
@@ -689,6 +705,27 @@ impl Validator {
             .map(|h| self.rewrite(h))
             .unwrap_or_default();
         let action = self.action(&name, &r, names);
+        let mut rate_limits = Vec::new();
+        for p in r.rate_limits.iter().flat_map(|l| l.get_ref()) {
+            if names.rate_limits.contains(&p.get_ref().as_str()) {
+                if !rate_limits.contains(p.get_ref()) {
+                    rate_limits.push(p.get_ref().clone());
+                }
+            } else {
+                let fix = match suggest(p.get_ref(), &names.rate_limits) {
+                    Some(s) => format!(
+                        "did you mean `{s}`? Otherwise define [rate_limits.{}]",
+                        p.get_ref()
+                    ),
+                    None => format!("define [rate_limits.{}]", p.get_ref()),
+                };
+                self.error(
+                    p.span(),
+                    format!("route `{n}` names unknown rate limit `{}`", p.get_ref()),
+                    fix,
+                );
+            }
+        }
 
         if self.diags.len() > before {
             return None;
@@ -703,6 +740,153 @@ impl Validator {
             action: action?,
             timeout,
             response_headers,
+            rate_limits,
+        })
+    }
+
+    /// `"10.0.0.0/8"`, or a bare address meaning just that host.
+    fn cidr(&mut self, c: &Spanned<String>) -> Option<ipnet::IpNet> {
+        let s = c.get_ref().trim();
+        match s
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => Some(net),
+            Err(_) => {
+                self.error(
+                    c.span(),
+                    format!("\"{s}\" is not an IP network"),
+                    "write a CIDR such as \"10.0.0.0/8\" or \"2001:db8::/32\", or a single address",
+                );
+                None
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, name: Spanned<String>, r: RawRateLimit) -> Option<RateLimit> {
+        let n = name.get_ref().clone();
+        let before = self.diags.len();
+        let key_text = r.key.get_ref().trim();
+        let key = match key_text {
+            "client_ip" => Some(RateLimitKey::ClientIp),
+            "route" => Some(RateLimitKey::Route),
+            "identity" => {
+                self.error(r.key.span(), "key = \"identity\" needs mTLS peer identities, which this version does not have yet", "use \"client_ip\", \"header:NAME\" or \"route\"");
+                None
+            }
+            other => match other.strip_prefix("header:") {
+                Some(h) => match HeaderName::from_bytes(h.trim().as_bytes()) {
+                    Ok(h) => Some(RateLimitKey::Header(h)),
+                    Err(_) => {
+                        self.error(
+                            r.key.span(),
+                            format!("\"{h}\" is not a header name"),
+                            "write key = \"header:x-api-key\"",
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.error(
+                        r.key.span(),
+                        format!("unknown rate-limit key \"{other}\""),
+                        "use \"client_ip\", \"header:NAME\" or \"route\"",
+                    );
+                    None
+                }
+            },
+        };
+        let rate = match *r.rate.get_ref() {
+            v if (1..=1_000_000_000).contains(&v) => v as u32,
+            v => {
+                self.error(
+                    r.rate.span(),
+                    format!("rate = {v} is out of range"),
+                    "use a positive number of requests per `per`",
+                );
+                1
+            }
+        };
+        let per = self.duration_or(
+            r.per.as_ref(),
+            &format!("rate_limits.{n}.per"),
+            DEFAULT_RATE_LIMIT_PER,
+            false,
+        );
+        if per.checked_div(rate).is_none_or(|d| d.is_zero()) {
+            self.error(
+                r.rate.span(),
+                format!("rate = {rate} per {per:?} is finer than a nanosecond"),
+                "lower `rate` or lengthen `per`",
+            );
+        }
+        let burst = match &r.burst {
+            None => rate,
+            Some(b) if (1..=1_000_000_000).contains(b.get_ref()) => *b.get_ref() as u32,
+            Some(b) => {
+                self.error(
+                    b.span(),
+                    format!("burst = {} is out of range", b.get_ref()),
+                    "use a positive number, or remove the key (default: `rate`)",
+                );
+                rate
+            }
+        };
+        let mode = match r.mode.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("enforce") => LimitMode::Enforce,
+            Some("shadow") => LimitMode::Shadow,
+            Some(other) => {
+                if let Some(m) = &r.mode {
+                    self.error(
+                        m.span(),
+                        format!("unknown mode \"{other}\""),
+                        "use \"enforce\" or \"shadow\" (count and log, never block)",
+                    );
+                }
+                LimitMode::Enforce
+            }
+        };
+        match r.scope.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("local") => {}
+            Some("global") => {
+                if let Some(s) = &r.scope {
+                    self.error(s.span(), "scope = \"global\" (one budget shared through Redis) is not available in this version", "use scope = \"local\" (a budget per gateway process)");
+                }
+            }
+            Some(other) => {
+                if let Some(s) = &r.scope {
+                    self.error(
+                        s.span(),
+                        format!("unknown scope \"{other}\""),
+                        "use \"local\"",
+                    );
+                }
+            }
+        }
+        let max_keys = match &r.max_keys {
+            None => DEFAULT_MAX_KEYS,
+            Some(m) if (1..=100_000_000).contains(m.get_ref()) => *m.get_ref() as usize,
+            Some(m) => {
+                self.error(
+                    m.span(),
+                    format!("max_keys = {} is out of range", m.get_ref()),
+                    "use 1..=100000000",
+                );
+                DEFAULT_MAX_KEYS
+            }
+        };
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(RateLimit {
+            name: n,
+            key: key?,
+            rate,
+            per,
+            burst,
+            mode,
+            headers_on_allowed: r.headers_on_allowed.unwrap_or(false),
+            max_keys,
         })
     }
 
@@ -1178,6 +1362,7 @@ impl Validator {
 struct Names<'a> {
     listeners: Vec<&'a str>,
     upstreams: Vec<&'a str>,
+    rate_limits: Vec<&'a str>,
 }
 
 #[derive(PartialEq, Eq, Hash)]

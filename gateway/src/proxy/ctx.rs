@@ -15,6 +15,7 @@ pub enum Failure {
     UpstreamError,
     BadRequest,
     Internal,
+    RateLimited,
 }
 
 impl Failure {
@@ -25,6 +26,7 @@ impl Failure {
             Failure::Timeout => 504,
             Failure::UpstreamUnreachable | Failure::UpstreamError => 502,
             Failure::BadRequest => 400,
+            Failure::RateLimited => 429,
         }
     }
 
@@ -36,6 +38,7 @@ impl Failure {
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamError => "upstream failed to answer",
             Failure::BadRequest => "malformed request",
+            Failure::RateLimited => "rate limited",
             Failure::Internal => "internal gateway error",
         }
     }
@@ -55,7 +58,7 @@ pub struct RequestCtx {
     pub deadline: Option<Instant>,
     pub failure: Option<Failure>,
     /// Counts this request in the in-flight gauge until the context drops.
-    pub in_flight: Option<InFlight>,
+    pub in_flight: Option<crate::telemetry::metrics::GaugeGuard>,
     /// First endpoint choice: start of the upstream exchange.
     pub upstream_started: Option<Instant>,
     /// Start of the current connection attempt.
@@ -73,22 +76,10 @@ pub struct RequestCtx {
     pub client_cx: Option<opentelemetry::Context>,
     /// W3C trace id for the access log; empty when tracing is off.
     pub trace_id: String,
-}
-
-/// Decrements the in-flight gauge when the request ends, however it ends.
-pub struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    pub fn start(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+    /// `RateLimit-Policy` and `RateLimit` values to send with the response.
+    pub rate_limit_headers: Option<(String, String)>,
+    /// The policy that limited (or, in shadow mode, would have), for the access log.
+    pub rate_limit_note: String,
 }
 
 impl RequestCtx {
@@ -114,6 +105,8 @@ impl RequestCtx {
             server_cx: None,
             client_cx: None,
             trace_id: String::new(),
+            rate_limit_headers: None,
+            rate_limit_note: String::new(),
         }
     }
 

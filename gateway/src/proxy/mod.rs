@@ -21,6 +21,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::model::Action;
+use crate::ratelimit;
 use crate::router::{normalize_host, RequestParts};
 use crate::runtime::Runtime;
 use crate::telemetry::tracing::Tracing;
@@ -36,6 +37,55 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(runtime: Arc<ArcSwap<Runtime>>, tracing: Option<Arc<Tracing>>) -> Self {
         Gateway { runtime, tracing }
+    }
+}
+
+/// Run the route's rate-limit policies. `Some((policy, retry_after_secs))`
+/// when an enforcing policy refuses the request.
+fn limit(
+    rt: &Runtime,
+    listener: usize,
+    route: usize,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Option<(String, u64)> {
+    let limits = &rt.routes.get(route)?.limits;
+    if limits.is_empty() {
+        return None;
+    }
+    let req = session.req_header();
+    let trusted = rt
+        .config
+        .listeners
+        .get(listener)
+        .map_or(&[][..], |l| &l.trusted_proxies[..]);
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let inputs = ratelimit::KeyInputs {
+        client_ip: peer.map(|ip| ratelimit::client_ip::client_ip(ip, &req.headers, trusted)),
+        headers: &req.headers,
+        route: &rt.route(route).name,
+    };
+    let verdict = ratelimit::check(limits, &inputs);
+    ctx.rate_limit_headers = verdict.headers;
+    match verdict.limited {
+        Some((policy, retry_after)) => {
+            ctx.rate_limit_note = policy.clone();
+            Some((policy, ratelimit::ceil_secs(retry_after).max(1)))
+        }
+        None => {
+            if !verdict.shadow_limited.is_empty() {
+                ctx.rate_limit_note = format!("shadow:{}", verdict.shadow_limited.join(","));
+                log::debug!(
+                    "request_id={} would be limited by {}",
+                    ctx.request_id,
+                    ctx.rate_limit_note
+                );
+            }
+            None
+        }
     }
 }
 
@@ -74,7 +124,7 @@ impl ProxyHttp for Gateway {
         ctx.listener = rt.listener_for(local);
         ctx.runtime = Some(rt.clone());
         let listener_label = ctx.listener_name().unwrap_or("");
-        ctx.in_flight = Some(ctx::InFlight::start(
+        ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
             crate::telemetry::metrics::metrics()
                 .in_flight
                 .with_label_values(&[listener_label]),
@@ -106,6 +156,11 @@ impl ProxyHttp for Gateway {
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
+        if let Some((policy, retry_after)) = limit(&rt, listener, route_idx, session, ctx) {
+            ctx.failure = Some(Failure::RateLimited);
+            respond::send_rate_limited(session, ctx, &policy, retry_after).await?;
+            return Ok(true);
+        }
         match &route.action {
             Action::Forward(_) => {
                 ctx.upstream = rt.pick_upstream(route_idx);
@@ -121,7 +176,8 @@ impl ProxyHttp for Gateway {
                 body,
                 content_type,
             } => {
-                let hdrs = [(header::CONTENT_TYPE, content_type.clone())];
+                let mut hdrs = vec![(header::CONTENT_TYPE, content_type.clone())];
+                hdrs.extend(respond::rate_limit_headers(ctx));
                 respond::send(
                     session,
                     *status,
@@ -134,7 +190,8 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Action::Redirect { location, status } => {
-                let hdrs = [(header::LOCATION, location.clone())];
+                let mut hdrs = vec![(header::LOCATION, location.clone())];
+                hdrs.extend(respond::rate_limit_headers(ctx));
                 respond::send(
                     session,
                     *status,
@@ -189,11 +246,38 @@ impl ProxyHttp for Gateway {
         }
         ctx.tried.push(endpoint);
         ctx.connect_started = Some(Instant::now());
+        ctx.connected = false;
+        ctx.upstream_status = None;
         ctx.endpoint = peer._address.as_inet().copied();
         if let Some(t) = &self.tracing {
             trace::start_attempt(t, session.req_header(), ctx);
         }
         Ok(Box::new(peer))
+    }
+
+    /// An attempt failed after connecting. Retry policy is pingora's default
+    /// (only idempotent requests, only on a reused connection); meshgate adds
+    /// the accounting, once per failed attempt.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if *e.esource() == pingora::ErrorSource::Upstream {
+            observe::attempt_failed(ctx, &e);
+            trace::attempt_failed(ctx, &e);
+        }
+        e
     }
 
     fn fail_to_connect(
@@ -203,7 +287,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        observe::connect_failed(ctx, &e);
+        observe::attempt_failed(ctx, &e);
         trace::attempt_failed(ctx, &e);
         // Nothing reached the upstream yet, so any method may go to another endpoint.
         let retries = ctx
@@ -283,6 +367,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_response_hop_by_hop(resp);
+        for (name, value) in respond::rate_limit_headers(ctx) {
+            resp.insert_header(name, value)?;
+        }
         if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
             resp.insert_header(headers::X_REQUEST_ID, id)?;
         }
@@ -304,7 +391,8 @@ impl ProxyHttp for Gateway {
             return Err(Error::explain(
                 ErrorType::ReadTimedout,
                 "route timeout passed while reading the response body",
-            ));
+            )
+            .into_up());
         }
         Ok(None)
     }

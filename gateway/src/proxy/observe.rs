@@ -25,8 +25,9 @@ pub fn upstream_error_kind(e: &Error) -> &'static str {
     }
 }
 
-/// Record a failed connection attempt.
-pub fn connect_failed(ctx: &RequestCtx, e: &Error) {
+/// Record a failed attempt: a connection that could not be made, or an
+/// exchange that broke after connecting. Called once per attempt.
+pub fn attempt_failed(ctx: &RequestCtx, e: &Error) {
     if let Some(u) = ctx.upstream_name() {
         metrics()
             .upstream_errors
@@ -154,6 +155,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
         error: &error,
+        rate_limit: &ctx.rate_limit_note,
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);

@@ -111,3 +111,57 @@ pub fn classify(e: &Error, ctx: &RequestCtx) -> Option<Failure> {
         (ErrorSource::Internal | ErrorSource::Unset, _) => Some(Failure::Internal),
     }
 }
+
+/// 429 with `Retry-After`, the `RateLimit` fields and a JSON body naming the policy.
+pub async fn send_rate_limited(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    policy: &str,
+    retry_after: u64,
+) -> Result<()> {
+    let body = serde_json::json!({
+        "error": Failure::RateLimited.message(),
+        "status": 429,
+        "policy": policy,
+        "retry_after_seconds": retry_after,
+        "route": ctx.route_name(),
+        "request_id": ctx.request_id,
+    });
+    let mut hdrs = vec![
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ),
+        (header::RETRY_AFTER, HeaderValue::from(retry_after)),
+    ];
+    hdrs.extend(rate_limit_headers(ctx));
+    let rewrite = ctx
+        .runtime
+        .as_ref()
+        .zip(ctx.route)
+        .map(|(rt, r)| &rt.route(r).response_headers);
+    send(
+        session,
+        StatusCode::TOO_MANY_REQUESTS,
+        &hdrs,
+        Bytes::from(body.to_string()),
+        &ctx.request_id,
+        rewrite,
+    )
+    .await
+}
+
+/// The `RateLimit-Policy` / `RateLimit` pair for this request, if any.
+pub fn rate_limit_headers(ctx: &RequestCtx) -> Vec<(header::HeaderName, HeaderValue)> {
+    let Some((policy, limit)) = &ctx.rate_limit_headers else {
+        return Vec::new();
+    };
+    [(RATELIMIT_POLICY, policy), (RATELIMIT, limit)]
+        .into_iter()
+        .filter_map(|(n, v)| HeaderValue::from_str(v).ok().map(|v| (n, v)))
+        .collect()
+}
+
+pub const RATELIMIT_POLICY: header::HeaderName =
+    header::HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");

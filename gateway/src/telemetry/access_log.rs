@@ -52,6 +52,9 @@ pub struct Entry<'a> {
     pub client: String,
     pub user_agent: &'a str,
     pub error: &'a str,
+    /// The rate-limit policy that refused the request, or `shadow:NAME,...`
+    /// for shadow policies that would have.
+    pub rate_limit: &'a str,
 }
 
 impl Entry<'_> {
@@ -64,17 +67,18 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\"",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = self.method,
-            path = self.path,
+            path = dash(self.path),
             proto = self.protocol,
             status = self.status,
             bytes_out = self.bytes_out,
             dur = self.duration_ms,
             host = dash(self.host),
             listener = dash(self.listener),
+            direction = dash(self.direction),
             route = dash(self.route),
             upstream = dash(self.upstream),
             endpoint = dash(&self.endpoint),
@@ -84,6 +88,7 @@ impl Entry<'_> {
             tid = dash(self.trace_id),
             ua = self.user_agent.replace('"', "'"),
             err = self.error,
+            rl = dash(self.rate_limit),
         )
     }
 
@@ -100,8 +105,14 @@ pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+enum Line {
+    Text(String),
+    /// Write out everything queued so far, then acknowledge.
+    Flush(SyncSender<()>),
+}
+
 struct Writer {
-    tx: SyncSender<String>,
+    tx: SyncSender<Line>,
     sink: Sink,
 }
 
@@ -142,7 +153,7 @@ pub fn init(sink: &Sink) -> std::io::Result<()> {
 /// Queue a line; never blocks.
 pub fn submit(line: String) {
     let Some(w) = WRITER.get() else { return };
-    match w.tx.try_send(line) {
+    match w.tx.try_send(Line::Text(line)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
             metrics().access_log_dropped.inc()
@@ -150,17 +161,40 @@ pub fn submit(line: String) {
     }
 }
 
-fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+/// Write out what is queued, waiting at most `timeout` (at shutdown).
+pub fn flush(timeout: Duration) {
+    let Some(w) = WRITER.get() else { return };
+    let (ack_tx, ack_rx) = sync_channel(1);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut message = Line::Flush(ack_tx);
+    loop {
+        match w.tx.try_send(message) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                message = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+}
+
+fn write_loop(rx: Receiver<Line>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     loop {
         std::thread::sleep(DRAIN_INTERVAL);
         let mut wrote = false;
         loop {
             match rx.try_recv() {
-                Ok(line) => {
+                Ok(Line::Text(line)) => {
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
                     wrote = true;
+                }
+                Ok(Line::Flush(ack)) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -201,6 +235,7 @@ mod tests {
             client: "127.0.0.1:5555".into(),
             user_agent: "curl \"x\"",
             error: "",
+            rate_limit: "",
         }
     }
 

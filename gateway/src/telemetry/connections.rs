@@ -11,7 +11,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use super::metrics::metrics;
+use super::metrics::{metrics, GaugeGuard};
 use crate::runtime::Runtime;
 
 pub struct CountConnections<A> {
@@ -47,10 +47,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
             .connections_active
             .with_label_values(&[listener, direction]);
         drop(rt);
-        gauge.inc();
-        let reused = self.inner.process_new(session, shutdown).await;
-        gauge.dec();
-        reused
+        let _open = GaugeGuard::new(gauge);
+        self.inner.process_new(session, shutdown).await
     }
 
     async fn cleanup(&self) {

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_retries: IntCounterVec,
+    pub rate_limit_decisions: IntCounterVec,
+    pub rate_limit_keys: IntGaugeVec,
     pub config_generation: IntGauge,
     pub config_last_load: IntGauge,
     pub config_reloads: IntCounterVec,
@@ -91,6 +93,8 @@ impl Metrics {
             upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
+            rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited).", &[POLICY, OUTCOME]),
+            rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s).", &[POLICY]),
             config_generation: scalar_gauge(names::CONFIG_GENERATION, "Generation of the config in use: 1 at start, +1 per successful reload."),
             config_last_load: scalar_gauge(names::CONFIG_LAST_LOAD_TIMESTAMP_SECONDS, "Unix time the config in use was loaded."),
             config_reloads: counter(&r, names::CONFIG_RELOADS_TOTAL, "Reload attempts by result (success, failure).", &[RESULT]),
@@ -142,4 +146,21 @@ pub fn metrics() -> &'static Metrics {
         m.init_known_series();
         m
     })
+}
+
+/// Increments a gauge now and decrements it when dropped, however the scope
+/// ends (return, error, panic, cancelled task).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -18,6 +18,9 @@ pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "meshgate_upstream_connections_tota
 pub const UPSTREAM_ERRORS_TOTAL: &str = "meshgate_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 
+pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "meshgate_rate_limit_decisions_total";
+pub const RATE_LIMIT_KEYS: &str = "meshgate_rate_limit_keys";
+
 pub const CONFIG_GENERATION: &str = "meshgate_config_generation";
 pub const CONFIG_LAST_LOAD_TIMESTAMP_SECONDS: &str = "meshgate_config_last_load_timestamp_seconds";
 pub const CONFIG_RELOADS_TOTAL: &str = "meshgate_config_reloads_total";
@@ -40,6 +43,8 @@ pub mod label {
     pub const RESULT: &str = "result";
     pub const VERSION: &str = "version";
     pub const CONFIG_HASH: &str = "config_hash";
+    pub const POLICY: &str = "policy";
+    pub const OUTCOME: &str = "outcome";
 }
 
 /// Histogram buckets for a proxy: 100µs to 30s.

@@ -216,7 +216,8 @@ enum Message {
     Span(Box<SpanData>),
     /// Export everything queued, then acknowledge.
     Flush(SyncSender<()>),
-    Shutdown(SyncSender<()>),
+    /// Export what is queued until the deadline, drop the rest, stop.
+    Shutdown(SyncSender<()>, Instant),
 }
 
 /// Bounded queue + one export thread; see the module docs.
@@ -238,10 +239,14 @@ impl BoundedBatchProcessor {
         })
     }
 
-    fn request(&self, make: fn(SyncSender<()>) -> Message, timeout: Duration) -> OTelSdkResult {
+    fn request(
+        &self,
+        message: impl FnOnce(SyncSender<()>) -> Message,
+        timeout: Duration,
+    ) -> OTelSdkResult {
         let (ack_tx, ack_rx) = sync_channel(1);
         self.tx
-            .send(make(ack_tx))
+            .send(message(ack_tx))
             .map_err(|_| opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown)?;
         ack_rx
             .recv_timeout(timeout)
@@ -269,9 +274,14 @@ impl SpanProcessor for BoundedBatchProcessor {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        let result = self.request(Message::Shutdown, timeout);
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
+        let deadline = Instant::now() + timeout;
+        let result = self.request(|ack| Message::Shutdown(ack, deadline), timeout);
+        // A thread stuck in an export past the deadline is left behind rather
+        // than holding up the exit.
+        if result.is_ok() {
+            if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+                let _ = t.join();
+            }
         }
         result
     }
@@ -298,8 +308,17 @@ fn export_loop(rx: Receiver<Message>, exporter: OtlpExporter, interval: Duration
                     export(&exporter, &mut batch);
                     let _ = ack.send(());
                 }
-                Ok(Message::Shutdown(ack)) => {
-                    export(&exporter, &mut batch);
+                Ok(Message::Shutdown(ack, deadline)) => {
+                    while let Ok(Message::Span(span)) = rx.try_recv() {
+                        batch.push(*span);
+                    }
+                    for chunk in std::mem::take(&mut batch).chunks(MAX_BATCH) {
+                        if Instant::now() < deadline {
+                            export(&exporter, &mut chunk.to_vec());
+                        } else {
+                            metrics().trace_spans_dropped.inc_by(chunk.len() as u64);
+                        }
+                    }
                     let _ = exporter.shutdown();
                     let _ = ack.send(());
                     return;

@@ -1,0 +1,168 @@
+//! Rate limiting: named policies (`[rate_limits.NAME]`) that routes list.
+//! Each policy is a keyed GCRA limiter ([`limiter`]); a request must be
+//! allowed by every policy of its route. Shadow policies count and log what
+//! they would limit but never block. Responses carry the IETF `RateLimit` and
+//! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers).
+
+pub mod client_ip;
+pub mod limiter;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::HeaderMap;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::model::{LimitMode, RateLimit, RateLimitKey};
+use crate::telemetry::metrics::metrics;
+use limiter::{Decision, KeyedLimiter};
+
+/// How often idle keys are evicted from every policy.
+pub const EVICTION_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A compiled policy: its config and its limiter state.
+pub struct Policy {
+    pub model: RateLimit,
+    limiter: KeyedLimiter,
+}
+
+impl Policy {
+    pub fn build(model: &RateLimit) -> Option<Arc<Policy>> {
+        let limiter = KeyedLimiter::new(model.rate, model.per, model.burst, model.max_keys)?;
+        Some(Arc::new(Policy {
+            model: model.clone(),
+            limiter,
+        }))
+    }
+
+    pub fn evict_idle(&self) {
+        self.limiter.evict_idle();
+        metrics()
+            .rate_limit_keys
+            .with_label_values(&[self.model.name.as_str()])
+            .set(self.limiter.keys() as i64);
+    }
+}
+
+/// What a request is keyed by.
+pub struct KeyInputs<'a> {
+    pub client_ip: Option<IpAddr>,
+    pub headers: &'a HeaderMap,
+    pub route: &'a str,
+}
+
+fn key_of(policy: &RateLimit, inputs: &KeyInputs<'_>) -> String {
+    match &policy.key {
+        RateLimitKey::ClientIp => inputs
+            .client_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        // Requests without the header share one bucket: leaving it out must
+        // not be a way around the limit.
+        RateLimitKey::Header(name) => inputs
+            .headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
+        RateLimitKey::Route => inputs.route.to_string(),
+    }
+}
+
+/// The outcome for one request across its route's policies.
+#[derive(Default)]
+pub struct Verdict {
+    /// The enforcing policy that refused the request, and when to retry.
+    pub limited: Option<(String, Duration)>,
+    /// Shadow policies that would have refused it.
+    pub shadow_limited: Vec<String>,
+    /// `RateLimit-Policy` and `RateLimit` values, when the response should carry them.
+    pub headers: Option<(String, String)>,
+}
+
+/// Check `policies` in order; all must allow. A policy consumes a unit even
+/// when a later one refuses the request.
+pub fn check(policies: &[Arc<Policy>], inputs: &KeyInputs<'_>) -> Verdict {
+    let mut verdict = Verdict::default();
+    let mut policy_fields = Vec::new();
+    let mut limit_fields = Vec::new();
+    let mut show = false;
+    for p in policies {
+        let m = &p.model;
+        let decision = p.limiter.check(&key_of(m, inputs));
+        let outcome = match (decision, m.mode) {
+            (Decision::Allowed { .. }, _) => "allowed",
+            (Decision::Limited { .. }, LimitMode::Shadow) => "shadow_limited",
+            (Decision::Limited { .. }, LimitMode::Enforce) => "limited",
+        };
+        metrics()
+            .rate_limit_decisions
+            .with_label_values(&[m.name.as_str(), outcome])
+            .inc();
+        let (remaining, reset) = match decision {
+            Decision::Allowed { remaining, full_in } => (remaining, full_in),
+            Decision::Limited { retry_after } => (0, retry_after),
+        };
+        match (decision, m.mode) {
+            (Decision::Limited { retry_after }, LimitMode::Enforce) => {
+                if verdict.limited.is_none() {
+                    verdict.limited = Some((m.name.clone(), retry_after));
+                }
+                show = true;
+            }
+            (Decision::Limited { .. }, LimitMode::Shadow) => {
+                verdict.shadow_limited.push(m.name.clone())
+            }
+            _ => {}
+        }
+        // Shadow policies stay invisible to clients.
+        if m.mode == LimitMode::Enforce {
+            show |= m.headers_on_allowed;
+            policy_fields.push(format!(
+                "\"{}\";q={};w={}",
+                m.name,
+                m.rate,
+                ceil_secs(m.per)
+            ));
+            limit_fields.push(format!(
+                "\"{}\";r={};t={}",
+                m.name,
+                remaining,
+                ceil_secs(reset)
+            ));
+        }
+    }
+    if show && !policy_fields.is_empty() {
+        verdict.headers = Some((policy_fields.join(", "), limit_fields.join(", ")));
+    }
+    verdict
+}
+
+/// Whole seconds, rounded up (header fields and `Retry-After` count seconds).
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Evicts idle keys from the policies of the running config.
+pub struct EvictIdleKeys {
+    pub runtime: Arc<arc_swap::ArcSwap<crate::runtime::Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for EvictIdleKeys {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(EVICTION_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for p in &self.runtime.load().policies {
+                        p.evict_idle();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
