@@ -81,6 +81,11 @@ upstream = "dead"
 [routes.ping]
 path = "/ping"
 respond = {{ body = "pong" }}
+rate_limits = ["watch"]
+[rate_limits.watch]
+key = "route"
+rate = 100
+mode = "shadow"
 [upstreams.api]
 endpoints = ["{up}"]
 [upstreams.dead]
