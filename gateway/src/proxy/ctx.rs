@@ -115,6 +115,12 @@ impl RequestCtx {
         Some(rt.route(self.route?).name.as_str())
     }
 
+    /// The route's `response_headers` rewrite, once a route is chosen.
+    pub fn response_rewrite(&self) -> Option<&crate::config::model::HeaderRewrite> {
+        let rt = self.runtime.as_ref()?;
+        Some(&rt.route(self.route?).response_headers)
+    }
+
     pub fn upstream_name(&self) -> Option<&str> {
         let rt = self.runtime.as_ref()?;
         rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())

@@ -373,8 +373,8 @@ impl ProxyHttp for Gateway {
         if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
             resp.insert_header(headers::X_REQUEST_ID, id)?;
         }
-        if let Some((rt, r)) = ctx.runtime.as_ref().zip(ctx.route) {
-            headers::rewrite_response(resp, &rt.route(r).response_headers);
+        if let Some(rw) = ctx.response_rewrite() {
+            headers::rewrite_response(resp, rw);
         }
         Ok(())
     }

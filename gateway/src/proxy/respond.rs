@@ -62,11 +62,7 @@ pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCt
     let status =
         StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let json = HeaderValue::from_static("application/json");
-    let rewrite = ctx
-        .runtime
-        .as_ref()
-        .zip(ctx.route)
-        .map(|(rt, r)| &rt.route(r).response_headers);
+    let rewrite = ctx.response_rewrite();
     send(
         session,
         status,
@@ -135,11 +131,7 @@ pub async fn send_rate_limited(
         (header::RETRY_AFTER, HeaderValue::from(retry_after)),
     ];
     hdrs.extend(rate_limit_headers(ctx));
-    let rewrite = ctx
-        .runtime
-        .as_ref()
-        .zip(ctx.route)
-        .map(|(rt, r)| &rt.route(r).response_headers);
+    let rewrite = ctx.response_rewrite();
     send(
         session,
         StatusCode::TOO_MANY_REQUESTS,
