@@ -144,6 +144,7 @@ endpoints = ["{}"]
         b"GET /\xff\xfe HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.1\r\nBad Header Name: x\r\n\r\n",
         b"GET / HTTP/9.9\r\nHost: a\r\n\r\n",
+        b"GET /no-host-header HTTP/1.1\r\n\r\n",
     ];
     for input in inputs {
         let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
@@ -249,4 +250,30 @@ endpoints = ["{}"]
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_without_host_is_refused_but_http10_is_fine() {
+    let live = echo("live").await;
+    let config = format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"live\"\n[upstreams.live]\nendpoints = [\"{}\"]\n",
+        live.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let exchange = |raw: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&out[..n]).into_owned()
+    };
+    // Longer than the 24-byte HTTP/2 preface, which h2c detection waits for.
+    let r = exchange(b"GET /no-host-header HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("\"error\":\"malformed request\""), "{r}");
+    let r = exchange(b"GET /no-host-header HTTP/1.0\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.") && r.contains(" 200 "), "{r}");
 }

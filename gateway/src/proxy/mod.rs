@@ -139,6 +139,12 @@ impl ProxyHttp for Gateway {
         };
 
         let req = session.req_header();
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused.
+        if req.version == http::Version::HTTP_11 && request_host(req).is_none() {
+            ctx.failure = Some(Failure::BadRequest);
+            respond::send_error(session, Failure::BadRequest, ctx).await?;
+            return Ok(true);
+        }
         let host = request_host(req).map(normalize_host);
         let parts = RequestParts {
             host: host.as_deref(),
@@ -428,8 +434,11 @@ impl ProxyHttp for Gateway {
         trace::finish(session, e, ctx);
         // Client errors (404, 400) are visible in metrics and the access log;
         // the log proper carries what an operator must look at.
+        // A client that hung up is its own business; log what failed on the
+        // gateway's or the upstream's side.
         let gateway_fault = ctx.failure.is_some_and(|f| f.status() >= 500);
-        if e.is_some() || gateway_fault {
+        let not_client = e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream);
+        if not_client || gateway_fault {
             let req = session.req_header();
             log::warn!(
                 "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={} error={}",

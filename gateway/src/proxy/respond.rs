@@ -59,6 +59,10 @@ pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
 }
 
 pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCtx) -> Result<()> {
+    if failure == Failure::BadRequest {
+        // After a malformed request the connection's framing cannot be trusted.
+        session.set_keepalive(None);
+    }
     let status =
         StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let json = HeaderValue::from_static("application/json");
