@@ -86,8 +86,9 @@ pub struct Verdict {
 /// when a later one refuses the request.
 pub fn check(policies: &[Arc<Policy>], inputs: &KeyInputs<'_>) -> Verdict {
     let mut verdict = Verdict::default();
-    let mut policy_fields = Vec::new();
-    let mut limit_fields = Vec::new();
+    // (policy, remaining, reset) per enforcing policy; formatted only when a
+    // header will be sent.
+    let mut shown: Vec<(&RateLimit, u32, Duration)> = Vec::new();
     let mut show = false;
     for p in policies {
         let m = &p.model;
@@ -120,22 +121,21 @@ pub fn check(policies: &[Arc<Policy>], inputs: &KeyInputs<'_>) -> Verdict {
         // Shadow policies stay invisible to clients.
         if m.mode == LimitMode::Enforce {
             show |= m.headers_on_allowed;
-            policy_fields.push(format!(
-                "\"{}\";q={};w={}",
-                m.name,
-                m.rate,
-                ceil_secs(m.per)
-            ));
-            limit_fields.push(format!(
-                "\"{}\";r={};t={}",
-                m.name,
-                remaining,
-                ceil_secs(reset)
-            ));
+            shown.push((m, remaining, reset));
         }
     }
-    if show && !policy_fields.is_empty() {
-        verdict.headers = Some((policy_fields.join(", "), limit_fields.join(", ")));
+    if show && !shown.is_empty() {
+        let policy = shown
+            .iter()
+            .map(|(m, _, _)| format!("\"{}\";q={};w={}", m.name, m.rate, ceil_secs(m.per)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let limit = shown
+            .iter()
+            .map(|(m, r, t)| format!("\"{}\";r={};t={}", m.name, r, ceil_secs(*t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        verdict.headers = Some((policy, limit));
     }
     verdict
 }
