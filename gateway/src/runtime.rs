@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::model::{Action, Config, Direction, Route};
+use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
 use crate::upstream::UpstreamPool;
@@ -21,6 +22,8 @@ pub struct Runtime {
     pub upstreams: Vec<UpstreamPool>,
     /// One per `[rate_limits]` entry.
     pub policies: Vec<Arc<Policy>>,
+    /// The store of global rate limits.
+    pub redis: Option<Arc<RedisBackend>>,
 }
 
 pub struct ListenerRuntime {
@@ -56,6 +59,22 @@ impl Runtime {
                     .or_else(|| Policy::build(model))
             })
             .collect();
+        // An unchanged [redis] keeps its connection.
+        let redis = config.redis.as_ref().and_then(|model| {
+            if let Some(old) = previous
+                .and_then(|p| p.redis.as_ref())
+                .filter(|old| old.model == *model)
+            {
+                return Some(old.clone());
+            }
+            match RedisBackend::new(model) {
+                Ok(b) => Some(Arc::new(b)),
+                Err(e) => {
+                    log::error!("[redis] {}: {e}", model.redacted_url());
+                    None
+                }
+            }
+        });
         let policy_index = |name: &str| policies.iter().find(|p| p.model.name == name).cloned();
         let upstreams: Vec<UpstreamPool> =
             config.upstreams.iter().map(UpstreamPool::build).collect();
@@ -100,6 +119,7 @@ impl Runtime {
             routes,
             upstreams,
             policies,
+            redis,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
     pub rate_limits: Vec<RateLimit>,
+    /// The store for `scope = "global"` rate limits.
+    pub redis: Option<Redis>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
 }
@@ -138,6 +140,66 @@ pub struct RateLimit {
     /// Send `RateLimit`/`RateLimit-Policy` on allowed responses too.
     pub headers_on_allowed: bool,
     pub max_keys: usize,
+    pub scope: LimitScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    /// A budget per gateway process.
+    Local,
+    /// One budget shared through `[redis]`; `batch` units are taken from
+    /// Redis per round trip and spent locally.
+    Global { batch: u32 },
+}
+
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(20);
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "meshgate:rl:";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redis {
+    /// `redis://[user:password@]host:port/db` or `unix:///path`.
+    pub url: String,
+    pub on_error: OnError,
+    /// Longest a request waits for Redis, connecting included.
+    pub timeout: Duration,
+    /// Prepended to every key meshgate writes.
+    pub key_prefix: String,
+}
+
+impl Redis {
+    /// The URL with any password replaced, for logs and the admin API.
+    pub fn redacted_url(&self) -> String {
+        match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &self.url[scheme + 3..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        format!("{}{user}:***{}", &self.url[..scheme + 3], &self.url[at..])
+                    }
+                    None => format!("{}***{}", &self.url[..scheme + 3], &self.url[at..]),
+                }
+            }
+            _ => self.url.clone(),
+        }
+    }
+}
+
+/// What a global limit does when Redis cannot answer within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Let the request through (fail open).
+    Allow,
+    /// Refuse it with 503 (fail closed).
+    Deny,
+}
+
+impl OnError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Allow => "allow",
+            OnError::Deny => "deny",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

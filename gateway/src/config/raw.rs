@@ -68,6 +68,17 @@ pub struct RawRateLimit {
     pub scope: Option<Spanned<String>>,
     pub headers_on_allowed: Option<bool>,
     pub max_keys: Option<Spanned<i64>>,
+    pub batch: Option<Spanned<i64>>,
+}
+
+/// `[redis]`: the store behind `scope = "global"` rate limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Spanned<String>,
+    pub on_error: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub key_prefix: Option<Spanned<String>>,
 }
 
 /// `[routes.NAME]`

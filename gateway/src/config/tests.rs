@@ -124,10 +124,59 @@ bad!(
     "needs mTLS peer identities"
 );
 bad!(
-    rate_limit_global,
+    rate_limit_global_without_redis,
     format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nscope = \"global\"\n"),
     6,
-    "not available in this version"
+    "there is no [redis] table"
+);
+const OK_REDIS: &str = "[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n";
+bad!(
+    rate_limit_global_too_fine,
+    format!("{OK_LISTENER}{OK_REDIS}[rate_limits.p]\nkey = \"route\"\nrate = 2000000\nscope = \"global\"\n"),
+    7,
+    "finer than a global limit can count"
+);
+bad!(
+    rate_limit_scope,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nscope = \"cluster\"\n"),
+    6,
+    "unknown scope"
+);
+bad!(
+    rate_limit_batch_local,
+    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nbatch = 2\n"),
+    6,
+    "applies only to scope = \"global\""
+);
+bad!(
+    rate_limit_batch_above_burst,
+    format!("{OK_LISTENER}{OK_REDIS}[rate_limits.p]\nkey = \"route\"\nrate = 10\nburst = 4\nscope = \"global\"\nbatch = 5\n"),
+    10,
+    "batch = 5 is out of range"
+);
+bad!(
+    redis_url,
+    format!("{OK_LISTENER}[redis]\nurl = \"http://127.0.0.1:6379\"\n"),
+    4,
+    "is not usable"
+);
+bad!(
+    redis_on_error,
+    format!("{OK_LISTENER}{OK_REDIS}on_error = \"retry\"\n"),
+    5,
+    "unknown on_error"
+);
+bad!(
+    redis_timeout,
+    format!("{OK_LISTENER}{OK_REDIS}timeout = \"0s\"\n"),
+    5,
+    "redis.timeout must be greater than zero"
+);
+bad!(
+    redis_unknown_key,
+    format!("{OK_LISTENER}{OK_REDIS}pool = 4\n"),
+    5,
+    "unknown key `pool`"
 );
 bad!(
     rate_limit_mode,
@@ -562,4 +611,22 @@ fn rate_limit_defaults() {
     assert!(!p.headers_on_allowed);
     assert_eq!(p.max_keys, model::DEFAULT_MAX_KEYS);
     assert_eq!(cfg.listeners[0].trusted_proxies.len(), 2);
+}
+
+#[test]
+fn redis_and_global_defaults() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}[redis]\nurl = \"redis://:s3cret@127.0.0.1:6379/2\"\n[rate_limits.p]\nkey = \"route\"\nrate = 7\nscope = \"global\"\n"),
+    )
+    .unwrap();
+    let r = cfg.redis.as_ref().unwrap();
+    assert_eq!(r.on_error, model::OnError::Allow);
+    assert_eq!(r.timeout, model::DEFAULT_REDIS_TIMEOUT);
+    assert_eq!(r.key_prefix, model::DEFAULT_REDIS_KEY_PREFIX);
+    assert_eq!(r.redacted_url(), "redis://:***@127.0.0.1:6379/2");
+    assert_eq!(
+        cfg.rate_limits[0].scope,
+        model::LimitScope::Global { batch: 1 }
+    );
 }

@@ -22,6 +22,8 @@ const SECTIONS: &[&str] = &[
     "listeners",
     "routes",
     "upstreams",
+    "rate_limits",
+    "redis",
 ];
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
@@ -78,6 +80,7 @@ struct RawFile {
     routes: Vec<(Spanned<String>, RawRoute)>,
     upstreams: Vec<(Spanned<String>, RawUpstream)>,
     rate_limits: Vec<(Spanned<String>, RawRateLimit)>,
+    redis: Option<RawRedis>,
 }
 
 #[derive(Default)]
@@ -105,6 +108,7 @@ impl Validator {
                 "routes" => raw.routes = self.de_named(key, value),
                 "upstreams" => raw.upstreams = self.de_named(key, value),
                 "rate_limits" => raw.rate_limits = self.de_named(key, value),
+                "redis" => raw.redis = self.de(value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(
@@ -199,10 +203,11 @@ impl Validator {
             .into_iter()
             .filter_map(|(name, u)| self.upstream(name, u))
             .collect();
+        let redis = raw.redis.and_then(|r| self.redis(r));
         let rate_limits: Vec<RateLimit> = raw
             .rate_limits
             .into_iter()
-            .filter_map(|(name, r)| self.rate_limit(name, r))
+            .filter_map(|(name, r)| self.rate_limit(name, r, redis.is_some()))
             .collect();
         let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let names = Names {
@@ -239,6 +244,7 @@ impl Validator {
             routes,
             upstreams,
             rate_limits,
+            redis,
             source_hash: String::new(),
         }
     }
@@ -763,7 +769,57 @@ impl Validator {
         }
     }
 
-    fn rate_limit(&mut self, name: Spanned<String>, r: RawRateLimit) -> Option<RateLimit> {
+    fn redis(&mut self, r: RawRedis) -> Option<Redis> {
+        let before = self.diags.len();
+        let url = r.url.get_ref().trim().to_string();
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            self.error(
+                r.url.span(),
+                format!("redis.url = \"{url}\" is not usable: {e}"),
+                "write url = \"redis://127.0.0.1:6379/0\" (or redis://:PASSWORD@host:port/db, unix:///path/redis.sock)",
+            );
+        }
+        let on_error = match r.on_error.as_ref().map(|o| o.get_ref().as_str()) {
+            None | Some("allow") => OnError::Allow,
+            Some("deny") => OnError::Deny,
+            Some(other) => {
+                if let Some(o) = &r.on_error {
+                    self.error(
+                        o.span(),
+                        format!("unknown on_error \"{other}\""),
+                        "use \"allow\" (fail open) or \"deny\" (fail closed with 503)",
+                    );
+                }
+                OnError::Allow
+            }
+        };
+        let timeout = self.duration_or(
+            r.timeout.as_ref(),
+            "redis.timeout",
+            DEFAULT_REDIS_TIMEOUT,
+            false,
+        );
+        let key_prefix = match r.key_prefix {
+            None => DEFAULT_REDIS_KEY_PREFIX.to_string(),
+            Some(p) => p.into_inner(),
+        };
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(Redis {
+            url,
+            on_error,
+            timeout,
+            key_prefix,
+        })
+    }
+
+    fn rate_limit(
+        &mut self,
+        name: Spanned<String>,
+        r: RawRateLimit,
+        have_redis: bool,
+    ) -> Option<RateLimit> {
         let n = name.get_ref().clone();
         let before = self.diags.len();
         let key_text = r.key.get_ref().trim();
@@ -846,23 +902,65 @@ impl Validator {
                 LimitMode::Enforce
             }
         };
-        match r.scope.as_ref().map(|s| s.get_ref().as_str()) {
-            None | Some("local") => {}
+        let global = match r.scope.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("local") => false,
             Some("global") => {
-                if let Some(s) = &r.scope {
-                    self.error(s.span(), "scope = \"global\" (one budget shared through Redis) is not available in this version", "use scope = \"local\" (a budget per gateway process)");
+                if let Some(s) = r.scope.as_ref().filter(|_| !have_redis) {
+                    self.error(
+                        s.span(),
+                        format!("rate limit `{n}` has scope = \"global\" but there is no [redis] table"),
+                        "add [redis] with url = \"redis://127.0.0.1:6379/0\", or use scope = \"local\"",
+                    );
                 }
+                // Redis keeps time in microseconds.
+                if per
+                    .checked_div(rate)
+                    .is_some_and(|d| d < Duration::from_micros(1))
+                {
+                    self.error(
+                        r.rate.span(),
+                        format!("rate = {rate} per {per:?} is more than one request per microsecond, finer than a global limit can count"),
+                        "lower `rate` or lengthen `per`",
+                    );
+                }
+                true
             }
             Some(other) => {
                 if let Some(s) = &r.scope {
                     self.error(
                         s.span(),
                         format!("unknown scope \"{other}\""),
-                        "use \"local\"",
+                        "use \"local\" (a budget per process) or \"global\" (one budget shared through Redis)",
                     );
                 }
+                false
             }
-        }
+        };
+        let batch = match &r.batch {
+            None => 1,
+            Some(b) if !global => {
+                self.error(
+                    b.span(),
+                    "`batch` applies only to scope = \"global\"",
+                    "remove `batch`, or set scope = \"global\"",
+                );
+                1
+            }
+            Some(b) if (1..=i64::from(burst)).contains(b.get_ref()) => *b.get_ref() as u32,
+            Some(b) => {
+                self.error(
+                    b.span(),
+                    format!("batch = {} is out of range", b.get_ref()),
+                    format!("use 1..={burst} (at most `burst`); 1 asks Redis for every request"),
+                );
+                1
+            }
+        };
+        let scope = if global {
+            LimitScope::Global { batch }
+        } else {
+            LimitScope::Local
+        };
         let max_keys = match &r.max_keys {
             None => DEFAULT_MAX_KEYS,
             Some(m) if (1..=100_000_000).contains(m.get_ref()) => *m.get_ref() as usize,
@@ -887,6 +985,7 @@ impl Validator {
             mode,
             headers_on_allowed: r.headers_on_allowed.unwrap_or(false),
             max_keys,
+            scope,
         })
     }
 

@@ -16,6 +16,7 @@ pub enum Failure {
     BadRequest,
     Internal,
     RateLimited,
+    RateLimitUnavailable,
 }
 
 impl Failure {
@@ -27,6 +28,7 @@ impl Failure {
             Failure::UpstreamUnreachable | Failure::UpstreamError => 502,
             Failure::BadRequest => 400,
             Failure::RateLimited => 429,
+            Failure::RateLimitUnavailable => 503,
         }
     }
 
@@ -39,6 +41,7 @@ impl Failure {
             Failure::UpstreamError => "upstream failed to answer",
             Failure::BadRequest => "malformed request",
             Failure::RateLimited => "rate limited",
+            Failure::RateLimitUnavailable => "rate limit store unavailable",
             Failure::Internal => "internal gateway error",
         }
     }

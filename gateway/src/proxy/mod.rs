@@ -40,15 +40,22 @@ impl Gateway {
     }
 }
 
-/// Run the route's rate-limit policies. `Some((policy, retry_after_secs))`
-/// when an enforcing policy refuses the request.
-fn limit(
+/// Why the rate limits refused a request.
+enum Refusal {
+    /// `(policy, retry_after_secs)`
+    Limited(String, u64),
+    /// A global policy could not reach Redis and `on_error = "deny"`.
+    Unavailable(String),
+}
+
+/// Run the route's rate-limit policies; `Some` when one refuses the request.
+async fn limit(
     rt: &Runtime,
     listener: usize,
     route: usize,
     session: &Session,
     ctx: &mut RequestCtx,
-) -> Option<(String, u64)> {
+) -> Option<Refusal> {
     let limits = &rt.routes.get(route)?.limits;
     if limits.is_empty() {
         return None;
@@ -68,12 +75,19 @@ fn limit(
         headers: &req.headers,
         route: &rt.route(route).name,
     };
-    let verdict = ratelimit::check(limits, &inputs);
+    let verdict = ratelimit::check(limits, &inputs, rt.redis.as_deref()).await;
     ctx.rate_limit_headers = verdict.headers;
+    if let Some(policy) = verdict.unavailable {
+        ctx.rate_limit_note = format!("unavailable:{policy}");
+        return Some(Refusal::Unavailable(policy));
+    }
     match verdict.limited {
         Some((policy, retry_after)) => {
             ctx.rate_limit_note = policy.clone();
-            Some((policy, ratelimit::ceil_secs(retry_after).max(1)))
+            Some(Refusal::Limited(
+                policy,
+                ratelimit::ceil_secs(retry_after).max(1),
+            ))
         }
         None => {
             if !verdict.shadow_limited.is_empty() {
@@ -162,10 +176,18 @@ impl ProxyHttp for Gateway {
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
-        if let Some((policy, retry_after)) = limit(&rt, listener, route_idx, session, ctx) {
-            ctx.failure = Some(Failure::RateLimited);
-            respond::send_rate_limited(session, ctx, &policy, retry_after).await?;
-            return Ok(true);
+        match limit(&rt, listener, route_idx, session, ctx).await {
+            Some(Refusal::Limited(policy, retry_after)) => {
+                ctx.failure = Some(Failure::RateLimited);
+                respond::send_rate_limited(session, ctx, &policy, retry_after).await?;
+                return Ok(true);
+            }
+            Some(Refusal::Unavailable(policy)) => {
+                ctx.failure = Some(Failure::RateLimitUnavailable);
+                respond::send_rate_limit_unavailable(session, ctx, &policy).await?;
+                return Ok(true);
+            }
+            None => {}
         }
         match &route.action {
             Action::Forward(_) => {

@@ -147,6 +147,39 @@ pub async fn send_rate_limited(
     .await
 }
 
+/// 503 for a global limit that cannot reach Redis under `on_error = "deny"`.
+/// `Retry-After: 1`: Redis is given a second to come back.
+pub async fn send_rate_limit_unavailable(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    policy: &str,
+) -> Result<()> {
+    let failure = Failure::RateLimitUnavailable;
+    let body = serde_json::json!({
+        "error": failure.message(),
+        "status": failure.status(),
+        "policy": policy,
+        "route": ctx.route_name(),
+        "request_id": ctx.request_id,
+    });
+    let hdrs = [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ),
+        (header::RETRY_AFTER, HeaderValue::from_static("1")),
+    ];
+    send(
+        session,
+        StatusCode::SERVICE_UNAVAILABLE,
+        &hdrs,
+        Bytes::from(body.to_string()),
+        &ctx.request_id,
+        ctx.response_rewrite(),
+    )
+    .await
+}
+
 /// The `RateLimit-Policy` / `RateLimit` pair for this request, if any.
 pub fn rate_limit_headers(ctx: &RequestCtx) -> Vec<(header::HeaderName, HeaderValue)> {
     let Some((policy, limit)) = &ctx.rate_limit_headers else {

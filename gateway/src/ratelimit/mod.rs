@@ -1,23 +1,26 @@
 //! Rate limiting: named policies (`[rate_limits.NAME]`) that routes list.
-//! Each policy is a keyed GCRA limiter ([`limiter`]); a request must be
-//! allowed by every policy of its route. Shadow policies count and log what
+//! Each policy is a keyed GCRA limiter, in this process ([`limiter`]) or in
+//! Redis, shared by all gateways ([`global`]); a request must be allowed by
+//! every policy of its route. Shadow policies count and log what
 //! they would limit but never block. Responses carry the IETF `RateLimit` and
 //! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers).
 
 pub mod client_ip;
+pub mod global;
 pub mod limiter;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::HeaderMap;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::config::model::{LimitMode, RateLimit, RateLimitKey};
+use crate::config::model::{LimitMode, LimitScope, OnError, RateLimit, RateLimitKey};
 use crate::telemetry::metrics::metrics;
+use global::{BackendError, LocalCache, RedisBackend};
 use limiter::{Decision, KeyedLimiter};
 
 /// How often idle keys are evicted from every policy.
@@ -26,24 +29,81 @@ pub const EVICTION_INTERVAL: Duration = Duration::from_secs(10);
 /// A compiled policy: its config and its limiter state.
 pub struct Policy {
     pub model: RateLimit,
-    limiter: KeyedLimiter,
+    state: State,
+}
+
+enum State {
+    Local(KeyedLimiter),
+    Global {
+        cache: LocalCache,
+        /// Refill interval: `per / rate`.
+        interval: Duration,
+        batch: u32,
+    },
 }
 
 impl Policy {
     pub fn build(model: &RateLimit) -> Option<Arc<Policy>> {
-        let limiter = KeyedLimiter::new(model.rate, model.per, model.burst, model.max_keys)?;
+        let interval = model.per.checked_div(model.rate)?;
+        let state = match model.scope {
+            LimitScope::Local => State::Local(KeyedLimiter::new(
+                model.rate,
+                model.per,
+                model.burst,
+                model.max_keys,
+            )?),
+            LimitScope::Global { batch } => State::Global {
+                cache: LocalCache::new(interval, model.max_keys),
+                interval,
+                batch,
+            },
+        };
         Some(Arc::new(Policy {
             model: model.clone(),
-            limiter,
+            state,
         }))
     }
 
     pub fn evict_idle(&self) {
-        self.limiter.evict_idle();
+        let keys = match &self.state {
+            State::Local(l) => {
+                l.evict_idle();
+                l.keys()
+            }
+            State::Global { cache, .. } => {
+                cache.evict_idle(Instant::now());
+                cache.keys()
+            }
+        };
         metrics()
             .rate_limit_keys
             .with_label_values(&[self.model.name.as_str()])
-            .set(self.limiter.keys() as i64);
+            .set(keys as i64);
+    }
+
+    async fn decide(
+        &self,
+        key: &str,
+        backend: Option<&RedisBackend>,
+    ) -> Result<Decision, BackendError> {
+        match &self.state {
+            State::Local(l) => Ok(l.check(key)),
+            State::Global {
+                cache,
+                interval,
+                batch,
+            } => {
+                if let Some(d) = cache.decide(key, Instant::now()) {
+                    return Ok(d);
+                }
+                let backend = backend.ok_or(BackendError::Unavailable)?;
+                let redis_key = format!("{}{}:{key}", backend.model.key_prefix, self.model.name);
+                let grant = backend
+                    .take(&redis_key, *interval, self.model.burst, *batch)
+                    .await?;
+                Ok(cache.record(key, grant, Instant::now()))
+            }
+        }
     }
 }
 
@@ -76,6 +136,9 @@ fn key_of(policy: &RateLimit, inputs: &KeyInputs<'_>) -> String {
 pub struct Verdict {
     /// The enforcing policy that refused the request, and when to retry.
     pub limited: Option<(String, Duration)>,
+    /// The enforcing global policy that could not reach Redis, when
+    /// `on_error = "deny"`.
+    pub unavailable: Option<String>,
     /// Shadow policies that would have refused it.
     pub shadow_limited: Vec<String>,
     /// `RateLimit-Policy` and `RateLimit` values, when the response should carry them.
@@ -83,8 +146,12 @@ pub struct Verdict {
 }
 
 /// Check `policies` in order; all must allow. A policy consumes a unit even
-/// when a later one refuses the request.
-pub fn check(policies: &[Arc<Policy>], inputs: &KeyInputs<'_>) -> Verdict {
+/// when a later one refuses the request. `backend` serves global policies.
+pub async fn check(
+    policies: &[Arc<Policy>],
+    inputs: &KeyInputs<'_>,
+    backend: Option<&RedisBackend>,
+) -> Verdict {
     let mut verdict = Verdict::default();
     // (policy, remaining, reset) per enforcing policy; formatted only when a
     // header will be sent.
@@ -92,7 +159,22 @@ pub fn check(policies: &[Arc<Policy>], inputs: &KeyInputs<'_>) -> Verdict {
     let mut show = false;
     for p in policies {
         let m = &p.model;
-        let decision = p.limiter.check(&key_of(m, inputs));
+        let decision = match p.decide(&key_of(m, inputs), backend).await {
+            Ok(d) => d,
+            Err(e) => {
+                metrics()
+                    .rate_limit_decisions
+                    .with_label_values(&[m.name.as_str(), "backend_error"])
+                    .inc();
+                log::debug!("rate limit {}: {e}", m.name);
+                let deny = backend.is_none_or(|b| b.model.on_error == OnError::Deny);
+                if deny && m.mode == LimitMode::Enforce && verdict.unavailable.is_none() {
+                    verdict.unavailable = Some(m.name.clone());
+                }
+                // Nothing is known about the budget, so no header field.
+                continue;
+            }
+        };
         let outcome = match (decision, m.mode) {
             (Decision::Allowed { .. }, _) => "allowed",
             (Decision::Limited { .. }, LimitMode::Shadow) => "shadow_limited",

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::names::{self, label::*};
@@ -28,6 +28,8 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     pub rate_limit_decisions: IntCounterVec,
     pub rate_limit_keys: IntGaugeVec,
+    pub rate_limit_backend_duration: Histogram,
+    pub rate_limit_backend_errors: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_load: IntGauge,
     pub config_reloads: IntCounterVec,
@@ -93,8 +95,10 @@ impl Metrics {
             upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
-            rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited).", &[POLICY, OUTCOME]),
-            rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s).", &[POLICY]),
+            rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, backend_error).", &[POLICY, OUTCOME]),
+            rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s); for a global policy, keys with a cached decision.", &[POLICY]),
+            rate_limit_backend_duration: histogram(&r, names::RATE_LIMIT_BACKEND_DURATION_SECONDS, "Time of each answered Redis call made for global rate limits.", &[]).with_label_values(&[] as &[&str]),
+            rate_limit_backend_errors: counter(&r, names::RATE_LIMIT_BACKEND_ERRORS_TOTAL, "Redis calls for global rate limits that failed, by kind: timeout, unavailable (skipped while Redis keeps failing), error.", &[KIND]),
             config_generation: scalar_gauge(names::CONFIG_GENERATION, "Generation of the config in use: 1 at start, +1 per successful reload."),
             config_last_load: scalar_gauge(names::CONFIG_LAST_LOAD_TIMESTAMP_SECONDS, "Unix time the config in use was loaded."),
             config_reloads: counter(&r, names::CONFIG_RELOADS_TOTAL, "Reload attempts by result (success, failure).", &[RESULT]),
@@ -112,6 +116,9 @@ impl Metrics {
     fn init_known_series(&self) {
         for result in ["success", "failure"] {
             self.config_reloads.with_label_values(&[result]);
+        }
+        for kind in crate::ratelimit::global::BackendError::KINDS {
+            self.rate_limit_backend_errors.with_label_values(&[kind]);
         }
     }
 

@@ -20,6 +20,9 @@ pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 
 pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "meshgate_rate_limit_decisions_total";
 pub const RATE_LIMIT_KEYS: &str = "meshgate_rate_limit_keys";
+pub const RATE_LIMIT_BACKEND_DURATION_SECONDS: &str =
+    "meshgate_rate_limit_backend_duration_seconds";
+pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "meshgate_rate_limit_backend_errors_total";
 
 pub const CONFIG_GENERATION: &str = "meshgate_config_generation";
 pub const CONFIG_LAST_LOAD_TIMESTAMP_SECONDS: &str = "meshgate_config_last_load_timestamp_seconds";

@@ -1,0 +1,416 @@
+//! Global rate limits: one GCRA budget per key, kept in Redis and shared by
+//! every gateway that points at the same Redis.
+//!
+//! Each decision is one `EVALSHA` of [`GCRA_SCRIPT`], which reads Redis's own
+//! clock (so gateways' clocks do not matter), updates the key's theoretical
+//! arrival time and sets it to expire once the bucket is full again (so Redis
+//! holds only active keys). A call may take up to `batch` units at once; the
+//! gateway then spends the rest locally ([`LocalCache`]). A refusal is cached
+//! until its retry time, which is exact: no gateway can make a key's next
+//! allowed time earlier.
+//!
+//! Every call is bounded by `[redis] timeout`. After a few failures in a row
+//! calls are skipped for a short while (answered by `on_error` at once), so a
+//! dead Redis costs requests nothing and a slow one costs at most `timeout`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::model::Redis;
+use crate::telemetry::metrics::metrics;
+
+use super::limiter::Decision;
+
+/// GCRA over microseconds. KEYS[1]: the key. ARGV: emission interval (µs),
+/// burst, units wanted. Returns {granted, remaining, retry_after_us,
+/// full_in_us}. Numbers are written with `%.0f` because Lua's default
+/// formatting keeps only 14 digits, fewer than a microsecond timestamp has.
+pub const GCRA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tolerance = interval * burst
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local available = math.floor((now + tolerance - tat) / interval)
+if available < 1 then
+  return {0, 0, tat + interval - tolerance - now, tat - now}
+end
+local granted = math.min(want, available)
+tat = tat + granted * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+return {granted, available - granted, 0, tat - now}
+";
+
+/// Failures in a row after which calls are skipped for [`SKIP_FOR`].
+const FAILURES_BEFORE_SKIPPING: u32 = 3;
+/// How long calls are skipped; then one request at a time finds out whether
+/// Redis is back.
+const SKIP_FOR: Duration = Duration::from_millis(500);
+/// A new connection gets this long, whatever `timeout` is: a request stops
+/// waiting at `timeout`, but the attempt carries on for the next one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    #[error("Redis did not answer within the timeout")]
+    Timeout,
+    #[error("Redis calls are paused after repeated failures")]
+    Unavailable,
+    #[error("Redis error: {0}")]
+    Redis(String),
+}
+
+impl BackendError {
+    /// Values of the `kind` label.
+    pub const KINDS: [&'static str; 3] = ["timeout", "unavailable", "error"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Timeout => "timeout",
+            BackendError::Unavailable => "unavailable",
+            BackendError::Redis(_) => "error",
+        }
+    }
+}
+
+/// What Redis granted for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Units taken (0: refused).
+    pub granted: u32,
+    /// Units still available at once after this grant.
+    pub remaining: u32,
+    /// When refused: time until one unit is available.
+    pub retry_after: Duration,
+    /// Time until the bucket is full again.
+    pub full_in: Duration,
+}
+
+/// The connection to `[redis]`, shared by every global policy.
+pub struct RedisBackend {
+    pub model: Redis,
+    client: redis::Client,
+    /// Made on first use, from inside a request, because the connection's
+    /// tasks need a tokio runtime and the first config is built before any.
+    manager: OnceLock<Result<ConnectionManager, String>>,
+    script: redis::Script,
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which calls are skipped.
+    skip_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl RedisBackend {
+    pub fn new(model: &Redis) -> Result<Self, BackendError> {
+        let client = redis::Client::open(model.url.as_str())
+            .map_err(|e| BackendError::Redis(e.to_string()))?;
+        Ok(RedisBackend {
+            model: model.clone(),
+            client,
+            manager: OnceLock::new(),
+            script: redis::Script::new(GCRA_SCRIPT),
+            failures: AtomicU32::new(0),
+            skip_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, BackendError> {
+        let made = self.manager.get_or_init(|| {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                .map_err(|e| e.to_string())
+        });
+        made.clone().map_err(BackendError::Redis)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Take up to `want` units of `key` from a bucket of `burst` units that
+    /// refills one unit per `interval`. Never waits longer than the timeout.
+    pub async fn take(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+        want: u32,
+    ) -> Result<Grant, BackendError> {
+        let result = if self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed) {
+            Err(BackendError::Unavailable)
+        } else {
+            let started = Instant::now();
+            let result = self.call(key, interval, burst, want).await;
+            if result.is_ok() {
+                metrics()
+                    .rate_limit_backend_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.record(result.is_ok());
+            result
+        };
+        if let Err(e) = &result {
+            metrics()
+                .rate_limit_backend_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+        }
+        result
+    }
+
+    async fn call(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+        want: u32,
+    ) -> Result<Grant, BackendError> {
+        let mut conn = self.connection()?;
+        let interval_us = interval.as_micros().max(1) as u64;
+        let mut invocation = self.script.key(key);
+        invocation.arg(interval_us).arg(burst).arg(want);
+        let reply = tokio::time::timeout(
+            self.model.timeout,
+            invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+        )
+        .await;
+        let (granted, remaining, retry_us, full_us) = match reply {
+            Err(_) => return Err(BackendError::Timeout),
+            Ok(Err(e)) => return Err(BackendError::Redis(e.to_string())),
+            Ok(Ok(v)) => v,
+        };
+        let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+        let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+        Ok(Grant {
+            granted: clamp(granted),
+            remaining: clamp(remaining),
+            retry_after: micros(retry_us),
+            full_in: micros(full_us),
+        })
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            if self.failures.swap(0, Ordering::Relaxed) >= FAILURES_BEFORE_SKIPPING {
+                log::info!("Redis at {} answers again", self.model.redacted_url());
+            }
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= FAILURES_BEFORE_SKIPPING {
+            if failures == FAILURES_BEFORE_SKIPPING {
+                log::warn!(
+                    "Redis at {} keeps failing; global rate limits follow on_error = \"{}\" until it answers",
+                    self.model.redacted_url(),
+                    self.model.on_error.as_str()
+                );
+            }
+            self.skip_until_ms.store(
+                self.now_ms() + SKIP_FOR.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// What a gateway remembers of one key of a global policy.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Refused by Redis until then.
+    refused_until: Option<Instant>,
+    /// Units taken from Redis and not spent yet, usable until `lease_until`.
+    lease: u32,
+    lease_until: Instant,
+    /// What Redis reported at the last grant, for the `RateLimit` field.
+    remaining: u32,
+    full_at: Instant,
+}
+
+impl Entry {
+    fn idle(&self, now: Instant) -> bool {
+        self.refused_until.is_none_or(|t| t <= now) && (self.lease == 0 || self.lease_until <= now)
+    }
+}
+
+/// The gateway-local half of a global policy: cached refusals and leased
+/// units, bounded by the policy's `max_keys`.
+pub struct LocalCache {
+    entries: Mutex<HashMap<String, Entry>>,
+    max_keys: usize,
+    interval: Duration,
+}
+
+impl LocalCache {
+    pub fn new(interval: Duration, max_keys: usize) -> Self {
+        LocalCache {
+            entries: Mutex::new(HashMap::new()),
+            max_keys,
+            interval,
+        }
+    }
+
+    /// A decision made without Redis, if the cache holds one.
+    pub fn decide(&self, key: &str, now: Instant) -> Option<Decision> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let e = entries.get_mut(key)?;
+        if let Some(until) = e.refused_until.filter(|t| *t > now) {
+            return Some(Decision::Limited {
+                retry_after: until - now,
+            });
+        }
+        if e.lease > 0 && e.lease_until > now {
+            e.lease -= 1;
+            return Some(Decision::Allowed {
+                remaining: e.remaining.saturating_add(e.lease),
+                full_in: e.full_at.saturating_duration_since(now),
+            });
+        }
+        None
+    }
+
+    /// Turn Redis's answer into a decision and remember what it allows.
+    pub fn record(&self, key: &str, grant: Grant, now: Instant) -> Decision {
+        let leased = grant.granted.saturating_sub(1);
+        let decision = if grant.granted == 0 {
+            Decision::Limited {
+                retry_after: grant.retry_after,
+            }
+        } else {
+            Decision::Allowed {
+                remaining: grant.remaining.saturating_add(leased),
+                full_in: grant.full_in,
+            }
+        };
+        if grant.granted == 1 && !self.holds(key) {
+            // Nothing worth remembering.
+            return decision;
+        }
+        let entry = Entry {
+            refused_until: (grant.granted == 0).then(|| now + grant.retry_after),
+            lease: leased,
+            // Units not spent by the time they would have refilled are dropped,
+            // so a quiet gateway cannot hoard a key's budget.
+            lease_until: now + self.interval.saturating_mul(leased.max(1)),
+            remaining: grant.remaining,
+            full_at: now + grant.full_in,
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() < self.max_keys || entries.contains_key(key) {
+            entries.insert(key.to_string(), entry);
+        }
+        decision
+    }
+
+    fn holds(&self, key: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.contains_key(key)
+    }
+
+    /// Drop entries that no longer change a decision.
+    pub fn evict_idle(&self, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, e| !e.idle(now));
+    }
+
+    pub fn keys(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(granted: u32, remaining: u32, retry_ms: u64) -> Grant {
+        Grant {
+            granted,
+            remaining,
+            retry_after: Duration::from_millis(retry_ms),
+            full_in: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn refusal_is_cached_until_retry_time() {
+        let cache = LocalCache::new(Duration::from_millis(10), 100);
+        let t0 = Instant::now();
+        assert_eq!(cache.decide("k", t0), None);
+        let d = cache.record("k", grant(0, 0, 30), t0);
+        assert_eq!(
+            d,
+            Decision::Limited {
+                retry_after: Duration::from_millis(30)
+            }
+        );
+        assert_eq!(
+            cache.decide("k", t0 + Duration::from_millis(10)),
+            Some(Decision::Limited {
+                retry_after: Duration::from_millis(20)
+            })
+        );
+        // At the retry time Redis is asked again.
+        assert_eq!(cache.decide("k", t0 + Duration::from_millis(30)), None);
+        cache.evict_idle(t0 + Duration::from_millis(30));
+        assert_eq!(cache.keys(), 0);
+    }
+
+    #[test]
+    fn leased_units_are_spent_locally_then_expire() {
+        let cache = LocalCache::new(Duration::from_millis(10), 100);
+        let t0 = Instant::now();
+        // Redis granted 3: one for this request, two leased for 20ms.
+        let d = cache.record("k", grant(3, 5, 0), t0);
+        assert!(matches!(d, Decision::Allowed { remaining: 7, .. }));
+        assert!(matches!(
+            cache.decide("k", t0),
+            Some(Decision::Allowed { remaining: 6, .. })
+        ));
+        assert!(matches!(
+            cache.decide("k", t0 + Duration::from_millis(5)),
+            Some(Decision::Allowed { remaining: 5, .. })
+        ));
+        assert_eq!(cache.decide("k", t0 + Duration::from_millis(5)), None);
+
+        cache.record("j", grant(3, 5, 0), t0);
+        assert_eq!(cache.decide("j", t0 + Duration::from_millis(20)), None);
+        cache.evict_idle(t0 + Duration::from_millis(20));
+        assert_eq!(cache.keys(), 0);
+    }
+
+    #[test]
+    fn single_grants_are_not_cached_and_the_cache_is_bounded() {
+        let cache = LocalCache::new(Duration::from_millis(10), 2);
+        let t0 = Instant::now();
+        cache.record("a", grant(1, 5, 0), t0);
+        assert_eq!(cache.keys(), 0);
+        for k in ["a", "b", "c", "d"] {
+            cache.record(k, grant(0, 0, 1000), t0);
+        }
+        assert_eq!(cache.keys(), 2);
+        // A key that did not fit is still decided, by Redis.
+        assert_eq!(cache.decide("c", t0), None);
+    }
+
+    #[test]
+    fn error_kinds_are_the_documented_label_values() {
+        for e in [
+            BackendError::Timeout,
+            BackendError::Unavailable,
+            BackendError::Redis("x".into()),
+        ] {
+            assert!(BackendError::KINDS.contains(&e.kind()));
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Global rate limits against a real redis-server: the GCRA script itself,
+//! two gateways sharing one budget, batching, and what happens when Redis
+//! dies or hangs (on_error, and no request waits beyond the timeout).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use meshgate::config::model::{OnError, Redis};
+use meshgate::ratelimit::global::RedisBackend;
+use support::client::{get, Resp};
+use support::redis::RedisServer;
+use support::{Gateway, HEAD};
+
+/// Longest any request may take while Redis is down or frozen. The gateway's
+/// `timeout` is 50ms; the rest is slack for a loaded CI machine.
+const NO_HANG: Duration = Duration::from_secs(2);
+
+fn config(redis: &RedisServer, redis_extra: &str, policy: &str) -> String {
+    format!(
+        "{}\n[redis]\nurl = \"{}\"\ntimeout = \"50ms\"\n{redis_extra}\n[rate_limits.shared]\nscope = \"global\"\n{policy}\n[routes.api]\npath_prefix = \"/\"\nrate_limits = [\"shared\"]\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end(),
+        redis.url()
+    )
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn timed_get(gw: &Gateway, headers: &[(&str, &str)]) -> (Resp, Duration) {
+    let start = Instant::now();
+    let r = get(gw.listen, "/", headers).await.unwrap();
+    (r, start.elapsed())
+}
+
+fn backend(redis: &RedisServer) -> RedisBackend {
+    RedisBackend::new(&Redis {
+        url: redis.url(),
+        on_error: OnError::Allow,
+        timeout: Duration::from_secs(1),
+        key_prefix: "t:".into(),
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcra_script_grants_burst_then_refuses_then_refills() {
+    let redis = RedisServer::start().await;
+    let b = backend(&redis);
+    let hour = Duration::from_secs(3600);
+
+    let g = b.take("t:a", hour, 3, 1).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (1, 2));
+    // Asking for more than is left grants what is left.
+    let g = b.take("t:a", hour, 3, 5).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (2, 0));
+    let g = b.take("t:a", hour, 3, 1).await.unwrap();
+    assert_eq!(g.granted, 0);
+    assert!(
+        g.retry_after > Duration::from_secs(3590) && g.retry_after <= hour,
+        "{:?}",
+        g.retry_after
+    );
+    assert!(
+        g.full_in > Duration::from_secs(3 * 3600 - 10),
+        "{:?}",
+        g.full_in
+    );
+    // The key expires when its bucket would be full again.
+    let ttl: i64 = redis.command("PTTL t:a").await.unwrap()[1..]
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 3 * 3_600_000 - 10_000 && ttl <= 3 * 3_600_000,
+        "{ttl}"
+    );
+    // Other keys are independent.
+    assert_eq!(b.take("t:b", hour, 3, 1).await.unwrap().granted, 1);
+
+    // Refill: one unit per 100ms.
+    let tick = Duration::from_millis(100);
+    assert_eq!(b.take("t:c", tick, 1, 1).await.unwrap().granted, 1);
+    let refused = b.take("t:c", tick, 1, 1).await.unwrap();
+    assert_eq!(refused.granted, 0);
+    assert!(refused.retry_after <= tick);
+    tokio::time::sleep(refused.retry_after + Duration::from_millis(5)).await;
+    assert_eq!(b.take("t:c", tick, 1, 1).await.unwrap().granted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_one_budget() {
+    let redis = RedisServer::start().await;
+    let cfg = config(
+        &redis,
+        "",
+        "key = \"route\"\nrate = 10\nper = \"1m\"\nheaders_on_allowed = true\n",
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let mut ok = [0usize; 2];
+    let mut last = None;
+    for i in 0..30 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = get(gw.listen, "/", &[]).await.unwrap();
+        match r.status {
+            200 => ok[i % 2] += 1,
+            429 => last = Some(r),
+            s => panic!("unexpected status {s}: {}", r.text()),
+        }
+    }
+    // One atomic call per request: the combined count is exact.
+    assert_eq!(ok, [5, 5], "each gateway served half of one shared budget");
+    let r = last.expect("some requests were limited");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"shared\";q=10;w=60"));
+    assert!(
+        r.header("ratelimit")
+            .unwrap()
+            .starts_with("\"shared\";r=0;t="),
+        "{:?}",
+        r.header("ratelimit")
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=6).contains(&retry), "one unit per 6s: {retry}");
+    assert_eq!(r.json()["policy"], "shared");
+
+    let text = get(a.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshgate_rate_limit_decisions_total{outcome="allowed",policy="shared"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshgate_rate_limit_decisions_total{outcome="limited",policy="shared"}"#
+        ),
+        10.0
+    );
+    assert!(
+        metric(&text, "meshgate_rate_limit_backend_duration_seconds_count") >= 5.0,
+        "answered Redis calls are timed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_on_two_gateways_get_exactly_the_budget() {
+    let redis = RedisServer::start().await;
+    let cfg = config(&redis, "", "key = \"route\"\nrate = 50\nper = \"1h\"\n");
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let mut tasks = Vec::new();
+    for client in 0..20 {
+        let addr = if client % 2 == 0 { a.listen } else { b.listen };
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..10 {
+                match get(addr, "/", &[]).await.unwrap().status {
+                    200 => ok += 1,
+                    429 => {}
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            ok
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 50, "200 concurrent requests, one budget of 50");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_units_are_spent_locally_and_never_exceed_the_budget() {
+    let redis = RedisServer::start().await;
+    let cfg = config(
+        &redis,
+        "",
+        "key = \"route\"\nrate = 10\nper = \"1m\"\nbatch = 5\n",
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    // A takes 5 units from Redis and spends one.
+    assert_eq!(get(a.listen, "/", &[]).await.unwrap().status, 200);
+    let keys_after_a = redis.command("DBSIZE").await.unwrap();
+    assert_eq!(keys_after_a, ":1");
+    // B takes the other 5; then Redis has none left for it.
+    let mut b_ok = 0;
+    for _ in 0..8 {
+        if get(b.listen, "/", &[]).await.unwrap().status == 200 {
+            b_ok += 1;
+        }
+    }
+    assert_eq!(b_ok, 5);
+    // A still holds 4 leased units, and no more.
+    let mut a_ok = 0;
+    for _ in 0..8 {
+        if get(a.listen, "/", &[]).await.unwrap().status == 200 {
+            a_ok += 1;
+        }
+    }
+    assert_eq!(a_ok, 4, "1 + 4 (A) + 5 (B) = the budget of 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
+    let mut redis = RedisServer::start().await;
+    let gw = Gateway::start(&config(
+        &redis,
+        "on_error = \"allow\"",
+        "key = \"header:x-user\"\nrate = 3\nper = \"1m\"\n",
+    ))
+    .await;
+    let user = |u| [("x-user", u)];
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(get(gw.listen, "/", &user("a")).await.unwrap().status);
+    }
+    assert_eq!(got, vec![200, 200, 200, 429]);
+
+    redis.stop();
+    for _ in 0..10 {
+        let (r, took) = timed_get(&gw, &user("b")).await;
+        assert_eq!(r.status, 200, "on_error = allow lets requests through");
+        assert!(took < NO_HANG, "a request waited {took:?} for a dead Redis");
+    }
+    // A refusal Redis gave holds until its retry time, Redis or not.
+    let (r, took) = timed_get(&gw, &user("a")).await;
+    assert_eq!(r.status, 429);
+    assert!(took < NO_HANG);
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &text,
+            r#"meshgate_rate_limit_decisions_total{outcome="backend_error",policy="shared"}"#
+        ) >= 1.0,
+        "backend errors are counted per policy"
+    );
+    let errors: f64 = ["timeout", "unavailable", "error"]
+        .iter()
+        .map(|k| {
+            metric(
+                &text,
+                &format!("meshgate_rate_limit_backend_errors_total{{kind=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert!(errors >= 10.0, "every failed decision is counted: {errors}");
+
+    // Redis comes back empty (no persistence): a fresh budget of 3, enforced again.
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut statuses = Vec::new();
+    while !statuses.ends_with(&[429]) {
+        assert!(
+            Instant::now() < deadline,
+            "limits not enforced again after Redis came back: {statuses:?}"
+        );
+        statuses.push(get(gw.listen, "/", &user("b")).await.unwrap().status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_fails_closed_within_the_timeout() {
+    let redis = RedisServer::start().await;
+    let cfg = config(&redis, "on_error = \"deny\"", "key = \"route\"\nrate = 100\nper = \"1m\"\n").replace(
+        "[routes.api]",
+        "[rate_limits.trial]\nkey = \"route\"\nscope = \"global\"\nrate = 100\nmode = \"shadow\"\n[routes.free]\npath_prefix = \"/free/\"\nrate_limits = [\"trial\"]\nrespond = { body = \"free\" }\n[routes.api]",
+    );
+    let gw = Gateway::start(&cfg).await;
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+
+    redis.pause();
+    for _ in 0..5 {
+        let (r, took) = timed_get(&gw, &[]).await;
+        assert_eq!(r.status, 503, "on_error = deny refuses: {}", r.text());
+        assert!(
+            took < NO_HANG,
+            "a request waited {took:?} for a frozen Redis"
+        );
+        assert_eq!(r.header("retry-after"), Some("1"));
+        let j = r.json();
+        assert_eq!(j["policy"], "shared");
+        assert_eq!(j["error"], "rate limit store unavailable");
+    }
+    // A shadow policy never blocks, whatever Redis does.
+    let free = get(gw.listen, "/free/x", &[]).await.unwrap();
+    assert_eq!(free.status, 200);
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &text,
+            r#"meshgate_rate_limit_backend_errors_total{kind="timeout"}"#
+        ) >= 1.0
+    );
+
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = get(gw.listen, "/", &[]).await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after Redis resumed",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! A real `redis-server` on a loopback port, for global rate limits.
+//! `make test` installs it (Debian package `redis-server`).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct RedisServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut last = String::new();
+        // A released port can be taken before redis binds it.
+        for _ in 0..3 {
+            let mut server = RedisServer {
+                child: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            match server.spawn().await {
+                Ok(()) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("redis-server did not start: {last}");
+    }
+
+    async fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.addr.port().to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server ({e}); `make test-deps` installs it"))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Err(format!("redis-server exited with {status}: {}", self.log()));
+            }
+            if self.command("PING").await.as_deref() == Ok("+PONG") {
+                return Ok(());
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(format!("redis-server not ready: {}", self.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    /// One inline command; the first line of the reply.
+    pub async fn command(&self, cmd: &str) -> Result<String, String> {
+        let io = async {
+            let mut s = tokio::net::TcpStream::connect(self.addr).await?;
+            s.write_all(format!("{cmd}\r\n").as_bytes()).await?;
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).await?;
+            Ok::<_, std::io::Error>(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        };
+        match tokio::time::timeout(Duration::from_secs(2), io).await {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
+    /// Kill the server (its data goes with it: no persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let start = Instant::now();
+        // The port was ours a moment ago; retry briefly if the kernel still holds it.
+        loop {
+            match self.spawn().await {
+                Ok(()) => return,
+                Err(e) if start.elapsed() > READY_TIMEOUT => panic!("{e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Freeze the process: connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        super::signal(self.pid(), "STOP");
+    }
+
+    pub fn resume(&self) {
+        super::signal(self.pid(), "CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
