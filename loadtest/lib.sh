@@ -44,43 +44,51 @@ TOML
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# wrk's latency ("850.00us", "10.23ms", "1.02s") in milliseconds.
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000} printf "%.2f\n", v}'; }
 minmax() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {print lo "–" hi}'; }
 
 # run_bench ROUNDS DURATION OUTFILE SETUP...; for each SETUP the caller
-# defines top_SETUP, route_SETUP and label_SETUP.
+# defines top_SETUP, route_SETUP and label_SETUP. If SIDE_PID is set (a
+# helper such as redis-server), its CPU per request is reported too, as
+# SIDE_NAME.
 run_bench() {
   local rounds=$1 duration=$2 outfile=$3; shift 3
   local conns=${CONNS:-32} hz; hz=$(getconf CLK_TCK)
-  declare -A rps cpu p99
+  declare -A rps cpu p99 side
   for round in $(seq 1 "$rounds"); do
     for s in "$@"; do
-      local listen admin top route gw t0 t1 out reqs r l us
+      local listen admin top route gw t0 t1 s0 s1 out reqs r l us sus
       listen=$(free_port); admin=$(free_port)
       top="top_$s"; route="route_$s"
       bench_config "$listen" "$admin" "${!top}" "${!route}" > "$work/$s.toml"
       taskset -c 1 "$BIN" run -c "$work/$s.toml" >/dev/null 2>"$work/$s.err" & gw=$!
       wait_port "$listen"
       taskset -c 0 wrk -t1 -c"$conns" -d1s "http://127.0.0.1:$listen/" >/dev/null   # warm-up
-      t0=$(cpu_ticks "$gw")
+      t0=$(cpu_ticks "$gw"); s0=$(if [ -n "${SIDE_PID:-}" ]; then cpu_ticks "$SIDE_PID"; else echo 0; fi)
       out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${duration}s" --latency "http://127.0.0.1:$listen/")
-      t1=$(cpu_ticks "$gw")
+      t1=$(cpu_ticks "$gw"); s1=$(if [ -n "${SIDE_PID:-}" ]; then cpu_ticks "$SIDE_PID"; else echo 0; fi)
       kill -INT "$gw"; wait "$gw" 2>/dev/null || true
       reqs=$(awk '/requests in/ {print $1}' <<<"$out")
       r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-      l=$(awk '$1=="99%" {print $2}' <<<"$out")
+      l=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
       us=$(python3 -c "print(round(($t1-$t0)/$hz*1e6/$reqs, 1))")
-      rps[$s]+="$r "; cpu[$s]+="$us "; p99[$s]+="$l "
-      echo "round $round $s: $r req/s, p99 $l, ${us} us CPU/request" >&2
+      sus=$(python3 -c "print(round(($s1-$s0)/$hz*1e6/$reqs, 1))")
+      rps[$s]+="$r "; cpu[$s]+="$us "; p99[$s]+="$l "; side[$s]+="$sus "
+      echo "round $round $s: $r req/s, p99 ${l}ms, ${us} us CPU/request${SIDE_PID:+, ${SIDE_NAME:-helper} ${sus} us}" >&2
     done
   done
   local base; base=$(median <<<"${rps[$1]}")
   {
-    echo "| set-up | req/s (median, min–max) | vs baseline | CPU µs/request (median) | p99 (median) |"
-    echo "|---|---|---|---|---|"
+    local side_head="" side_rule=""
+    [ -n "${SIDE_PID:-}" ] && side_head=" ${SIDE_NAME:-helper} CPU µs/request |" && side_rule="---|"
+    echo "| set-up | req/s (median, min–max) | vs baseline | CPU µs/request (median, min–max) | p99 ms (median) |$side_head"
+    echo "|---|---|---|---|---|$side_rule"
     for s in "$@"; do
-      local m label="label_$s"
+      local m label="label_$s" side_col=""
       m=$(median <<<"${rps[$s]}")
-      echo "| ${!label} | $m ($(minmax <<<"${rps[$s]}")) | $(python3 -c "print(f'{$m/$base:.3f}×')") | $(median <<<"${cpu[$s]}") | $(tr ' ' '\n' <<<"${p99[$s]}" | grep -v '^$' | sort | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') |"
+      [ -n "${SIDE_PID:-}" ] && side_col=" $(median <<<"${side[$s]}") |"
+      echo "| ${!label} | $m ($(minmax <<<"${rps[$s]}")) | $(python3 -c "print(f'{$m/$base:.3f}×')") | $(median <<<"${cpu[$s]}") ($(minmax <<<"${cpu[$s]}")) | $(median <<<"${p99[$s]}") |$side_col"
     done
     echo
     echo "$rounds interleaved rounds of ${duration}s, wrk -t1 -c$conns on core 0 with the origin (meshgate demo-upstream), meshgate 1 worker on core 1; $(nproc) cores, $(uname -r), $(date -u +%F)."

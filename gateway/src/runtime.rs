@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::model::{Action, Config, Direction, Route};
+use crate::config::model::{Action, Config, Direction, LimitScope, Route};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
@@ -49,11 +49,14 @@ impl Runtime {
     /// Build, keeping the limiter state of every policy whose settings did not
     /// change, so a reload does not hand out a fresh budget.
     pub fn build_after(config: Config, generation: u64, previous: Option<&Runtime>) -> Self {
+        // What a global policy cached came from the old Redis.
+        let same_redis = previous.is_some_and(|p| p.config.redis == config.redis);
         let policies: Vec<Arc<Policy>> = config
             .rate_limits
             .iter()
             .filter_map(|model| {
                 previous
+                    .filter(|_| same_redis || model.scope == LimitScope::Local)
                     .and_then(|p| p.policies.iter().find(|old| old.model == *model))
                     .cloned()
                     .or_else(|| Policy::build(model))

@@ -207,7 +207,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
 
     std::fs::write(&gw.config_path, concrete(config("two"))).unwrap();
     support::signal(gw.pid(), "HUP");
-    let generation = wait_for_generation(&gw, 2).await;
+    let generation = gw.wait_for_generation(2).await;
     assert_eq!(generation, 2);
     assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
 
@@ -251,21 +251,4 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
-}
-
-async fn wait_for_generation(gw: &Gateway, want: u64) -> u64 {
-    let start = std::time::Instant::now();
-    loop {
-        let c = get(gw.admin, "/config", &[]).await.unwrap().json();
-        let g = c["generation"].as_u64().unwrap();
-        if g >= want {
-            return g;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "still at generation {g}: {}",
-            gw.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }

@@ -19,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::watch;
 
 use crate::config::model::Redis;
 use crate::telemetry::metrics::metrics;
@@ -53,6 +54,10 @@ const FAILURES_BEFORE_SKIPPING: u32 = 3;
 /// How long calls are skipped; then one request at a time finds out whether
 /// Redis is back.
 const SKIP_FOR: Duration = Duration::from_millis(500);
+/// Leased units live `batch × interval` or this, whichever is longer: long
+/// enough to be spent at high rates, short enough that a quiet gateway holds
+/// back at most `batch - 1` units for a second.
+const MIN_LEASE: Duration = Duration::from_secs(1);
 /// A new connection gets this long, whatever `timeout` is: a request stops
 /// waiting at `timeout`, but the attempt carries on for the next one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -70,6 +75,14 @@ pub enum BackendError {
 impl BackendError {
     /// Values of the `kind` label.
     pub const KINDS: [&'static str; 3] = ["timeout", "unavailable", "error"];
+
+    /// Count it in `meshgate_rate_limit_backend_errors_total`.
+    pub fn count(&self) {
+        metrics()
+            .rate_limit_backend_errors
+            .with_label_values(&[self.kind()])
+            .inc();
+    }
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -140,19 +153,23 @@ impl RedisBackend {
     }
 
     /// Take up to `want` units of `key` from a bucket of `burst` units that
-    /// refills one unit per `interval`. Never waits longer than the timeout.
+    /// refills one unit per `interval`. Waits at most `wait`, and never
+    /// longer than `[redis] timeout`.
     pub async fn take(
         &self,
         key: &str,
         interval: Duration,
         burst: u32,
         want: u32,
+        wait: Duration,
     ) -> Result<Grant, BackendError> {
         let result = if self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed) {
             Err(BackendError::Unavailable)
         } else {
             let started = Instant::now();
-            let result = self.call(key, interval, burst, want).await;
+            let result = self
+                .call(key, interval, burst, want, wait.min(self.model.timeout))
+                .await;
             if result.is_ok() {
                 metrics()
                     .rate_limit_backend_duration
@@ -162,10 +179,7 @@ impl RedisBackend {
             result
         };
         if let Err(e) = &result {
-            metrics()
-                .rate_limit_backend_errors
-                .with_label_values(&[e.kind()])
-                .inc();
+            e.count();
         }
         result
     }
@@ -176,13 +190,14 @@ impl RedisBackend {
         interval: Duration,
         burst: u32,
         want: u32,
+        wait: Duration,
     ) -> Result<Grant, BackendError> {
         let mut conn = self.connection()?;
         let interval_us = interval.as_micros().max(1) as u64;
         let mut invocation = self.script.key(key);
         invocation.arg(interval_us).arg(burst).arg(want);
         let reply = tokio::time::timeout(
-            self.model.timeout,
+            wait,
             invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
         )
         .await;
@@ -226,7 +241,7 @@ impl RedisBackend {
 }
 
 /// What a gateway remembers of one key of a global policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Entry {
     /// Refused by Redis until then.
     refused_until: Option<Instant>,
@@ -236,11 +251,53 @@ struct Entry {
     /// What Redis reported at the last grant, for the `RateLimit` field.
     remaining: u32,
     full_at: Instant,
+    /// Set while one request asks Redis for this key; dropping it wakes the
+    /// requests waiting for that answer.
+    fetching: Option<watch::Sender<()>>,
 }
 
 impl Entry {
+    fn empty(now: Instant) -> Self {
+        Entry {
+            refused_until: None,
+            lease: 0,
+            lease_until: now,
+            remaining: 0,
+            full_at: now,
+            fetching: None,
+        }
+    }
+
     fn idle(&self, now: Instant) -> bool {
-        self.refused_until.is_none_or(|t| t <= now) && (self.lease == 0 || self.lease_until <= now)
+        self.fetching.is_none()
+            && self.refused_until.is_none_or(|t| t <= now)
+            && (self.lease == 0 || self.lease_until <= now)
+    }
+}
+
+/// What the cache says about a request.
+pub enum Lookup<'a> {
+    Decided(Decision),
+    /// Ask Redis. With a guard, other requests for the key wait for this
+    /// answer instead of asking too (batch > 1), until the guard is dropped.
+    Fetch(Option<FetchGuard<'a>>),
+    /// Another request is asking Redis for this key; wait for it, then look again.
+    Wait(watch::Receiver<()>),
+}
+
+/// Marks a key as being fetched; clears the mark (waking waiters) when
+/// dropped, also when the request is cancelled mid-call.
+pub struct FetchGuard<'a> {
+    cache: &'a LocalCache,
+    key: String,
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        let mut entries = self.cache.lock();
+        if let Some(e) = entries.get_mut(&self.key) {
+            e.fetching = None;
+        }
     }
 }
 
@@ -250,34 +307,64 @@ pub struct LocalCache {
     entries: Mutex<HashMap<String, Entry>>,
     max_keys: usize,
     interval: Duration,
+    /// One Redis call per key at a time. Only with batch > 1: each call then
+    /// brings units for the requests waiting on it, while with batch = 1 it
+    /// would serialise a hot key's requests for nothing.
+    single_flight: bool,
 }
 
 impl LocalCache {
-    pub fn new(interval: Duration, max_keys: usize) -> Self {
+    pub fn new(interval: Duration, batch: u32, max_keys: usize) -> Self {
         LocalCache {
             entries: Mutex::new(HashMap::new()),
             max_keys,
             interval,
+            single_flight: batch > 1,
         }
     }
 
-    /// A decision made without Redis, if the cache holds one.
-    pub fn decide(&self, key: &str, now: Instant) -> Option<Decision> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let e = entries.get_mut(key)?;
-        if let Some(until) = e.refused_until.filter(|t| *t > now) {
-            return Some(Decision::Limited {
-                retry_after: until - now,
-            });
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decide from the cache, or say who asks Redis.
+    pub fn lookup(&self, key: &str, now: Instant) -> Lookup<'_> {
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(key) {
+            if let Some(until) = e.refused_until.filter(|t| *t > now) {
+                return Lookup::Decided(Decision::Limited {
+                    retry_after: until - now,
+                });
+            }
+            if e.lease > 0 && e.lease_until > now {
+                e.lease -= 1;
+                return Lookup::Decided(Decision::Allowed {
+                    remaining: e.remaining.saturating_add(e.lease),
+                    full_in: e.full_at.saturating_duration_since(now),
+                });
+            }
+            if let Some(fetching) = &e.fetching {
+                return Lookup::Wait(fetching.subscribe());
+            }
         }
-        if e.lease > 0 && e.lease_until > now {
-            e.lease -= 1;
-            return Some(Decision::Allowed {
-                remaining: e.remaining.saturating_add(e.lease),
-                full_in: e.full_at.saturating_duration_since(now),
-            });
+        if !self.single_flight {
+            return Lookup::Fetch(None);
         }
-        None
+        if !entries.contains_key(key) {
+            if entries.len() >= self.max_keys {
+                // Beyond max_keys every request asks Redis itself.
+                return Lookup::Fetch(None);
+            }
+            entries.insert(key.to_string(), Entry::empty(now));
+        }
+        let Some(entry) = entries.get_mut(key) else {
+            return Lookup::Fetch(None);
+        };
+        entry.fetching = Some(watch::channel(()).0);
+        Lookup::Fetch(Some(FetchGuard {
+            cache: self,
+            key: key.to_string(),
+        }))
     }
 
     /// Turn Redis's answer into a decision and remember what it allows.
@@ -293,39 +380,44 @@ impl LocalCache {
                 full_in: grant.full_in,
             }
         };
-        if grant.granted == 1 && !self.holds(key) {
-            // Nothing worth remembering.
+        let mut entries = self.lock();
+        if !entries.contains_key(key) {
+            // A single grant with nothing cached: nothing worth remembering.
+            if grant.granted == 1 || entries.len() >= self.max_keys {
+                return decision;
+            }
+            entries.insert(key.to_string(), Entry::empty(now));
+        }
+        let Some(entry) = entries.get_mut(key) else {
             return decision;
-        }
-        let entry = Entry {
-            refused_until: (grant.granted == 0).then(|| now + grant.retry_after),
-            lease: leased,
-            // Units not spent by the time they would have refilled are dropped,
-            // so a quiet gateway cannot hoard a key's budget.
-            lease_until: now + self.interval.saturating_mul(leased.max(1)),
-            remaining: grant.remaining,
-            full_at: now + grant.full_in,
         };
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() < self.max_keys || entries.contains_key(key) {
-            entries.insert(key.to_string(), entry);
+        if grant.granted == 0 {
+            entry.refused_until = Some(now + grant.retry_after);
+        } else {
+            entry.refused_until = None;
+            // Units still leased (another call's) stay; the new ones add up.
+            let kept = if entry.lease_until > now {
+                entry.lease
+            } else {
+                0
+            };
+            entry.lease = kept.saturating_add(leased);
+            // Units not spent in time are dropped, so a quiet gateway cannot
+            // hoard a key's budget.
+            entry.lease_until = now + self.interval.saturating_mul(leased.max(1)).max(MIN_LEASE);
         }
+        entry.remaining = grant.remaining;
+        entry.full_at = now + grant.full_in;
         decision
-    }
-
-    fn holds(&self, key: &str) -> bool {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.contains_key(key)
     }
 
     /// Drop entries that no longer change a decision.
     pub fn evict_idle(&self, now: Instant) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|_, e| !e.idle(now));
+        self.lock().retain(|_, e| !e.idle(now));
     }
 
     pub fn keys(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().len()
     }
 }
 
@@ -342,11 +434,19 @@ mod tests {
         }
     }
 
+    /// The cached decision, if any (a fetch or wait is `None`).
+    fn decided(cache: &LocalCache, key: &str, now: Instant) -> Option<Decision> {
+        match cache.lookup(key, now) {
+            Lookup::Decided(d) => Some(d),
+            _ => None,
+        }
+    }
+
     #[test]
     fn refusal_is_cached_until_retry_time() {
-        let cache = LocalCache::new(Duration::from_millis(10), 100);
+        let cache = LocalCache::new(Duration::from_millis(10), 1, 100);
         let t0 = Instant::now();
-        assert_eq!(cache.decide("k", t0), None);
+        assert!(matches!(cache.lookup("k", t0), Lookup::Fetch(None)));
         let d = cache.record("k", grant(0, 0, 30), t0);
         assert_eq!(
             d,
@@ -355,43 +455,84 @@ mod tests {
             }
         );
         assert_eq!(
-            cache.decide("k", t0 + Duration::from_millis(10)),
+            decided(&cache, "k", t0 + Duration::from_millis(10)),
             Some(Decision::Limited {
                 retry_after: Duration::from_millis(20)
             })
         );
         // At the retry time Redis is asked again.
-        assert_eq!(cache.decide("k", t0 + Duration::from_millis(30)), None);
+        assert_eq!(decided(&cache, "k", t0 + Duration::from_millis(30)), None);
         cache.evict_idle(t0 + Duration::from_millis(30));
         assert_eq!(cache.keys(), 0);
     }
 
     #[test]
     fn leased_units_are_spent_locally_then_expire() {
-        let cache = LocalCache::new(Duration::from_millis(10), 100);
+        let cache = LocalCache::new(Duration::from_secs(1), 3, 100);
         let t0 = Instant::now();
-        // Redis granted 3: one for this request, two leased for 20ms.
+        // Redis granted 3: one for this request, two leased for 2s.
         let d = cache.record("k", grant(3, 5, 0), t0);
         assert!(matches!(d, Decision::Allowed { remaining: 7, .. }));
         assert!(matches!(
-            cache.decide("k", t0),
+            decided(&cache, "k", t0),
             Some(Decision::Allowed { remaining: 6, .. })
         ));
         assert!(matches!(
-            cache.decide("k", t0 + Duration::from_millis(5)),
+            decided(&cache, "k", t0 + Duration::from_millis(5)),
             Some(Decision::Allowed { remaining: 5, .. })
         ));
-        assert_eq!(cache.decide("k", t0 + Duration::from_millis(5)), None);
+        assert_eq!(decided(&cache, "k", t0 + Duration::from_millis(5)), None);
 
+        // A second grant while units are still leased adds to them.
         cache.record("j", grant(3, 5, 0), t0);
-        assert_eq!(cache.decide("j", t0 + Duration::from_millis(20)), None);
-        cache.evict_idle(t0 + Duration::from_millis(20));
+        cache.record("j", grant(3, 2, 0), t0);
+        let spent = (0..10)
+            .filter(|_| decided(&cache, "j", t0).is_some())
+            .count();
+        assert_eq!(spent, 4);
+
+        cache.record("x", grant(3, 5, 0), t0);
+        assert_eq!(decided(&cache, "x", t0 + Duration::from_secs(2)), None);
+        cache.evict_idle(t0 + Duration::from_secs(2));
         assert_eq!(cache.keys(), 0);
+
+        // At high rates a lease still lives long enough to be spent.
+        let fast = LocalCache::new(Duration::from_micros(1), 3, 100);
+        fast.record("k", grant(3, 5, 0), t0);
+        assert!(decided(&fast, "k", t0 + Duration::from_millis(500)).is_some());
+    }
+
+    #[tokio::test]
+    async fn with_batches_one_request_asks_redis_and_the_others_wait_for_it() {
+        let cache = LocalCache::new(Duration::from_millis(10), 5, 100);
+        let t0 = Instant::now();
+        let Lookup::Fetch(Some(guard)) = cache.lookup("k", t0) else {
+            panic!("the first request should fetch");
+        };
+        let Lookup::Wait(mut waiter) = cache.lookup("k", t0) else {
+            panic!("the second request should wait");
+        };
+        cache.record("k", grant(5, 0, 0), t0);
+        drop(guard);
+        // Woken (the sender is gone), the waiter finds a leased unit.
+        assert!(waiter.changed().await.is_err());
+        assert!(decided(&cache, "k", t0).is_some());
+
+        // A cancelled fetch wakes its waiters too, and the next request asks again.
+        let Lookup::Fetch(Some(guard)) = cache.lookup("j", t0) else {
+            panic!("fetch");
+        };
+        let Lookup::Wait(mut waiter) = cache.lookup("j", t0) else {
+            panic!("wait");
+        };
+        drop(guard);
+        assert!(waiter.changed().await.is_err());
+        assert!(matches!(cache.lookup("j", t0), Lookup::Fetch(Some(_))));
     }
 
     #[test]
     fn single_grants_are_not_cached_and_the_cache_is_bounded() {
-        let cache = LocalCache::new(Duration::from_millis(10), 2);
+        let cache = LocalCache::new(Duration::from_millis(10), 1, 2);
         let t0 = Instant::now();
         cache.record("a", grant(1, 5, 0), t0);
         assert_eq!(cache.keys(), 0);
@@ -400,7 +541,7 @@ mod tests {
         }
         assert_eq!(cache.keys(), 2);
         // A key that did not fit is still decided, by Redis.
-        assert_eq!(cache.decide("c", t0), None);
+        assert!(matches!(cache.lookup("c", t0), Lookup::Fetch(None)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::config::model::{LimitMode, LimitScope, OnError, RateLimit, RateLimitKey};
 use crate::telemetry::metrics::metrics;
-use global::{BackendError, LocalCache, RedisBackend};
+use global::{BackendError, LocalCache, Lookup, RedisBackend};
 use limiter::{Decision, KeyedLimiter};
 
 /// How often idle keys are evicted from every policy.
@@ -53,7 +53,7 @@ impl Policy {
                 model.max_keys,
             )?),
             LimitScope::Global { batch } => State::Global {
-                cache: LocalCache::new(interval, model.max_keys),
+                cache: LocalCache::new(interval, batch, model.max_keys),
                 interval,
                 batch,
             },
@@ -93,15 +93,35 @@ impl Policy {
                 interval,
                 batch,
             } => {
-                if let Some(d) = cache.decide(key, Instant::now()) {
-                    return Ok(d);
-                }
                 let backend = backend.ok_or(BackendError::Unavailable)?;
-                let redis_key = format!("{}{}:{key}", backend.model.key_prefix, self.model.name);
-                let grant = backend
-                    .take(&redis_key, *interval, self.model.burst, *batch)
-                    .await?;
-                Ok(cache.record(key, grant, Instant::now()))
+                // Waiting for another request's Redis call counts against
+                // the same timeout as making one.
+                let deadline = Instant::now() + backend.model.timeout;
+                loop {
+                    match cache.lookup(key, Instant::now()) {
+                        Lookup::Decided(d) => return Ok(d),
+                        Lookup::Wait(mut answered) => {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            if tokio::time::timeout(left, answered.changed())
+                                .await
+                                .is_err()
+                            {
+                                let e = BackendError::Timeout;
+                                e.count();
+                                return Err(e);
+                            }
+                        }
+                        Lookup::Fetch(_guard) => {
+                            let redis_key =
+                                format!("{}{}:{key}", backend.model.key_prefix, self.model.name);
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            let grant = backend
+                                .take(&redis_key, *interval, self.model.burst, *batch, left)
+                                .await?;
+                            return Ok(cache.record(key, grant, Instant::now()));
+                        }
+                    }
+                }
             }
         }
     }

@@ -125,6 +125,38 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Wait until `/config` reports generation `want` or later (a reload
+    /// took effect); the generation reached.
+    pub async fn wait_for_generation(&self, want: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let c = client::get(self.admin, "/config", &[])
+                .await
+                .unwrap()
+                .json();
+            let g = c["generation"].as_u64().unwrap();
+            if g >= want {
+                return g;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "still at generation {g}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) and
+    /// send SIGHUP.
+    pub fn reload(&self, config: &str) {
+        let text = config
+            .replace("@LISTEN@", &self.listen.to_string())
+            .replace("@ADMIN@", &self.admin.to_string());
+        std::fs::write(&self.config_path, text).unwrap();
+        signal(self.pid(), "HUP");
+    }
+
     /// Wait up to `limit` for the process to exit; its status if it did.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
