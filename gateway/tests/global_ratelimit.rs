@@ -230,10 +230,16 @@ async fn batched_units_are_spent_locally_and_never_exceed_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
     let mut redis = RedisServer::start().await;
-    let gw = Gateway::start(&config(
-        &redis,
-        "on_error = \"allow\"",
-        "key = \"header:x-user\"\nrate = 3\nper = \"1m\"\n",
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"\n{}",
+        log.display(),
+        config(
+            &redis,
+            "on_error = \"allow\"",
+            "key = \"header:x-user\"\nrate = 3\nper = \"1m\"\n",
+        )
     ))
     .await;
     let user = |u| [("x-user", u)];
@@ -271,6 +277,16 @@ async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
         })
         .sum();
     assert!(errors >= 10.0, "every failed decision is counted: {errors}");
+    // The access log says which requests went through without Redis.
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(r#""rate_limit":"backend_error:shared""#) {
+            break;
+        }
+        assert!(start.elapsed() < NO_HANG, "access log: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Redis comes back empty (no persistence): a fresh budget of 3, enforced again.
     redis.restart().await;
@@ -360,4 +376,32 @@ async fn reload_to_another_redis_takes_its_budget() {
     let c = get(gw.admin, "/config", &[]).await.unwrap().json();
     assert_eq!(c["redis"]["url"], second.url());
     assert_eq!(c["rate_limits"][0]["scope"], "global");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_before_redis_fails_open_then_enforces() {
+    let mut redis = RedisServer::start().await;
+    redis.stop();
+    let gw = Gateway::start(&config(
+        &redis,
+        "",
+        "key = \"route\"\nrate = 2\nper = \"1h\"\n",
+    ))
+    .await;
+    for _ in 0..3 {
+        let (r, took) = timed_get(&gw, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(took < NO_HANG, "a request waited {took:?} for Redis");
+    }
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut statuses = Vec::new();
+    while !statuses.ends_with(&[429]) {
+        assert!(Instant::now() < deadline, "never enforced: {statuses:?}");
+        statuses.push(get(gw.listen, "/", &[]).await.unwrap().status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once Redis answers, exactly the budget goes through.
+    let tail: Vec<u16> = statuses.iter().rev().take(3).rev().copied().collect();
+    assert_eq!(tail, vec![200, 200, 429], "{statuses:?}");
 }

@@ -90,14 +90,23 @@ async fn limit(
             ))
         }
         None => {
+            let mut notes = Vec::new();
             if !verdict.shadow_limited.is_empty() {
-                ctx.rate_limit_note = format!("shadow:{}", verdict.shadow_limited.join(","));
+                notes.push(format!("shadow:{}", verdict.shadow_limited.join(",")));
                 log::debug!(
                     "request_id={} would be limited by {}",
                     ctx.request_id,
-                    ctx.rate_limit_note
+                    verdict.shadow_limited.join(",")
                 );
             }
+            if !verdict.backend_errors.is_empty() {
+                notes.push(format!(
+                    "backend_error:{}",
+                    verdict.backend_errors.join(",")
+                ));
+            }
+            // No spaces: the text log keeps `key=value` fields.
+            ctx.rate_limit_note = notes.join(";");
             None
         }
     }

@@ -161,6 +161,9 @@ pub struct Verdict {
     pub unavailable: Option<String>,
     /// Shadow policies that would have refused it.
     pub shadow_limited: Vec<String>,
+    /// Global policies that could not ask Redis (and let the request through
+    /// unless listed in `unavailable`).
+    pub backend_errors: Vec<String>,
     /// `RateLimit-Policy` and `RateLimit` values, when the response should carry them.
     pub headers: Option<(String, String)>,
 }
@@ -187,6 +190,7 @@ pub async fn check(
                     .with_label_values(&[m.name.as_str(), "backend_error"])
                     .inc();
                 log::debug!("rate limit {}: {e}", m.name);
+                verdict.backend_errors.push(m.name.clone());
                 let deny = backend.is_none_or(|b| b.model.on_error == OnError::Deny);
                 if deny && m.mode == LimitMode::Enforce && verdict.unavailable.is_none() {
                     verdict.unavailable = Some(m.name.clone());

@@ -52,8 +52,9 @@ pub struct Entry<'a> {
     pub client: String,
     pub user_agent: &'a str,
     pub error: &'a str,
-    /// The rate-limit policy that refused the request, or `shadow:NAME,...`
-    /// for shadow policies that would have.
+    /// The rate-limit policy that refused the request, or `unavailable:NAME`,
+    /// or `shadow:NAME,...` / `backend_error:NAME,...` joined by `;`
+    /// (docs/observability.md).
     pub rate_limit: &'a str,
 }
 
