@@ -195,6 +195,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 RateLimitKey::ClientIp => "client_ip".to_string(),
                 RateLimitKey::Header(h) => format!("header:{h}"),
                 RateLimitKey::Route => "route".to_string(),
+                RateLimitKey::Identity => "identity".to_string(),
             },
             "rate": p.rate,
             "per_seconds": secs(p.per),

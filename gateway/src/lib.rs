@@ -5,8 +5,10 @@
 //!   (collects every error with file:line:col and a fix) -> `model` (plain data).
 //! - [`router`]: pure route selection for one listener (`RouteTable`).
 //! - [`upstream`]: upstream pools: weighted endpoint choice and pre-built peers.
-//! - [`ratelimit`]: keyed GCRA policies (governor), client IP behind trusted
-//!   proxies, `RateLimit` headers.
+//! - [`ratelimit`]: keyed GCRA policies (governor, or Redis for global ones),
+//!   client IP behind trusted proxies, `RateLimit` headers.
+//! - [`tls`]: certificates (`[certs]`, watched for changes), TLS termination
+//!   with SNI and client certificates, peer identities and their patterns.
 //! - [`runtime`]: the compiled config (routes, tables, pools) held in an
 //!   `ArcSwap`; each request takes one snapshot.
 //! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
@@ -28,6 +30,7 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// Exit status for an invalid config or command line (sysexits EX_USAGE).

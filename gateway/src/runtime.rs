@@ -9,6 +9,7 @@ use crate::config::model::{Action, Config, Direction, LimitScope, Route};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
+use crate::tls::store::CertStore;
 use crate::upstream::UpstreamPool;
 
 pub struct Runtime {
@@ -24,6 +25,8 @@ pub struct Runtime {
     pub policies: Vec<Arc<Policy>>,
     /// The store of global rate limits.
     pub redis: Option<Arc<RedisBackend>>,
+    /// `[certs]`, as served now (files are watched for changes).
+    pub certs: CertStore,
 }
 
 pub struct ListenerRuntime {
@@ -115,7 +118,9 @@ impl Runtime {
                 table: RouteTable::build(&config.routes, &l.name),
             })
             .collect();
+        let certs = CertStore::build(&config.certs);
         Runtime {
+            certs,
             config: Arc::new(config),
             generation,
             listeners,

@@ -31,6 +31,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::listener::ListenerTlsError),
     #[error("cannot bind {what} {addr}: {source} (is another process using the port?)")]
     Bind {
         what: String,
@@ -78,11 +80,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.bootstrap();
 
     let admin_addr = config.admin.listen;
-    let binds: Vec<String> = config
-        .listeners
-        .iter()
-        .map(|l| l.bind.to_string())
-        .collect();
+    let listeners = config.listeners.clone();
     log::info!(
         "meshgate `{}` starting: {} listener(s), {} route(s), {} upstream(s); admin on http://{admin_addr}",
         config.gateway.name,
@@ -104,8 +102,14 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         "meshgate proxy".to_string(),
         CountConnections::new(proxy, runtime.clone()),
     );
-    for bind in &binds {
-        proxy.add_tcp(bind);
+    for l in &listeners {
+        match &l.tls {
+            None => proxy.add_tcp(&l.bind.to_string()),
+            Some(tls) => {
+                let settings = crate::tls::listener::settings(l, tls, runtime.clone())?;
+                proxy.add_tls_with_settings(&l.bind.to_string(), None, settings);
+            }
+        }
     }
 
     let reloader = background_service(
@@ -121,6 +125,12 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
+    let cert_watcher = background_service(
+        "certificate files",
+        crate::tls::store::WatchCertFiles {
+            runtime: runtime.clone(),
+        },
+    );
     let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
@@ -129,6 +139,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.add_service(admin);
     server.add_service(reloader);
     server.add_service(evictor);
+    server.add_service(cert_watcher);
     ignore_sighup_until_handled();
     server.run(RunArgs::default());
     if let Some(t) = tracing {

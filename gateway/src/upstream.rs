@@ -1,7 +1,9 @@
 //! Upstream pools: endpoint choice (weighted round robin, from
 //! pingora-load-balancing) and the peer each request connects to.
 
+use std::any::Any;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::lb::discovery::Static;
@@ -10,7 +12,13 @@ use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::model::{Upstream, UpstreamProtocol};
+use crate::config::model::{Upstream, UpstreamProtocol, UpstreamTls};
+use crate::tls::IdentityPattern;
+
+/// The identities (URI and DNS SANs) an upstream's certificate carries,
+/// recorded on the connection after its handshake.
+#[derive(Debug)]
+pub struct UpstreamIdentities(pub Vec<String>);
 
 /// Concurrent HTTP/2 streams per h2c connection to an upstream.
 const H2C_MAX_STREAMS: usize = 128;
@@ -27,6 +35,8 @@ pub struct UpstreamPool {
     peers: Vec<HttpPeer>,
     pub connect_retries: u32,
     read_timeout: Duration,
+    /// What the upstream's certificate must carry (`tls.verify`).
+    pub verify: Option<IdentityPattern>,
 }
 
 impl UpstreamPool {
@@ -41,14 +51,24 @@ impl UpstreamPool {
             };
             backend.ext.insert(EndpointIndex(i));
             backends.insert(backend);
-            let mut peer = HttpPeer::new(e.socket, false, String::new());
+            let mut peer = HttpPeer::new(
+                e.socket,
+                u.tls.is_some(),
+                u.tls.as_ref().map_or(String::new(), |t| t.sni.clone()),
+            );
             peer.options.connection_timeout = Some(u.connect_timeout);
             peer.options.read_timeout = Some(u.read_timeout);
             peer.options.write_timeout = Some(u.write_timeout);
             peer.options.idle_timeout = Some(u.idle_timeout);
-            if u.protocol == UpstreamProtocol::H2c {
-                peer.options.alpn = ALPN::H2;
-                peer.options.max_h2_streams = H2C_MAX_STREAMS;
+            match u.protocol {
+                UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+                    peer.options.alpn = ALPN::H2;
+                    peer.options.max_h2_streams = H2C_MAX_STREAMS;
+                }
+                UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
+            }
+            if let Some(tls) = &u.tls {
+                set_tls(&mut peer, tls);
             }
             peers.push(peer);
         }
@@ -61,6 +81,35 @@ impl UpstreamPool {
             peers,
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
+            verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
+        }
+    }
+
+    /// Whether an established connection's peer is who `tls.verify` asks
+    /// for. Checked on every request, pooled connections included.
+    pub fn check_identity(
+        &self,
+        digest: Option<&pingora::protocols::Digest>,
+    ) -> Result<(), String> {
+        let Some(want) = &self.verify else {
+            return Ok(());
+        };
+        let found = digest
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|s| s.extension.get::<UpstreamIdentities>());
+        match found {
+            Some(ids) if ids.0.iter().any(|id| want.matches(id)) => Ok(()),
+            Some(ids) => Err(format!(
+                "upstream `{}` presented {:?}, which does not match verify = \"{}\"",
+                self.name,
+                ids.0,
+                want.as_text()
+            )),
+            None => Err(format!(
+                "upstream `{}` presented no certificate identity to check against verify = \"{}\"",
+                self.name,
+                want.as_text()
+            )),
         }
     }
 
@@ -86,6 +135,30 @@ impl UpstreamPool {
 
     pub fn endpoint_count(&self) -> usize {
         self.peers.len()
+    }
+}
+
+/// Certificate checks for a TLS upstream: the chain against `ca` (or the
+/// system store), then the name: the SNI by BoringSSL, or `verify` (SPIFFE
+/// ID or DNS name) by meshgate on each request, from the identities recorded
+/// at the handshake.
+fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls) {
+    peer.options.verify_cert = true;
+    peer.options.verify_hostname = tls.verify.is_none();
+    if let Some(ca) = &tls.ca {
+        peer.options.ca = Some(Arc::new(ca.certs.to_vec().into_boxed_slice()));
+    }
+    if let Some(client) = &tls.client {
+        peer.client_cert_key = Some(client.pair.to_cert_key());
+    }
+    if tls.verify.is_some() {
+        peer.options.upstream_tls_handshake_complete_hook = Some(Arc::new(|ssl| {
+            let ids = ssl
+                .peer_certificate()
+                .map(|c| crate::tls::identities_of(&c))
+                .unwrap_or_default();
+            Some(Arc::new(UpstreamIdentities(ids)) as Arc<dyn Any + Send + Sync>)
+        }));
     }
 }
 

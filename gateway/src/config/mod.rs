@@ -19,9 +19,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
-/// Validate config text; `path` is only used in messages.
+/// Validate config text; `path` names it in messages, and relative file
+/// paths in it start at its directory.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    validate::validate(text).map_err(|diagnostics| ConfigError::Invalid {
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    validate::validate(text, base).map_err(|diagnostics| ConfigError::Invalid {
         path: path.to_path_buf(),
         source_text: text.to_string(),
         diagnostics,

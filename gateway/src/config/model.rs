@@ -2,6 +2,8 @@
 //! value has been checked, defaults are filled in, and names are resolved.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -32,6 +34,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// The store for `scope = "global"` rate limits.
     pub redis: Option<Redis>,
+    /// `[certs]`, loaded and checked.
+    pub certs: Vec<CertFiles>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
 }
@@ -123,6 +127,89 @@ pub struct Listener {
     pub direction: Direction,
     /// Peers whose `x-forwarded-for` is believed (see ratelimit::client_ip).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// TLS termination; `None`: plain HTTP (HTTP/1.1 and h2c).
+    pub tls: Option<ListenerTls>,
+}
+
+/// A `[certs.NAME]` entry: file paths (resolved against the config file's
+/// directory) and what they held when the config was loaded.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub name: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub pair: Arc<crate::tls::CertKeyPair>,
+}
+
+/// A PEM bundle of CA certificates.
+#[derive(Debug, Clone)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub certs: Arc<Vec<boring::x509::X509>>,
+}
+
+impl PartialEq for CaBundle {
+    /// By file: what matters for "did the config change".
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    /// `[certs]` names; the first is served when no SNI matches.
+    pub certs: Vec<String>,
+    pub min_version: TlsVersion,
+    pub alpn: Alpn,
+    /// CAs that sign acceptable client certificates; `None`: no client auth.
+    pub client_ca: Option<CaBundle>,
+    pub client_auth: ClientAuth,
+    /// Send the peer's identity upstream in `x-meshgate-peer-identity`.
+    pub forward_identity: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// Protocols offered by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// `["h2", "http/1.1"]`: HTTP/2 preferred.
+    H2H1,
+    H1,
+    H2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client certificate is required (handshake fails without one).
+    Require,
+    /// Checked when presented; requests without one have no identity.
+    Optional,
+}
+
+/// TLS to an upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Trusted CAs; `None`: the system trust store.
+    pub ca: Option<CaBundle>,
+    /// Client certificate presented to the upstream (mTLS).
+    pub client: Option<CertFilesRef>,
+    /// Server name sent and, without `verify`, checked against the certificate.
+    pub sni: String,
+    /// Identity the upstream's certificate must carry (URI or DNS SAN).
+    pub verify: Option<crate::tls::IdentityPattern>,
+}
+
+/// A cert/key pair named by path rather than by `[certs]`.
+#[derive(Debug, Clone)]
+pub struct CertFilesRef {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub pair: Arc<crate::tls::CertKeyPair>,
 }
 
 pub const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(1);
@@ -207,6 +294,8 @@ pub enum RateLimitKey {
     ClientIp,
     Header(HeaderName),
     Route,
+    /// The identity of the client certificate (mTLS).
+    Identity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +391,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge over plain TCP (gRPC backends).
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `tls`.
+    H2,
 }
 
 impl UpstreamProtocol {
@@ -309,6 +400,7 @@ impl UpstreamProtocol {
         match self {
             UpstreamProtocol::Http1 => "http1",
             UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
         }
     }
 }
@@ -323,6 +415,7 @@ pub struct Upstream {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_retries: u32,
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]

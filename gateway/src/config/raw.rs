@@ -54,6 +54,38 @@ pub struct RawListener {
     pub bind: Spanned<String>,
     pub direction: Option<Spanned<String>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub tls: Option<Spanned<RawListenerTls>>,
+}
+
+/// A listener's `tls = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub certs: Spanned<Vec<Spanned<String>>>,
+    pub min_version: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub forward_identity: Option<bool>,
+}
+
+/// `[certs.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCert {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// An upstream's `tls = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub sni: Option<Spanned<String>>,
+    pub verify: Option<Spanned<String>>,
 }
 
 /// `[rate_limits.NAME]`
@@ -142,4 +174,5 @@ pub struct RawUpstream {
     pub write_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub connect_retries: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
 }

@@ -118,12 +118,6 @@ bad!(
     "unknown rate-limit key"
 );
 bad!(
-    rate_limit_identity,
-    format!("{OK_LISTENER}[rate_limits.p]\nkey = \"identity\"\nrate = 1\n"),
-    4,
-    "needs mTLS peer identities"
-);
-bad!(
     rate_limit_global_without_redis,
     format!("{OK_LISTENER}[rate_limits.p]\nkey = \"route\"\nrate = 1\nscope = \"global\"\n"),
     6,

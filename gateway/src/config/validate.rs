@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -24,6 +26,7 @@ const SECTIONS: &[&str] = &[
     "upstreams",
     "rate_limits",
     "redis",
+    "certs",
 ];
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
@@ -45,9 +48,13 @@ const FORBIDDEN_REWRITES: &[&str] = &[
     "upgrade",
 ];
 
-/// Validate a config document. `Err` holds every problem found.
-pub fn validate(src: &str) -> Result<Config, Vec<Diagnostic>> {
-    let mut v = Validator::default();
+/// Validate a config document; relative file paths in it are resolved
+/// against `base_dir`. `Err` holds every problem found.
+pub fn validate(src: &str, base_dir: &Path) -> Result<Config, Vec<Diagnostic>> {
+    let mut v = Validator {
+        base_dir: base_dir.to_path_buf(),
+        ..Validator::default()
+    };
     let (root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
         return Err(syntax
@@ -81,11 +88,14 @@ struct RawFile {
     upstreams: Vec<(Spanned<String>, RawUpstream)>,
     rate_limits: Vec<(Spanned<String>, RawRateLimit)>,
     redis: Option<RawRedis>,
+    certs: Vec<(Spanned<String>, RawCert)>,
 }
 
 #[derive(Default)]
 struct Validator {
     diags: Vec<Diagnostic>,
+    /// Relative file paths are resolved against this (the config's directory).
+    base_dir: PathBuf,
 }
 
 fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
@@ -109,6 +119,7 @@ impl Validator {
                 "upstreams" => raw.upstreams = self.de_named(key, value),
                 "rate_limits" => raw.rate_limits = self.de_named(key, value),
                 "redis" => raw.redis = self.de(value),
+                "certs" => raw.certs = self.de_named(key, value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(
@@ -197,7 +208,13 @@ impl Validator {
         let gateway = self.gateway(raw.gateway);
         let admin = self.admin(raw.admin);
         let telemetry = self.telemetry(raw.telemetry);
-        let listeners = self.listeners(&raw.listeners, &admin);
+        let certs: Vec<CertFiles> = raw
+            .certs
+            .into_iter()
+            .filter_map(|(name, c)| self.cert(name, c))
+            .collect();
+        let cert_names: Vec<&str> = certs.iter().map(|c| c.name.as_str()).collect();
+        let listeners = self.listeners(&raw.listeners, &admin, &cert_names);
         let upstreams: Vec<Upstream> = raw
             .upstreams
             .into_iter()
@@ -245,6 +262,7 @@ impl Validator {
             upstreams,
             rate_limits,
             redis,
+            certs,
             source_hash: String::new(),
         }
     }
@@ -453,6 +471,7 @@ impl Validator {
         &mut self,
         raw: &[(Spanned<String>, RawListener)],
         admin: &Admin,
+        cert_names: &[&str],
     ) -> Vec<Listener> {
         let mut out: Vec<Listener> = Vec::new();
         for (name, l) in raw {
@@ -506,10 +525,15 @@ impl Validator {
                 .flatten()
                 .filter_map(|c| self.cidr(c))
                 .collect();
+            let tls = l
+                .tls
+                .as_ref()
+                .and_then(|t| self.listener_tls(name.get_ref(), t, cert_names));
             out.push(Listener {
                 name: name.get_ref().clone(),
                 bind,
                 direction,
+                tls,
                 trusted_proxies,
             });
         }
@@ -543,17 +567,38 @@ impl Validator {
             None => UpstreamProtocol::Http1,
             Some(p) => match p.get_ref().as_str() {
                 "http1" => UpstreamProtocol::Http1,
+                "h2c" if u.tls.is_some() => {
+                    self.error(
+                        p.span(),
+                        "protocol = \"h2c\" is HTTP/2 without TLS, but this upstream has `tls`",
+                        "use protocol = \"h2\" for HTTP/2 over TLS",
+                    );
+                    UpstreamProtocol::H2
+                }
                 "h2c" => UpstreamProtocol::H2c,
+                "h2" if u.tls.is_none() => {
+                    self.error(
+                        p.span(),
+                        "protocol = \"h2\" is HTTP/2 over TLS, but this upstream has no `tls`",
+                        "add tls = { ... }, or use protocol = \"h2c\" for HTTP/2 without TLS",
+                    );
+                    UpstreamProtocol::H2c
+                }
+                "h2" => UpstreamProtocol::H2,
                 other => {
                     self.error(
                         p.span(),
                         format!("unknown upstream protocol \"{other}\""),
-                        "use \"http1\" (default) or \"h2c\" (HTTP/2 with prior knowledge, e.g. gRPC)",
+                        "use \"http1\" (default), \"h2c\" (HTTP/2 with prior knowledge, e.g. gRPC) or \"h2\" (HTTP/2 over TLS)",
                     );
                     UpstreamProtocol::Http1
                 }
             },
         };
+        let tls = u
+            .tls
+            .as_ref()
+            .and_then(|t| self.upstream_tls(&n, t, &endpoints));
         let key = |k: &str| format!("upstreams.{n}.{k}");
         let connect_timeout = self.duration_or(
             u.connect_timeout.as_ref(),
@@ -600,6 +645,270 @@ impl Validator {
             write_timeout,
             idle_timeout,
             connect_retries,
+            tls,
+        })
+    }
+
+    /// A path as written, resolved against the config's directory.
+    fn path(&self, p: &Spanned<String>) -> PathBuf {
+        let path = Path::new(p.get_ref().trim());
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn cert(&mut self, name: Spanned<String>, c: RawCert) -> Option<CertFiles> {
+        let (cert_path, key_path) = (self.path(&c.cert), self.path(&c.key));
+        let pair = self.cert_pair(&c.cert, &c.key, &cert_path, &key_path)?;
+        Some(CertFiles {
+            name: name.into_inner(),
+            cert_path,
+            key_path,
+            pair,
+        })
+    }
+
+    /// Load a cert/key pair, pointing any problem at the key that names the
+    /// file at fault.
+    fn cert_pair(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Option<Arc<crate::tls::CertKeyPair>> {
+        use crate::tls::TlsError;
+        match crate::tls::CertKeyPair::load(cert_path, key_path) {
+            Ok(pair) => Some(Arc::new(pair)),
+            Err(e) => {
+                let (span, fix) = match &e {
+                    TlsError::Read { path, .. } if path == key_path => {
+                        (key.span(), "check the path (relative paths start at the config file's directory) and that meshgate may read it")
+                    }
+                    TlsError::Read { .. } => (cert.span(), "check the path (relative paths start at the config file's directory) and that meshgate may read it"),
+                    TlsError::BadKey { .. } => (key.span(), "give a PEM private key (-----BEGIN PRIVATE KEY----- or EC/RSA PRIVATE KEY), unencrypted"),
+                    TlsError::Mismatch { .. } => (key.span(), "give the key the certificate was issued for"),
+                    TlsError::NoCertificate { .. } | TlsError::BadCertificate { .. } => (cert.span(), "give a PEM chain: the leaf certificate first, then intermediates"),
+                };
+                self.error(span, e.to_string(), fix);
+                None
+            }
+        }
+    }
+
+    fn ca_bundle(&mut self, p: &Spanned<String>) -> Option<CaBundle> {
+        let path = self.path(p);
+        match crate::tls::load_certs(&path) {
+            Ok(certs) => Some(CaBundle {
+                path,
+                certs: Arc::new(certs),
+            }),
+            Err(e) => {
+                self.error(
+                    p.span(),
+                    e.to_string(),
+                    "give a PEM file of one or more CA certificates",
+                );
+                None
+            }
+        }
+    }
+
+    fn listener_tls(
+        &mut self,
+        listener: &str,
+        t: &Spanned<RawListenerTls>,
+        cert_names: &[&str],
+    ) -> Option<ListenerTls> {
+        let before = self.diags.len();
+        let r = t.get_ref();
+        let mut certs = Vec::new();
+        if r.certs.get_ref().is_empty() {
+            self.error(
+                r.certs.span(),
+                format!("listener `{listener}` has tls but no certs"),
+                "name at least one [certs] entry: tls = { certs = [\"edge\"] }",
+            );
+        }
+        for c in r.certs.get_ref() {
+            if cert_names.contains(&c.get_ref().as_str()) {
+                certs.push(c.get_ref().clone());
+            } else {
+                let fix = match suggest(c.get_ref(), cert_names) {
+                    Some(s) => format!(
+                        "did you mean `{s}`? Otherwise define [certs.{}]",
+                        c.get_ref()
+                    ),
+                    None => format!("define [certs.{}] with cert and key paths", c.get_ref()),
+                };
+                self.error(c.span(), format!("unknown cert `{}`", c.get_ref()), fix);
+            }
+        }
+        let min_version = match r.min_version.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("1.2") => TlsVersion::V1_2,
+            Some("1.3") => TlsVersion::V1_3,
+            Some(other) => {
+                if let Some(v) = &r.min_version {
+                    self.error(
+                        v.span(),
+                        format!("min_version = \"{other}\" is not offered"),
+                        "use \"1.2\" (default) or \"1.3\"; older versions are insecure",
+                    );
+                }
+                TlsVersion::V1_2
+            }
+        };
+        let alpn = match &r.alpn {
+            None => Alpn::H2H1,
+            Some(list) => {
+                let names: Vec<&str> = list
+                    .get_ref()
+                    .iter()
+                    .map(|a| a.get_ref().as_str())
+                    .collect();
+                match names.as_slice() {
+                    ["h2", "http/1.1"] => Alpn::H2H1,
+                    ["http/1.1"] => Alpn::H1,
+                    ["h2"] => Alpn::H2,
+                    _ => {
+                        self.error(
+                            list.span(),
+                            format!("alpn = {names:?} is not supported"),
+                            "use [\"h2\", \"http/1.1\"] (default), [\"http/1.1\"] or [\"h2\"]",
+                        );
+                        Alpn::H2H1
+                    }
+                }
+            }
+        };
+        let client_ca = r.client_ca.as_ref().and_then(|p| self.ca_bundle(p));
+        let client_auth = match (r.client_auth.as_ref(), &r.client_ca) {
+            (None, _) => ClientAuth::Require,
+            (Some(a), None) => {
+                self.error(
+                    a.span(),
+                    "client_auth needs client_ca (the CAs that sign client certificates)",
+                    "add client_ca = \"/etc/meshgate/tls/clients-ca.pem\", or remove client_auth",
+                );
+                ClientAuth::Require
+            }
+            (Some(a), Some(_)) => match a.get_ref().as_str() {
+                "require" => ClientAuth::Require,
+                "optional" => ClientAuth::Optional,
+                other => {
+                    self.error(
+                        a.span(),
+                        format!("unknown client_auth \"{other}\""),
+                        "use \"require\" (default) or \"optional\"",
+                    );
+                    ClientAuth::Require
+                }
+            },
+        };
+        if r.forward_identity == Some(true) && r.client_ca.is_none() {
+            self.error(
+                t.span(),
+                "forward_identity needs client certificates: there is no identity without client_ca",
+                "add client_ca, or remove forward_identity",
+            );
+        }
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(ListenerTls {
+            certs,
+            min_version,
+            alpn,
+            client_ca,
+            client_auth,
+            forward_identity: r.forward_identity.unwrap_or(false),
+        })
+    }
+
+    fn upstream_tls(
+        &mut self,
+        upstream: &str,
+        t: &Spanned<RawUpstreamTls>,
+        endpoints: &[Endpoint],
+    ) -> Option<UpstreamTls> {
+        let before = self.diags.len();
+        let r = t.get_ref();
+        let ca = r.ca.as_ref().and_then(|p| self.ca_bundle(p));
+        let client = match (&r.cert, &r.key) {
+            (Some(c), Some(k)) => {
+                let (cert_path, key_path) = (self.path(c), self.path(k));
+                self.cert_pair(c, k, &cert_path, &key_path)
+                    .map(|pair| CertFilesRef {
+                        cert_path,
+                        key_path,
+                        pair,
+                    })
+            }
+            (Some(x), None) | (None, Some(x)) => {
+                self.error(
+                    x.span(),
+                    "a client certificate needs both `cert` and `key`",
+                    "give both paths, or neither (no client certificate)",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let verify = r.verify.as_ref().and_then(|v| {
+            let p = crate::tls::IdentityPattern::parse(v.get_ref());
+            if p.is_none() {
+                self.error(
+                    v.span(),
+                    format!("verify = \"{}\" is not an identity pattern", v.get_ref()),
+                    "write a SPIFFE ID or DNS name, exact or with a trailing `*` (\"spiffe://prod.example/ns/orders/*\") or a leading `*.` (\"*.mesh.example\")",
+                );
+            }
+            p
+        });
+        // Without a name pingora would skip certificate checks altogether.
+        let host_names: Vec<&str> = endpoints
+            .iter()
+            .filter_map(|e| {
+                let host = e.addr.rsplit_once(':').map_or(e.addr.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.parse::<std::net::IpAddr>().is_err().then_some(host)
+            })
+            .collect();
+        let sni = match &r.sni {
+            Some(s) if s.get_ref().trim().is_empty() => {
+                self.error(
+                    s.span(),
+                    "tls.sni is empty",
+                    "give the name the upstream's certificate carries",
+                );
+                String::new()
+            }
+            Some(s) => s.get_ref().trim().to_string(),
+            None if host_names.len() == endpoints.len()
+                && !endpoints.is_empty()
+                && host_names.iter().all(|h| *h == host_names[0]) =>
+            {
+                host_names[0].to_string()
+            }
+            None => {
+                self.error(
+                    t.span(),
+                    format!("upstream `{upstream}` uses TLS but has no tls.sni, and its endpoints are not all the same host name"),
+                    "set tls.sni to the name the upstream's certificate carries, e.g. sni = \"orders.mesh\"",
+                );
+                String::new()
+            }
+        };
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(UpstreamTls {
+            ca,
+            client,
+            sni,
+            verify,
         })
     }
 
@@ -826,10 +1135,7 @@ impl Validator {
         let key = match key_text {
             "client_ip" => Some(RateLimitKey::ClientIp),
             "route" => Some(RateLimitKey::Route),
-            "identity" => {
-                self.error(r.key.span(), "key = \"identity\" needs mTLS peer identities, which this version does not have yet", "use \"client_ip\", \"header:NAME\" or \"route\"");
-                None
-            }
+            "identity" => Some(RateLimitKey::Identity),
             other => match other.strip_prefix("header:") {
                 Some(h) => match HeaderName::from_bytes(h.trim().as_bytes()) {
                     Ok(h) => Some(RateLimitKey::Header(h)),
@@ -846,7 +1152,7 @@ impl Validator {
                     self.error(
                         r.key.span(),
                         format!("unknown rate-limit key \"{other}\""),
-                        "use \"client_ip\", \"header:NAME\" or \"route\"",
+                        "use \"client_ip\", \"header:NAME\", \"route\" or \"identity\"",
                     );
                     None
                 }

@@ -83,6 +83,10 @@ pub struct RequestCtx {
     pub rate_limit_headers: Option<(String, String)>,
     /// The policy that limited (or, in shadow mode, would have), for the access log.
     pub rate_limit_note: String,
+    /// The connection came over TLS.
+    pub tls: bool,
+    /// The identity the client proved with its certificate (mTLS).
+    pub peer_identity: Option<String>,
 }
 
 impl RequestCtx {
@@ -110,6 +114,8 @@ impl RequestCtx {
             trace_id: String::new(),
             rate_limit_headers: None,
             rate_limit_note: String::new(),
+            tls: false,
+            peer_identity: None,
         }
     }
 

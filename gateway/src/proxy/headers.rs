@@ -13,6 +13,9 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The client certificate identity meshgate verified (listener `forward_identity`).
+pub const X_MESHGATE_PEER_IDENTITY: HeaderName =
+    HeaderName::from_static("x-meshgate-peer-identity");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const MAX_REQUEST_ID_LEN: usize = 128;

@@ -74,6 +74,7 @@ async fn limit(
         client_ip: peer.map(|ip| ratelimit::client_ip::client_ip(ip, &req.headers, trusted)),
         headers: &req.headers,
         route: &rt.route(route).name,
+        identity: ctx.peer_identity.as_deref(),
     };
     let verdict = ratelimit::check(limits, &inputs, rt.redis.as_deref()).await;
     ctx.rate_limit_headers = verdict.headers;
@@ -146,6 +147,13 @@ impl ProxyHttp for Gateway {
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
         ctx.listener = rt.listener_for(local);
         ctx.runtime = Some(rt.clone());
+        if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
+            ctx.tls = true;
+            ctx.peer_identity = tls
+                .extension
+                .get::<crate::tls::PeerIdentity>()
+                .map(|p| p.0.clone());
+        }
         let listener_label = ctx.listener_name().unwrap_or("");
         ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
             crate::telemetry::metrics::metrics()
@@ -364,7 +372,18 @@ impl ProxyHttp for Gateway {
             }
         }
         let host = request_host(session.req_header()).map(str::to_owned);
-        headers::add_forwarding(upstream, client_ip(session), "http", host.as_deref());
+        let scheme = if ctx.tls { "https" } else { "http" };
+        headers::add_forwarding(upstream, client_ip(session), scheme, host.as_deref());
+        // Only meshgate says who the peer is: a client-sent value is dropped.
+        upstream.remove_header(&headers::X_MESHGATE_PEER_IDENTITY);
+        let forward_identity = ctx
+            .listener
+            .and_then(|l| rt.config.listeners.get(l))
+            .and_then(|l| l.tls.as_ref())
+            .is_some_and(|t| t.forward_identity);
+        if let (true, Some(id)) = (forward_identity, &ctx.peer_identity) {
+            upstream.insert_header(headers::X_MESHGATE_PEER_IDENTITY, id.as_str())?;
+        }
         upstream.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         headers::rewrite_request(upstream, &fwd.request_headers);
         if let Some(t) = &self.tracing {
@@ -379,10 +398,19 @@ impl ProxyHttp for Gateway {
         reused: bool,
         _peer: &HttpPeer,
         _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora::protocols::Digest>,
+        digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         observe::connected(ctx, reused);
+        let pool = ctx
+            .runtime
+            .as_ref()
+            .zip(ctx.upstream)
+            .and_then(|(rt, u)| rt.upstreams.get(u));
+        if let Some(Err(why)) = pool.map(|p| p.check_identity(digest)) {
+            log::warn!("request_id={} {why}", ctx.request_id);
+            return Error::e_explain(ErrorType::InvalidCert, why);
+        }
         Ok(())
     }
 

@@ -156,6 +156,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
             .unwrap_or(""),
         error: &error,
         rate_limit: &ctx.rate_limit_note,
+        peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);

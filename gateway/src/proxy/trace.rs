@@ -24,7 +24,7 @@ fn server_attributes(session: &Session, ctx: &RequestCtx) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("http.request.method", req.method.as_str().to_string()),
         KeyValue::new("url.path", req.uri.path().to_string()),
-        KeyValue::new("url.scheme", "http"),
+        KeyValue::new("url.scheme", if ctx.tls { "https" } else { "http" }),
         KeyValue::new(
             "network.protocol.version",
             if req.version == http::Version::HTTP_2 {
@@ -43,6 +43,9 @@ fn server_attributes(session: &Session, ctx: &RequestCtx) -> Vec<KeyValue> {
         ),
         KeyValue::new("meshgate.request_id", ctx.request_id.clone()),
     ];
+    if let Some(id) = &ctx.peer_identity {
+        attrs.push(KeyValue::new("meshgate.peer.identity", id.clone()));
+    }
     if let Some(authority) =
         super::request_host(req).and_then(|h| h.parse::<http::uri::Authority>().ok())
     {

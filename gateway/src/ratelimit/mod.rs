@@ -132,6 +132,8 @@ pub struct KeyInputs<'a> {
     pub client_ip: Option<IpAddr>,
     pub headers: &'a HeaderMap,
     pub route: &'a str,
+    /// The client certificate's identity (mTLS listeners).
+    pub identity: Option<&'a str>,
 }
 
 fn key_of(policy: &RateLimit, inputs: &KeyInputs<'_>) -> String {
@@ -148,6 +150,8 @@ fn key_of(policy: &RateLimit, inputs: &KeyInputs<'_>) -> String {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default(),
         RateLimitKey::Route => inputs.route.to_string(),
+        // Clients without a certificate identity share one bucket.
+        RateLimitKey::Identity => inputs.identity.unwrap_or_default().to_string(),
     }
 }
 

@@ -56,6 +56,8 @@ pub struct Entry<'a> {
     /// or `shadow:NAME,...` / `backend_error:NAME,...` joined by `;`
     /// (docs/observability.md).
     pub rate_limit: &'a str,
+    /// The client certificate's identity (mTLS), empty without one.
+    pub peer_identity: &'a str,
 }
 
 impl Entry<'_> {
@@ -68,7 +70,7 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl}",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = self.method,
@@ -90,6 +92,7 @@ impl Entry<'_> {
             ua = self.user_agent.replace('"', "'"),
             err = self.error,
             rl = dash(self.rate_limit),
+            pid = dash(self.peer_identity),
         )
     }
 
@@ -237,6 +240,7 @@ mod tests {
             user_agent: "curl \"x\"",
             error: "",
             rate_limit: "",
+            peer_identity: "",
         }
     }
 

@@ -24,6 +24,10 @@ pub const RATE_LIMIT_BACKEND_DURATION_SECONDS: &str =
     "meshgate_rate_limit_backend_duration_seconds";
 pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "meshgate_rate_limit_backend_errors_total";
 
+pub const TLS_CERT_EXPIRY_TIMESTAMP_SECONDS: &str = "meshgate_tls_cert_expiry_timestamp_seconds";
+pub const TLS_CERT_RELOADS_TOTAL: &str = "meshgate_tls_cert_reloads_total";
+pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "meshgate_tls_handshake_errors_total";
+
 pub const CONFIG_GENERATION: &str = "meshgate_config_generation";
 pub const CONFIG_LAST_LOAD_TIMESTAMP_SECONDS: &str = "meshgate_config_last_load_timestamp_seconds";
 pub const CONFIG_RELOADS_TOTAL: &str = "meshgate_config_reloads_total";
@@ -48,6 +52,8 @@ pub mod label {
     pub const CONFIG_HASH: &str = "config_hash";
     pub const POLICY: &str = "policy";
     pub const OUTCOME: &str = "outcome";
+    pub const CERT: &str = "cert";
+    pub const REASON: &str = "reason";
 }
 
 /// Histogram buckets for a proxy: 100µs to 30s.

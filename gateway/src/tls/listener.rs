@@ -1,0 +1,206 @@
+//! TLS termination on a listener: BoringSSL with Mozilla's "intermediate"
+//! settings (TLS 1.2 and 1.3, ECDHE + AEAD ciphers), the certificate chosen
+//! per handshake by SNI from the listener's `[certs]`, optional client
+//! certificates checked against `client_ca`, and every fatal alert counted.
+//!
+//! Session resumption: BoringSSL issues session tickets by default and
+//! rotates their encryption key itself (no key is configured, so none can
+//! leak from a file); the in-memory session cache serves clients without
+//! tickets.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use boring::ssl::{
+    SslAlert, SslInfoCallbackMode, SslInfoCallbackValue, SslRef, SslVerifyMode, SslVersion,
+};
+use boring::x509::store::X509StoreBuilder;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::ALPN;
+
+use super::{identity_of, CertKeyPair, PeerIdentity};
+use crate::config::model::{Alpn, ClientAuth, Listener, ListenerTls, TlsVersion};
+use crate::runtime::Runtime;
+use crate::telemetry::metrics::metrics;
+
+#[derive(Debug, thiserror::Error)]
+#[error("TLS set-up of listener `{listener}` failed: {reason}")]
+pub struct ListenerTlsError {
+    listener: String,
+    reason: String,
+}
+
+/// Per-handshake callbacks of one listener.
+struct Callbacks {
+    listener: String,
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl Callbacks {
+    /// The listener's certificates as the running config has them now.
+    fn candidates(&self) -> Vec<Arc<CertKeyPair>> {
+        let rt = self.runtime.load();
+        let Some(tls) = rt
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.listener)
+            .and_then(|l| l.tls.as_ref())
+        else {
+            return Vec::new();
+        };
+        tls.certs
+            .iter()
+            .filter_map(|name| rt.certs.get(name).map(|slot| slot.get()))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl TlsAccept for Callbacks {
+    async fn certificate_callback(&self, ssl: &mut TlsRef) {
+        let candidates = self.candidates();
+        let sni = ssl
+            .servername(boring::ssl::NameType::HOST_NAME)
+            .map(str::to_string);
+        let Some(pair) = super::store::select(&candidates, sni.as_deref()) else {
+            // No certificate: the handshake fails with an alert, counted below.
+            log::error!("listener `{}` has no certificate to serve", self.listener);
+            return;
+        };
+        let set = (|| {
+            pingora::tls::ext::ssl_use_certificate(ssl, pair.leaf())?;
+            pingora::tls::ext::ssl_use_private_key(ssl, &pair.key)?;
+            for intermediate in pair.chain.iter().skip(1) {
+                pingora::tls::ext::ssl_add_chain_cert(ssl, intermediate)?;
+            }
+            Ok::<_, boring::error::ErrorStack>(())
+        })();
+        if let Err(e) = set {
+            log::error!("listener `{}`: cannot use certificate: {e}", self.listener);
+        }
+    }
+
+    async fn handshake_complete_callback(
+        &self,
+        ssl: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let identity = identity_of(ssl.peer_certificate()?.as_ref())?;
+        Some(Arc::new(PeerIdentity(identity)))
+    }
+}
+
+/// The TLS settings for `listener` (which has `tls`).
+pub fn settings(
+    listener: &Listener,
+    tls: &ListenerTls,
+    runtime: Arc<ArcSwap<Runtime>>,
+) -> Result<TlsSettings, ListenerTlsError> {
+    let fail = |reason: String| ListenerTlsError {
+        listener: listener.name.clone(),
+        reason,
+    };
+    let callbacks = Callbacks {
+        listener: listener.name.clone(),
+        runtime,
+    };
+    let mut settings =
+        TlsSettings::with_callbacks(Box::new(callbacks)).map_err(|e| fail(e.to_string()))?;
+    let min = match tls.min_version {
+        TlsVersion::V1_2 => SslVersion::TLS1_2,
+        TlsVersion::V1_3 => SslVersion::TLS1_3,
+    };
+    settings
+        .set_min_proto_version(Some(min))
+        .map_err(|e| fail(e.to_string()))?;
+    settings
+        .set_max_proto_version(Some(SslVersion::TLS1_3))
+        .map_err(|e| fail(e.to_string()))?;
+    // Session resumption must not cross listeners with different client auth.
+    settings
+        .set_session_id_context(format!("meshgate:{}", listener.name).as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    settings.set_alpn(match tls.alpn {
+        Alpn::H2H1 => ALPN::H2H1,
+        Alpn::H1 => ALPN::H1,
+        Alpn::H2 => ALPN::H2,
+    });
+    if let Some(ca) = &tls.client_ca {
+        let mut store = X509StoreBuilder::new().map_err(|e| fail(e.to_string()))?;
+        for cert in ca.certs.iter() {
+            store
+                .add_cert(cert.clone())
+                .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
+            settings
+                .add_client_ca(cert)
+                .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
+        }
+        settings.set_cert_store(store.build());
+        let mode = match tls.client_auth {
+            ClientAuth::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+            ClientAuth::Optional => SslVerifyMode::PEER,
+        };
+        settings.set_verify(mode);
+    }
+    let name = listener.name.clone();
+    settings.set_info_callback(move |_ssl: &SslRef, mode, value| {
+        if let SslInfoCallbackValue::Alert(alert) = value {
+            if alert.alert_level() != boring::ssl::Ssl3AlertLevel::FATAL {
+                return;
+            }
+            let reason = match mode {
+                SslInfoCallbackMode::WRITE_ALERT => alert_reason(alert.alert(), false),
+                SslInfoCallbackMode::READ_ALERT => alert_reason(alert.alert(), true),
+                _ => return,
+            };
+            metrics()
+                .tls_handshake_errors
+                .with_label_values(&[name.as_str(), reason])
+                .inc();
+        }
+    });
+    Ok(settings)
+}
+
+/// Values of the `reason` label of `meshgate_tls_handshake_errors_total`:
+/// the fatal alert meshgate sent, or `peer_` and the one the client sent.
+pub const HANDSHAKE_ERROR_REASONS: &[&str] = &[
+    "protocol_version",
+    "handshake_failure",
+    "no_application_protocol",
+    "certificate_required",
+    "bad_certificate",
+    "unknown_ca",
+    "certificate_expired",
+    "decode_error",
+    "other",
+    "peer_bad_certificate",
+    "peer_unknown_ca",
+    "peer_certificate_expired",
+    "peer_other",
+];
+
+fn alert_reason(alert: SslAlert, from_peer: bool) -> &'static str {
+    // `certificate_required` (116) is TLS 1.3's "no client certificate".
+    const CERTIFICATE_REQUIRED: SslAlert = SslAlert::CERTIFICATE_REQUIRED;
+    const NO_APPLICATION_PROTOCOL: SslAlert = SslAlert::NO_APPLICATION_PROTOCOL;
+    match (from_peer, alert) {
+        (false, SslAlert::PROTOCOL_VERSION) => "protocol_version",
+        (false, SslAlert::HANDSHAKE_FAILURE) => "handshake_failure",
+        (false, NO_APPLICATION_PROTOCOL) => "no_application_protocol",
+        (false, CERTIFICATE_REQUIRED) => "certificate_required",
+        (false, SslAlert::BAD_CERTIFICATE) => "bad_certificate",
+        (false, SslAlert::UNKNOWN_CA) => "unknown_ca",
+        (false, SslAlert::CERTIFICATE_EXPIRED) => "certificate_expired",
+        (false, SslAlert::DECODE_ERROR) => "decode_error",
+        (false, _) => "other",
+        (true, SslAlert::BAD_CERTIFICATE) => "peer_bad_certificate",
+        (true, SslAlert::UNKNOWN_CA) => "peer_unknown_ca",
+        (true, SslAlert::CERTIFICATE_EXPIRED) => "peer_certificate_expired",
+        (true, _) => "peer_other",
+    }
+}

@@ -1,0 +1,268 @@
+//! TLS material and identities: loading certificate chains and keys, the
+//! names a certificate serves, peer identities (SPIFFE URI SAN or DNS SAN)
+//! and the patterns that match them.
+//!
+//! The listener side (SNI selection, client auth, handshake accounting) is in
+//! [`listener`]; the files behind `[certs]` are watched by [`store`].
+
+pub mod listener;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use boring::asn1::Asn1Time;
+use boring::pkey::{PKey, Private};
+use boring::x509::{X509Ref, X509};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} is not a PEM certificate chain: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{path} is not a PEM private key: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("the key in {key} does not belong to the certificate in {cert}")]
+    Mismatch { cert: PathBuf, key: PathBuf },
+}
+
+/// A certificate chain (leaf first) and its private key, checked to match.
+#[derive(Debug, Clone)]
+pub struct CertKeyPair {
+    pub chain: Vec<X509>,
+    pub key: PKey<Private>,
+    /// Names the leaf serves, lower-case: DNS SANs, or the CN when there are none.
+    pub names: Vec<String>,
+    /// Leaf `notAfter`, Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertKeyPair {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let chain = load_certs(cert)?;
+        let key_pem = read(key)?;
+        let pkey = PKey::private_key_from_pem(&key_pem).map_err(|e| TlsError::BadKey {
+            path: key.to_path_buf(),
+            reason: first_reason(&e),
+        })?;
+        let leaf = &chain[0];
+        let matches = leaf
+            .public_key()
+            .map(|public| public.public_eq(&pkey))
+            .unwrap_or(false);
+        if !matches {
+            return Err(TlsError::Mismatch {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            });
+        }
+        Ok(CertKeyPair {
+            names: served_names(leaf),
+            not_after: not_after_unix(leaf),
+            chain,
+            key: pkey,
+        })
+    }
+
+    pub fn leaf(&self) -> &X509 {
+        &self.chain[0]
+    }
+
+    /// For pingora's upstream client certificates.
+    pub fn to_cert_key(&self) -> Arc<pingora::utils::tls::CertKey> {
+        Arc::new(pingora::utils::tls::CertKey::new(
+            self.chain.clone(),
+            self.key.clone(),
+        ))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Every certificate in a PEM file (a chain or a CA bundle), in file order.
+pub fn load_certs(path: &Path) -> Result<Vec<X509>, TlsError> {
+    let pem = read(path)?;
+    if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    let certs = X509::stack_from_pem(&pem).map_err(|e| TlsError::BadCertificate {
+        path: path.to_path_buf(),
+        reason: first_reason(&e),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn first_reason(e: &boring::error::ErrorStack) -> String {
+    e.errors()
+        .first()
+        .and_then(|e| e.reason().map(str::to_string))
+        .unwrap_or_else(|| "unreadable".to_string())
+}
+
+/// The DNS names a certificate serves; the CN only when it has no DNS SAN
+/// (as browsers and BoringSSL's own host check do).
+pub fn served_names(cert: &X509Ref) -> Vec<String> {
+    let sans: Vec<String> = cert
+        .subject_alt_names()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.dnsname().map(str::to_ascii_lowercase))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !sans.is_empty() {
+        return sans;
+    }
+    cert.subject_name()
+        .entries_by_nid(boring::nid::Nid::COMMONNAME)
+        .filter_map(|e| e.data().as_utf8().ok().map(|s| s.to_ascii_lowercase()))
+        .collect()
+}
+
+fn not_after_unix(cert: &X509Ref) -> i64 {
+    Asn1Time::from_unix(0)
+        .ok()
+        .and_then(|epoch| epoch.diff(cert.not_after()).ok())
+        .map_or(0, |d| i64::from(d.days) * 86_400 + i64::from(d.secs))
+}
+
+/// A peer's identity from its certificate: the first URI SAN (a SPIFFE ID
+/// such as `spiffe://prod.example/ns/web/sa/frontend`), else the first DNS SAN.
+pub fn identity_of(cert: &X509Ref) -> Option<String> {
+    let names = cert.subject_alt_names()?;
+    names
+        .iter()
+        .find_map(|n| n.uri().map(str::to_string))
+        .or_else(|| names.iter().find_map(|n| n.dnsname().map(str::to_string)))
+}
+
+/// Every identity a certificate carries (URI and DNS SANs), for matching an
+/// upstream against `verify`.
+pub fn identities_of(cert: &X509Ref) -> Vec<String> {
+    cert.subject_alt_names()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.uri().or_else(|| n.dnsname()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The identity a downstream peer proved with its client certificate,
+/// attached to the connection by the listener's handshake callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub String);
+
+/// An identity pattern: exact, `prefix*` (`spiffe://prod.example/ns/web/*`),
+/// or `*.suffix` (one DNS label: `*.mesh.example`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPattern {
+    Exact(String),
+    Prefix(String),
+    /// Stored with its leading dot: `.mesh.example`.
+    DnsWildcard(String),
+}
+
+impl IdentityPattern {
+    /// `None` for a pattern with `*` anywhere but the end or a leading `*.`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s.is_empty() || s == "*" {
+            return None;
+        }
+        if let Some(rest) = s.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') {
+                return None;
+            }
+            return Some(IdentityPattern::DnsWildcard(format!(
+                ".{}",
+                rest.to_ascii_lowercase()
+            )));
+        }
+        match s.strip_suffix('*') {
+            Some(prefix) if !prefix.contains('*') => Some(IdentityPattern::Prefix(prefix.into())),
+            Some(_) => None,
+            None if s.contains('*') => None,
+            None => Some(IdentityPattern::Exact(s.to_string())),
+        }
+    }
+
+    pub fn matches(&self, identity: &str) -> bool {
+        match self {
+            IdentityPattern::Exact(e) => {
+                identity == e || (is_dns_like(e) && identity.eq_ignore_ascii_case(e))
+            }
+            IdentityPattern::Prefix(p) => identity.starts_with(p.as_str()),
+            IdentityPattern::DnsWildcard(suffix) => {
+                let id = identity.to_ascii_lowercase();
+                id.strip_suffix(suffix.as_str())
+                    .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+            }
+        }
+    }
+
+    pub fn as_text(&self) -> String {
+        match self {
+            IdentityPattern::Exact(e) => e.clone(),
+            IdentityPattern::Prefix(p) => format!("{p}*"),
+            IdentityPattern::DnsWildcard(s) => format!("*{s}"),
+        }
+    }
+}
+
+/// DNS names compare case-insensitively; URIs (SPIFFE IDs) do not.
+fn is_dns_like(s: &str) -> bool {
+    !s.contains("://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_patterns() {
+        let p = IdentityPattern::parse("spiffe://prod.example/ns/web/*").unwrap();
+        assert!(p.matches("spiffe://prod.example/ns/web/sa/frontend"));
+        assert!(!p.matches("spiffe://prod.example/ns/webhooks/sa/x"));
+        assert!(!p.matches("spiffe://other.example/ns/web/sa/frontend"));
+
+        let e = IdentityPattern::parse("spiffe://prod.example/ns/orders/sa/api").unwrap();
+        assert!(e.matches("spiffe://prod.example/ns/orders/sa/api"));
+        assert!(!e.matches("spiffe://prod.example/ns/orders/sa/api2"));
+        assert!(!e.matches("SPIFFE://prod.example/ns/orders/sa/api"));
+
+        let d = IdentityPattern::parse("*.mesh.example").unwrap();
+        assert!(d.matches("orders.mesh.example"));
+        assert!(d.matches("Orders.Mesh.Example"));
+        assert!(!d.matches("a.b.mesh.example"));
+        assert!(!d.matches("mesh.example"));
+
+        let n = IdentityPattern::parse("orders.mesh").unwrap();
+        assert!(n.matches("ORDERS.mesh"));
+
+        for bad in ["", "*", "a*b", "*.", "*.a*", "spiffe://*/x"] {
+            assert_eq!(IdentityPattern::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The certificates of `[certs]`, swappable one by one: a background task
+//! polls their files and loads a changed pair atomically (cert and key
+//! together, checked to match). A broken or half-written pair is reported
+//! and the old one keeps serving; the next change is tried again.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::CertKeyPair;
+use crate::config::model::CertFiles;
+use crate::telemetry::metrics::metrics;
+
+/// How often certificate files are checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+    })
+}
+
+pub struct CertSlot {
+    pub name: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    current: ArcSwap<CertKeyPair>,
+    /// Stamps of (cert, key) last tried, loaded or not.
+    seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
+}
+
+impl CertSlot {
+    pub fn get(&self) -> Arc<CertKeyPair> {
+        self.current.load_full()
+    }
+
+    /// Load the files again if they changed since the last look. `Some(Ok)`:
+    /// reloaded; `Some(Err)`: changed but unusable (the old pair stays).
+    pub fn refresh(&self) -> Option<Result<(), super::TlsError>> {
+        let now = (stamp(&self.cert_path), stamp(&self.key_path));
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return None;
+            }
+            *seen = now;
+        }
+        let result = CertKeyPair::load(&self.cert_path, &self.key_path).map(|pair| {
+            publish_expiry(&self.name, &pair);
+            self.current.store(Arc::new(pair));
+        });
+        Some(result)
+    }
+}
+
+fn publish_expiry(name: &str, pair: &CertKeyPair) {
+    metrics()
+        .tls_cert_expiry
+        .with_label_values(&[name])
+        .set(pair.not_after);
+}
+
+/// Every `[certs]` entry of the running config.
+pub struct CertStore {
+    slots: Vec<CertSlot>,
+}
+
+impl CertStore {
+    /// From the pairs validation loaded.
+    pub fn build(certs: &[CertFiles]) -> Self {
+        let slots = certs
+            .iter()
+            .map(|c| {
+                publish_expiry(&c.name, &c.pair);
+                CertSlot {
+                    name: c.name.clone(),
+                    cert_path: c.cert_path.clone(),
+                    key_path: c.key_path.clone(),
+                    current: ArcSwap::from(c.pair.clone()),
+                    seen: Mutex::new((stamp(&c.cert_path), stamp(&c.key_path))),
+                }
+            })
+            .collect();
+        CertStore { slots }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CertSlot> {
+        self.slots.iter().find(|s| s.name == name)
+    }
+
+    pub fn slots(&self) -> &[CertSlot] {
+        &self.slots
+    }
+
+    /// Check every slot's files; report what changed.
+    pub fn refresh_all(&self) {
+        for slot in &self.slots {
+            match slot.refresh() {
+                None => {}
+                Some(Ok(())) => {
+                    log::info!(
+                        "certificate `{}` reloaded from {}",
+                        slot.name,
+                        slot.cert_path.display()
+                    );
+                    metrics()
+                        .tls_cert_reloads
+                        .with_label_values(&[slot.name.as_str(), "success"])
+                        .inc();
+                }
+                Some(Err(e)) => {
+                    log::error!(
+                        "certificate `{}` not reloaded, still serving the previous one: {e}",
+                        slot.name
+                    );
+                    metrics()
+                        .tls_cert_reloads
+                        .with_label_values(&[slot.name.as_str(), "failure"])
+                        .inc();
+                }
+            }
+        }
+    }
+}
+
+/// Pick the certificate for a handshake: an exact name match for the SNI,
+/// then a wildcard (`*.example.com` covers one label), else the first listed.
+pub fn select<'a>(
+    candidates: &'a [Arc<CertKeyPair>],
+    sni: Option<&str>,
+) -> Option<&'a Arc<CertKeyPair>> {
+    if let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) {
+        if let Some(c) = candidates.iter().find(|c| c.names.contains(&sni)) {
+            return Some(c);
+        }
+        if let Some((_, parent)) = sni.split_once('.') {
+            let wildcard = format!("*.{parent}");
+            if let Some(c) = candidates.iter().find(|c| c.names.contains(&wildcard)) {
+                return Some(c);
+            }
+        }
+    }
+    candidates.first()
+}
+
+/// Polls the certificate files of the running config.
+pub struct WatchCertFiles {
+    pub runtime: Arc<ArcSwap<crate::runtime::Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for WatchCertFiles {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let rt = self.runtime.load_full();
+                    // File reads and key parsing stay off the async threads.
+                    let _ = tokio::task::spawn_blocking(move || rt.certs.refresh_all()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(names: &[&str]) -> Arc<CertKeyPair> {
+        // Only `names` matters for selection; the material is a throwaway.
+        let key = boring::pkey::PKey::from_ec_key(
+            boring::ec::EcKey::generate(
+                &boring::ec::EcGroup::from_curve_name(boring::nid::Nid::X9_62_PRIME256V1).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut b = boring::x509::X509Builder::new().unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&boring::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&boring::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(&key, boring::hash::MessageDigest::sha256()).unwrap();
+        Arc::new(CertKeyPair {
+            chain: vec![b.build()],
+            key,
+            names: names.iter().map(|s| s.to_string()).collect(),
+            not_after: 0,
+        })
+    }
+
+    #[test]
+    fn sni_selection_prefers_exact_then_wildcard_then_default() {
+        let list = vec![
+            pair(&["default.example"]),
+            pair(&["*.example.com"]),
+            pair(&["api.example.com"]),
+        ];
+        let pick = |sni| select(&list, sni).map(|c| c.names[0].clone());
+        assert_eq!(pick(Some("api.example.com")).unwrap(), "api.example.com");
+        assert_eq!(pick(Some("API.Example.com.")).unwrap(), "api.example.com");
+        assert_eq!(pick(Some("www.example.com")).unwrap(), "*.example.com");
+        assert_eq!(pick(Some("a.b.example.com")).unwrap(), "default.example");
+        assert_eq!(pick(Some("other.org")).unwrap(), "default.example");
+        assert_eq!(pick(None).unwrap(), "default.example");
+        assert!(select(&[], Some("x")).is_none());
+    }
+}
