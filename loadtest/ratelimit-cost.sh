@@ -34,7 +34,7 @@ global_policy="[redis]
 url = \"redis://127.0.0.1:$REDIS/0\"
 [rate_limits.fleet]
 key = \"client_ip\"
-rate = 1000000
+rate = 100000
 scope = \"global\"
 headers_on_allowed = true"
 label_D="D: global client_ip limit, batch 1 (Redis call per request)"

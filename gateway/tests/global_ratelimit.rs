@@ -15,7 +15,10 @@ use support::{Gateway, HEAD};
 /// Longest any request may take while Redis is down or frozen. The gateway's
 /// `timeout` is 50ms; the rest is slack for a loaded CI machine.
 const NO_HANG: Duration = Duration::from_secs(2);
-const SECOND: Duration = Duration::from_secs(1);
+/// A deadline for direct calls to the backend.
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(1)
+}
 
 fn config(redis: &RedisServer, redis_extra: &str, policy: &str) -> String {
     format!(
@@ -54,12 +57,12 @@ async fn gcra_script_grants_burst_then_refuses_then_refills() {
     let b = backend(&redis);
     let hour = Duration::from_secs(3600);
 
-    let g = b.take("t:a", hour, 3, 1, SECOND).await.unwrap();
+    let g = b.take("t:a", hour, 3, 1, soon()).await.unwrap();
     assert_eq!((g.granted, g.remaining), (1, 2));
     // Asking for more than is left grants what is left.
-    let g = b.take("t:a", hour, 3, 5, SECOND).await.unwrap();
+    let g = b.take("t:a", hour, 3, 5, soon()).await.unwrap();
     assert_eq!((g.granted, g.remaining), (2, 0));
-    let g = b.take("t:a", hour, 3, 1, SECOND).await.unwrap();
+    let g = b.take("t:a", hour, 3, 1, soon()).await.unwrap();
     assert_eq!(g.granted, 0);
     assert!(
         g.retry_after > Duration::from_secs(3590) && g.retry_after <= hour,
@@ -80,16 +83,27 @@ async fn gcra_script_grants_burst_then_refuses_then_refills() {
         "{ttl}"
     );
     // Other keys are independent.
-    assert_eq!(b.take("t:b", hour, 3, 1, SECOND).await.unwrap().granted, 1);
+    assert_eq!(b.take("t:b", hour, 3, 1, soon()).await.unwrap().granted, 1);
+
+    // A fractional interval is kept, not rounded to whole microseconds.
+    let third = Duration::from_secs(1) / 3;
+    let g = b.take("t:d", third, 1, 1, soon()).await.unwrap();
+    assert_eq!(g.granted, 1);
+    assert!(
+        g.retry_after > Duration::from_micros(333_000)
+            && g.retry_after <= third + Duration::from_micros(1),
+        "the next unit comes one interval later: {:?}",
+        g.retry_after
+    );
 
     // Refill: one unit per 100ms.
     let tick = Duration::from_millis(100);
-    assert_eq!(b.take("t:c", tick, 1, 1, SECOND).await.unwrap().granted, 1);
-    let refused = b.take("t:c", tick, 1, 1, SECOND).await.unwrap();
+    assert_eq!(b.take("t:c", tick, 1, 1, soon()).await.unwrap().granted, 1);
+    let refused = b.take("t:c", tick, 1, 1, soon()).await.unwrap();
     assert_eq!(refused.granted, 0);
     assert!(refused.retry_after <= tick);
     tokio::time::sleep(refused.retry_after + Duration::from_millis(5)).await;
-    assert_eq!(b.take("t:c", tick, 1, 1, SECOND).await.unwrap().granted, 1);
+    assert_eq!(b.take("t:c", tick, 1, 1, soon()).await.unwrap().granted, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,4 +418,53 @@ async fn a_gateway_started_before_redis_fails_open_then_enforces() {
     // Once Redis answers, exactly the budget goes through.
     let tail: Vec<u16> = statuses.iter().rev().take(3).rev().copied().collect();
     assert_eq!(tail, vec![200, 200, 429], "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_above_its_rate_is_limited_not_waved_through() {
+    // With batch > 1, requests beyond the rate must get 429 from the local
+    // cache, not pile up behind Redis calls until on_error lets them through.
+    let redis = RedisServer::start().await;
+    let gw = Gateway::start(&config(
+        &redis,
+        "on_error = \"allow\"",
+        "key = \"route\"\nrate = 100\nper = \"1s\"\nburst = 10\nbatch = 5\n",
+    ))
+    .await;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let addr = gw.listen;
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..25 {
+                match get(addr, "/", &[]).await.unwrap().status {
+                    200 => ok += 1,
+                    429 => {}
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            ok
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // burst + rate x elapsed, + at most batch - 1 leased early, + one refill in flight.
+    let bound = 10.0 + 100.0 * elapsed + 4.0 + 1.0;
+    assert!(
+        f64::from(allowed) <= bound,
+        "{allowed} of 400 allowed in {elapsed:.3}s; the limit allows {bound:.0}"
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshgate_rate_limit_decisions_total{outcome="backend_error",policy="shared"}"#
+        ),
+        0.0,
+        "a healthy Redis is never a backend error"
+    );
 }

@@ -110,7 +110,8 @@ impl fmt::Display for DiagnosticDisplay<'_> {
                     self.diag.message
                 )?;
                 if let Some(text) = self.src.lines().nth(line - 1) {
-                    write!(f, "\n    | {text}")?;
+                    // Error output ends up in logs: no passwords in it.
+                    write!(f, "\n    | {}", super::model::redact_secrets(text))?;
                 }
             }
             None => write!(f, "{}: error: {}", self.path.display(), self.diag.message)?,

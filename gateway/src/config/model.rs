@@ -242,7 +242,7 @@ pub enum LimitScope {
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(20);
 pub const DEFAULT_REDIS_KEY_PREFIX: &str = "meshgate:rl:";
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Redis {
     /// `redis://[user:password@]host:port/db` or `unix:///path`.
     pub url: String,
@@ -256,19 +256,68 @@ pub struct Redis {
 impl Redis {
     /// The URL with any password replaced, for logs and the admin API.
     pub fn redacted_url(&self) -> String {
-        match (self.url.find("://"), self.url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let userinfo = &self.url[scheme + 3..at];
+        redact_secrets(&self.url)
+    }
+}
+
+impl std::fmt::Debug for Redis {
+    /// Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("url", &self.redacted_url())
+            .field("on_error", &self.on_error)
+            .field("timeout", &self.timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// `text` with the passwords of URLs in it replaced by `***`: the password
+/// of `scheme://user:password@host` (or `scheme://password@host`), and
+/// `pass=`/`password=` query parameters (redis unix sockets).
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(amp) => {
+                let userinfo = &tail[..amp];
                 match userinfo.split_once(':') {
-                    Some((user, _)) => {
-                        format!("{}{user}:***{}", &self.url[..scheme + 3], &self.url[at..])
-                    }
-                    None => format!("{}***{}", &self.url[..scheme + 3], &self.url[at..]),
+                    Some((user, _)) => out.push_str(&format!("{user}:***")),
+                    None => out.push_str("***"),
                 }
+                rest = &tail[amp..];
             }
-            _ => self.url.clone(),
+            None => rest = tail,
         }
     }
+    out.push_str(rest);
+    for param in ["pass=", "password="] {
+        let mut masked = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(pos) = rest.find(param) {
+            let starts_param = pos == 0 || matches!(rest.as_bytes()[pos - 1], b'?' | b'&');
+            let (head, tail) = rest.split_at(pos + param.len());
+            masked.push_str(head);
+            let end = tail
+                .find(|c: char| c == '&' || c == '"' || c == '\'' || c.is_whitespace())
+                .unwrap_or(tail.len());
+            if starts_param && end > 0 {
+                masked.push_str("***");
+                rest = &tail[end..];
+            } else {
+                rest = tail;
+            }
+        }
+        masked.push_str(rest);
+        out = masked;
+    }
+    out
 }
 
 /// What a global limit does when Redis cannot answer within `timeout`.

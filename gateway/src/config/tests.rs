@@ -126,9 +126,9 @@ bad!(
 const OK_REDIS: &str = "[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n";
 bad!(
     rate_limit_global_too_fine,
-    format!("{OK_LISTENER}{OK_REDIS}[rate_limits.p]\nkey = \"route\"\nrate = 2000000\nscope = \"global\"\n"),
+    format!("{OK_LISTENER}{OK_REDIS}[rate_limits.p]\nkey = \"route\"\nrate = 200000\nscope = \"global\"\n"),
     7,
-    "finer than a global limit can count"
+    "finer than a global limit counts"
 );
 bad!(
     rate_limit_scope,
@@ -623,4 +623,49 @@ fn redis_and_global_defaults() {
         cfg.rate_limits[0].scope,
         model::LimitScope::Global { batch: 1 }
     );
+}
+
+#[test]
+fn passwords_never_appear_in_errors_or_redacted_urls() {
+    use model::redact_secrets;
+    assert_eq!(
+        redact_secrets("redis://user:pw@h:1/0"),
+        "redis://user:***@h:1/0"
+    );
+    assert_eq!(redact_secrets("redis://pw@h:1/0"), "redis://***@h:1/0");
+    assert_eq!(
+        redact_secrets("unix:///run/redis.sock?db=1&pass=pw"),
+        "unix:///run/redis.sock?db=1&pass=***"
+    );
+    assert_eq!(
+        redact_secrets("url = \"rediss://:pw@h:6380/0\" # x"),
+        "url = \"rediss://:***@h:6380/0\" # x"
+    );
+    assert_eq!(redact_secrets("redis://h:1/0"), "redis://h:1/0");
+    assert_eq!(redact_secrets("bypass=1"), "bypass=1");
+
+    // An invalid URL: the message and the quoted source line hide the password.
+    let src = format!("{OK_LISTENER}[redis]\nurl = \"rediss://:s3cret@127.0.0.1:6380/0\"\n");
+    let err = parse(Path::new("t.toml"), &src).unwrap_err().to_string();
+    assert!(err.contains("is not usable"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    // A syntax error on the line shows it redacted too.
+    let src = format!("{OK_LISTENER}[redis]\nurl = \"redis://:s3cret@h:1/0\" x\n");
+    let err = parse(Path::new("t.toml"), &src).unwrap_err().to_string();
+    assert!(!err.contains("s3cret"), "{err}");
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}[redis]\nurl = \"redis://:s3cret@h:1/0\"\n"),
+    )
+    .unwrap();
+    assert!(!format!("{cfg:?}").contains("s3cret"));
+}
+
+#[test]
+fn an_invalid_redis_table_is_not_reported_as_missing() {
+    let all = diags(&format!(
+        "{OK_LISTENER}[redis]\ntimeout = \"1s\"\n[rate_limits.p]\nkey = \"route\"\nrate = 1\nscope = \"global\"\n"
+    ));
+    assert!(all.iter().any(|d| d.message.contains("missing")), "{all:?}");
+    assert!(!all.iter().any(|d| d.message.contains("no [redis] table")));
 }

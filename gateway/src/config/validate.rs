@@ -31,6 +31,8 @@ const SECTIONS: &[&str] = &[
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
+/// Finest refill interval of a global limit.
+const MIN_GLOBAL_INTERVAL: Duration = Duration::from_micros(10);
 const REDIRECT_STATUSES: &[u16] = &[301, 302, 303, 307, 308];
 /// Longest duration any key accepts; longer values are typos, and would
 /// overflow deadline arithmetic.
@@ -88,6 +90,8 @@ struct RawFile {
     upstreams: Vec<(Spanned<String>, RawUpstream)>,
     rate_limits: Vec<(Spanned<String>, RawRateLimit)>,
     redis: Option<RawRedis>,
+    /// The file has a [redis] table, valid or not.
+    redis_section: bool,
     certs: Vec<(Spanned<String>, RawCert)>,
 }
 
@@ -118,7 +122,10 @@ impl Validator {
                 "routes" => raw.routes = self.de_named(key, value),
                 "upstreams" => raw.upstreams = self.de_named(key, value),
                 "rate_limits" => raw.rate_limits = self.de_named(key, value),
-                "redis" => raw.redis = self.de(value),
+                "redis" => {
+                    raw.redis_section = true;
+                    raw.redis = self.de(value);
+                }
                 "certs" => raw.certs = self.de_named(key, value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
@@ -224,7 +231,8 @@ impl Validator {
         let rate_limits: Vec<RateLimit> = raw
             .rate_limits
             .into_iter()
-            .filter_map(|(name, r)| self.rate_limit(name, r, redis.is_some()))
+            // A [redis] table with errors of its own still counts as present.
+            .filter_map(|(name, r)| self.rate_limit(name, r, raw.redis_section))
             .collect();
         let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let names = Names {
@@ -1084,7 +1092,11 @@ impl Validator {
         if let Err(e) = redis::Client::open(url.as_str()) {
             self.error(
                 r.url.span(),
-                format!("redis.url = \"{url}\" is not usable: {e}"),
+                format!(
+                    "redis.url = \"{}\" is not usable: {}",
+                    redact_secrets(&url),
+                    redact_secrets(&e.to_string())
+                ),
                 "write url = \"redis://127.0.0.1:6379/0\" (or redis://:PASSWORD@host:port/db, unix:///path/redis.sock)",
             );
         }
@@ -1218,15 +1230,16 @@ impl Validator {
                         "add [redis] with url = \"redis://127.0.0.1:6379/0\", or use scope = \"local\"",
                     );
                 }
-                // Redis keeps time in microseconds.
+                // Redis keeps time in microseconds, as doubles (a quarter of a
+                // microsecond apart at today's timestamps).
                 if per
                     .checked_div(rate)
-                    .is_some_and(|d| d < Duration::from_micros(1))
+                    .is_some_and(|d| d < MIN_GLOBAL_INTERVAL)
                 {
                     self.error(
                         r.rate.span(),
-                        format!("rate = {rate} per {per:?} is more than one request per microsecond, finer than a global limit can count"),
-                        "lower `rate` or lengthen `per`",
+                        format!("rate = {rate} per {per:?} is more than one request per 10µs per key, finer than a global limit counts"),
+                        "lower `rate` or lengthen `per` (a global limit allows up to 100000 per second per key), or use scope = \"local\"",
                     );
                 }
                 true

@@ -495,7 +495,11 @@ impl ProxyHttp for Gateway {
         // the log proper carries what an operator must look at.
         // A client that hung up is its own business; log what failed on the
         // gateway's or the upstream's side.
-        let gateway_fault = ctx.failure.is_some_and(|f| f.status() >= 500);
+        // A Redis outage under on_error = "deny" is logged once by the rate
+        // limiter, not once per refused request.
+        let gateway_fault = ctx
+            .failure
+            .is_some_and(|f| f.status() >= 500 && f != Failure::RateLimitUnavailable);
         let not_client = e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream);
         if not_client || gateway_fault {
             let req = session.req_header();

@@ -14,8 +14,8 @@
 //! dead Redis costs requests nothing and a slow one costs at most `timeout`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -26,10 +26,11 @@ use crate::telemetry::metrics::metrics;
 
 use super::limiter::Decision;
 
-/// GCRA over microseconds. KEYS[1]: the key. ARGV: emission interval (µs),
-/// burst, units wanted. Returns {granted, remaining, retry_after_us,
-/// full_in_us}. Numbers are written with `%.0f` because Lua's default
-/// formatting keeps only 14 digits, fewer than a microsecond timestamp has.
+/// GCRA over microseconds. KEYS[1]: the key. ARGV: emission interval (µs,
+/// may be fractional), burst, units wanted. Returns {granted, remaining,
+/// retry_after_us (until the next unit), full_in_us}. The stored time is
+/// written with `%.3f` because Lua's default formatting keeps only 14
+/// digits, fewer than a microsecond timestamp has.
 pub const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -38,15 +39,18 @@ local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local available = math.floor((now + tolerance - tat) / interval)
+-- Work relative to now: absolute times are only a quarter microsecond apart.
+local ahead = tat - now
+if ahead < 0 then ahead = 0 end
+local available = math.floor((tolerance - ahead) / interval + 1e-6)
 if available < 1 then
-  return {0, 0, tat + interval - tolerance - now, tat - now}
+  return {0, 0, math.ceil(ahead + interval - tolerance), math.ceil(ahead)}
 end
 local granted = math.min(want, available)
-tat = tat + granted * interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
-return {granted, available - granted, 0, tat - now}
+ahead = ahead + granted * interval
+redis.call('SET', KEYS[1], string.format('%.3f', now + ahead), 'PX', math.ceil(ahead / 1000))
+local next_unit = math.max(0, math.ceil(ahead + interval - tolerance))
+return {granted, available - granted, next_unit, math.ceil(ahead)}
 ";
 
 /// Failures in a row after which calls are skipped for [`SKIP_FOR`].
@@ -58,6 +62,11 @@ const SKIP_FOR: Duration = Duration::from_millis(500);
 /// enough to be spent at high rates, short enough that a quiet gateway holds
 /// back at most `batch - 1` units for a second.
 const MIN_LEASE: Duration = Duration::from_secs(1);
+/// TCP keepalive probes on the Redis connection start after this much
+/// silence and repeat at this interval.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(5);
+/// Data unacknowledged this long ends the connection (TCP_USER_TIMEOUT).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A new connection gets this long, whatever `timeout` is: a request stops
 /// waiting at `timeout`, but the attempt carries on for the next one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -100,7 +109,7 @@ pub struct Grant {
     pub granted: u32,
     /// Units still available at once after this grant.
     pub remaining: u32,
-    /// When refused: time until one unit is available.
+    /// Time until the next unit is available (zero while some remain).
     pub retry_after: Duration,
     /// Time until the bucket is full again.
     pub full_in: Duration,
@@ -112,40 +121,75 @@ pub struct RedisBackend {
     client: redis::Client,
     /// Made on first use, from inside a request, because the connection's
     /// tasks need a tokio runtime and the first config is built before any.
-    manager: OnceLock<Result<ConnectionManager, String>>,
+    /// Dropped after repeated timeouts, so a connection that went silent
+    /// (host gone, no reset) is replaced rather than waited on.
+    manager: Mutex<Option<ConnectionManager>>,
     script: redis::Script,
     failures: AtomicU32,
     /// Milliseconds since `epoch` until which calls are skipped.
     skip_until_ms: AtomicU64,
+    /// A call is finding out whether Redis is back; others skip meanwhile.
+    probing: AtomicBool,
     epoch: Instant,
+}
+
+/// Clears `probing` when the probe ends, however it ends.
+struct Probe<'a>(&'a AtomicBool);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl RedisBackend {
     pub fn new(model: &Redis) -> Result<Self, BackendError> {
-        let client = redis::Client::open(model.url.as_str())
-            .map_err(|e| BackendError::Redis(e.to_string()))?;
+        use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+        use redis::IntoConnectionInfo;
+        let info = model
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| BackendError::Redis(e.to_string()))?
+            .set_tcp_settings(
+                TcpSettings::default()
+                    .set_nodelay(true)
+                    .set_keepalive(
+                        TcpKeepalive::new()
+                            .with_time(TCP_KEEPALIVE)
+                            .with_interval(TCP_KEEPALIVE),
+                    )
+                    // Unanswered writes end the connection instead of
+                    // retransmitting for many minutes.
+                    .set_user_timeout(TCP_USER_TIMEOUT),
+            );
+        let client = redis::Client::open(info).map_err(|e| BackendError::Redis(e.to_string()))?;
         Ok(RedisBackend {
             model: model.clone(),
             client,
-            manager: OnceLock::new(),
+            manager: Mutex::new(None),
             script: redis::Script::new(GCRA_SCRIPT),
             failures: AtomicU32::new(0),
             skip_until_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             epoch: Instant::now(),
         })
     }
 
     fn connection(&self) -> Result<ConnectionManager, BackendError> {
-        let made = self.manager.get_or_init(|| {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_millis(500));
-            ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-                .map_err(|e| e.to_string())
-        });
-        made.clone().map_err(BackendError::Redis)
+        let mut slot = self.manager.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = slot.as_ref() {
+            return Ok(m.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| BackendError::Redis(e.to_string()))?;
+        *slot = Some(m.clone());
+        Ok(m)
     }
 
     fn now_ms(&self) -> u64 {
@@ -153,34 +197,63 @@ impl RedisBackend {
     }
 
     /// Take up to `want` units of `key` from a bucket of `burst` units that
-    /// refills one unit per `interval`. Waits at most `wait`, and never
-    /// longer than `[redis] timeout`.
+    /// refills one unit per `interval`, answering by `deadline` at the latest.
+    /// Failures are counted in `meshgate_rate_limit_backend_errors_total`.
     pub async fn take(
         &self,
         key: &str,
         interval: Duration,
         burst: u32,
         want: u32,
-        wait: Duration,
+        deadline: Instant,
     ) -> Result<Grant, BackendError> {
-        let result = if self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed) {
-            Err(BackendError::Unavailable)
-        } else {
-            let started = Instant::now();
-            let result = self
-                .call(key, interval, burst, want, wait.min(self.model.timeout))
-                .await;
-            if result.is_ok() {
-                metrics()
-                    .rate_limit_backend_duration
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            self.record(result.is_ok());
-            result
-        };
+        let result = self
+            .take_uncounted(key, interval, burst, want, deadline)
+            .await;
         if let Err(e) = &result {
             e.count();
         }
+        result
+    }
+
+    async fn take_uncounted(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+        want: u32,
+        deadline: Instant,
+    ) -> Result<Grant, BackendError> {
+        let _probe = if self.failures.load(Ordering::Relaxed) >= FAILURES_BEFORE_SKIPPING {
+            // Failing: skip for a while, then let one call at a time probe.
+            if self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed)
+                || self
+                    .probing
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Err(BackendError::Unavailable);
+            }
+            Some(Probe(&self.probing))
+        } else {
+            None
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            // Out of time before asking: not Redis's fault, not recorded.
+            return Err(BackendError::Timeout);
+        }
+        let started = Instant::now();
+        let result = self.call(key, interval, burst, want, wait).await;
+        match &result {
+            Ok(_) => metrics()
+                .rate_limit_backend_duration
+                .observe(started.elapsed().as_secs_f64()),
+            // A call that had less than the full timeout says little about Redis.
+            Err(BackendError::Timeout) if wait < self.model.timeout => return result,
+            Err(_) => {}
+        }
+        self.record(&result);
         result
     }
 
@@ -193,7 +266,9 @@ impl RedisBackend {
         wait: Duration,
     ) -> Result<Grant, BackendError> {
         let mut conn = self.connection()?;
-        let interval_us = interval.as_micros().max(1) as u64;
+        // Fractional microseconds: whole ones would round 1s/300000 (3.33µs)
+        // down to 3µs, 11% more than the limit.
+        let interval_us = format!("{:.3}", interval.as_nanos() as f64 / 1000.0);
         let mut invocation = self.script.key(key);
         invocation.arg(interval_us).arg(burst).arg(want);
         let reply = tokio::time::timeout(
@@ -216,34 +291,40 @@ impl RedisBackend {
         })
     }
 
-    fn record(&self, ok: bool) {
-        if ok {
+    fn record(&self, result: &Result<Grant, BackendError>) {
+        let Err(e) = result else {
             if self.failures.swap(0, Ordering::Relaxed) >= FAILURES_BEFORE_SKIPPING {
                 log::info!("Redis at {} answers again", self.model.redacted_url());
             }
             return;
-        }
+        };
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= FAILURES_BEFORE_SKIPPING {
-            if failures == FAILURES_BEFORE_SKIPPING {
-                log::warn!(
-                    "Redis at {} keeps failing; global rate limits follow on_error = \"{}\" until it answers",
-                    self.model.redacted_url(),
-                    self.model.on_error.as_str()
-                );
-            }
-            self.skip_until_ms.store(
-                self.now_ms() + SKIP_FOR.as_millis() as u64,
-                Ordering::Relaxed,
+        if failures < FAILURES_BEFORE_SKIPPING {
+            return;
+        }
+        if failures == FAILURES_BEFORE_SKIPPING {
+            log::warn!(
+                "Redis at {} keeps failing ({e}); global rate limits follow on_error = \"{}\" until it answers",
+                self.model.redacted_url(),
+                self.model.on_error.as_str()
             );
         }
+        if *e == BackendError::Timeout {
+            // The connection may be dead without knowing it: start afresh.
+            *self.manager.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.skip_until_ms.store(
+            self.now_ms() + SKIP_FOR.as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
 /// What a gateway remembers of one key of a global policy.
 #[derive(Debug)]
 struct Entry {
-    /// Refused by Redis until then.
+    /// Redis has no unit for this key until then (refused, or drained by
+    /// the last grant).
     refused_until: Option<Instant>,
     /// Units taken from Redis and not spent yet, usable until `lease_until`.
     lease: u32,
@@ -331,16 +412,16 @@ impl LocalCache {
     pub fn lookup(&self, key: &str, now: Instant) -> Lookup<'_> {
         let mut entries = self.lock();
         if let Some(e) = entries.get_mut(key) {
-            if let Some(until) = e.refused_until.filter(|t| *t > now) {
-                return Lookup::Decided(Decision::Limited {
-                    retry_after: until - now,
-                });
-            }
             if e.lease > 0 && e.lease_until > now {
                 e.lease -= 1;
                 return Lookup::Decided(Decision::Allowed {
                     remaining: e.remaining.saturating_add(e.lease),
                     full_in: e.full_at.saturating_duration_since(now),
+                });
+            }
+            if let Some(until) = e.refused_until.filter(|t| *t > now) {
+                return Lookup::Decided(Decision::Limited {
+                    retry_after: until - now,
                 });
             }
             if let Some(fetching) = &e.fetching {
@@ -382,8 +463,9 @@ impl LocalCache {
         };
         let mut entries = self.lock();
         if !entries.contains_key(key) {
-            // A single grant with nothing cached: nothing worth remembering.
-            if grant.granted == 1 || entries.len() >= self.max_keys {
+            // A single grant that leaves units: nothing worth remembering.
+            let plain = grant.granted == 1 && grant.retry_after.is_zero();
+            if plain || entries.len() >= self.max_keys {
                 return decision;
             }
             entries.insert(key.to_string(), Entry::empty(now));
@@ -391,10 +473,10 @@ impl LocalCache {
         let Some(entry) = entries.get_mut(key) else {
             return decision;
         };
-        if grant.granted == 0 {
-            entry.refused_until = Some(now + grant.retry_after);
-        } else {
-            entry.refused_until = None;
+        // Until the next unit, Redis would refuse this key (once any leased
+        // units are spent): no gateway can make that time earlier.
+        entry.refused_until = (!grant.retry_after.is_zero()).then(|| now + grant.retry_after);
+        if grant.granted > 0 {
             // Units still leased (another call's) stay; the new ones add up.
             let kept = if entry.lease_until > now {
                 entry.lease

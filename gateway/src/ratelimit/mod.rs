@@ -85,6 +85,7 @@ impl Policy {
         &self,
         key: &str,
         backend: Option<&RedisBackend>,
+        deadline: Instant,
     ) -> Result<Decision, BackendError> {
         match &self.state {
             State::Local(l) => Ok(l.check(key)),
@@ -93,10 +94,13 @@ impl Policy {
                 interval,
                 batch,
             } => {
-                let backend = backend.ok_or(BackendError::Unavailable)?;
+                let Some(backend) = backend else {
+                    let e = BackendError::Unavailable;
+                    e.count();
+                    return Err(e);
+                };
                 // Waiting for another request's Redis call counts against
-                // the same timeout as making one.
-                let deadline = Instant::now() + backend.model.timeout;
+                // the same deadline as making one.
                 loop {
                     match cache.lookup(key, Instant::now()) {
                         Lookup::Decided(d) => return Ok(d),
@@ -111,14 +115,17 @@ impl Policy {
                                 return Err(e);
                             }
                         }
-                        Lookup::Fetch(_guard) => {
+                        Lookup::Fetch(guard) => {
                             let redis_key =
                                 format!("{}{}:{key}", backend.model.key_prefix, self.model.name);
-                            let left = deadline.saturating_duration_since(Instant::now());
+                            // A key the cache cannot hold could not spend a batch.
+                            let want = if guard.is_some() { *batch } else { 1 };
                             let grant = backend
-                                .take(&redis_key, *interval, self.model.burst, *batch, left)
+                                .take(&redis_key, *interval, self.model.burst, want, deadline)
                                 .await?;
-                            return Ok(cache.record(key, grant, Instant::now()));
+                            let decision = cache.record(key, grant, Instant::now());
+                            drop(guard);
+                            return Ok(decision);
                         }
                     }
                 }
@@ -184,9 +191,15 @@ pub async fn check(
     // header will be sent.
     let mut shown: Vec<(&RateLimit, u32, Duration)> = Vec::new();
     let mut show = false;
+    // One deadline for all of the request's global policies.
+    let deadline = Instant::now() + backend.map_or(Duration::ZERO, |b| b.model.timeout);
     for p in policies {
         let m = &p.model;
-        let decision = match p.decide(&key_of(m, inputs), backend).await {
+        if verdict.unavailable.is_some() && matches!(m.scope, LimitScope::Global { .. }) {
+            // Already refused for want of Redis; asking again only adds delay.
+            continue;
+        }
+        let decision = match p.decide(&key_of(m, inputs), backend, deadline).await {
             Ok(d) => d,
             Err(e) => {
                 metrics()
