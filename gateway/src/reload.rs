@@ -77,6 +77,29 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     if key(old) != key(new) {
         return Err("the set of listeners or their bind addresses changed".to_string());
     }
+    // The TLS context is built when a listener starts; only its certificate
+    // list and forward_identity are read per handshake or request.
+    for n in &new.listeners {
+        let Some(o) = old.listeners.iter().find(|o| o.name == n.name) else {
+            continue;
+        };
+        let handshake = |l: &crate::config::model::Listener| {
+            l.tls.as_ref().map(|t| {
+                (
+                    t.min_version,
+                    t.alpn,
+                    t.client_ca.as_ref().map(|c| c.path.clone()),
+                    t.client_auth,
+                )
+            })
+        };
+        if handshake(o) != handshake(n) {
+            return Err(format!(
+                "the TLS settings of listener `{}` changed (only `certs` and `forward_identity` reload)",
+                n.name
+            ));
+        }
+    }
     Ok(())
 }
 

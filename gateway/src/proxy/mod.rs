@@ -409,7 +409,12 @@ impl ProxyHttp for Gateway {
             .and_then(|(rt, u)| rt.upstreams.get(u));
         if let Some(Err(why)) = pool.map(|p| p.check_identity(digest)) {
             log::warn!("request_id={} {why}", ctx.request_id);
-            return Error::e_explain(ErrorType::InvalidCert, why);
+            return Err(Error::create(
+                ErrorType::InvalidCert,
+                pingora::ErrorSource::Upstream,
+                Some(why.into()),
+                None,
+            ));
         }
         Ok(())
     }

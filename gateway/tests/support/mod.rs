@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 
 use std::io::Write;

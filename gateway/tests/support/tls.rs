@@ -1,0 +1,314 @@
+//! Test PKI and a real TLS client, both on BoringSSL (the `boring` crate
+//! meshgate itself uses): CAs and leaf certificates made per test, with DNS
+//! and URI (SPIFFE) SANs, ECDSA or RSA keys, expired or not.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use boring::asn1::Asn1Time;
+use boring::bn::{BigNum, MsbOption};
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::{PKey, Private};
+use boring::rsa::Rsa;
+use boring::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+use boring::x509::extension::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+};
+use boring::x509::store::X509StoreBuilder;
+use boring::x509::{X509NameBuilder, X509};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pingora::tls::tokio_ssl::SslStream;
+use tokio::net::TcpStream;
+
+use super::client::{Error, Resp};
+
+fn ec_key() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+fn rsa_key() -> PKey<Private> {
+    PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
+}
+
+fn serial() -> boring::asn1::Asn1Integer {
+    let mut bn = BigNum::new().unwrap();
+    bn.rand(64, MsbOption::MAYBE_ZERO, false).unwrap();
+    bn.to_asn1_integer().unwrap()
+}
+
+fn name(cn: &str) -> boring::x509::X509Name {
+    let mut b = X509NameBuilder::new().unwrap();
+    b.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
+    b.build()
+}
+
+/// A certificate and its key, in PEM.
+#[derive(Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+impl Pem {
+    /// Write `NAME.pem` and `NAME.key` into `dir`; their paths.
+    pub fn write(&self, dir: &Path, file: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{file}.pem"));
+        let key = dir.join(format!("{file}.key"));
+        std::fs::write(&cert, &self.cert).unwrap();
+        std::fs::write(&key, &self.key).unwrap();
+        (cert, key)
+    }
+}
+
+/// What a leaf certificate carries.
+#[derive(Default)]
+pub struct Leaf<'a> {
+    pub dns: &'a [&'a str],
+    pub uris: &'a [&'a str],
+    pub rsa: bool,
+    pub expired: bool,
+}
+
+pub struct Ca {
+    cert: X509,
+    key: PKey<Private>,
+}
+
+impl Ca {
+    pub fn new(cn: &str) -> Ca {
+        let key = ec_key();
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_serial_number(&serial()).unwrap();
+        b.set_subject_name(&name(cn)).unwrap();
+        b.set_issuer_name(&name(cn)).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
+            .unwrap();
+        b.append_extension(&BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            &KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        Ca {
+            cert: b.build(),
+            key,
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        String::from_utf8(self.cert.to_pem().unwrap()).unwrap()
+    }
+
+    /// Write the CA certificate to `dir/FILE.pem`.
+    pub fn write(&self, dir: &Path, file: &str) -> PathBuf {
+        let path = dir.join(format!("{file}.pem"));
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
+    /// A leaf for servers and clients alike (both extended key usages).
+    pub fn issue(&self, leaf: Leaf<'_>) -> Pem {
+        let key = if leaf.rsa { rsa_key() } else { ec_key() };
+        let cn = leaf.dns.first().or(leaf.uris.first()).unwrap_or(&"leaf");
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_serial_number(&serial()).unwrap();
+        b.set_subject_name(&name(cn)).unwrap();
+        b.set_issuer_name(self.cert.subject_name()).unwrap();
+        b.set_pubkey(&key).unwrap();
+        let (from, to) = if leaf.expired {
+            (
+                Asn1Time::from_unix(unix_now() - 10 * 86_400).unwrap(),
+                Asn1Time::from_unix(unix_now() - 86_400).unwrap(),
+            )
+        } else {
+            (
+                Asn1Time::days_from_now(0).unwrap(),
+                Asn1Time::days_from_now(10).unwrap(),
+            )
+        };
+        b.set_not_before(&from).unwrap();
+        b.set_not_after(&to).unwrap();
+        let mut san = SubjectAlternativeName::new();
+        for d in leaf.dns {
+            san.dns(d);
+        }
+        for u in leaf.uris {
+            san.uri(u);
+        }
+        if !leaf.dns.is_empty() || !leaf.uris.is_empty() {
+            let ext = san
+                .build(&b.x509v3_context(Some(&self.cert), None))
+                .unwrap();
+            b.append_extension(&ext).unwrap();
+        }
+        b.append_extension(
+            &ExtendedKeyUsage::new()
+                .server_auth()
+                .client_auth()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.sign(&self.key, MessageDigest::sha256()).unwrap();
+        Pem {
+            cert: String::from_utf8(b.build().to_pem().unwrap()).unwrap(),
+            key: String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap(),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// How a test client connects.
+pub struct ClientTls<'a> {
+    /// Server name sent and verified; `None`: no SNI.
+    pub sni: Option<&'a str>,
+    /// Trusted CA (PEM).
+    pub ca: &'a str,
+    /// Client certificate to present.
+    pub client: Option<&'a Pem>,
+    /// Offer h2 (and use it if chosen) instead of http/1.1 only.
+    pub h2: bool,
+    pub max_version: Option<SslVersion>,
+}
+
+/// What the handshake produced, besides the response.
+#[derive(Debug)]
+pub struct TlsInfo {
+    pub version: String,
+    pub alpn: Option<String>,
+    /// DNS SANs of the certificate the server presented.
+    pub server_names: Vec<String>,
+}
+
+/// Handshake with `addr`; the stream and what was negotiated.
+pub async fn connect(
+    addr: SocketAddr,
+    opts: &ClientTls<'_>,
+) -> Result<(SslStream<TcpStream>, TlsInfo), Error> {
+    let mut b = SslConnector::builder(SslMethod::tls())?;
+    let mut store = X509StoreBuilder::new()?;
+    for ca in X509::stack_from_pem(opts.ca.as_bytes())? {
+        store.add_cert(ca)?;
+    }
+    b.set_verify_cert_store(store.build())?;
+    b.set_verify(SslVerifyMode::PEER);
+    if let Some(c) = opts.client {
+        for (i, cert) in X509::stack_from_pem(c.cert.as_bytes())?
+            .into_iter()
+            .enumerate()
+        {
+            if i == 0 {
+                b.set_certificate(&cert)?;
+            } else {
+                b.add_extra_chain_cert(cert)?;
+            }
+        }
+        b.set_private_key(&*PKey::private_key_from_pem(c.key.as_bytes())?)?;
+    }
+    b.set_alpn_protos(if opts.h2 {
+        b"\x02h2\x08http/1.1"
+    } else {
+        b"\x08http/1.1"
+    })?;
+    if let Some(v) = opts.max_version {
+        b.set_max_proto_version(Some(v))?;
+    }
+    let connector = b.build();
+    let mut config = connector.configure()?;
+    let ssl = match opts.sni {
+        Some(sni) => config.into_ssl(sni)?,
+        None => {
+            config.set_use_server_name_indication(false);
+            config.set_verify_hostname(false);
+            config.into_ssl("unused")?
+        }
+    };
+    let tcp = TcpStream::connect(addr).await?;
+    let mut stream = SslStream::new(ssl, tcp)?;
+    Pin::new(&mut stream).connect().await?;
+    let ssl = stream.ssl();
+    let info = TlsInfo {
+        version: ssl.version_str().to_string(),
+        alpn: ssl
+            .selected_alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        server_names: ssl
+            .peer_certificate()
+            .and_then(|c| c.subject_alt_names())
+            .map(|n| {
+                n.iter()
+                    .filter_map(|g| g.dnsname().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    Ok((stream, info))
+}
+
+/// One GET over TLS, HTTP/2 when the server chose it.
+pub async fn get(
+    addr: SocketAddr,
+    opts: &ClientTls<'_>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Resp, TlsInfo), Error> {
+    let (stream, info) = connect(addr, opts).await?;
+    let h2 = info.alpn.as_deref() == Some("h2");
+    let authority = opts.sni.unwrap_or("localhost");
+    let mut builder = Request::builder().uri(format!("https://{authority}{path}"));
+    if !h2 {
+        builder = Request::builder().uri(path).header("host", authority);
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder.body(Full::new(Bytes::new()))?;
+    let io = TokioIo::new(stream);
+    let resp = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        sender.send_request(req).await?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        sender.send_request(req).await?
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let collected = resp.into_body().collect().await?;
+    let trailers = collected.trailers().cloned();
+    Ok((
+        Resp {
+            status,
+            headers,
+            body: collected.to_bytes(),
+            trailers,
+        },
+        info,
+    ))
+}

@@ -1,0 +1,483 @@
+//! TLS termination and mTLS through the real gateway, with certificates made
+//! in each test: SNI selection, ALPN, minimum version, client certificates
+//! (required, optional, wrong CA, expired), identity forwarding and rate
+//! limiting by identity, certificate reload, and an mTLS mesh pair.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use boring::ssl::SslVersion;
+use support::client::get;
+use support::tls::{self, Ca, ClientTls, Leaf, Pem};
+use support::upstream::echo;
+use support::{Gateway, HEAD};
+
+const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
+const API: &str = "spiffe://prod.example/ns/api/sa/backend";
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Certificates for `edge.example` (ECDSA) and `api.example` (RSA), and the
+/// `[certs]` tables naming them.
+fn edge_and_api(ca: &Ca, dir: &Path) -> String {
+    let (ec, ek) = ca
+        .issue(Leaf {
+            dns: &["edge.example"],
+            ..Leaf::default()
+        })
+        .write(dir, "edge");
+    let (ac, ak) = ca
+        .issue(Leaf {
+            dns: &["api.example", "*.api.example"],
+            rsa: true,
+            ..Leaf::default()
+        })
+        .write(dir, "api");
+    format!(
+        "[certs.edge]\ncert = \"{}\"\nkey = \"{}\"\n[certs.api]\ncert = \"{}\"\nkey = \"{}\"\n",
+        ec.display(),
+        ek.display(),
+        ac.display(),
+        ak.display()
+    )
+}
+
+fn tls_listener(tls: &str, certs: &str, routes: &str) -> String {
+    format!("{certs}{}\ntls = {{ {tls} }}\n{routes}", HEAD.trim_end())
+}
+
+const RESPOND: &str = "[routes.r]\npath_prefix = \"/\"\nrespond = { body = \"secure\" }\n";
+
+fn opts<'a>(ca: &'a str, sni: Option<&'a str>) -> ClientTls<'a> {
+    ClientTls {
+        sni,
+        ca,
+        client: None,
+        h2: false,
+        max_version: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_alpn_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\", \"api\"]",
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+
+    let (r, info) = tls::get(gw.listen, &opts(&ca_pem, Some("api.example")), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "secure");
+    assert!(info.server_names.contains(&"api.example".to_string()));
+    assert_eq!(info.version, "TLSv1.3");
+    assert_eq!(info.alpn.as_deref(), Some("http/1.1"));
+
+    // A wildcard name, then the default (first listed) for unknown or no SNI.
+    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, Some("v2.api.example")), "/", &[])
+        .await
+        .unwrap();
+    assert!(info.server_names.contains(&"*.api.example".to_string()));
+    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(info.server_names, vec!["edge.example".to_string()]);
+    // Unknown names get the default, which then fails the client's own name check.
+    assert!(
+        tls::get(gw.listen, &opts(&ca_pem, Some("other.example")), "/", &[])
+            .await
+            .is_err()
+    );
+
+    // HTTP/2 over TLS when offered.
+    let mut h2 = opts(&ca_pem, Some("edge.example"));
+    h2.h2 = true;
+    let (r, info) = tls::get(gw.listen, &h2, "/", &[]).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some("h2"));
+    assert_eq!(r.status, 200);
+
+    // TLS 1.2 still works by default.
+    let mut old = opts(&ca_pem, Some("edge.example"));
+    old.max_version = Some(SslVersion::TLS1_2);
+    let (_, info) = tls::get(gw.listen, &old, "/", &[]).await.unwrap();
+    assert_eq!(info.version, "TLSv1.2");
+
+    // Certificates' expiry times are exported.
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let expiry = metric(
+        &text,
+        r#"meshgate_tls_cert_expiry_timestamp_seconds{cert="edge"}"#,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (expiry - (now + 10.0 * 86_400.0)).abs() < 3_600.0,
+        "expiry {expiry} vs now {now}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_refuses_older_clients_and_counts_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\"], min_version = \"1.3\"",
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let mut old = opts(&ca_pem, Some("edge.example"));
+    old.max_version = Some(SslVersion::TLS1_2);
+    assert!(tls::get(gw.listen, &old, "/", &[]).await.is_err());
+    let start = Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(
+            &text,
+            r#"meshgate_tls_handshake_errors_total{listener="public",reason="protocol_version"}"#,
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (r, _) = tls::get(gw.listen, &opts(&ca_pem, Some("edge.example")), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// A listener requiring client certificates from `clients`, forwarding the
+/// identity to an echo upstream, with a rate limit per identity.
+async fn mtls_gateway(
+    dir: &Path,
+    server_ca: &Ca,
+    clients: &Ca,
+    auth: &str,
+) -> (Gateway, support::upstream::Upstream) {
+    let app = echo("app").await;
+    let client_ca = clients.write(dir, "clients-ca");
+    let config = tls_listener(
+        &format!(
+            "certs = [\"edge\"], client_ca = \"{}\", client_auth = \"{auth}\", forward_identity = true",
+            client_ca.display()
+        ),
+        &edge_and_api(server_ca, dir),
+        &format!(
+            "[rate_limits.per_identity]\nkey = \"identity\"\nrate = 2\nper = \"1h\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\nrate_limits = [\"per_identity\"]\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+            app.addr
+        ),
+    );
+    (Gateway::start(&config).await, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_give_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server root");
+    let clients = Ca::new("client root");
+    let (gw, _app) = mtls_gateway(dir.path(), &server_ca, &clients, "require").await;
+    let ca_pem = server_ca.pem();
+    let web = clients.issue(Leaf {
+        uris: &[WEB],
+        dns: &["frontend.web"],
+        ..Leaf::default()
+    });
+
+    // No certificate, a certificate from another CA, an expired one: refused.
+    assert!(
+        tls::get(gw.listen, &opts(&ca_pem, Some("edge.example")), "/", &[])
+            .await
+            .is_err()
+    );
+    let stranger = Ca::new("other root").issue(Leaf {
+        uris: &[WEB],
+        ..Leaf::default()
+    });
+    let mut o = opts(&ca_pem, Some("edge.example"));
+    o.client = Some(&stranger);
+    assert!(tls::get(gw.listen, &o, "/", &[]).await.is_err());
+    let expired = clients.issue(Leaf {
+        uris: &[WEB],
+        expired: true,
+        ..Leaf::default()
+    });
+    o.client = Some(&expired);
+    assert!(tls::get(gw.listen, &o, "/", &[]).await.is_err());
+
+    // A good one: the upstream sees the SPIFFE ID (the URI SAN wins over the
+    // DNS SAN), never the client's own claim.
+    o.client = Some(&web);
+    let (r, _) = tls::get(
+        gw.listen,
+        &o,
+        "/who",
+        &[(
+            "x-meshgate-peer-identity",
+            "spiffe://prod.example/ns/admin/sa/root",
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["headers"]["x-meshgate-peer-identity"], WEB);
+    assert_eq!(j["headers"]["x-forwarded-proto"], "https");
+
+    // Rate limited per identity: 2 per hour each.
+    let api = clients.issue(Leaf {
+        uris: &[API],
+        ..Leaf::default()
+    });
+    let mut statuses = Vec::new();
+    for cert in [&web, &web, &api, &api, &api] {
+        let mut o = opts(&ca_pem, Some("edge.example"));
+        o.client = Some(cert);
+        statuses.push(tls::get(gw.listen, &o, "/", &[]).await.unwrap().0.status);
+    }
+    assert_eq!(statuses, vec![200, 429, 200, 200, 429]);
+
+    let start = Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        let refused: f64 = [
+            "certificate_required",
+            "unknown_ca",
+            "certificate_expired",
+            "bad_certificate",
+        ]
+        .iter()
+        .map(|r| {
+            metric(
+                &text,
+                &format!(
+                    "meshgate_tls_handshake_errors_total{{listener=\"public\",reason=\"{r}\"}}"
+                ),
+            )
+        })
+        .sum();
+        if refused >= 3.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "handshake failures not counted: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server root");
+    let clients = Ca::new("client root");
+    let (gw, _app) = mtls_gateway(dir.path(), &server_ca, &clients, "optional").await;
+    let ca_pem = server_ca.pem();
+    let (r, _) = tls::get(
+        gw.listen,
+        &opts(&ca_pem, Some("edge.example")),
+        "/",
+        &[("x-meshgate-peer-identity", WEB)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["headers"]
+            .get("x-meshgate-peer-identity")
+            .is_none(),
+        "a claimed identity is stripped: {}",
+        r.text()
+    );
+    let dns_only = clients.issue(Leaf {
+        dns: &["batch.jobs.internal"],
+        ..Leaf::default()
+    });
+    let mut o = opts(&ca_pem, Some("edge.example"));
+    o.client = Some(&dns_only);
+    let (r, _) = tls::get(gw.listen, &o, "/", &[]).await.unwrap();
+    assert_eq!(
+        r.json()["headers"]["x-meshgate-peer-identity"],
+        "batch.jobs.internal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_are_reloaded_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\"]",
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let names = |info: tls::TlsInfo| info.server_names;
+
+    // A broken file: reported, the old certificate keeps serving.
+    std::fs::write(dir.path().join("edge.pem"), "not a certificate").unwrap();
+    let start = Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(
+            &text,
+            r#"meshgate_tls_cert_reloads_total{cert="edge",result="failure"}"#,
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no failed reload: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(names(info), vec!["edge.example".to_string()]);
+    assert!(gw.log().contains("certificate `edge` not reloaded"));
+
+    // A new pair: served from the next handshakes on, without a restart.
+    let renewed: Pem = ca.issue(Leaf {
+        dns: &["edge.example", "renewed.example"],
+        ..Leaf::default()
+    });
+    renewed.write(dir.path(), "edge");
+    let start = Instant::now();
+    loop {
+        let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+            .await
+            .unwrap();
+        if names(info).contains(&"renewed.example".to_string()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not reloaded: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Gateway B: a mesh listener requiring client certificates from the mesh
+/// CA, forwarding to an echo app. Gateway A: a plain listener whose upstream
+/// is B over mTLS, checking B's identity against `verify`, trusting the mesh
+/// CA or (`trust_mesh = false`) an unrelated one.
+async fn mesh_pair(
+    verify: &str,
+    trust_mesh: bool,
+) -> (
+    Gateway,
+    Gateway,
+    support::upstream::Upstream,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Ca::new("mesh root");
+    let app = echo("orders-app").await;
+    let (bc, bk) = mesh
+        .issue(Leaf {
+            uris: &["spiffe://prod.example/ns/orders/sa/api"],
+            dns: &["orders.mesh"],
+            ..Leaf::default()
+        })
+        .write(dir.path(), "b");
+    let mesh_ca = mesh.write(dir.path(), "mesh-ca");
+    let b = Gateway::start(&format!(
+        "[certs.b]\ncert = \"{}\"\nkey = \"{}\"\n{}\ndirection = \"mesh\"\ntls = {{ certs = [\"b\"], client_ca = \"{}\", forward_identity = true }}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        bc.display(),
+        bk.display(),
+        HEAD.trim_end(),
+        mesh_ca.display(),
+        app.addr
+    ))
+    .await;
+    let (ac, ak) = mesh
+        .issue(Leaf {
+            uris: &[WEB],
+            ..Leaf::default()
+        })
+        .write(dir.path(), "a");
+    let trusted = if trust_mesh {
+        mesh_ca
+    } else {
+        Ca::new("unrelated root").write(dir.path(), "unrelated-ca")
+    };
+    let a = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"orders\"\n[upstreams.orders]\nendpoints = [\"{}\"]\ntls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\", sni = \"orders.mesh\", verify = \"{verify}\" }}\n",
+        HEAD.trim_end(),
+        b.listen,
+        trusted.display(),
+        ac.display(),
+        ak.display()
+    ))
+    .await;
+    (a, b, app, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_pair_over_mtls_with_spiffe_verification() {
+    let (a, b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/orders/*", true).await;
+    for _ in 0..3 {
+        let r = get(a.listen, "/orders/1", &[]).await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{}\nA: {}\nB: {}",
+            r.text(),
+            a.log(),
+            b.log()
+        );
+        let j = r.json();
+        assert_eq!(j["name"], "orders-app");
+        // B saw A's certificate and says so; A's own client could not.
+        assert_eq!(j["headers"]["x-meshgate-peer-identity"], WEB);
+    }
+    // The TLS connection from A to B is pooled, not made per request.
+    let text = get(a.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &text,
+            r#"meshgate_upstream_connections_total{reused="true",upstream="orders"}"#
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // A DNS SAN as the expected identity works too.
+    let (a, _b, _app, _dir) = mesh_pair("orders.mesh", true).await;
+    assert_eq!(get(a.listen, "/", &[]).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_identity_or_ca_mismatch_is_refused() {
+    let (a, _b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/payments/*", true).await;
+    let r = get(a.listen, "/", &[]).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(a.log().contains("does not match verify"), "{}", a.log());
+
+    let (a, _b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/orders/*", false).await;
+    let r = get(a.listen, "/", &[]).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+}
