@@ -144,6 +144,8 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "headers": pairs(&r.headers),
                 "timeout_seconds": secs(r.timeout),
                 "response_headers": rewrite(&r.response_headers),
+                "rate_limits": r.rate_limits,
+                "policies": r.policies,
             });
             if let Some(p) = &r.path {
                 let (k, val) = p.describe();
@@ -206,6 +208,22 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "headers_on_allowed": p.headers_on_allowed,
             "max_keys": p.max_keys,
         })).collect::<Vec<_>>(),
+        "policies": c.policies.iter().map(|p| {
+            let rule = |r: &crate::config::model::AuthzRule| json!({
+                "identity": r.identity.iter().map(|i| i.as_text()).collect::<Vec<_>>(),
+                "source": r.source.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                "methods": r.methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                "path_prefix": r.path_prefix,
+                "headers": pairs(&r.headers),
+            });
+            json!({
+                "name": p.name,
+                "allow": p.allow.iter().map(rule).collect::<Vec<_>>(),
+                "deny": p.deny.iter().map(rule).collect::<Vec<_>>(),
+                "default": if p.default_allow { "allow" } else { "deny" },
+                "mode": match p.mode { LimitMode::Enforce => "enforce", LimitMode::Shadow => "shadow" },
+            })
+        }).collect::<Vec<_>>(),
         // The password never leaves the process.
         "redis": c.redis.as_ref().map(|r| json!({
             "url": r.redacted_url(),

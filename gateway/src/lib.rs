@@ -7,6 +7,8 @@
 //! - [`upstream`]: upstream pools: weighted endpoint choice and pre-built peers.
 //! - [`ratelimit`]: keyed GCRA policies (governor, or Redis for global ones),
 //!   client IP behind trusted proxies, `RateLimit` headers.
+//! - [`authz`]: authorization policies (identity, source, method, path,
+//!   header rules; deny wins), evaluated per route.
 //! - [`tls`]: certificates (`[certs]`, watched for changes), TLS termination
 //!   with SNI and client certificates, peer identities and their patterns.
 //! - [`runtime`]: the compiled config (routes, tables, pools) held in an
@@ -21,6 +23,7 @@
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod proxy;

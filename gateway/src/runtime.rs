@@ -42,6 +42,8 @@ pub struct RouteRuntime {
     targets: Vec<(usize, u32)>,
     /// The route's rate-limit policies, in order.
     pub limits: Vec<Arc<Policy>>,
+    /// Indexes into `config.policies` (authorization), in order.
+    pub authz: Vec<usize>,
 }
 
 impl Runtime {
@@ -105,7 +107,16 @@ impl Runtime {
                     .iter()
                     .filter_map(|n| policy_index(n))
                     .collect();
-                RouteRuntime { targets, limits }
+                let authz = r
+                    .policies
+                    .iter()
+                    .filter_map(|n| config.policies.iter().position(|p| p.name == *n))
+                    .collect();
+                RouteRuntime {
+                    targets,
+                    limits,
+                    authz,
+                }
             })
             .collect();
         let listeners = config

@@ -36,6 +36,8 @@ pub struct Config {
     pub redis: Option<Redis>,
     /// `[certs]`, loaded and checked.
     pub certs: Vec<CertFiles>,
+    /// `[policies]`: authorization.
+    pub policies: Vec<AuthzPolicy>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
 }
@@ -397,6 +399,32 @@ pub struct Route {
     pub response_headers: HeaderRewrite,
     /// Names of `[rate_limits]` policies, checked in this order.
     pub rate_limits: Vec<String>,
+    /// Names of `[policies]` (authorization); all must allow.
+    pub policies: Vec<String>,
+}
+
+/// An authorization policy: deny rules win, then allow rules, then `default`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthzPolicy {
+    pub name: String,
+    pub allow: Vec<AuthzRule>,
+    pub deny: Vec<AuthzRule>,
+    pub default_allow: bool,
+    /// Shadow: count and log would-be denials, never block.
+    pub mode: LimitMode,
+}
+
+/// Conditions of one rule; all given must hold (an empty list: any).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthzRule {
+    /// Any of these matches the client certificate's identity.
+    pub identity: Vec<crate::tls::IdentityPattern>,
+    /// The client IP (behind `trusted_proxies`) is in any of these.
+    pub source: Vec<ipnet::IpNet>,
+    pub methods: Vec<Method>,
+    pub path_prefix: Option<String>,
+    /// Each present with exactly this value.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 #[derive(Debug, Clone)]

@@ -69,6 +69,30 @@ pub struct RawListenerTls {
     pub forward_identity: Option<bool>,
 }
 
+/// `[policies.NAME]`: authorization.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub allow: Option<Vec<Spanned<RawRule>>>,
+    pub deny: Option<Vec<Spanned<RawRule>>>,
+    pub default: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+}
+
+/// One `allow`/`deny` rule; every condition given must hold.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// A pattern or a list of them; kept as a value because serde's untagged
+    /// enums drop spans.
+    pub identity: Option<Spanned<toml::Value>>,
+    /// A CIDR or a list of them.
+    pub source: Option<Spanned<toml::Value>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub headers: Option<Spanned<IndexMap<Spanned<String>, Spanned<String>>>>,
+}
+
 /// `[certs.NAME]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +157,7 @@ pub struct RawRoute {
     pub response_headers: Option<Spanned<RawHeaderRewrite>>,
     pub timeout: Option<Spanned<String>>,
     pub rate_limits: Option<Spanned<Vec<Spanned<String>>>>,
+    pub policies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `respond = { status, body, content_type }`

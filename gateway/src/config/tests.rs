@@ -669,3 +669,116 @@ fn an_invalid_redis_table_is_not_reported_as_missing() {
     assert!(all.iter().any(|d| d.message.contains("missing")), "{all:?}");
     assert!(!all.iter().any(|d| d.message.contains("no [redis] table")));
 }
+
+const OK_ROUTE: &str = "[routes.r]\npath_prefix = \"/\"\nrespond = { body = \"ok\" }\n";
+bad!(
+    policy_unknown_on_route,
+    format!(
+        "{OK_LISTENER}[policies.orders]\ndefault = \"allow\"\n{OK_ROUTE}policies = [\"ordres\"]\n"
+    ),
+    8,
+    "unknown policy `ordres`"
+);
+bad!(
+    policy_default,
+    format!("{OK_LISTENER}[policies.p]\ndefault = \"maybe\"\n"),
+    4,
+    "unknown default"
+);
+bad!(
+    policy_mode,
+    format!("{OK_LISTENER}[policies.p]\nmode = \"loud\"\n"),
+    4,
+    "unknown mode"
+);
+bad!(
+    policy_empty_rule,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{}}]\n"),
+    4,
+    "a rule without conditions"
+);
+bad!(
+    policy_identity_pattern,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{ identity = \"spiffe://*/web\" }}]\n"),
+    4,
+    "is not an identity pattern"
+);
+bad!(
+    policy_source,
+    format!("{OK_LISTENER}[policies.p]\ndeny = [{{ source = [\"10.0.0.0/8\", \"nope\"] }}]\n"),
+    4,
+    "is not an IP network"
+);
+bad!(
+    policy_rule_unknown_key,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{ path = \"/x\" }}]\n"),
+    4,
+    "unknown key `path`"
+);
+bad!(
+    policy_identity_type,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{ identity = 3 }}]\n"),
+    4,
+    "must be a string or a non-empty list"
+);
+bad!(
+    listener_tls_unknown_cert,
+    format!("{OK_LISTENER}tls = {{ certs = [\"edge\"] }}\n"),
+    3,
+    "unknown cert `edge`"
+);
+bad!(
+    listener_tls_min_version,
+    format!("{OK_LISTENER}tls = {{ certs = [], min_version = \"1.0\" }}\n"),
+    3,
+    "is not offered"
+);
+bad!(
+    listener_client_auth_without_ca,
+    format!("{OK_LISTENER}tls = {{ certs = [], client_auth = \"optional\" }}\n"),
+    3,
+    "client_auth needs client_ca"
+);
+bad!(
+    cert_file_missing,
+    format!("{OK_LISTENER}[certs.edge]\ncert = \"/nonexistent/edge.pem\"\nkey = \"/nonexistent/edge.key\"\n"),
+    4,
+    "cannot read /nonexistent/edge.pem"
+);
+bad!(
+    upstream_tls_needs_sni_for_ips,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\ntls = { verify = \"spiffe://prod.example/ns/orders/*\" }\n"
+    ),
+    5,
+    "has no tls.sni"
+);
+bad!(
+    upstream_h2_without_tls,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nprotocol = \"h2\"\n"),
+    5,
+    "HTTP/2 over TLS, but this upstream has no `tls`"
+);
+bad!(
+    upstream_tls_half_client_cert,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\ntls = { sni = \"x\", cert = \"a.pem\" }\n"),
+    5,
+    "needs both `cert` and `key`"
+);
+
+#[test]
+fn policies_parse_with_lists_and_defaults() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}[policies.p]\nallow = [{{ identity = [\"spiffe://a/*\", \"*.mesh\"], methods = [\"get\"], path_prefix = \"/o/\", headers = {{ \"x-env\" = \"prod\" }} }}, {{ source = \"10.0.0.0/8\" }}]\ndeny = [{{ source = [\"10.9.0.0/16\", \"192.0.2.1\"] }}]\n{OK_ROUTE}policies = [\"p\"]\n"),
+    )
+    .unwrap();
+    let p = &cfg.policies[0];
+    assert!(!p.default_allow);
+    assert_eq!(p.mode, model::LimitMode::Enforce);
+    assert_eq!(p.allow.len(), 2);
+    assert_eq!(p.allow[0].identity.len(), 2);
+    assert_eq!(p.allow[0].methods, vec![http::Method::GET]);
+    assert_eq!(p.deny[0].source.len(), 2);
+    assert_eq!(cfg.routes[0].policies, vec!["p".to_string()]);
+}

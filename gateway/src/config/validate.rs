@@ -27,6 +27,7 @@ const SECTIONS: &[&str] = &[
     "rate_limits",
     "redis",
     "certs",
+    "policies",
 ];
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
@@ -93,6 +94,7 @@ struct RawFile {
     /// The file has a [redis] table, valid or not.
     redis_section: bool,
     certs: Vec<(Spanned<String>, RawCert)>,
+    policies: Vec<(Spanned<String>, RawPolicy)>,
 }
 
 #[derive(Default)]
@@ -127,6 +129,7 @@ impl Validator {
                     raw.redis = self.de(value);
                 }
                 "certs" => raw.certs = self.de_named(key, value),
+                "policies" => raw.policies = self.de_named(key, value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(
@@ -234,8 +237,14 @@ impl Validator {
             // A [redis] table with errors of its own still counts as present.
             .filter_map(|(name, r)| self.rate_limit(name, r, raw.redis_section))
             .collect();
+        let policies: Vec<AuthzPolicy> = raw
+            .policies
+            .into_iter()
+            .filter_map(|(name, p)| self.policy(name, p))
+            .collect();
         let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let names = Names {
+            policies: policies.iter().map(|p| p.name.as_str()).collect(),
             listeners: listeners.iter().map(|l| l.name.as_str()).collect(),
             upstreams: upstream_names,
             rate_limits: rate_limits.iter().map(|r| r.name.as_str()).collect(),
@@ -271,6 +280,7 @@ impl Validator {
             rate_limits,
             redis,
             certs,
+            policies,
             source_hash: String::new(),
         }
     }
@@ -1050,10 +1060,33 @@ impl Validator {
             }
         }
 
+        let mut policies = Vec::new();
+        for p in r.policies.iter().flat_map(|l| l.get_ref()) {
+            if names.policies.contains(&p.get_ref().as_str()) {
+                if !policies.contains(p.get_ref()) {
+                    policies.push(p.get_ref().clone());
+                }
+            } else {
+                let fix = match suggest(p.get_ref(), &names.policies) {
+                    Some(s) => format!(
+                        "did you mean `{s}`? Otherwise define [policies.{}]",
+                        p.get_ref()
+                    ),
+                    None => format!("define [policies.{}]", p.get_ref()),
+                };
+                self.error(
+                    p.span(),
+                    format!("route `{n}` names unknown policy `{}`", p.get_ref()),
+                    fix,
+                );
+            }
+        }
+
         if self.diags.len() > before {
             return None;
         }
         Some(Route {
+            policies,
             name: n,
             listeners,
             host,
@@ -1084,6 +1117,141 @@ impl Validator {
                 None
             }
         }
+    }
+
+    fn policy(&mut self, name: Spanned<String>, p: RawPolicy) -> Option<AuthzPolicy> {
+        let before = self.diags.len();
+        let n = name.into_inner();
+        let default_allow = match p.default.as_ref().map(|d| d.get_ref().as_str()) {
+            None | Some("deny") => false,
+            Some("allow") => true,
+            Some(other) => {
+                if let Some(d) = &p.default {
+                    self.error(
+                        d.span(),
+                        format!("unknown default \"{other}\""),
+                        "use \"deny\" (default: what no rule allows is refused) or \"allow\"",
+                    );
+                }
+                false
+            }
+        };
+        let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("enforce") => LimitMode::Enforce,
+            Some("shadow") => LimitMode::Shadow,
+            Some(other) => {
+                if let Some(m) = &p.mode {
+                    self.error(
+                        m.span(),
+                        format!("unknown mode \"{other}\""),
+                        "use \"enforce\" or \"shadow\" (count and log, never block)",
+                    );
+                }
+                LimitMode::Enforce
+            }
+        };
+        let allow: Vec<AuthzRule> = p
+            .allow
+            .iter()
+            .flatten()
+            .filter_map(|r| self.rule(r))
+            .collect();
+        let deny: Vec<AuthzRule> = p
+            .deny
+            .iter()
+            .flatten()
+            .filter_map(|r| self.rule(r))
+            .collect();
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(AuthzPolicy {
+            name: n,
+            allow,
+            deny,
+            default_allow,
+            mode,
+        })
+    }
+
+    /// A string or a list of strings, each with its span.
+    fn string_or_list(&mut self, v: &Spanned<toml::Value>, what: &str) -> Vec<Spanned<String>> {
+        match v.get_ref() {
+            toml::Value::String(s) => vec![Spanned::new(v.span(), s.clone())],
+            toml::Value::Array(items) if !items.is_empty() && items.iter().all(|i| i.is_str()) => {
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str())
+                    .map(|s| Spanned::new(v.span(), s.to_string()))
+                    .collect()
+            }
+            _ => {
+                self.error(
+                    v.span(),
+                    format!("`{what}` must be a string or a non-empty list of strings"),
+                    format!("write {what} = \"...\" or {what} = [\"...\", \"...\"]"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn rule(&mut self, r: &Spanned<RawRule>) -> Option<AuthzRule> {
+        let before = self.diags.len();
+        let raw = r.get_ref();
+        let mut rule = AuthzRule::default();
+        if let Some(v) = &raw.identity {
+            for s in self.string_or_list(v, "identity") {
+                match crate::tls::IdentityPattern::parse(s.get_ref()) {
+                    Some(p) => rule.identity.push(p),
+                    None => self.error(
+                        s.span(),
+                        format!("identity \"{}\" is not an identity pattern", s.get_ref()),
+                        "write a SPIFFE ID or DNS name, exact or with a trailing `*` (\"spiffe://prod.example/ns/web/*\") or a leading `*.`",
+                    ),
+                }
+            }
+        }
+        if let Some(v) = &raw.source {
+            for s in self.string_or_list(v, "source") {
+                if let Some(net) = self.cidr(&s) {
+                    rule.source.push(net);
+                }
+            }
+        }
+        if let Some(ms) = &raw.methods {
+            rule.methods = self.method_list(ms);
+        }
+        if let Some(p) = &raw.path_prefix {
+            if !p.get_ref().starts_with('/') {
+                self.error(
+                    p.span(),
+                    "path_prefix must start with `/`",
+                    "write path_prefix = \"/orders/\"",
+                );
+            }
+            rule.path_prefix = Some(p.get_ref().clone());
+        }
+        if let Some(hs) = &raw.headers {
+            for (k, v) in hs.get_ref() {
+                if let Some(pair) = self.header_pair(k, v) {
+                    rule.headers.push(pair);
+                }
+            }
+        }
+        if raw.identity.is_none()
+            && raw.source.is_none()
+            && raw.methods.is_none()
+            && raw.path_prefix.is_none()
+            && raw.headers.is_none()
+        {
+            self.error(
+                r.span(),
+                "a rule without conditions matches every request",
+                "give it identity, source, methods, path_prefix or headers; to allow everything use default = \"allow\"",
+            );
+        }
+        (self.diags.len() == before).then_some(rule)
     }
 
     fn redis(&mut self, r: RawRedis) -> Option<Redis> {
@@ -1394,9 +1562,13 @@ impl Validator {
     }
 
     fn methods(&mut self, r: &RawRoute) -> Vec<Method> {
-        let Some(ms) = &r.methods else {
-            return Vec::new();
-        };
+        match &r.methods {
+            Some(ms) => self.method_list(ms),
+            None => Vec::new(),
+        }
+    }
+
+    fn method_list(&mut self, ms: &Spanned<Vec<Spanned<String>>>) -> Vec<Method> {
         if ms.get_ref().is_empty() {
             self.error(
                 ms.span(),
@@ -1781,6 +1953,7 @@ struct Names<'a> {
     listeners: Vec<&'a str>,
     upstreams: Vec<&'a str>,
     rate_limits: Vec<&'a str>,
+    policies: Vec<&'a str>,
 }
 
 #[derive(PartialEq, Eq, Hash)]

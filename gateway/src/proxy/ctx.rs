@@ -17,6 +17,7 @@ pub enum Failure {
     Internal,
     RateLimited,
     RateLimitUnavailable,
+    Forbidden,
 }
 
 impl Failure {
@@ -29,6 +30,7 @@ impl Failure {
             Failure::BadRequest => 400,
             Failure::RateLimited => 429,
             Failure::RateLimitUnavailable => 503,
+            Failure::Forbidden => 403,
         }
     }
 
@@ -42,6 +44,7 @@ impl Failure {
             Failure::BadRequest => "malformed request",
             Failure::RateLimited => "rate limited",
             Failure::RateLimitUnavailable => "rate limit store unavailable",
+            Failure::Forbidden => "forbidden",
             Failure::Internal => "internal gateway error",
         }
     }
@@ -87,6 +90,8 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The identity the client proved with its certificate (mTLS).
     pub peer_identity: Option<String>,
+    /// Authorization: `denied:NAME` or `shadow_denied:NAME,...`, for logs and spans.
+    pub authz_note: String,
 }
 
 impl RequestCtx {
@@ -116,6 +121,7 @@ impl RequestCtx {
             rate_limit_note: String::new(),
             tls: false,
             peer_identity: None,
+            authz_note: String::new(),
         }
     }
 

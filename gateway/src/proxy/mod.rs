@@ -40,6 +40,61 @@ impl Gateway {
     }
 }
 
+/// The client IP that rules and `client_ip` limits see: the peer, or the
+/// forwarded client when the peer is a trusted proxy.
+fn effective_client_ip(
+    rt: &Runtime,
+    listener: usize,
+    session: &Session,
+) -> Option<std::net::IpAddr> {
+    let trusted = rt
+        .config
+        .listeners
+        .get(listener)
+        .map_or(&[][..], |l| &l.trusted_proxies[..]);
+    client_ip(session)
+        .map(|ip| ratelimit::client_ip::client_ip(ip, &session.req_header().headers, trusted))
+}
+
+/// Run the route's authorization policies; `Some(policy)` when one denies.
+fn authorize(
+    rt: &Runtime,
+    listener: usize,
+    route: usize,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Option<String> {
+    let indexes = &rt.routes.get(route)?.authz;
+    if indexes.is_empty() {
+        return None;
+    }
+    let req = session.req_header();
+    let subject = crate::authz::Subject {
+        identity: ctx.peer_identity.as_deref(),
+        source: effective_client_ip(rt, listener, session),
+        method: &req.method,
+        path: req.uri.path(),
+        headers: &req.headers,
+    };
+    let verdict = crate::authz::check(
+        indexes.iter().filter_map(|i| rt.config.policies.get(*i)),
+        &subject,
+    );
+    if let Some(policy) = verdict.denied {
+        ctx.authz_note = format!("denied:{policy}");
+        return Some(policy);
+    }
+    if !verdict.shadow_denied.is_empty() {
+        ctx.authz_note = format!("shadow_denied:{}", verdict.shadow_denied.join(","));
+        log::debug!(
+            "request_id={} would be denied by {}",
+            ctx.request_id,
+            verdict.shadow_denied.join(",")
+        );
+    }
+    None
+}
+
 /// Why the rate limits refused a request.
 enum Refusal {
     /// `(policy, retry_after_secs)`
@@ -61,17 +116,8 @@ async fn limit(
         return None;
     }
     let req = session.req_header();
-    let trusted = rt
-        .config
-        .listeners
-        .get(listener)
-        .map_or(&[][..], |l| &l.trusted_proxies[..]);
-    let peer = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
     let inputs = ratelimit::KeyInputs {
-        client_ip: peer.map(|ip| ratelimit::client_ip::client_ip(ip, &req.headers, trusted)),
+        client_ip: effective_client_ip(rt, listener, session),
         headers: &req.headers,
         route: &rt.route(route).name,
         identity: ctx.peer_identity.as_deref(),
@@ -193,6 +239,11 @@ impl ProxyHttp for Gateway {
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
+        if let Some(policy) = authorize(&rt, listener, route_idx, session, ctx) {
+            ctx.failure = Some(Failure::Forbidden);
+            respond::send_forbidden(session, ctx, &policy).await?;
+            return Ok(true);
+        }
         match limit(&rt, listener, route_idx, session, ctx).await {
             Some(Refusal::Limited(policy, retry_after)) => {
                 ctx.failure = Some(Failure::RateLimited);

@@ -157,6 +157,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         error: &error,
         rate_limit: &ctx.rate_limit_note,
         peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
+        authz: &ctx.authz_note,
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);

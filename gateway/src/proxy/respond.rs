@@ -180,6 +180,31 @@ pub async fn send_rate_limit_unavailable(
     .await
 }
 
+/// 403 with a JSON body naming the policy that denied the request.
+pub async fn send_forbidden(session: &mut Session, ctx: &RequestCtx, policy: &str) -> Result<()> {
+    let failure = Failure::Forbidden;
+    let body = serde_json::json!({
+        "error": failure.message(),
+        "status": failure.status(),
+        "policy": policy,
+        "route": ctx.route_name(),
+        "request_id": ctx.request_id,
+    });
+    let hdrs = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )];
+    send(
+        session,
+        StatusCode::FORBIDDEN,
+        &hdrs,
+        Bytes::from(body.to_string()),
+        &ctx.request_id,
+        ctx.response_rewrite(),
+    )
+    .await
+}
+
 /// The `RateLimit-Policy` / `RateLimit` pair for this request, if any.
 pub fn rate_limit_headers(ctx: &RequestCtx) -> Vec<(header::HeaderName, HeaderValue)> {
     let Some((policy, limit)) = &ctx.rate_limit_headers else {

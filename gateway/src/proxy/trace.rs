@@ -141,6 +141,16 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         tracing::end(&cx, ctx.upstream_status, err, 400);
     }
     if let Some(cx) = ctx.server_cx.take() {
+        if !ctx.authz_note.is_empty() {
+            cx.span()
+                .set_attribute(KeyValue::new("meshgate.authz", ctx.authz_note.clone()));
+        }
+        if !ctx.rate_limit_note.is_empty() {
+            cx.span().set_attribute(KeyValue::new(
+                "meshgate.rate_limit",
+                ctx.rate_limit_note.clone(),
+            ));
+        }
         let status = session.response_written().map(|r| r.status.as_u16());
         let err = ctx
             .failure

@@ -58,6 +58,8 @@ pub struct Entry<'a> {
     pub rate_limit: &'a str,
     /// The client certificate's identity (mTLS), empty without one.
     pub peer_identity: &'a str,
+    /// Authorization: `denied:NAME`, `shadow_denied:NAME,...`, or empty.
+    pub authz: &'a str,
 }
 
 impl Entry<'_> {
@@ -70,7 +72,7 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid}",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = self.method,
@@ -93,6 +95,7 @@ impl Entry<'_> {
             err = self.error,
             rl = dash(self.rate_limit),
             pid = dash(self.peer_identity),
+            az = dash(self.authz),
         )
     }
 
@@ -241,6 +244,7 @@ mod tests {
             error: "",
             rate_limit: "",
             peer_identity: "",
+            authz: "",
         }
     }
 

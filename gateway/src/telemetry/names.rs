@@ -24,6 +24,8 @@ pub const RATE_LIMIT_BACKEND_DURATION_SECONDS: &str =
     "meshgate_rate_limit_backend_duration_seconds";
 pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "meshgate_rate_limit_backend_errors_total";
 
+pub const AUTHZ_DECISIONS_TOTAL: &str = "meshgate_authz_decisions_total";
+
 pub const TLS_CERT_EXPIRY_TIMESTAMP_SECONDS: &str = "meshgate_tls_cert_expiry_timestamp_seconds";
 pub const TLS_CERT_RELOADS_TOTAL: &str = "meshgate_tls_cert_reloads_total";
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "meshgate_tls_handshake_errors_total";
