@@ -17,6 +17,42 @@ fn meshgate(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Copy `config` into `dir` and make throwaway files for the `tls/...`
+/// paths it names: `X.pem` with a matching `X.key` becomes a certificate and
+/// key, a lone `X.pem` a CA certificate.
+fn with_example_certs(config: &Path, dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let copy = dir.join(config.file_name().unwrap());
+    std::fs::write(&copy, &text).unwrap();
+    let paths: std::collections::BTreeSet<&str> = text
+        .split('"')
+        .filter(|s| s.starts_with("tls/") && (s.ends_with(".pem") || s.ends_with(".key")))
+        .collect();
+    if paths.is_empty() {
+        return copy;
+    }
+    std::fs::create_dir_all(dir.join("tls")).unwrap();
+    let ca = support::tls::Ca::new("example root");
+    for p in &paths {
+        let Some(stem) = p.strip_suffix(".pem") else {
+            continue;
+        };
+        let key = format!("{stem}.key");
+        if paths.contains(key.as_str()) {
+            let pem = ca.issue(support::tls::Leaf {
+                dns: &["example.test"],
+                rsa: stem.ends_with("rsa"),
+                ..Default::default()
+            });
+            std::fs::write(dir.join(p), &pem.cert).unwrap();
+            std::fs::write(dir.join(&key), &pem.key).unwrap();
+        } else {
+            std::fs::write(dir.join(p), ca.pem()).unwrap();
+        }
+    }
+    copy
+}
+
 #[test]
 fn every_example_config_passes_check() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
@@ -24,6 +60,8 @@ fn every_example_config_passes_check() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            let scratch = tempfile::tempdir().unwrap();
+            let path = with_example_certs(&path, scratch.path());
             let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
             assert_eq!(code, 0, "{} failed check:\n{out}{err}", path.display());
             checked += 1;
