@@ -181,6 +181,25 @@ fn is_protected(n: &HeaderName) -> bool {
         || n == header::DATE
 }
 
+/// Repeated `Content-Length` lines with one value (which the parser
+/// accepted; differing values are rejected with 400) leave as one line, so
+/// no upstream has to decide what two of them mean.
+pub fn single_content_length(req: &mut RequestHeader) {
+    let values: Vec<HeaderValue> = req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .cloned()
+        .collect();
+    if let [first, ..] = values.as_slice() {
+        if values.len() > 1 {
+            let first = first.clone();
+            req.remove_header(&http::header::CONTENT_LENGTH);
+            let _ = req.insert_header(http::header::CONTENT_LENGTH, first);
+        }
+    }
+}
+
 /// Apply `strip_prefix` to a path-and-query, keeping the query.
 pub fn strip_prefix(path_and_query: &str, prefix: &str) -> Option<String> {
     let (path, query) = match path_and_query.split_once('?') {

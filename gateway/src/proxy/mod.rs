@@ -422,6 +422,7 @@ impl ProxyHttp for Gateway {
                 upstream.set_uri(uri);
             }
         }
+        headers::single_content_length(upstream);
         let host = request_host(session.req_header()).map(str::to_owned);
         let scheme = if ctx.tls { "https" } else { "http" };
         headers::add_forwarding(upstream, client_ip(session), scheme, host.as_deref());
