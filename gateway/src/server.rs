@@ -97,6 +97,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     let mut options = HttpServerOptions::default();
     // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.
     options.h2c = true;
+    // One proxy service serves every listener: the longest idle timeout wins
+    // for HTTP/2 connections (HTTP/1 ones use their listener's own).
+    options.h2_idle_timeout = listeners.iter().map(|l| l.limits.idle_timeout).max();
     proxy.server_options = Some(options);
     let mut proxy = Service::new(
         "meshgate proxy".to_string(),

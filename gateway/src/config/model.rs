@@ -131,6 +131,37 @@ pub struct Listener {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// TLS termination; `None`: plain HTTP (HTTP/1.1 and h2c).
     pub tls: Option<ListenerTls>,
+    pub limits: ListenerLimits,
+}
+
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+pub const DEFAULT_LISTENER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bounds on what one client may send or hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections served at once; `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// Request line and header fields together.
+    pub max_request_header_bytes: usize,
+    pub max_request_headers: usize,
+    pub max_uri_bytes: usize,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: None,
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+            idle_timeout: DEFAULT_LISTENER_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// A `[certs.NAME]` entry: file paths (resolved against the config file's
@@ -401,6 +432,8 @@ pub struct Route {
     pub rate_limits: Vec<String>,
     /// Names of `[policies]` (authorization); all must allow.
     pub policies: Vec<String>,
+    /// Largest request body accepted; `None`: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// An authorization policy: deny rules win, then allow rules, then `default`.

@@ -55,6 +55,18 @@ pub struct RawListener {
     pub direction: Option<Spanned<String>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     pub tls: Option<Spanned<RawListenerTls>>,
+    pub limits: Option<Spanned<RawListenerLimits>>,
+}
+
+/// A listener's `limits = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerLimits {
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_request_header_bytes: Option<Spanned<i64>>,
+    pub max_request_headers: Option<Spanned<i64>>,
+    pub max_uri_bytes: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
 }
 
 /// A listener's `tls = { ... }`
@@ -158,6 +170,7 @@ pub struct RawRoute {
     pub timeout: Option<Spanned<String>>,
     pub rate_limits: Option<Spanned<Vec<Spanned<String>>>>,
     pub policies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_body_bytes: Option<Spanned<i64>>,
 }
 
 /// `respond = { status, body, content_type }`

@@ -547,11 +547,17 @@ impl Validator {
                 .tls
                 .as_ref()
                 .and_then(|t| self.listener_tls(name.get_ref(), t, cert_names));
+            let limits = l
+                .limits
+                .as_ref()
+                .map(|lim| self.listener_limits(name.get_ref(), lim.get_ref()))
+                .unwrap_or_default();
             out.push(Listener {
                 name: name.get_ref().clone(),
                 bind,
                 direction,
                 tls,
+                limits,
                 trusted_proxies,
             });
         }
@@ -731,6 +737,65 @@ impl Validator {
                 );
                 None
             }
+        }
+    }
+
+    fn listener_limits(&mut self, listener: &str, r: &RawListenerLimits) -> ListenerLimits {
+        let d = ListenerLimits::default();
+        let mut count = |v: &Option<Spanned<i64>>, key: &str, max: i64, default: usize| match v {
+            None => default,
+            Some(n) if (1..=max).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.error(
+                    n.span(),
+                    format!(
+                        "listeners.{listener}.limits.{key} = {} is out of range",
+                        n.get_ref()
+                    ),
+                    format!("use 1..={max}"),
+                );
+                default
+            }
+        };
+        let max_connections = r.max_connections.as_ref().map(|_| {
+            count(
+                &r.max_connections,
+                "max_connections",
+                10_000_000,
+                usize::MAX,
+            )
+        });
+        // Pingora itself refuses heads over 1 MiB and more than 256 fields.
+        let max_request_header_bytes = count(
+            &r.max_request_header_bytes,
+            "max_request_header_bytes",
+            1024 * 1024,
+            d.max_request_header_bytes,
+        );
+        let max_request_headers = count(
+            &r.max_request_headers,
+            "max_request_headers",
+            256,
+            d.max_request_headers,
+        );
+        let max_uri_bytes = count(
+            &r.max_uri_bytes,
+            "max_uri_bytes",
+            1024 * 1024,
+            d.max_uri_bytes,
+        );
+        let idle_timeout = self.duration_or(
+            r.idle_timeout.as_ref(),
+            &format!("listeners.{listener}.limits.idle_timeout"),
+            d.idle_timeout,
+            false,
+        );
+        ListenerLimits {
+            max_connections,
+            max_request_header_bytes,
+            max_request_headers,
+            max_uri_bytes,
+            idle_timeout,
         }
     }
 
@@ -1085,8 +1150,22 @@ impl Validator {
         if self.diags.len() > before {
             return None;
         }
+        let max_body_bytes = r.max_body_bytes.as_ref().and_then(|b| {
+            let v = *b.get_ref();
+            if v < 0 {
+                self.error(
+                    b.span(),
+                    format!("max_body_bytes = {v} is negative"),
+                    "use a size in bytes, e.g. 10485760 for 10 MiB, or remove the key (no limit)",
+                );
+                None
+            } else {
+                Some(v as u64)
+            }
+        });
         Some(Route {
             policies,
+            max_body_bytes,
             name: n,
             listeners,
             host,

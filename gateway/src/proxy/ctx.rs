@@ -18,6 +18,9 @@ pub enum Failure {
     RateLimited,
     RateLimitUnavailable,
     Forbidden,
+    HeadersTooLarge,
+    UriTooLong,
+    BodyTooLarge,
 }
 
 impl Failure {
@@ -31,6 +34,9 @@ impl Failure {
             Failure::RateLimited => 429,
             Failure::RateLimitUnavailable => 503,
             Failure::Forbidden => 403,
+            Failure::HeadersTooLarge => 431,
+            Failure::UriTooLong => 414,
+            Failure::BodyTooLarge => 413,
         }
     }
 
@@ -45,6 +51,9 @@ impl Failure {
             Failure::RateLimited => "rate limited",
             Failure::RateLimitUnavailable => "rate limit store unavailable",
             Failure::Forbidden => "forbidden",
+            Failure::HeadersTooLarge => "request header fields too large",
+            Failure::UriTooLong => "URI too long",
+            Failure::BodyTooLarge => "request body too large",
             Failure::Internal => "internal gateway error",
         }
     }
@@ -92,6 +101,8 @@ pub struct RequestCtx {
     pub peer_identity: Option<String>,
     /// Authorization: `denied:NAME` or `shadow_denied:NAME,...`, for logs and spans.
     pub authz_note: String,
+    /// Request body bytes seen so far, against the route's `max_body_bytes`.
+    pub body_seen: u64,
 }
 
 impl RequestCtx {
@@ -122,6 +133,7 @@ impl RequestCtx {
             tls: false,
             peer_identity: None,
             authz_note: String::new(),
+            body_seen: 0,
         }
     }
 

@@ -95,6 +95,50 @@ fn authorize(
     None
 }
 
+/// The first listener limit the request head breaks, with its metric reason.
+fn over_limits(
+    req: &RequestHeader,
+    limits: &crate::config::model::ListenerLimits,
+) -> Option<(Failure, &'static str)> {
+    let uri_len = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    if uri_len > limits.max_uri_bytes {
+        return Some((Failure::UriTooLong, "uri_length"));
+    }
+    if req.headers.len() > limits.max_request_headers {
+        return Some((Failure::HeadersTooLarge, "header_count"));
+    }
+    // As on the wire: "name: value\r\n" per field, plus the request line.
+    let bytes = req.method.as_str().len()
+        + uri_len
+        + 12
+        + req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if bytes > limits.max_request_header_bytes {
+        return Some((Failure::HeadersTooLarge, "header_bytes"));
+    }
+    None
+}
+
+/// Whether a request body of `len` bytes (so far, or declared) is over the
+/// route's `max_body_bytes`.
+fn body_over_limit(rt: &Runtime, route: Option<usize>, len: u64) -> bool {
+    route
+        .map(|r| rt.route(r))
+        .and_then(|r| r.max_body_bytes)
+        .is_some_and(|max| len > max)
+}
+
+fn count_body_rejection(ctx: &RequestCtx) {
+    crate::telemetry::metrics::metrics()
+        .rejected
+        .with_label_values(&[ctx.listener_name().unwrap_or(""), "body_size"])
+        .inc();
+}
+
 /// Why the rate limits refused a request.
 enum Refusal {
     /// `(policy, retry_after_secs)`
@@ -215,6 +259,21 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
 
+        let limits = rt.config.listeners[listener].limits;
+        // Wait this long for the next request on a kept-alive connection
+        // (only where the client keeps the connection: never for a bare HTTP/1.0).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(limits.idle_timeout.as_secs().max(1)));
+        }
+        if let Some((failure, reason)) = over_limits(session.req_header(), &limits) {
+            crate::telemetry::metrics::metrics()
+                .rejected
+                .with_label_values(&[ctx.listener_name().unwrap_or(""), reason])
+                .inc();
+            ctx.failure = Some(failure);
+            respond::send_error(session, failure, ctx).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused.
         if req.version == http::Version::HTTP_11 && request_host(req).is_none() {
@@ -239,6 +298,17 @@ impl ProxyHttp for Gateway {
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
+        let declared = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| body_over_limit(&rt, Some(route_idx), len)) {
+            count_body_rejection(ctx);
+            ctx.failure = Some(Failure::BodyTooLarge);
+            respond::send_error(session, Failure::BodyTooLarge, ctx).await?;
+            return Ok(true);
+        }
         if let Some(policy) = authorize(&rt, listener, route_idx, session, ctx) {
             ctx.failure = Some(Failure::Forbidden);
             respond::send_forbidden(session, ctx, &policy).await?;
@@ -396,6 +466,31 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
         }
         e
+    }
+
+    /// Bodies without a declared length are counted as they stream.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
+        let over = ctx
+            .runtime
+            .as_ref()
+            .is_some_and(|rt| body_over_limit(rt, ctx.route, ctx.body_seen));
+        if over {
+            count_body_rejection(ctx);
+            ctx.failure = Some(Failure::BodyTooLarge);
+            session.set_keepalive(None);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the route's max_body_bytes",
+            );
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(

@@ -59,7 +59,13 @@ pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
 }
 
 pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCtx) -> Result<()> {
-    if failure == Failure::BadRequest {
+    if matches!(
+        failure,
+        Failure::BadRequest
+            | Failure::HeadersTooLarge
+            | Failure::UriTooLong
+            | Failure::BodyTooLarge
+    ) {
         // After a malformed request the connection's framing cannot be trusted.
         session.set_keepalive(None);
     }

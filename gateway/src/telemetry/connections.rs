@@ -39,13 +39,25 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
         let rt = self.runtime.load();
-        let (listener, direction) = rt
-            .listener_for(local)
+        let index = rt.listener_for(local);
+        let (listener, direction) = index
             .and_then(|i| rt.listeners.get(i))
             .map_or(("", ""), |l| (l.name.as_str(), l.direction.as_str()));
         let gauge = metrics()
             .connections_active
             .with_label_values(&[listener, direction]);
+        let max = index
+            .and_then(|i| rt.config.listeners.get(i))
+            .and_then(|l| l.limits.max_connections);
+        if max.is_some_and(|max| gauge.get() >= max as i64) {
+            // Full: close at once (a kept-alive connection coming back for
+            // another request counts as new, so overload sheds idle ones too).
+            metrics()
+                .rejected
+                .with_label_values(&[listener, "connection_limit"])
+                .inc();
+            return None;
+        }
         drop(rt);
         let _open = GaugeGuard::new(gauge);
         self.inner.process_new(session, shutdown).await

@@ -10,6 +10,7 @@ pub const DOWNSTREAM_RESPONSE_BYTES_TOTAL: &str = "meshgate_downstream_response_
 pub const DOWNSTREAM_REQUESTS_IN_FLIGHT: &str = "meshgate_downstream_requests_in_flight";
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "meshgate_downstream_connections_active";
 pub const NO_ROUTE_TOTAL: &str = "meshgate_no_route_total";
+pub const DOWNSTREAM_REJECTED_TOTAL: &str = "meshgate_downstream_rejected_total";
 
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "meshgate_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str = "meshgate_upstream_request_duration_seconds";

@@ -1,0 +1,214 @@
+//! Limits against hostile or careless clients: URI length, header count and
+//! bytes, body size per route, connections per listener, idle keep-alive.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::client::{get, send};
+use support::upstream::echo;
+use support::{Gateway, HEAD};
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn rejected(text: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        &format!("meshgate_downstream_rejected_total{{listener=\"public\",reason=\"{reason}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_get_414_and_431() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ max_uri_bytes = 200, max_request_headers = 10, max_request_header_bytes = 2000 }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let long = format!("/{}", "a".repeat(300));
+    let r = get(gw.listen, &long, &[]).await.unwrap();
+    assert_eq!(r.status, 414);
+    assert_eq!(r.json()["error"], "URI too long");
+
+    let many: Vec<(String, String)> = (0..12).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = get(gw.listen, "/", &many).await.unwrap();
+    assert_eq!(r.status, 431);
+    assert_eq!(r.json()["error"], "request header fields too large");
+
+    let big = "b".repeat(2500);
+    let r = get(gw.listen, "/", &[("x-big", big.as_str())])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 431);
+
+    // Within the limits: fine, on HTTP/1.1 and h2c alike.
+    assert_eq!(
+        get(gw.listen, "/short", &[("x-a", "b")])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let h2 = send(gw.listen, Method::GET, &long, &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!(h2.status, 414);
+
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "uri_length"), 2.0);
+    assert_eq!(rejected(&text, "header_count"), 1.0);
+    assert_eq!(rejected(&text, "header_bytes"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_route_limit_get_413() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.upload]\npath_prefix = \"/\"\nupstream = \"app\"\nmax_body_bytes = 1000\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let ok = send(
+        gw.listen,
+        Method::POST,
+        "/",
+        &[],
+        Bytes::from(vec![1u8; 1000]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["body_len"], 1000);
+    let before = app.connections();
+
+    // Declared too large: refused before the upstream is contacted.
+    let r = send(
+        gw.listen,
+        Method::POST,
+        "/",
+        &[],
+        Bytes::from(vec![1u8; 1001]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "request body too large");
+    assert_eq!(app.connections(), before);
+
+    // Streamed without a length (HTTP/2 here): counted as it arrives.
+    let r = send(
+        gw.listen,
+        Method::POST,
+        "/",
+        &[],
+        Bytes::from(vec![1u8; 5000]),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+
+    // Chunked over HTTP/1.1, raw.
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    let chunk = "x".repeat(800);
+    s.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "body_size"), 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_listener_limit_are_closed() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ max_connections = 2 }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    // Two clients hold connections open without finishing a request.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(
+            &text,
+            r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#,
+        ) >= 2.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third is closed without an answer.
+    assert!(get(gw.listen, "/", &[]).await.is_err());
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(rejected(&text, "connection_limit") >= 1.0);
+
+    // Once one of them leaves, there is room again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(r) = get(gw.listen, "/", &[]).await {
+            assert_eq!(r.status, 200);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after a client left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_after_idle_timeout() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ idle_timeout = \"1s\" }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad: 0123456789\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    // The response arrives, then the server closes the idle connection.
+    let done = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(done.is_ok(), "idle connection still open after 10s");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed too early"
+    );
+}
