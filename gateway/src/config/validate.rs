@@ -218,12 +218,15 @@ impl Validator {
         let gateway = self.gateway(raw.gateway);
         let admin = self.admin(raw.admin);
         let telemetry = self.telemetry(raw.telemetry);
+        // Every name defined, loadable or not: a cert whose files fail has its
+        // own error, and references to it should not add "unknown cert".
+        let defined: Vec<String> = raw.certs.iter().map(|(n, _)| n.get_ref().clone()).collect();
+        let cert_names: Vec<&str> = defined.iter().map(String::as_str).collect();
         let certs: Vec<CertFiles> = raw
             .certs
             .into_iter()
             .filter_map(|(name, c)| self.cert(name, c))
             .collect();
-        let cert_names: Vec<&str> = certs.iter().map(|c| c.name.as_str()).collect();
         let listeners = self.listeners(&raw.listeners, &admin, &cert_names);
         let upstreams: Vec<Upstream> = raw
             .upstreams
