@@ -12,8 +12,8 @@ BIN := target/release/meshgate
 BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates curl
 # What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint,
 # prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
-# global rate limits.
-TEST_PKGS := systemd python3-pip prometheus redis-server
+# global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
+TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh
 
 .PHONY: help deps test-deps build run test lint check-configs clean
 
