@@ -15,11 +15,12 @@ BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates 
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh
 
-.PHONY: help deps test-deps build run test lint check-configs clean
+.PHONY: help deps test-deps build run test lint check-configs fuzz clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
 	@echo "make test   run formatting, lints and the whole test suite"
+	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
 
 deps:
 	@scripts/install-deps.sh $(BUILD_PKGS)
@@ -48,8 +49,16 @@ test: test-deps
 	$(MAKE) lint
 	$(CARGO) test --workspace --locked
 
+# config/full.toml names tls/ files: throwaway ones are made first (config/tls, git-ignored).
 check-configs: build
+	@scripts/example-certs.sh >/dev/null
 	@for f in config/*.toml; do $(BIN) check -c $$f || exit 64; done
+
+# Each cargo-fuzz target for 60 s (nightly; see fuzz/README.md).
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz run config_loader -- -max_total_time=60
+	cd fuzz && $(CARGO) +nightly fuzz run route_matcher -- -max_total_time=60
 
 clean:
 	$(CARGO) clean

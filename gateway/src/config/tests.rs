@@ -782,3 +782,102 @@ fn policies_parse_with_lists_and_defaults() {
     assert_eq!(p.deny[0].source.len(), 2);
     assert_eq!(cfg.routes[0].policies, vec!["p".to_string()]);
 }
+
+/// What the fuzz targets (fuzz/) do, briefly and on stable, so CI covers
+/// it: mutate the example configs and feed them, and random requests, to
+/// validation and route matching. Nothing may panic.
+#[test]
+fn mutated_configs_and_requests_never_panic() {
+    let seeds = [
+        include_str!("../../../config/full.toml"),
+        include_str!("../../../config/gateway.toml"),
+        include_str!("../../../config/compose.toml"),
+    ];
+    const TOKENS: &[&str] = &[
+        "[",
+        "]",
+        "{",
+        "}",
+        "=",
+        "\"",
+        "'",
+        ",",
+        ".",
+        "\n",
+        "#",
+        "*",
+        ":",
+        "/",
+        " ",
+        "0",
+        "-1",
+        "\\u0000",
+        "é",
+        "[[",
+        "]]",
+        "\"\"\"",
+        "1e400",
+        "true",
+        "*.",
+        "/*",
+        "spiffe://",
+    ];
+    let mut rng = fastrand::Rng::with_seed(0x6d65_7368);
+    for i in 0..1500 {
+        let mut text = seeds[i % seeds.len()].to_string();
+        for _ in 0..rng.usize(1..6) {
+            // Cut at char boundaries only: the text must stay a &str.
+            let pos = |rng: &mut fastrand::Rng, t: &str| {
+                let mut p = rng.usize(0..=t.len());
+                while !t.is_char_boundary(p) {
+                    p -= 1;
+                }
+                p
+            };
+            let a = pos(&mut rng, &text);
+            match rng.u8(0..4) {
+                0 => {
+                    let b = pos(&mut rng, &text).max(a);
+                    text.replace_range(a..b.min(a + 40), "");
+                }
+                1 => text.insert_str(a, TOKENS[rng.usize(0..TOKENS.len())]),
+                2 => {
+                    let b = pos(&mut rng, &text).max(a);
+                    let piece = text[a..b.min(a + 60)].to_string();
+                    text.insert_str(a, &piece);
+                }
+                _ => text.truncate(a),
+            }
+        }
+        match parse(Path::new("fuzz.toml"), &text) {
+            Err(e) => {
+                let _ = e.to_string();
+            }
+            Ok(cfg) => {
+                let method = http::Method::GET;
+                let headers = http::HeaderMap::new();
+                for host in [
+                    None,
+                    Some("api.example.com"),
+                    Some("x.example.com"),
+                    Some(""),
+                ] {
+                    for path in ["/", "/v1/items", "/ping", "//", "/orders/1?x"] {
+                        let req = crate::router::RequestParts {
+                            host,
+                            path,
+                            method: &method,
+                            headers: &headers,
+                        };
+                        for l in &cfg.listeners {
+                            let table = crate::router::RouteTable::build(&cfg.routes, &l.name);
+                            if let Some(r) = table.find(&req) {
+                                assert!(cfg.routes[r].listeners.contains(&l.name));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
