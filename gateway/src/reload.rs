@@ -84,18 +84,13 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             continue;
         };
         let handshake = |l: &crate::config::model::Listener| {
-            l.tls.as_ref().map(|t| {
-                (
-                    t.min_version,
-                    t.alpn,
-                    t.client_ca.as_ref().map(|c| c.path.clone()),
-                    t.client_auth,
-                )
-            })
+            l.tls
+                .as_ref()
+                .map(|t| (t.min_version, t.alpn, t.client_ca.clone(), t.client_auth))
         };
         if handshake(o) != handshake(n) {
             return Err(format!(
-                "the TLS settings of listener `{}` changed (only `certs` and `forward_identity` reload)",
+                "the TLS settings of listener `{}` changed, or its client_ca file did (only `certs` and `forward_identity` reload)",
                 n.name
             ));
         }

@@ -68,7 +68,7 @@ impl UpstreamPool {
                 UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
             }
             if let Some(tls) = &u.tls {
-                set_tls(&mut peer, tls);
+                set_tls(&mut peer, tls, &u.name);
             }
             peers.push(peer);
         }
@@ -142,7 +142,17 @@ impl UpstreamPool {
 /// system store), then the name: the SNI by BoringSSL, or `verify` (SPIFFE
 /// ID or DNS name) by meshgate on each request, from the identities recorded
 /// at the handshake.
-fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls) {
+fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str) {
+    // Pooled connections are keyed by the peer's hash, which leaves out the
+    // CA: without this, a connection verified for one upstream could serve
+    // another with a different CA or identity at the same address.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&upstream, &mut h);
+    if let Some(ca) = &tls.ca {
+        std::hash::Hash::hash(&ca.fingerprint, &mut h);
+    }
+    std::hash::Hash::hash(&tls.verify.as_ref().map(|v| v.as_text()), &mut h);
+    peer.group_key = std::hash::Hasher::finish(&h);
     peer.options.verify_cert = true;
     peer.options.verify_hostname = tls.verify.is_none();
     if let Some(ca) = &tls.ca {

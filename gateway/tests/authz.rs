@@ -179,3 +179,33 @@ async fn source_rules_see_the_client_behind_a_trusted_proxy() {
     .unwrap();
     assert_eq!(post.status, 403, "methods narrow the rule");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_do_not_walk_around_a_rule() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[policies.no_admin]\ndeny = [{{ path_prefix = \"/admin\" }}]\ndefault = \"allow\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\npolicies = [\"no_admin\"]\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    for trick in [
+        "/admin",
+        "/x/../admin",
+        "/public/%2e%2e/admin/users",
+        "//admin",
+        "/%61dmin",
+        "/./admin",
+    ] {
+        let r = get(gw.listen, trick, &[]).await.unwrap();
+        assert_eq!(r.status, 403, "{trick}: {}", r.text());
+    }
+    // What the upstream gets is the path the rules saw.
+    let r = get(gw.listen, "/a/./b/../%63?q=%2e%2e", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/a/c?q=%2e%2e");
+    // An encoded slash is not a separator: the rule does not apply, and the
+    // upstream sees it still encoded.
+    let r = get(gw.listen, "/admin%2Fx", &[]).await.unwrap();
+    assert_eq!(r.status, 403, "prefix /admin matches /admin%2Fx as text");
+}

@@ -166,3 +166,49 @@ async fn ambiguous_framing_never_reaches_the_upstream() {
         assert!(line.contains("400"), "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_meshgate_cannot_read_as_sent_are_refused() {
+    let (upstream, seen) = recording_upstream().await;
+    let gw = Gateway::start(&format!(
+        "{}\n[policies.no_admin]\ndeny = [{{ path_prefix = \"/admin\" }}]\ndefault = \"allow\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"u\"\npolicies = [\"no_admin\"]\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    for target in [
+        "x:/admin",
+        "admin/x",
+        "/..;/admin",
+        "/a/.;/admin",
+        "/a\\..\\admin",
+        "*",
+    ] {
+        let statuses = raw(
+            gw.listen,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-Pad: 0123456789\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(statuses, vec![400], "{target}");
+    }
+    // OPTIONS * is read (no route serves `*`: 404); absolute-form http targets route.
+    let star = raw(
+        gw.listen,
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Pad: 0123456789\r\n\r\n",
+    )
+    .await;
+    assert_eq!(star, vec![404]);
+    let ok = raw(
+        gw.listen,
+        b"GET http://x/public HTTP/1.1\r\nHost: x\r\nX-Pad: 0123\r\n\r\n",
+    )
+    .await;
+    assert_eq!(ok, vec![200]);
+    let denied = raw(
+        gw.listen,
+        b"GET http://x/admin HTTP/1.1\r\nHost: x\r\nX-Pad: 0123\r\n\r\n",
+    )
+    .await;
+    assert_eq!(denied, vec![403]);
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("admin"), "{seen}");
+}

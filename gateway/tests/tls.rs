@@ -481,3 +481,34 @@ async fn upstream_identity_or_ca_mismatch_is_refused() {
     let r = get(a.listen, "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_listener_names_and_client_auth_start() {
+    // The session id context is limited to 32 bytes; names are not.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let clients = Ca::new("client root");
+    let client_ca = clients.write(dir.path(), "clients");
+    let config = tls_listener(
+        &format!(
+            "certs = [\"edge\"], client_ca = \"{}\"",
+            client_ca.display()
+        ),
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    )
+    .replace(
+        "[listeners.public]",
+        "[listeners.a-listener-name-well-over-thirty-two-bytes]",
+    );
+    let gw = Gateway::start(&config).await;
+    let ca_pem = ca.pem();
+    let me = clients.issue(Leaf {
+        uris: &[WEB],
+        ..Leaf::default()
+    });
+    let mut o = opts(&ca_pem, Some("edge.example"));
+    o.client = Some(&me);
+    let (r, _) = tls::get(gw.listen, &o, "/", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+}

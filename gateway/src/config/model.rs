@@ -179,12 +179,14 @@ pub struct CertFiles {
 pub struct CaBundle {
     pub path: PathBuf,
     pub certs: Arc<Vec<boring::x509::X509>>,
+    /// SHA-256 over the certificates' DER: the bundle's content, for
+    /// telling a changed file from an unchanged one.
+    pub fingerprint: Vec<u8>,
 }
 
 impl PartialEq for CaBundle {
-    /// By file: what matters for "did the config change".
     fn eq(&self, other: &Self) -> bool {
-        self.path == other.path
+        self.path == other.path && self.fingerprint == other.fingerprint
     }
 }
 

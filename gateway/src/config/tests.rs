@@ -881,3 +881,34 @@ fn mutated_configs_and_requests_never_panic() {
         }
     }
 }
+
+bad!(
+    path_prefix_not_normal,
+    with_route("path_prefix = \"//admin/../x\"\nupstream = \"u\"\n"),
+    6,
+    "is not in normal form"
+);
+bad!(
+    rule_path_prefix_not_normal,
+    format!("{OK_LISTENER}[policies.p]\ndeny = [{{ path_prefix = \"/%61dmin\" }}]\n"),
+    4,
+    "is not in normal form"
+);
+bad!(
+    rule_empty_headers,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{ headers = {{}} }}]\n"),
+    4,
+    "a rule without conditions"
+);
+bad!(
+    rule_on_identity_header,
+    format!("{OK_LISTENER}[policies.p]\nallow = [{{ headers = {{ \"x-meshgate-peer-identity\" = \"a\" }} }}]\n"),
+    4,
+    "cannot test x-meshgate-peer-identity"
+);
+bad!(
+    rewrite_identity_header,
+    with_route("upstream = \"u\"\nrequest_headers = { set = { \"X-Meshgate-Peer-Identity\" = \"spiffe://x/y\" } }\n"),
+    7,
+    "x-meshgate-peer-identity cannot be rewritten"
+);

@@ -728,10 +728,20 @@ impl Validator {
     fn ca_bundle(&mut self, p: &Spanned<String>) -> Option<CaBundle> {
         let path = self.path(p);
         match crate::tls::load_certs(&path) {
-            Ok(certs) => Some(CaBundle {
-                path,
-                certs: Arc::new(certs),
-            }),
+            Ok(certs) => {
+                let der: Vec<u8> = certs
+                    .iter()
+                    .flat_map(|c| c.to_der().unwrap_or_default())
+                    .collect();
+                let fingerprint = boring::hash::hash(boring::hash::MessageDigest::sha256(), &der)
+                    .map(|d| d.to_vec())
+                    .unwrap_or(der);
+                Some(CaBundle {
+                    path,
+                    certs: Arc::new(certs),
+                    fingerprint,
+                })
+            }
             Err(e) => {
                 self.error(
                     p.span(),
@@ -1305,17 +1315,20 @@ impl Validator {
             rule.methods = self.method_list(ms);
         }
         if let Some(p) = &raw.path_prefix {
-            if !p.get_ref().starts_with('/') {
-                self.error(
-                    p.span(),
-                    "path_prefix must start with `/`",
-                    "write path_prefix = \"/orders/\"",
-                );
+            if self.abs_path(p, "path_prefix") {
+                rule.path_prefix = Some(p.get_ref().clone());
             }
-            rule.path_prefix = Some(p.get_ref().clone());
         }
         if let Some(hs) = &raw.headers {
             for (k, v) in hs.get_ref() {
+                if k.get_ref().eq_ignore_ascii_case("x-meshgate-peer-identity") {
+                    self.error(
+                        k.span(),
+                        "a rule cannot test x-meshgate-peer-identity: in a request it is whatever the client sent",
+                        "use identity = \"...\" to match the verified client certificate",
+                    );
+                    continue;
+                }
                 if let Some(pair) = self.header_pair(k, v) {
                     rule.headers.push(pair);
                 }
@@ -1325,7 +1338,7 @@ impl Validator {
             && raw.source.is_none()
             && raw.methods.is_none()
             && raw.path_prefix.is_none()
-            && raw.headers.is_none()
+            && raw.headers.as_ref().is_none_or(|h| h.get_ref().is_empty())
         {
             self.error(
                 r.span(),
@@ -1640,6 +1653,16 @@ impl Validator {
             );
             return false;
         }
+        // Requests are matched after normalization, so a non-normal pattern
+        // could never match.
+        if let Some(normal) = crate::router::normalize_path(s) {
+            self.error(
+                p.span(),
+                format!("{key} \"{s}\" is not in normal form, and request paths are normalized before matching"),
+                format!("write {key} = \"{normal}\""),
+            );
+            return false;
+        }
         true
     }
 
@@ -1734,6 +1757,21 @@ impl Validator {
                 k.span(),
                 format!("header `{}` cannot be rewritten: it describes the connection or the message framing", k.get_ref()),
                 "remove it; meshgate sets framing and hop-by-hop fields itself for each hop",
+            );
+        }
+        let identity = raw
+            .set
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .chain(raw.add.iter().flatten().map(|(k, _)| k))
+            .chain(raw.remove.iter().flatten())
+            .find(|k| k.get_ref().eq_ignore_ascii_case("x-meshgate-peer-identity"));
+        if let Some(k) = identity {
+            self.error(
+                k.span(),
+                "x-meshgate-peer-identity cannot be rewritten: only a verified client certificate sets it",
+                "remove it; use tls.forward_identity on the listener",
             );
         }
         let mut out = HeaderRewrite::default();

@@ -69,9 +69,16 @@ fn authorize(
         return None;
     }
     let req = session.req_header();
+    let trusted = rt
+        .config
+        .listeners
+        .get(listener)
+        .map_or(&[][..], |l| &l.trusted_proxies[..]);
     let subject = crate::authz::Subject {
         identity: ctx.peer_identity.as_deref(),
-        source: effective_client_ip(rt, listener, session),
+        source: client_ip(session).and_then(|ip| {
+            ratelimit::client_ip::client_ip_known(ip, &session.req_header().headers, trusted)
+        }),
         method: &req.method,
         path: req.uri.path(),
         headers: &req.headers,
@@ -95,13 +102,67 @@ fn authorize(
     None
 }
 
+/// Whether meshgate may route this request target: what it decides on
+/// (`uri`) must be exactly what the upstream would be sent (the raw target).
+/// Origin-form (`/path`), the absolute form of http/https and `*` for
+/// OPTIONS qualify; other forms (`x:/admin`, `admin/x`) or targets the URI
+/// parser could only read lossily would reach the upstream as sent while
+/// meshgate saw `/`. Paths with `\` or `..;`/`.;` segments (read as `/` or
+/// `..` by some servers) are refused too.
+fn target_is_usable(req: &RequestHeader) -> bool {
+    let raw = req.raw_path();
+    let consistent = if req.version == http::Version::HTTP_2 {
+        // :path is checked by the HTTP/2 layer and has no other form.
+        true
+    } else if !req.raw_path_is_utf8() {
+        false
+    } else if raw.starts_with(b"/") {
+        req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(raw)
+    } else if raw == b"*" {
+        req.method == http::Method::OPTIONS
+    } else if raw.starts_with(b"http://") || raw.starts_with(b"https://") {
+        http::Uri::try_from(raw).is_ok_and(|u| u.path_and_query() == req.uri.path_and_query())
+    } else {
+        false
+    };
+    let path = req.uri.path();
+    consistent
+        && !path.contains('\\')
+        && !path
+            .split('/')
+            .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
+}
+
+/// Route, authorize and forward the normalized path (see
+/// [`crate::router::normalize_path`]), so all three see the same thing.
+fn normalize_request_path(req: &mut RequestHeader) {
+    let Some(path) = crate::router::normalize_path(req.uri.path()) else {
+        return;
+    };
+    let pq = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri.clone().into_parts();
+    let Ok(pq) = pq.parse::<http::uri::PathAndQuery>() else {
+        return;
+    };
+    parts.path_and_query = Some(pq);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        req.set_uri(uri);
+    }
+}
+
 /// The first listener limit the request head breaks, with its metric reason.
 fn over_limits(
     req: &RequestHeader,
     limits: &crate::config::model::ListenerLimits,
 ) -> Option<(Failure, &'static str)> {
-    let uri_len = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
-        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    // As sent: the parsed URI can be shorter (absolute forms).
+    let uri_len = req
+        .raw_path()
+        .len()
+        .max(req.uri.path_and_query().map_or(0, |p| p.as_str().len()));
     if uri_len > limits.max_uri_bytes {
         return Some((Failure::UriTooLong, "uri_length"));
     }
@@ -274,6 +335,12 @@ impl ProxyHttp for Gateway {
             respond::send_error(session, failure, ctx).await?;
             return Ok(true);
         }
+        if !target_is_usable(session.req_header()) {
+            ctx.failure = Some(Failure::BadRequest);
+            respond::send_error(session, Failure::BadRequest, ctx).await?;
+            return Ok(true);
+        }
+        normalize_request_path(session.req_header_mut());
         let req = session.req_header();
         // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused.
         if req.version == http::Version::HTTP_11 && request_host(req).is_none() {
@@ -377,6 +444,10 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if !ctx.tried.is_empty() {
+            // A retry sends the buffered body through the filter again.
+            ctx.body_seen = 0;
+        }
         let remaining = ctx.remaining();
         if remaining.is_zero() {
             ctx.failure = Some(Failure::Timeout);
@@ -476,6 +547,10 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.upgraded {
+            // A WebSocket's bytes are not a request body.
+            return Ok(());
+        }
         ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
         let over = ctx
             .runtime

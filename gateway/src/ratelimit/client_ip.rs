@@ -12,9 +12,22 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    walk(peer, headers, trusted).0
+}
+
+/// The client only when the chain is readable: `None` when a trusted peer
+/// sent no `x-forwarded-for`, or an entry that is not an address stopped
+/// the walk. Authorization uses this, so an unreadable chain never passes
+/// for the proxy's own (trusted, often allowed) address.
+pub fn client_ip_known(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let (ip, known) = walk(peer, headers, trusted);
+    known.then_some(ip)
+}
+
+fn walk(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> (IpAddr, bool) {
     let peer = peer.to_canonical();
     if !is_trusted(peer, trusted) {
-        return peer;
+        return (peer, true);
     }
     let mut client = peer;
     // Later header lines were added by nearer proxies, as were later entries.
@@ -24,16 +37,32 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .collect();
+    if entries.is_empty() {
+        return (peer, false);
+    }
     for entry in entries.iter().rev() {
-        let Ok(ip) = entry.trim().parse::<IpAddr>() else {
-            break;
+        let Some(ip) = parse_entry(entry) else {
+            return (client, false);
         };
         client = ip.to_canonical();
         if !is_trusted(client, trusted) {
             break;
         }
     }
-    client
+    (client, true)
+}
+
+/// An address as proxies write it: `203.0.113.9`, `203.0.113.9:5123`,
+/// `2001:db8::1`, `[2001:db8::1]` or `[2001:db8::1]:5123`.
+fn parse_entry(entry: &str) -> Option<IpAddr> {
+    let e = entry.trim();
+    if let Ok(ip) = e.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = e.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    e.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
@@ -43,6 +72,32 @@ fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_with_ports_and_brackets_are_read_and_garbage_is_unknown() {
+        let t: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let p = ip("10.0.0.5");
+        for (xff, want) in [
+            ("198.51.100.7:5123", "198.51.100.7"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+        ] {
+            assert_eq!(
+                client_ip_known(p, &headers(&[xff]), &t),
+                Some(ip(want)),
+                "{xff}"
+            );
+        }
+        // Unreadable or missing chains: rate limiting falls back to the peer,
+        // authorization knows no client.
+        assert_eq!(client_ip(p, &headers(&["unknown"]), &t), p);
+        assert_eq!(client_ip_known(p, &headers(&["unknown"]), &t), None);
+        assert_eq!(client_ip_known(p, &headers(&[]), &t), None);
+        assert_eq!(
+            client_ip_known(ip("192.0.2.1"), &headers(&[]), &t),
+            Some(ip("192.0.2.1"))
+        );
+    }
 
     fn headers(xff: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -239,3 +239,32 @@ fn host_normalization() {
     assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
     assert!(matches!(normalize_host("plain"), Cow::Borrowed(_)));
 }
+
+#[test]
+fn paths_are_normalized_like_upstream_servers_read_them() {
+    use super::normalize_path as n;
+    assert_eq!(n("/a/b"), None);
+    assert_eq!(n("/a/b/"), None);
+    assert_eq!(n("*"), None);
+    assert_eq!(n("/a/./b/../c").as_deref(), Some("/a/c"));
+    assert_eq!(n("/orders/../admin").as_deref(), Some("/admin"));
+    assert_eq!(n("/../../etc/passwd").as_deref(), Some("/etc/passwd"));
+    assert_eq!(n("/%61dmin").as_deref(), Some("/admin"));
+    assert_eq!(n("/%2e%2e/admin").as_deref(), Some("/admin"));
+    assert_eq!(n("/x/%2E%2E/admin/").as_deref(), Some("/admin/"));
+    assert_eq!(n("//admin").as_deref(), Some("/admin"));
+    assert_eq!(n("/a//b///c").as_deref(), Some("/a/b/c"));
+    assert_eq!(n("/a/b/..").as_deref(), Some("/a/"));
+    assert_eq!(n("/.").as_deref(), Some("/"));
+    assert_eq!(n("/..").as_deref(), Some("/"));
+    // Encoded slashes and other reserved characters stay encoded.
+    assert_eq!(n("/orders%2Fadmin"), None);
+    assert_eq!(n("/orders%2fadmin").as_deref(), Some("/orders%2Fadmin"));
+    assert_eq!(n("/caf%C3%A9"), None);
+    // Malformed escapes are left as they are.
+    assert_eq!(n("/a%"), None);
+    assert_eq!(n("/a%zz"), None);
+    assert_eq!(n("/a%+1"), None);
+    assert_eq!(n("/a/.hidden"), None);
+    assert_eq!(n("/a/..b"), None);
+}

@@ -120,9 +120,15 @@ pub fn settings(
     settings
         .set_max_proto_version(Some(SslVersion::TLS1_3))
         .map_err(|e| fail(e.to_string()))?;
-    // Session resumption must not cross listeners with different client auth.
+    // Session resumption must not cross listeners with different client
+    // auth. The context holds at most 32 bytes, names can be longer: a hash.
+    let sid_ctx = boring::hash::hash(
+        boring::hash::MessageDigest::sha256(),
+        format!("meshgate:{}", listener.name).as_bytes(),
+    )
+    .map_err(|e| fail(e.to_string()))?;
     settings
-        .set_session_id_context(format!("meshgate:{}", listener.name).as_bytes())
+        .set_session_id_context(&sid_ctx)
         .map_err(|e| fail(e.to_string()))?;
     settings.set_alpn(match tls.alpn {
         Alpn::H2H1 => ALPN::H2H1,
@@ -140,6 +146,11 @@ pub fn settings(
                 .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
         }
         settings.set_cert_store(store.build());
+        // A resumed session skips the certificate check: a client whose
+        // certificate expired (or whose CA was dropped) could go on for days
+        // on tickets. With client certificates, every connection is checked.
+        settings.set_options(boring::ssl::SslOptions::NO_TICKET);
+        settings.set_session_cache_mode(boring::ssl::SslSessionCacheMode::OFF);
         let mode = match tls.client_auth {
             ClientAuth::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
             ClientAuth::Optional => SslVerifyMode::PEER,

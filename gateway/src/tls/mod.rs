@@ -150,10 +150,16 @@ fn not_after_unix(cert: &X509Ref) -> i64 {
 /// such as `spiffe://prod.example/ns/web/sa/frontend`), else the first DNS SAN.
 pub fn identity_of(cert: &X509Ref) -> Option<String> {
     let names = cert.subject_alt_names()?;
+    // A wildcard SAN names a set of hosts, not one workload: never an identity.
+    let usable = |s: &str| !s.contains('*');
     names
         .iter()
-        .find_map(|n| n.uri().map(str::to_string))
-        .or_else(|| names.iter().find_map(|n| n.dnsname().map(str::to_string)))
+        .find_map(|n| n.uri().filter(|u| usable(u)).map(str::to_string))
+        .or_else(|| {
+            names
+                .iter()
+                .find_map(|n| n.dnsname().filter(|d| usable(d)).map(str::to_string))
+        })
 }
 
 /// Every identity a certificate carries (URI and DNS SANs), for matching an
@@ -215,6 +221,10 @@ impl IdentityPattern {
             }
             IdentityPattern::Prefix(p) => identity.starts_with(p.as_str()),
             IdentityPattern::DnsWildcard(suffix) => {
+                // DNS names only: not `spiffe://x.mesh.example`.
+                if !is_dns_like(identity) || identity.contains(':') {
+                    return false;
+                }
                 let id = identity.to_ascii_lowercase();
                 id.strip_suffix(suffix.as_str())
                     .is_some_and(|label| !label.is_empty() && !label.contains('.'))
@@ -253,6 +263,8 @@ mod tests {
         assert!(!e.matches("SPIFFE://prod.example/ns/orders/sa/api"));
 
         let d = IdentityPattern::parse("*.mesh.example").unwrap();
+        assert!(!d.matches("spiffe://x.mesh.example"));
+        assert!(!d.matches("urn:evil.mesh.example"));
         assert!(d.matches("orders.mesh.example"));
         assert!(d.matches("Orders.Mesh.Example"));
         assert!(!d.matches("a.b.mesh.example"));
