@@ -129,7 +129,7 @@ impl Runtime {
                 table: RouteTable::build(&config.routes, &l.name),
             })
             .collect();
-        let certs = CertStore::build(&config.certs);
+        let certs = CertStore::build(&config);
         Runtime {
             certs,
             config: Arc::new(config),

@@ -159,7 +159,8 @@ fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str) {
         peer.options.ca = Some(Arc::new(ca.certs.to_vec().into_boxed_slice()));
     }
     if let Some(client) = &tls.client {
-        peer.client_cert_key = Some(client.pair.to_cert_key());
+        // Replaced per request by the current pair (see `with_client_cert`).
+        peer.client_cert_key = Some(client.pair.cert_key());
     }
     if tls.verify.is_some() {
         peer.options.upstream_tls_handshake_complete_hook = Some(Arc::new(|ssl| {

@@ -393,6 +393,7 @@ async fn mesh_pair(
     Gateway,
     support::upstream::Upstream,
     tempfile::TempDir,
+    Ca,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Ca::new("mesh root");
@@ -434,12 +435,12 @@ async fn mesh_pair(
         ak.display()
     ))
     .await;
-    (a, b, app, dir)
+    (a, b, app, dir, mesh)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_pair_over_mtls_with_spiffe_verification() {
-    let (a, b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/orders/*", true).await;
+    let (a, b, _app, _dir, _) = mesh_pair("spiffe://prod.example/ns/orders/*", true).await;
     for _ in 0..3 {
         let r = get(a.listen, "/orders/1", &[]).await.unwrap();
         assert_eq!(
@@ -466,18 +467,18 @@ async fn mesh_pair_over_mtls_with_spiffe_verification() {
     );
 
     // A DNS SAN as the expected identity works too.
-    let (a, _b, _app, _dir) = mesh_pair("orders.mesh", true).await;
+    let (a, _b, _app, _dir, _) = mesh_pair("orders.mesh", true).await;
     assert_eq!(get(a.listen, "/", &[]).await.unwrap().status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_identity_or_ca_mismatch_is_refused() {
-    let (a, _b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/payments/*", true).await;
+    let (a, _b, _app, _dir, _) = mesh_pair("spiffe://prod.example/ns/payments/*", true).await;
     let r = get(a.listen, "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(a.log().contains("does not match verify"), "{}", a.log());
 
-    let (a, _b, _app, _dir) = mesh_pair("spiffe://prod.example/ns/orders/*", false).await;
+    let (a, _b, _app, _dir, _) = mesh_pair("spiffe://prod.example/ns/orders/*", false).await;
     let r = get(a.listen, "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
 }
@@ -511,4 +512,39 @@ async fn long_listener_names_and_client_auth_start() {
     o.client = Some(&me);
     let (r, _) = tls::get(gw.listen, &o, "/", &[]).await.unwrap();
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_upstream_client_certificate_is_used_without_restart() {
+    let (a, _b, _app, dir, mesh) = mesh_pair("spiffe://prod.example/ns/orders/*", true).await;
+    let r = get(a.listen, "/", &[]).await.unwrap();
+    assert_eq!(r.json()["headers"]["x-meshgate-peer-identity"], WEB);
+    let rotated = "spiffe://prod.example/ns/web/sa/frontend-v2";
+    mesh.issue(Leaf {
+        uris: &[rotated],
+        ..Leaf::default()
+    })
+    .write(dir.path(), "a");
+    let start = Instant::now();
+    loop {
+        let r = get(a.listen, "/", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.json()["headers"]["x-meshgate-peer-identity"] == rotated {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still the old certificate: {}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = get(a.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &text,
+            r#"meshgate_tls_cert_reloads_total{cert="upstream/orders",result="success"}"#
+        ) >= 1.0,
+        "{text}"
+    );
 }

@@ -470,9 +470,18 @@ impl ProxyHttp for Gateway {
         } else {
             remaining
         };
-        let (endpoint, peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
+        let (endpoint, mut peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
         })?;
+        if peer.client_cert_key.is_some() {
+            // The client certificate as its files hold it now (rotated
+            // certificates are picked up by the watcher); a new pair also
+            // means new pooled connections.
+            let slot = crate::tls::store::upstream_slot(&pool.name);
+            if let Some(current) = rt.certs.get(&slot) {
+                peer.client_cert_key = Some(current.get().cert_key());
+            }
+        }
         if ctx.tried.is_empty() {
             ctx.upstream_started = Some(Instant::now());
         } else {

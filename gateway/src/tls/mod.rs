@@ -34,7 +34,7 @@ pub enum TlsError {
 }
 
 /// A certificate chain (leaf first) and its private key, checked to match.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CertKeyPair {
     pub chain: Vec<X509>,
     pub key: PKey<Private>,
@@ -42,6 +42,17 @@ pub struct CertKeyPair {
     pub names: Vec<String>,
     /// Leaf `notAfter`, Unix seconds.
     pub not_after: i64,
+    /// The same pair for pingora's upstream client certificates, made once.
+    cert_key: Arc<pingora::utils::tls::CertKey>,
+}
+
+impl std::fmt::Debug for CertKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertKeyPair")
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertKeyPair {
@@ -63,12 +74,22 @@ impl CertKeyPair {
                 key: key.to_path_buf(),
             });
         }
-        Ok(CertKeyPair {
+        Ok(Self::new(chain, pkey))
+    }
+
+    /// From a chain (leaf first) and its key, already known to match.
+    pub fn new(chain: Vec<X509>, key: PKey<Private>) -> Self {
+        let leaf = &chain[0];
+        CertKeyPair {
             names: served_names(leaf),
             not_after: not_after_unix(leaf),
+            cert_key: Arc::new(pingora::utils::tls::CertKey::new(
+                chain.clone(),
+                key.clone(),
+            )),
             chain,
-            key: pkey,
-        })
+            key,
+        }
     }
 
     pub fn leaf(&self) -> &X509 {
@@ -76,11 +97,8 @@ impl CertKeyPair {
     }
 
     /// For pingora's upstream client certificates.
-    pub fn to_cert_key(&self) -> Arc<pingora::utils::tls::CertKey> {
-        Arc::new(pingora::utils::tls::CertKey::new(
-            self.chain.clone(),
-            self.key.clone(),
-        ))
+    pub fn cert_key(&self) -> Arc<pingora::utils::tls::CertKey> {
+        self.cert_key.clone()
     }
 }
 

@@ -13,7 +13,13 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use super::CertKeyPair;
-use crate::config::model::CertFiles;
+use crate::config::model::Config;
+
+/// The store's name for an upstream's client certificate (not a valid
+/// `[certs]` name, so the two never clash).
+pub fn upstream_slot(upstream: &str) -> String {
+    format!("upstream/{upstream}")
+}
 use crate::telemetry::metrics::metrics;
 
 /// How often certificate files are checked for changes.
@@ -80,18 +86,37 @@ pub struct CertStore {
 }
 
 impl CertStore {
-    /// From the pairs validation loaded.
-    pub fn build(certs: &[CertFiles]) -> Self {
-        let slots = certs
-            .iter()
-            .map(|c| {
-                publish_expiry(&c.name, &c.pair);
+    /// From the pairs validation loaded: `[certs]`, and the client
+    /// certificates of upstreams (as `upstream/NAME`), so rotated files are
+    /// picked up for both.
+    pub fn build(config: &Config) -> Self {
+        let named = config.certs.iter().map(|c| {
+            (
+                c.name.clone(),
+                c.cert_path.clone(),
+                c.key_path.clone(),
+                c.pair.clone(),
+            )
+        });
+        let upstream = config.upstreams.iter().filter_map(|u| {
+            let c = u.tls.as_ref()?.client.as_ref()?;
+            Some((
+                upstream_slot(&u.name),
+                c.cert_path.clone(),
+                c.key_path.clone(),
+                c.pair.clone(),
+            ))
+        });
+        let slots = named
+            .chain(upstream)
+            .map(|(name, cert_path, key_path, pair)| {
+                publish_expiry(&name, &pair);
                 CertSlot {
-                    name: c.name.clone(),
-                    cert_path: c.cert_path.clone(),
-                    key_path: c.key_path.clone(),
-                    current: ArcSwap::from(c.pair.clone()),
-                    seen: Mutex::new((stamp(&c.cert_path), stamp(&c.key_path))),
+                    seen: Mutex::new((stamp(&cert_path), stamp(&key_path))),
+                    name,
+                    cert_path,
+                    key_path,
+                    current: ArcSwap::from(pair),
                 }
             })
             .collect();
@@ -199,12 +224,9 @@ mod tests {
         b.set_not_after(&boring::asn1::Asn1Time::days_from_now(1).unwrap())
             .unwrap();
         b.sign(&key, boring::hash::MessageDigest::sha256()).unwrap();
-        Arc::new(CertKeyPair {
-            chain: vec![b.build()],
-            key,
-            names: names.iter().map(|s| s.to_string()).collect(),
-            not_after: 0,
-        })
+        let mut pair = CertKeyPair::new(vec![b.build()], key);
+        pair.names = names.iter().map(|s| s.to_string()).collect();
+        Arc::new(pair)
     }
 
     #[test]
