@@ -10,7 +10,7 @@ use http::Method;
 use support::client::{get, send};
 use support::tls::{self, Ca, ClientTls, Leaf, Pem};
 use support::upstream::echo;
-use support::{Gateway, HEAD};
+use support::{metric, Gateway, HEAD};
 
 const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
 const BATCH: &str = "spiffe://prod.example/ns/batch/sa/report";
@@ -26,13 +26,6 @@ default = "deny"
 allow = [{ headers = { "x-team" = "payments" } }]
 mode = "shadow"
 "#;
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_rules_on_an_mtls_listener() {

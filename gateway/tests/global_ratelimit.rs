@@ -10,7 +10,7 @@ use meshgate::config::model::{OnError, Redis};
 use meshgate::ratelimit::global::RedisBackend;
 use support::client::{get, Resp};
 use support::redis::RedisServer;
-use support::{Gateway, HEAD};
+use support::{metric, Gateway, HEAD};
 
 /// Longest any request may take while Redis is down or frozen. The gateway's
 /// `timeout` is 50ms; the rest is slack for a loaded CI machine.
@@ -26,13 +26,6 @@ fn config(redis: &RedisServer, redis_extra: &str, policy: &str) -> String {
         HEAD.trim_end(),
         redis.url()
     )
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 async fn timed_get(gw: &Gateway, headers: &[(&str, &str)]) -> (Resp, Duration) {

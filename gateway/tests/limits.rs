@@ -12,14 +12,7 @@ use tokio::net::TcpStream;
 
 use support::client::{get, send};
 use support::upstream::echo;
-use support::{Gateway, HEAD};
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
+use support::{metric, Gateway, HEAD};
 
 fn rejected(text: &str, reason: &str) -> f64 {
     metric(

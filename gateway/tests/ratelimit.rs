@@ -4,7 +4,7 @@
 mod support;
 
 use support::client::{get, Resp};
-use support::{Gateway, HEAD};
+use support::{metric, Gateway, HEAD};
 
 fn routes(policies: &str, listener_extra: &str) -> String {
     format!(
@@ -19,13 +19,6 @@ async fn statuses(gw: &Gateway, n: usize, headers: &[(&str, &str)]) -> Vec<u16> 
         out.push(get(gw.listen, "/", headers).await.unwrap().status);
     }
     out
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,17 +12,10 @@ use boring::ssl::SslVersion;
 use support::client::get;
 use support::tls::{self, Ca, ClientTls, Leaf, Pem};
 use support::upstream::echo;
-use support::{Gateway, HEAD};
+use support::{metric, Gateway, HEAD};
 
 const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
 const API: &str = "spiffe://prod.example/ns/api/sa/backend";
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Certificates for `edge.example` (ECDSA) and `api.example` (RSA), and the
 /// `[certs]` tables naming them.

@@ -160,35 +160,30 @@ pub async fn send_rate_limit_unavailable(
     ctx: &RequestCtx,
     policy: &str,
 ) -> Result<()> {
-    let failure = Failure::RateLimitUnavailable;
-    let body = serde_json::json!({
-        "error": failure.message(),
-        "status": failure.status(),
-        "policy": policy,
-        "route": ctx.route_name(),
-        "request_id": ctx.request_id,
-    });
-    let hdrs = [
-        (
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        ),
-        (header::RETRY_AFTER, HeaderValue::from_static("1")),
-    ];
-    send(
+    let retry = (header::RETRY_AFTER, HeaderValue::from_static("1"));
+    send_policy_error(
         session,
-        StatusCode::SERVICE_UNAVAILABLE,
-        &hdrs,
-        Bytes::from(body.to_string()),
-        &ctx.request_id,
-        ctx.response_rewrite(),
+        ctx,
+        Failure::RateLimitUnavailable,
+        policy,
+        Some(retry),
     )
     .await
 }
 
 /// 403 with a JSON body naming the policy that denied the request.
 pub async fn send_forbidden(session: &mut Session, ctx: &RequestCtx, policy: &str) -> Result<()> {
-    let failure = Failure::Forbidden;
+    send_policy_error(session, ctx, Failure::Forbidden, policy, None).await
+}
+
+/// A JSON error naming the policy that caused it.
+async fn send_policy_error(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    failure: Failure,
+    policy: &str,
+    extra: Option<(header::HeaderName, HeaderValue)>,
+) -> Result<()> {
     let body = serde_json::json!({
         "error": failure.message(),
         "status": failure.status(),
@@ -196,13 +191,16 @@ pub async fn send_forbidden(session: &mut Session, ctx: &RequestCtx, policy: &st
         "route": ctx.route_name(),
         "request_id": ctx.request_id,
     });
-    let hdrs = [(
+    let mut hdrs = vec![(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     )];
+    hdrs.extend(extra);
+    let status =
+        StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     send(
         session,
-        StatusCode::FORBIDDEN,
+        status,
         &hdrs,
         Bytes::from(body.to_string()),
         &ctx.request_id,

@@ -63,7 +63,16 @@ pub async fn send(
         builder = builder.header("host", addr.to_string());
     }
     let req = builder.body(Full::new(body))?;
-    let resp = if h2c {
+    exchange(io, h2c, req).await
+}
+
+/// Send one request over a fresh connection (HTTP/2 or HTTP/1.1) and read
+/// the whole response.
+pub async fn exchange<I>(io: TokioIo<I>, h2: bool, req: Request<Full<Bytes>>) -> Result<Resp, Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let resp = if h2 {
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);

@@ -24,6 +24,15 @@ bind = "@LISTEN@"
 "#;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The value of the first sample line starting with `series` in a
+/// Prometheus text exposition; 0 when there is none.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A port the OS just handed out and released, for a listener in a config.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

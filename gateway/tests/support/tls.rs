@@ -21,8 +21,8 @@ use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509NameBuilder, X509};
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use pingora::tls::tokio_ssl::SslStream;
 use tokio::net::TcpStream;
 
@@ -287,28 +287,6 @@ pub async fn get(
         builder = builder.header(*k, *v);
     }
     let req = builder.body(Full::new(Bytes::new()))?;
-    let io = TokioIo::new(stream);
-    let resp = if h2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(conn);
-        sender.send_request(req).await?
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        sender.send_request(req).await?
-    };
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let collected = resp.into_body().collect().await?;
-    let trailers = collected.trailers().cloned();
-    Ok((
-        Resp {
-            status,
-            headers,
-            body: collected.to_bytes(),
-            trailers,
-        },
-        info,
-    ))
+    let resp = super::client::exchange(TokioIo::new(stream), h2, req).await?;
+    Ok((resp, info))
 }
