@@ -25,18 +25,25 @@ use crate::telemetry::metrics::metrics;
 /// How often certificate files are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// What identifies a version of a file without reading it.
+/// What identifies a version of a file without reading it. The inode and
+/// change time catch a rename into place and a copy that keeps the old
+/// modification time (`cp -p`, `rsync -t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
+    inode: u64,
+    changed: (i64, i64),
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some(Stamp {
         modified: m.modified().ok(),
         len: m.len(),
+        inode: m.ino(),
+        changed: (m.ctime(), m.ctime_nsec()),
     })
 }
 
