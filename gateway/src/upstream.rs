@@ -37,6 +37,8 @@ pub struct UpstreamPool {
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
     pub verify: Option<IdentityPattern>,
+    /// The certificate store's name for this upstream's client certificate.
+    pub client_cert_slot: Option<String>,
 }
 
 impl UpstreamPool {
@@ -82,6 +84,11 @@ impl UpstreamPool {
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
+            client_cert_slot: u
+                .tls
+                .as_ref()
+                .and_then(|t| t.client.as_ref())
+                .map(|_| crate::tls::store::upstream_slot(&u.name)),
         }
     }
 

@@ -185,19 +185,13 @@ fn is_protected(n: &HeaderName) -> bool {
 /// accepted; differing values are rejected with 400) leave as one line, so
 /// no upstream has to decide what two of them mean.
 pub fn single_content_length(req: &mut RequestHeader) {
-    let values: Vec<HeaderValue> = req
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .cloned()
-        .collect();
-    if let [first, ..] = values.as_slice() {
-        if values.len() > 1 {
-            let first = first.clone();
-            req.remove_header(&http::header::CONTENT_LENGTH);
-            let _ = req.insert_header(http::header::CONTENT_LENGTH, first);
-        }
-    }
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let first = first.clone();
+    req.remove_header(&http::header::CONTENT_LENGTH);
+    let _ = req.insert_header(http::header::CONTENT_LENGTH, first);
 }
 
 /// Apply `strip_prefix` to a path-and-query, keeping the query.

@@ -47,13 +47,17 @@ fn effective_client_ip(
     listener: usize,
     session: &Session,
 ) -> Option<std::net::IpAddr> {
-    let trusted = rt
-        .config
-        .listeners
-        .get(listener)
-        .map_or(&[][..], |l| &l.trusted_proxies[..]);
+    let trusted = trusted_proxies(rt, listener);
     client_ip(session)
         .map(|ip| ratelimit::client_ip::client_ip(ip, &session.req_header().headers, trusted))
+}
+
+/// The peers whose `x-forwarded-for` the listener believes.
+fn trusted_proxies(rt: &Runtime, listener: usize) -> &[ipnet::IpNet] {
+    rt.config
+        .listeners
+        .get(listener)
+        .map_or(&[][..], |l| &l.trusted_proxies[..])
 }
 
 /// Run the route's authorization policies; `Some(policy)` when one denies.
@@ -69,11 +73,7 @@ fn authorize(
         return None;
     }
     let req = session.req_header();
-    let trusted = rt
-        .config
-        .listeners
-        .get(listener)
-        .map_or(&[][..], |l| &l.trusted_proxies[..]);
+    let trusted = trusted_proxies(rt, listener);
     let subject = crate::authz::Subject {
         identity: ctx.peer_identity.as_deref(),
         source: client_ip(session).and_then(|ip| {
@@ -473,14 +473,11 @@ impl ProxyHttp for Gateway {
         let (endpoint, mut peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
         })?;
-        if peer.client_cert_key.is_some() {
-            // The client certificate as its files hold it now (rotated
-            // certificates are picked up by the watcher); a new pair also
-            // means new pooled connections.
-            let slot = crate::tls::store::upstream_slot(&pool.name);
-            if let Some(current) = rt.certs.get(&slot) {
-                peer.client_cert_key = Some(current.get().cert_key());
-            }
+        // The client certificate as its files hold it now (rotated
+        // certificates are picked up by the watcher); a new pair also means
+        // new pooled connections.
+        if let Some(current) = pool.client_cert_slot.as_ref().and_then(|s| rt.certs.get(s)) {
+            peer.client_cert_key = Some(current.get().cert_key());
         }
         if ctx.tried.is_empty() {
             ctx.upstream_started = Some(Instant::now());
