@@ -1116,49 +1116,14 @@ impl Validator {
             .map(|h| self.rewrite(h))
             .unwrap_or_default();
         let action = self.action(&name, &r, names);
-        let mut rate_limits = Vec::new();
-        for p in r.rate_limits.iter().flat_map(|l| l.get_ref()) {
-            if names.rate_limits.contains(&p.get_ref().as_str()) {
-                if !rate_limits.contains(p.get_ref()) {
-                    rate_limits.push(p.get_ref().clone());
-                }
-            } else {
-                let fix = match suggest(p.get_ref(), &names.rate_limits) {
-                    Some(s) => format!(
-                        "did you mean `{s}`? Otherwise define [rate_limits.{}]",
-                        p.get_ref()
-                    ),
-                    None => format!("define [rate_limits.{}]", p.get_ref()),
-                };
-                self.error(
-                    p.span(),
-                    format!("route `{n}` names unknown rate limit `{}`", p.get_ref()),
-                    fix,
-                );
-            }
-        }
-
-        let mut policies = Vec::new();
-        for p in r.policies.iter().flat_map(|l| l.get_ref()) {
-            if names.policies.contains(&p.get_ref().as_str()) {
-                if !policies.contains(p.get_ref()) {
-                    policies.push(p.get_ref().clone());
-                }
-            } else {
-                let fix = match suggest(p.get_ref(), &names.policies) {
-                    Some(s) => format!(
-                        "did you mean `{s}`? Otherwise define [policies.{}]",
-                        p.get_ref()
-                    ),
-                    None => format!("define [policies.{}]", p.get_ref()),
-                };
-                self.error(
-                    p.span(),
-                    format!("route `{n}` names unknown policy `{}`", p.get_ref()),
-                    fix,
-                );
-            }
-        }
+        let rate_limits = self.references(
+            &r.rate_limits,
+            &names.rate_limits,
+            &n,
+            "rate_limits",
+            "rate limit",
+        );
+        let policies = self.references(&r.policies, &names.policies, &n, "policies", "policy");
 
         if self.diags.len() > before {
             return None;
@@ -1211,6 +1176,54 @@ impl Validator {
         }
     }
 
+    /// A route's list of `[section]` names, deduplicated; unknown ones are
+    /// errors with a "did you mean".
+    fn references(
+        &mut self,
+        list: &Option<Spanned<Vec<Spanned<String>>>>,
+        known: &[&str],
+        route: &str,
+        section: &str,
+        what: &str,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in list.iter().flat_map(|l| l.get_ref()) {
+            let name = p.get_ref();
+            if known.contains(&name.as_str()) {
+                if !out.contains(name) {
+                    out.push(name.clone());
+                }
+                continue;
+            }
+            let fix = match suggest(name, known) {
+                Some(s) => format!("did you mean `{s}`? Otherwise define [{section}.{name}]"),
+                None => format!("define [{section}.{name}]"),
+            };
+            self.error(
+                p.span(),
+                format!("route `{route}` names unknown {what} `{name}`"),
+                fix,
+            );
+        }
+        out
+    }
+
+    /// `mode` of a rate limit or a policy: enforce (default) or shadow.
+    fn mode(&mut self, m: Option<&Spanned<String>>) -> LimitMode {
+        match m.map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "enforce")) => LimitMode::Enforce,
+            Some((_, "shadow")) => LimitMode::Shadow,
+            Some((m, other)) => {
+                self.error(
+                    m.span(),
+                    format!("unknown mode \"{other}\""),
+                    "use \"enforce\" or \"shadow\" (count and log, never block)",
+                );
+                LimitMode::Enforce
+            }
+        }
+    }
+
     fn policy(&mut self, name: Spanned<String>, p: RawPolicy) -> Option<AuthzPolicy> {
         let before = self.diags.len();
         let n = name.into_inner();
@@ -1228,20 +1241,7 @@ impl Validator {
                 false
             }
         };
-        let mode = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("enforce") => LimitMode::Enforce,
-            Some("shadow") => LimitMode::Shadow,
-            Some(other) => {
-                if let Some(m) = &p.mode {
-                    self.error(
-                        m.span(),
-                        format!("unknown mode \"{other}\""),
-                        "use \"enforce\" or \"shadow\" (count and log, never block)",
-                    );
-                }
-                LimitMode::Enforce
-            }
-        };
+        let mode = self.mode(p.mode.as_ref());
         let allow: Vec<AuthzRule> = p
             .allow
             .iter()
@@ -1469,20 +1469,7 @@ impl Validator {
                 rate
             }
         };
-        let mode = match r.mode.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("enforce") => LimitMode::Enforce,
-            Some("shadow") => LimitMode::Shadow,
-            Some(other) => {
-                if let Some(m) = &r.mode {
-                    self.error(
-                        m.span(),
-                        format!("unknown mode \"{other}\""),
-                        "use \"enforce\" or \"shadow\" (count and log, never block)",
-                    );
-                }
-                LimitMode::Enforce
-            }
-        };
+        let mode = self.mode(r.mode.as_ref());
         let global = match r.scope.as_ref().map(|s| s.get_ref().as_str()) {
             None | Some("local") => false,
             Some("global") => {

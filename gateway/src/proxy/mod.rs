@@ -193,10 +193,11 @@ fn body_over_limit(rt: &Runtime, route: Option<usize>, len: u64) -> bool {
         .is_some_and(|max| len > max)
 }
 
-fn count_body_rejection(ctx: &RequestCtx) {
+/// Count a request refused by a listener or route limit.
+fn count_rejection(ctx: &RequestCtx, reason: &str) {
     crate::telemetry::metrics::metrics()
         .rejected
-        .with_label_values(&[ctx.listener_name().unwrap_or(""), "body_size"])
+        .with_label_values(&[ctx.listener_name().unwrap_or(""), reason])
         .inc();
 }
 
@@ -327,10 +328,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(Some(limits.idle_timeout.as_secs().max(1)));
         }
         if let Some((failure, reason)) = over_limits(session.req_header(), &limits) {
-            crate::telemetry::metrics::metrics()
-                .rejected
-                .with_label_values(&[ctx.listener_name().unwrap_or(""), reason])
-                .inc();
+            count_rejection(ctx, reason);
             ctx.failure = Some(failure);
             respond::send_error(session, failure, ctx).await?;
             return Ok(true);
@@ -371,7 +369,7 @@ impl ProxyHttp for Gateway {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| body_over_limit(&rt, Some(route_idx), len)) {
-            count_body_rejection(ctx);
+            count_rejection(ctx, "body_size");
             ctx.failure = Some(Failure::BodyTooLarge);
             respond::send_error(session, Failure::BodyTooLarge, ctx).await?;
             return Ok(true);
@@ -563,7 +561,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .is_some_and(|rt| body_over_limit(rt, ctx.route, ctx.body_seen));
         if over {
-            count_body_rejection(ctx);
+            count_rejection(ctx, "body_size");
             ctx.failure = Some(Failure::BodyTooLarge);
             session.set_keepalive(None);
             return Error::e_explain(
