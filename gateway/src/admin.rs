@@ -231,6 +231,19 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "timeout_seconds": secs(r.timeout),
             "key_prefix": r.key_prefix,
         })),
+        "egress": c.egress.as_ref().map(|e| json!({
+            "allow": e.allow.iter().map(|a| json!({ "host": a.pattern.to_string(), "ports": a.ports })).collect::<Vec<_>>(),
+            "ca": e.ca.as_ref().map(|ca| ca.path.display().to_string()),
+            "resolve": e.resolve.iter().map(|(host, pins)| (host.clone(), pins.iter().map(|p| match p.port {
+                Some(port) => std::net::SocketAddr::new(p.ip, port).to_string(),
+                None => p.ip.to_string(),
+            }).collect::<Vec<_>>().into())).collect::<serde_json::Map<_, _>>(),
+            "deny_networks": e.deny_networks.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "connect_timeout_seconds": secs(e.connect_timeout),
+            "timeout_seconds": secs(e.timeout),
+            "tunnel_idle_timeout_seconds": secs(e.tunnel_idle_timeout),
+            "passthrough_port": e.passthrough_port,
+        })),
     })
 }
 

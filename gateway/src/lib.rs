@@ -9,6 +9,8 @@
 //!   client IP behind trusted proxies, `RateLimit` headers.
 //! - [`authz`]: authorization policies (identity, source, method, path,
 //!   header rules; deny wins), evaluated per route.
+//! - [`egress`]: the egress allowlist: host patterns, name resolution with
+//!   pins and denied networks, CONNECT and SNI-passthrough tunnels at L4.
 //! - [`tls`]: certificates (`[certs]`, watched for changes), TLS termination
 //!   with SNI and client certificates, peer identities and their patterns.
 //! - [`runtime`]: the compiled config (routes, tables, pools) held in an
@@ -26,6 +28,7 @@ pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

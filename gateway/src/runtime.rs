@@ -27,6 +27,8 @@ pub struct Runtime {
     pub redis: Option<Arc<RedisBackend>>,
     /// `[certs]`, as served now (files are watched for changes).
     pub certs: CertStore,
+    /// Where `[egress]` destinations are (pins, lookups, deny_networks).
+    pub egress_resolver: Option<crate::egress::resolve::Resolver>,
 }
 
 pub struct ListenerRuntime {
@@ -130,8 +132,13 @@ impl Runtime {
             })
             .collect();
         let certs = CertStore::build(&config);
+        let egress_resolver = config
+            .egress
+            .as_ref()
+            .map(crate::egress::resolve::Resolver::new);
         Runtime {
             certs,
+            egress_resolver,
             config: Arc::new(config),
             generation,
             listeners,
@@ -154,6 +161,14 @@ impl Runtime {
                     .iter()
                     .position(|l| l.bind.port() == local.port() && l.bind.ip().is_unspecified())
             })
+    }
+
+    /// `[egress]`, when `listener` is an `egress` listener and it is set.
+    pub fn egress_for(&self, listener: usize) -> Option<&crate::config::model::Egress> {
+        let l = self.listeners.get(listener)?;
+        (l.direction == Direction::Egress)
+            .then_some(())
+            .and(self.config.egress.as_ref())
     }
 
     pub fn find_route(&self, listener: usize, req: &RequestParts<'_>) -> Option<usize> {

@@ -103,7 +103,10 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     proxy.server_options = Some(options);
     let mut proxy = Service::new(
         "meshgate proxy".to_string(),
-        CountConnections::new(proxy, runtime.clone()),
+        CountConnections::new(
+            crate::egress::tunnel::EgressSniff::new(proxy, runtime.clone()),
+            runtime.clone(),
+        ),
     );
     for l in &listeners {
         match &l.tls {

@@ -38,6 +38,8 @@ pub struct Config {
     pub certs: Vec<CertFiles>,
     /// `[policies]`: authorization.
     pub policies: Vec<AuthzPolicy>,
+    /// `[egress]`: what `egress` listeners let out beyond their routes.
+    pub egress: Option<Egress>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
 }
@@ -537,4 +539,75 @@ pub struct Endpoint {
     /// Resolved once at load time.
     pub socket: SocketAddr,
     pub weight: u32,
+}
+
+pub const DEFAULT_EGRESS_PORTS: &[u16] = &[443];
+pub const DEFAULT_EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_EGRESS_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_EGRESS_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_EGRESS_PASSTHROUGH_PORT: u16 = 443;
+/// Where a looked-up egress name may not lead: this machine, "this network",
+/// link-local (cloud metadata at 169.254.169.254), multicast and broadcast.
+pub const DEFAULT_EGRESS_DENY_NETWORKS: &[&str] = &[
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::1/128",
+    "::/128",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// `[egress]`: the allowlist of `egress` listeners and how they reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Egress {
+    /// `[egress.allow]`: one entry per host pattern, each with its ports.
+    pub allow: Vec<EgressAllow>,
+    /// Trust for TLS that meshgate originates; `None`: the system store.
+    pub ca: Option<CaBundle>,
+    /// Names pinned to addresses (lower case, no trailing dot).
+    pub resolve: Vec<(String, Vec<EgressPin>)>,
+    /// Looked-up addresses refused (pins are not checked).
+    pub deny_networks: Vec<ipnet::IpNet>,
+    pub connect_timeout: Duration,
+    /// Whole-request deadline of a plain-HTTP egress request.
+    pub timeout: Duration,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
+    /// Port a bare TLS ClientHello (no CONNECT) is passed through to.
+    pub passthrough_port: u16,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Egress {
+            allow: Vec::new(),
+            ca: None,
+            resolve: Vec::new(),
+            deny_networks: DEFAULT_EGRESS_DENY_NETWORKS
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            connect_timeout: DEFAULT_EGRESS_CONNECT_TIMEOUT,
+            timeout: DEFAULT_EGRESS_TIMEOUT,
+            tunnel_idle_timeout: DEFAULT_EGRESS_TUNNEL_IDLE_TIMEOUT,
+            passthrough_port: DEFAULT_EGRESS_PASSTHROUGH_PORT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressAllow {
+    pub pattern: crate::egress::HostPattern,
+    pub ports: Vec<u16>,
+}
+
+/// One address of an `[egress] resolve` pin; its own port, if given,
+/// replaces the requested one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressPin {
+    pub ip: std::net::IpAddr,
+    pub port: Option<u16>,
 }

@@ -214,3 +214,26 @@ pub struct RawUpstream {
     pub connect_retries: Option<Spanned<i64>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
 }
+
+/// `[egress]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    pub allow: Option<Spanned<RawEgressAllow>>,
+    pub ca: Option<Spanned<String>>,
+    /// Host name -> an address or a list of them (`ip` or `ip:port`).
+    pub resolve: Option<IndexMap<Spanned<String>, Spanned<toml::Value>>>,
+    pub deny_networks: Option<Vec<Spanned<String>>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
+    pub passthrough_port: Option<Spanned<i64>>,
+}
+
+/// `[egress.allow]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgressAllow {
+    pub hosts: Spanned<Vec<Spanned<String>>>,
+    pub ports: Option<Spanned<Vec<Spanned<i64>>>>,
+}

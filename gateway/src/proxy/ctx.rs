@@ -21,6 +21,7 @@ pub enum Failure {
     HeadersTooLarge,
     UriTooLong,
     BodyTooLarge,
+    EgressDenied,
 }
 
 impl Failure {
@@ -33,7 +34,7 @@ impl Failure {
             Failure::BadRequest => 400,
             Failure::RateLimited => 429,
             Failure::RateLimitUnavailable => 503,
-            Failure::Forbidden => 403,
+            Failure::Forbidden | Failure::EgressDenied => 403,
             Failure::HeadersTooLarge => 431,
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
@@ -54,6 +55,7 @@ impl Failure {
             Failure::HeadersTooLarge => "request header fields too large",
             Failure::UriTooLong => "URI too long",
             Failure::BodyTooLarge => "request body too large",
+            Failure::EgressDenied => "egress destination not allowed",
             Failure::Internal => "internal gateway error",
         }
     }
@@ -103,6 +105,8 @@ pub struct RequestCtx {
     pub authz_note: String,
     /// Request body bytes seen so far, against the route's `max_body_bytes`.
     pub body_seen: u64,
+    /// An allowed egress destination (egress listener, no route matched).
+    pub egress: Option<Arc<super::egress::EgressTarget>>,
 }
 
 impl RequestCtx {
@@ -134,6 +138,7 @@ impl RequestCtx {
             peer_identity: None,
             authz_note: String::new(),
             body_seen: 0,
+            egress: None,
         }
     }
 
@@ -149,6 +154,9 @@ impl RequestCtx {
     }
 
     pub fn upstream_name(&self) -> Option<&str> {
+        if self.egress.is_some() {
+            return Some(super::egress::EGRESS_UPSTREAM);
+        }
         let rt = self.runtime.as_ref()?;
         rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())
     }

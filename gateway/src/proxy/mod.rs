@@ -3,6 +3,7 @@
 //! header policy or responder.
 
 pub mod ctx;
+pub mod egress;
 pub mod headers;
 mod observe;
 pub mod respond;
@@ -283,6 +284,35 @@ fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
         .map(|a| a.ip().to_canonical())
 }
 
+impl Gateway {
+    /// Bookkeeping for each connection attempt to `peer` (endpoint index
+    /// `endpoint`): timers, the retry count, the attempt's span.
+    fn attempt_started(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        endpoint: usize,
+        peer: &HttpPeer,
+    ) {
+        if ctx.tried.is_empty() {
+            ctx.upstream_started = Some(Instant::now());
+        } else if let Some(name) = ctx.upstream_name() {
+            crate::telemetry::metrics::metrics()
+                .upstream_retries
+                .with_label_values(&[name])
+                .inc();
+        }
+        ctx.tried.push(endpoint);
+        ctx.connect_started = Some(Instant::now());
+        ctx.connected = false;
+        ctx.upstream_status = None;
+        ctx.endpoint = peer._address.as_inet().copied();
+        if let Some(t) = &self.tracing {
+            trace::start_attempt(t, session.req_header(), ctx);
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -356,6 +386,9 @@ impl ProxyHttp for Gateway {
         ctx.route = rt.find_route(listener, &parts);
         trace::routed(ctx, &req.method);
         let Some(route_idx) = ctx.route else {
+            if let Some(eg) = rt.egress_for(listener) {
+                return egress::route(&rt, eg, session, ctx).await;
+            }
             ctx.failure = Some(Failure::NoRoute);
             respond::send_error(session, Failure::NoRoute, ctx).await?;
             return Ok(true);
@@ -458,6 +491,17 @@ impl ProxyHttp for Gateway {
             .runtime
             .as_ref()
             .ok_or_else(|| Error::new_in(ErrorType::InternalError))?;
+        if let Some(target) = ctx.egress.clone() {
+            let eg = rt
+                .config
+                .egress
+                .as_ref()
+                .ok_or_else(|| Error::explain(ErrorType::InternalError, "no [egress]"))?;
+            let peer = egress::peer(&target, eg, ctx.tried.len(), remaining)
+                .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address"))?;
+            self.attempt_started(session, ctx, ctx.tried.len(), &peer);
+            return Ok(Box::new(peer));
+        }
         let pool = ctx
             .upstream
             .and_then(|u| rt.upstreams.get(u))
@@ -477,22 +521,7 @@ impl ProxyHttp for Gateway {
         if let Some(current) = pool.client_cert_slot.as_ref().and_then(|s| rt.certs.get(s)) {
             peer.client_cert_key = Some(current.get().cert_key());
         }
-        if ctx.tried.is_empty() {
-            ctx.upstream_started = Some(Instant::now());
-        } else {
-            crate::telemetry::metrics::metrics()
-                .upstream_retries
-                .with_label_values(&[pool.name.as_str()])
-                .inc();
-        }
-        ctx.tried.push(endpoint);
-        ctx.connect_started = Some(Instant::now());
-        ctx.connected = false;
-        ctx.upstream_status = None;
-        ctx.endpoint = peer._address.as_inet().copied();
-        if let Some(t) = &self.tracing {
-            trace::start_attempt(t, session.req_header(), ctx);
-        }
+        self.attempt_started(session, ctx, endpoint, &peer);
         Ok(Box::new(peer))
     }
 
@@ -531,12 +560,15 @@ impl ProxyHttp for Gateway {
         observe::attempt_failed(ctx, &e);
         trace::attempt_failed(ctx, &e);
         // Nothing reached the upstream yet, so any method may go to another endpoint.
-        let retries = ctx
-            .runtime
-            .as_ref()
-            .zip(ctx.upstream)
-            .and_then(|(rt, u)| rt.upstreams.get(u))
-            .map_or(0, |p| p.connect_retries as usize);
+        let retries = match &ctx.egress {
+            Some(target) => egress::attempts(target) - 1,
+            None => ctx
+                .runtime
+                .as_ref()
+                .zip(ctx.upstream)
+                .and_then(|(rt, u)| rt.upstreams.get(u))
+                .map_or(0, |p| p.connect_retries as usize),
+        };
         if ctx.tried.len() <= retries && !ctx.remaining().is_zero() {
             e.set_retry(true);
         }
@@ -578,6 +610,9 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(target) = &ctx.egress {
+            return egress::upstream_request(upstream, target);
+        }
         let Some(rt) = ctx.runtime.as_ref() else {
             return Ok(());
         };

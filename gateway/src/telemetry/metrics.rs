@@ -32,6 +32,9 @@ pub struct Metrics {
     pub rate_limit_backend_duration: Histogram,
     pub rate_limit_backend_errors: IntCounterVec,
     pub authz_decisions: IntCounterVec,
+    pub egress_decisions: IntCounterVec,
+    pub egress_tunnels_active: IntGaugeVec,
+    pub egress_tunnel_bytes: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
     pub tls_cert_reloads: IntCounterVec,
     pub tls_handshake_errors: IntCounterVec,
@@ -106,6 +109,9 @@ impl Metrics {
             rate_limit_backend_duration: histogram(&r, names::RATE_LIMIT_BACKEND_DURATION_SECONDS, "Time of each answered Redis call made for global rate limits.", &[]).with_label_values(&[] as &[&str]),
             rate_limit_backend_errors: counter(&r, names::RATE_LIMIT_BACKEND_ERRORS_TOTAL, "Redis calls for global rate limits that failed, by kind: timeout, unavailable (skipped while Redis keeps failing), error.", &[KIND]),
             authz_decisions: counter(&r, names::AUTHZ_DECISIONS_TOTAL, "Authorization decisions by policy and outcome (allowed, denied, shadow_denied).", &[POLICY, OUTCOME]),
+            egress_decisions: counter(&r, names::EGRESS_DECISIONS_TOTAL, "Egress destinations asked for on egress listeners, by mode (http, connect, sni), destination (host:port; capped, then `other`), outcome (allowed, denied) and reason.", &[LISTENER, MODE, DESTINATION, OUTCOME, REASON]),
+            egress_tunnels_active: gauge(&r, names::EGRESS_TUNNELS_ACTIVE, "Egress tunnels (CONNECT and SNI passthrough) open now.", &[LISTENER, MODE]),
+            egress_tunnel_bytes: counter(&r, names::EGRESS_TUNNEL_BYTES_TOTAL, "Bytes relayed through egress tunnels, by direction (sent: to the destination; received: from it).", &[LISTENER, MODE, DIRECTION]),
             tls_cert_expiry: gauge(&r, names::TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, "Unix time the certificate served under each [certs] name expires (its leaf's notAfter).", &[CERT]),
             tls_cert_reloads: counter(&r, names::TLS_CERT_RELOADS_TOTAL, "Certificate files reloaded after a change, by result (success; failure: the previous certificate stays).", &[CERT, RESULT]),
             tls_handshake_errors: counter(&r, names::TLS_HANDSHAKE_ERRORS_TOTAL, "Failed TLS handshakes on a listener, by the fatal alert meshgate sent (or peer_* for one the client sent).", &[LISTENER, REASON]),
@@ -163,6 +169,25 @@ pub fn metrics() -> &'static Metrics {
         m.init_known_series();
         m
     })
+}
+
+/// The `destination` label for `value`: itself while fewer than
+/// [`names::MAX_DESTINATIONS`] distinct values were seen, else `other`.
+pub fn destination_label(value: &str) -> String {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let Ok(mut seen) = SEEN.get_or_init(Default::default).lock() else {
+        return names::OTHER_DESTINATION.to_string();
+    };
+    if seen.contains(value) {
+        return value.to_string();
+    }
+    if seen.len() >= names::MAX_DESTINATIONS {
+        return names::OTHER_DESTINATION.to_string();
+    }
+    seen.insert(value.to_string());
+    value.to_string()
 }
 
 /// Increments a gauge now and decrements it when dropped, however the scope

@@ -27,6 +27,10 @@ pub const RATE_LIMIT_BACKEND_ERRORS_TOTAL: &str = "meshgate_rate_limit_backend_e
 
 pub const AUTHZ_DECISIONS_TOTAL: &str = "meshgate_authz_decisions_total";
 
+pub const EGRESS_DECISIONS_TOTAL: &str = "meshgate_egress_decisions_total";
+pub const EGRESS_TUNNELS_ACTIVE: &str = "meshgate_egress_tunnels_active";
+pub const EGRESS_TUNNEL_BYTES_TOTAL: &str = "meshgate_egress_tunnel_bytes_total";
+
 pub const TLS_CERT_EXPIRY_TIMESTAMP_SECONDS: &str = "meshgate_tls_cert_expiry_timestamp_seconds";
 pub const TLS_CERT_RELOADS_TOTAL: &str = "meshgate_tls_cert_reloads_total";
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "meshgate_tls_handshake_errors_total";
@@ -57,7 +61,14 @@ pub mod label {
     pub const OUTCOME: &str = "outcome";
     pub const CERT: &str = "cert";
     pub const REASON: &str = "reason";
+    pub const MODE: &str = "mode";
+    pub const DESTINATION: &str = "destination";
 }
+
+/// Distinct `destination` label values kept before new ones read `other`:
+/// the destinations are whatever applications ask for, so they are capped.
+pub const MAX_DESTINATIONS: usize = 1000;
+pub const OTHER_DESTINATION: &str = "other";
 
 /// Histogram buckets for a proxy: 100µs to 30s.
 pub const LATENCY_BUCKETS: &[f64] = &[

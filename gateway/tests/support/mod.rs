@@ -54,10 +54,15 @@ impl Gateway {
     /// Start the gateway with `config`, where `@LISTEN@` and `@ADMIN@` stand for
     /// fresh loopback addresses, and wait until `/readyz` answers 200.
     pub async fn start(config: &str) -> Gateway {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the process.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         let mut last_err = String::new();
         // A released port can be taken by someone else before we bind it again.
         for _ in 0..3 {
-            match Self::try_start(config).await {
+            match Self::try_start(config, env).await {
                 Ok(gw) => return gw,
                 Err(e) => last_err = e,
             }
@@ -65,7 +70,7 @@ impl Gateway {
         panic!("gateway did not start: {last_err}");
     }
 
-    async fn try_start(config: &str) -> Result<Gateway, String> {
+    async fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = config
@@ -81,6 +86,7 @@ impl Gateway {
             .args(["run", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

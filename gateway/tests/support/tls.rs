@@ -209,6 +209,14 @@ pub async fn connect(
     addr: SocketAddr,
     opts: &ClientTls<'_>,
 ) -> Result<(SslStream<TcpStream>, TlsInfo), Error> {
+    connect_over(TcpStream::connect(addr).await?, opts).await
+}
+
+/// Handshake over an open connection (a CONNECT tunnel, say).
+pub async fn connect_over(
+    tcp: TcpStream,
+    opts: &ClientTls<'_>,
+) -> Result<(SslStream<TcpStream>, TlsInfo), Error> {
     let mut b = SslConnector::builder(SslMethod::tls())?;
     let mut store = X509StoreBuilder::new()?;
     for ca in X509::stack_from_pem(opts.ca.as_bytes())? {
@@ -247,7 +255,6 @@ pub async fn connect(
             config.into_ssl("unused")?
         }
     };
-    let tcp = TcpStream::connect(addr).await?;
     let mut stream = SslStream::new(ssl, tcp)?;
     Pin::new(&mut stream).connect().await?;
     let ssl = stream.ssl();

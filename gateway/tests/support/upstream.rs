@@ -152,6 +152,52 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>
         .unwrap())
 }
 
+/// HTTPS (HTTP/1.1) echo server presenting `cert`: answers like [`echo`],
+/// with `name` reported as `NAME@SNI` (the server name the client sent, or
+/// `-`), so a test sees which name reached the origin.
+pub async fn https_echo(name: &str, cert: &super::tls::Pem) -> Upstream {
+    use boring::pkey::PKey;
+    use boring::ssl::{NameType, SslAcceptor, SslMethod};
+    use boring::x509::X509;
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    let mut chain = X509::stack_from_pem(cert.cert.as_bytes())
+        .unwrap()
+        .into_iter();
+    b.set_certificate(&chain.next().unwrap()).unwrap();
+    for c in chain {
+        b.add_extra_chain_cert(c).unwrap();
+    }
+    b.set_private_key(&*PKey::private_key_from_pem(cert.key.as_bytes()).unwrap())
+        .unwrap();
+    let acceptor = Arc::new(b.build());
+    let name: Arc<str> = name.into();
+    serve(move |stream| {
+        let (name, acceptor) = (name.clone(), acceptor.clone());
+        async move {
+            let Ok(ssl) = boring::ssl::Ssl::new(acceptor.context()) else {
+                return;
+            };
+            let Ok(mut tls) = pingora::tls::tokio_ssl::SslStream::new(ssl, stream) else {
+                return;
+            };
+            if std::pin::Pin::new(&mut tls).accept().await.is_err() {
+                return;
+            }
+            let sni = tls
+                .ssl()
+                .servername(NameType::HOST_NAME)
+                .unwrap_or("-")
+                .to_string();
+            let name: Arc<str> = format!("{name}@{sni}").into();
+            let svc = service_fn(move |req| handle(name.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        }
+    })
+    .await
+}
+
 /// Accept connections on a fresh loopback port and hand each to `handle`
 /// on its own task, counting them.
 async fn serve<F, Fut>(handle: F) -> Upstream

@@ -1,0 +1,406 @@
+//! The egress allowlist: which outside destinations applications on this
+//! machine may reach through an `egress` listener, and how.
+//!
+//! Three paths share one decision (`Egress::check`, host and port against
+//! `[egress.allow]`):
+//! - plain HTTP (`http_proxy`, or a `Host` header): meshgate originates TLS to
+//!   the destination and verifies it (the proxy's `egress` phase);
+//! - `CONNECT host:port`: a tunnel, where the client's TLS ClientHello must
+//!   name the same host ([`tunnel`]);
+//! - a bare TLS ClientHello: passed through to the host its SNI names
+//!   ([`tunnel`]).
+//!
+//! Names are compared after [`normalize_host`]; addresses come from
+//! [`resolve`], which pins names and refuses `deny_networks`.
+
+mod client_hello;
+pub mod resolve;
+pub mod tunnel;
+
+use std::fmt;
+
+pub use client_hello::{parse_client_hello, Hello};
+
+use crate::config::model::Egress;
+
+/// A host pattern in `[egress.allow] hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// `*.example.com`: exactly one more label, as in certificate wildcards.
+    /// Stored with its leading dot.
+    OneLabel(String),
+    /// `**.example.com`: one or more labels. Stored with its leading dot.
+    AnyDepth(String),
+}
+
+impl HostPattern {
+    /// The pattern, or why it is not one.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_suffix('.').unwrap_or(&s);
+        // None: exact; Some(false): `*.`; Some(true): `**.`.
+        let (wild, rest) = if let Some(rest) = s.strip_prefix("**.") {
+            (Some(true), rest)
+        } else if let Some(rest) = s.strip_prefix("*.") {
+            (Some(false), rest)
+        } else {
+            (None, s)
+        };
+        if rest.contains('*') {
+            return Err("`*` may only open a pattern, as `*.` or `**.`".into());
+        }
+        if rest.parse::<std::net::IpAddr>().is_ok() {
+            return Err(
+                "an IP address cannot be verified by name; list the host name and pin it with [egress] resolve"
+                    .into(),
+            );
+        }
+        check_dns_name(rest)?;
+        let Some(any_depth) = wild else {
+            return Ok(HostPattern::Exact(rest.to_string()));
+        };
+        if !rest.contains('.') {
+            return Err(format!(
+                "a wildcard over a top-level domain (`*.{rest}`) allows too much"
+            ));
+        }
+        let suffix = format!(".{rest}");
+        Ok(if any_depth {
+            HostPattern::AnyDepth(suffix)
+        } else {
+            HostPattern::OneLabel(suffix)
+        })
+    }
+
+    /// Whether `host` (already [`normalize_host`]d) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(e) => host == e,
+            HostPattern::OneLabel(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            HostPattern::AnyDepth(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|labels| !labels.is_empty() && !labels.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(e) => f.write_str(e),
+            HostPattern::OneLabel(s) => write!(f, "*{s}"),
+            HostPattern::AnyDepth(s) => write!(f, "**{s}"),
+        }
+    }
+}
+
+/// A DNS name meshgate will look up and verify: letters, digits, `-` and `_`
+/// in labels of 1 to 63 bytes, at most 253 bytes, and a last label that is not
+/// all digits (resolvers read `2130706433` or `127.1` as addresses).
+fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the host name is empty".into());
+    }
+    if name.len() > 253 {
+        return Err("the host name is longer than 253 bytes".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("`{name}` has an empty or over-long label"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "`{name}` has characters a host name cannot have (letters, digits, `-`, `_` and dots only)"
+            ));
+        }
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{name}` reads as a numeric address, not a name"));
+    }
+    Ok(())
+}
+
+/// A destination host as the allowlist compares it: ASCII lower case, one
+/// trailing dot removed, a plain DNS name (no IP literal, no user info, no
+/// escapes). The same form is used for the SNI and the upstream's name check.
+pub fn normalize_host(raw: &str) -> Result<String, Denial> {
+    let host = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+    let bracketed = host.starts_with('[');
+    if bracketed || host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(Denial::IpLiteral);
+    }
+    check_dns_name(&host).map_err(|_| Denial::Malformed)?;
+    Ok(host)
+}
+
+/// `host[:port]` as written in a request's authority, split; `None` when the
+/// text is not of that shape (user info, a bad port, an empty host).
+pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    if authority.contains('@') || authority.is_empty() {
+        return None;
+    }
+    if authority.starts_with('[') {
+        // IPv6 literal: kept whole so `normalize_host` can refuse it.
+        let end = authority.find(']')?;
+        let (host, rest) = authority.split_at(end + 1);
+        return match rest.strip_prefix(':') {
+            None if rest.is_empty() => Some((host, None)),
+            Some(p) => Some((host, Some(parse_port(p)?))),
+            None => None,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Some((host, Some(parse_port(port)?))),
+        Some(_) => None,
+        None => Some((authority, None)),
+    }
+}
+
+fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    p.parse::<u16>().ok().filter(|port| *port != 0)
+}
+
+/// How a connection asked to leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Plain HTTP; meshgate originates TLS.
+    Http,
+    /// `CONNECT host:port`, then the client's own TLS.
+    Connect,
+    /// A bare TLS ClientHello, routed by its SNI.
+    Sni,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Connect => "connect",
+            Mode::Sni => "sni",
+        }
+    }
+}
+
+/// Why a destination was refused; the `reason` label and the audit line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No allowlist entry names the host.
+    Host,
+    /// An entry names the host, but not on this port.
+    Port,
+    /// An IP address instead of a name.
+    IpLiteral,
+    /// Not a host name (bad characters, user info, bad port).
+    Malformed,
+    /// The name resolves only into `deny_networks`.
+    Address,
+    /// The tunnel's TLS ClientHello named no server.
+    NoSni,
+    /// The ClientHello named another host than `CONNECT` did.
+    SniMismatch,
+    /// The tunnel did not start with a TLS ClientHello.
+    NotTls,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 8] = [
+        Denial::Host,
+        Denial::Port,
+        Denial::IpLiteral,
+        Denial::Malformed,
+        Denial::Address,
+        Denial::NoSni,
+        Denial::SniMismatch,
+        Denial::NotTls,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::Host => "host_not_allowed",
+            Denial::Port => "port_not_allowed",
+            Denial::IpLiteral => "ip_literal",
+            Denial::Malformed => "malformed",
+            Denial::Address => "address_denied",
+            Denial::NoSni => "no_sni",
+            Denial::SniMismatch => "sni_mismatch",
+            Denial::NotTls => "not_tls",
+        }
+    }
+
+    pub fn explain(self) -> &'static str {
+        match self {
+            Denial::Host => "the host is not on the egress allowlist",
+            Denial::Port => "the host is on the egress allowlist, but not for this port",
+            Denial::IpLiteral => "egress destinations must be host names, not IP addresses",
+            Denial::Malformed => "the destination is not a valid host[:port]",
+            Denial::Address => "the host resolves only to addresses in [egress] deny_networks",
+            Denial::NoSni => "the TLS ClientHello names no server (SNI)",
+            Denial::SniMismatch => "the TLS ClientHello names another host than CONNECT did",
+            Denial::NotTls => "the tunnel did not start with a TLS ClientHello",
+        }
+    }
+}
+
+impl Egress {
+    /// Whether the allowlist lets `host` (normalized) be reached on `port`.
+    pub fn check(&self, host: &str, port: u16) -> Result<(), Denial> {
+        let mut named = false;
+        for entry in self.allow.iter().filter(|e| e.pattern.matches(host)) {
+            named = true;
+            if entry.ports.contains(&port) {
+                return Ok(());
+            }
+        }
+        Err(if named { Denial::Port } else { Denial::Host })
+    }
+}
+
+/// `host:port` for logs, labels and error bodies.
+pub fn destination(host: &str, port: u16) -> String {
+    format!("{host}:{port}")
+}
+
+/// The audit line for a refused destination. Logged at warn: an application
+/// on this machine tried to reach something it may not.
+pub fn audit_denied(listener: &str, mode: Mode, client: &str, destination: &str, denial: Denial) {
+    log::warn!(
+        target: "meshgate::egress",
+        "egress denied: listener={listener} mode={} client={client} destination={destination:?} reason={} ({})",
+        mode.as_str(),
+        denial.as_str(),
+        denial.explain()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::EgressAllow;
+
+    fn pattern(s: &str) -> HostPattern {
+        HostPattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn exact_patterns_ignore_case_and_one_trailing_dot() {
+        let p = pattern("API.Example.com.");
+        assert_eq!(p, HostPattern::Exact("api.example.com".into()));
+        assert!(p.matches("api.example.com"));
+        assert!(!p.matches("api.example.com.evil.net"));
+        assert!(!p.matches("xapi.example.com"));
+    }
+
+    #[test]
+    fn one_label_wildcards_match_exactly_one_label() {
+        let p = pattern("*.example.com");
+        assert!(p.matches("a.example.com"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("a.b.example.com"));
+        // No suffix matching without a dot boundary.
+        assert!(!p.matches("evilexample.com"));
+        assert!(!p.matches(".example.com"));
+        assert_eq!(p.to_string(), "*.example.com");
+    }
+
+    #[test]
+    fn any_depth_wildcards_match_one_or_more_labels() {
+        let p = pattern("**.example.com");
+        assert!(p.matches("a.example.com"));
+        assert!(p.matches("a.b.example.com"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("evilexample.com"));
+        assert!(!p.matches(".example.com"));
+        assert!(!p.matches("a..example.com"));
+        assert_eq!(p.to_string(), "**.example.com");
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "*",
+            "**",
+            "*.com",
+            "a.*.com",
+            "*example.com",
+            "exa mple.com",
+            "10.0.0.1",
+            "[::1]",
+            "api.example.com:443",
+            "example.123",
+        ] {
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalized_or_refused() {
+        assert_eq!(
+            normalize_host("API.Example.COM.").unwrap(),
+            "api.example.com"
+        );
+        assert_eq!(normalize_host("127.0.0.1"), Err(Denial::IpLiteral));
+        assert_eq!(normalize_host("[::1]"), Err(Denial::IpLiteral));
+        assert_eq!(normalize_host("2130706433"), Err(Denial::Malformed));
+        assert_eq!(normalize_host("0x7f.1"), Err(Denial::Malformed));
+        assert_eq!(normalize_host("a%2eb.com"), Err(Denial::Malformed));
+        assert_eq!(normalize_host("a.com\0.evil"), Err(Denial::Malformed));
+        assert_eq!(normalize_host(""), Err(Denial::Malformed));
+        assert_eq!(normalize_host("a..com"), Err(Denial::Malformed));
+    }
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(split_authority("a.com"), Some(("a.com", None)));
+        assert_eq!(split_authority("a.com:8443"), Some(("a.com", Some(8443))));
+        assert_eq!(split_authority("[::1]:443"), Some(("[::1]", Some(443))));
+        assert_eq!(split_authority("[::1]"), Some(("[::1]", None)));
+        assert_eq!(split_authority("allowed.com@evil.com"), None);
+        assert_eq!(split_authority("a.com:"), None);
+        assert_eq!(split_authority("a.com:0"), None);
+        assert_eq!(split_authority("a.com:65536"), None);
+        assert_eq!(split_authority("a.com:+443"), None);
+        assert_eq!(split_authority(":443"), None);
+        assert_eq!(split_authority(""), None);
+        assert_eq!(split_authority("[::1]x"), None);
+    }
+
+    #[test]
+    fn the_allowlist_tells_a_wrong_port_from_an_unknown_host() {
+        let egress = Egress {
+            allow: vec![
+                EgressAllow {
+                    pattern: pattern("api.example.com"),
+                    ports: vec![443],
+                },
+                EgressAllow {
+                    pattern: pattern("*.hooks.example.com"),
+                    ports: vec![443, 8443],
+                },
+            ],
+            ..Egress::default()
+        };
+        assert_eq!(egress.check("api.example.com", 443), Ok(()));
+        assert_eq!(egress.check("api.example.com", 8443), Err(Denial::Port));
+        assert_eq!(egress.check("a.hooks.example.com", 8443), Ok(()));
+        assert_eq!(egress.check("hooks.example.com", 443), Err(Denial::Host));
+        assert_eq!(egress.check("other.com", 443), Err(Denial::Host));
+        assert_eq!(
+            Egress::default().check("api.example.com", 443),
+            Err(Denial::Host)
+        );
+    }
+}

@@ -1,0 +1,551 @@
+//! Egress tunnels at L4, before Pingora's HTTP handling: on an `egress`
+//! listener a connection that opens with `CONNECT ` or a TLS record is served
+//! here; anything else goes on to the HTTP proxy.
+//!
+//! Pingora 0.9 cannot end a CONNECT tunnel itself (it answers 405, or with
+//! `allow_connect_method_proxying` forwards the CONNECT request upstream), so
+//! meshgate reads the CONNECT head, decides, answers, and relays bytes.
+//! Either way the bytes relayed are the client's own TLS: meshgate reads the
+//! ClientHello's SNI and refuses a tunnel whose SNI is missing, not allowed,
+//! or (after CONNECT) another host than the one CONNECT named.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::client_hello::MAX_HELLO_BYTES;
+use super::resolve::ResolveError;
+use super::{audit_denied, destination, normalize_host, parse_client_hello, split_authority};
+use super::{Denial, Hello, Mode};
+use crate::config::model::{Direction, Egress};
+use crate::runtime::Runtime;
+use crate::telemetry::metrics::{destination_label, metrics, GaugeGuard};
+
+/// Longest CONNECT request head read.
+const MAX_CONNECT_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its CONNECT head or its ClientHello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const RELAY_BUFFER: usize = 16 * 1024;
+
+/// Wraps the HTTP proxy app: tunnels on `egress` listeners, everything else
+/// passed on unchanged.
+pub struct EgressSniff<A> {
+    inner: Arc<A>,
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl<A> EgressSniff<A> {
+    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        EgressSniff {
+            inner: Arc::new(inner),
+            runtime,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for EgressSniff<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let rt = self.runtime.load_full();
+        let local = session
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let listener = rt
+            .listener_for(local)
+            .filter(|i| rt.listeners[*i].direction == Direction::Egress);
+        let (Some(listener), Some(_)) = (listener, rt.config.egress.as_ref()) else {
+            return self.inner.process_new(session, shutdown).await;
+        };
+        if session.get_ssl_digest().is_some() {
+            return self.inner.process_new(session, shutdown).await;
+        }
+        let idle = rt.config.listeners[listener].limits.idle_timeout;
+        // Every HTTP request and TLS record is longer than this.
+        let mut first = [0u8; 8];
+        match tokio::time::timeout(idle, session.try_peek(&mut first)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return self.inner.process_new(session, shutdown).await,
+            // Closed or silent before sending anything.
+            _ => return None,
+        }
+        let mode = match first {
+            [0x16, ..] => Mode::Sni,
+            _ if &first == b"CONNECT " => Mode::Connect,
+            _ => return self.inner.process_new(session, shutdown).await,
+        };
+        let client = session
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let tunnel = Tunnel {
+            listener: rt.listeners[listener].name.clone(),
+            client,
+            mode,
+            rt,
+        };
+        match mode {
+            Mode::Connect => tunnel.connect(session).await,
+            _ => tunnel.passthrough(session).await,
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// One tunnel being set up.
+struct Tunnel {
+    rt: Arc<Runtime>,
+    listener: String,
+    client: String,
+    mode: Mode,
+}
+
+impl Tunnel {
+    fn egress(&self) -> &Egress {
+        // EgressSniff only builds a Tunnel when [egress] is set.
+        self.rt
+            .config
+            .egress
+            .as_ref()
+            .expect("a tunnel exists only with [egress]")
+    }
+
+    fn count(&self, destination: &str, outcome: &str, reason: &str) {
+        metrics()
+            .egress_decisions
+            .with_label_values(&[
+                self.listener.as_str(),
+                self.mode.as_str(),
+                &destination_label(destination),
+                outcome,
+                reason,
+            ])
+            .inc();
+    }
+
+    fn deny(&self, destination: &str, denial: Denial) {
+        audit_denied(&self.listener, self.mode, &self.client, destination, denial);
+        self.count(destination, "denied", denial.as_str());
+    }
+
+    /// `CONNECT host:port`, then the client's TLS to that same host.
+    async fn connect(&self, mut client: Stream) {
+        let Some((head, rest)) = read_connect_head(&mut client).await else {
+            return;
+        };
+        let target = match parse_connect(&head) {
+            Ok(t) => t,
+            Err(ConnectHeadError::NotConnect) => {
+                let _ = respond(&mut client, 405, "only CONNECT is served here", None).await;
+                return;
+            }
+            Err(ConnectHeadError::Malformed) => {
+                self.deny("-", Denial::Malformed);
+                let _ = respond(&mut client, 400, Denial::Malformed.explain(), None).await;
+                return;
+            }
+        };
+        let Some((raw_host, Some(port))) = split_authority(&target) else {
+            self.deny("-", Denial::Malformed);
+            let _ = respond(&mut client, 400, "CONNECT needs host:port", None).await;
+            return;
+        };
+        let host = match normalize_host(raw_host) {
+            Ok(h) => h,
+            Err(d) => {
+                self.deny(&destination(&raw_host.to_ascii_lowercase(), port), d);
+                let status = if d == Denial::Malformed { 400 } else { 403 };
+                let _ = respond(&mut client, status, d.explain(), Some(&target)).await;
+                return;
+            }
+        };
+        let dest = destination(&host, port);
+        if let Err(d) = self.egress().check(&host, port) {
+            self.deny(&dest, d);
+            let _ = respond(&mut client, 403, d.explain(), Some(&dest)).await;
+            return;
+        }
+        let upstream = match self.dial(&host, port).await {
+            Ok(u) => u,
+            Err(DialError::Denied) => {
+                self.deny(&dest, Denial::Address);
+                let _ = respond(&mut client, 403, Denial::Address.explain(), Some(&dest)).await;
+                return;
+            }
+            Err(DialError::Failed(why)) => {
+                log::warn!(target: "meshgate::egress", "egress tunnel to {dest:?} failed: {why}");
+                let _ = respond(
+                    &mut client,
+                    502,
+                    "cannot reach the destination",
+                    Some(&dest),
+                )
+                .await;
+                return;
+            }
+        };
+        let established = async {
+            client
+                .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                .await?;
+            client.flush().await
+        };
+        if established.await.is_err() {
+            return;
+        }
+        let Some(hello) = self.read_hello(&mut client, rest, &dest).await else {
+            return;
+        };
+        match hello.1 {
+            Some(ref sni) if *sni == host => {}
+            Some(ref sni) => {
+                log::warn!(target: "meshgate::egress", "egress tunnel: CONNECT {dest:?} but the ClientHello names {sni:?}");
+                return self.deny(&dest, Denial::SniMismatch);
+            }
+            None => return self.deny(&dest, Denial::NoSni),
+        }
+        self.count(&dest, "allowed", "");
+        self.relay(client, upstream, hello.0, &dest).await;
+    }
+
+    /// A bare ClientHello: to its SNI host, on `passthrough_port`.
+    async fn passthrough(&self, mut client: Stream) {
+        let port = self.egress().passthrough_port;
+        let Some((bytes, sni)) = self.read_hello(&mut client, Vec::new(), "-").await else {
+            return;
+        };
+        let Some(sni) = sni else {
+            return self.deny("-", Denial::NoSni);
+        };
+        let host = match normalize_host(&sni) {
+            Ok(h) => h,
+            Err(d) => return self.deny(&destination(&sni, port), d),
+        };
+        let dest = destination(&host, port);
+        if let Err(d) = self.egress().check(&host, port) {
+            return self.deny(&dest, d);
+        }
+        let upstream = match self.dial(&host, port).await {
+            Ok(u) => u,
+            Err(DialError::Denied) => return self.deny(&dest, Denial::Address),
+            Err(DialError::Failed(why)) => {
+                log::warn!(target: "meshgate::egress", "egress passthrough to {dest:?} failed: {why}");
+                return;
+            }
+        };
+        self.count(&dest, "allowed", "");
+        self.relay(client, upstream, bytes, &dest).await;
+    }
+
+    /// The ClientHello's bytes and its server name (normalized when it is a
+    /// host name at all); `None` when the tunnel was refused or the client left.
+    async fn read_hello(
+        &self,
+        client: &mut Stream,
+        mut buf: Vec<u8>,
+        dest: &str,
+    ) -> Option<(Vec<u8>, Option<String>)> {
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        loop {
+            match parse_client_hello(&buf) {
+                Hello::Complete(sni) => {
+                    let sni = sni.map(|s| normalize_host(&s).unwrap_or(s));
+                    return Some((buf, sni));
+                }
+                Hello::Invalid => {
+                    self.deny(dest, Denial::NotTls);
+                    return None;
+                }
+                Hello::NeedMore if buf.len() >= MAX_HELLO_BYTES => {
+                    self.deny(dest, Denial::NotTls);
+                    return None;
+                }
+                Hello::NeedMore => {}
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Connect to `host` (resolved, pinned or looked up) on `port`, trying
+    /// each address in turn within `connect_timeout` each.
+    async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
+        let resolver = self
+            .rt
+            .egress_resolver
+            .as_ref()
+            .ok_or_else(|| DialError::Failed("no resolver".into()))?;
+        let addrs = match resolver.resolve(host, port).await {
+            Ok(a) => a,
+            Err(ResolveError::Denied { .. }) => return Err(DialError::Denied),
+            Err(e) => return Err(DialError::Failed(e.to_string())),
+        };
+        let timeout = self.egress().connect_timeout;
+        let mut last = String::from("no addresses");
+        for addr in addrs {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: connect timed out after {timeout:?}"),
+            }
+        }
+        Err(DialError::Failed(last))
+    }
+
+    async fn relay(&self, client: Stream, upstream: TcpStream, hello: Vec<u8>, dest: &str) {
+        let m = metrics();
+        let _open = GaugeGuard::new(
+            m.egress_tunnels_active
+                .with_label_values(&[self.listener.as_str(), self.mode.as_str()]),
+        );
+        let counter = |direction: &str| {
+            m.egress_tunnel_bytes.with_label_values(&[
+                self.listener.as_str(),
+                self.mode.as_str(),
+                direction,
+            ])
+        };
+        let (sent, received) = (counter("sent"), counter("received"));
+        let started = Instant::now();
+        let idle = self.egress().tunnel_idle_timeout;
+        let mut upstream = upstream;
+        if upstream.write_all(&hello).await.is_err() {
+            return;
+        }
+        sent.inc_by(hello.len() as u64);
+        let (up, down, end) = relay(client, upstream, idle, &sent, &received).await;
+        log::info!(
+            target: "meshgate::egress",
+            "egress tunnel closed: listener={} mode={} client={} destination={dest:?} sent={} received={} duration_ms={} end={end}",
+            self.listener,
+            self.mode.as_str(),
+            self.client,
+            up + hello.len() as u64,
+            down,
+            started.elapsed().as_millis()
+        );
+    }
+}
+
+enum DialError {
+    /// Every address is in `deny_networks`.
+    Denied,
+    Failed(String),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ConnectHeadError {
+    NotConnect,
+    Malformed,
+}
+
+/// Read up to the end of the request head; the head and any bytes after it.
+async fn read_connect_head<S: AsyncRead + Unpin>(client: &mut S) -> Option<(Vec<u8>, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Some((buf, rest));
+        }
+        if buf.len() > MAX_CONNECT_HEAD {
+            return None;
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// The target of a `CONNECT host:port HTTP/1.x` head.
+fn parse_connect(head: &[u8]) -> Result<String, ConnectHeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(ConnectHeadError::Malformed),
+    }
+    if req.method != Some("CONNECT") {
+        return Err(ConnectHeadError::NotConnect);
+    }
+    // A body on CONNECT has no defined meaning (RFC 9110 §9.3.6).
+    let framed = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("content-length")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+    });
+    match req.path {
+        Some(target) if !framed => Ok(target.to_string()),
+        _ => Err(ConnectHeadError::Malformed),
+    }
+}
+
+/// A short JSON answer to a CONNECT, then the connection closes.
+async fn respond<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    status: u16,
+    message: &str,
+    destination: Option<&str>,
+) -> std::io::Result<()> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let body = serde_json::json!({
+        "error": message,
+        "status": status,
+        "destination": destination,
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await?;
+    client.write_all(body.as_bytes()).await?;
+    client.flush().await
+}
+
+/// Copy both ways until both sides have finished, either fails, or nothing
+/// moved for `idle`. Bytes sent and received, and why it ended.
+async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
+    client: C,
+    upstream: TcpStream,
+    idle: Duration,
+    sent: &IntCounter,
+    received: &IntCounter,
+) -> (u64, u64, &'static str) {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = upstream.into_split();
+    let mut up = vec![0u8; RELAY_BUFFER];
+    let mut down = vec![0u8; RELAY_BUFFER];
+    let (mut up_total, mut down_total) = (0u64, 0u64);
+    let (mut client_open, mut upstream_open) = (true, true);
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let end = loop {
+        tokio::select! {
+            r = cr.read(&mut up), if client_open => match r {
+                Ok(0) => {
+                    client_open = false;
+                    let _ = uw.shutdown().await;
+                }
+                Ok(n) => {
+                    match tokio::time::timeout(idle, uw.write_all(&up[..n])).await {
+                        Ok(Ok(())) => {}
+                        _ => break "upstream_write",
+                    }
+                    up_total += n as u64;
+                    sent.inc_by(n as u64);
+                }
+                Err(_) => break "client_error",
+            },
+            r = ur.read(&mut down), if upstream_open => match r {
+                Ok(0) => {
+                    upstream_open = false;
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    let write = async {
+                        cw.write_all(&down[..n]).await?;
+                        cw.flush().await
+                    };
+                    match tokio::time::timeout(idle, write).await {
+                        Ok(Ok(())) => {}
+                        _ => break "client_write",
+                    }
+                    down_total += n as u64;
+                    received.inc_by(n as u64);
+                }
+                Err(_) => break "upstream_error",
+            },
+            _ = &mut timer => break "idle",
+        }
+        if !client_open && !upstream_open {
+            break "closed";
+        }
+        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+    };
+    (up_total, down_total, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_heads() {
+        assert_eq!(
+            parse_connect(
+                b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n"
+            ),
+            Ok("api.example.com:443".into())
+        );
+        assert_eq!(
+            parse_connect(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Err(ConnectHeadError::NotConnect)
+        );
+        assert_eq!(
+            parse_connect(b"CONNECT a.com:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+            Err(ConnectHeadError::Malformed)
+        );
+        assert_eq!(
+            parse_connect(b"CONNECT a.com:443 HTTP/1.1\r\nBad Header\r\n\r\n"),
+            Err(ConnectHeadError::Malformed)
+        );
+        assert_eq!(
+            parse_connect(b"CONNECT a.com:443 HTTP/1.1\r\nX: \0\r\n\r\n"),
+            Err(ConnectHeadError::Malformed)
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_heads_are_read_to_their_end_and_no_further() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for part in [
+                &b"CONNECT a.com:443 HT"[..],
+                b"TP/1.1\r\n\r",
+                b"\n\x16\x03\x01",
+            ] {
+                a.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            a
+        });
+        let (head, rest) = read_connect_head(&mut b).await.unwrap();
+        assert_eq!(head, b"CONNECT a.com:443 HTTP/1.1\r\n\r\n");
+        let _a = writer.await.unwrap();
+        // What follows the head is the start of the ClientHello, kept.
+        assert!(rest.is_empty() || rest.starts_with(b"\x16"));
+    }
+
+    #[tokio::test]
+    async fn an_endless_head_is_dropped() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        a.write_all(&[b'A'; MAX_CONNECT_HEAD + 2048]).await.unwrap();
+        assert!(read_connect_head(&mut b).await.is_none());
+    }
+}

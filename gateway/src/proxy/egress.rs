@@ -1,0 +1,219 @@
+//! Plain-HTTP egress: a request on an `egress` listener that no route
+//! matched goes to the host it names, if `[egress.allow]` lets it, over TLS
+//! that meshgate originates and verifies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use pingora::http::RequestHeader;
+use pingora::protocols::ALPN;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::Result;
+
+use super::ctx::{Failure, RequestCtx};
+use super::respond;
+use crate::config::model::Egress;
+use crate::egress::resolve::ResolveError;
+use crate::egress::{audit_denied, destination, normalize_host, split_authority, Denial, Mode};
+use crate::runtime::Runtime;
+use crate::telemetry::metrics::{destination_label, metrics};
+
+/// The `upstream` label and log value of egress requests (not a valid
+/// upstream name, so it cannot collide with one).
+pub const EGRESS_UPSTREAM: &str = "(egress)";
+/// Port TLS is originated to when the request names none: the client spoke
+/// plain HTTP to meshgate, the destination gets HTTPS.
+const DEFAULT_PORT: u16 = 443;
+/// Addresses of one name tried for a request, at most.
+const MAX_ATTEMPTS: usize = 3;
+
+/// An allowed egress destination, resolved.
+pub struct EgressTarget {
+    pub host: String,
+    pub port: u16,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl EgressTarget {
+    /// The `Host` the destination is sent.
+    fn host_header(&self) -> String {
+        if self.port == DEFAULT_PORT {
+            self.host.clone()
+        } else {
+            destination(&self.host, self.port)
+        }
+    }
+}
+
+fn count(ctx: &RequestCtx, dest: &str, outcome: &str, reason: &str) {
+    metrics()
+        .egress_decisions
+        .with_label_values(&[
+            ctx.listener_name().unwrap_or(""),
+            Mode::Http.as_str(),
+            &destination_label(dest),
+            outcome,
+            reason,
+        ])
+        .inc();
+}
+
+/// Decide where this request goes. `Ok(true)`: answered here (refused or
+/// unreachable); `Ok(false)`: `ctx.egress` is set and the proxy goes on.
+pub async fn route(
+    rt: &Runtime,
+    egress: &Egress,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<bool> {
+    let client = session
+        .client_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let listener = ctx.listener_name().unwrap_or("").to_string();
+    let authority = super::request_host(session.req_header()).unwrap_or("");
+    let Some((raw_host, port)) = split_authority(authority) else {
+        return refuse(session, ctx, &listener, &client, "-", Denial::Malformed).await;
+    };
+    let port = port.unwrap_or(DEFAULT_PORT);
+    let host = match normalize_host(raw_host) {
+        Ok(h) => h,
+        Err(d) => {
+            let dest = destination(&raw_host.to_ascii_lowercase(), port);
+            return refuse(session, ctx, &listener, &client, &dest, d).await;
+        }
+    };
+    let dest = destination(&host, port);
+    if let Err(d) = egress.check(&host, port) {
+        return refuse(session, ctx, &listener, &client, &dest, d).await;
+    }
+    let Some(resolver) = rt.egress_resolver.as_ref() else {
+        ctx.failure = Some(Failure::Internal);
+        respond::send_error(session, Failure::Internal, ctx).await?;
+        return Ok(true);
+    };
+    let addrs = match resolver.resolve(&host, port).await {
+        Ok(a) => a,
+        Err(ResolveError::Denied { .. }) => {
+            return refuse(session, ctx, &listener, &client, &dest, Denial::Address).await;
+        }
+        Err(e) => {
+            log::warn!(target: "meshgate::egress", "egress request_id={} to {dest:?}: {e}", ctx.request_id);
+            count(ctx, &dest, "allowed", "");
+            ctx.failure = Some(Failure::UpstreamUnreachable);
+            respond::send_error(session, Failure::UpstreamUnreachable, ctx).await?;
+            return Ok(true);
+        }
+    };
+    count(ctx, &dest, "allowed", "");
+    ctx.deadline = ctx.started.checked_add(egress.timeout);
+    ctx.egress = Some(Arc::new(EgressTarget { host, port, addrs }));
+    Ok(false)
+}
+
+/// Audit, count and answer a refused destination: 400 for what is not a
+/// destination at all, else 403.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    listener: &str,
+    client: &str,
+    dest: &str,
+    denial: Denial,
+) -> Result<bool> {
+    audit_denied(listener, Mode::Http, client, dest, denial);
+    count(ctx, dest, "denied", denial.as_str());
+    let failure = if denial == Denial::Malformed {
+        Failure::BadRequest
+    } else {
+        Failure::EgressDenied
+    };
+    ctx.failure = Some(failure);
+    let body = serde_json::json!({
+        "error": failure.message(),
+        "status": failure.status(),
+        "destination": dest,
+        "reason": denial.explain(),
+        "request_id": ctx.request_id,
+    });
+    let status = StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::FORBIDDEN);
+    respond::send(
+        session,
+        status,
+        &[(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Bytes::from(body.to_string()),
+        &ctx.request_id,
+        None,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// How many connection attempts a request gets: one per address, capped.
+pub fn attempts(target: &EgressTarget) -> usize {
+    target.addrs.len().clamp(1, MAX_ATTEMPTS)
+}
+
+/// The peer for attempt `attempt` (0-based): TLS to the next address, with
+/// the destination's name as SNI and as the name its certificate must carry.
+pub fn peer(
+    target: &EgressTarget,
+    egress: &Egress,
+    attempt: usize,
+    remaining: Duration,
+) -> Option<HttpPeer> {
+    let addr = *target.addrs.get(attempt % target.addrs.len().max(1))?;
+    let mut peer = HttpPeer::new(addr, true, target.host.clone());
+    peer.options.verify_cert = true;
+    peer.options.verify_hostname = true;
+    peer.options.alpn = ALPN::H1;
+    peer.options.connection_timeout = Some(egress.connect_timeout.min(remaining));
+    peer.options.read_timeout = Some(remaining);
+    peer.options.write_timeout = Some(remaining.min(egress.timeout));
+    if let Some(ca) = &egress.ca {
+        peer.options.ca = Some(Arc::new(ca.certs.to_vec().into_boxed_slice()));
+    }
+    // Pooled connections are keyed by address and SNI; the trust they were
+    // verified against must be part of the key too.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&EGRESS_UPSTREAM, &mut h);
+    if let Some(ca) = &egress.ca {
+        std::hash::Hash::hash(&ca.fingerprint, &mut h);
+    }
+    peer.group_key = std::hash::Hasher::finish(&h);
+    Some(peer)
+}
+
+/// The request as the destination gets it: origin-form target, its own
+/// `Host`, no proxy credentials. meshgate adds no forwarding headers here:
+/// the destination is outside and need not learn about this machine.
+pub fn upstream_request(upstream: &mut RequestHeader, target: &EgressTarget) -> Result<()> {
+    if upstream.uri.authority().is_some() {
+        let pq = upstream
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Ok(uri) = pq.parse::<http::Uri>() {
+            upstream.set_uri(uri);
+        }
+    }
+    upstream.insert_header(header::HOST, target.host_header())?;
+    for name in [
+        header::PROXY_AUTHORIZATION,
+        header::HeaderName::from_static("proxy-connection"),
+    ] {
+        upstream.remove_header(&name);
+    }
+    upstream.remove_header(&super::headers::X_MESHGATE_PEER_IDENTITY);
+    super::headers::single_content_length(upstream);
+    Ok(())
+}
