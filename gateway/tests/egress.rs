@@ -363,7 +363,20 @@ async fn names_that_resolve_into_deny_networks_are_refused() {
         r.json()["reason"],
         "the host resolves only to addresses in [egress] deny_networks"
     );
+    // The same for a tunnel.
+    let (_, status, head) = connect(gw.listen, &format!("localhost:{}", o.port())).await;
+    assert_eq!(status, 403, "{head}");
     assert_eq!(o.server.connections(), 0);
+    let text = metrics(&gw).await;
+    let dest = format!("localhost:{}", o.port());
+    assert_eq!(
+        metric(
+            &text,
+            &decision("public", "connect", &dest, "denied", "address_denied")
+        ),
+        1.0,
+        "{text}"
+    );
 }
 
 /// Send `CONNECT target`, read the response head; the open connection and
@@ -440,6 +453,8 @@ async fn connect_tunnels_carry_tls_only_to_the_host_they_named() {
     assert_eq!(status, 403);
     let (_, status, _) = connect(gw.listen, API).await;
     assert_eq!(status, 400, "CONNECT without a port");
+    let (_, status, _) = connect(gw.listen, &format!("{API}:{}", port ^ 1)).await;
+    assert_eq!(status, 403, "a port not on the list");
 
     // The classic bypass: CONNECT an allowed host, then a ClientHello for
     // another one (allowed or not). The tunnel is closed, nothing relayed.

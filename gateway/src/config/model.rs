@@ -546,16 +546,26 @@ pub const DEFAULT_EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_EGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_EGRESS_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_EGRESS_PASSTHROUGH_PORT: u16 = 443;
-/// Where a looked-up egress name may not lead: this machine, "this network",
-/// link-local (cloud metadata at 169.254.169.254), multicast and broadcast.
+/// Where a looked-up egress name may not lead: anything but the public
+/// internet. This machine, "this network", private and shared (CGNAT)
+/// ranges, link-local (cloud metadata at 169.254.169.254, fd00:ec2::254 is
+/// in fc00::/7), multicast, broadcast, and the IPv6 forms that embed an IPv4
+/// address (IPv4-compatible, NAT64, 6to4).
 pub const DEFAULT_EGRESS_DENY_NETWORKS: &[&str] = &[
-    "127.0.0.0/8",
     "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
     "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
     "224.0.0.0/4",
-    "255.255.255.255/32",
+    "240.0.0.0/4",
+    "::/96",
     "::1/128",
-    "::/128",
+    "64:ff9b::/96",
+    "2002::/16",
+    "fc00::/7",
     "fe80::/10",
     "ff00::/8",
 ];

@@ -1,8 +1,12 @@
 //! The server name (SNI) of a TLS ClientHello, read without terminating TLS.
-//! Record framing is checked here; the handshake message itself is parsed by
-//! `tls-parser`.
+//! The handshake message is parsed by `tls-parser`; record framing and the
+//! extension block are walked here, strictly: meshgate must read the same
+//! server name the destination will, so anything a lenient parser could
+//! read two ways (duplicate extensions, trailing bytes) is refused.
 
-use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake};
+use std::collections::HashSet;
+
+use tls_parser::{TlsMessage, TlsMessageHandshake};
 
 /// TLS record content type `handshake`.
 const HANDSHAKE: u8 = 22;
@@ -12,6 +16,11 @@ const CLIENT_HELLO: u8 = 1;
 const MAX_RECORD: usize = 16 * 1024;
 /// More than any real ClientHello (post-quantum key shares included).
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+/// Records one ClientHello may span; real clients use one, rarely two.
+const MAX_RECORDS: usize = 8;
+/// Extension type `server_name`, and its `host_name` entry type.
+const SERVER_NAME: u16 = 0;
+const HOST_NAME: u8 = 0;
 
 /// What the bytes read so far hold.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,7 +39,7 @@ pub enum Hello {
 pub fn parse_client_hello(buf: &[u8]) -> Hello {
     let mut message = Vec::new();
     let mut at = 0;
-    loop {
+    for _ in 0..MAX_RECORDS {
         let Some(header) = buf.get(at..at + 5) else {
             return Hello::NeedMore;
         };
@@ -62,37 +71,82 @@ pub fn parse_client_hello(buf: &[u8]) -> Hello {
             return server_name(&message[..total]);
         }
     }
+    Hello::Invalid
+}
+
+/// How many bytes `buf` must hold before [`parse_client_hello`] can get
+/// further: the end of the first incomplete record (or its header), or all
+/// of `buf` when it ends on a record boundary. Lets a reader parse once per
+/// record instead of once per read.
+pub fn bytes_needed(buf: &[u8]) -> usize {
+    let mut at = 0;
+    for _ in 0..MAX_RECORDS {
+        let Some(header) = buf.get(at..at + 5) else {
+            return if at > 0 && at == buf.len() { at } else { at + 5 };
+        };
+        let end = at + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if end > buf.len() {
+            return end;
+        }
+        at = end;
+    }
+    buf.len()
 }
 
 fn server_name(message: &[u8]) -> Hello {
-    let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
+    let Ok((rest, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
         tls_parser::parse_tls_message_handshake(message)
     else {
         return Hello::Invalid;
     };
-    let Some(ext) = hello.ext else {
-        return Hello::Complete(None);
-    };
-    let Ok((_, extensions)) = tls_parser::parse_tls_client_hello_extensions(ext) else {
+    if !rest.is_empty() {
         return Hello::Invalid;
-    };
-    let mut names = extensions
-        .iter()
-        .filter_map(|e| match e {
-            TlsExtension::SNI(list) => Some(list),
-            _ => None,
-        })
-        .flatten()
-        .filter(|(kind, _)| *kind == SNIType::HostName);
-    match (names.next(), names.next()) {
-        (None, _) => Hello::Complete(None),
-        (Some((_, name)), None) => match std::str::from_utf8(name) {
-            Ok(n) if n.is_ascii() => Hello::Complete(Some(n.to_ascii_lowercase())),
-            _ => Hello::Invalid,
-        },
-        // A server could read either one; meshgate will not guess which.
-        (Some(_), Some(_)) => Hello::Invalid,
     }
+    match hello.ext {
+        None => Hello::Complete(None),
+        Some(ext) => match extensions_server_name(ext) {
+            Some(name) => Hello::Complete(name),
+            None => Hello::Invalid,
+        },
+    }
+}
+
+/// The `host_name` of the extension block, `Some(None)` without one; `None`
+/// when the block is not exactly a sequence of distinct extensions, or the
+/// server_name extension is not exactly one host name.
+fn extensions_server_name(mut block: &[u8]) -> Option<Option<String>> {
+    let mut seen = HashSet::new();
+    let mut name = None;
+    while !block.is_empty() {
+        let (kind, len) = (u16_at(block, 0)?, usize::from(u16_at(block, 2)?));
+        let data = block.get(4..4 + len)?;
+        if !seen.insert(kind) {
+            return None;
+        }
+        if kind == SERVER_NAME {
+            name = Some(host_name(data)?);
+        }
+        block = &block[4 + len..];
+    }
+    Some(name)
+}
+
+/// ServerNameList holding exactly one `host_name`, lower-cased.
+fn host_name(data: &[u8]) -> Option<String> {
+    let list = data.get(2..)?;
+    if usize::from(u16_at(data, 0)?) != list.len() {
+        return None;
+    }
+    let (kind, len) = (*list.first()?, usize::from(u16_at(list, 1)?));
+    if kind != HOST_NAME || list.len() != 3 + len || len == 0 {
+        return None;
+    }
+    let name = std::str::from_utf8(&list[3..]).ok()?;
+    name.is_ascii().then(|| name.to_ascii_lowercase())
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
 #[cfg(test)]
@@ -202,6 +256,88 @@ mod tests {
             parse_client_hello(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 0xde, 0xad]),
             Hello::Invalid
         );
+    }
+
+    /// A minimal ClientHello record with `extensions` as its extension block.
+    fn synthetic(extensions: &[u8]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]); // random
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+        body.extend_from_slice(extensions);
+        let mut msg = vec![CLIENT_HELLO, 0];
+        msg.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&body);
+        let mut rec = vec![HANDSHAKE, 3, 1];
+        rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&msg);
+        rec
+    }
+
+    /// A server_name extension with these (type, name) entries.
+    fn sni_ext(entries: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for (kind, name) in entries {
+            list.push(*kind);
+            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            list.extend_from_slice(name);
+        }
+        let mut data = (list.len() as u16).to_be_bytes().to_vec();
+        data.extend_from_slice(&list);
+        let mut ext = vec![0, 0];
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(&data);
+        ext
+    }
+
+    #[test]
+    fn ambiguous_server_names_are_refused() {
+        let one = sni_ext(&[(0, b"api.example.com")]);
+        assert_eq!(
+            parse_client_hello(&synthetic(&one)),
+            Hello::Complete(Some("api.example.com".into()))
+        );
+        // Two server_name extensions.
+        let two = [one.clone(), sni_ext(&[(0, b"evil.example.com")])].concat();
+        assert_eq!(parse_client_hello(&synthetic(&two)), Hello::Invalid);
+        // Two names in one.
+        let pair = sni_ext(&[(0, b"api.example.com"), (0, b"evil.example.com")]);
+        assert_eq!(parse_client_hello(&synthetic(&pair)), Hello::Invalid);
+        // A malformed extension first, hiding what follows from a lenient parser.
+        let hidden = [vec![0, 0x10, 0xff, 0xff], one.clone()].concat();
+        assert_eq!(parse_client_hello(&synthetic(&hidden)), Hello::Invalid);
+        // Trailing bytes after the extensions.
+        let trailing = [one.clone(), vec![0]].concat();
+        assert_eq!(parse_client_hello(&synthetic(&trailing)), Hello::Invalid);
+        // Not ASCII, empty, or another name type.
+        for bad in [
+            sni_ext(&[(0, "bücher.example".as_bytes())]),
+            sni_ext(&[(0, b"")]),
+            sni_ext(&[(1, b"api.example.com")]),
+        ] {
+            assert_eq!(parse_client_hello(&synthetic(&bad)), Hello::Invalid);
+        }
+        // No extensions at all: no server name.
+        assert_eq!(parse_client_hello(&synthetic(&[])), Hello::Complete(None));
+    }
+
+    #[test]
+    fn too_many_records_are_refused_and_reads_wait_for_whole_records() {
+        let hello = client_hello(Some("api.example.com"));
+        let body = &hello[5..];
+        let mut split = Vec::new();
+        for part in body.chunks(8) {
+            split.extend_from_slice(&[HANDSHAKE, 3, 1]);
+            split.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            split.extend_from_slice(part);
+        }
+        assert_eq!(parse_client_hello(&split), Hello::Invalid);
+        assert_eq!(bytes_needed(&[]), 5);
+        assert_eq!(bytes_needed(&hello[..3]), 5);
+        assert_eq!(bytes_needed(&hello[..10]), hello.len());
+        assert_eq!(bytes_needed(&hello), hello.len());
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod tunnel;
 
 use std::fmt;
 
-pub use client_hello::{parse_client_hello, Hello};
+pub use client_hello::{bytes_needed, parse_client_hello, Hello};
 
 use crate::config::model::Egress;
 
@@ -99,7 +99,7 @@ impl fmt::Display for HostPattern {
 
 /// A DNS name meshgate will look up and verify: letters, digits, `-` and `_`
 /// in labels of 1 to 63 bytes, at most 253 bytes, and a last label that is not
-/// all digits (resolvers read `2130706433` or `127.1` as addresses).
+/// a number (resolvers read `2130706433`, `127.1` or `0x7f.0x1` as addresses).
 fn check_dns_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the host name is empty".into());
@@ -121,7 +121,10 @@ fn check_dns_name(name: &str) -> Result<(), String> {
         }
     }
     let last = name.rsplit('.').next().unwrap_or(name);
-    if last.bytes().all(|b| b.is_ascii_digit()) {
+    let hex = last
+        .strip_prefix("0x")
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if hex || last.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("`{name}` reads as a numeric address, not a name"));
     }
     Ok(())
@@ -356,6 +359,12 @@ mod tests {
         assert_eq!(normalize_host("[::1]"), Err(Denial::IpLiteral));
         assert_eq!(normalize_host("2130706433"), Err(Denial::Malformed));
         assert_eq!(normalize_host("0x7f.1"), Err(Denial::Malformed));
+        assert_eq!(normalize_host("0x7f000001"), Err(Denial::Malformed));
+        assert_eq!(normalize_host("127.0.0.0x1"), Err(Denial::Malformed));
+        assert_eq!(
+            normalize_host("0xcafe.example.com").unwrap(),
+            "0xcafe.example.com"
+        );
         assert_eq!(normalize_host("a%2eb.com"), Err(Denial::Malformed));
         assert_eq!(normalize_host("a.com\0.evil"), Err(Denial::Malformed));
         assert_eq!(normalize_host(""), Err(Denial::Malformed));

@@ -1,7 +1,9 @@
 //! Where an allowed egress host is: a pin from `[egress] resolve`, or the
-//! system resolver (getaddrinfo: /etc/hosts, then DNS), with answers in
-//! `deny_networks` dropped so an allowed name cannot be pointed at this
-//! machine or the cloud metadata service.
+//! system resolver (getaddrinfo), with answers in `deny_networks` dropped so
+//! an allowed name cannot be pointed back inside. Names with a dot are
+//! looked up as absolute names (`api.example.com.`): the resolver's search
+//! domains are never tried, so the address always belongs to the name that
+//! was checked.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +17,11 @@ use crate::config::model::{Egress, EgressPin};
 const CACHE_TTL: Duration = Duration::from_secs(30);
 /// Answers kept at most; the cache starts over when full.
 const CACHE_MAX: usize = 4096;
+/// How long a failed lookup is remembered, so a client asking for names
+/// that do not exist cannot keep the lookup threads busy.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Lookups in progress at once (each holds a blocking thread).
+const MAX_LOOKUPS: usize = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
@@ -30,7 +37,9 @@ pub struct Resolver {
     pins: HashMap<String, Vec<EgressPin>>,
     deny: Vec<ipnet::IpNet>,
     timeout: Duration,
+    /// An empty list: the name was not found (kept for [`NEGATIVE_TTL`]).
     cache: Mutex<HashMap<String, (Instant, Vec<IpAddr>)>>,
+    lookups: tokio::sync::Semaphore,
 }
 
 impl Resolver {
@@ -40,6 +49,7 @@ impl Resolver {
             deny: egress.deny_networks.clone(),
             timeout: egress.connect_timeout,
             cache: Mutex::new(HashMap::new()),
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
         }
     }
 
@@ -54,12 +64,25 @@ impl Resolver {
                 .collect());
         }
         let ips = match self.cached(host) {
-            Some(ips) => ips,
-            None => {
-                let ips = self.lookup(host).await?;
-                self.remember(host, &ips);
-                ips
+            Some(ips) if ips.is_empty() => {
+                return Err(ResolveError::NotFound {
+                    host: host.to_string(),
+                    why: "not found (cached)".into(),
+                })
             }
+            Some(ips) => ips,
+            None => match self.lookup(host).await {
+                Ok(ips) => {
+                    self.remember(host, &ips);
+                    ips
+                }
+                Err(e) => {
+                    if matches!(e, ResolveError::NotFound { .. }) {
+                        self.remember(host, &[]);
+                    }
+                    return Err(e);
+                }
+            },
         };
         Ok(ips
             .into_iter()
@@ -70,7 +93,12 @@ impl Resolver {
     fn cached(&self, host: &str) -> Option<Vec<IpAddr>> {
         let cache = self.cache.lock().ok()?;
         let (at, ips) = cache.get(host)?;
-        (at.elapsed() < CACHE_TTL).then(|| ips.clone())
+        let ttl = if ips.is_empty() {
+            NEGATIVE_TTL
+        } else {
+            CACHE_TTL
+        };
+        (at.elapsed() < ttl).then(|| ips.clone())
     }
 
     fn remember(&self, host: &str, ips: &[IpAddr]) {
@@ -83,12 +111,23 @@ impl Resolver {
     }
 
     async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
-        let found = tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, 0)))
+        let timed_out = || ResolveError::Timeout {
+            host: host.to_string(),
+            timeout: self.timeout,
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let _slot = tokio::time::timeout_at(deadline, self.lookups.acquire())
             .await
-            .map_err(|_| ResolveError::Timeout {
-                host: host.to_string(),
-                timeout: self.timeout,
-            })?
+            .map_err(|_| timed_out())?;
+        // A single label (`localhost`) stays relative so /etc/hosts serves it.
+        let name = if host.contains('.') {
+            format!("{host}.")
+        } else {
+            host.to_string()
+        };
+        let found = tokio::time::timeout_at(deadline, tokio::net::lookup_host((name.as_str(), 0)))
+            .await
+            .map_err(|_| timed_out())?
             .map_err(|e| ResolveError::NotFound {
                 host: host.to_string(),
                 why: e.to_string(),

@@ -9,6 +9,7 @@
 //! ClientHello's SNI and refuses a tunnel whose SNI is missing, not allowed,
 //! or (after CONNECT) another host than the one CONNECT named.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,8 @@ use tokio::net::TcpStream;
 
 use super::client_hello::MAX_HELLO_BYTES;
 use super::resolve::ResolveError;
-use super::{audit_denied, destination, normalize_host, parse_client_hello, split_authority};
+use super::split_authority;
+use super::{audit_denied, bytes_needed, destination, normalize_host, parse_client_hello};
 use super::{Denial, Hello, Mode};
 use crate::config::model::{Direction, Egress};
 use crate::runtime::Runtime;
@@ -34,6 +36,8 @@ const MAX_CONNECT_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its CONNECT head or its ClientHello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BUFFER: usize = 16 * 1024;
+/// Addresses of one name tried per tunnel, at most.
+const MAX_DIALS: usize = 3;
 
 /// Wraps the HTTP proxy app: tunnels on `egress` listeners, everything else
 /// passed on unchanged.
@@ -131,7 +135,7 @@ impl Tunnel {
             .with_label_values(&[
                 self.listener.as_str(),
                 self.mode.as_str(),
-                &destination_label(destination),
+                &destination_label(destination, outcome == "denied"),
                 outcome,
                 reason,
             ])
@@ -145,8 +149,15 @@ impl Tunnel {
 
     /// `CONNECT host:port`, then the client's TLS to that same host.
     async fn connect(&self, mut client: Stream) {
-        let Some((head, rest)) = read_connect_head(&mut client).await else {
-            return;
+        let (head, rest) = match read_connect_head(&mut client).await {
+            Head::Complete(head, rest) => (head, rest),
+            Head::TooLarge => {
+                self.deny("-", Denial::Malformed);
+                let _ = respond(&mut client, 431, "the CONNECT head is over 8 KiB", None).await;
+                return;
+            }
+            // The client left or stayed silent.
+            Head::Gone => return,
         };
         let target = match parse_connect(&head) {
             Ok(t) => t,
@@ -262,20 +273,23 @@ impl Tunnel {
     ) -> Option<(Vec<u8>, Option<String>)> {
         let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
-            match parse_client_hello(&buf) {
-                Hello::Complete(sni) => {
-                    let sni = sni.map(|s| normalize_host(&s).unwrap_or(s));
-                    return Some((buf, sni));
+            // Parse only once a record is complete, not after every read.
+            if buf.len() >= bytes_needed(&buf) {
+                match parse_client_hello(&buf) {
+                    Hello::Complete(sni) => {
+                        let sni = sni.map(|s| normalize_host(&s).unwrap_or(s));
+                        return Some((buf, sni));
+                    }
+                    Hello::Invalid => {
+                        self.deny(dest, Denial::NotTls);
+                        return None;
+                    }
+                    Hello::NeedMore => {}
                 }
-                Hello::Invalid => {
-                    self.deny(dest, Denial::NotTls);
-                    return None;
-                }
-                Hello::NeedMore if buf.len() >= MAX_HELLO_BYTES => {
-                    self.deny(dest, Denial::NotTls);
-                    return None;
-                }
-                Hello::NeedMore => {}
+            }
+            if buf.len() >= MAX_HELLO_BYTES {
+                self.deny(dest, Denial::NotTls);
+                return None;
             }
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
@@ -300,7 +314,7 @@ impl Tunnel {
         };
         let timeout = self.egress().connect_timeout;
         let mut last = String::from("no addresses");
-        for addr in addrs {
+        for addr in addrs.into_iter().take(MAX_DIALS) {
             match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
@@ -330,8 +344,9 @@ impl Tunnel {
         let started = Instant::now();
         let idle = self.egress().tunnel_idle_timeout;
         let mut upstream = upstream;
-        if upstream.write_all(&hello).await.is_err() {
-            return;
+        match tokio::time::timeout(idle, upstream.write_all(&hello)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
         sent.inc_by(hello.len() as u64);
         let (up, down, end) = relay(client, upstream, idle, &sent, &received).await;
@@ -360,22 +375,34 @@ enum ConnectHeadError {
     Malformed,
 }
 
-/// Read up to the end of the request head; the head and any bytes after it.
-async fn read_connect_head<S: AsyncRead + Unpin>(client: &mut S) -> Option<(Vec<u8>, Vec<u8>)> {
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// The head, and any bytes after it.
+    Complete(Vec<u8>, Vec<u8>),
+    TooLarge,
+    /// Closed, or silent past the deadline.
+    Gone,
+}
+
+/// Read up to the end of the request head.
+async fn read_connect_head<S: AsyncRead + Unpin>(client: &mut S) -> Head {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = Vec::with_capacity(512);
+    let mut searched = 0;
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Some((buf, rest));
+        // Only the new bytes (and the 3 before them) can complete the head.
+        if let Some(end) = buf[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(searched + end + 4);
+            return Head::Complete(buf, rest);
         }
+        searched = buf.len().saturating_sub(3);
         if buf.len() > MAX_CONNECT_HEAD {
-            return None;
+            return Head::TooLarge;
         }
         let mut chunk = [0u8; 1024];
         match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
+            _ => return Head::Gone,
         }
     }
 }
@@ -429,66 +456,80 @@ async fn respond<S: AsyncWrite + Unpin>(
 }
 
 /// Copy both ways until both sides have finished, either fails, or nothing
-/// moved for `idle`. Bytes sent and received, and why it ended.
-async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
+/// moved for `idle`. Bytes sent and received, and why it ended. The two
+/// directions run independently: a side that stops reading stalls only the
+/// direction towards it.
+async fn relay<C, U>(
     client: C,
-    upstream: TcpStream,
+    upstream: U,
     idle: Duration,
     sent: &IntCounter,
     received: &IntCounter,
-) -> (u64, u64, &'static str) {
+) -> (u64, u64, &'static str)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = upstream.into_split();
-    let mut up = vec![0u8; RELAY_BUFFER];
-    let mut down = vec![0u8; RELAY_BUFFER];
-    let (mut up_total, mut down_total) = (0u64, 0u64);
-    let (mut client_open, mut upstream_open) = (true, true);
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    let end = loop {
-        tokio::select! {
-            r = cr.read(&mut up), if client_open => match r {
-                Ok(0) => {
-                    client_open = false;
-                    let _ = uw.shutdown().await;
-                }
-                Ok(n) => {
-                    match tokio::time::timeout(idle, uw.write_all(&up[..n])).await {
-                        Ok(Ok(())) => {}
-                        _ => break "upstream_write",
-                    }
-                    up_total += n as u64;
-                    sent.inc_by(n as u64);
-                }
-                Err(_) => break "client_error",
-            },
-            r = ur.read(&mut down), if upstream_open => match r {
-                Ok(0) => {
-                    upstream_open = false;
-                    let _ = cw.shutdown().await;
-                }
-                Ok(n) => {
-                    let write = async {
-                        cw.write_all(&down[..n]).await?;
-                        cw.flush().await
-                    };
-                    match tokio::time::timeout(idle, write).await {
-                        Ok(Ok(())) => {}
-                        _ => break "client_write",
-                    }
-                    down_total += n as u64;
-                    received.inc_by(n as u64);
-                }
-                Err(_) => break "upstream_error",
-            },
-            _ = &mut timer => break "idle",
-        }
-        if !client_open && !upstream_open {
-            break "closed";
-        }
-        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let started = tokio::time::Instant::now();
+    // Milliseconds since `started` of the last byte moved either way.
+    let last = AtomicU64::new(0);
+    let (up_total, down_total) = (AtomicU64::new(0), AtomicU64::new(0));
+    let both = async {
+        tokio::try_join!(
+            copy_half(&mut cr, &mut uw, sent, &up_total, &last, started),
+            copy_half(&mut ur, &mut cw, received, &down_total, &last, started),
+        )
     };
-    (up_total, down_total, end)
+    let watchdog = async {
+        loop {
+            let quiet = started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    let end = tokio::select! {
+        r = both => if r.is_ok() { "closed" } else { "error" },
+        _ = watchdog => "idle",
+    };
+    (
+        up_total.load(Ordering::Relaxed),
+        down_total.load(Ordering::Relaxed),
+        end,
+    )
+}
+
+/// One direction: read, write, flush, until end of stream, then pass the
+/// end on (half-close).
+async fn copy_half<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &IntCounter,
+    total: &AtomicU64,
+    last: &AtomicU64,
+    started: tokio::time::Instant,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        counter.inc_by(n as u64);
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -535,7 +576,9 @@ mod tests {
             }
             a
         });
-        let (head, rest) = read_connect_head(&mut b).await.unwrap();
+        let Head::Complete(head, rest) = read_connect_head(&mut b).await else {
+            panic!("the head is complete");
+        };
         assert_eq!(head, b"CONNECT a.com:443 HTTP/1.1\r\n\r\n");
         let _a = writer.await.unwrap();
         // What follows the head is the start of the ClientHello, kept.
@@ -546,6 +589,60 @@ mod tests {
     async fn an_endless_head_is_dropped() {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         a.write_all(&[b'A'; MAX_CONNECT_HEAD + 2048]).await.unwrap();
-        assert!(read_connect_head(&mut b).await.is_none());
+        assert_eq!(read_connect_head(&mut b).await, Head::TooLarge);
+        drop(a);
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        assert_eq!(read_connect_head(&mut b).await, Head::Gone);
+    }
+
+    /// Both ends send 4 MiB before reading anything, through small buffers:
+    /// a relay that waits on one write while not reading the other side
+    /// would deadlock here.
+    #[tokio::test]
+    async fn the_relay_moves_both_directions_at_once() {
+        const SIZE: usize = 4 << 20;
+        let (client, client_far) = tokio::io::duplex(8 * 1024);
+        let (upstream, upstream_far) = tokio::io::duplex(8 * 1024);
+        let counter = || IntCounter::new("x", "x").unwrap();
+        let (sent, received) = (counter(), counter());
+        let peer = |mut io: tokio::io::DuplexStream, byte: u8| async move {
+            let data = vec![byte; SIZE];
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let write = async {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let read = async {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            tokio::join!(write, read).1
+        };
+        let run = async {
+            tokio::join!(
+                relay(client, upstream, Duration::from_secs(30), &sent, &received),
+                peer(client_far, b'c'),
+                peer(upstream_far, b'u'),
+            )
+        };
+        let ((up, down, end), at_client, at_upstream) =
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("no deadlock");
+        assert_eq!((up as usize, down as usize, end), (SIZE, SIZE, "closed"));
+        assert!(at_client.len() == SIZE && at_client.iter().all(|b| *b == b'u'));
+        assert!(at_upstream.len() == SIZE && at_upstream.iter().all(|b| *b == b'c'));
+        assert_eq!(sent.get() as usize, SIZE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_tunnel_ends_after_the_idle_timeout() {
+        let (client, _client_far) = tokio::io::duplex(1024);
+        let (upstream, _upstream_far) = tokio::io::duplex(1024);
+        let c = IntCounter::new("x", "x").unwrap();
+        let (_, _, end) = relay(client, upstream, Duration::from_secs(300), &c, &c).await;
+        assert_eq!(end, "idle");
     }
 }

@@ -56,7 +56,7 @@ fn count(ctx: &RequestCtx, dest: &str, outcome: &str, reason: &str) {
         .with_label_values(&[
             ctx.listener_name().unwrap_or(""),
             Mode::Http.as_str(),
-            &destination_label(dest),
+            &destination_label(dest, outcome == "denied"),
             outcome,
             reason,
         ])

@@ -171,13 +171,24 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
-/// The `destination` label for `value`: itself while fewer than
-/// [`names::MAX_DESTINATIONS`] distinct values were seen, else `other`.
-pub fn destination_label(value: &str) -> String {
+/// The `destination` label for `value` (`host:port`): itself while fewer
+/// than [`names::MAX_DESTINATIONS`] distinct values were seen for its
+/// outcome, else `other`. Allowed and denied destinations have separate
+/// budgets, so a client probing junk names cannot push the allowed ones out;
+/// what is not a plain `host:port` is `-`.
+pub fn destination_label(value: &str, denied: bool) -> String {
     use std::collections::HashSet;
     use std::sync::Mutex;
-    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let Ok(mut seen) = SEEN.get_or_init(Default::default).lock() else {
+    static SEEN: OnceLock<[Mutex<HashSet<String>>; 2]> = OnceLock::new();
+    let plain = value.len() <= 260
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:[]".contains(&b));
+    if !plain || value.is_empty() {
+        return "-".to_string();
+    }
+    let sets = SEEN.get_or_init(Default::default);
+    let Ok(mut seen) = sets[usize::from(denied)].lock() else {
         return names::OTHER_DESTINATION.to_string();
     };
     if seen.contains(value) {
