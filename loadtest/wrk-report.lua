@@ -1,0 +1,10 @@
+-- wrk prints this one line at the end; loadtest/bench.py reads it.
+-- Latencies in microseconds.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'REPORT {"requests": %d, "seconds": %.6f, "bytes": %d, "errors": %d, "p50": %d, "p99": %d, "p999": %d}\n',
+    summary.requests, summary.duration / 1e6, summary.bytes,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
