@@ -171,6 +171,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
         "gateway": {
             "name": c.gateway.name,
             "workers": c.gateway.workers,
+            "work_stealing": c.gateway.work_stealing,
             "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
         },
         "admin": { "listen": c.admin.listen.to_string() },

@@ -50,6 +50,9 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     if old.gateway.workers != new.gateway.workers {
         return Err("gateway.workers changed".to_string());
     }
+    if old.gateway.work_stealing != new.gateway.work_stealing {
+        return Err("gateway.work_stealing changed".to_string());
+    }
     if old.telemetry.access_log_file != new.telemetry.access_log_file {
         return Err("telemetry.access_log_file changed".to_string());
     }

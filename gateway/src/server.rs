@@ -72,6 +72,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     metrics().config_loaded(1, &config.source_hash);
     let conf = ServerConf {
         threads: config.gateway.workers.unwrap_or_else(num_workers),
+        work_stealing: config.gateway.work_stealing,
         grace_period_seconds: Some(config.gateway.shutdown_grace_period.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()

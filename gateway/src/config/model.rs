@@ -12,6 +12,8 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 pub const DEFAULT_GATEWAY_NAME: &str = "meshgate";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// Chosen by measurement: docs/performance.md, optimisation log.
+pub const DEFAULT_WORK_STEALING: bool = true;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +98,9 @@ pub struct Gateway {
     pub name: String,
     /// Worker threads for the proxy; `None` = one per core.
     pub workers: Option<usize>,
+    /// One tokio runtime shared by the workers (tasks may move between
+    /// them), or one single-threaded runtime per worker.
+    pub work_stealing: bool,
     pub shutdown_grace_period: Duration,
 }
 

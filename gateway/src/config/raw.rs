@@ -14,6 +14,7 @@ use toml::Spanned;
 pub struct RawGateway {
     pub name: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
+    pub work_stealing: Option<bool>,
     pub shutdown_grace_period: Option<Spanned<String>>,
 }
 

@@ -553,6 +553,7 @@ fn defaults_are_filled_in() {
     )
     .unwrap();
     assert_eq!(cfg.gateway.name, model::DEFAULT_GATEWAY_NAME);
+    assert_eq!(cfg.gateway.work_stealing, model::DEFAULT_WORK_STEALING);
     assert_eq!(cfg.admin.listen.to_string(), model::DEFAULT_ADMIN_LISTEN);
     assert_eq!(cfg.listeners[0].direction, model::Direction::Ingress);
     assert_eq!(cfg.routes[0].timeout, model::DEFAULT_ROUTE_TIMEOUT);
@@ -1021,3 +1022,10 @@ fn egress_parses_with_defaults_and_per_host_ports() {
     let plain = parse(Path::new("t.toml"), EGRESS_LISTENER).unwrap();
     assert!(plain.egress.is_none());
 }
+
+bad!(
+    work_stealing_not_a_bool,
+    format!("[gateway]\nwork_stealing = \"no\"\n{OK_LISTENER}"),
+    2,
+    "expected a boolean"
+);

@@ -332,6 +332,7 @@ impl Validator {
         Gateway {
             name,
             workers,
+            work_stealing: raw.work_stealing.unwrap_or(DEFAULT_WORK_STEALING),
             shutdown_grace_period,
         }
     }

@@ -82,7 +82,11 @@ pub fn bytes_needed(buf: &[u8]) -> usize {
     let mut at = 0;
     for _ in 0..MAX_RECORDS {
         let Some(header) = buf.get(at..at + 5) else {
-            return if at > 0 && at == buf.len() { at } else { at + 5 };
+            return if at > 0 && at == buf.len() {
+                at
+            } else {
+                at + 5
+            };
         };
         let end = at + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
         if end > buf.len() {

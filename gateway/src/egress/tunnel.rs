@@ -225,7 +225,7 @@ impl Tunnel {
         match hello.1 {
             Some(ref sni) if *sni == host => {}
             Some(ref sni) => {
-                log::warn!(target: "meshgate::egress", "egress tunnel: CONNECT {dest:?} but the ClientHello names {sni:?}");
+                log::warn!(target: "meshgate::egress", "egress tunnel: CONNECT {dest:?} but the ClientHello names \"{sni:.253}\"");
                 return self.deny(&dest, Denial::SniMismatch);
             }
             None => return self.deny(&dest, Denial::NoSni),

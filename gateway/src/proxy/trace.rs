@@ -81,6 +81,10 @@ pub fn routed(ctx: &RequestCtx, method: &http::Method) {
         return;
     };
     let span = cx.span();
+    // Unsampled spans (most, at a low ratio) keep nothing: skip the strings.
+    if !span.is_recording() {
+        return;
+    }
     span.update_name(format!("{method} {route}"));
     span.set_attribute(KeyValue::new("meshgate.route", route.to_string()));
 }
@@ -141,6 +145,10 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         tracing::end(&cx, ctx.upstream_status, err, 400);
     }
     if let Some(cx) = ctx.server_cx.take() {
+        if !cx.span().is_recording() {
+            cx.span().end();
+            return;
+        }
         if !ctx.authz_note.is_empty() {
             cx.span()
                 .set_attribute(KeyValue::new("meshgate.authz", ctx.authz_note.clone()));

@@ -170,6 +170,10 @@ pub fn trace_id(cx: &Context) -> String {
 /// End a span, marking it failed with `error` when given.
 pub fn end(cx: &Context, status_code: Option<u16>, error: Option<&str>, error_from_status: u16) {
     let span = cx.span();
+    if !span.is_recording() {
+        span.end();
+        return;
+    }
     if let Some(code) = status_code.filter(|c| *c > 0) {
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
     }
