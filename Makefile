@@ -75,7 +75,7 @@ bench-deps: deps
 bench: bench-deps
 	$(CARGO) build --release --locked -p meshgate -p bare-pingora
 	python3 loadtest/bench.py $(BENCH_ARGS)
-	$(CARGO) bench --locked -p meshgate
+	$(CARGO) bench --locked -p meshgate --bench router --bench ratelimit
 
 clean:
 	$(CARGO) clean

@@ -191,8 +191,8 @@ class Bench:
         if name == "meshgate":
             h2c = plain
             conf = self.work / f"meshgate-{variant}.toml"
-            extra_route, extra_top = meshgate_variant(variant, self.otlp_port)
-            text = render("meshgate.toml", ROUTE_EXTRA=extra_route, **values) + extra_top
+            extra_gateway, extra_route, extra_top = meshgate_variant(variant, self.otlp_port)
+            text = render("meshgate.toml", GATEWAY_EXTRA=extra_gateway, ROUTE_EXTRA=extra_route, **values) + extra_top
             conf.write_text(text)
             p = self.procs.start([MESHGATE, "run", "-c", conf], PROXY_CORE, log)
         elif name == "bare-pingora":
@@ -271,6 +271,52 @@ class Bench:
         finally:
             self.procs.stop(p)
 
+    def profile(self, system, load):
+        """Scenario-1 load on `system` under `perf record`; the top of the
+        report (self time by symbol, shared object)."""
+        p, ports = self.start(system, "default")
+        try:
+            load(ports, 1)
+            data = self.work / f"perf-{system}.data"
+            rec = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-o", data, "-p", str(p.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            load(ports, self.args.duration)
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=60)
+            out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,symbol",
+                                  "--stdio", "-g", "none"],
+                                 capture_output=True, text=True, timeout=300).stdout
+            rows = []
+            for line in out.splitlines():
+                m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*?)\s*(-\s+-\s*)?$", line)
+                if m:
+                    rows.append((float(m.group(1)), m.group(2), m.group(3)))
+            groups = {}
+            for pct, dso, sym in rows:
+                if dso.startswith("[kernel"):
+                    g = "kernel"
+                elif dso.startswith("libc") or dso.startswith("ld-linux"):
+                    g = "libc (malloc, memmove)"
+                elif "meshgate::" in sym:
+                    g = "meshgate's own code"
+                elif "opentelemetry" in sym:
+                    g = "opentelemetry"
+                elif "prometheus" in sym:
+                    g = "prometheus"
+                elif "tokio" in sym:
+                    g = "tokio"
+                elif "pingora" in sym:
+                    g = "pingora"
+                else:
+                    g = "other user space (http, hashing, alloc glue, ...)"
+                groups[g] = groups.get(g, 0.0) + pct
+            summary = ["share of CPU samples by part:"] + [f"  {v:5.1f}%  {k}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+            top = [f"  {pct:5.2f}%  {dso}  {sym[:140]}" for pct, dso, sym in rows[:40]]
+            own = [f"  {pct:5.2f}%  {sym[:140]}" for pct, dso, sym in rows if "meshgate::" in sym][:25]
+            return "\n".join(summary + ["top symbols:"] + top + ["meshgate's own symbols:"] + own)
+        finally:
+            self.procs.stop(p)
+
     def idle_connections(self, system, count):
         """RSS per idle keep-alive connection: `count` connections, one request each, then idle."""
         p, ports = self.start(system, "default")
@@ -292,15 +338,18 @@ class Bench:
 
 
 def meshgate_variant(variant, otlp_port):
-    """(keys for the catch-all route, tables appended) of a meshgate variant."""
+    """(keys for [gateway], keys for the catch-all route, tables appended) of
+    a meshgate variant."""
     if variant == "ratelimit":
         # Always allows: the cost of the check, not of refusals.
-        return 'rate_limits = ["per_client"]', '\n[rate_limits.per_client]\nkey = "client_ip"\nrate = 100000000\n'
+        return "", 'rate_limits = ["per_client"]', '\n[rate_limits.per_client]\nkey = "client_ip"\nrate = 100000000\n'
     if variant == "routes1000":
-        return "", meshgate_routes(1000)
+        return "", "", meshgate_routes(1000)
     if variant == "tracing":
-        return "", f'\n[telemetry.tracing]\nendpoint = "http://127.0.0.1:{otlp_port}/v1/traces"\nsample_ratio = 0.01\n'
-    return "", ""
+        return "", "", f'\n[telemetry.tracing]\nendpoint = "http://127.0.0.1:{otlp_port}/v1/traces"\nsample_ratio = 0.01\n'
+    if variant in ("steal", "nosteal"):
+        return f"work_stealing = {str(variant == 'steal').lower()}", "", ""
+    return "", "", ""
 
 
 def route_shape(i):
@@ -368,6 +417,9 @@ def scenarios(b):
                      [("meshgate", "default"), ("meshgate", "routes1000"), ("nginx", "default"), ("nginx", "routes1000")], routed),
         "7-ratelimit": ("a local rate limit on every request", [("meshgate", "default"), ("meshgate", "ratelimit")], h1),
         "8-telemetry": ("metrics + tracing at 1% (OTLP to a local sink)", [("meshgate", "default"), ("meshgate", "tracing")], h1),
+        # Not part of the default run (--scenarios runtime): the runtime choice behind the default.
+        "runtime": ("work stealing on and off (scenario 1 load)",
+                    [("meshgate", "steal"), ("meshgate", "nosteal"), ("bare-pingora", "default")], h1),
     }
 
 
@@ -513,7 +565,8 @@ def update_docs(md):
     doc = ROOT / "docs/performance.md"
     text = doc.read_text()
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    body = md.split("\n", 1)[1]  # the doc has its own heading
+    # The doc has its own title; the report's sections go one level down.
+    body = md.split("\n", 1)[1].replace("\n## ", "\n### ")
     if begin in text and end in text:
         pre, rest = text.split(begin, 1)
         post = rest.split(end, 1)[1]
@@ -528,6 +581,7 @@ def main():
     ap.add_argument("--idle", type=int, default=10000,
                     help="connections for the idle-memory scenario (0: skip); lowered to fit the open-file limit")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
+    ap.add_argument("--profile", default="", help="only profile these systems (comma-separated) on scenario 1 with perf")
     args = ap.parse_args()
     for tool in ["nginx", "haproxy", "wrk", "h2load", "envoy", "openssl", "taskset"]:
         if not shutil.which(tool):
@@ -547,12 +601,30 @@ def main():
 
     b = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    if args.profile:
+        if not shutil.which("perf"):
+            sys.exit("perf is missing (Debian: linux-perf)")
+        try:
+            b.setup()
+            load = scenarios(b)["1-h1"][2]
+            RESULTS.mkdir(exist_ok=True)
+            for system in args.profile.split(","):
+                top = b.profile(system, load)
+                path = RESULTS / f"profile-{system}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}.txt"
+                path.write_text(top + "\n")
+                print(f"== {system} (scenario 1, {args.duration} s; {path.relative_to(ROOT)})\n{top}\n")
+        finally:
+            b.procs.stop_all()
+            shutil.rmtree(b.work, ignore_errors=True)
+        return
     try:
         b.setup()
         wanted = [s for s in args.scenarios.split(",") if s]
         results = {}
         for key, (title, systems, load) in scenarios(b).items():
             if wanted and not any(key.startswith(w) for w in wanted):
+                continue
+            if not wanted and not key[0].isdigit():
                 continue
             rows = {sv: [] for sv in systems}
             for rnd in range(args.rounds):
@@ -587,10 +659,12 @@ def main():
             {k: {"title": t, "rows": {f"{s}/{v}": runs for (s, v), runs in rows.items()}} for k, (t, rows) in results.items()}
             | {"9-idle": idle}, indent=1))
         chart(results, RESULTS / f"bench-{stamp}.svg")
-        shutil.copy(RESULTS / f"bench-{stamp}.svg", RESULTS / "latest.svg")
-        (RESULTS / "latest.md").write_text(md)
-        if not args.no_docs and not wanted:
-            update_docs(md)
+        # A partial run (--scenarios) is kept under its date only.
+        if not wanted:
+            shutil.copy(RESULTS / f"bench-{stamp}.svg", RESULTS / "latest.svg")
+            (RESULTS / "latest.md").write_text(md)
+            if not args.no_docs:
+                update_docs(md)
         print(md)
         print(f"\nwritten: loadtest/results/bench-{stamp}.md, .json, .svg (and latest.*)", file=sys.stderr)
     finally:
