@@ -105,7 +105,10 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     let mut proxy = Service::new(
         "meshgate proxy".to_string(),
         CountConnections::new(
-            crate::egress::tunnel::EgressSniff::new(proxy, runtime.clone()),
+            crate::egress::tunnel::EgressSniff::new(
+                crate::telemetry::head_deadline::WithHeadDeadline::new(proxy, runtime.clone()),
+                runtime.clone(),
+            ),
             runtime.clone(),
         ),
     );

@@ -501,6 +501,12 @@ async fn bare_client_hellos_pass_through_by_sni() {
         &o,
         "passthrough_port = @PORT@",
         &format!("hosts = [\"{API}\"]\nports = [@PORT@]"),
+    )
+    // A tunnel is not a request head: the head deadline must not cut it.
+    .replacen(
+        "direction = \"egress\"\n",
+        "direction = \"egress\"\nlimits = { header_read_timeout = \"1s\" }\n",
+        1,
     );
     let gw = Gateway::start(&config).await;
     let ca = o.ca.pem();
@@ -510,6 +516,8 @@ async fn bare_client_hellos_pass_through_by_sni() {
         .await
         .unwrap();
     assert!(info.server_names.iter().any(|n| n == API), "{info:?}");
+    // Quiet for longer than header_read_timeout, as a real client may be.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let r = get_over_tls(tls, API).await;
     assert_eq!(r.json()["name"], format!("origin@{API}"));
 

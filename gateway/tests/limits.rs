@@ -205,3 +205,78 @@ async fn idle_keep_alive_connections_are_closed_after_idle_timeout() {
         "closed too early"
     );
 }
+
+/// Write `first`, then one more header byte every `every` until the server
+/// closes the connection; how long that took (`None`: still open after 10 s).
+async fn dribble(addr: std::net::SocketAddr, first: &[u8], every: Duration) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(first).await.unwrap();
+    let mut buf = [0u8; 256];
+    while start.elapsed() < Duration::from_secs(10) {
+        // The dribble interval is the client's behaviour under test.
+        match tokio::time::timeout(every, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if s.write_all(b"x").await.is_err() {
+                    return Some(start.elapsed());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_at_header_read_timeout() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ header_read_timeout = \"1s\" }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    // A header byte every 200 ms: every read is quick, the head never ends.
+    let took = dribble(
+        gw.listen,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ",
+        Duration::from_millis(200),
+    )
+    .await
+    .expect("a dribbling client must be cut off");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Fewer bytes than the HTTP/2 preface, then nothing: cut off as well.
+    let took = dribble(gw.listen, b"GET /", Duration::from_secs(20))
+        .await
+        .expect("a client stuck before 24 bytes must be cut off");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "header_timeout"), 2.0, "{text}");
+
+    // A prompt client is not affected, and its kept-alive connection may
+    // idle past the head deadline (idle_timeout governs that wait).
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.ends_with(b"ok") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+}

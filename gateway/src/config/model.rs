@@ -145,6 +145,7 @@ pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
 pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LISTENER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds on what one client may send or hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +158,9 @@ pub struct ListenerLimits {
     pub max_uri_bytes: usize,
     /// How long a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// Longest a new connection may take to send its first request head;
+    /// `None`: no total deadline (each read still has Pingora's).
+    pub header_read_timeout: Option<Duration>,
 }
 
 impl Default for ListenerLimits {
@@ -167,6 +171,7 @@ impl Default for ListenerLimits {
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
             idle_timeout: DEFAULT_LISTENER_IDLE_TIMEOUT,
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
         }
     }
 }

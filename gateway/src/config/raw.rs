@@ -68,6 +68,7 @@ pub struct RawListenerLimits {
     pub max_request_headers: Option<Spanned<i64>>,
     pub max_uri_bytes: Option<Spanned<i64>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<String>>,
 }
 
 /// A listener's `tls = { ... }`

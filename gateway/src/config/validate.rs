@@ -813,12 +813,21 @@ impl Validator {
             d.idle_timeout,
             false,
         );
+        // "0s" turns the total deadline off.
+        let header_read_timeout = Some(self.duration_or(
+            r.header_read_timeout.as_ref(),
+            &format!("listeners.{listener}.limits.header_read_timeout"),
+            DEFAULT_HEADER_READ_TIMEOUT,
+            true,
+        ))
+        .filter(|t| !t.is_zero());
         ListenerLimits {
             max_connections,
             max_request_header_bytes,
             max_request_headers,
             max_uri_bytes,
             idle_timeout,
+            header_read_timeout,
         }
     }
 

@@ -1,7 +1,8 @@
-//! Counting open client connections per listener. Pingora has no connection
-//! hooks in `ProxyHttp`, so the proxy app is wrapped: the listening service
-//! calls `process_new` for a new connection and again for each kept-alive
-//! HTTP/1 request on it, and an HTTP/2 connection stays inside one call.
+//! Counting open client connections per listener, and refusing those over
+//! `max_connections`. Pingora has no connection hooks in `ProxyHttp`, so the
+//! proxy app is wrapped: the listening service calls `process_new` once per
+//! connection (Pingora 0.9 serves a kept-alive HTTP/1 connection's requests
+//! inside that one call).
 
 use std::sync::Arc;
 
