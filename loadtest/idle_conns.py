@@ -8,25 +8,10 @@ import resource
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import rss_kib  # noqa: E402  (the harness's own process-tree RSS)
+
 PORT, COUNT, PID = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-
-
-def rss_kib(pid):
-    total, todo = 0, [pid]
-    kids = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                kids.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    while todo:
-        p = todo.pop()
-        todo.extend(kids.get(p, []))
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
 
 
 async def one():

@@ -171,6 +171,15 @@ impl Runtime {
             .and(self.config.egress.as_ref())
     }
 
+    /// The listener a client connection arrived on, from its socket (for
+    /// the connection wrappers, which see the stream before any request).
+    pub fn listener_of(&self, stream: &pingora::protocols::Stream) -> Option<usize> {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        self.listener_for(local)
+    }
+
     pub fn find_route(&self, listener: usize, req: &RequestParts<'_>) -> Option<usize> {
         self.listeners.get(listener)?.table.find(req)
     }

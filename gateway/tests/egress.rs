@@ -403,16 +403,6 @@ async fn connect(gw: SocketAddr, target: &str) -> (TcpStream, u16, String) {
     (s, status, text)
 }
 
-fn tls_opts<'a>(ca: &'a str, sni: Option<&'a str>) -> ClientTls<'a> {
-    ClientTls {
-        sni,
-        ca,
-        client: None,
-        h2: false,
-        max_version: None,
-    }
-}
-
 /// A GET over an established TLS stream.
 async fn get_over_tls(stream: pingora::tls::tokio_ssl::SslStream<TcpStream>, host: &str) -> Resp {
     let req = Request::builder()
@@ -439,7 +429,7 @@ async fn connect_tunnels_carry_tls_only_to_the_host_they_named() {
     // Allowed, and the ClientHello names the CONNECT host: a real tunnel.
     let (s, status, head) = connect(gw.listen, &target).await;
     assert_eq!(status, 200, "{head}");
-    let (tls, _) = connect_over(s, &tls_opts(&ca, Some(API)))
+    let (tls, _) = connect_over(s, &ClientTls::new(&ca, Some(API)))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
     let r = get_over_tls(tls, API).await;
@@ -462,13 +452,15 @@ async fn connect_tunnels_carry_tls_only_to_the_host_they_named() {
         let (s, status, _) = connect(gw.listen, &target).await;
         assert_eq!(status, 200);
         assert!(
-            connect_over(s, &tls_opts(&ca, Some(sni))).await.is_err(),
+            connect_over(s, &ClientTls::new(&ca, Some(sni)))
+                .await
+                .is_err(),
             "a ClientHello for {sni} went through a tunnel to {API}"
         );
     }
     // And no SNI at all.
     let (s, _, _) = connect(gw.listen, &target).await;
-    assert!(connect_over(s, &tls_opts(&ca, None)).await.is_err());
+    assert!(connect_over(s, &ClientTls::new(&ca, None)).await.is_err());
 
     let text = metrics(&gw).await;
     for (dest, outcome, reason, n) in [
@@ -512,7 +504,7 @@ async fn bare_client_hellos_pass_through_by_sni() {
     let ca = o.ca.pem();
 
     // The client does its own TLS with the origin, through meshgate.
-    let (tls, info) = support::tls::connect(gw.listen, &tls_opts(&ca, Some(API)))
+    let (tls, info) = support::tls::connect(gw.listen, &ClientTls::new(&ca, Some(API)))
         .await
         .unwrap();
     assert!(info.server_names.iter().any(|n| n == API), "{info:?}");
@@ -523,11 +515,11 @@ async fn bare_client_hellos_pass_through_by_sni() {
 
     // Not allowed, or no SNI: the connection is closed.
     assert!(
-        support::tls::connect(gw.listen, &tls_opts(&ca, Some("other.example.test")))
+        support::tls::connect(gw.listen, &ClientTls::new(&ca, Some("other.example.test")))
             .await
             .is_err()
     );
-    assert!(support::tls::connect(gw.listen, &tls_opts(&ca, None))
+    assert!(support::tls::connect(gw.listen, &ClientTls::new(&ca, None))
         .await
         .is_err());
 

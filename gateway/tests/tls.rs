@@ -48,16 +48,6 @@ fn tls_listener(tls: &str, certs: &str, routes: &str) -> String {
 
 const RESPOND: &str = "[routes.r]\npath_prefix = \"/\"\nrespond = { body = \"secure\" }\n";
 
-fn opts<'a>(ca: &'a str, sni: Option<&'a str>) -> ClientTls<'a> {
-    ClientTls {
-        sni,
-        ca,
-        client: None,
-        h2: false,
-        max_version: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,9 +60,14 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     .await;
     let ca_pem = ca.pem();
 
-    let (r, info) = tls::get(gw.listen, &opts(&ca_pem, Some("api.example")), "/", &[])
-        .await
-        .unwrap();
+    let (r, info) = tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("api.example")),
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "secure");
     assert!(info.server_names.contains(&"api.example".to_string()));
@@ -80,30 +75,38 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     assert_eq!(info.alpn.as_deref(), Some("http/1.1"));
 
     // A wildcard name, then the default (first listed) for unknown or no SNI.
-    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, Some("v2.api.example")), "/", &[])
-        .await
-        .unwrap();
+    let (_, info) = tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("v2.api.example")),
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(info.server_names.contains(&"*.api.example".to_string()));
-    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+    let (_, info) = tls::get(gw.listen, &ClientTls::new(&ca_pem, None), "/", &[])
         .await
         .unwrap();
     assert_eq!(info.server_names, vec!["edge.example".to_string()]);
     // Unknown names get the default, which then fails the client's own name check.
-    assert!(
-        tls::get(gw.listen, &opts(&ca_pem, Some("other.example")), "/", &[])
-            .await
-            .is_err()
-    );
+    assert!(tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("other.example")),
+        "/",
+        &[]
+    )
+    .await
+    .is_err());
 
     // HTTP/2 over TLS when offered.
-    let mut h2 = opts(&ca_pem, Some("edge.example"));
+    let mut h2 = ClientTls::new(&ca_pem, Some("edge.example"));
     h2.h2 = true;
     let (r, info) = tls::get(gw.listen, &h2, "/", &[]).await.unwrap();
     assert_eq!(info.alpn.as_deref(), Some("h2"));
     assert_eq!(r.status, 200);
 
     // TLS 1.2 still works by default.
-    let mut old = opts(&ca_pem, Some("edge.example"));
+    let mut old = ClientTls::new(&ca_pem, Some("edge.example"));
     old.max_version = Some(SslVersion::TLS1_2);
     let (_, info) = tls::get(gw.listen, &old, "/", &[]).await.unwrap();
     assert_eq!(info.version, "TLSv1.2");
@@ -135,7 +138,7 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     ))
     .await;
     let ca_pem = ca.pem();
-    let mut old = opts(&ca_pem, Some("edge.example"));
+    let mut old = ClientTls::new(&ca_pem, Some("edge.example"));
     old.max_version = Some(SslVersion::TLS1_2);
     assert!(tls::get(gw.listen, &old, "/", &[]).await.is_err());
     let start = Instant::now();
@@ -151,9 +154,14 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
         assert!(start.elapsed() < Duration::from_secs(5), "{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (r, _) = tls::get(gw.listen, &opts(&ca_pem, Some("edge.example")), "/", &[])
-        .await
-        .unwrap();
+    let (r, _) = tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("edge.example")),
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
 }
 
@@ -195,16 +203,19 @@ async fn required_client_certificates_give_identities() {
     });
 
     // No certificate, a certificate from another CA, an expired one: refused.
-    assert!(
-        tls::get(gw.listen, &opts(&ca_pem, Some("edge.example")), "/", &[])
-            .await
-            .is_err()
-    );
+    assert!(tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("edge.example")),
+        "/",
+        &[]
+    )
+    .await
+    .is_err());
     let stranger = Ca::new("other root").issue(Leaf {
         uris: &[WEB],
         ..Leaf::default()
     });
-    let mut o = opts(&ca_pem, Some("edge.example"));
+    let mut o = ClientTls::new(&ca_pem, Some("edge.example"));
     o.client = Some(&stranger);
     assert!(tls::get(gw.listen, &o, "/", &[]).await.is_err());
     let expired = clients.issue(Leaf {
@@ -241,7 +252,7 @@ async fn required_client_certificates_give_identities() {
     });
     let mut statuses = Vec::new();
     for cert in [&web, &web, &api, &api, &api] {
-        let mut o = opts(&ca_pem, Some("edge.example"));
+        let mut o = ClientTls::new(&ca_pem, Some("edge.example"));
         o.client = Some(cert);
         statuses.push(tls::get(gw.listen, &o, "/", &[]).await.unwrap().0.status);
     }
@@ -286,7 +297,7 @@ async fn optional_client_certificates() {
     let ca_pem = server_ca.pem();
     let (r, _) = tls::get(
         gw.listen,
-        &opts(&ca_pem, Some("edge.example")),
+        &ClientTls::new(&ca_pem, Some("edge.example")),
         "/",
         &[("x-meshgate-peer-identity", WEB)],
     )
@@ -304,7 +315,7 @@ async fn optional_client_certificates() {
         dns: &["batch.jobs.internal"],
         ..Leaf::default()
     });
-    let mut o = opts(&ca_pem, Some("edge.example"));
+    let mut o = ClientTls::new(&ca_pem, Some("edge.example"));
     o.client = Some(&dns_only);
     let (r, _) = tls::get(gw.listen, &o, "/", &[]).await.unwrap();
     assert_eq!(
@@ -345,7 +356,7 @@ async fn certificate_files_are_reloaded_when_they_change() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+    let (_, info) = tls::get(gw.listen, &ClientTls::new(&ca_pem, None), "/", &[])
         .await
         .unwrap();
     assert_eq!(names(info), vec!["edge.example".to_string()]);
@@ -359,7 +370,7 @@ async fn certificate_files_are_reloaded_when_they_change() {
     renewed.write(dir.path(), "edge");
     let start = Instant::now();
     loop {
-        let (_, info) = tls::get(gw.listen, &opts(&ca_pem, None), "/", &[])
+        let (_, info) = tls::get(gw.listen, &ClientTls::new(&ca_pem, None), "/", &[])
             .await
             .unwrap();
         if names(info).contains(&"renewed.example".to_string()) {
@@ -501,7 +512,7 @@ async fn long_listener_names_and_client_auth_start() {
         uris: &[WEB],
         ..Leaf::default()
     });
-    let mut o = opts(&ca_pem, Some("edge.example"));
+    let mut o = ClientTls::new(&ca_pem, Some("edge.example"));
     o.client = Some(&me);
     let (r, _) = tls::get(gw.listen, &o, "/", &[]).await.unwrap();
     assert_eq!(r.status, 200);

@@ -22,6 +22,7 @@ use std::fmt;
 pub use client_hello::{bytes_needed, parse_client_hello, Hello};
 
 use crate::config::model::Egress;
+use crate::telemetry::metrics::{destination_label, metrics};
 
 /// A host pattern in `[egress.allow] hosts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +256,19 @@ impl Denial {
 }
 
 impl Egress {
+    /// `raw_host` (as the client named it) normalized, and its `host:port`,
+    /// when the allowlist lets it be reached on `port`; else the destination
+    /// as asked for (for the audit line) and why not.
+    pub fn admit(&self, raw_host: &str, port: u16) -> Result<(String, String), (String, Denial)> {
+        let host = normalize_host(raw_host)
+            .map_err(|d| (destination(&raw_host.to_ascii_lowercase(), port), d))?;
+        let dest = destination(&host, port);
+        match self.check(&host, port) {
+            Ok(()) => Ok((host, dest)),
+            Err(d) => Err((dest, d)),
+        }
+    }
+
     /// Whether the allowlist lets `host` (normalized) be reached on `port`.
     pub fn check(&self, host: &str, port: u16) -> Result<(), Denial> {
         let mut named = false;
@@ -275,7 +289,7 @@ pub fn destination(host: &str, port: u16) -> String {
 
 /// The audit line for a refused destination. Logged at warn: an application
 /// on this machine tried to reach something it may not.
-pub fn audit_denied(listener: &str, mode: Mode, client: &str, destination: &str, denial: Denial) {
+fn audit_denied(listener: &str, mode: Mode, client: &str, destination: &str, denial: Denial) {
     log::warn!(
         target: "meshgate::egress",
         "egress denied: listener={listener} mode={} client={client} destination={destination:?} reason={} ({})",
@@ -283,6 +297,28 @@ pub fn audit_denied(listener: &str, mode: Mode, client: &str, destination: &str,
         denial.as_str(),
         denial.explain()
     );
+}
+
+/// Record one decision: a sample of `meshgate_egress_decisions_total`,
+/// and the audit line when `denial` says it was refused.
+pub fn record(listener: &str, mode: Mode, client: &str, destination: &str, denial: Option<Denial>) {
+    if let Some(d) = denial {
+        audit_denied(listener, mode, client, destination, d);
+    }
+    metrics()
+        .egress_decisions
+        .with_label_values(&[
+            listener,
+            mode.as_str(),
+            &destination_label(destination, denial.is_some()),
+            if denial.is_some() {
+                "denied"
+            } else {
+                "allowed"
+            },
+            denial.map_or("", Denial::as_str),
+        ])
+        .inc();
 }
 
 #[cfg(test)]

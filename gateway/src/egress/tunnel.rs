@@ -24,12 +24,11 @@ use tokio::net::TcpStream;
 
 use super::client_hello::MAX_HELLO_BYTES;
 use super::resolve::ResolveError;
-use super::split_authority;
-use super::{audit_denied, bytes_needed, destination, normalize_host, parse_client_hello};
+use super::{bytes_needed, normalize_host, parse_client_hello, record, split_authority};
 use super::{Denial, Hello, Mode};
-use crate::config::model::{Direction, Egress};
+use crate::config::model::Egress;
 use crate::runtime::Runtime;
-use crate::telemetry::metrics::{destination_label, metrics, GaugeGuard};
+use crate::telemetry::metrics::{metrics, GaugeGuard};
 
 /// Longest CONNECT request head read.
 const MAX_CONNECT_HEAD: usize = 8 * 1024;
@@ -63,13 +62,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EgressSniff<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let rt = self.runtime.load_full();
-        let local = session
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
-        let listener = rt
-            .listener_for(local)
-            .filter(|i| rt.listeners[*i].direction == Direction::Egress);
-        let (Some(listener), Some(_)) = (listener, rt.config.egress.as_ref()) else {
+        let egress_listener = rt
+            .listener_of(&session)
+            .filter(|i| rt.egress_for(*i).is_some());
+        let Some(listener) = egress_listener else {
             return self.inner.process_new(session, shutdown).await;
         };
         if session.get_ssl_digest().is_some() {
@@ -129,22 +125,33 @@ impl Tunnel {
             .expect("a tunnel exists only with [egress]")
     }
 
-    fn count(&self, destination: &str, outcome: &str, reason: &str) {
-        metrics()
-            .egress_decisions
-            .with_label_values(&[
-                self.listener.as_str(),
-                self.mode.as_str(),
-                &destination_label(destination, outcome == "denied"),
-                outcome,
-                reason,
-            ])
-            .inc();
+    fn allow(&self, destination: &str) {
+        record(&self.listener, self.mode, &self.client, destination, None);
     }
 
     fn deny(&self, destination: &str, denial: Denial) {
-        audit_denied(&self.listener, self.mode, &self.client, destination, denial);
-        self.count(destination, "denied", denial.as_str());
+        record(
+            &self.listener,
+            self.mode,
+            &self.client,
+            destination,
+            Some(denial),
+        );
+    }
+
+    /// Deny, then answer the CONNECT with `status` and `message`
+    /// (`shown`: the destination the answer names).
+    async fn refuse(
+        &self,
+        client: &mut Stream,
+        destination: &str,
+        denial: Denial,
+        status: u16,
+        message: &str,
+        shown: Option<&str>,
+    ) {
+        self.deny(destination, denial);
+        let _ = respond(client, status, message, shown).await;
     }
 
     /// `CONNECT host:port`, then the client's TLS to that same host.
@@ -152,9 +159,10 @@ impl Tunnel {
         let (head, rest) = match read_connect_head(&mut client).await {
             Head::Complete(head, rest) => (head, rest),
             Head::TooLarge => {
-                self.deny("-", Denial::Malformed);
-                let _ = respond(&mut client, 431, "the CONNECT head is over 8 KiB", None).await;
-                return;
+                let message = "the CONNECT head is over 8 KiB";
+                return self
+                    .refuse(&mut client, "-", Denial::Malformed, 431, message, None)
+                    .await;
             }
             // The client left or stayed silent.
             Head::Gone => return,
@@ -166,37 +174,40 @@ impl Tunnel {
                 return;
             }
             Err(ConnectHeadError::Malformed) => {
-                self.deny("-", Denial::Malformed);
-                let _ = respond(&mut client, 400, Denial::Malformed.explain(), None).await;
-                return;
+                let message = Denial::Malformed.explain();
+                return self
+                    .refuse(&mut client, "-", Denial::Malformed, 400, message, None)
+                    .await;
             }
         };
         let Some((raw_host, Some(port))) = split_authority(&target) else {
-            self.deny("-", Denial::Malformed);
-            let _ = respond(&mut client, 400, "CONNECT needs host:port", None).await;
-            return;
+            let message = "CONNECT needs host:port";
+            return self
+                .refuse(&mut client, "-", Denial::Malformed, 400, message, None)
+                .await;
         };
-        let host = match normalize_host(raw_host) {
-            Ok(h) => h,
-            Err(d) => {
-                self.deny(&destination(&raw_host.to_ascii_lowercase(), port), d);
+        let (host, dest) = match self.egress().admit(raw_host, port) {
+            Ok(admitted) => admitted,
+            Err((dest, d)) => {
                 let status = if d == Denial::Malformed { 400 } else { 403 };
-                let _ = respond(&mut client, status, d.explain(), Some(&target)).await;
-                return;
+                // A name that is not one is shown as sent; others normalized.
+                let shown = if matches!(d, Denial::Host | Denial::Port) {
+                    &dest
+                } else {
+                    &target
+                };
+                return self
+                    .refuse(&mut client, &dest, d, status, d.explain(), Some(shown))
+                    .await;
             }
         };
-        let dest = destination(&host, port);
-        if let Err(d) = self.egress().check(&host, port) {
-            self.deny(&dest, d);
-            let _ = respond(&mut client, 403, d.explain(), Some(&dest)).await;
-            return;
-        }
         let upstream = match self.dial(&host, port).await {
             Ok(u) => u,
             Err(DialError::Denied) => {
-                self.deny(&dest, Denial::Address);
-                let _ = respond(&mut client, 403, Denial::Address.explain(), Some(&dest)).await;
-                return;
+                let (d, message) = (Denial::Address, Denial::Address.explain());
+                return self
+                    .refuse(&mut client, &dest, d, 403, message, Some(&dest))
+                    .await;
             }
             Err(DialError::Failed(why)) => {
                 log::warn!(target: "meshgate::egress", "egress tunnel to {dest:?} failed: {why}");
@@ -230,7 +241,7 @@ impl Tunnel {
             }
             None => return self.deny(&dest, Denial::NoSni),
         }
-        self.count(&dest, "allowed", "");
+        self.allow(&dest);
         self.relay(client, upstream, hello.0, &dest).await;
     }
 
@@ -243,14 +254,10 @@ impl Tunnel {
         let Some(sni) = sni else {
             return self.deny("-", Denial::NoSni);
         };
-        let host = match normalize_host(&sni) {
-            Ok(h) => h,
-            Err(d) => return self.deny(&destination(&sni, port), d),
+        let (host, dest) = match self.egress().admit(&sni, port) {
+            Ok(admitted) => admitted,
+            Err((dest, d)) => return self.deny(&dest, d),
         };
-        let dest = destination(&host, port);
-        if let Err(d) = self.egress().check(&host, port) {
-            return self.deny(&dest, d);
-        }
         let upstream = match self.dial(&host, port).await {
             Ok(u) => u,
             Err(DialError::Denied) => return self.deny(&dest, Denial::Address),
@@ -259,7 +266,7 @@ impl Tunnel {
                 return;
             }
         };
-        self.count(&dest, "allowed", "");
+        self.allow(&dest);
         self.relay(client, upstream, bytes, &dest).await;
     }
 

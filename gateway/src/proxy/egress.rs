@@ -19,9 +19,8 @@ use super::ctx::{Failure, RequestCtx};
 use super::respond;
 use crate::config::model::Egress;
 use crate::egress::resolve::ResolveError;
-use crate::egress::{audit_denied, destination, normalize_host, split_authority, Denial, Mode};
+use crate::egress::{destination, record, split_authority, Denial, Mode};
 use crate::runtime::Runtime;
-use crate::telemetry::metrics::{destination_label, metrics};
 
 /// The `upstream` label and log value of egress requests (not a valid
 /// upstream name, so it cannot collide with one).
@@ -50,17 +49,15 @@ impl EgressTarget {
     }
 }
 
-fn count(ctx: &RequestCtx, dest: &str, outcome: &str, reason: &str) {
-    metrics()
-        .egress_decisions
-        .with_label_values(&[
-            ctx.listener_name().unwrap_or(""),
-            Mode::Http.as_str(),
-            &destination_label(dest, outcome == "denied"),
-            outcome,
-            reason,
-        ])
-        .inc();
+/// Record the decision on `dest` (see [`crate::egress::record`]).
+fn record_for(session: &Session, ctx: &RequestCtx, dest: &str, denial: Option<Denial>) {
+    // Who asked is only written on the audit line of a refusal.
+    let client = denial
+        .and(session.client_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let listener = ctx.listener_name().unwrap_or("");
+    record(listener, Mode::Http, &client, dest, denial);
 }
 
 /// Decide where this request goes. `Ok(true)`: answered here (refused or
@@ -71,27 +68,15 @@ pub async fn route(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<bool> {
-    let client = session
-        .client_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let listener = ctx.listener_name().unwrap_or("").to_string();
     let authority = super::request_host(session.req_header()).unwrap_or("");
     let Some((raw_host, port)) = split_authority(authority) else {
-        return refuse(session, ctx, &listener, &client, "-", Denial::Malformed).await;
+        return refuse(session, ctx, "-", Denial::Malformed).await;
     };
     let port = port.unwrap_or(DEFAULT_PORT);
-    let host = match normalize_host(raw_host) {
-        Ok(h) => h,
-        Err(d) => {
-            let dest = destination(&raw_host.to_ascii_lowercase(), port);
-            return refuse(session, ctx, &listener, &client, &dest, d).await;
-        }
+    let (host, dest) = match egress.admit(raw_host, port) {
+        Ok(admitted) => admitted,
+        Err((dest, d)) => return refuse(session, ctx, &dest, d).await,
     };
-    let dest = destination(&host, port);
-    if let Err(d) = egress.check(&host, port) {
-        return refuse(session, ctx, &listener, &client, &dest, d).await;
-    }
     let Some(resolver) = rt.egress_resolver.as_ref() else {
         ctx.failure = Some(Failure::Internal);
         respond::send_error(session, Failure::Internal, ctx).await?;
@@ -100,17 +85,17 @@ pub async fn route(
     let addrs = match resolver.resolve(&host, port).await {
         Ok(a) => a,
         Err(ResolveError::Denied { .. }) => {
-            return refuse(session, ctx, &listener, &client, &dest, Denial::Address).await;
+            return refuse(session, ctx, &dest, Denial::Address).await;
         }
         Err(e) => {
             log::warn!(target: "meshgate::egress", "egress request_id={} to {dest:?}: {e}", ctx.request_id);
-            count(ctx, &dest, "allowed", "");
+            record_for(session, ctx, &dest, None);
             ctx.failure = Some(Failure::UpstreamUnreachable);
             respond::send_error(session, Failure::UpstreamUnreachable, ctx).await?;
             return Ok(true);
         }
     };
-    count(ctx, &dest, "allowed", "");
+    record_for(session, ctx, &dest, None);
     ctx.deadline = ctx.started.checked_add(egress.timeout);
     ctx.egress = Some(Arc::new(EgressTarget { host, port, addrs }));
     Ok(false)
@@ -121,13 +106,10 @@ pub async fn route(
 async fn refuse(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    listener: &str,
-    client: &str,
     dest: &str,
     denial: Denial,
 ) -> Result<bool> {
-    audit_denied(listener, Mode::Http, client, dest, denial);
-    count(ctx, dest, "denied", denial.as_str());
+    record_for(session, ctx, dest, Some(denial));
     let failure = if denial == Denial::Malformed {
         Failure::BadRequest
     } else {

@@ -36,11 +36,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let local = session
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
         let rt = self.runtime.load();
-        let index = rt.listener_for(local);
+        let index = rt.listener_of(&session);
         let (listener, direction) = index
             .and_then(|i| rt.listeners.get(i))
             .map_or(("", ""), |l| (l.name.as_str(), l.direction.as_str()));

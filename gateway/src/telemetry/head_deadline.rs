@@ -52,11 +52,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeadDeadline<A> {
         session: Stream,
         shutdown: &pingora::server::ShutdownWatch,
     ) -> Option<Stream> {
-        let local = session
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
         let rt = self.runtime.load();
-        let deadline = rt.listener_for(local).and_then(|i| {
+        let deadline = rt.listener_of(&session).and_then(|i| {
             let timeout = rt.config.listeners.get(i)?.limits.header_read_timeout?;
             Some((timeout, rt.listeners.get(i)?.name.as_str()))
         });

@@ -195,6 +195,19 @@ pub struct ClientTls<'a> {
     pub max_version: Option<SslVersion>,
 }
 
+impl<'a> ClientTls<'a> {
+    /// HTTP/1.1 only, no client certificate, the library's TLS versions.
+    pub fn new(ca: &'a str, sni: Option<&'a str>) -> Self {
+        ClientTls {
+            sni,
+            ca,
+            client: None,
+            h2: false,
+            max_version: None,
+        }
+    }
+}
+
 /// What the handshake produced, besides the response.
 #[derive(Debug)]
 pub struct TlsInfo {
