@@ -3,12 +3,15 @@
 //! at its start and uses it to its end.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::IntGauge;
 
 use crate::config::model::{Action, Config, Direction, LimitScope, Route};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
+use crate::telemetry::metrics::RouteSeries;
 use crate::tls::store::CertStore;
 use crate::upstream::UpstreamPool;
 
@@ -36,6 +39,10 @@ pub struct ListenerRuntime {
     pub bind: SocketAddr,
     pub direction: Direction,
     pub table: RouteTable,
+    /// `meshgate_requests_in_flight` for this listener, looked up once.
+    pub in_flight: OnceLock<IntGauge>,
+    /// `meshgate_connections_active` for this listener, looked up once.
+    pub connections: OnceLock<IntGauge>,
 }
 
 /// A route plus what its action resolved to.
@@ -46,6 +53,8 @@ pub struct RouteRuntime {
     pub limits: Vec<Arc<Policy>>,
     /// Indexes into `config.policies` (authorization), in order.
     pub authz: Vec<usize>,
+    /// The route's request series per listener index, made on first use.
+    series: Box<[OnceLock<Box<RouteSeries>>]>,
 }
 
 impl Runtime {
@@ -118,6 +127,7 @@ impl Runtime {
                     targets,
                     limits,
                     authz,
+                    series: config.listeners.iter().map(|_| OnceLock::new()).collect(),
                 }
             })
             .collect();
@@ -129,6 +139,8 @@ impl Runtime {
                 bind: l.bind,
                 direction: l.direction,
                 table: RouteTable::build(&config.routes, &l.name),
+                in_flight: OnceLock::new(),
+                connections: OnceLock::new(),
             })
             .collect();
         let certs = CertStore::build(&config);
@@ -182,6 +194,38 @@ impl Runtime {
 
     pub fn find_route(&self, listener: usize, req: &RequestParts<'_>) -> Option<usize> {
         self.listeners.get(listener)?.table.find(req)
+    }
+
+    /// The request series of `route` on `listener`.
+    pub fn route_series(&self, listener: usize, route: usize) -> Option<&RouteSeries> {
+        let slot = self.routes.get(route)?.series.get(listener)?;
+        let series = slot.get_or_init(|| {
+            Box::new(RouteSeries::new(
+                &self.listeners[listener].name,
+                &self.config.routes[route].name,
+            ))
+        });
+        Some(series)
+    }
+
+    /// The in-flight gauge of `listener`.
+    pub fn in_flight(&self, listener: usize) -> Option<&IntGauge> {
+        let l = self.listeners.get(listener)?;
+        Some(l.in_flight.get_or_init(|| {
+            crate::telemetry::metrics::metrics()
+                .in_flight
+                .with_label_values(&[&l.name])
+        }))
+    }
+
+    /// The open-connections gauge of `listener`.
+    pub fn connections_gauge(&self, listener: usize) -> Option<&IntGauge> {
+        let l = self.listeners.get(listener)?;
+        Some(l.connections.get_or_init(|| {
+            crate::telemetry::metrics::metrics()
+                .connections_active
+                .with_label_values(&[&l.name, l.direction.as_str()])
+        }))
     }
 
     pub fn route(&self, index: usize) -> &Route {

@@ -39,6 +39,7 @@ pub struct UpstreamPool {
     pub verify: Option<IdentityPattern>,
     /// The certificate store's name for this upstream's client certificate.
     pub client_cert_slot: Option<String>,
+    pub series: crate::telemetry::metrics::UpstreamSeries,
 }
 
 impl UpstreamPool {
@@ -78,6 +79,7 @@ impl UpstreamPool {
         // Static discovery completes at once; this only fills the selector.
         let _ = futures_lite_now(balancer.update());
         UpstreamPool {
+            series: crate::telemetry::metrics::UpstreamSeries::new(&u.name),
             name: u.name.clone(),
             balancer,
             peers,

@@ -69,7 +69,7 @@ pub struct RequestCtx {
     pub upstream: Option<usize>,
     /// Endpoint indexes already tried, so a retry goes elsewhere.
     pub tried: Vec<usize>,
-    pub request_id: String,
+    pub request_id: super::headers::RequestId,
     pub started: Instant,
     /// The route's whole-request deadline.
     pub deadline: Option<Instant>,
@@ -117,7 +117,7 @@ impl RequestCtx {
             route: None,
             upstream: None,
             tried: Vec::new(),
-            request_id: String::new(),
+            request_id: Default::default(),
             started: Instant::now(),
             deadline: None,
             failure: None,
@@ -159,6 +159,15 @@ impl RequestCtx {
         }
         let rt = self.runtime.as_ref()?;
         rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())
+    }
+
+    /// The chosen upstream's cached series (not for egress: one shared label).
+    pub fn upstream_series(&self) -> Option<&crate::telemetry::metrics::UpstreamSeries> {
+        if self.egress.is_some() {
+            return None;
+        }
+        let rt = self.runtime.as_ref()?;
+        rt.upstreams.get(self.upstream?).map(|u| &u.series)
     }
 
     pub fn listener_name(&self) -> Option<&str> {

@@ -20,23 +20,68 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Keep a client's request id when it is short and plain, else make one.
-pub fn request_id(incoming: Option<&HeaderValue>) -> String {
-    if let Some(v) = incoming {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= MAX_REQUEST_ID_LEN
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=".contains(c))
-        {
-            // Checked above to be ASCII.
-            return String::from_utf8_lossy(b).into_owned();
+/// A request's id: the client's when short and plain, else made here. Held
+/// as a header value so that sending it upstream and back to the client
+/// shares one buffer instead of copying it for each.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// Keep a client's request id when it is short and plain, else make one.
+    pub fn from_request(incoming: Option<&HeaderValue>) -> Self {
+        if let Some(v) = incoming {
+            let b = v.as_bytes();
+            if !b.is_empty()
+                && b.len() <= MAX_REQUEST_ID_LEN
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=".contains(c))
+            {
+                return RequestId(v.clone());
+            }
         }
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+            .into_uuid()
+            .hyphenated()
+            .encode_lower(&mut buf)
+            .as_bytes();
+        // A hyphenated UUID is always a valid header value.
+        RequestId(HeaderValue::from_bytes(id).unwrap_or(HeaderValue::from_static("-")))
     }
-    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
-        .into_uuid()
-        .hyphenated()
-        .to_string()
+
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII gets in (checked or generated above).
+        self.0.to_str().unwrap_or("")
+    }
+
+    pub fn header_value(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId(HeaderValue::from_static(""))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
@@ -47,77 +92,112 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3).
-/// Lines that are not visible ASCII are kept as they are (lossless bytes).
-fn joined(req: &RequestHeader, name: &HeaderName) -> Option<Vec<u8>> {
+/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3),
+/// into `out`, with room for `extra` more bytes. Lines that are not visible
+/// ASCII are kept as they are (lossless bytes).
+fn joined(req: &RequestHeader, name: &HeaderName, extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
     for v in req.headers.get_all(name) {
         let v = v.as_bytes();
         if v.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        if !out.is_empty() {
+        if out.is_empty() {
+            out.reserve(v.len() + 2 + extra);
+        } else {
             out.extend_from_slice(b", ");
         }
         out.extend_from_slice(v);
     }
-    (!out.is_empty()).then_some(out)
+    if out.is_empty() {
+        out.reserve(extra);
+    }
+    out
 }
 
-fn append_element(req: &mut RequestHeader, name: HeaderName, element: &str) {
-    let value = match joined(req, &name) {
-        Some(mut prev) => {
-            prev.extend_from_slice(b", ");
-            prev.extend_from_slice(element.as_bytes());
-            prev
-        }
-        None => element.as_bytes().to_vec(),
-    };
-    if let Ok(v) = HeaderValue::from_bytes(&value) {
+/// Append `element` to the list-valued header `name`, as one line.
+fn append_element(req: &mut RequestHeader, name: &'static str, list: &HeaderName, element: &[u8]) {
+    let mut value = joined(req, list, element.len() + 2);
+    if !value.is_empty() {
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(element);
+    // The list's buffer becomes the value: no further copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         let _ = req.insert_header(name, v);
+    }
+}
+
+/// `ip` as text, without going through `fmt` for the common IPv4 case.
+fn ip_text(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
 /// Append the client to the forwarding chain and record scheme and host.
+/// Header names are given in the case they go out in; values are built in
+/// the buffer that becomes the header, and the client's `Host` is shared.
 pub fn add_forwarding(
     req: &mut RequestHeader,
     client: Option<IpAddr>,
-    proto: &str,
-    host: Option<&str>,
+    proto: &'static str,
+    host: Option<HeaderValue>,
 ) {
-    if let Some(ip) = client {
-        append_element(req, X_FORWARDED_FOR, &ip.to_string());
+    let mut ip = Vec::with_capacity(48);
+    if let Some(addr) = client {
+        ip_text(addr, &mut ip);
+        append_element(req, "X-Forwarded-For", &X_FORWARDED_FOR, &ip);
     }
-    set(req, X_FORWARDED_PROTO, proto);
-    if let Some(h) = host {
+    let _ = req.insert_header("X-Forwarded-Proto", HeaderValue::from_static(proto));
+    if let Some(h) = &host {
         if !req.headers.contains_key(&X_FORWARDED_HOST) {
-            set(req, X_FORWARDED_HOST, h);
+            let _ = req.insert_header("X-Forwarded-Host", h.clone());
         }
     }
     // RFC 7239: one element per proxy, appended to the list.
-    let mut element = String::new();
-    if let Some(ip) = client {
-        match ip {
-            IpAddr::V4(v4) => element.push_str(&format!("for={v4}")),
-            IpAddr::V6(v6) => element.push_str(&format!("for=\"[{v6}]\"")),
+    let mut element = Vec::with_capacity(64);
+    match client {
+        Some(IpAddr::V4(_)) => {
+            element.extend_from_slice(b"for=");
+            element.extend_from_slice(&ip);
+            element.push(b';');
         }
-        element.push(';');
+        Some(IpAddr::V6(_)) => {
+            element.extend_from_slice(b"for=\"[");
+            element.extend_from_slice(&ip);
+            element.extend_from_slice(b"]\";");
+        }
+        None => {}
     }
-    if let Some(h) = host.filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    if let Some(h) = host.as_ref().map(|h| h.as_bytes()).filter(|h| {
+        h.iter()
+            .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b'\\')
     }) {
-        element.push_str(&format!("host=\"{h}\";"));
+        element.extend_from_slice(b"host=\"");
+        element.extend_from_slice(h);
+        element.extend_from_slice(b"\";");
     }
-    element.push_str(&format!("proto={proto}"));
-    append_element(req, header::FORWARDED, &element);
-}
-
-fn set(req: &mut RequestHeader, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        // Only fails for invalid values, which `from_str` has ruled out.
-        let _ = req.insert_header(name, v);
-    }
+    element.extend_from_slice(b"proto=");
+    element.extend_from_slice(proto.as_bytes());
+    append_element(req, "Forwarded", &header::FORWARDED, &element);
 }
 
 pub fn rewrite_request(req: &mut RequestHeader, rw: &HeaderRewrite) {
@@ -220,13 +300,14 @@ mod tests {
     #[test]
     fn request_id_kept_when_plain_else_generated() {
         let ok = HeaderValue::from_static("abc-123");
-        assert_eq!(request_id(Some(&ok)), "abc-123");
+        assert_eq!(RequestId::from_request(Some(&ok)).as_str(), "abc-123");
         let bad = HeaderValue::from_static("has space");
-        let generated = request_id(Some(&bad));
+        let generated = RequestId::from_request(Some(&bad));
         assert_eq!(generated.len(), 36);
-        assert_ne!(generated, request_id(None));
+        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+        assert_ne!(generated.as_str(), RequestId::from_request(None).as_str());
         let long = HeaderValue::from_str(&"a".repeat(200)).unwrap();
-        assert_eq!(request_id(Some(&long)).len(), 36);
+        assert_eq!(RequestId::from_request(Some(&long)).len(), 36);
     }
 
     #[test]
@@ -238,7 +319,7 @@ mod tests {
             &mut req,
             Some("192.0.2.7".parse().unwrap()),
             "http",
-            Some("api.example.com"),
+            Some(HeaderValue::from_static("api.example.com")),
         );
         assert_eq!(req.headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(req.headers["x-forwarded-proto"], "http");
@@ -250,6 +331,24 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         add_forwarding(&mut req, Some("2001:db8::1".parse().unwrap()), "http", None);
         assert_eq!(req.headers["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "101.110.199.200",
+            "255.255.255.255",
+            "127.0.0.1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let addr: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            ip_text(addr, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), addr.to_string());
+        }
     }
 
     #[test]

@@ -275,6 +275,18 @@ pub(crate) fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
+/// [`request_host`] as a header value; the client's `Host` is shared, not copied.
+fn request_host_value(req: &RequestHeader) -> Option<HeaderValue> {
+    match req.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req
+            .headers
+            .get(header::HOST)
+            .filter(|h| h.to_str().is_ok())
+            .cloned(),
+    }
+}
+
 /// The client's IP; an IPv4 client on a dual-stack `[::]` listener shows as
 /// its IPv4 address, not `::ffff:a.b.c.d`.
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
@@ -324,8 +336,9 @@ impl ProxyHttp for Gateway {
     /// Route the request; answer it here when the route needs no upstream.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let rt = self.runtime.load_full();
-        ctx.request_id =
-            headers::request_id(session.req_header().headers.get(headers::X_REQUEST_ID));
+        ctx.request_id = headers::RequestId::from_request(
+            session.req_header().headers.get(headers::X_REQUEST_ID),
+        );
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
         ctx.listener = rt.listener_for(local);
         ctx.runtime = Some(rt.clone());
@@ -336,12 +349,13 @@ impl ProxyHttp for Gateway {
                 .get::<crate::tls::PeerIdentity>()
                 .map(|p| p.0.clone());
         }
-        let listener_label = ctx.listener_name().unwrap_or("");
-        ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
-            crate::telemetry::metrics::metrics()
+        let gauge = match ctx.listener.and_then(|l| rt.in_flight(l)) {
+            Some(g) => g.clone(),
+            None => crate::telemetry::metrics::metrics()
                 .in_flight
-                .with_label_values(&[listener_label]),
-        ));
+                .with_label_values(&[""]),
+        };
+        ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(gauge));
         if let Some(t) = &self.tracing {
             trace::start_server(t, session, ctx);
         }
@@ -632,9 +646,13 @@ impl ProxyHttp for Gateway {
             }
         }
         headers::single_content_length(upstream);
-        let host = request_host(session.req_header()).map(str::to_owned);
         let scheme = if ctx.tls { "https" } else { "http" };
-        headers::add_forwarding(upstream, client_ip(session), scheme, host.as_deref());
+        headers::add_forwarding(
+            upstream,
+            client_ip(session),
+            scheme,
+            request_host_value(session.req_header()),
+        );
         // Only meshgate says who the peer is: a client-sent value is dropped.
         upstream.remove_header(&headers::X_MESHGATE_PEER_IDENTITY);
         let forward_identity = ctx
@@ -645,7 +663,7 @@ impl ProxyHttp for Gateway {
         if let (true, Some(id)) = (forward_identity, &ctx.peer_identity) {
             upstream.insert_header(headers::X_MESHGATE_PEER_IDENTITY, id.as_str())?;
         }
-        upstream.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        upstream.insert_header("X-Request-Id", ctx.request_id.header_value())?;
         headers::rewrite_request(upstream, &fwd.request_headers);
         if let Some(t) = &self.tracing {
             trace::inject(t, ctx, upstream);
@@ -701,9 +719,7 @@ impl ProxyHttp for Gateway {
         for (name, value) in respond::rate_limit_headers(ctx) {
             resp.insert_header(name, value)?;
         }
-        if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
-            resp.insert_header(headers::X_REQUEST_ID, id)?;
-        }
+        resp.insert_header("X-Request-Id", ctx.request_id.header_value())?;
         if let Some(rw) = ctx.response_rewrite() {
             headers::rewrite_response(resp, rw);
         }

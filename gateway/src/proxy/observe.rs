@@ -9,7 +9,10 @@ use pingora::{Error, ErrorType};
 use super::ctx::RequestCtx;
 use crate::telemetry::access_log::{self, Entry};
 use crate::telemetry::metrics::metrics;
-use crate::telemetry::names::{method_class, status_class, NO_ROUTE};
+use crate::telemetry::names::{method_class, method_index, status_class, status_index, NO_ROUTE};
+
+/// The `none` status class: no response came.
+const NO_STATUS: usize = crate::telemetry::names::STATUS_CLASSES.len() - 1;
 
 /// Kind label for an upstream failure.
 pub fn upstream_error_kind(e: &Error) -> &'static str {
@@ -41,9 +44,13 @@ pub fn connected(ctx: &mut RequestCtx, reused: bool) {
     ctx.connected = true;
     let Some(u) = ctx.upstream_name() else { return };
     let m = metrics();
-    m.upstream_connections
-        .with_label_values(&[u, if reused { "true" } else { "false" }])
-        .inc();
+    match ctx.upstream_series() {
+        Some(series) => series.connections(reused).inc(),
+        None => m
+            .upstream_connections
+            .with_label_values(&[u, if reused { "true" } else { "false" }])
+            .inc(),
+    }
     if !reused {
         if let Some(start) = ctx.connect_started {
             m.upstream_connect_duration
@@ -59,26 +66,40 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let listener = ctx.listener_name().unwrap_or("");
     let route = ctx.route_name().unwrap_or(NO_ROUTE);
-    let class = status_class(status);
     let req = session.req_header();
     let elapsed = ctx.started.elapsed();
-
-    m.requests
-        .with_label_values(&[listener, route, method_class(&req.method), class])
-        .inc();
-    m.request_duration
-        .with_label_values(&[listener, route, class])
-        .observe(elapsed.as_secs_f64());
     let (bytes_in, bytes_out) = (
         session.body_bytes_read() as u64,
         session.body_bytes_sent() as u64,
     );
-    m.request_bytes
-        .with_label_values(&[listener, route])
-        .inc_by(bytes_in);
-    m.response_bytes
-        .with_label_values(&[listener, route])
-        .inc_by(bytes_out);
+    let series = ctx
+        .runtime
+        .as_ref()
+        .zip(ctx.listener.zip(ctx.route))
+        .and_then(|(rt, (l, r))| rt.route_series(l, r));
+    if let Some(series) = series {
+        let class = status_index(status);
+        series.requests(method_index(&req.method), class).inc();
+        series.duration(class).observe(elapsed.as_secs_f64());
+        let (bytes_in_total, bytes_out_total) = series.bytes();
+        bytes_in_total.inc_by(bytes_in);
+        bytes_out_total.inc_by(bytes_out);
+    } else {
+        // No route (or no listener): rare, looked up each time.
+        let class = status_class(status);
+        m.requests
+            .with_label_values(&[listener, route, method_class(&req.method), class])
+            .inc();
+        m.request_duration
+            .with_label_values(&[listener, route, class])
+            .observe(elapsed.as_secs_f64());
+        m.request_bytes
+            .with_label_values(&[listener, route])
+            .inc_by(bytes_in);
+        m.response_bytes
+            .with_label_values(&[listener, route])
+            .inc_by(bytes_out);
+    }
     if ctx.failure == Some(super::ctx::Failure::NoRoute) {
         m.no_route.with_label_values(&[listener]).inc();
     }
@@ -88,13 +109,20 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .upstream_started
         .map(|s| Instant::now().saturating_duration_since(s));
     if let (Some(u), Some(d)) = (upstream, upstream_elapsed) {
-        let upstream_class = ctx.upstream_status.map_or("none", status_class);
-        m.upstream_requests
-            .with_label_values(&[u, upstream_class])
-            .inc();
-        m.upstream_duration
-            .with_label_values(&[u])
-            .observe(d.as_secs_f64());
+        match ctx.upstream_series() {
+            Some(series) => {
+                let class = ctx.upstream_status.map_or(NO_STATUS, status_index);
+                series.requests(class).inc();
+                series.duration().observe(d.as_secs_f64());
+            }
+            None => {
+                let class = ctx.upstream_status.map_or("none", status_class);
+                m.upstream_requests.with_label_values(&[u, class]).inc();
+                m.upstream_duration
+                    .with_label_values(&[u])
+                    .observe(d.as_secs_f64());
+            }
+        }
         // Connect failures were counted per attempt; count what broke after connecting.
         if let Some(e) =
             e.filter(|e| ctx.connected && *e.esource() == pingora::ErrorSource::Upstream)

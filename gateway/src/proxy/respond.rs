@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::ctx::{Failure, RequestCtx};
-use super::headers::{rewrite_response, X_REQUEST_ID};
+use super::headers::rewrite_response;
 use crate::config::model::HeaderRewrite;
 
 /// Write a complete response: status, headers, body (omitted for HEAD).
@@ -33,7 +33,7 @@ pub async fn send(
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
     }
     if let Ok(id) = HeaderValue::from_str(request_id) {
-        resp.insert_header(X_REQUEST_ID, id)?;
+        resp.insert_header("X-Request-Id", id)?;
     }
     if let Some(rw) = rewrite {
         rewrite_response(&mut resp, rw);

@@ -41,7 +41,7 @@ fn server_attributes(session: &Session, ctx: &RequestCtx) -> Vec<KeyValue> {
             "meshgate.direction",
             ctx.direction().unwrap_or("").to_string(),
         ),
-        KeyValue::new("meshgate.request_id", ctx.request_id.clone()),
+        KeyValue::new("meshgate.request_id", ctx.request_id.to_string()),
     ];
     if let Some(id) = &ctx.peer_identity {
         attrs.push(KeyValue::new("meshgate.peer.identity", id.clone()));

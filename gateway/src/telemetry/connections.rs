@@ -41,9 +41,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
         let (listener, direction) = index
             .and_then(|i| rt.listeners.get(i))
             .map_or(("", ""), |l| (l.name.as_str(), l.direction.as_str()));
-        let gauge = metrics()
-            .connections_active
-            .with_label_values(&[listener, direction]);
+        let gauge = match index.and_then(|i| rt.connections_gauge(i)) {
+            Some(g) => g.clone(),
+            None => metrics()
+                .connections_active
+                .with_label_values(&[listener, direction]),
+        };
         let max = index
             .and_then(|i| rt.config.listeners.get(i))
             .and_then(|l| l.limits.max_connections);

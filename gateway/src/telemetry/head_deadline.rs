@@ -99,12 +99,16 @@ impl Scan {
     }
 }
 
-#[derive(Debug)]
+/// Pingora's coarse timer (10 ms ticks, one clock thread): arming a tokio
+/// `Sleep` for each new connection woke the runtime's driver through its
+/// eventfd, a syscall and an extra wake-up per connection.
+type Timer = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
 pub struct HeadDeadline {
     inner: Stream,
     scan: Scan,
     /// `None` once the head is complete.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Timer>,
     listener: Arc<str>,
     /// Bytes a peek read (already scanned), handed out again first.
     peeked: Vec<u8>,
@@ -115,10 +119,21 @@ impl HeadDeadline {
         Box::new(HeadDeadline {
             inner,
             scan: Scan::Start,
-            timer: Some(Box::pin(tokio::time::sleep(timeout))),
+            timer: Some(Box::pin(pingora::time::fast_timeout::fast_sleep(timeout))),
             listener,
             peeked: Vec::new(),
         })
+    }
+}
+
+impl std::fmt::Debug for HeadDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadDeadline")
+            .field("inner", &self.inner)
+            .field("scan", &self.scan)
+            .field("armed", &self.timer.is_some())
+            .field("listener", &self.listener)
+            .finish()
     }
 }
 

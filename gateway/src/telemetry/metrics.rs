@@ -203,6 +203,108 @@ pub fn destination_label(value: &str, denied: bool) -> String {
 
 /// Increments a gauge now and decrements it when dropped, however the scope
 /// ends (return, error, panic, cancelled task).
+/// One route's request series on one listener, each looked up on first
+/// use and then kept: recording a request then hashes no label values.
+/// Held by the runtime, so a reload starts a fresh set.
+pub struct RouteSeries {
+    listener: Box<str>,
+    route: Box<str>,
+    requests: [[OnceLock<IntCounter>; names::STATUS_CLASSES.len()]; names::METHOD_CLASSES.len()],
+    duration: [OnceLock<Histogram>; names::STATUS_CLASSES.len()],
+    /// (request body bytes, response body bytes)
+    bytes: OnceLock<(IntCounter, IntCounter)>,
+}
+
+impl RouteSeries {
+    pub fn new(listener: &str, route: &str) -> Self {
+        RouteSeries {
+            listener: listener.into(),
+            route: route.into(),
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            duration: std::array::from_fn(|_| OnceLock::new()),
+            bytes: OnceLock::new(),
+        }
+    }
+
+    /// `meshgate_requests_total` for a method and status class index.
+    pub fn requests(&self, method: usize, status: usize) -> &IntCounter {
+        self.requests[method][status].get_or_init(|| {
+            metrics().requests.with_label_values(&[
+                &*self.listener,
+                &*self.route,
+                names::METHOD_CLASSES[method],
+                names::STATUS_CLASSES[status],
+            ])
+        })
+    }
+
+    pub fn duration(&self, status: usize) -> &Histogram {
+        self.duration[status].get_or_init(|| {
+            metrics().request_duration.with_label_values(&[
+                &*self.listener,
+                &*self.route,
+                names::STATUS_CLASSES[status],
+            ])
+        })
+    }
+
+    pub fn bytes(&self) -> &(IntCounter, IntCounter) {
+        self.bytes.get_or_init(|| {
+            let m = metrics();
+            let labels = [&*self.listener, &*self.route];
+            (
+                m.request_bytes.with_label_values(&labels),
+                m.response_bytes.with_label_values(&labels),
+            )
+        })
+    }
+}
+
+/// One upstream's series, looked up on first use (see [`RouteSeries`]).
+pub struct UpstreamSeries {
+    upstream: Box<str>,
+    /// By status class index, `none` last.
+    requests: [OnceLock<IntCounter>; names::STATUS_CLASSES.len()],
+    duration: OnceLock<Histogram>,
+    /// New, reused.
+    connections: [OnceLock<IntCounter>; 2],
+}
+
+impl UpstreamSeries {
+    pub fn new(upstream: &str) -> Self {
+        UpstreamSeries {
+            upstream: upstream.into(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+            duration: OnceLock::new(),
+            connections: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    pub fn requests(&self, status: usize) -> &IntCounter {
+        self.requests[status].get_or_init(|| {
+            metrics()
+                .upstream_requests
+                .with_label_values(&[&*self.upstream, names::STATUS_CLASSES[status]])
+        })
+    }
+
+    pub fn duration(&self) -> &Histogram {
+        self.duration.get_or_init(|| {
+            metrics()
+                .upstream_duration
+                .with_label_values(&[&self.upstream])
+        })
+    }
+
+    pub fn connections(&self, reused: bool) -> &IntCounter {
+        self.connections[usize::from(reused)].get_or_init(|| {
+            metrics()
+                .upstream_connections
+                .with_label_values(&[&*self.upstream, if reused { "true" } else { "false" }])
+        })
+    }
+}
+
 pub struct GaugeGuard(IntGauge);
 
 impl GaugeGuard {

@@ -79,30 +79,72 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// The label value for "no route matched".
 pub const NO_ROUTE: &str = "";
 
+/// Values of the method label: the standard methods, everything else `other`.
+pub const METHOD_CLASSES: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other",
+];
+
+/// Index into [`METHOD_CLASSES`].
+pub fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        http::Method::CONNECT => 7,
+        http::Method::TRACE => 8,
+        _ => 9,
+    }
+}
+
 /// Bounded method label: the standard methods, everything else `other`.
 pub fn method_class(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => "other",
+    METHOD_CLASSES[method_index(m)]
+}
+
+/// Values of the status label: `1xx`..`5xx`; `none` when no response was
+/// sent (the client went away).
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Index into [`STATUS_CLASSES`].
+pub fn status_index(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100) - 1,
+        _ => 5,
     }
 }
 
 /// `1xx`..`5xx`; `none` when no response was sent (the client went away).
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "none",
+    STATUS_CLASSES[status_index(status)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_method_classes() {
+        for (status, class) in [
+            (0, "none"),
+            (99, "none"),
+            (100, "1xx"),
+            (204, "2xx"),
+            (399, "3xx"),
+            (404, "4xx"),
+            (599, "5xx"),
+            (600, "none"),
+        ] {
+            assert_eq!(status_class(status), class, "{status}");
+        }
+        assert_eq!(method_class(&http::Method::GET), "GET");
+        assert_eq!(method_class(&http::Method::TRACE), "TRACE");
+        assert_eq!(
+            method_class(&http::Method::from_bytes(b"PURGE").unwrap()),
+            "other"
+        );
     }
 }
