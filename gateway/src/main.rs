@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// mimalloc over glibc malloc: ~14% less CPU per proxied request, for
+// meshgate and the bare Pingora reference alike (docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/meshgate/gateway.toml";
 
 #[derive(Parser)]

@@ -17,6 +17,11 @@ use pingora::server::{RunArgs, Server};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::Result;
 
+// As in meshgate (`gateway/src/main.rs`): the floor is measured with the
+// same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Bare {
     peer: HttpPeer,
 }
