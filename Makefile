@@ -15,17 +15,19 @@ BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates 
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh
 
-# What `make bench` needs: the competitors and load generators (Envoy from PyPI).
-BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-linux
+# What `make bench` needs: the competitors and load generators (Envoy from PyPI); valgrind
+# for `make bench-instructions`.
+BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-linux valgrind
 BENCH_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint check-configs fuzz bench clean
+.PHONY: help deps test-deps bench-deps build run test lint check-configs fuzz bench bench-instructions clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
 	@echo "make test   run formatting, lints and the whole test suite"
 	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
 	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
+	@echo "make bench-instructions  instructions per request, meshgate vs bare Pingora (callgrind, ~5 min)"
 
 deps:
 	@scripts/install-deps.sh $(BUILD_PKGS)
@@ -76,6 +78,12 @@ bench: bench-deps
 	$(CARGO) build --release --locked -p meshgate -p bare-pingora
 	python3 loadtest/bench.py $(BENCH_ARGS)
 	$(CARGO) bench --locked -p meshgate --bench router --bench ratelimit
+
+# Instructions per request under callgrind, meshgate against bare Pingora: noise-free where
+# the timed runs are not (loadtest/instructions.py; results in loadtest/results/).
+bench-instructions: bench-deps
+	$(CARGO) build --release --locked -p meshgate -p bare-pingora
+	python3 loadtest/instructions.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

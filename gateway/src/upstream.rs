@@ -134,8 +134,14 @@ impl UpstreamPool {
                             .is_some_and(|i| !tried.contains(&i.0))
                 })
         };
-        let backend = pick(true).or_else(|| pick(false))?;
-        let idx = backend.ext.get::<EndpointIndex>()?.0;
+        // One endpoint: the balancer would return it whatever was tried
+        // (the second pick), so skip its hashing and `Backend` clone.
+        let idx = if self.peers.len() == 1 {
+            0
+        } else {
+            let backend = pick(true).or_else(|| pick(false))?;
+            backend.ext.get::<EndpointIndex>()?.0
+        };
         let mut peer = self.peers.get(idx)?.clone();
         peer.options.read_timeout = Some(self.read_timeout.min(remaining));
         peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));

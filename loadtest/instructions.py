@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""User-space instructions per proxied request, counted by Valgrind's
+callgrind: meshgate against the bare Pingora reference on scenario 1's
+request (HTTP/1.1 keep-alive, small GET), with the same origin and config as
+`bench.py`.
+
+CPU time on this VM moves by 10-25% between rounds; an instruction count
+does not move, so a change of a few percent in meshgate's own work shows up
+here when the timed benchmark cannot see it. It counts user space only (the
+kernel's share is the same for both) and weighs every instruction alike, so
+it says where work is, not what it costs in time: the timed runs of
+`bench.py` remain the measure of speed.
+
+Each system serves a warm-up, then callgrind's counters are zeroed, then
+`--requests` requests are counted (h2load --h1, 10 connections). Loopback
+only; every process is stopped at the end.
+
+Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b]
+"""
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the same origin, configs and process handling)
+
+
+def parse(path):
+    """Self cost per function of a callgrind output (uncompressed names)."""
+    cost = collections.Counter()
+    fn, after_call = None, False
+    with open(path) as f:
+        for line in f:
+            if line.startswith("fn="):
+                fn = line[3:].strip()
+            elif line.startswith("calls="):
+                after_call = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                parts = line.split()
+                if len(parts) >= 2:
+                    if after_call:
+                        after_call = False  # an inclusive call cost, not this function's own
+                    else:
+                        cost[fn] += int(parts[1])
+    return cost
+
+
+def short(name):
+    return re.sub(r"::h[0-9a-f]{16}$", "", name)[:110]
+
+
+def measure(b, system, requests, out):
+    proc, ports = b.start(system, "default")
+    # Re-run the same command under callgrind: stop the plain one first.
+    argv = [str(a) for a in proc.args[3:]]  # after "taskset -c N"
+    b.procs.stop(proc)
+    log = b.work / f"logs/{system}-callgrind.log"
+    cg = b.procs.start(["valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no",
+                        f"--callgrind-out-file={out}"] + argv, bench.PROXY_CORE, log)
+    bench.wait_port(ports["plain"], cg, timeout=120)
+    url = f"http://127.0.0.1:{ports['plain']}/"
+    h2load = ["taskset", "-c", bench.LOAD_CORE, "h2load", "--h1", "-c10", "-t1"]
+    subprocess.run(h2load + ["-n2000", url], check=True, capture_output=True, timeout=600)
+    subprocess.run(["callgrind_control", "-z", str(cg.pid)], check=True, capture_output=True, timeout=120)
+    run = subprocess.run(h2load + [f"-n{requests}", url], check=True, capture_output=True, text=True, timeout=1800)
+    if f"{requests} succeeded" not in run.stdout:
+        raise RuntimeError(f"{system}: not every request succeeded:\n{run.stdout}")
+    subprocess.run(["callgrind_control", "-d", str(cg.pid)], check=True, capture_output=True, timeout=120)
+    b.procs.stop(cg)
+    dumps = sorted(Path(out).parent.glob(Path(out).name + ".*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise RuntimeError(f"{system}: callgrind wrote no dump")
+    return parse(dumps[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--top", type=int, default=25, help="functions listed by their difference")
+    ap.add_argument("--systems", default="bare-pingora,meshgate")
+    args = ap.parse_args()
+    for tool in ("valgrind", "callgrind_control", "h2load"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found: run `make bench-deps`")
+    b = bench.Bench(args)
+    counts = {}
+    try:
+        b.setup()
+        for system in args.systems.split(","):
+            counts[system] = measure(b, system, args.requests, b.work / f"callgrind.{system}")
+    finally:
+        b.procs.stop_all()
+    n = args.requests
+    stamp = time.strftime("%Y%m%d-%H%M")
+    lines = [f"# Instructions per request (callgrind), {stamp}", "",
+             f"`python3 loadtest/instructions.py --requests {n}`: scenario 1's request (HTTP/1.1 keep-alive, "
+             "small GET) through each system; user space only.", "",
+             "| system | instructions per request | ÷ first |", "|---|---|---|"]
+    first = None
+    for system, cost in counts.items():
+        per = sum(cost.values()) / n
+        first = first or per
+        lines.append(f"| {system} | {per:,.0f} | {per / first:.2f}× |")
+    systems = list(counts)
+    if len(systems) == 2:
+        a, c = (counts[s] for s in systems)
+        diff = {k: c.get(k, 0) - a.get(k, 0) for k in set(a) | set(c)}
+        lines += ["", f"Largest differences ({systems[1]} − {systems[0]}, instructions per request):", "",
+                  f"| function | {systems[0]} | {systems[1]} | difference |", "|---|---|---|---|"]
+        for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:args.top]:
+            lines.append(f"| `{short(k)}` | {a.get(k, 0) / n:,.0f} | {c.get(k, 0) / n:,.0f} | {d / n:+,.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    bench.RESULTS.mkdir(exist_ok=True)
+    path = bench.RESULTS / f"instructions-{stamp}.md"
+    path.write_text(text)
+    print(f"written: {path.relative_to(bench.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
