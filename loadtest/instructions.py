@@ -96,6 +96,7 @@ def main():
             counts[system] = measure(b, system, args.requests, b.work / f"callgrind.{system}")
     finally:
         b.procs.stop_all()
+        shutil.rmtree(b.work, ignore_errors=True)
     n = args.requests
     stamp = time.strftime("%Y%m%d-%H%M")
     lines = [f"# Instructions per request (callgrind), {stamp}", "",

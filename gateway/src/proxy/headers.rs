@@ -92,9 +92,9 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3),
-/// into `out`, with room for `extra` more bytes. Lines that are not visible
-/// ASCII are kept as they are (lossless bytes).
+/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3), in
+/// a buffer with room for `extra` more bytes (empty when there are none).
+/// Lines that are not visible ASCII are kept as they are (lossless bytes).
 fn joined(req: &RequestHeader, name: &HeaderName, extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
     for v in req.headers.get_all(name) {
