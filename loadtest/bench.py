@@ -298,8 +298,10 @@ class Bench:
             for pct, dso, sym in rows:
                 if dso.startswith("[kernel"):
                     g = "kernel"
+                elif re.match(r"_?mi_", sym):
+                    g = "allocator (mimalloc)"
                 elif dso.startswith("libc") or dso.startswith("ld-linux"):
-                    g = "libc (malloc, memmove)"
+                    g = "libc (memmove, syscalls)"
                 elif "meshgate::" in sym:
                     g = "meshgate's own code"
                 elif "opentelemetry" in sym:

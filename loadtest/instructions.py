@@ -15,7 +15,12 @@ Each system serves a warm-up, then callgrind's counters are zeroed, then
 `--requests` requests are counted (h2load --h1, 10 connections). Loopback
 only; every process is stopped at the end.
 
-Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b]
+`--systems` takes `system` or `meshgate:VARIANT` (a `bench.py` variant:
+`routes1000`, `ratelimit`, `tracing`), so scenarios 6-8's costs, which are
+smaller than the timed runs' spread, can be counted too. With `routes1000`
+the request is scenario 6's: the last of the 1,000 routes.
+
+Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b:variant,...]
 """
 
 import argparse
@@ -51,12 +56,34 @@ def parse(path):
     return cost
 
 
+# Where an instruction belongs, first match wins (function names as callgrind
+# gives them).
+PARTS = [
+    ("header maps (http, pingora_http)", r"http::header|pingora_http::|HeaderName|HeaderValue"),
+    ("allocator (mimalloc, Vec growth)", r"^_?mi_|__rust_(re)?alloc|__rust_dealloc|raw_vec|finish_grow"),
+    ("memcpy, memmove, memset", r"memcpy|memmove|memset"),
+    ("timers (Pingora's timeouts, clock)", r"pingora_timeout|Timespec|clock_gettime|tokio::sync::notify"),
+    ("meshgate's own functions", r"meshgate::"),
+    ("tracing (opentelemetry)", r"opentelemetry"),
+    ("prometheus", r"prometheus"),
+    ("tokio", r"tokio::"),
+    ("pingora (other)", r"pingora"),
+]
+
+
+def parts(cost):
+    out = collections.Counter()
+    for fn, c in cost.items():
+        out[next((name for name, pat in PARTS if re.search(pat, fn)), "other")] += c
+    return out
+
+
 def short(name):
     return re.sub(r"::h[0-9a-f]{16}$", "", name)[:110]
 
 
-def measure(b, system, requests, out):
-    proc, ports = b.start(system, "default")
+def measure(b, system, variant, requests, out):
+    proc, ports = b.start(system, variant)
     # Re-run the same command under callgrind: stop the plain one first.
     argv = [str(a) for a in proc.args[3:]]  # after "taskset -c N"
     b.procs.stop(proc)
@@ -66,6 +93,10 @@ def measure(b, system, requests, out):
     bench.wait_port(ports["plain"], cg, timeout=120)
     url = f"http://127.0.0.1:{ports['plain']}/"
     h2load = ["taskset", "-c", bench.LOAD_CORE, "h2load", "--h1", "-c10", "-t1"]
+    if variant == "routes1000":
+        host, prefix = bench.route_shape(999)
+        url = f"http://127.0.0.1:{ports['plain']}{prefix}x"
+        h2load += ["-H", f":authority: {host}"]
     subprocess.run(h2load + ["-n2000", url], check=True, capture_output=True, timeout=600)
     subprocess.run(["callgrind_control", "-z", str(cg.pid)], check=True, capture_output=True, timeout=120)
     run = subprocess.run(h2load + [f"-n{requests}", url], check=True, capture_output=True, text=True, timeout=1800)
@@ -92,13 +123,15 @@ def main():
     counts = {}
     try:
         b.setup()
-        for system in args.systems.split(","):
-            counts[system] = measure(b, system, args.requests, b.work / f"callgrind.{system}")
+        for entry in args.systems.split(","):
+            system, _, variant = entry.partition(":")
+            counts[entry] = measure(b, system, variant or "default", args.requests,
+                                    b.work / f"callgrind.{entry.replace(':', '-')}")
     finally:
         b.procs.stop_all()
         shutil.rmtree(b.work, ignore_errors=True)
     n = args.requests
-    stamp = time.strftime("%Y%m%d-%H%M")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     lines = [f"# Instructions per request (callgrind), {stamp}", "",
              f"`python3 loadtest/instructions.py --requests {n}`: scenario 1's request (HTTP/1.1 keep-alive, "
              "small GET) through each system; user space only.", "",
@@ -109,8 +142,13 @@ def main():
         first = first or per
         lines.append(f"| {system} | {per:,.0f} | {per / first:.2f}× |")
     systems = list(counts)
-    if len(systems) == 2:
-        a, c = (counts[s] for s in systems)
+    by_part = {s: parts(c) for s, c in counts.items()}
+    lines += ["", "By part (instructions per request):", "",
+              "| part | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for name in [p for p, _ in PARTS] + ["other"]:
+        lines.append(f"| {name} | " + " | ".join(f"{by_part[s][name] / n:,.0f}" for s in systems) + " |")
+    if len(systems) >= 2:
+        a, c = counts[systems[0]], counts[systems[1]]
         diff = {k: c.get(k, 0) - a.get(k, 0) for k in set(a) | set(c)}
         lines += ["", f"Largest differences ({systems[1]} − {systems[0]}, instructions per request):", "",
                   f"| function | {systems[0]} | {systems[1]} | difference |", "|---|---|---|---|"]
