@@ -91,8 +91,6 @@ pub struct RequestCtx {
     /// Tracing (when on): the server span, the current attempt's client span.
     pub server_cx: Option<opentelemetry::Context>,
     pub client_cx: Option<opentelemetry::Context>,
-    /// W3C trace id for the access log; empty when tracing is off.
-    pub trace_id: String,
     /// `RateLimit-Policy` and `RateLimit` values to send with the response.
     pub rate_limit_headers: Option<(String, String)>,
     /// The policy that limited (or, in shadow mode, would have), for the access log.
@@ -131,7 +129,6 @@ impl RequestCtx {
             upgraded: false,
             server_cx: None,
             client_cx: None,
-            trace_id: String::new(),
             rate_limit_headers: None,
             rate_limit_note: String::new(),
             tls: false,

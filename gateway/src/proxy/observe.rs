@@ -155,10 +155,16 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         (None, Some(e)) => e.etype().as_str().to_string(),
         (None, None) => String::new(),
     };
+    // Formatted here, not per request: with the access log off it is never needed.
+    let trace_id = ctx
+        .server_cx
+        .as_ref()
+        .map(crate::telemetry::tracing::trace_id)
+        .unwrap_or_default();
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now() - elapsed),
         request_id: &ctx.request_id,
-        trace_id: &ctx.trace_id,
+        trace_id: &trace_id,
         listener,
         direction: ctx.direction().unwrap_or(""),
         route,

@@ -15,7 +15,6 @@ use crate::telemetry::tracing::{self, Tracing};
 pub fn start_server(t: &Tracing, session: &Session, ctx: &mut RequestCtx) {
     let req = session.req_header();
     let cx = t.server_span(req, || server_attributes(session, ctx));
-    ctx.trace_id = tracing::trace_id(&cx);
     ctx.server_cx = Some(cx);
 }
 
