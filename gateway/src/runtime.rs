@@ -11,7 +11,7 @@ use crate::config::model::{Action, Config, Direction, LimitScope, Route};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
-use crate::telemetry::metrics::RouteSeries;
+use crate::telemetry::metrics::{RouteSeries, UpstreamSeries};
 use crate::tls::store::CertStore;
 use crate::upstream::UpstreamPool;
 
@@ -30,6 +30,8 @@ pub struct Runtime {
     pub redis: Option<Arc<RedisBackend>>,
     /// `[certs]`, as served now (files are watched for changes).
     pub certs: CertStore,
+    /// The series of the shared `(egress)` upstream label.
+    pub egress_series: UpstreamSeries,
     /// Where `[egress]` destinations are (pins, lookups, deny_networks).
     pub egress_resolver: Option<crate::egress::resolve::Resolver>,
 }
@@ -149,6 +151,7 @@ impl Runtime {
             .as_ref()
             .map(crate::egress::resolve::Resolver::new);
         Runtime {
+            egress_series: UpstreamSeries::new(crate::proxy::egress::EGRESS_UPSTREAM),
             certs,
             egress_resolver,
             config: Arc::new(config),
@@ -208,24 +211,32 @@ impl Runtime {
         Some(series)
     }
 
-    /// The in-flight gauge of `listener`.
-    pub fn in_flight(&self, listener: usize) -> Option<&IntGauge> {
-        let l = self.listeners.get(listener)?;
-        Some(l.in_flight.get_or_init(|| {
-            crate::telemetry::metrics::metrics()
+    /// The in-flight gauge of `listener`; an unknown listener's is looked
+    /// up each time (empty label).
+    pub fn in_flight(&self, listener: Option<usize>) -> IntGauge {
+        let m = crate::telemetry::metrics::metrics();
+        match listener.and_then(|i| self.listeners.get(i)) {
+            Some(l) => l
                 .in_flight
-                .with_label_values(&[&l.name])
-        }))
+                .get_or_init(|| m.in_flight.with_label_values(&[&l.name]))
+                .clone(),
+            None => m.in_flight.with_label_values(&[""]),
+        }
     }
 
-    /// The open-connections gauge of `listener`.
-    pub fn connections_gauge(&self, listener: usize) -> Option<&IntGauge> {
-        let l = self.listeners.get(listener)?;
-        Some(l.connections.get_or_init(|| {
-            crate::telemetry::metrics::metrics()
-                .connections_active
-                .with_label_values(&[&l.name, l.direction.as_str()])
-        }))
+    /// The open-connections gauge of `listener`, as [`Self::in_flight`].
+    pub fn connections_gauge(&self, listener: Option<usize>) -> IntGauge {
+        let m = crate::telemetry::metrics::metrics();
+        match listener.and_then(|i| self.listeners.get(i)) {
+            Some(l) => l
+                .connections
+                .get_or_init(|| {
+                    m.connections_active
+                        .with_label_values(&[&l.name, l.direction.as_str()])
+                })
+                .clone(),
+            None => m.connections_active.with_label_values(&["", ""]),
+        }
     }
 
     pub fn route(&self, index: usize) -> &Route {

@@ -158,12 +158,12 @@ impl RequestCtx {
         rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())
     }
 
-    /// The chosen upstream's cached series (not for egress: one shared label).
+    /// The series of [`Self::upstream_name`].
     pub fn upstream_series(&self) -> Option<&crate::telemetry::metrics::UpstreamSeries> {
-        if self.egress.is_some() {
-            return None;
-        }
         let rt = self.runtime.as_ref()?;
+        if self.egress.is_some() {
+            return Some(&rt.egress_series);
+        }
         rt.upstreams.get(self.upstream?).map(|u| &u.series)
     }
 

@@ -349,13 +349,9 @@ impl ProxyHttp for Gateway {
                 .get::<crate::tls::PeerIdentity>()
                 .map(|p| p.0.clone());
         }
-        let gauge = match ctx.listener.and_then(|l| rt.in_flight(l)) {
-            Some(g) => g.clone(),
-            None => crate::telemetry::metrics::metrics()
-                .in_flight
-                .with_label_values(&[""]),
-        };
-        ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(gauge));
+        ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
+            rt.in_flight(ctx.listener),
+        ));
         if let Some(t) = &self.tracing {
             trace::start_server(t, session, ctx);
         }

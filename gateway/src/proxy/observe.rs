@@ -9,7 +9,8 @@ use pingora::{Error, ErrorType};
 use super::ctx::RequestCtx;
 use crate::telemetry::access_log::{self, Entry};
 use crate::telemetry::metrics::metrics;
-use crate::telemetry::names::{method_class, method_index, status_class, status_index, NO_ROUTE};
+use crate::telemetry::metrics::RouteSeries;
+use crate::telemetry::names::{method_index, status_index, NO_ROUTE};
 
 /// The `none` status class: no response came.
 const NO_STATUS: usize = crate::telemetry::names::STATUS_CLASSES.len() - 1;
@@ -42,15 +43,11 @@ pub fn attempt_failed(ctx: &RequestCtx, e: &Error) {
 /// Record a connection to an upstream, new or from the pool.
 pub fn connected(ctx: &mut RequestCtx, reused: bool) {
     ctx.connected = true;
-    let Some(u) = ctx.upstream_name() else { return };
+    let (Some(u), Some(series)) = (ctx.upstream_name(), ctx.upstream_series()) else {
+        return;
+    };
     let m = metrics();
-    match ctx.upstream_series() {
-        Some(series) => series.connections(reused).inc(),
-        None => m
-            .upstream_connections
-            .with_label_values(&[u, if reused { "true" } else { "false" }])
-            .inc(),
-    }
+    series.connections(reused).inc();
     if !reused {
         if let Some(start) = ctx.connect_started {
             m.upstream_connect_duration
@@ -72,57 +69,38 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         session.body_bytes_read() as u64,
         session.body_bytes_sent() as u64,
     );
-    let series = ctx
+    let cached = ctx
         .runtime
         .as_ref()
         .zip(ctx.listener.zip(ctx.route))
         .and_then(|(rt, (l, r))| rt.route_series(l, r));
-    if let Some(series) = series {
-        let class = status_index(status);
-        series.requests(method_index(&req.method), class).inc();
-        series.duration(class).observe(elapsed.as_secs_f64());
-        let (bytes_in_total, bytes_out_total) = series.bytes();
-        bytes_in_total.inc_by(bytes_in);
-        bytes_out_total.inc_by(bytes_out);
-    } else {
-        // No route (or no listener): rare, looked up each time.
-        let class = status_class(status);
-        m.requests
-            .with_label_values(&[listener, route, method_class(&req.method), class])
-            .inc();
-        m.request_duration
-            .with_label_values(&[listener, route, class])
-            .observe(elapsed.as_secs_f64());
-        m.request_bytes
-            .with_label_values(&[listener, route])
-            .inc_by(bytes_in);
-        m.response_bytes
-            .with_label_values(&[listener, route])
-            .inc_by(bytes_out);
-    }
+    // No route (or no listener): rare; its series are looked up each time.
+    let unrouted;
+    let series = match cached {
+        Some(s) => s,
+        None => {
+            unrouted = RouteSeries::new(listener, route);
+            &unrouted
+        }
+    };
+    let class = status_index(status);
+    series.requests(method_index(&req.method), class).inc();
+    series.duration(class).observe(elapsed.as_secs_f64());
+    let (bytes_in_total, bytes_out_total) = series.bytes();
+    bytes_in_total.inc_by(bytes_in);
+    bytes_out_total.inc_by(bytes_out);
     if ctx.failure == Some(super::ctx::Failure::NoRoute) {
         m.no_route.with_label_values(&[listener]).inc();
     }
 
-    let upstream = ctx.upstream_name();
+    let upstream = ctx.upstream_name().zip(ctx.upstream_series());
     let upstream_elapsed = ctx
         .upstream_started
         .map(|s| Instant::now().saturating_duration_since(s));
-    if let (Some(u), Some(d)) = (upstream, upstream_elapsed) {
-        match ctx.upstream_series() {
-            Some(series) => {
-                let class = ctx.upstream_status.map_or(NO_STATUS, status_index);
-                series.requests(class).inc();
-                series.duration().observe(d.as_secs_f64());
-            }
-            None => {
-                let class = ctx.upstream_status.map_or("none", status_class);
-                m.upstream_requests.with_label_values(&[u, class]).inc();
-                m.upstream_duration
-                    .with_label_values(&[u])
-                    .observe(d.as_secs_f64());
-            }
-        }
+    if let (Some((u, series)), Some(d)) = (upstream, upstream_elapsed) {
+        let class = ctx.upstream_status.map_or(NO_STATUS, status_index);
+        series.requests(class).inc();
+        series.duration().observe(d.as_secs_f64());
         // Connect failures were counted per attempt; count what broke after connecting.
         if let Some(e) =
             e.filter(|e| ctx.connected && *e.esource() == pingora::ErrorSource::Upstream)
@@ -168,7 +146,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         listener,
         direction: ctx.direction().unwrap_or(""),
         route,
-        upstream: upstream.unwrap_or(""),
+        upstream: upstream.map_or("", |(u, _)| u),
         endpoint: ctx.endpoint.map(|a| a.to_string()).unwrap_or_default(),
         method: req.method.as_str(),
         host,

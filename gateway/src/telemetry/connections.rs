@@ -38,15 +38,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
     ) -> Option<Stream> {
         let rt = self.runtime.load();
         let index = rt.listener_of(&session);
-        let (listener, direction) = index
+        let listener = index
             .and_then(|i| rt.listeners.get(i))
-            .map_or(("", ""), |l| (l.name.as_str(), l.direction.as_str()));
-        let gauge = match index.and_then(|i| rt.connections_gauge(i)) {
-            Some(g) => g.clone(),
-            None => metrics()
-                .connections_active
-                .with_label_values(&[listener, direction]),
-        };
+            .map_or("", |l| l.name.as_str());
+        let gauge = rt.connections_gauge(index);
         let max = index
             .and_then(|i| rt.config.listeners.get(i))
             .and_then(|l| l.limits.max_connections);

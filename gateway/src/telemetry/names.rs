@@ -100,11 +100,6 @@ pub fn method_index(m: &http::Method) -> usize {
     }
 }
 
-/// Bounded method label: the standard methods, everything else `other`.
-pub fn method_class(m: &http::Method) -> &'static str {
-    METHOD_CLASSES[method_index(m)]
-}
-
 /// Values of the status label: `1xx`..`5xx`; `none` when no response was
 /// sent (the client went away).
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
@@ -115,11 +110,6 @@ pub fn status_index(status: u16) -> usize {
         100..=599 => usize::from(status / 100) - 1,
         _ => 5,
     }
-}
-
-/// `1xx`..`5xx`; `none` when no response was sent (the client went away).
-pub fn status_class(status: u16) -> &'static str {
-    STATUS_CLASSES[status_index(status)]
 }
 
 #[cfg(test)]
@@ -138,12 +128,12 @@ mod tests {
             (599, "5xx"),
             (600, "none"),
         ] {
-            assert_eq!(status_class(status), class, "{status}");
+            assert_eq!(STATUS_CLASSES[status_index(status)], class, "{status}");
         }
-        assert_eq!(method_class(&http::Method::GET), "GET");
-        assert_eq!(method_class(&http::Method::TRACE), "TRACE");
+        assert_eq!(METHOD_CLASSES[method_index(&http::Method::GET)], "GET");
+        assert_eq!(METHOD_CLASSES[method_index(&http::Method::TRACE)], "TRACE");
         assert_eq!(
-            method_class(&http::Method::from_bytes(b"PURGE").unwrap()),
+            METHOD_CLASSES[method_index(&http::Method::from_bytes(b"PURGE").unwrap())],
             "other"
         );
     }
