@@ -20,7 +20,7 @@ only; every process is stopped at the end.
 smaller than the timed runs' spread, can be counted too. With `routes1000`
 the request is scenario 6's: the last of the 1,000 routes.
 
-Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b:variant,...]
+Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b:variant,...] [--keep DIR]
 """
 
 import argparse
@@ -107,7 +107,7 @@ def measure(b, system, variant, requests, out):
     dumps = sorted(Path(out).parent.glob(Path(out).name + ".*"), key=lambda p: p.stat().st_mtime)
     if not dumps:
         raise RuntimeError(f"{system}: callgrind wrote no dump")
-    return parse(dumps[-1])
+    return dumps[-1]
 
 
 def main():
@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--top", type=int, default=25, help="functions listed by their difference")
     ap.add_argument("--systems", default="bare-pingora,meshgate")
+    ap.add_argument("--keep", metavar="DIR", type=Path,
+                    help="copy the callgrind dumps here, for `callgrind_annotate --inclusive=yes`")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "h2load"):
         if not shutil.which(tool):
@@ -125,8 +127,12 @@ def main():
         b.setup()
         for entry in args.systems.split(","):
             system, _, variant = entry.partition(":")
-            counts[entry] = measure(b, system, variant or "default", args.requests,
-                                    b.work / f"callgrind.{entry.replace(':', '-')}")
+            dump = measure(b, system, variant or "default", args.requests,
+                           b.work / f"callgrind.{entry.replace(':', '-')}")
+            counts[entry] = parse(dump)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, args.keep / f"callgrind.{entry.replace(':', '-')}.out")
     finally:
         b.procs.stop_all()
         shutil.rmtree(b.work, ignore_errors=True)
