@@ -216,6 +216,8 @@ async fn two_chained_gateways_make_one_connected_trace() {
         .as_str()
         .unwrap()
         .to_string();
+    // The caller's vendor state travels with the trace, through both hops.
+    assert_eq!(r.json()["headers"]["tracestate"], "vendor=1");
 
     let spans = otlp.wait_for(TRACE_ID, 4).await;
     let by = |service: &str, kind: SpanKind| -> Received {
@@ -337,12 +339,41 @@ async fn sampling_follows_the_parent_and_the_ratio() {
         app.addr,
     ))
     .await;
-    let r = get(gw.listen, "/", &[]).await.unwrap();
+    // A `tracestate` without a `traceparent` belongs to no trace: dropped.
+    let r = get(gw.listen, "/", &[("tracestate", "stale=1")])
+        .await
+        .unwrap();
     let tp = r.json()["headers"]["traceparent"]
         .as_str()
         .expect("context is still propagated")
         .to_string();
     assert!(tp.ends_with("-00"), "unsampled: {tp}");
+    assert!(r.json()["headers"]["tracestate"].is_null(), "{}", r.text());
+    // An unsampled caller is followed too, its state kept.
+    let unsampled_caller = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
+    let r = get(
+        gw.listen,
+        "/",
+        &[
+            ("traceparent", &unsampled_caller),
+            ("tracestate", "vendor=2"),
+        ],
+    )
+    .await
+    .unwrap();
+    let forwarded = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        forwarded.starts_with(&format!("00-{TRACE_ID}-")) && forwarded.ends_with("-00"),
+        "{forwarded}"
+    );
+    assert_ne!(
+        forwarded, unsampled_caller,
+        "a new parent id for the next hop"
+    );
+    assert_eq!(r.json()["headers"]["tracestate"], "vendor=2");
     // ...but a sampled caller is followed (parent-based).
     let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
     let r = get(gw.listen, "/", &[("traceparent", &traceparent)])

@@ -661,9 +661,7 @@ impl ProxyHttp for Gateway {
         }
         upstream.insert_header("X-Request-Id", ctx.request_id.header_value())?;
         headers::rewrite_request(upstream, &fwd.request_headers);
-        if let Some(t) = &self.tracing {
-            trace::inject(t, ctx, upstream);
-        }
+        trace::inject(ctx, upstream);
         Ok(())
     }
 

@@ -96,7 +96,7 @@ pub fn start_attempt(t: &Tracing, req: &RequestHeader, ctx: &mut RequestCtx) {
     if let Some(prev) = ctx.client_cx.take() {
         tracing::end(&prev, None, Some("retried"), 400);
     }
-    let cx = t.client_span(&server, req.method.as_str(), || client_attributes(req, ctx));
+    let cx = t.client_span(&server, &req.method, || client_attributes(req, ctx));
     ctx.client_cx = Some(cx);
 }
 
@@ -129,9 +129,9 @@ pub fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
 }
 
 /// Put the client span's context on the upstream request.
-pub fn inject(t: &Tracing, ctx: &RequestCtx, upstream: &mut RequestHeader) {
+pub fn inject(ctx: &RequestCtx, upstream: &mut RequestHeader) {
     if let Some(cx) = &ctx.client_cx {
-        t.inject(cx, upstream);
+        tracing::inject(cx, upstream);
     }
 }
 

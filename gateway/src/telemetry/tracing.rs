@@ -7,13 +7,17 @@
 //! costs requests nothing. The SDK's own batch processor keeps its drop count
 //! private, hence this small processor.
 
+use std::borrow::Cow;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use http::{HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -108,10 +112,15 @@ impl Tracing {
         req: &RequestHeader,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Context {
-        let parent = self.propagator.extract(&HeaderExtractor(&req.headers));
+        // Most requests carry no context: spare them the propagator's lookups.
+        let parent = if req.headers.contains_key(TRACEPARENT) {
+            self.propagator.extract(&HeaderExtractor(&req.headers))
+        } else {
+            Context::new()
+        };
         let span = self
             .tracer
-            .span_builder(req.method.as_str().to_string())
+            .span_builder(span_name(&req.method))
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
         let cx = parent.with_span(span);
@@ -126,12 +135,12 @@ impl Tracing {
     pub fn client_span(
         &self,
         server: &Context,
-        name: &str,
+        method: &http::Method,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Context {
         let span = self
             .tracer
-            .span_builder(name.to_string())
+            .span_builder(span_name(method))
             .with_kind(SpanKind::Client)
             .start_with_context(&self.tracer, server);
         let cx = server.with_span(span);
@@ -141,19 +150,89 @@ impl Tracing {
         cx
     }
 
-    /// Write `cx` as `traceparent` (and `tracestate`) into the upstream request,
-    /// replacing what the client sent.
-    pub fn inject(&self, cx: &Context, req: &mut RequestHeader) {
-        req.remove_header("traceparent");
-        req.remove_header("tracestate");
-        self.propagator.inject_context(cx, &mut HeaderInjector(req));
-    }
-
     /// Flush what is queued and stop the export thread.
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
             log::warn!("tracing shutdown: {e}");
         }
+    }
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Span names are the method; the usual ones need no allocation.
+fn span_name(method: &http::Method) -> Cow<'static, str> {
+    match method.as_str() {
+        "GET" => Cow::Borrowed("GET"),
+        "POST" => Cow::Borrowed("POST"),
+        "PUT" => Cow::Borrowed("PUT"),
+        "DELETE" => Cow::Borrowed("DELETE"),
+        "HEAD" => Cow::Borrowed("HEAD"),
+        "PATCH" => Cow::Borrowed("PATCH"),
+        "OPTIONS" => Cow::Borrowed("OPTIONS"),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+/// W3C `traceparent` (version 00) for a valid span context.
+fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
+    if !sc.is_valid() {
+        return None;
+    }
+    let mut buf = [0u8; 55];
+    buf[..3].copy_from_slice(b"00-");
+    hex_into(&mut buf[3..35], &sc.trace_id().to_bytes());
+    buf[35] = b'-';
+    hex_into(&mut buf[36..52], &sc.span_id().to_bytes());
+    buf[52] = b'-';
+    hex_into(
+        &mut buf[53..],
+        &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
+    );
+    HeaderValue::from_bytes(&buf).ok()
+}
+
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
+/// A lookup is cheaper than pingora's removal from both of its maps.
+fn remove_if_present(req: &mut RequestHeader, name: &HeaderName) {
+    if req.headers.contains_key(name) {
+        req.remove_header(name);
+    }
+}
+
+/// Write `cx` as `traceparent` (and `tracestate`, when it has one) into the
+/// upstream request, replacing what the client sent.
+///
+/// The same header the SDK's `TraceContextPropagator` writes (a test holds
+/// them equal), built without `format!` and without an empty `tracestate`:
+/// every request pays this, sampled or not.
+pub fn inject(cx: &Context, req: &mut RequestHeader) {
+    let span = cx.span();
+    let sc = span.span_context();
+    match traceparent(sc) {
+        // Inserting replaces a client's value.
+        Some(v) => {
+            let _ = req.insert_header("traceparent", v);
+        }
+        None => remove_if_present(req, &TRACEPARENT),
+    }
+    let state = sc.trace_state().header();
+    let state = (sc.is_valid() && !state.is_empty())
+        .then(|| HeaderValue::from_str(&state).ok())
+        .flatten();
+    match state {
+        Some(v) => {
+            let _ = req.insert_header("tracestate", v);
+        }
+        None => remove_if_present(req, &TRACESTATE),
     }
 }
 
@@ -200,19 +279,6 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut RequestHeader);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            let _ = self.0.insert_header(name, value);
-        }
     }
 }
 
@@ -353,6 +419,85 @@ fn export(exporter: &OtlpExporter, batch: &mut Vec<SpanData>) {
             metrics().trace_export_errors.inc();
             metrics().trace_spans_dropped.inc_by(n);
             log::warn!("OTLP export of {n} span(s) failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use opentelemetry::trace::{SpanId, TraceId, TraceState};
+
+    use super::*;
+
+    fn context(flags: u8, state: &[(&str, &str)]) -> Context {
+        let state = TraceState::from_key_value(state.iter().copied()).unwrap();
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::new(flags),
+            true,
+            state,
+        ))
+    }
+
+    fn client_request() -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header(
+            "traceparent",
+            "00-11111111111111111111111111111111-2222222222222222-01",
+        )
+        .unwrap();
+        req.insert_header("tracestate", "client=1").unwrap();
+        req
+    }
+
+    fn values<'a>(req: &'a RequestHeader, name: &str) -> Vec<&'a str> {
+        req.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn inject_writes_what_the_sdk_propagator_writes() {
+        // 0x03: a flag bit beyond `sampled` is not propagated.
+        for (flags, state) in [
+            (0x01, vec![("vendor", "1"), ("other", "x")]),
+            (0x00, vec![("vendor", "1")]),
+            (0x03, vec![]),
+        ] {
+            let cx = context(flags, &state);
+            let mut sdk: HashMap<String, String> = HashMap::new();
+            TraceContextPropagator::new().inject_context(&cx, &mut sdk);
+            let mut req = client_request();
+            inject(&cx, &mut req);
+            assert_eq!(values(&req, "traceparent"), [sdk["traceparent"].as_str()]);
+            if state.is_empty() {
+                // The SDK writes an empty `tracestate`; the client's is dropped either way.
+                assert_eq!(sdk["tracestate"], "");
+                assert!(values(&req, "tracestate").is_empty());
+            } else {
+                assert_eq!(values(&req, "tracestate"), [sdk["tracestate"].as_str()]);
+            }
+        }
+    }
+
+    #[test]
+    fn inject_without_a_valid_context_removes_the_clients_headers() {
+        let mut req = client_request();
+        inject(&Context::new(), &mut req);
+        assert!(values(&req, "traceparent").is_empty());
+        assert!(values(&req, "tracestate").is_empty());
+    }
+
+    #[test]
+    fn span_names_are_the_method() {
+        for m in ["GET", "POST", "PURGE", "PROPFIND"] {
+            let method = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(span_name(&method), m);
         }
     }
 }
