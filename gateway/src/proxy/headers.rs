@@ -246,16 +246,30 @@ pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
     for n in nominated {
         resp.remove_header(&n);
     }
-    for n in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::UPGRADE,
-        header::TE,
-    ] {
-        resp.remove_header(&n);
+    // Pingora's removal hashes the name into both of its maps whether it is
+    // there or not: one pass over the few names a response has finds the
+    // ones to remove (usually just `Connection`).
+    let mut present = [false; HOP_BY_HOP_FIELDS];
+    for name in resp.headers.keys() {
+        if let Some(i) = RESPONSE_HOP_BY_HOP.iter().position(|n| n == name) {
+            present[i] = true;
+        }
+    }
+    for (n, present) in RESPONSE_HOP_BY_HOP.iter().zip(present) {
+        if present {
+            resp.remove_header(n);
+        }
     }
 }
+
+const HOP_BY_HOP_FIELDS: usize = 5;
+static RESPONSE_HOP_BY_HOP: [HeaderName; HOP_BY_HOP_FIELDS] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::UPGRADE,
+    header::TE,
+];
 
 /// Fields a `Connection` header may not remove: framing and identity.
 fn is_protected(n: &HeaderName) -> bool {
@@ -396,6 +410,29 @@ mod tests {
         assert!(resp.headers.get("keep-alive").is_none());
         assert!(resp.headers.get("connection").is_none());
         assert_eq!(resp.headers["content-length"], "3");
+
+        // Each standard hop-by-hop field alone, and all of them with repeats.
+        let fields = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "te",
+        ];
+        for only in fields {
+            let mut resp = ResponseHeader::build(200, None).unwrap();
+            resp.append_header("server", "app").unwrap();
+            resp.append_header(only, "x").unwrap();
+            strip_response_hop_by_hop(&mut resp);
+            assert!(resp.headers.get(only).is_none(), "{only} kept");
+            assert_eq!(resp.headers["server"], "app");
+        }
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for f in fields.iter().chain(&fields) {
+            resp.append_header(*f, "x").unwrap();
+        }
+        strip_response_hop_by_hop(&mut resp);
+        assert!(resp.headers.is_empty(), "{:?}", resp.headers);
     }
 
     #[test]
