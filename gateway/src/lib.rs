@@ -21,7 +21,8 @@
 //! - [`telemetry`]: Prometheus metrics (names in one module) and access logs.
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`).
 //! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
-//! - [`server`]: builds the pingora `Server` and runs it.
+//! - [`server`]: builds the pingora `Server` and runs it; [`keepalive`] is its
+//!   HTTP/1 loop, where idle connections wait for requests outside Pingora.
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod egress;
+pub mod keepalive;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

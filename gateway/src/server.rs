@@ -27,11 +27,13 @@ use crate::telemetry::tracing::Tracing;
 /// 64 KiB, is allocated zero-filled per connection and stays resident for
 /// as long as the connection is open: ~96 KiB per idle keep-alive
 /// connection with it, ~36 KiB with 4 KiB (docs/performance.md, which also
-/// shows no CPU difference). Plain HTTP reads into Pingora's own header and
-/// body buffers; no buffer at all (0) breaks upgraded WebSocket connections
-/// in Pingora 0.9. BoringSSL reads a record header and then the record, so
-/// TLS keeps one record's worth.
-const PLAIN_READ_BUFFER: usize = 4 * 1024;
+/// shows no CPU difference), ~15 KiB with 1 KiB once idle connections wait
+/// outside Pingora (`keepalive`). Plain HTTP reads go to larger buffers
+/// (the read-ahead's, Pingora's header and body buffers), which bypass this
+/// one; no buffer at all (0) breaks upgraded WebSocket connections in
+/// Pingora 0.9. BoringSSL reads a record header and then the record, so TLS
+/// keeps one record's worth.
+const PLAIN_READ_BUFFER: usize = 1024;
 const TLS_READ_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +121,10 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         "meshgate proxy".to_string(),
         CountConnections::new(
             crate::egress::tunnel::EgressSniff::new(
-                crate::telemetry::head_deadline::WithHeadDeadline::new(proxy, runtime.clone()),
+                crate::telemetry::head_deadline::WithHeadDeadline::new(
+                    crate::keepalive::KeepAlive::new(proxy, runtime.clone()),
+                    runtime.clone(),
+                ),
                 runtime.clone(),
             ),
             runtime.clone(),

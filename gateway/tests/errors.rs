@@ -198,6 +198,14 @@ endpoints = ["{}"]
     );
     let mut gw = Gateway::start(&config).await;
     let listen = gw.listen;
+    // A kept-alive connection idle between requests is closed at once.
+    let mut idle = tokio::net::TcpStream::connect(listen).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
     let in_flight = tokio::spawn(async move { get(listen, "/delay/1000", &[]).await });
     // Signal once the request has reached the upstream.
     let start = Instant::now();
@@ -209,6 +217,13 @@ endpoints = ["{}"]
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     support::signal(gw.pid(), "TERM");
+    let signalled = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed within the grace period")
+        .unwrap();
+    assert!(signalled.elapsed() < Duration::from_secs(2));
     let r = in_flight
         .await
         .unwrap()

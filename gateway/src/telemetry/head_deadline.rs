@@ -9,9 +9,12 @@
 //!
 //! [`WithHeadDeadline`] wraps the HTTP proxy app (inside the egress sniffer,
 //! so CONNECT and passthrough tunnels, which have deadlines of their own,
-//! are never cut by it).
+//! are never cut by it). Every client stream is wrapped, with a deadline or
+//! without: the wrapper's peek also reads ahead, which is how the keep-alive
+//! loop ([`crate::keepalive`]) waits for a request without Pingora's state.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::metrics::metrics;
 use crate::runtime::Runtime;
 
-/// The proxy app, given client streams with their listener's
-/// `header_read_timeout`.
+/// The proxy app, given client streams wrapped in [`HeadDeadline`], with
+/// their listener's `header_read_timeout` when it has one.
 pub struct WithHeadDeadline<A> {
     inner: Arc<A>,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -55,13 +58,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeadDeadline<A> {
         let rt = self.runtime.load();
         let deadline = rt.listener_of(&session).and_then(|i| {
             let timeout = rt.config.listeners.get(i)?.limits.header_read_timeout?;
-            Some((timeout, rt.listeners.get(i)?.name.as_str()))
+            Some((timeout, rt.listeners.get(i)?.name.as_str().into()))
         });
-        let session = match deadline {
-            Some((timeout, name)) => HeadDeadline::wrap(session, timeout, name.into()),
-            None => session,
-        };
         drop(rt);
+        // Wrapped even without a deadline: the keep-alive loop waits for
+        // requests through its read-ahead.
+        let session = HeadDeadline::wrap(session, deadline);
         self.inner.process_new(session, shutdown).await
     }
 
@@ -114,15 +116,70 @@ pub struct HeadDeadline {
     peeked: Vec<u8>,
 }
 
+/// How much a peek reads ahead: a request head, usually whole.
+const READ_AHEAD: usize = 4096;
+
 impl HeadDeadline {
-    pub fn wrap(inner: Stream, timeout: Duration, listener: Arc<str>) -> Stream {
+    /// `deadline`: the listener's `header_read_timeout` and name, if it has one.
+    pub fn wrap(inner: Stream, deadline: Option<(Duration, Arc<str>)>) -> Stream {
+        let (timer, scan, listener) = match deadline {
+            Some((timeout, listener)) => (
+                Some(Box::pin(pingora::time::fast_timeout::fast_sleep(timeout)) as Timer),
+                Scan::Start,
+                listener,
+            ),
+            None => (None, Scan::Done, Arc::from("")),
+        };
         Box::new(HeadDeadline {
             inner,
-            scan: Scan::Start,
-            timer: Some(Box::pin(pingora::time::fast_timeout::fast_sleep(timeout))),
+            scan,
+            timer,
             listener,
             peeked: Vec::new(),
         })
+    }
+
+    /// A read from the client, through the deadline while it applies.
+    fn poll_read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(timer) = self.timer.as_mut() {
+            if timer.as_mut().poll(cx).is_ready() {
+                self.timer = None;
+                self.scan = Scan::Done;
+                metrics()
+                    .rejected
+                    .with_label_values(&[&*self.listener, "header_timeout"])
+                    .inc();
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "request head not complete within header_read_timeout",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.timer.is_some() {
+            self.scan = self.scan.feed(&buf.filled()[before..]);
+            if self.scan == Scan::Done {
+                self.timer = None;
+            }
+        }
+        result
+    }
+
+    /// Read what the client has sent (up to [`READ_AHEAD`] bytes) onto the
+    /// peeked bytes; 0 at end of stream.
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        // On the stack, not in `peeked`: a connection waiting for its next
+        // request keeps no buffer.
+        let mut storage = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut buf = ReadBuf::uninit(&mut storage);
+        std::task::ready!(self.poll_read_inner(cx, &mut buf))?;
+        self.peeked.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
     }
 }
 
@@ -147,32 +204,15 @@ impl AsyncRead for HeadDeadline {
         if !this.peeked.is_empty() {
             let n = this.peeked.len().min(buf.remaining());
             buf.put_slice(&this.peeked[..n]);
-            this.peeked.drain(..n);
+            if n == this.peeked.len() {
+                // Nothing kept while the connection idles.
+                this.peeked = Vec::new();
+            } else {
+                this.peeked.drain(..n);
+            }
             return Poll::Ready(Ok(()));
         }
-        if let Some(timer) = this.timer.as_mut() {
-            if timer.as_mut().poll(cx).is_ready() {
-                this.timer = None;
-                this.scan = Scan::Done;
-                metrics()
-                    .rejected
-                    .with_label_values(&[&*this.listener, "header_timeout"])
-                    .inc();
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "request head not complete within header_read_timeout",
-                )));
-            }
-        }
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.timer.is_some() {
-            this.scan = this.scan.feed(&buf.filled()[before..]);
-            if this.scan == Scan::Done {
-                this.timer = None;
-            }
-        }
-        result
+        this.poll_read_inner(cx, buf)
     }
 }
 
@@ -269,15 +309,18 @@ impl GetSocketDigest for HeadDeadline {
 
 /// Pingora peeks at the first 24 bytes of a plain connection (is it the
 /// HTTP/2 preface?) without a timeout of its own; reading them through the
-/// deadline bounds that wait too.
+/// deadline bounds that wait too. A peek reads what is there, not just what
+/// was asked: the keep-alive loop peeks at one byte to wait for a request,
+/// and Pingora's read that follows then gets the head in one piece.
 #[async_trait]
 impl Peek for HeadDeadline {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        use tokio::io::AsyncReadExt;
-        self.read_exact(buf).await?;
-        // Unread what was not consumed from an earlier peek behind these.
-        let rest = std::mem::take(&mut self.peeked);
-        self.peeked = [buf, &rest[..]].concat();
+        while self.peeked.len() < buf.len() {
+            if std::future::poll_fn(|cx| self.poll_read_ahead(cx)).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        buf.copy_from_slice(&self.peeked[..buf.len()]);
         Ok(true)
     }
 }
