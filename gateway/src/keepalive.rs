@@ -4,33 +4,41 @@
 //! is written: it allocates that request's state (one boxed future sized for
 //! the whole proxy path, and a head buffer), which then waits, idle, for the
 //! client. An idle keep-alive connection so costs what a request in flight
-//! costs. This loop first waits for the next request's first bytes, read
-//! ahead by the client stream's wrapper ([`HeadDeadline`]), and only then
-//! hands the connection to Pingora: an idle connection holds its socket and
-//! little else.
+//! costs. This loop reads the next request's first bytes itself and only
+//! then hands the connection to Pingora, with those bytes as the session's
+//! first (Pingora's "pipelined prefix", parsed before any read): an idle
+//! connection holds its socket and little else, and a head that came whole
+//! is parsed without a second read or timer.
 //!
 //! HTTP/2 (prior knowledge or ALPN) and custom protocols take Pingora's own
-//! loop, unchanged. The HTTP/1 loop is Pingora's, with the wait added: the
-//! same keep-alive settings carried from request to request, and an idle
-//! connection closed after its listener's `idle_timeout` or at shutdown.
-//!
-//! [`HeadDeadline`]: crate::telemetry::head_deadline::HeadDeadline
+//! loop, unchanged. The HTTP/1 loop is Pingora's, with the read added: the
+//! same keep-alive settings carried from request to request, and a
+//! connection closed after its listener's `idle_timeout` without a request,
+//! or, between requests, at shutdown. Pipelining stays off (Pingora's
+//! default): a session never carries a prefix of its own into the next.
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::runtime::Runtime;
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Pingora's keep-alive timeout, for a connection whose listener is unknown.
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+/// Pingora's first head buffer (`INIT_HEADER_BUF_SIZE`); most heads fit.
+const HEAD_BUFFER: usize = 4096;
 
 /// The HTTP proxy app, with idle HTTP/1 connections waiting outside it.
 pub struct KeepAlive<A> {
@@ -57,23 +65,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         if !self.speaks_http1(&mut stream).await? {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
-        // The first request: its head is bounded by the head deadline.
-        let mut first = [0u8; 1];
-        stream.try_peek(&mut first).await.ok()?;
         let options = self.inner.server_options();
+        // The first request waits as long as a later one (the head deadline,
+        // if any, bounds it too); shutdown does not cut it off.
+        let first = self.next_request(&mut stream, None).await?;
         let mut session = ServerSession::new_http1(stream);
         // Pingora's defaults; the proxy sets the listener's own per request.
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         session.set_keepalive_reuses_remaining(options.and_then(|o| o.keepalive_request_limit));
+        start_with(&mut session, first);
         let mut result = self.inner.process_new_http(session, shutdown).await;
         while let Some((mut stream, settings)) = result.map(ReusedHttpStream::consume) {
-            if !self.next_request(&mut stream, shutdown).await {
-                return None;
-            }
+            let next = self.next_request(&mut stream, Some(shutdown)).await?;
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
             }
+            start_with(&mut session, next);
             result = self.inner.process_new_http(session, shutdown).await;
         }
         None
@@ -109,10 +117,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         }
     }
 
-    /// Wait for the next request's first bytes: `false` when the connection
-    /// idled past its listener's `idle_timeout`, closed, or the gateway is
-    /// shutting down.
-    async fn next_request(&self, stream: &mut Stream, shutdown: &ShutdownWatch) -> bool {
+    /// Read the next request's first bytes: `None` when the connection
+    /// closed, failed, idled past its listener's `idle_timeout`, or (given
+    /// `shutdown`) the gateway began shutting down.
+    async fn next_request(
+        &self,
+        stream: &mut Stream,
+        shutdown: Option<&ShutdownWatch>,
+    ) -> Option<BytesMut> {
         let idle = {
             let rt = self.runtime.load();
             rt.listener_of(stream)
@@ -121,16 +133,46 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 // As the proxy tells Pingora: whole seconds, at least one.
                 .max(Duration::from_secs(1))
         };
-        let mut shutdown = shutdown.clone();
-        if *shutdown.borrow_and_update() {
-            return false;
-        }
-        let mut first = [0u8; 1];
-        tokio::select! {
-            read = pingora::time::fast_timeout::fast_timeout(idle, stream.try_peek(&mut first)) => {
-                matches!(read, Ok(Ok(true)))
+        let read = pingora::time::fast_timeout::fast_timeout(idle, read_some(stream));
+        let read = match shutdown {
+            None => read.await,
+            Some(shutdown) => {
+                let mut shutdown = shutdown.clone();
+                if *shutdown.borrow_and_update() {
+                    return None;
+                }
+                tokio::select! {
+                    read = read => read,
+                    _ = shutdown.changed() => return None,
+                }
             }
-            _ = shutdown.changed() => false,
+        };
+        read.ok()?.ok().flatten()
+    }
+}
+
+/// What the client has sent, once it has sent something; `None` at end of
+/// stream. Read through a buffer on the stack, so that a connection waiting
+/// here holds none.
+async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
+    std::future::poll_fn(|cx| {
+        let mut storage = [MaybeUninit::<u8>::uninit(); HEAD_BUFFER];
+        let mut buf = ReadBuf::uninit(&mut storage);
+        std::task::ready!(Pin::new(&mut *stream).poll_read(cx, &mut buf))?;
+        if buf.filled().is_empty() {
+            return Poll::Ready(Ok(None));
         }
+        // Pingora would have allocated its head buffer this size.
+        let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+        head.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(Some(head)))
+    })
+    .await
+}
+
+/// Hand Pingora the bytes already read, as the start of the request.
+fn start_with(session: &mut ServerSession, head: BytesMut) {
+    if let ServerSession::H1(h1) = session {
+        h1.set_pipelined_prefix(head);
     }
 }

@@ -9,9 +9,7 @@
 //!
 //! [`WithHeadDeadline`] wraps the HTTP proxy app (inside the egress sniffer,
 //! so CONNECT and passthrough tunnels, which have deadlines of their own,
-//! are never cut by it). Every client stream is wrapped, with a deadline or
-//! without: the wrapper's peek also reads ahead, which is how the keep-alive
-//! loop ([`crate::keepalive`]) waits for a request without Pingora's state.
+//! are never cut by it).
 
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -32,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::metrics::metrics;
 use crate::runtime::Runtime;
 
-/// The proxy app, given client streams wrapped in [`HeadDeadline`], with
-/// their listener's `header_read_timeout` when it has one.
+/// The proxy app, given client streams with their listener's
+/// `header_read_timeout`.
 pub struct WithHeadDeadline<A> {
     inner: Arc<A>,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -58,12 +56,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeadDeadline<A> {
         let rt = self.runtime.load();
         let deadline = rt.listener_of(&session).and_then(|i| {
             let timeout = rt.config.listeners.get(i)?.limits.header_read_timeout?;
-            Some((timeout, rt.listeners.get(i)?.name.as_str().into()))
+            Some((timeout, rt.listeners.get(i)?.name.as_str()))
         });
+        let session = match deadline {
+            Some((timeout, name)) => HeadDeadline::wrap(session, timeout, name.into()),
+            None => session,
+        };
         drop(rt);
-        // Wrapped even without a deadline: the keep-alive loop waits for
-        // requests through its read-ahead.
-        let session = HeadDeadline::wrap(session, deadline);
         self.inner.process_new(session, shutdown).await
     }
 
@@ -116,24 +115,16 @@ pub struct HeadDeadline {
     peeked: Vec<u8>,
 }
 
-/// How much a peek reads ahead: a request head, usually whole.
+/// How much a peek reads ahead: a request head, usually whole (Pingora's
+/// first head buffer is as large).
 const READ_AHEAD: usize = 4096;
 
 impl HeadDeadline {
-    /// `deadline`: the listener's `header_read_timeout` and name, if it has one.
-    pub fn wrap(inner: Stream, deadline: Option<(Duration, Arc<str>)>) -> Stream {
-        let (timer, scan, listener) = match deadline {
-            Some((timeout, listener)) => (
-                Some(Box::pin(pingora::time::fast_timeout::fast_sleep(timeout)) as Timer),
-                Scan::Start,
-                listener,
-            ),
-            None => (None, Scan::Done, Arc::from("")),
-        };
+    pub fn wrap(inner: Stream, timeout: Duration, listener: Arc<str>) -> Stream {
         Box::new(HeadDeadline {
             inner,
-            scan,
-            timer,
+            scan: Scan::Start,
+            timer: Some(Box::pin(pingora::time::fast_timeout::fast_sleep(timeout))),
             listener,
             peeked: Vec::new(),
         })
@@ -310,8 +301,7 @@ impl GetSocketDigest for HeadDeadline {
 /// Pingora peeks at the first 24 bytes of a plain connection (is it the
 /// HTTP/2 preface?) without a timeout of its own; reading them through the
 /// deadline bounds that wait too. A peek reads what is there, not just what
-/// was asked: the keep-alive loop peeks at one byte to wait for a request,
-/// and Pingora's read that follows then gets the head in one piece.
+/// was asked, so the read that follows gets the head in one piece.
 #[async_trait]
 impl Peek for HeadDeadline {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
