@@ -15,10 +15,13 @@ Each system serves a warm-up, then callgrind's counters are zeroed, then
 `--requests` requests are counted (h2load --h1, 10 connections). Loopback
 only; every process is stopped at the end.
 
-`--systems` takes `system` or `meshgate:VARIANT` (a `bench.py` variant:
-`routes1000`, `ratelimit`, `tracing`), so scenarios 6-8's costs, which are
-smaller than the timed runs' spread, can be counted too. With `routes1000`
-the request is scenario 6's: the last of the 1,000 routes.
+`--systems` takes `system` or `system:VARIANT` (a `bench.py` variant:
+`routes1000`, `ratelimit`, `tracing`, `tls`), so scenarios 6-8's costs,
+which are smaller than the timed runs' spread, can be counted too. With
+`routes1000` the request is scenario 6's: the last of the 1,000 routes.
+With `tls` it is scenario 3's: a new TLS 1.3 connection per request (wrk,
+10 connections, `Connection: close`); wrk runs for a time, so `--requests`
+is then read as seconds and the count is what wrk served.
 
 Usage: loadtest/instructions.py [--requests N] [--top K] [--systems a,b:variant,...] [--keep DIR]
 """
@@ -83,6 +86,7 @@ def short(name):
 
 
 def measure(b, system, variant, requests, out):
+    """Run `system` under callgrind; its dump and how many requests it counts."""
     proc, ports = b.start(system, variant)
     # Re-run the same command under callgrind: stop the plain one first.
     argv = [str(a) for a in proc.args[3:]]  # after "taskset -c N"
@@ -91,23 +95,40 @@ def measure(b, system, variant, requests, out):
     cg = b.procs.start(["valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no",
                         f"--callgrind-out-file={out}"] + argv, bench.PROXY_CORE, log)
     bench.wait_port(ports["plain"], cg, timeout=120)
-    url = f"http://127.0.0.1:{ports['plain']}/"
-    h2load = ["taskset", "-c", bench.LOAD_CORE, "h2load", "--h1", "-c10", "-t1"]
-    if variant == "routes1000":
-        host, prefix = bench.route_shape(999)
-        url = f"http://127.0.0.1:{ports['plain']}{prefix}x"
-        h2load += ["-H", f":authority: {host}"]
-    subprocess.run(h2load + ["-n2000", url], check=True, capture_output=True, timeout=600)
-    subprocess.run(["callgrind_control", "-z", str(cg.pid)], check=True, capture_output=True, timeout=120)
-    run = subprocess.run(h2load + [f"-n{requests}", url], check=True, capture_output=True, text=True, timeout=1800)
-    if f"{requests} succeeded" not in run.stdout:
-        raise RuntimeError(f"{system}: not every request succeeded:\n{run.stdout}")
+    if variant == "tls":
+        # Scenario 3: a full TLS 1.3 handshake per request. wrk runs for a
+        # time, not a count: `requests` is read as seconds here.
+        url = f"https://127.0.0.1:{ports['tls']}/"
+        b.wrk(url, 10, 5, headers=["Connection: close"])
+        zero(cg)
+        counted = b.wrk(url, 10, requests, headers=["Connection: close"])
+        if counted["errors"]:
+            raise RuntimeError(f"{system}: {counted['errors']} failed requests")
+        n = counted["requests"]
+    else:
+        url = f"http://127.0.0.1:{ports['plain']}/"
+        h2load = ["taskset", "-c", bench.LOAD_CORE, "h2load", "--h1", "-c10", "-t1"]
+        if variant == "routes1000":
+            host, prefix = bench.route_shape(999)
+            url = f"http://127.0.0.1:{ports['plain']}{prefix}x"
+            h2load += ["-H", f":authority: {host}"]
+        subprocess.run(h2load + ["-n2000", url], check=True, capture_output=True, timeout=600)
+        zero(cg)
+        run = subprocess.run(h2load + [f"-n{requests}", url], check=True, capture_output=True, text=True,
+                             timeout=1800)
+        if f"{requests} succeeded" not in run.stdout:
+            raise RuntimeError(f"{system}: not every request succeeded:\n{run.stdout}")
+        n = requests
     subprocess.run(["callgrind_control", "-d", str(cg.pid)], check=True, capture_output=True, timeout=120)
     b.procs.stop(cg)
     dumps = sorted(Path(out).parent.glob(Path(out).name + ".*"), key=lambda p: p.stat().st_mtime)
     if not dumps:
         raise RuntimeError(f"{system}: callgrind wrote no dump")
-    return dumps[-1]
+    return dumps[-1], n
+
+
+def zero(cg):
+    subprocess.run(["callgrind_control", "-z", str(cg.pid)], check=True, capture_output=True, timeout=120)
 
 
 def main():
@@ -122,44 +143,49 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: run `make bench-deps`")
     b = bench.Bench(args)
-    counts = {}
+    counts, served = {}, {}
     try:
         b.setup()
         for entry in args.systems.split(","):
             system, _, variant = entry.partition(":")
-            dump = measure(b, system, variant or "default", args.requests,
-                           b.work / f"callgrind.{entry.replace(':', '-')}")
+            dump, n = measure(b, system, variant or "default", args.requests,
+                              b.work / f"callgrind.{entry.replace(':', '-')}")
             counts[entry] = parse(dump)
+            served[entry] = n
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dump, args.keep / f"callgrind.{entry.replace(':', '-')}.out")
     finally:
         b.procs.stop_all()
         shutil.rmtree(b.work, ignore_errors=True)
-    n = args.requests
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    what = ("scenario 1's request (HTTP/1.1 keep-alive, small GET); `:tls` entries scenario 3's "
+            "(a new TLS 1.3 connection per request, wrk for `--requests` seconds)"
+            if any(e.endswith(":tls") for e in counts)
+            else "scenario 1's request (HTTP/1.1 keep-alive, small GET)")
     lines = [f"# Instructions per request (callgrind), {stamp}", "",
-             f"`python3 loadtest/instructions.py --requests {n}`: scenario 1's request (HTTP/1.1 keep-alive, "
-             "small GET) through each system; user space only.", "",
-             "| system | instructions per request | ÷ first |", "|---|---|---|"]
+             f"`python3 loadtest/instructions.py {' '.join(sys.argv[1:])}`: {what} through each system; "
+             "user space only.", "",
+             "| system | requests counted | instructions per request | ÷ first |", "|---|---|---|---|"]
+    per = {s: {fn: c / served[s] for fn, c in cost.items()} for s, cost in counts.items()}
     first = None
-    for system, cost in counts.items():
-        per = sum(cost.values()) / n
-        first = first or per
-        lines.append(f"| {system} | {per:,.0f} | {per / first:.2f}× |")
-    systems = list(counts)
-    by_part = {s: parts(c) for s, c in counts.items()}
+    for system, cost in per.items():
+        total = sum(cost.values())
+        first = first or total
+        lines.append(f"| {system} | {served[system]:,} | {total:,.0f} | {total / first:.2f}× |")
+    systems = list(per)
+    by_part = {s: parts(c) for s, c in per.items()}
     lines += ["", "By part (instructions per request):", "",
               "| part | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for name in [p for p, _ in PARTS] + ["other"]:
-        lines.append(f"| {name} | " + " | ".join(f"{by_part[s][name] / n:,.0f}" for s in systems) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{by_part[s][name]:,.0f}" for s in systems) + " |")
     if len(systems) >= 2:
-        a, c = counts[systems[0]], counts[systems[1]]
+        a, c = per[systems[0]], per[systems[1]]
         diff = {k: c.get(k, 0) - a.get(k, 0) for k in set(a) | set(c)}
         lines += ["", f"Largest differences ({systems[1]} − {systems[0]}, instructions per request):", "",
                   f"| function | {systems[0]} | {systems[1]} | difference |", "|---|---|---|---|"]
         for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:args.top]:
-            lines.append(f"| `{short(k)}` | {a.get(k, 0) / n:,.0f} | {c.get(k, 0) / n:,.0f} | {d / n:+,.0f} |")
+            lines.append(f"| `{short(k)}` | {a.get(k, 0):,.0f} | {c.get(k, 0):,.0f} | {d:+,.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     bench.RESULTS.mkdir(exist_ok=True)
