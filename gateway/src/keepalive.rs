@@ -94,7 +94,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
 
 impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this
-    /// loop; `None` when the connection failed while being looked at.
+    /// loop; `None` when the connection failed, or sent nothing within its
+    /// `idle_timeout`, while being looked at.
     async fn speaks_http1(&self, stream: &mut Stream) -> Option<bool> {
         let options = self.inner.server_options();
         if options.is_some_and(|o| o.force_custom)
@@ -109,12 +110,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             return Some(true);
         }
         let mut preface = [0u8; H2_PREFACE.len()];
-        match stream.try_peek(&mut preface).await {
-            Ok(true) => Some(preface != *H2_PREFACE),
+        let idle = self.idle_timeout(stream);
+        match pingora::time::fast_timeout::fast_timeout(idle, stream.try_peek(&mut preface)).await {
+            Ok(Ok(true)) => Some(preface != *H2_PREFACE),
             // A stream that cannot be peeked at: Pingora takes it for h2c.
-            Ok(false) => Some(false),
-            Err(_) => None,
+            Ok(Ok(false)) => Some(false),
+            _ => None,
         }
+    }
+
+    /// The listener's `idle_timeout`, read per wait so that a reload applies.
+    fn idle_timeout(&self, stream: &Stream) -> Duration {
+        let rt = self.runtime.load();
+        rt.listener_of(stream)
+            .and_then(|i| rt.config.listeners.get(i))
+            .map_or(DEFAULT_IDLE, |l| l.limits.idle_timeout)
+            // At least a second, as the proxy tells Pingora.
+            .max(Duration::from_secs(1))
     }
 
     /// Read the next request's first bytes: `None` when the connection
@@ -125,14 +137,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         stream: &mut Stream,
         shutdown: Option<&ShutdownWatch>,
     ) -> Option<BytesMut> {
-        let idle = {
-            let rt = self.runtime.load();
-            rt.listener_of(stream)
-                .and_then(|i| rt.config.listeners.get(i))
-                .map_or(DEFAULT_IDLE, |l| l.limits.idle_timeout)
-                // As the proxy tells Pingora: whole seconds, at least one.
-                .max(Duration::from_secs(1))
-        };
+        let idle = self.idle_timeout(stream);
         let read = pingora::time::fast_timeout::fast_timeout(idle, read_some(stream));
         let read = match shutdown {
             None => read.await,

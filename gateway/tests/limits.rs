@@ -204,6 +204,20 @@ async fn idle_keep_alive_connections_are_closed_after_idle_timeout() {
         start.elapsed() >= Duration::from_millis(900),
         "closed too early"
     );
+
+    // A new connection that never sends a request is idle too.
+    let mut silent = TcpStream::connect(gw.listen).await.unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut out))
+        .await
+        .expect("a silent connection still open after 10s")
+        .unwrap();
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed too early"
+    );
 }
 
 /// Read one 200 answer off a kept-alive connection (framed by
