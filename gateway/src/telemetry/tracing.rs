@@ -23,7 +23,8 @@ use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+    SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use pingora::http::RequestHeader;
@@ -53,6 +54,8 @@ pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    /// Span ids for the hops of unsampled requests (the SDK's own generator).
+    ids: RandomIdGenerator,
 }
 
 impl std::fmt::Debug for Tracing {
@@ -102,6 +105,7 @@ impl Tracing {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            ids: RandomIdGenerator::default(),
         })
     }
 
@@ -138,6 +142,22 @@ impl Tracing {
         method: &http::Method,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Context {
+        let parent = server.span();
+        if !parent.is_recording() {
+            // The parent-based sampler drops every child of a dropped span:
+            // the hop needs only its own span id to propagate, not an SDK
+            // span that would record nothing.
+            let sc = parent.span_context();
+            if sc.is_valid() {
+                return server.with_remote_span_context(SpanContext::new(
+                    sc.trace_id(),
+                    self.ids.new_span_id(),
+                    sc.trace_flags(),
+                    false,
+                    sc.trace_state().clone(),
+                ));
+            }
+        }
         let span = self
             .tracer
             .span_builder(span_name(method))
