@@ -14,8 +14,10 @@
 //! loop, unchanged. The HTTP/1 loop is Pingora's, with the read added: the
 //! same keep-alive settings carried from request to request, and a
 //! connection closed after its listener's `idle_timeout` without a request,
-//! or, between requests, at shutdown. Pipelining stays off (Pingora's
-//! default): a session never carries a prefix of its own into the next.
+//! or at shutdown. Pipelining stays off (Pingora's default): a session never
+//! carries a prefix of its own into the next. A plain HTTP/1 request is told
+//! from the HTTP/2 preface by its first byte, so a request shorter than the
+//! preface (24 bytes) is served.
 
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -26,7 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
@@ -66,25 +68,41 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         let options = self.inner.server_options();
-        // The first request waits as long as a later one (the head deadline,
-        // if any, bounds it too); shutdown does not cut it off.
-        let first = self.next_request(&mut stream, None).await?;
-        let mut session = ServerSession::new_http1(stream);
-        // Pingora's defaults; the proxy sets the listener's own per request.
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        session.set_keepalive_reuses_remaining(options.and_then(|o| o.keepalive_request_limit));
-        start_with(&mut session, first);
-        let mut result = self.inner.process_new_http(session, shutdown).await;
-        while let Some((mut stream, settings)) = result.map(ReusedHttpStream::consume) {
-            let next = self.next_request(&mut stream, Some(shutdown)).await?;
+        // Shutdown closes a connection waiting for a request, as Pingora's
+        // loop does; one wake-up registration for the connection's life,
+        // not one per wait.
+        let mut watch = shutdown.clone();
+        let shutting_down = watch.changed();
+        tokio::pin!(shutting_down);
+        // `None` before the first request; then what Pingora carries over.
+        let mut carried: Option<Option<HttpPersistentSettings>> = None;
+        loop {
+            let head = tokio::select! {
+                // A request already sent is served, even at shutdown.
+                biased;
+                head = self.next_request(&mut stream) => head?,
+                _ = &mut shutting_down => return None,
+                () = std::future::ready(()), if *shutdown.borrow() => return None,
+            };
             let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+            match carried {
+                None => {
+                    // Pingora's defaults; the proxy sets the listener's own
+                    // per request.
+                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                    session.set_keepalive_reuses_remaining(
+                        options.and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+                Some(Some(settings)) => settings.apply_to_session(&mut session),
+                Some(None) => {}
             }
-            start_with(&mut session, next);
-            result = self.inner.process_new_http(session, shutdown).await;
+            start_with(&mut session, head);
+            let reused = self.inner.process_new_http(session, shutdown).await?;
+            let (next, settings) = reused.consume();
+            stream = next;
+            carried = Some(settings);
         }
-        None
     }
 
     async fn cleanup(&self) {
@@ -109,14 +127,27 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         if stream.get_ssl_digest().is_some() || !options.is_some_and(|o| o.h2c) {
             return Some(true);
         }
-        let mut preface = [0u8; H2_PREFACE.len()];
+        // Pingora reads 24 bytes to compare with the preface, which a short
+        // HTTP/1 request (`GET / HTTP/1.0` and a blank line is 18) never
+        // sends: the first byte tells most requests apart at once.
         let idle = self.idle_timeout(stream);
-        match pingora::time::fast_timeout::fast_timeout(idle, stream.try_peek(&mut preface)).await {
-            Ok(Ok(true)) => Some(preface != *H2_PREFACE),
-            // A stream that cannot be peeked at: Pingora takes it for h2c.
-            Ok(Ok(false)) => Some(false),
-            _ => None,
-        }
+        let peek = async {
+            let mut first = [0u8; 1];
+            if !stream.try_peek(&mut first).await? {
+                // A stream that cannot be peeked at: Pingora takes it for h2c.
+                return Ok(false);
+            }
+            if first[0] != H2_PREFACE[0] {
+                return Ok(true);
+            }
+            let mut preface = [0u8; H2_PREFACE.len()];
+            stream.try_peek(&mut preface).await?;
+            Ok::<_, std::io::Error>(preface != *H2_PREFACE)
+        };
+        pingora::time::fast_timeout::fast_timeout(idle, peek)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The listener's `idle_timeout`, read per wait so that a reload applies.
@@ -130,28 +161,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
     }
 
     /// Read the next request's first bytes: `None` when the connection
-    /// closed, failed, idled past its listener's `idle_timeout`, or (given
-    /// `shutdown`) the gateway began shutting down.
-    async fn next_request(
-        &self,
-        stream: &mut Stream,
-        shutdown: Option<&ShutdownWatch>,
-    ) -> Option<BytesMut> {
+    /// closed, failed or idled past its listener's `idle_timeout`.
+    async fn next_request(&self, stream: &mut Stream) -> Option<BytesMut> {
         let idle = self.idle_timeout(stream);
-        let read = pingora::time::fast_timeout::fast_timeout(idle, read_some(stream));
-        let read = match shutdown {
-            None => read.await,
-            Some(shutdown) => {
-                let mut shutdown = shutdown.clone();
-                if *shutdown.borrow_and_update() {
-                    return None;
-                }
-                tokio::select! {
-                    read = read => read,
-                    _ = shutdown.changed() => return None,
-                }
-            }
-        };
+        let read = pingora::time::fast_timeout::fast_timeout(idle, read_some(stream)).await;
         read.ok()?.ok().flatten()
     }
 }
@@ -176,6 +189,10 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 }
 
 /// Hand Pingora the bytes already read, as the start of the request.
+///
+/// Pingora's own use of this prefix is for pipelined requests, which only a
+/// session with pipelining enabled carries over; meshgate never enables it
+/// (Pingora's default), so the prefix is always this loop's.
 fn start_with(session: &mut ServerSession, head: BytesMut) {
     if let ServerSession::H1(h1) = session {
         h1.set_pipelined_prefix(head);

@@ -289,6 +289,34 @@ async fn the_next_request_on_a_kept_alive_connection_may_arrive_in_pieces() {
     assert!(body.contains("/four") && body.contains(&pad), "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_shorter_than_the_http2_preface_is_answered() {
+    // Plain listeners also take HTTP/2 with prior knowledge; telling the two
+    // apart must not wait for 24 bytes that an 18-byte request never sends.
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("no answer to a short request")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+        "{out}"
+    );
+    // And HTTP/2 with prior knowledge still works on the same listener.
+    let r = send(gw.listen, Method::GET, "/", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+}
+
 /// Write `first`, then one more header byte every `every` until the server
 /// closes the connection; how long that took (`None`: still open after 10 s).
 async fn dribble(addr: std::net::SocketAddr, first: &[u8], every: Duration) -> Option<Duration> {
