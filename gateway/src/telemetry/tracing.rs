@@ -144,11 +144,11 @@ impl Tracing {
     ) -> Context {
         let parent = server.span();
         if !parent.is_recording() {
-            // The parent-based sampler drops every child of a dropped span:
-            // the hop needs only its own span id to propagate, not an SDK
-            // span that would record nothing.
+            // The parent-based sampler drops every child of an unsampled
+            // span: the hop needs only its own span id to propagate, not an
+            // SDK span that would record nothing.
             let sc = parent.span_context();
-            if sc.is_valid() {
+            if sc.is_valid() && !sc.is_sampled() {
                 return server.with_remote_span_context(SpanContext::new(
                     sc.trace_id(),
                     self.ids.new_span_id(),
