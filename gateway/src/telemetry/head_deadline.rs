@@ -298,8 +298,8 @@ impl GetSocketDigest for HeadDeadline {
     }
 }
 
-/// Pingora peeks at the first 24 bytes of a plain connection (is it the
-/// HTTP/2 preface?) without a timeout of its own; reading them through the
+/// The first bytes of a plain connection are peeked at (is it the HTTP/2
+/// preface?) by the keep-alive loop and by Pingora; reading them through the
 /// deadline bounds that wait too. A peek reads what is there, not just what
 /// was asked, so the read that follows gets the head in one piece.
 #[async_trait]
