@@ -29,8 +29,8 @@ use crate::telemetry::tracing::Tracing;
 /// connection with it, ~36 KiB with 4 KiB (docs/performance.md, which also
 /// shows no CPU difference), ~15 KiB with 1 KiB once idle connections wait
 /// outside Pingora (`keepalive`). Plain HTTP reads go to larger buffers
-/// (the read-ahead's, Pingora's header and body buffers), which bypass this
-/// one; no buffer at all (0) breaks upgraded WebSocket connections in
+/// (the keep-alive loop's, Pingora's header and body buffers), which bypass
+/// this one; no buffer at all (0) breaks upgraded WebSocket connections in
 /// Pingora 0.9. BoringSSL reads a record header and then the record, so TLS
 /// keeps one record's worth.
 const PLAIN_READ_BUFFER: usize = 1024;
