@@ -84,6 +84,15 @@ impl serde::Serialize for RequestId {
     }
 }
 
+/// Remove `name` when the request has it. Pingora's removal hashes the name
+/// into both of its maps whether it is there or not; a lookup is cheaper,
+/// and on most requests finds nothing.
+pub fn remove_if_present(req: &mut RequestHeader, name: &HeaderName) {
+    if req.headers.contains_key(name) {
+        req.remove_header(name);
+    }
+}
+
 /// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
 pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
     req.headers

@@ -650,12 +650,7 @@ impl ProxyHttp for Gateway {
             request_host_value(session.req_header()),
         );
         // Only meshgate says who the peer is: a client-sent value is dropped.
-        if upstream
-            .headers
-            .contains_key(&headers::X_MESHGATE_PEER_IDENTITY)
-        {
-            upstream.remove_header(&headers::X_MESHGATE_PEER_IDENTITY);
-        }
+        headers::remove_if_present(upstream, &headers::X_MESHGATE_PEER_IDENTITY);
         let forward_identity = ctx
             .listener
             .and_then(|l| rt.config.listeners.get(l))

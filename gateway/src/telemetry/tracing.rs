@@ -31,6 +31,7 @@ use pingora::http::RequestHeader;
 
 use super::metrics::metrics;
 use crate::config::model::Tracing as TracingConfig;
+use crate::proxy::headers::remove_if_present;
 
 /// Spans sent to the collector in one request at most.
 const MAX_BATCH: usize = 512;
@@ -218,13 +219,6 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = DIGITS[usize::from(b >> 4)];
         pair[1] = DIGITS[usize::from(b & 0xf)];
-    }
-}
-
-/// A lookup is cheaper than pingora's removal from both of its maps.
-fn remove_if_present(req: &mut RequestHeader, name: &HeaderName) {
-    if req.headers.contains_key(name) {
-        req.remove_header(name);
     }
 }
 
