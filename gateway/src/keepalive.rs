@@ -37,10 +37,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::runtime::Runtime;
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Pingora's keep-alive timeout, for a connection whose listener is unknown.
+/// Pingora's default keep-alive timeout: a first session's, and the wait of
+/// a connection whose listener is unknown.
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// Pingora's first head buffer (`INIT_HEADER_BUF_SIZE`); most heads fit.
-const HEAD_BUFFER: usize = 4096;
+pub(crate) const HEAD_BUFFER: usize = 4096;
 
 /// The HTTP proxy app, with idle HTTP/1 connections waiting outside it.
 pub struct KeepAlive<A> {
@@ -89,7 +90,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
                 None => {
                     // Pingora's defaults; the proxy sets the listener's own
                     // per request.
-                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                    session.set_keepalive(if *shutdown.borrow() {
+                        None
+                    } else {
+                        Some(DEFAULT_IDLE.as_secs())
+                    });
                     session.set_keepalive_reuses_remaining(
                         options.and_then(|o| o.keepalive_request_limit),
                     );

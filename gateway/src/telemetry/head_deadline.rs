@@ -115,9 +115,8 @@ pub struct HeadDeadline {
     peeked: Vec<u8>,
 }
 
-/// How much a peek reads ahead: a request head, usually whole (Pingora's
-/// first head buffer is as large).
-const READ_AHEAD: usize = 4096;
+/// How much a peek reads ahead: a request head, usually whole.
+const READ_AHEAD: usize = crate::keepalive::HEAD_BUFFER;
 
 impl HeadDeadline {
     pub fn wrap(inner: Stream, timeout: Duration, listener: Arc<str>) -> Stream {
