@@ -173,6 +173,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "workers": c.gateway.workers,
             "work_stealing": c.gateway.work_stealing,
             "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
+            "header_case": c.gateway.header_case.as_str(),
         },
         "admin": { "listen": c.admin.listen.to_string() },
         "telemetry": {

@@ -327,3 +327,137 @@ endpoints = ["{}"]
     let r = get(internal, "/p", &[]).await.unwrap();
     assert_eq!(r.json()["name"], "u");
 }
+
+/// A raw upstream: sends each request head it reads down `heads`, and
+/// answers with fields in mixed case.
+async fn head_recording_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = pending.drain(..end + 4).collect();
+                        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream-Thing: 1\r\nETag: \"v1\"\r\n\r\nok";
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// One request on a new connection, as raw bytes; the whole response.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        // The upstream's body is "ok": the response ends with it.
+        while !out.ends_with(b"\r\n\r\nok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("a whole response");
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_keep_their_case_unless_lowercase_is_chosen() {
+    let (addr, mut heads) = head_recording_upstream().await;
+    let config = |case: &str| {
+        format!(
+            r#"{HEAD}
+[gateway]
+{case}
+[routes.case]
+path_prefix = "/"
+upstream = "case"
+request_headers = {{ set = {{ "X-Via" = "gw" }} }}
+[upstreams.case]
+endpoints = ["{addr}"]
+"#
+        )
+    };
+    let gw = Gateway::start(&config("")).await;
+    let request =
+        "GET /case HTTP/1.1\r\nHost: case.test\r\nUser-Agent: raw/1\r\nX-Custom-Thing: a\r\n\r\n";
+
+    // Default: names go out as they came in; meshgate's own in title case.
+    let resp = raw_exchange(gw.listen, request).await;
+    let head = heads.recv().await.unwrap();
+    for want in [
+        "\r\nHost: case.test\r\n",
+        "\r\nUser-Agent: raw/1\r\n",
+        "\r\nX-Custom-Thing: a\r\n",
+        "\r\nX-Forwarded-For: 127.0.0.1\r\n",
+        "\r\nX-Forwarded-Proto: http\r\n",
+        "\r\nX-Request-Id: ",
+        "\r\nx-via: gw\r\n",
+    ] {
+        assert!(head.contains(want), "{want:?} not in {head}");
+    }
+    for want in [
+        "\r\nX-Upstream-Thing: 1\r\n",
+        "\r\nETag: \"v1\"\r\n",
+        "\r\nX-Request-Id: ",
+    ] {
+        assert!(resp.contains(want), "{want:?} not in {resp}");
+    }
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+
+    // `lowercase`, taken on reload: the same fields, lower case both ways.
+    gw.reload(&config("header_case = \"lowercase\""));
+    gw.wait_for_generation(2).await;
+    let shown = support::client::get(gw.admin, "/config", &[])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(shown["gateway"]["header_case"], "lowercase");
+    let resp = raw_exchange(gw.listen, request).await;
+    let head = heads.recv().await.unwrap();
+    assert!(head.starts_with("GET /case HTTP/1.1\r\n"), "{head}");
+    for want in [
+        "\r\nHost: case.test\r\n",
+        "\r\nuser-agent: raw/1\r\n",
+        "\r\nx-custom-thing: a\r\n",
+        "\r\nx-forwarded-for: 127.0.0.1\r\n",
+        "\r\nx-forwarded-proto: http\r\n",
+        "\r\nx-request-id: ",
+        "\r\nx-via: gw\r\n",
+    ] {
+        assert!(head.contains(want), "{want:?} not in {head}");
+    }
+    for want in [
+        "\r\nContent-Length: 2\r\n",
+        "\r\nx-upstream-thing: 1\r\n",
+        "\r\netag: \"v1\"\r\n",
+        "\r\nx-request-id: ",
+    ] {
+        assert!(resp.contains(want), "{want:?} not in {resp}");
+    }
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+}

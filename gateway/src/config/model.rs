@@ -102,6 +102,28 @@ pub struct Gateway {
     /// them), or one single-threaded runtime per worker.
     pub work_stealing: bool,
     pub shutdown_grace_period: Duration,
+    pub header_case: HeaderCase,
+}
+
+/// How field names of forwarded HTTP/1 messages are written
+/// (`gateway.header_case`). Names are case-insensitive (RFC 9110 §5.1);
+/// keeping each one's case costs Pingora a second map per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderCase {
+    /// As they came in; the fields meshgate adds in their usual spelling.
+    #[default]
+    Preserve,
+    /// Lower case, as HTTP/2 carries them (Envoy's and HAProxy's default).
+    Lowercase,
+}
+
+impl HeaderCase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeaderCase::Preserve => "preserve",
+            HeaderCase::Lowercase => "lowercase",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -554,6 +554,7 @@ fn defaults_are_filled_in() {
     .unwrap();
     assert_eq!(cfg.gateway.name, model::DEFAULT_GATEWAY_NAME);
     assert_eq!(cfg.gateway.work_stealing, model::DEFAULT_WORK_STEALING);
+    assert_eq!(cfg.gateway.header_case, model::HeaderCase::Preserve);
     assert_eq!(cfg.admin.listen.to_string(), model::DEFAULT_ADMIN_LISTEN);
     assert_eq!(cfg.listeners[0].direction, model::Direction::Ingress);
     assert_eq!(cfg.routes[0].timeout, model::DEFAULT_ROUTE_TIMEOUT);
@@ -1021,6 +1022,20 @@ fn egress_parses_with_defaults_and_per_host_ports() {
     // An egress listener needs no [egress]: then it serves its routes only.
     let plain = parse(Path::new("t.toml"), EGRESS_LISTENER).unwrap();
     assert!(plain.egress.is_none());
+}
+
+bad!(
+    header_case_unknown,
+    format!("[gateway]\nheader_case = \"upper\"\n{OK_LISTENER}"),
+    2,
+    "unknown gateway.header_case \"upper\""
+);
+
+#[test]
+fn header_case_is_read() {
+    let src = format!("[gateway]\nheader_case = \"lowercase\"\n{OK_LISTENER}");
+    let cfg = parse(Path::new("t.toml"), &src).unwrap();
+    assert_eq!(cfg.gateway.header_case, model::HeaderCase::Lowercase);
 }
 
 bad!(

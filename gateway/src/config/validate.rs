@@ -329,11 +329,27 @@ impl Validator {
             DEFAULT_SHUTDOWN_GRACE_PERIOD,
             true,
         );
+        let header_case = match raw.header_case.as_ref() {
+            None => HeaderCase::default(),
+            Some(c) => match c.get_ref().as_str() {
+                "preserve" => HeaderCase::Preserve,
+                "lowercase" => HeaderCase::Lowercase,
+                other => {
+                    self.error(
+                        c.span(),
+                        format!("unknown gateway.header_case \"{other}\""),
+                        "use \"preserve\" (the default) or \"lowercase\"",
+                    );
+                    HeaderCase::default()
+                }
+            },
+        };
         Gateway {
             name,
             workers,
             work_stealing: raw.work_stealing.unwrap_or(DEFAULT_WORK_STEALING),
             shutdown_grace_period,
+            header_case,
         }
     }
 

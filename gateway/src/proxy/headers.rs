@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::model::HeaderRewrite;
@@ -84,13 +84,119 @@ impl serde::Serialize for RequestId {
     }
 }
 
-/// Remove `name` when the request has it. Pingora's removal hashes the name
-/// into both of its maps whether it is there or not; a lookup is cheaper,
-/// and on most requests finds nothing.
-pub fn remove_if_present(req: &mut RequestHeader, name: &HeaderName) {
-    if req.headers.contains_key(name) {
-        req.remove_header(name);
+/// A message head meshgate edits: Pingora's, which keeps each name's wire
+/// case in a second map (so an edit touches two maps and parses the name),
+/// or, with `gateway.header_case = "lowercase"`, the plain `http` map under
+/// it (one map; names are constants). The policy below is written once
+/// against this.
+pub trait Fields {
+    fn map(&self) -> &HeaderMap;
+    /// Replace `name`; `wire` is how it is spelled when case is kept.
+    fn set(&mut self, name: &HeaderName, wire: &'static str, value: HeaderValue);
+    /// Replace `name`, spelled as the name itself (configured rewrites).
+    fn set_name(&mut self, name: &HeaderName, value: HeaderValue);
+    /// Add a line for `name`, keeping the ones already there.
+    fn add_name(&mut self, name: &HeaderName, value: HeaderValue);
+    /// Remove every line of `name`.
+    fn remove(&mut self, name: &HeaderName);
+}
+
+macro_rules! pingora_fields {
+    ($t:ty) => {
+        impl Fields for $t {
+            fn map(&self) -> &HeaderMap {
+                &self.headers
+            }
+            fn set(&mut self, _: &HeaderName, wire: &'static str, value: HeaderValue) {
+                // `wire` is a valid name (constants only): this cannot fail.
+                let _ = self.insert_header(wire, value);
+            }
+            fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
+                let _ = self.insert_header(name.clone(), value);
+            }
+            fn add_name(&mut self, name: &HeaderName, value: HeaderValue) {
+                let _ = self.append_header(name.clone(), value);
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                // Pingora's removal hashes the name into both of its maps
+                // whether it is there or not; a lookup is cheaper, and on
+                // most messages finds nothing.
+                if self.headers.contains_key(name) {
+                    self.remove_header(name);
+                }
+            }
+        }
+    };
+}
+pingora_fields!(RequestHeader);
+pingora_fields!(ResponseHeader);
+
+impl Fields for HeaderMap {
+    fn map(&self) -> &HeaderMap {
+        self
     }
+    fn set(&mut self, name: &HeaderName, _: &'static str, value: HeaderValue) {
+        self.insert(name.clone(), value);
+    }
+    fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.insert(name.clone(), value);
+    }
+    fn add_name(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.append(name.clone(), value);
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        HeaderMap::remove(self, name);
+    }
+}
+
+/// Run `edit` on `req`'s fields as a plain map with room for `more`, and
+/// leave `req` without its case map: every name is then written lower case
+/// (Pingora spells a dozen common ones, `Host` and `Content-Length` among
+/// them, in title case). The request target is kept as it was.
+pub fn edit_plain_request<R>(
+    req: &mut RequestHeader,
+    more: usize,
+    edit: impl FnOnce(&mut HeaderMap) -> R,
+) -> R {
+    // An absolute-form target is kept beside the URI, which a conversion
+    // through `Parts` loses: it is copied and set again (rare).
+    let from_uri = req
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| std::ptr::eq(req.raw_path().as_ptr(), pq.as_str().as_ptr()));
+    let raw = (!from_uri).then(|| req.raw_path().to_vec());
+    let blank = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts: http::request::Parts = std::mem::replace(req, blank).into();
+    parts.headers.reserve(more);
+    let out = edit(&mut parts.headers);
+    *req = RequestHeader::from(parts);
+    if let Some(raw) = raw {
+        // It was accepted from the client in this very form.
+        let _ = req.set_raw_path(&raw);
+    }
+    out
+}
+
+/// As [`edit_plain_request`], for a response; a reason phrase other than
+/// the status's usual one is kept.
+pub fn edit_plain_response<R>(
+    resp: &mut ResponseHeader,
+    more: usize,
+    edit: impl FnOnce(&mut HeaderMap) -> R,
+) -> R {
+    let reason = resp
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let blank = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, blank).into();
+    parts.headers.reserve(more);
+    let out = edit(&mut parts.headers);
+    *resp = ResponseHeader::from(parts);
+    if reason.is_some() {
+        let _ = resp.set_reason_phrase(reason.as_deref());
+    }
+    out
 }
 
 /// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
@@ -104,9 +210,9 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
 /// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3), in
 /// a buffer with room for `extra` more bytes (empty when there are none).
 /// Lines that are not visible ASCII are kept as they are (lossless bytes).
-fn joined(req: &RequestHeader, name: &HeaderName, extra: usize) -> Vec<u8> {
+fn joined(map: &HeaderMap, name: &HeaderName, extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
-    for v in req.headers.get_all(name) {
+    for v in map.get_all(name) {
         let v = v.as_bytes();
         if v.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
@@ -125,15 +231,72 @@ fn joined(req: &RequestHeader, name: &HeaderName, extra: usize) -> Vec<u8> {
 }
 
 /// Append `element` to the list-valued header `name`, as one line.
-fn append_element(req: &mut RequestHeader, name: &'static str, list: &HeaderName, element: &[u8]) {
-    let mut value = joined(req, list, element.len() + 2);
+fn append_element(req: &mut impl Fields, list: &HeaderName, wire: &'static str, element: &[u8]) {
+    let mut value = joined(req.map(), list, element.len() + 2);
     if !value.is_empty() {
         value.extend_from_slice(b", ");
     }
     value.extend_from_slice(element);
     // The list's buffer becomes the value: no further copy.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        let _ = req.insert_header(name, v);
+        req.set(list, wire, v);
+    }
+}
+
+/// What meshgate writes into a request it forwards, after Pingora's own
+/// hop-by-hop policy.
+pub struct Forwarding<'a> {
+    pub client: Option<IpAddr>,
+    pub scheme: &'static str,
+    pub host: Option<HeaderValue>,
+    /// The verified client identity, when the listener forwards it.
+    pub identity: Option<HeaderValue>,
+    pub request_id: HeaderValue,
+    pub rewrite: &'a HeaderRewrite,
+}
+
+impl Forwarding<'_> {
+    /// Fields this may add (the forwarding chain, identity, request id, a
+    /// trace context pair, the route's own), so a map can be sized once.
+    pub fn room(&self) -> usize {
+        8 + self.rewrite.set.len() + self.rewrite.add.len()
+    }
+
+    pub fn apply(self, req: &mut impl Fields) {
+        single_content_length(req);
+        add_forwarding(req, self.client, self.scheme, self.host);
+        // Only meshgate says who the peer is: a client-sent value is dropped.
+        match self.identity {
+            Some(id) => req.set(&X_MESHGATE_PEER_IDENTITY, "x-meshgate-peer-identity", id),
+            None => req.remove(&X_MESHGATE_PEER_IDENTITY),
+        }
+        req.set(&X_REQUEST_ID, "X-Request-Id", self.request_id);
+        rewrite(req, self.rewrite);
+    }
+}
+
+/// What meshgate writes into a response it passes back.
+pub struct Answer<'a> {
+    pub status: http::StatusCode,
+    pub rate_limit: Vec<(HeaderName, HeaderValue)>,
+    pub request_id: HeaderValue,
+    pub rewrite: Option<&'a HeaderRewrite>,
+}
+
+impl Answer<'_> {
+    pub fn room(&self) -> usize {
+        1 + self.rate_limit.len() + self.rewrite.map_or(0, |rw| rw.set.len() + rw.add.len())
+    }
+
+    pub fn apply(self, resp: &mut impl Fields) {
+        strip_response_hop_by_hop(resp, self.status);
+        for (name, value) in self.rate_limit {
+            resp.set_name(&name, value);
+        }
+        resp.set(&X_REQUEST_ID, "X-Request-Id", self.request_id);
+        if let Some(rw) = self.rewrite {
+            rewrite(resp, rw);
+        }
     }
 }
 
@@ -165,7 +328,7 @@ fn ip_text(ip: IpAddr, out: &mut Vec<u8>) {
 /// Header names are given in the case they go out in; values are built in
 /// the buffer that becomes the header, and the client's `Host` is shared.
 pub fn add_forwarding(
-    req: &mut RequestHeader,
+    req: &mut impl Fields,
     client: Option<IpAddr>,
     proto: &'static str,
     host: Option<HeaderValue>,
@@ -173,12 +336,16 @@ pub fn add_forwarding(
     let mut ip = Vec::with_capacity(48);
     if let Some(addr) = client {
         ip_text(addr, &mut ip);
-        append_element(req, "X-Forwarded-For", &X_FORWARDED_FOR, &ip);
+        append_element(req, &X_FORWARDED_FOR, "X-Forwarded-For", &ip);
     }
-    let _ = req.insert_header("X-Forwarded-Proto", HeaderValue::from_static(proto));
+    req.set(
+        &X_FORWARDED_PROTO,
+        "X-Forwarded-Proto",
+        HeaderValue::from_static(proto),
+    );
     if let Some(h) = &host {
-        if !req.headers.contains_key(&X_FORWARDED_HOST) {
-            let _ = req.insert_header("X-Forwarded-Host", h.clone());
+        if !req.map().contains_key(&X_FORWARDED_HOST) {
+            req.set(&X_FORWARDED_HOST, "X-Forwarded-Host", h.clone());
         }
     }
     // RFC 7239: one element per proxy, appended to the list.
@@ -206,43 +373,32 @@ pub fn add_forwarding(
     }
     element.extend_from_slice(b"proto=");
     element.extend_from_slice(proto.as_bytes());
-    append_element(req, "Forwarded", &header::FORWARDED, &element);
+    append_element(req, &header::FORWARDED, "Forwarded", &element);
 }
 
-pub fn rewrite_request(req: &mut RequestHeader, rw: &HeaderRewrite) {
+/// A route's `request_headers` or `response_headers`: remove, then set, then add.
+pub fn rewrite(fields: &mut impl Fields, rw: &HeaderRewrite) {
     for name in &rw.remove {
-        req.remove_header(name);
+        fields.remove(name);
     }
     for (name, value) in &rw.set {
-        let _ = req.insert_header(name.clone(), value.clone());
+        fields.set_name(name, value.clone());
     }
     for (name, value) in &rw.add {
-        let _ = req.append_header(name.clone(), value.clone());
-    }
-}
-
-pub fn rewrite_response(resp: &mut ResponseHeader, rw: &HeaderRewrite) {
-    for name in &rw.remove {
-        resp.remove_header(name);
-    }
-    for (name, value) in &rw.set {
-        let _ = resp.insert_header(name.clone(), value.clone());
-    }
-    for (name, value) in &rw.add {
-        let _ = resp.append_header(name.clone(), value.clone());
+        fields.add_name(name, value.clone());
     }
 }
 
 /// RFC 9110 §7.6.1: drop the upstream's connection-specific fields. A 101
 /// Switching Protocols answer keeps `Connection`/`Upgrade`, which it needs.
-pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
-    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+pub fn strip_response_hop_by_hop(resp: &mut impl Fields, status: http::StatusCode) {
+    if status == http::StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     // `keep-alive` and `close` are the usual tokens, and `keep-alive` is
     // removed below anyway: skipping them spares a name parse and a list.
     let nominated: Vec<HeaderName> = resp
-        .headers
+        .map()
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -253,20 +409,19 @@ pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
         .filter(|n| !is_protected(n))
         .collect();
     for n in nominated {
-        resp.remove_header(&n);
+        resp.remove(&n);
     }
-    // Pingora's removal hashes the name into both of its maps whether it is
-    // there or not: one pass over the few names a response has finds the
-    // ones to remove (usually just `Connection`).
+    // One pass over the few names a response has finds the ones to remove
+    // (usually just `Connection`) instead of a lookup per field.
     let mut present = [false; HOP_BY_HOP_FIELDS];
-    for name in resp.headers.keys() {
+    for name in resp.map().keys() {
         if let Some(i) = RESPONSE_HOP_BY_HOP.iter().position(|n| n == name) {
             present[i] = true;
         }
     }
     for (n, present) in RESPONSE_HOP_BY_HOP.iter().zip(present) {
         if present {
-            resp.remove_header(n);
+            resp.remove(n);
         }
     }
 }
@@ -291,14 +446,13 @@ fn is_protected(n: &HeaderName) -> bool {
 /// Repeated `Content-Length` lines with one value (which the parser
 /// accepted; differing values are rejected with 400) leave as one line, so
 /// no upstream has to decide what two of them mean.
-pub fn single_content_length(req: &mut RequestHeader) {
-    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+pub fn single_content_length(req: &mut impl Fields) {
+    let mut values = req.map().get_all(header::CONTENT_LENGTH).iter();
     let (Some(first), Some(_)) = (values.next(), values.next()) else {
         return;
     };
     let first = first.clone();
-    req.remove_header(&http::header::CONTENT_LENGTH);
-    let _ = req.insert_header(http::header::CONTENT_LENGTH, first);
+    req.set(&header::CONTENT_LENGTH, "Content-Length", first);
 }
 
 /// Apply `strip_prefix` to a path-and-query, keeping the query.
@@ -414,7 +568,7 @@ mod tests {
         resp.insert_header("x-secret", "1").unwrap();
         resp.insert_header("keep-alive", "timeout=5").unwrap();
         resp.insert_header("content-length", "3").unwrap();
-        strip_response_hop_by_hop(&mut resp);
+        strip_response_hop_by_hop(&mut resp, http::StatusCode::OK);
         assert!(resp.headers.get("x-secret").is_none());
         assert!(resp.headers.get("keep-alive").is_none());
         assert!(resp.headers.get("connection").is_none());
@@ -432,7 +586,7 @@ mod tests {
             let mut resp = ResponseHeader::build(200, None).unwrap();
             resp.append_header("server", "app").unwrap();
             resp.append_header(only, "x").unwrap();
-            strip_response_hop_by_hop(&mut resp);
+            strip_response_hop_by_hop(&mut resp, http::StatusCode::OK);
             assert!(resp.headers.get(only).is_none(), "{only} kept");
             assert_eq!(resp.headers["server"], "app");
         }
@@ -440,8 +594,119 @@ mod tests {
         for f in fields.iter().chain(&fields) {
             resp.append_header(*f, "x").unwrap();
         }
-        strip_response_hop_by_hop(&mut resp);
+        strip_response_hop_by_hop(&mut resp, http::StatusCode::OK);
         assert!(resp.headers.is_empty(), "{:?}", resp.headers);
+    }
+
+    fn wire(req: &RequestHeader) -> String {
+        let mut out = Vec::new();
+        req.header_to_h1_wire(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn client_request(target: &[u8]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", target, None).unwrap();
+        req.append_header("Host", "api.example.com").unwrap();
+        req.append_header("User-Agent", "t/1").unwrap();
+        req.append_header("X-Forwarded-For", "10.0.0.1").unwrap();
+        req.append_header("X-Meshgate-Peer-Identity", "forged")
+            .unwrap();
+        req.append_header("Content-Length", "0").unwrap();
+        req.append_header("Content-Length", "0").unwrap();
+        req
+    }
+
+    fn forwarding(rw: &HeaderRewrite) -> Forwarding<'_> {
+        Forwarding {
+            client: Some("192.0.2.7".parse().unwrap()),
+            scheme: "https",
+            host: Some(HeaderValue::from_static("api.example.com")),
+            identity: None,
+            request_id: HeaderValue::from_static("id-1"),
+            rewrite: rw,
+        }
+    }
+
+    #[test]
+    fn both_header_cases_make_the_same_fields() {
+        let rw = HeaderRewrite {
+            set: vec![(
+                HeaderName::from_static("x-via"),
+                HeaderValue::from_static("gw"),
+            )],
+            add: vec![(
+                HeaderName::from_static("x-tag"),
+                HeaderValue::from_static("a"),
+            )],
+            remove: vec![header::USER_AGENT],
+        };
+        let mut kept = client_request(b"/a?b=1");
+        forwarding(&rw).apply(&mut kept);
+        let mut plain = client_request(b"/a?b=1");
+        let edits = forwarding(&rw);
+        edit_plain_request(&mut plain, edits.room(), |fields| edits.apply(fields));
+
+        let fields = |r: &RequestHeader| -> Vec<(String, String)> {
+            r.headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect()
+        };
+        assert_eq!(fields(&kept), fields(&plain));
+        assert_eq!(kept.headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(kept.headers["x-request-id"], "id-1");
+        assert_eq!(kept.headers.get_all("content-length").iter().count(), 1);
+        assert!(!kept.headers.contains_key("x-meshgate-peer-identity"));
+        assert!(!kept.headers.contains_key("user-agent"));
+        assert_eq!(plain.raw_path(), b"/a?b=1");
+
+        // The same fields, spelled two ways on the wire.
+        let (kept, plain) = (wire(&kept), wire(&plain));
+        assert!(
+            kept.contains("\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            "{kept}"
+        );
+        assert!(kept.contains("\r\nX-Request-Id: id-1\r\n"), "{kept}");
+        assert!(kept.starts_with("Host: api.example.com\r\n"), "{kept}");
+        assert!(
+            plain.contains("\r\nx-forwarded-for: 10.0.0.1, 192.0.2.7\r\n"),
+            "{plain}"
+        );
+        assert!(plain.contains("\r\nx-request-id: id-1\r\n"), "{plain}");
+        assert!(plain.contains("\r\nx-via: gw\r\n"), "{plain}");
+        assert!(plain.starts_with("Host: api.example.com\r\n"), "{plain}");
+    }
+
+    #[test]
+    fn plain_edits_keep_the_target_and_the_reason_phrase() {
+        let rw = HeaderRewrite::default();
+        for target in [&b"http://api.example.com/a?b"[..], b"/x", b"*"] {
+            let mut req = client_request(target);
+            let edits = forwarding(&rw);
+            edit_plain_request(&mut req, edits.room(), |fields| edits.apply(fields));
+            assert_eq!(
+                req.raw_path(),
+                target,
+                "{}",
+                String::from_utf8_lossy(target)
+            );
+            assert!(!req.has_case());
+        }
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.set_reason_phrase(Some("Fine")).unwrap();
+        resp.append_header("Connection", "keep-alive").unwrap();
+        let edits = Answer {
+            status: resp.status,
+            rate_limit: Vec::new(),
+            request_id: HeaderValue::from_static("id-2"),
+            rewrite: None,
+        };
+        edit_plain_response(&mut resp, edits.room(), |fields| edits.apply(fields));
+        assert_eq!(resp.get_reason_phrase(), Some("Fine"));
+        assert!(!resp.has_case());
+        assert!(!resp.headers.contains_key("connection"));
+        assert_eq!(resp.headers["x-request-id"], "id-2");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::model::Action;
+use crate::config::model::{Action, HeaderCase};
 use crate::ratelimit;
 use crate::router::{normalize_host, RequestParts};
 use crate::runtime::Runtime;
@@ -641,27 +641,41 @@ impl ProxyHttp for Gateway {
                 upstream.set_uri(uri);
             }
         }
-        headers::single_content_length(upstream);
-        let scheme = if ctx.tls { "https" } else { "http" };
-        headers::add_forwarding(
-            upstream,
-            client_ip(session),
-            scheme,
-            request_host_value(session.req_header()),
-        );
-        // Only meshgate says who the peer is: a client-sent value is dropped.
-        headers::remove_if_present(upstream, &headers::X_MESHGATE_PEER_IDENTITY);
         let forward_identity = ctx
             .listener
             .and_then(|l| rt.config.listeners.get(l))
             .and_then(|l| l.tls.as_ref())
             .is_some_and(|t| t.forward_identity);
-        if let (true, Some(id)) = (forward_identity, &ctx.peer_identity) {
-            upstream.insert_header(headers::X_MESHGATE_PEER_IDENTITY, id.as_str())?;
+        let identity = match (forward_identity, &ctx.peer_identity) {
+            (true, Some(id)) => Some(HeaderValue::from_str(id).map_err(|e| {
+                Error::because(
+                    ErrorType::InternalError,
+                    "peer identity is not a header value",
+                    e,
+                )
+            })?),
+            _ => None,
+        };
+        let edits = headers::Forwarding {
+            client: client_ip(session),
+            scheme: if ctx.tls { "https" } else { "http" },
+            host: request_host_value(session.req_header()),
+            identity,
+            request_id: ctx.request_id.header_value(),
+            rewrite: &fwd.request_headers,
+        };
+        match rt.config.gateway.header_case {
+            HeaderCase::Preserve => {
+                edits.apply(upstream);
+                trace::inject(ctx, upstream);
+            }
+            HeaderCase::Lowercase => {
+                headers::edit_plain_request(upstream, edits.room(), |fields| {
+                    edits.apply(fields);
+                    trace::inject(ctx, fields);
+                })
+            }
         }
-        upstream.insert_header("X-Request-Id", ctx.request_id.header_value())?;
-        headers::rewrite_request(upstream, &fwd.request_headers);
-        trace::inject(ctx, upstream);
         Ok(())
     }
 
@@ -709,13 +723,19 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        headers::strip_response_hop_by_hop(resp);
-        for (name, value) in respond::rate_limit_headers(ctx) {
-            resp.insert_header(name, value)?;
-        }
-        resp.insert_header("X-Request-Id", ctx.request_id.header_value())?;
-        if let Some(rw) = ctx.response_rewrite() {
-            headers::rewrite_response(resp, rw);
+        let edits = headers::Answer {
+            status: resp.status,
+            rate_limit: respond::rate_limit_headers(ctx),
+            request_id: ctx.request_id.header_value(),
+            rewrite: ctx.response_rewrite(),
+        };
+        // Egress goes to the outside, where names are left as they are.
+        let case = ctx.runtime.as_ref().map(|rt| rt.config.gateway.header_case);
+        match case.filter(|_| ctx.egress.is_none()) {
+            Some(HeaderCase::Lowercase) => {
+                headers::edit_plain_response(resp, edits.room(), |fields| edits.apply(fields))
+            }
+            _ => edits.apply(resp),
         }
         Ok(())
     }

@@ -9,7 +9,6 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::ctx::{Failure, RequestCtx};
-use super::headers::rewrite_response;
 use crate::config::model::HeaderRewrite;
 
 /// Write a complete response: status, headers, body (omitted for HEAD).
@@ -36,7 +35,7 @@ pub async fn send(
         resp.insert_header("X-Request-Id", id)?;
     }
     if let Some(rw) = rewrite {
-        rewrite_response(&mut resp, rw);
+        super::headers::rewrite(&mut resp, rw);
     }
     let head_only = session.req_header().method == Method::HEAD;
     let empty = head_only || body.is_empty();

@@ -9,6 +9,7 @@ use pingora::proxy::Session;
 use pingora::Error;
 
 use super::ctx::RequestCtx;
+use super::headers::Fields;
 use crate::telemetry::tracing::{self, Tracing};
 
 /// Start the server span once the listener is known.
@@ -129,7 +130,7 @@ pub fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
 }
 
 /// Put the client span's context on the upstream request.
-pub fn inject(ctx: &RequestCtx, upstream: &mut RequestHeader) {
+pub fn inject(ctx: &RequestCtx, upstream: &mut impl Fields) {
     if let Some(cx) = &ctx.client_cx {
         tracing::inject(cx, upstream);
     }

@@ -31,7 +31,7 @@ use pingora::http::RequestHeader;
 
 use super::metrics::metrics;
 use crate::config::model::Tracing as TracingConfig;
-use crate::proxy::headers::remove_if_present;
+use crate::proxy::headers::Fields;
 
 /// Spans sent to the collector in one request at most.
 const MAX_BATCH: usize = 512;
@@ -228,15 +228,15 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
 /// The same header the SDK's `TraceContextPropagator` writes (a test holds
 /// them equal), built without `format!` and without an empty `tracestate`:
 /// every request pays this, sampled or not.
-pub fn inject(cx: &Context, req: &mut RequestHeader) {
+pub fn inject(cx: &Context, req: &mut impl Fields) {
     let span = cx.span();
     let sc = span.span_context();
     match traceparent(sc) {
         // Inserting replaces a client's value.
         Some(v) => {
-            let _ = req.insert_header("traceparent", v);
+            req.set(&TRACEPARENT, "traceparent", v);
         }
-        None => remove_if_present(req, &TRACEPARENT),
+        None => req.remove(&TRACEPARENT),
     }
     let state = sc.trace_state().header();
     let state = (sc.is_valid() && !state.is_empty())
@@ -244,9 +244,9 @@ pub fn inject(cx: &Context, req: &mut RequestHeader) {
         .flatten();
     match state {
         Some(v) => {
-            let _ = req.insert_header("tracestate", v);
+            req.set(&TRACESTATE, "tracestate", v);
         }
-        None => remove_if_present(req, &TRACESTATE),
+        None => req.remove(&TRACESTATE),
     }
 }
 
