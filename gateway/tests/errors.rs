@@ -184,17 +184,25 @@ endpoints = ["{}"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
+    // The slow upstream serves only the in-flight request, so that its first
+    // connection says the request got there.
     let slow = echo("slow").await;
+    let other = echo("other").await;
     let config = format!(
         r#"{HEAD}
 [gateway]
 shutdown_grace_period = "3s"
-[routes.r]
+[routes.slow]
+path_prefix = "/delay/"
 upstream = "slow"
+[routes.other]
+upstream = "other"
 [upstreams.slow]
 endpoints = ["{}"]
+[upstreams.other]
+endpoints = ["{}"]
 "#,
-        slow.addr
+        slow.addr, other.addr
     );
     let mut gw = Gateway::start(&config).await;
     let listen = gw.listen;
