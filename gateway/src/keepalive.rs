@@ -18,12 +18,17 @@
 //! carries a prefix of its own into the next. A plain HTTP/1 request is told
 //! from the HTTP/2 preface by its first byte, so a request shorter than the
 //! preface (24 bytes) is served.
+//!
+//! The wait is bounded by one timer per connection, not one per request
+//! ([`IdleTimer`]): a busy connection sets one about once per
+//! `idle_timeout`.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -77,11 +82,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         tokio::pin!(shutting_down);
         // `None` before the first request; then what Pingora carries over.
         let mut carried: Option<Option<HttpPersistentSettings>> = None;
+        let mut idle = IdleTimer::default();
         loop {
             let head = tokio::select! {
                 // A request already sent is served, even at shutdown.
                 biased;
-                head = self.next_request(&mut stream) => head?,
+                head = self.next_request(&mut stream, &mut idle) => head?,
                 _ = &mut shutting_down => return None,
                 () = std::future::ready(()), if *shutdown.borrow() => return None,
             };
@@ -167,10 +173,53 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
 
     /// Read the next request's first bytes: `None` when the connection
     /// closed, failed or idled past its listener's `idle_timeout`.
-    async fn next_request(&self, stream: &mut Stream) -> Option<BytesMut> {
-        let idle = self.idle_timeout(stream);
-        let read = pingora::time::fast_timeout::fast_timeout(idle, read_some(stream)).await;
-        read.ok()?.ok().flatten()
+    async fn next_request(&self, stream: &mut Stream, idle: &mut IdleTimer) -> Option<BytesMut> {
+        let deadline = Instant::now() + self.idle_timeout(stream);
+        tokio::select! {
+            biased;
+            read = read_some(stream) => read.ok().flatten(),
+            () = idle.until(deadline) => None,
+        }
+    }
+}
+
+/// A connection's idle deadline, kept with one of Pingora's (10 ms coarse)
+/// timers that outlives the wait that set it. Registering a timer costs
+/// about as much as the rest of the wait; a timer set by an earlier wait
+/// fires before this one's deadline, and is then set again for the rest.
+#[derive(Default)]
+struct IdleTimer {
+    armed: Option<(Instant, Pin<Box<dyn Future<Output = ()> + Send>>)>,
+}
+
+/// Pingora's timer resolution: a deadline this close counts as reached.
+const TIMER_SLACK: Duration = Duration::from_millis(10);
+
+impl IdleTimer {
+    /// Done once `deadline` has passed. Dropping this keeps the timer for
+    /// the next wait.
+    async fn until(&mut self, deadline: Instant) {
+        loop {
+            match &mut self.armed {
+                Some((fires, sleep)) if *fires <= deadline => {
+                    sleep.as_mut().await;
+                    self.armed = None;
+                    let now = Instant::now();
+                    if now + TIMER_SLACK >= deadline {
+                        return;
+                    }
+                    self.arm(deadline, deadline - now);
+                }
+                // None yet, or one for a later deadline (a reload shortened
+                // `idle_timeout`).
+                _ => self.arm(deadline, deadline.saturating_duration_since(Instant::now())),
+            }
+        }
+    }
+
+    fn arm(&mut self, deadline: Instant, rest: Duration) {
+        let sleep = pingora::time::fast_timeout::fast_sleep(rest);
+        self.armed = Some((deadline, Box::pin(sleep)));
     }
 }
 
@@ -201,5 +250,42 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 fn start_with(session: &mut ServerSession, head: BytesMut) {
     if let ServerSession::H1(h1) = session {
         h1.set_pipelined_prefix(head);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_timer_serves_several_waits_and_none_ends_early() {
+        let mut idle = IdleTimer::default();
+        let start = Instant::now();
+        let first = start + Duration::from_millis(150);
+        // A wait cut short by its read: the timer stays armed.
+        let cut = tokio::time::timeout(Duration::from_millis(20), idle.until(first)).await;
+        assert!(cut.is_err(), "fired before its deadline");
+        assert_eq!(idle.armed.as_ref().map(|(at, _)| *at), Some(first));
+
+        // The next wait, with a later deadline, keeps that timer until it
+        // fires, then sets one for the rest.
+        let second = Instant::now() + Duration::from_millis(300);
+        let cut = tokio::time::timeout(Duration::from_millis(20), idle.until(second)).await;
+        assert!(cut.is_err());
+        assert_eq!(idle.armed.as_ref().map(|(at, _)| *at), Some(first));
+        idle.until(second).await;
+        assert!(
+            Instant::now() + TIMER_SLACK >= second,
+            "ended before the deadline"
+        );
+
+        // A shorter deadline than the armed one (a reload) gets its own timer.
+        let later = Instant::now() + Duration::from_secs(60);
+        let _ = tokio::time::timeout(Duration::from_millis(5), idle.until(later)).await;
+        let sooner = Instant::now() + Duration::from_millis(50);
+        tokio::time::timeout(Duration::from_secs(5), idle.until(sooner))
+            .await
+            .expect("a timer for the sooner deadline");
+        assert!(Instant::now() + TIMER_SLACK >= sooner);
     }
 }
