@@ -189,8 +189,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
 /// fires before this one's deadline, and is then set again for the rest.
 #[derive(Default)]
 struct IdleTimer {
-    armed: Option<(Instant, Pin<Box<dyn Future<Output = ()> + Send>>)>,
+    /// When the armed timer fires, and the timer.
+    armed: Option<(Instant, Sleep)>,
 }
+
+type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Pingora's timer resolution: a deadline this close counts as reached.
 const TIMER_SLACK: Duration = Duration::from_millis(10);
