@@ -306,8 +306,9 @@ impl Gateway {
         endpoint: usize,
         peer: &HttpPeer,
     ) {
+        let now = Instant::now();
         if ctx.tried.is_empty() {
-            ctx.upstream_started = Some(Instant::now());
+            ctx.upstream_started = Some(now);
         } else if let Some(name) = ctx.upstream_name() {
             crate::telemetry::metrics::metrics()
                 .upstream_retries
@@ -315,7 +316,7 @@ impl Gateway {
                 .inc();
         }
         ctx.tried.push(endpoint);
-        ctx.connect_started = Some(Instant::now());
+        ctx.connect_started = Some(now);
         ctx.connected = false;
         ctx.upstream_status = None;
         ctx.endpoint = peer._address.as_inet().copied();
