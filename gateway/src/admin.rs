@@ -124,8 +124,8 @@ pub fn config_json(c: &Config) -> serde_json::Value {
     let secs = |d: Duration| d.as_secs_f64();
     let rewrite = |rw: &HeaderRewrite| {
         json!({
-            "set": pairs(&rw.set),
-            "add": pairs(&rw.add),
+            "set": fields(&rw.set),
+            "add": fields(&rw.add),
             "remove": rw.remove.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         })
     };
@@ -247,6 +247,21 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "passthrough_port": e.passthrough_port,
         })),
     })
+}
+
+/// A rewrite's fields, named as the config spells them.
+fn fields(list: &[crate::config::model::FieldValue]) -> serde_json::Value {
+    list.iter()
+        .map(|f| {
+            (
+                String::from_utf8_lossy(&f.spelled).into_owned(),
+                String::from_utf8_lossy(f.value.as_bytes())
+                    .into_owned()
+                    .into(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn pairs(list: &[(http::HeaderName, http::HeaderValue)]) -> serde_json::Value {

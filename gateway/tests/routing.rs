@@ -416,7 +416,7 @@ endpoints = ["{addr}"]
         "\r\nX-Forwarded-For: 127.0.0.1\r\n",
         "\r\nX-Forwarded-Proto: http\r\n",
         "\r\nX-Request-Id: ",
-        "\r\nx-via: gw\r\n",
+        "\r\nX-Via: gw\r\n",
     ] {
         assert!(head.contains(want), "{want:?} not in {head}");
     }

@@ -521,9 +521,18 @@ pub struct Forward {
 
 #[derive(Debug, Clone, Default)]
 pub struct HeaderRewrite {
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub set: Vec<FieldValue>,
+    pub add: Vec<FieldValue>,
     pub remove: Vec<HeaderName>,
+}
+
+/// A field a rewrite sets or adds. `spelled` is the name as the config
+/// writes it: HTTP/1 carries that spelling while names keep their case.
+#[derive(Debug, Clone)]
+pub struct FieldValue {
+    pub name: HeaderName,
+    pub spelled: bytes::Bytes,
+    pub value: HeaderValue,
 }
 
 impl HeaderRewrite {

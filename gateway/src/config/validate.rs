@@ -1797,14 +1797,19 @@ impl Validator {
             );
         }
         let mut out = HeaderRewrite::default();
+        let field = |(name, value): (HeaderName, HeaderValue), k: &Spanned<String>| FieldValue {
+            name,
+            spelled: bytes::Bytes::from(k.get_ref().clone()),
+            value,
+        };
         for (k, v) in raw.set.iter().flatten() {
             if let Some(p) = self.header_pair(k, v) {
-                out.set.push(p);
+                out.set.push(field(p, k));
             }
         }
         for (k, v) in raw.add.iter().flatten() {
             if let Some(p) = self.header_pair(k, v) {
-                out.add.push(p);
+                out.add.push(field(p, k));
             }
         }
         for k in raw.remove.iter().flatten() {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::model::HeaderRewrite;
+use crate::config::model::{FieldValue, HeaderRewrite};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -93,10 +93,12 @@ pub trait Fields {
     fn map(&self) -> &HeaderMap;
     /// Replace `name`; `wire` is how it is spelled when case is kept.
     fn set(&mut self, name: &HeaderName, wire: &'static str, value: HeaderValue);
-    /// Replace `name`, spelled as the name itself (configured rewrites).
+    /// Replace `name`, spelled as the name itself.
     fn set_name(&mut self, name: &HeaderName, value: HeaderValue);
-    /// Add a line for `name`, keeping the ones already there.
-    fn add_name(&mut self, name: &HeaderName, value: HeaderValue);
+    /// Replace a configured field, spelled as the config writes it.
+    fn set_field(&mut self, field: &FieldValue);
+    /// Add a line for a configured field, keeping the ones already there.
+    fn add_field(&mut self, field: &FieldValue);
     /// Remove every line of `name`.
     fn remove(&mut self, name: &HeaderName);
 }
@@ -114,8 +116,12 @@ macro_rules! pingora_fields {
             fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
                 let _ = self.insert_header(name.clone(), value);
             }
-            fn add_name(&mut self, name: &HeaderName, value: HeaderValue) {
-                let _ = self.append_header(name.clone(), value);
+            fn set_field(&mut self, field: &FieldValue) {
+                // The spelling was checked as a name when the config loaded.
+                let _ = self.insert_header(field.spelled.clone(), field.value.clone());
+            }
+            fn add_field(&mut self, field: &FieldValue) {
+                let _ = self.append_header(field.spelled.clone(), field.value.clone());
             }
             fn remove(&mut self, name: &HeaderName) {
                 // Pingora's removal hashes the name into both of its maps
@@ -141,8 +147,11 @@ impl Fields for HeaderMap {
     fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
         self.insert(name.clone(), value);
     }
-    fn add_name(&mut self, name: &HeaderName, value: HeaderValue) {
-        self.append(name.clone(), value);
+    fn set_field(&mut self, field: &FieldValue) {
+        self.insert(field.name.clone(), field.value.clone());
+    }
+    fn add_field(&mut self, field: &FieldValue) {
+        self.append(field.name.clone(), field.value.clone());
     }
     fn remove(&mut self, name: &HeaderName) {
         HeaderMap::remove(self, name);
@@ -381,11 +390,11 @@ pub fn rewrite(fields: &mut impl Fields, rw: &HeaderRewrite) {
     for name in &rw.remove {
         fields.remove(name);
     }
-    for (name, value) in &rw.set {
-        fields.set_name(name, value.clone());
+    for field in &rw.set {
+        fields.set_field(field);
     }
-    for (name, value) in &rw.add {
-        fields.add_name(name, value.clone());
+    for field in &rw.add {
+        fields.add_field(field);
     }
 }
 
@@ -616,6 +625,14 @@ mod tests {
         req
     }
 
+    fn field(spelled: &'static str, value: &'static str) -> FieldValue {
+        FieldValue {
+            name: HeaderName::from_bytes(spelled.as_bytes()).unwrap(),
+            spelled: bytes::Bytes::from_static(spelled.as_bytes()),
+            value: HeaderValue::from_static(value),
+        }
+    }
+
     fn forwarding(rw: &HeaderRewrite) -> Forwarding<'_> {
         Forwarding {
             client: Some("192.0.2.7".parse().unwrap()),
@@ -630,14 +647,8 @@ mod tests {
     #[test]
     fn both_header_cases_make_the_same_fields() {
         let rw = HeaderRewrite {
-            set: vec![(
-                HeaderName::from_static("x-via"),
-                HeaderValue::from_static("gw"),
-            )],
-            add: vec![(
-                HeaderName::from_static("x-tag"),
-                HeaderValue::from_static("a"),
-            )],
+            set: vec![field("X-Via", "gw")],
+            add: vec![field("x-tag", "a")],
             remove: vec![header::USER_AGENT],
         };
         let mut kept = client_request(b"/a?b=1");
@@ -668,6 +679,8 @@ mod tests {
         );
         assert!(kept.contains("\r\nX-Request-Id: id-1\r\n"), "{kept}");
         assert!(kept.starts_with("Host: api.example.com\r\n"), "{kept}");
+        assert!(kept.contains("\r\nX-Via: gw\r\n"), "{kept}");
+        assert!(kept.contains("\r\nx-tag: a\r\n"), "{kept}");
         assert!(
             plain.contains("\r\nx-forwarded-for: 10.0.0.1, 192.0.2.7\r\n"),
             "{plain}"
