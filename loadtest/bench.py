@@ -430,6 +430,8 @@ def scenarios(b):
                     [("meshgate", "steal"), ("meshgate", "nosteal"), ("bare-pingora", "default")], h1),
         "deadline": ("header_read_timeout's stream wrapper on and off (scenario 1 load)",
                      [("meshgate", "default"), ("meshgate", "nodeadline"), ("bare-pingora", "default")], h1),
+        "case": ("header_case preserve and lowercase (scenario 1 load)",
+                 [("meshgate", "default"), ("meshgate", "lowercase"), ("bare-pingora", "default")], h1),
     }
 
 
