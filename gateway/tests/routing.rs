@@ -461,3 +461,69 @@ endpoints = ["{addr}"]
     }
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
 }
+
+/// Read from `s` until what was read ends with `end`; all of it.
+async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !out.ends_with(end) {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("the whole response");
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_post_to_a_direct_response_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = format!(
+        r#"{HEAD}
+[routes.hook]
+path_prefix = "/"
+respond = {{ status = 200, body = "taken" }}
+"#
+    );
+    let gw = Gateway::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    // The body left unread would be parsed as the next request; it is read
+    // and dropped, and the connection serves the next one.
+    for _ in 0..2 {
+        s.write_all(b"POST /hook HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello=world")
+            .await
+            .unwrap();
+        let resp = read_until(&mut s, b"taken").await;
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(
+            !resp.to_ascii_lowercase().contains("connection: close"),
+            "{resp}"
+        );
+    }
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_until(&mut s, b"taken").await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+
+    // A large body is not waited for: answered at once, then closed.
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"POST /hook HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\nstart")
+        .await
+        .unwrap();
+    let resp = read_until(&mut s, b"taken").await;
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the response")
+        .ok();
+}

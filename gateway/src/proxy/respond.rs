@@ -37,6 +37,7 @@ pub async fn send(
     if let Some(rw) = rewrite {
         super::headers::rewrite(&mut resp, rw);
     }
+    discard_small_body(session).await;
     let head_only = session.req_header().method == Method::HEAD;
     let empty = head_only || body.is_empty();
     session.write_response_header(Box::new(resp), empty).await?;
@@ -44,6 +45,35 @@ pub async fn send(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Request bodies up to this size are read and dropped before a response
+/// meshgate writes itself, so that the connection stays open.
+pub const DISCARD_BODY_LIMIT: u64 = 64 * 1024;
+/// How long such a body may take to arrive.
+const DISCARD_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Pingora closes a connection answered before its request body was read
+/// (the rest of the body would be taken for the next request). A small
+/// body of declared length that arrives promptly is read and dropped
+/// instead, as NGINX does, so a POST to a direct response keeps its
+/// connection. Larger, chunked or `Expect: 100-continue` bodies are left,
+/// and the connection closes after the response.
+async fn discard_small_body(session: &mut Session) {
+    // Nothing left to read, or the connection closes anyway.
+    if session.is_body_done() || session.get_keepalive().is_none() {
+        return;
+    }
+    let req = session.req_header();
+    let small = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= DISCARD_BODY_LIMIT);
+    if !small || req.headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let _ = pingora::time::timeout(DISCARD_BODY_WAIT, session.drain_request_body()).await;
 }
 
 /// `{"error": "...", "route": "...", "request_id": "..."}`
