@@ -174,6 +174,8 @@ pub fn edit_plain_request<R>(
         .path_and_query()
         .is_some_and(|pq| std::ptr::eq(req.raw_path().as_ptr(), pq.as_str().as_ptr()));
     let raw = (!from_uri).then(|| req.raw_path().to_vec());
+    // Not kept in `Parts` either (HTTP/2 only; set by Pingora's gRPC-web bridge).
+    let end_stream = req.send_end_stream();
     let blank = RequestHeader::from(http::Request::new(()).into_parts().0);
     let mut parts: http::request::Parts = std::mem::replace(req, blank).into();
     parts.headers.reserve(more);
@@ -182,6 +184,9 @@ pub fn edit_plain_request<R>(
     if let Some(raw) = raw {
         // It was accepted from the client in this very form.
         let _ = req.set_raw_path(&raw);
+    }
+    if let Some(end_stream) = end_stream {
+        req.set_send_end_stream(end_stream);
     }
     out
 }
@@ -705,6 +710,11 @@ mod tests {
             );
             assert!(!req.has_case());
         }
+        let mut h2 = client_request(b"/g");
+        h2.set_version(http::Version::HTTP_2);
+        h2.set_send_end_stream(false);
+        edit_plain_request(&mut h2, 0, |_| ());
+        assert_eq!(h2.send_end_stream(), Some(false));
 
         let mut resp = ResponseHeader::build(200, None).unwrap();
         resp.set_reason_phrase(Some("Fine")).unwrap();
