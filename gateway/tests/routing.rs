@@ -366,23 +366,11 @@ async fn head_recording_upstream() -> (
 
 /// One request on a new connection, as raw bytes; the whole response.
 async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = async {
-        // The upstream's body is "ok": the response ends with it.
-        while !out.ends_with(b"\r\n\r\nok") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
-            out.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), read)
-        .await
-        .expect("a whole response");
-    String::from_utf8(out).unwrap()
+    // The upstream's body is "ok": the response ends with it.
+    read_until(&mut s, b"\r\n\r\nok").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
