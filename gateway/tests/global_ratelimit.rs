@@ -312,6 +312,35 @@ async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_counted_as_a_timeout_whatever_the_timeout() {
+    // Above the Redis client's own default response timeout (500 ms), which
+    // must not answer first and count the wait as an error.
+    let redis = RedisServer::start().await;
+    let cfg = config(
+        &redis,
+        "on_error = \"deny\"",
+        "key = \"route\"\nrate = 100\nper = \"1m\"\n",
+    )
+    .replace("timeout = \"500ms\"", "timeout = \"700ms\"");
+    let gw = Gateway::start(&cfg).await;
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+    redis.pause();
+    let (r, took) = timed_get(&gw, &[]).await;
+    redis.resume();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(took < NO_HANG, "waited {took:?}");
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let kind = |k: &str| {
+        metric(
+            &text,
+            &format!("meshgate_rate_limit_backend_errors_total{{kind=\"{k}\"}}"),
+        )
+    };
+    assert_eq!(kind("timeout"), 1.0, "{text}");
+    assert_eq!(kind("error"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_redis_fails_closed_within_the_timeout() {
     let redis = RedisServer::start().await;
     // This test is about the timeout: the short one the other tests avoid.

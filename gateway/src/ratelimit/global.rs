@@ -181,7 +181,11 @@ impl RedisBackend {
         if let Some(m) = slot.as_ref() {
             return Ok(m.clone());
         }
+        // Every call is bounded by `[redis] timeout` here; the crate's own
+        // response timeout (500 ms) would race it and report a timeout as
+        // an error.
         let config = ConnectionManagerConfig::new()
+            .set_response_timeout(None)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
@@ -278,6 +282,7 @@ impl RedisBackend {
         .await;
         let (granted, remaining, retry_us, full_us) = match reply {
             Err(_) => return Err(BackendError::Timeout),
+            Ok(Err(e)) if e.is_timeout() => return Err(BackendError::Timeout),
             Ok(Err(e)) => return Err(BackendError::Redis(e.to_string())),
             Ok(Ok(v)) => v,
         };
