@@ -213,6 +213,14 @@ pub fn edit_plain_response<R>(
     out
 }
 
+/// The body length a request declares in `Content-Length`, when it is one
+/// number (the parser has already refused differing repeats).
+pub fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
 /// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
 pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
     req.headers

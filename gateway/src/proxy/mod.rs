@@ -407,11 +407,7 @@ impl ProxyHttp for Gateway {
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
-        let declared = session
-            .req_header()
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = headers::declared_length(session.req_header());
         if declared.is_some_and(|len| body_over_limit(&rt, Some(route_idx), len)) {
             count_rejection(ctx, "body_size");
             ctx.failure = Some(Failure::BodyTooLarge);

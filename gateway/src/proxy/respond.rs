@@ -65,11 +65,7 @@ async fn discard_small_body(session: &mut Session) {
         return;
     }
     let req = session.req_header();
-    let small = req
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n <= DISCARD_BODY_LIMIT);
+    let small = super::headers::declared_length(req).is_some_and(|n| n <= DISCARD_BODY_LIMIT);
     if !small || req.headers.contains_key(header::EXPECT) {
         return;
     }
