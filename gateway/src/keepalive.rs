@@ -70,7 +70,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if !self.speaks_http1(&mut stream).await? {
+        // The connection's idle deadline, from its first byte to its last
+        // request.
+        let mut idle = IdleTimer::default();
+        if !self.speaks_http1(&mut stream, &mut idle).await? {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         let options = self.inner.server_options();
@@ -82,7 +85,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         tokio::pin!(shutting_down);
         // `None` before the first request; then what Pingora carries over.
         let mut carried: Option<Option<HttpPersistentSettings>> = None;
-        let mut idle = IdleTimer::default();
         loop {
             let head = tokio::select! {
                 // A request already sent is served, even at shutdown.
@@ -125,7 +127,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this
     /// loop; `None` when the connection failed, or sent nothing within its
     /// `idle_timeout`, while being looked at.
-    async fn speaks_http1(&self, stream: &mut Stream) -> Option<bool> {
+    async fn speaks_http1(&self, stream: &mut Stream, idle: &mut IdleTimer) -> Option<bool> {
         let options = self.inner.server_options();
         if options.is_some_and(|o| o.force_custom)
             || matches!(
@@ -141,7 +143,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         // Pingora reads 24 bytes to compare with the preface, which a short
         // HTTP/1 request (`GET / HTTP/1.0` and a blank line is 18) never
         // sends: the first byte tells most requests apart at once.
-        let idle = self.idle_timeout(stream);
+        let deadline = Instant::now() + self.idle_timeout(stream);
         let peek = async {
             let mut first = [0u8; 1];
             if !stream.try_peek(&mut first).await? {
@@ -155,10 +157,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             stream.try_peek(&mut preface).await?;
             Ok::<_, std::io::Error>(preface != *H2_PREFACE)
         };
-        pingora::time::fast_timeout::fast_timeout(idle, peek)
-            .await
-            .ok()?
-            .ok()
+        tokio::select! {
+            biased;
+            peeked = peek => peeked.ok(),
+            () = idle.until(deadline) => None,
+        }
     }
 
     /// The listener's `idle_timeout`, read per wait so that a reload applies.
