@@ -16,6 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::Result;
 
 use super::ctx::{Failure, RequestCtx};
+use super::headers::Fields;
 use super::respond;
 use crate::config::model::Egress;
 use crate::egress::resolve::ResolveError;
@@ -192,10 +193,10 @@ pub fn upstream_request(upstream: &mut RequestHeader, target: &EgressTarget) -> 
     for name in [
         header::PROXY_AUTHORIZATION,
         header::HeaderName::from_static("proxy-connection"),
+        super::headers::X_MESHGATE_PEER_IDENTITY,
     ] {
-        upstream.remove_header(&name);
+        Fields::remove(upstream, &name);
     }
-    upstream.remove_header(&super::headers::X_MESHGATE_PEER_IDENTITY);
     super::headers::single_content_length(upstream);
     Ok(())
 }
