@@ -373,6 +373,13 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
     read_until(&mut s, b"\r\n\r\nok").await
 }
 
+/// Every one of `wants` is in `text`.
+fn contains_all(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_names_keep_their_case_unless_lowercase_is_chosen() {
     let (addr, mut heads) = head_recording_upstream().await;
@@ -397,24 +404,26 @@ endpoints = ["{addr}"]
     // Default: names go out as they came in; meshgate's own in title case.
     let resp = raw_exchange(gw.listen, request).await;
     let head = heads.recv().await.unwrap();
-    for want in [
-        "\r\nHost: case.test\r\n",
-        "\r\nUser-Agent: raw/1\r\n",
-        "\r\nX-Custom-Thing: a\r\n",
-        "\r\nX-Forwarded-For: 127.0.0.1\r\n",
-        "\r\nX-Forwarded-Proto: http\r\n",
-        "\r\nX-Request-Id: ",
-        "\r\nX-Via: gw\r\n",
-    ] {
-        assert!(head.contains(want), "{want:?} not in {head}");
-    }
-    for want in [
-        "\r\nX-Upstream-Thing: 1\r\n",
-        "\r\nETag: \"v1\"\r\n",
-        "\r\nX-Request-Id: ",
-    ] {
-        assert!(resp.contains(want), "{want:?} not in {resp}");
-    }
+    contains_all(
+        &head,
+        &[
+            "\r\nHost: case.test\r\n",
+            "\r\nUser-Agent: raw/1\r\n",
+            "\r\nX-Custom-Thing: a\r\n",
+            "\r\nX-Forwarded-For: 127.0.0.1\r\n",
+            "\r\nX-Forwarded-Proto: http\r\n",
+            "\r\nX-Request-Id: ",
+            "\r\nX-Via: gw\r\n",
+        ],
+    );
+    contains_all(
+        &resp,
+        &[
+            "\r\nX-Upstream-Thing: 1\r\n",
+            "\r\nETag: \"v1\"\r\n",
+            "\r\nX-Request-Id: ",
+        ],
+    );
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
 
     // `lowercase`, taken on reload: the same fields, lower case both ways.
@@ -428,25 +437,27 @@ endpoints = ["{addr}"]
     let resp = raw_exchange(gw.listen, request).await;
     let head = heads.recv().await.unwrap();
     assert!(head.starts_with("GET /case HTTP/1.1\r\n"), "{head}");
-    for want in [
-        "\r\nHost: case.test\r\n",
-        "\r\nuser-agent: raw/1\r\n",
-        "\r\nx-custom-thing: a\r\n",
-        "\r\nx-forwarded-for: 127.0.0.1\r\n",
-        "\r\nx-forwarded-proto: http\r\n",
-        "\r\nx-request-id: ",
-        "\r\nx-via: gw\r\n",
-    ] {
-        assert!(head.contains(want), "{want:?} not in {head}");
-    }
-    for want in [
-        "\r\nContent-Length: 2\r\n",
-        "\r\nx-upstream-thing: 1\r\n",
-        "\r\netag: \"v1\"\r\n",
-        "\r\nx-request-id: ",
-    ] {
-        assert!(resp.contains(want), "{want:?} not in {resp}");
-    }
+    contains_all(
+        &head,
+        &[
+            "\r\nHost: case.test\r\n",
+            "\r\nuser-agent: raw/1\r\n",
+            "\r\nx-custom-thing: a\r\n",
+            "\r\nx-forwarded-for: 127.0.0.1\r\n",
+            "\r\nx-forwarded-proto: http\r\n",
+            "\r\nx-request-id: ",
+            "\r\nx-via: gw\r\n",
+        ],
+    );
+    contains_all(
+        &resp,
+        &[
+            "\r\nContent-Length: 2\r\n",
+            "\r\nx-upstream-thing: 1\r\n",
+            "\r\netag: \"v1\"\r\n",
+            "\r\nx-request-id: ",
+        ],
+    );
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
 }
 
