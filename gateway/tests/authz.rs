@@ -65,11 +65,8 @@ async fn identity_rules_on_an_mtls_listener() {
         let addr = gw.listen;
         async move {
             let o = ClientTls {
-                sni: Some("orders.example"),
-                ca: &ca_pem,
                 client: Some(who),
-                h2: false,
-                max_version: None,
+                ..ClientTls::new(&ca_pem, Some("orders.example"))
             };
             tls::get(addr, &o, path, &[]).await.unwrap().0
         }

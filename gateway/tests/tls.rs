@@ -165,6 +165,120 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     assert_eq!(r.status, 200);
 }
 
+const AES_128: u16 = 0x1301;
+const AES_256: u16 = 0x1302;
+const CHACHA20: u16 = 0x1303;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_prefers_aes128_unless_the_client_puts_chacha20_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\"]",
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let cipher_for = |suites: &'static [u16]| {
+        let ca_pem = ca_pem.clone();
+        let addr = gw.listen;
+        async move {
+            let o = ClientTls {
+                tls13_suites: Some(suites),
+                ..ClientTls::new(&ca_pem, Some("edge.example"))
+            };
+            let (r, info) = tls::get(addr, &o, "/", &[]).await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(info.version, "TLSv1.3");
+            info.cipher
+        }
+    };
+    // SAFETY: reads BoringSSL's CPU capability flags.
+    let aes_hardware = unsafe { boring_sys::EVP_has_aes_hardware() } == 1;
+    // OpenSSL's order (curl, Python, wrk): AES-256 first.
+    let openssl_order = cipher_for(&[AES_256, CHACHA20, AES_128]).await;
+    if aes_hardware {
+        assert_eq!(openssl_order, "TLS_AES_128_GCM_SHA256");
+    } else {
+        // BoringSSL's own order without AES instructions: ChaCha20 first.
+        assert_eq!(openssl_order, "TLS_CHACHA20_POLY1305_SHA256");
+    }
+    // A client without AES instructions lists ChaCha20 first and gets it.
+    assert_eq!(
+        cipher_for(&[CHACHA20, AES_128, AES_256]).await,
+        "TLS_CHACHA20_POLY1305_SHA256"
+    );
+    // A client that offers only one suite gets that one.
+    assert_eq!(cipher_for(&[AES_256]).await, "TLS_AES_256_GCM_SHA384");
+}
+
+/// One GET with `o`; the handshake's outcome and the tickets it brought.
+async fn with_tickets(
+    addr: std::net::SocketAddr,
+    o: ClientTls<'_>,
+) -> (tls::TlsInfo, Vec<boring::ssl::SslSession>) {
+    let tickets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o = ClientTls {
+        tickets: Some(tickets.clone()),
+        ..o
+    };
+    let (r, info) = tls::get(addr, &o, "/", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tickets = std::mem::take(&mut *tickets.lock().unwrap());
+    (info, tickets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_from_tickets_except_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\"]",
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    for version in [SslVersion::TLS1_3, SslVersion::TLS1_2] {
+        let fresh = ClientTls {
+            max_version: Some(version),
+            ..ClientTls::new(&ca_pem, Some("edge.example"))
+        };
+        let (info, tickets) = with_tickets(gw.listen, fresh).await;
+        assert!(!info.resumed);
+        let ticket = tickets
+            .last()
+            .unwrap_or_else(|| panic!("no ticket ({version:?})"));
+        let again = ClientTls {
+            max_version: Some(version),
+            resume: Some(ticket),
+            ..ClientTls::new(&ca_pem, Some("edge.example"))
+        };
+        let (info, _) = with_tickets(gw.listen, again).await;
+        assert!(info.resumed, "{version:?} did not resume");
+    }
+
+    // With client certificates every connection is checked in full: no
+    // tickets, so an expired or revoked certificate cannot live on in one.
+    let clients = Ca::new("client root");
+    let (gw, _app) = mtls_gateway(dir.path(), &ca, &clients, "require").await;
+    let web = clients.issue(Leaf {
+        uris: &[WEB],
+        ..Leaf::default()
+    });
+    for version in [SslVersion::TLS1_3, SslVersion::TLS1_2] {
+        let o = ClientTls {
+            max_version: Some(version),
+            client: Some(&web),
+            ..ClientTls::new(&ca_pem, Some("edge.example"))
+        };
+        let (info, tickets) = with_tickets(gw.listen, o).await;
+        assert!(!info.resumed);
+        assert!(tickets.is_empty(), "{version:?}: {} tickets", tickets.len());
+    }
+}
+
 /// A listener requiring client certificates from `clients`, forwarding the
 /// identity to an echo upstream, with a rate limit per identity.
 async fn mtls_gateway(

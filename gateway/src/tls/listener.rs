@@ -120,6 +120,7 @@ pub fn settings(
     settings
         .set_max_proto_version(Some(SslVersion::TLS1_3))
         .map_err(|e| fail(e.to_string()))?;
+    super::ciphers::prefer_aes128(&mut settings).map_err(|e| fail(e.to_string()))?;
     // Session resumption must not cross listeners with different client
     // auth. The context holds at most 32 bytes, names can be longer: a hash.
     let sid_ctx = boring::hash::hash(

@@ -3,8 +3,10 @@
 //! and the patterns that match them.
 //!
 //! The listener side (SNI selection, client auth, handshake accounting) is in
-//! [`listener`]; the files behind `[certs]` are watched by [`store`].
+//! [`listener`], its TLS 1.3 cipher order in [`ciphers`]; the files behind
+//! `[certs]` are watched by [`store`].
 
+pub mod ciphers;
 pub mod listener;
 pub mod store;
 

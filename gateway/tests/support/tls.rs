@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use boring::asn1::Asn1Time;
 use boring::bn::{BigNum, MsbOption};
@@ -13,7 +14,9 @@ use boring::hash::MessageDigest;
 use boring::nid::Nid;
 use boring::pkey::{PKey, Private};
 use boring::rsa::Rsa;
-use boring::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+use boring::ssl::{
+    SslConnector, SslMethod, SslSession, SslSessionCacheMode, SslVerifyMode, SslVersion,
+};
 use boring::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
 };
@@ -193,6 +196,13 @@ pub struct ClientTls<'a> {
     /// Offer h2 (and use it if chosen) instead of http/1.1 only.
     pub h2: bool,
     pub max_version: Option<SslVersion>,
+    /// TLS 1.3 suites offered, in this order (IANA ids, e.g. 0x1301);
+    /// `None`: the library's.
+    pub tls13_suites: Option<&'a [u16]>,
+    /// A session (ticket) to resume.
+    pub resume: Option<&'a SslSession>,
+    /// Where the sessions (tickets) the server sends are put.
+    pub tickets: Option<Arc<Mutex<Vec<SslSession>>>>,
 }
 
 impl<'a> ClientTls<'a> {
@@ -204,6 +214,9 @@ impl<'a> ClientTls<'a> {
             client: None,
             h2: false,
             max_version: None,
+            tls13_suites: None,
+            resume: None,
+            tickets: None,
         }
     }
 }
@@ -215,6 +228,10 @@ pub struct TlsInfo {
     pub alpn: Option<String>,
     /// DNS SANs of the certificate the server presented.
     pub server_names: Vec<String>,
+    /// The cipher suite's standard name (`TLS_AES_128_GCM_SHA256`).
+    pub cipher: String,
+    /// Whether the handshake resumed `ClientTls::resume`.
+    pub resumed: bool,
 }
 
 /// Handshake with `addr`; the stream and what was negotiated.
@@ -258,6 +275,24 @@ pub async fn connect_over(
     if let Some(v) = opts.max_version {
         b.set_max_proto_version(Some(v))?;
     }
+    if let Some(suites) = opts.tls13_suites {
+        // SAFETY: a valid SSL_CTX owned by the builder; BoringSSL copies the
+        // list. (`boring` does not wrap this call.)
+        let ok = unsafe {
+            boring_sys::SSL_CTX_set1_tls13_ciphers(
+                b.as_ptr(),
+                suites.as_ptr(),
+                std::ptr::null(),
+                suites.len(),
+            )
+        };
+        assert_eq!(ok, 1, "SSL_CTX_set1_tls13_ciphers({suites:x?})");
+    }
+    if let Some(tickets) = &opts.tickets {
+        let tickets = tickets.clone();
+        b.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+        b.set_new_session_callback(move |_, session| tickets.lock().unwrap().push(session));
+    }
     let connector = b.build();
     let mut config = connector.configure()?;
     let ssl = match opts.sni {
@@ -268,6 +303,12 @@ pub async fn connect_over(
             config.into_ssl("unused")?
         }
     };
+    let mut ssl = ssl;
+    if let Some(session) = opts.resume {
+        // SAFETY: the session comes from a connection to the same server
+        // with the same client settings, as `set_session` requires.
+        unsafe { ssl.set_session(session)? };
+    }
     let mut stream = SslStream::new(ssl, tcp)?;
     Pin::new(&mut stream).connect().await?;
     let ssl = stream.ssl();
@@ -285,6 +326,12 @@ pub async fn connect_over(
                     .collect()
             })
             .unwrap_or_default(),
+        cipher: ssl
+            .current_cipher()
+            .and_then(|c| c.standard_name())
+            .unwrap_or_default()
+            .to_string(),
+        resumed: ssl.session_reused(),
     };
     Ok((stream, info))
 }
