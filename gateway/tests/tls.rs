@@ -165,6 +165,69 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     assert_eq!(r.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_served_with_ecdsa_and_rsa_gets_the_one_the_client_can_verify() {
+    use boring::ssl::SslSignatureAlgorithm as Alg;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let (ec, ek) = ca
+        .issue(Leaf {
+            dns: &["edge.example", "ecdsa.marker"],
+            ..Leaf::default()
+        })
+        .write(dir.path(), "edge");
+    let (rc, rk) = ca
+        .issue(Leaf {
+            dns: &["edge.example", "rsa.marker"],
+            rsa: true,
+            ..Leaf::default()
+        })
+        .write(dir.path(), "edge-rsa");
+    let certs = format!(
+        "[certs.edge]\ncert = \"{}\"\nkey = \"{}\"\n[certs.edge_rsa]\ncert = \"{}\"\nkey = \"{}\"\n",
+        ec.display(),
+        ek.display(),
+        rc.display(),
+        rk.display()
+    );
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\", \"edge_rsa\"]",
+        &certs,
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let served = |algorithms: Option<&'static [Alg]>, version: SslVersion| {
+        let ca_pem = ca_pem.clone();
+        let addr = gw.listen;
+        async move {
+            let o = ClientTls {
+                verify_algorithms: algorithms,
+                max_version: Some(version),
+                ..ClientTls::new(&ca_pem, Some("edge.example"))
+            };
+            let (r, info) = tls::get(addr, &o, "/", &[]).await.unwrap();
+            assert_eq!(r.status, 200);
+            info.server_names
+        }
+    };
+    const RSA_ONLY: &[Alg] = &[Alg::RSA_PSS_RSAE_SHA256, Alg::RSA_PKCS1_SHA256];
+    const ECDSA_ONLY: &[Alg] = &[Alg::ECDSA_SECP256R1_SHA256];
+    for version in [SslVersion::TLS1_3, SslVersion::TLS1_2] {
+        // The first listed when the client can verify both.
+        assert!(served(None, version).await.contains(&"ecdsa.marker".into()));
+        assert!(served(Some(ECDSA_ONLY), version)
+            .await
+            .contains(&"ecdsa.marker".into()));
+        assert!(
+            served(Some(RSA_ONLY), version)
+                .await
+                .contains(&"rsa.marker".into()),
+            "{version:?}"
+        );
+    }
+}
+
 const AES_128: u16 = 0x1301;
 const AES_256: u16 = 0x1302;
 const CHACHA20: u16 = 0x1303;

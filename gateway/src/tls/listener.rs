@@ -67,21 +67,24 @@ impl TlsAccept for Callbacks {
         let sni = ssl
             .servername(boring::ssl::NameType::HOST_NAME)
             .map(str::to_string);
-        let Some(pair) = super::store::select(&candidates, sni.as_deref()) else {
+        let mut offered = 0;
+        for pair in super::store::select(&candidates, sni.as_deref()) {
+            let added = match pair.credential() {
+                Ok(credential) => credential.offer(ssl).map_err(|e| e.to_string()),
+                Err(reason) => Err(reason.to_string()),
+            };
+            match added {
+                Ok(()) => offered += 1,
+                Err(e) => log::error!(
+                    "listener `{}`: cannot use certificate for {:?}: {e}",
+                    self.listener,
+                    pair.names
+                ),
+            }
+        }
+        if offered == 0 {
             // No certificate: the handshake fails with an alert, counted below.
             log::error!("listener `{}` has no certificate to serve", self.listener);
-            return;
-        };
-        let set = (|| {
-            pingora::tls::ext::ssl_use_certificate(ssl, pair.leaf())?;
-            pingora::tls::ext::ssl_use_private_key(ssl, &pair.key)?;
-            for intermediate in pair.chain.iter().skip(1) {
-                pingora::tls::ext::ssl_add_chain_cert(ssl, intermediate)?;
-            }
-            Ok::<_, boring::error::ErrorStack>(())
-        })();
-        if let Err(e) = set {
-            log::error!("listener `{}`: cannot use certificate: {e}", self.listener);
         }
     }
 

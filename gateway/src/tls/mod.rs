@@ -3,10 +3,12 @@
 //! and the patterns that match them.
 //!
 //! The listener side (SNI selection, client auth, handshake accounting) is in
-//! [`listener`], its TLS 1.3 cipher order in [`ciphers`]; the files behind
+//! [`listener`], its TLS 1.3 cipher order in [`ciphers`] and the BoringSSL
+//! form of a certificate it serves in [`credential`]; the files behind
 //! `[certs]` are watched by [`store`].
 
 pub mod ciphers;
+pub mod credential;
 pub mod listener;
 pub mod store;
 
@@ -46,6 +48,9 @@ pub struct CertKeyPair {
     pub not_after: i64,
     /// The same pair for pingora's upstream client certificates, made once.
     cert_key: Arc<pingora::utils::tls::CertKey>,
+    /// The same pair for listeners, made once; why BoringSSL refused it
+    /// (reported per handshake, as it was before credentials).
+    credential: Result<Arc<credential::Credential>, String>,
 }
 
 impl std::fmt::Debug for CertKeyPair {
@@ -89,6 +94,9 @@ impl CertKeyPair {
                 chain.clone(),
                 key.clone(),
             )),
+            credential: credential::Credential::new(&chain, &key)
+                .map(Arc::new)
+                .map_err(|e| first_reason(&e)),
             chain,
             key,
         }
@@ -96,6 +104,11 @@ impl CertKeyPair {
 
     pub fn leaf(&self) -> &X509 {
         &self.chain[0]
+    }
+
+    /// For a listener to serve.
+    pub fn credential(&self) -> Result<&credential::Credential, &str> {
+        self.credential.as_deref().map_err(String::as_str)
     }
 
     /// For pingora's upstream client certificates.

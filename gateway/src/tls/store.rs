@@ -169,24 +169,37 @@ impl CertStore {
     }
 }
 
-/// Pick the certificate for a handshake: an exact name match for the SNI,
-/// then a wildcard (`*.example.com` covers one label), else the first listed.
+/// The certificates a handshake may use, best first: those whose name equals
+/// the SNI, else those with a wildcard covering it (`*.example.com` covers one
+/// label), else all. BoringSSL then serves the first one the client can
+/// verify (an ECDSA or an RSA certificate of the same name, say).
 pub fn select<'a>(
     candidates: &'a [Arc<CertKeyPair>],
     sni: Option<&str>,
-) -> Option<&'a Arc<CertKeyPair>> {
-    if let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) {
-        if let Some(c) = candidates.iter().find(|c| c.names.contains(&sni)) {
-            return Some(c);
-        }
-        if let Some((_, parent)) = sni.split_once('.') {
-            let wildcard = format!("*.{parent}");
-            if let Some(c) = candidates.iter().find(|c| c.names.contains(&wildcard)) {
-                return Some(c);
-            }
-        }
-    }
-    candidates.first()
+) -> impl Iterator<Item = &'a Arc<CertKeyPair>> + 'a {
+    let sni = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+    let exact = |c: &CertKeyPair, sni: &str| c.names.iter().any(|n| n == sni);
+    let wildcard = |c: &CertKeyPair, sni: &str| match sni.split_once('.') {
+        Some((_, parent)) => c.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)),
+        None => false,
+    };
+    let level = match &sni {
+        Some(s) if candidates.iter().any(|c| exact(c, s)) => Match::Exact,
+        Some(s) if candidates.iter().any(|c| wildcard(c, s)) => Match::Wildcard,
+        _ => Match::Any,
+    };
+    candidates.iter().filter(move |c| match (level, &sni) {
+        (Match::Exact, Some(s)) => exact(c, s),
+        (Match::Wildcard, Some(s)) => wildcard(c, s),
+        _ => true,
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Match {
+    Exact,
+    Wildcard,
+    Any,
 }
 
 /// Polls the certificate files of the running config.
@@ -243,13 +256,34 @@ mod tests {
             pair(&["*.example.com"]),
             pair(&["api.example.com"]),
         ];
-        let pick = |sni| select(&list, sni).map(|c| c.names[0].clone());
-        assert_eq!(pick(Some("api.example.com")).unwrap(), "api.example.com");
-        assert_eq!(pick(Some("API.Example.com.")).unwrap(), "api.example.com");
-        assert_eq!(pick(Some("www.example.com")).unwrap(), "*.example.com");
-        assert_eq!(pick(Some("a.b.example.com")).unwrap(), "default.example");
-        assert_eq!(pick(Some("other.org")).unwrap(), "default.example");
-        assert_eq!(pick(None).unwrap(), "default.example");
-        assert!(select(&[], Some("x")).is_none());
+        let pick = |sni| {
+            select(&list, sni)
+                .map(|c| c.names[0].as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(Some("api.example.com")), ["api.example.com"]);
+        assert_eq!(pick(Some("API.Example.com.")), ["api.example.com"]);
+        assert_eq!(pick(Some("www.example.com")), ["*.example.com"]);
+        let all = ["default.example", "*.example.com", "api.example.com"];
+        assert_eq!(pick(Some("a.b.example.com")), all);
+        assert_eq!(pick(Some("other.org")), all);
+        assert_eq!(pick(Some("example")), all);
+        assert_eq!(pick(None), all);
+        assert_eq!(select(&[], Some("x")).count(), 0);
+    }
+
+    #[test]
+    fn every_certificate_of_the_best_match_is_offered_in_list_order() {
+        let list = vec![
+            pair(&["edge.example"]),
+            pair(&["*.example"]),
+            pair(&["edge.example", "www.example"]),
+        ];
+        let pick = |sni| select(&list, Some(sni)).count();
+        assert_eq!(pick("edge.example"), 2);
+        assert_eq!(pick("www.example"), 1);
+        assert_eq!(pick("api.example"), 1);
+        let first = select(&list, Some("edge.example")).next().unwrap();
+        assert!(Arc::ptr_eq(first, &list[0]));
     }
 }

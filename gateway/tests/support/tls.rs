@@ -15,7 +15,8 @@ use boring::nid::Nid;
 use boring::pkey::{PKey, Private};
 use boring::rsa::Rsa;
 use boring::ssl::{
-    SslConnector, SslMethod, SslSession, SslSessionCacheMode, SslVerifyMode, SslVersion,
+    SslConnector, SslMethod, SslSession, SslSessionCacheMode, SslSignatureAlgorithm, SslVerifyMode,
+    SslVersion,
 };
 use boring::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
@@ -203,6 +204,9 @@ pub struct ClientTls<'a> {
     pub resume: Option<&'a SslSession>,
     /// Where the sessions (tickets) the server sends are put.
     pub tickets: Option<Arc<Mutex<Vec<SslSession>>>>,
+    /// The signature algorithms the client accepts from the server;
+    /// `None`: the library's.
+    pub verify_algorithms: Option<&'a [SslSignatureAlgorithm]>,
 }
 
 impl<'a> ClientTls<'a> {
@@ -217,6 +221,7 @@ impl<'a> ClientTls<'a> {
             tls13_suites: None,
             resume: None,
             tickets: None,
+            verify_algorithms: None,
         }
     }
 }
@@ -287,6 +292,9 @@ pub async fn connect_over(
             )
         };
         assert_eq!(ok, 1, "SSL_CTX_set1_tls13_ciphers({suites:x?})");
+    }
+    if let Some(algorithms) = opts.verify_algorithms {
+        b.set_verify_algorithm_prefs(algorithms)?;
     }
     if let Some(tickets) = &opts.tickets {
         let tickets = tickets.clone();
