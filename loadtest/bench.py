@@ -258,6 +258,29 @@ class Bench:
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000 if lat else float("nan")
         return dict(requests=done, rps=done / duration, errors=done - ok, bytes=0, p50=pct(0.5), p99=pct(0.99), p999=pct(0.999))
 
+    def s_time(self, port, duration, clients=4):
+        """New TLS connections that resume one session (`openssl s_time -reuse`):
+        `clients` sequential clients, each an HTTP/1.0 GET per connection. wrk
+        and h2load never resume, so scenario 3 is full handshakes only; this is
+        what a client that keeps its ticket costs. Latency is not reported."""
+        argv = ["taskset", "-c", LOAD_CORE, "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-reuse",
+                "-time", str(duration), "-www", "/"]
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(clients)]
+        done = resumed = 0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=duration + 30)
+            m = re.search(r"^(\d+) connections in [\d.]+s;", out, re.M)
+            if not m:
+                raise RuntimeError(f"openssl s_time printed no summary:\n{out[-2000:]}")
+            done += int(m.group(1))
+            # Progress marks: `r` a resumed session, `*` a full handshake.
+            marks = "".join(line for line in out.splitlines() if set(line) <= set("r*"))
+            resumed += marks.count("r")
+        if done and resumed < 0.9 * done:
+            raise RuntimeError(f"only {resumed} of {done} connections resumed their session")
+        return dict(requests=done, rps=done / duration, errors=0, bytes=0, p50=None, p99=None, p999=None)
+
     def measure(self, system, variant, load):
         """Start, warm up, measure one run, stop."""
         p, ports = self.start(system, variant)
@@ -400,6 +423,9 @@ def scenarios(b):
     def tls_new(ports, dur):
         return b.wrk(f"https://127.0.0.1:{ports['tls']}/", 20, dur, headers=["Connection: close"])
 
+    def tls_resumed(ports, dur):
+        return b.s_time(ports["tls"], dur)
+
     def tls_keepalive(ports, dur):
         return b.wrk(f"https://127.0.0.1:{ports['tls']}/", 50, dur)
 
@@ -418,6 +444,8 @@ def scenarios(b):
         "2-h2c": ("h2c, 10 connections x 10 streams (h2load)", [(s, "default") for s in SYSTEMS], h2c),
         "3-tls-handshake": ("TLS 1.3, new connection per request (wrk -c20, Connection: close)",
                             [(s, "tls") for s in SYSTEMS], tls_new),
+        "3r-tls-resumed": ("TLS 1.3, new connection per request resuming a session (openssl s_time -reuse, 4 clients, HTTP/1.0)",
+                           [(s, "tls") for s in SYSTEMS], tls_resumed),
         "4a-tls-keepalive": ("TLS 1.3 keep-alive, HTTP/1.1 (wrk -c50)", [(s, "tls") for s in SYSTEMS], tls_keepalive),
         "4b-h2-tls": ("HTTP/2 over TLS, 10 x 10 streams (h2load)", [(s, "tls") for s in SYSTEMS], h2_tls),
         "5-1mib": ("1 MiB responses (wrk -c10), MB/s", [(s, "default") for s in SYSTEMS], big),
@@ -445,6 +473,12 @@ def span(xs, fmt="{:.0f}"):
     return f"{fmt.format(min(xs))}–{fmt.format(max(xs))}" if xs else "–"
 
 
+def ms(runs, key):
+    """Median latency in ms, or a dash where the load generator reports none."""
+    xs = [r[key] for r in runs if r[key] is not None]
+    return f"{med(xs):.2f}" if xs else "–"
+
+
 def label(system, variant):
     return system if variant in ("default", "tls") else f"{system} ({variant})"
 
@@ -469,8 +503,7 @@ def report(results, idle, meta, targets):
                 mbs = [r["bytes"] / 1e6 / meta["duration"] for r in runs]
                 cols.append(f"{med(mbs):.0f}")
             cols += [f"{med(cpu):.1f} ({span(cpu, '{:.1f}')})",
-                     f"{med([r['p50'] for r in runs]):.2f}", f"{med([r['p99'] for r in runs]):.2f}",
-                     f"{med([r['p999'] for r in runs]):.2f}", f"{max(r['rss_mib'] for r in runs):.1f}"]
+                     ms(runs, "p50"), ms(runs, "p99"), ms(runs, "p999"), f"{max(r['rss_mib'] for r in runs):.1f}"]
             if mg and system != "meshgate":
                 cols += [f"{med([r['cpu_us'] for r in mg]) / med(cpu):.2f}×", f"{med([r['rps'] for r in mg]) / med(rps):.2f}×"]
             else:
@@ -519,6 +552,10 @@ def check_targets(results, idle):
     t, n = cpu("3-tls-handshake", "meshgate", "tls"), cpu("3-tls-handshake", "nginx", "tls")
     if t and n:
         out.append(("S3: TLS handshake CPU/request ≤ 0.7× NGINX", f"{t / n:.2f}×", t / n <= 0.7))
+    # The same target for clients that resume their session (scenario 3r).
+    t, n = cpu("3r-tls-resumed", "meshgate", "tls"), cpu("3r-tls-resumed", "nginx", "tls")
+    if t and n:
+        out.append(("S3, sessions resumed (3r): CPU/request ≤ 0.7× NGINX", f"{t / n:.2f}×", t / n <= 0.7))
     a, b1000 = cpu("6-routes", "meshgate", "default"), cpu("6-routes", "meshgate", "routes1000")
     if a and b1000:
         out.append(("S6: 1,000 routes within 5% of 1 route (CPU/request)", f"{b1000 / a:.3f}×", b1000 / a <= 1.05))
@@ -655,7 +692,7 @@ def main():
                         continue
                     rows[(system, variant)].append(r)
                     print(f"{key} round {rnd + 1} {label(system, variant)}: {r['rps']:.0f} req/s, "
-                          f"{r['cpu_us']:.1f} µs CPU/request, p99 {r['p99']:.2f} ms", file=sys.stderr)
+                          f"{r['cpu_us']:.1f} µs CPU/request, p99 {ms([r], 'p99')} ms", file=sys.stderr)
             results[key] = (title, {k: v for k, v in rows.items() if v})
         idle = {}
         if args.idle and (not wanted or any("9-idle".startswith(w) or w.startswith("9") for w in wanted)):
@@ -685,7 +722,7 @@ def main():
             if not args.no_docs:
                 update_docs(md)
         print(md)
-        print(f"\nwritten: loadtest/results/bench-{stamp}.md, .json, .svg (and latest.*)", file=sys.stderr)
+        print(f"\nwritten: loadtest/results/bench-{stamp}.md, .json, .svg" + ("" if wanted else " (and latest.*)"), file=sys.stderr)
     finally:
         b.procs.stop_all()
         shutil.rmtree(b.work, ignore_errors=True)
