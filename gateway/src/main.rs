@@ -49,7 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    meshgate::telemetry::process_log::init();
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {

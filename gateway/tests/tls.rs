@@ -163,6 +163,10 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     .await
     .unwrap();
     assert_eq!(r.status, 200);
+    // Counted, and not logged as an error: the client's failure, not the
+    // gateway's (`RUST_LOG=debug` shows it).
+    let log = gw.log();
+    assert!(!log.contains("Downstream handshake"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
