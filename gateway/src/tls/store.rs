@@ -169,37 +169,29 @@ impl CertStore {
     }
 }
 
-/// The certificates a handshake may use, best first: those whose name equals
-/// the SNI, else those with a wildcard covering it (`*.example.com` covers one
-/// label), else all. BoringSSL then serves the first one the client can
-/// verify (an ECDSA or an RSA certificate of the same name, say).
+/// The certificates a handshake may use, best first: those whose names cover
+/// the SNI (exact names before one-label wildcards such as `*.example.com`),
+/// else all, each in list order. BoringSSL then serves the first one the
+/// client can verify (an ECDSA or an RSA certificate of the same name, say).
 pub fn select<'a>(
     candidates: &'a [Arc<CertKeyPair>],
     sni: Option<&str>,
-) -> impl Iterator<Item = &'a Arc<CertKeyPair>> + 'a {
-    let sni = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase());
-    let exact = |c: &CertKeyPair, sni: &str| c.names.iter().any(|n| n == sni);
-    let wildcard = |c: &CertKeyPair, sni: &str| match sni.split_once('.') {
-        Some((_, parent)) => c.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)),
-        None => false,
+) -> Vec<&'a Arc<CertKeyPair>> {
+    let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+        return candidates.iter().collect();
     };
-    let level = match &sni {
-        Some(s) if candidates.iter().any(|c| exact(c, s)) => Match::Exact,
-        Some(s) if candidates.iter().any(|c| wildcard(c, s)) => Match::Wildcard,
-        _ => Match::Any,
+    let parent = sni.split_once('.').map(|(_, parent)| parent);
+    let exact = |c: &CertKeyPair| c.names.contains(&sni);
+    let wildcard = |c: &CertKeyPair| {
+        parent.is_some_and(|p| c.names.iter().any(|n| n.strip_prefix("*.") == Some(p)))
     };
-    candidates.iter().filter(move |c| match (level, &sni) {
-        (Match::Exact, Some(s)) => exact(c, s),
-        (Match::Wildcard, Some(s)) => wildcard(c, s),
-        _ => true,
-    })
-}
-
-#[derive(Clone, Copy)]
-enum Match {
-    Exact,
-    Wildcard,
-    Any,
+    let mut fit: Vec<_> = candidates.iter().filter(|c| exact(c)).collect();
+    fit.extend(candidates.iter().filter(|c| !exact(c) && wildcard(c)));
+    if fit.is_empty() {
+        candidates.iter().collect()
+    } else {
+        fit
+    }
 }
 
 /// Polls the certificate files of the running config.
@@ -258,32 +250,43 @@ mod tests {
         ];
         let pick = |sni| {
             select(&list, sni)
+                .iter()
                 .map(|c| c.names[0].as_str())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(pick(Some("api.example.com")), ["api.example.com"]);
-        assert_eq!(pick(Some("API.Example.com.")), ["api.example.com"]);
+        assert_eq!(
+            pick(Some("api.example.com")),
+            ["api.example.com", "*.example.com"]
+        );
+        assert_eq!(
+            pick(Some("API.Example.com.")),
+            ["api.example.com", "*.example.com"]
+        );
         assert_eq!(pick(Some("www.example.com")), ["*.example.com"]);
         let all = ["default.example", "*.example.com", "api.example.com"];
         assert_eq!(pick(Some("a.b.example.com")), all);
         assert_eq!(pick(Some("other.org")), all);
         assert_eq!(pick(Some("example")), all);
         assert_eq!(pick(None), all);
-        assert_eq!(select(&[], Some("x")).count(), 0);
+        assert!(select(&[], Some("x")).is_empty());
     }
 
     #[test]
-    fn every_certificate_of_the_best_match_is_offered_in_list_order() {
+    fn every_certificate_for_the_name_is_offered_exact_ones_first() {
         let list = vec![
             pair(&["edge.example"]),
             pair(&["*.example"]),
             pair(&["edge.example", "www.example"]),
         ];
-        let pick = |sni| select(&list, Some(sni)).count();
-        assert_eq!(pick("edge.example"), 2);
-        assert_eq!(pick("www.example"), 1);
-        assert_eq!(pick("api.example"), 1);
-        let first = select(&list, Some("edge.example")).next().unwrap();
-        assert!(Arc::ptr_eq(first, &list[0]));
+        let pick = |sni| {
+            select(&list, Some(sni))
+                .into_iter()
+                .map(|c| list.iter().position(|l| Arc::ptr_eq(l, c)).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick("edge.example"), [0, 2, 1]);
+        assert_eq!(pick("www.example"), [2, 1]);
+        assert_eq!(pick("api.example"), [1]);
+        assert_eq!(pick("other.org"), [0, 1, 2]);
     }
 }
