@@ -268,15 +268,21 @@ class Bench:
         procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for _ in range(clients)]
         done = resumed = 0
-        for proc in procs:
-            out, _ = proc.communicate(timeout=duration + 30)
-            m = re.search(r"^(\d+) connections in [\d.]+s;", out, re.M)
-            if not m:
-                raise RuntimeError(f"openssl s_time printed no summary:\n{out[-2000:]}")
-            done += int(m.group(1))
-            # Progress marks: `r` a resumed session, `*` a full handshake.
-            marks = "".join(line for line in out.splitlines() if set(line) <= set("r*"))
-            resumed += marks.count("r")
+        try:
+            for proc in procs:
+                out, _ = proc.communicate(timeout=duration + 30)
+                m = re.search(r"^(\d+) connections in [\d.]+s;", out, re.M)
+                if not m:
+                    raise RuntimeError(f"openssl s_time printed no summary:\n{out[-2000:]}")
+                done += int(m.group(1))
+                # Progress marks: `r` a resumed session, `*` a full handshake.
+                marks = "".join(line for line in out.splitlines() if set(line) <= set("r*"))
+                resumed += marks.count("r")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if done and resumed < 0.9 * done:
             raise RuntimeError(f"only {resumed} of {done} connections resumed their session")
         return dict(requests=done, rps=done / duration, errors=0, bytes=0, p50=None, p99=None, p999=None)
