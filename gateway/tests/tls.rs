@@ -48,16 +48,19 @@ fn tls_listener(tls: &str, certs: &str, routes: &str) -> String {
 
 const RESPOND: &str = "[routes.r]\npath_prefix = \"/\"\nrespond = { body = \"secure\" }\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sni_picks_the_certificate_and_alpn_the_protocol() {
+/// A gateway whose TLS listener has `tls` (which names `edge` and `api`
+/// certificates) and answers with `RESPOND`; the directory holding the
+/// certificates, and their CA.
+async fn edge_gateway(tls: &str) -> (tempfile::TempDir, Ca, Gateway) {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test root");
-    let gw = Gateway::start(&tls_listener(
-        "certs = [\"edge\", \"api\"]",
-        &edge_and_api(&ca, dir.path()),
-        RESPOND,
-    ))
-    .await;
+    let gw = Gateway::start(&tls_listener(tls, &edge_and_api(&ca, dir.path()), RESPOND)).await;
+    (dir, ca, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_alpn_the_protocol() {
+    let (_dir, ca, gw) = edge_gateway("certs = [\"edge\", \"api\"]").await;
     let ca_pem = ca.pem();
 
     let (r, info) = tls::get(
@@ -129,14 +132,7 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_version_refuses_older_clients_and_counts_the_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test root");
-    let gw = Gateway::start(&tls_listener(
-        "certs = [\"edge\"], min_version = \"1.3\"",
-        &edge_and_api(&ca, dir.path()),
-        RESPOND,
-    ))
-    .await;
+    let (_dir, ca, gw) = edge_gateway("certs = [\"edge\"], min_version = \"1.3\"").await;
     let ca_pem = ca.pem();
     let mut old = ClientTls::new(&ca_pem, Some("edge.example"));
     old.max_version = Some(SslVersion::TLS1_2);
@@ -238,14 +234,7 @@ const CHACHA20: u16 = 0x1303;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls13_prefers_aes128_unless_the_client_puts_chacha20_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test root");
-    let gw = Gateway::start(&tls_listener(
-        "certs = [\"edge\"]",
-        &edge_and_api(&ca, dir.path()),
-        RESPOND,
-    ))
-    .await;
+    let (_dir, ca, gw) = edge_gateway("certs = [\"edge\"]").await;
     let ca_pem = ca.pem();
     let cipher_for = |suites: &'static [u16]| {
         let ca_pem = ca_pem.clone();
@@ -298,14 +287,7 @@ async fn with_tickets(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_from_tickets_except_with_client_certificates() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test root");
-    let gw = Gateway::start(&tls_listener(
-        "certs = [\"edge\"]",
-        &edge_and_api(&ca, dir.path()),
-        RESPOND,
-    ))
-    .await;
+    let (dir, ca, gw) = edge_gateway("certs = [\"edge\"]").await;
     let ca_pem = ca.pem();
     for version in [SslVersion::TLS1_3, SslVersion::TLS1_2] {
         let fresh = ClientTls {
@@ -507,14 +489,7 @@ async fn optional_client_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_files_are_reloaded_when_they_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test root");
-    let gw = Gateway::start(&tls_listener(
-        "certs = [\"edge\"]",
-        &edge_and_api(&ca, dir.path()),
-        RESPOND,
-    ))
-    .await;
+    let (dir, ca, gw) = edge_gateway("certs = [\"edge\"]").await;
     let ca_pem = ca.pem();
     let names = |info: tls::TlsInfo| info.server_names;
 
