@@ -44,17 +44,14 @@ pub fn prefer_aes128(builder: &mut SslContextBuilder) -> Result<(), ErrorStack> 
     }
     // SAFETY: the builder owns a valid SSL_CTX for this call; the list is
     // copied by BoringSSL; a null `flags` means a strict order.
-    let ok = unsafe {
+    super::ffi_result(unsafe {
         boring_sys::SSL_CTX_set1_tls13_ciphers(
             builder.as_ptr(),
             AES_FIRST.as_ptr(),
             std::ptr::null(),
             AES_FIRST.len(),
         )
-    };
-    if ok != 1 {
-        return Err(ErrorStack::get());
-    }
+    })?;
     builder.set_select_certificate_callback(|mut hello: ClientHello<'_>| {
         if chacha_first(hello.ciphers()) {
             // A failure leaves the listener's order, which still completes
@@ -74,19 +71,14 @@ fn host_has_aes() -> bool {
 fn set_for_connection(ssl: &mut SslRef, order: &[u16]) -> Result<(), ErrorStack> {
     // SAFETY: `ssl` is the live connection BoringSSL handed to the
     // ClientHello callback; the list is copied by BoringSSL.
-    let ok = unsafe {
+    super::ffi_result(unsafe {
         boring_sys::SSL_set1_tls13_ciphers(
             ssl.as_ptr(),
             order.as_ptr(),
             std::ptr::null(),
             order.len(),
         )
-    };
-    if ok == 1 {
-        Ok(())
-    } else {
-        Err(ErrorStack::get())
-    }
+    })
 }
 
 /// Whether the first TLS 1.3 suite in a ClientHello's cipher list (two bytes

@@ -51,13 +51,16 @@ impl Credential {
             buffers.iter().map(|b| b.0.as_ptr()).collect();
         // SAFETY: `cred` and every buffer are live; BoringSSL takes its own
         // references to the buffers and to the key.
-        let ok = unsafe {
-            boring_sys::SSL_CREDENTIAL_set1_cert_chain(cred.0.as_ptr(), ptrs.as_ptr(), ptrs.len())
-                == 1
-                && boring_sys::SSL_CREDENTIAL_set1_private_key(cred.0.as_ptr(), key.as_ptr()) == 1
-        };
-        if !ok {
-            return Err(ErrorStack::get());
+        unsafe {
+            super::ffi_result(boring_sys::SSL_CREDENTIAL_set1_cert_chain(
+                cred.0.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len(),
+            ))?;
+            super::ffi_result(boring_sys::SSL_CREDENTIAL_set1_private_key(
+                cred.0.as_ptr(),
+                key.as_ptr(),
+            ))?;
         }
         Ok(cred)
     }
@@ -65,11 +68,7 @@ impl Credential {
     /// Offers this credential on `ssl` (after those offered before it).
     pub fn offer(&self, ssl: &mut SslRef) -> Result<(), ErrorStack> {
         // SAFETY: both are live; BoringSSL takes its own reference.
-        if unsafe { boring_sys::SSL_add1_credential(ssl.as_ptr(), self.0.as_ptr()) } == 1 {
-            Ok(())
-        } else {
-            Err(ErrorStack::get())
-        }
+        super::ffi_result(unsafe { boring_sys::SSL_add1_credential(ssl.as_ptr(), self.0.as_ptr()) })
     }
 }
 

@@ -144,6 +144,16 @@ pub fn load_certs(path: &Path) -> Result<Vec<X509>, TlsError> {
     Ok(certs)
 }
 
+/// A BoringSSL call's return: 1 is success; otherwise the reason is on the
+/// thread's error stack (for the calls `boring` does not wrap).
+fn ffi_result(ret: std::os::raw::c_int) -> Result<(), boring::error::ErrorStack> {
+    if ret == 1 {
+        Ok(())
+    } else {
+        Err(boring::error::ErrorStack::get())
+    }
+}
+
 fn first_reason(e: &boring::error::ErrorStack) -> String {
     e.errors()
         .first()
