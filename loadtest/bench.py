@@ -315,10 +315,10 @@ class Bench:
         finally:
             self.procs.stop(p)
 
-    def profile(self, system, load):
-        """Scenario-1 load on `system` under `perf record`; the top of the
+    def profile(self, system, variant, load):
+        """A scenario's load on `system` under `perf record`; the top of the
         report (self time by symbol, shared object)."""
-        p, ports = self.start(system, "default")
+        p, ports = self.start(system, variant)
         try:
             load(ports, 1)
             data = self.work / f"perf-{system}.data"
@@ -660,7 +660,8 @@ def main():
     ap.add_argument("--idle", type=int, default=10000,
                     help="connections for the idle-memory scenario (0: skip); lowered to fit the open-file limit")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
-    ap.add_argument("--profile", default="", help="only profile these systems (comma-separated) on scenario 1 with perf")
+    ap.add_argument("--profile", default="", help="only profile these systems (comma-separated) with perf, on the first of --scenarios "
+                         "(default: scenario 1)")
     args = ap.parse_args()
     for tool in ["nginx", "haproxy", "wrk", "h2load", "envoy", "openssl", "taskset"]:
         if not shutil.which(tool):
@@ -685,13 +686,22 @@ def main():
             sys.exit("perf is missing (Debian: linux-perf)")
         try:
             b.setup()
-            load = scenarios(b)["1-h1"][2]
+            wanted = args.scenarios.split(",")[0] or "1"
+            all_scenarios = scenarios(b)
+            name = next((k for k in all_scenarios if k.startswith(wanted)), None)
+            if name is None:
+                sys.exit(f"no scenario {wanted!r}: one of {', '.join(all_scenarios)}")
+            _, runs, load = all_scenarios[name]
             RESULTS.mkdir(exist_ok=True)
             for system in args.profile.split(","):
-                top = b.profile(system, load)
-                path = RESULTS / f"profile-{system}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}.txt"
+                variant = next((v for s, v in runs if s == system), None)
+                if variant is None:
+                    sys.exit(f"scenario {name} does not run {system}")
+                top = b.profile(system, variant, load)
+                tag = "" if name == "1-h1" else f"{name.split('-')[0]}-"
+                path = RESULTS / f"profile-{tag}{system}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}.txt"
                 path.write_text(top + "\n")
-                print(f"== {system} (scenario 1, {args.duration} s; {path.relative_to(ROOT)})\n{top}\n")
+                print(f"== {system} ({name}, {args.duration} s; {path.relative_to(ROOT)})\n{top}\n")
         finally:
             b.procs.stop_all()
             shutil.rmtree(b.work, ignore_errors=True)
