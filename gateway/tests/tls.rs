@@ -166,6 +166,39 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refusing_the_certificate_is_counted_by_the_alert_it_sent() {
+    let (_dir, _ca, gw) = edge_gateway("certs = [\"edge\"]").await;
+    // The client trusts another root: it refuses the chain with `unknown_ca`.
+    let other = Ca::new("another root").pem();
+    assert!(tls::get(
+        gw.listen,
+        &ClientTls::new(&other, Some("edge.example")),
+        "/",
+        &[]
+    )
+    .await
+    .is_err());
+    let start = Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(
+            &text,
+            r#"meshgate_tls_handshake_errors_total{listener="public",reason="peer_unknown_ca"}"#,
+        ) >= 1.0
+        {
+            // Alerts the gateway did not send are not counted as sent.
+            assert!(
+                !text.contains(r#"listener="public",reason="unknown_ca""#),
+                "{text}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_served_with_ecdsa_and_rsa_gets_the_one_the_client_can_verify() {
     use boring::ssl::SslSignatureAlgorithm as Alg;
     let dir = tempfile::tempdir().unwrap();

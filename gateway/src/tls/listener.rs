@@ -1,7 +1,8 @@
 //! TLS termination on a listener: BoringSSL with Mozilla's "intermediate"
 //! settings (TLS 1.2 and 1.3, ECDHE + AEAD ciphers), the certificate chosen
 //! per handshake by SNI from the listener's `[certs]`, optional client
-//! certificates checked against `client_ca`, and every fatal alert counted.
+//! certificates checked against `client_ca`, and every fatal alert counted
+//! ([`super::alerts`]).
 //!
 //! Session resumption: BoringSSL issues session tickets by default and
 //! rotates their encryption key itself (no key is configured, so none can
@@ -13,9 +14,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use boring::ssl::{
-    SslAlert, SslInfoCallbackMode, SslInfoCallbackValue, SslRef, SslVerifyMode, SslVersion,
-};
+use boring::ssl::{SslVerifyMode, SslVersion};
 use boring::x509::store::X509StoreBuilder;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
@@ -25,7 +24,6 @@ use pingora::protocols::ALPN;
 use super::{identity_of, CertKeyPair, PeerIdentity};
 use crate::config::model::{Alpn, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
-use crate::telemetry::metrics::metrics;
 
 #[derive(Debug, thiserror::Error)]
 #[error("TLS set-up of listener `{listener}` failed: {reason}")]
@@ -161,61 +159,6 @@ pub fn settings(
         };
         settings.set_verify(mode);
     }
-    let name = listener.name.clone();
-    settings.set_info_callback(move |_ssl: &SslRef, mode, value| {
-        if let SslInfoCallbackValue::Alert(alert) = value {
-            if alert.alert_level() != boring::ssl::Ssl3AlertLevel::FATAL {
-                return;
-            }
-            let reason = match mode {
-                SslInfoCallbackMode::WRITE_ALERT => alert_reason(alert.alert(), false),
-                SslInfoCallbackMode::READ_ALERT => alert_reason(alert.alert(), true),
-                _ => return,
-            };
-            metrics()
-                .tls_handshake_errors
-                .with_label_values(&[name.as_str(), reason])
-                .inc();
-        }
-    });
+    super::alerts::count(&mut settings, &listener.name).map_err(|e| fail(e.to_string()))?;
     Ok(settings)
-}
-
-/// Values of the `reason` label of `meshgate_tls_handshake_errors_total`:
-/// the fatal alert meshgate sent, or `peer_` and the one the client sent.
-pub const HANDSHAKE_ERROR_REASONS: &[&str] = &[
-    "protocol_version",
-    "handshake_failure",
-    "no_application_protocol",
-    "certificate_required",
-    "bad_certificate",
-    "unknown_ca",
-    "certificate_expired",
-    "decode_error",
-    "other",
-    "peer_bad_certificate",
-    "peer_unknown_ca",
-    "peer_certificate_expired",
-    "peer_other",
-];
-
-fn alert_reason(alert: SslAlert, from_peer: bool) -> &'static str {
-    // `certificate_required` (116) is TLS 1.3's "no client certificate".
-    const CERTIFICATE_REQUIRED: SslAlert = SslAlert::CERTIFICATE_REQUIRED;
-    const NO_APPLICATION_PROTOCOL: SslAlert = SslAlert::NO_APPLICATION_PROTOCOL;
-    match (from_peer, alert) {
-        (false, SslAlert::PROTOCOL_VERSION) => "protocol_version",
-        (false, SslAlert::HANDSHAKE_FAILURE) => "handshake_failure",
-        (false, NO_APPLICATION_PROTOCOL) => "no_application_protocol",
-        (false, CERTIFICATE_REQUIRED) => "certificate_required",
-        (false, SslAlert::BAD_CERTIFICATE) => "bad_certificate",
-        (false, SslAlert::UNKNOWN_CA) => "unknown_ca",
-        (false, SslAlert::CERTIFICATE_EXPIRED) => "certificate_expired",
-        (false, SslAlert::DECODE_ERROR) => "decode_error",
-        (false, _) => "other",
-        (true, SslAlert::BAD_CERTIFICATE) => "peer_bad_certificate",
-        (true, SslAlert::UNKNOWN_CA) => "peer_unknown_ca",
-        (true, SslAlert::CERTIFICATE_EXPIRED) => "peer_certificate_expired",
-        (true, _) => "peer_other",
-    }
 }
