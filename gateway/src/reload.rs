@@ -87,9 +87,15 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             continue;
         };
         let handshake = |l: &crate::config::model::Listener| {
-            l.tls
-                .as_ref()
-                .map(|t| (t.min_version, t.alpn, t.client_ca.clone(), t.client_auth))
+            l.tls.as_ref().map(|t| {
+                (
+                    t.min_version,
+                    t.alpn,
+                    t.client_ca.clone(),
+                    t.client_auth,
+                    t.session_tickets,
+                )
+            })
         };
         if handshake(o) != handshake(n) {
             return Err(format!(

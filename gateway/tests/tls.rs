@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use boring::ssl::SslVersion;
+use foreign_types::ForeignTypeRef;
 use support::client::get;
 use support::tls::{self, Ca, ClientTls, Leaf, Pem};
 use support::upstream::echo;
@@ -316,6 +317,65 @@ async fn with_tickets(
     assert_eq!(r.status, 200, "{}", r.text());
     let tickets = std::mem::take(&mut *tickets.lock().unwrap());
     (info, tickets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tickets_sets_how_many_tickets_a_handshake_gets() {
+    for (setting, tls13, tls12) in [
+        ("", 1, 1),
+        (", session_tickets = 3", 3, 1),
+        (", session_tickets = 0", 0, 0),
+    ] {
+        let (_dir, ca, gw) = edge_gateway(&format!("certs = [\"edge\"]{setting}")).await;
+        let ca_pem = ca.pem();
+        for (version, expected) in [(SslVersion::TLS1_3, tls13), (SslVersion::TLS1_2, tls12)] {
+            let o = ClientTls {
+                max_version: Some(version),
+                ..ClientTls::new(&ca_pem, Some("edge.example"))
+            };
+            let (info, sessions) = with_tickets(gw.listen, o).await;
+            assert!(!info.resumed);
+            // A TLS 1.2 session without a ticket can still resume by its id.
+            let tickets = sessions
+                .iter()
+                // SAFETY: reads a live session the client was handed.
+                .filter(|s| unsafe { boring_sys::SSL_SESSION_has_ticket(s.as_ptr()) } == 1)
+                .count();
+            assert_eq!(tickets, expected, "`{setting}` over {version:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tickets_changes_on_restart_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let certs = edge_and_api(&ca, dir.path());
+    let config = |tls: &str| tls_listener(tls, &certs, RESPOND);
+    let gw = Gateway::start(&config("certs = [\"edge\"]")).await;
+    gw.reload(&config("certs = [\"edge\"], session_tickets = 3"));
+    let start = Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(&text, r#"meshgate_config_reloads_total{result="failure"}"#) >= 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gw.log()
+            .contains("the TLS settings of listener `public` changed"),
+        "{}",
+        gw.log()
+    );
+    let ca_pem = ca.pem();
+    let o = ClientTls {
+        max_version: Some(SslVersion::TLS1_3),
+        ..ClientTls::new(&ca_pem, Some("edge.example"))
+    };
+    let (_, sessions) = with_tickets(gw.listen, o).await;
+    assert_eq!(sessions.len(), 1, "the running setting stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_RETRIES: u32 = 1;
 pub const DEFAULT_REDIRECT_STATUS: u16 = 302;
+/// Chosen by measurement: docs/performance.md, optimisation log.
+pub const DEFAULT_SESSION_TICKETS: u8 = 1;
 
 /// A whole, valid gateway configuration.
 #[derive(Debug, Clone)]
@@ -235,6 +237,8 @@ pub struct ListenerTls {
     pub client_auth: ClientAuth,
     /// Send the peer's identity upstream in `x-meshgate-peer-identity`.
     pub forward_identity: bool,
+    /// Session tickets sent after a TLS 1.3 handshake.
+    pub session_tickets: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -82,6 +82,7 @@ pub struct RawListenerTls {
     pub client_ca: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub forward_identity: Option<bool>,
+    pub session_tickets: Option<Spanned<i64>>,
 }
 
 /// `[policies.NAME]`: authorization.

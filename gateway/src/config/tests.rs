@@ -736,6 +736,24 @@ bad!(
     "is not offered"
 );
 bad!(
+    listener_tls_session_tickets_range,
+    format!("{OK_LISTENER}tls = {{ certs = [], session_tickets = 17 }}\n"),
+    3,
+    "session_tickets = 17 is out of range"
+);
+bad!(
+    listener_tls_session_tickets_negative,
+    format!("{OK_LISTENER}tls = {{ certs = [], session_tickets = -1 }}\n"),
+    3,
+    "session_tickets = -1 is out of range"
+);
+bad!(
+    listener_tls_session_tickets_with_client_ca,
+    format!("{OK_LISTENER}tls = {{ certs = [], client_ca = \"ca.pem\", session_tickets = 2 }}\n"),
+    3,
+    "session_tickets with client_ca"
+);
+bad!(
     listener_client_auth_without_ca,
     format!("{OK_LISTENER}tls = {{ certs = [], client_auth = \"optional\" }}\n"),
     3,

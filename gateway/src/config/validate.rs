@@ -33,6 +33,8 @@ const SECTIONS: &[&str] = &[
 const MAX_WORKERS: i64 = 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
+/// BoringSSL sends at most 16.
+const MAX_SESSION_TICKETS: u8 = 16;
 /// Finest refill interval of a global limit.
 const MIN_GLOBAL_INTERVAL: Duration = Duration::from_micros(10);
 const REDIRECT_STATUSES: &[u16] = &[301, 302, 303, 307, 308];
@@ -945,6 +947,30 @@ impl Validator {
                 "add client_ca, or remove forward_identity",
             );
         }
+        let session_tickets = match &r.session_tickets {
+            None => DEFAULT_SESSION_TICKETS,
+            Some(n) if r.client_ca.is_some() => {
+                self.error(
+                    n.span(),
+                    "session_tickets with client_ca: listeners checking client certificates send no tickets",
+                    "remove session_tickets (every connection's certificate is checked in full)",
+                );
+                DEFAULT_SESSION_TICKETS
+            }
+            Some(n) => match u8::try_from(*n.get_ref()) {
+                Ok(v) if v <= MAX_SESSION_TICKETS => v,
+                _ => {
+                    self.error(
+                        n.span(),
+                        format!("session_tickets = {} is out of range", n.get_ref()),
+                        format!(
+                            "use 0..={MAX_SESSION_TICKETS} (default {DEFAULT_SESSION_TICKETS}; 0 turns TLS 1.3 resumption off)"
+                        ),
+                    );
+                    DEFAULT_SESSION_TICKETS
+                }
+            },
+        };
         if self.diags.len() > before {
             return None;
         }
@@ -955,6 +981,7 @@ impl Validator {
             client_ca,
             client_auth,
             forward_identity: r.forward_identity.unwrap_or(false),
+            session_tickets,
         })
     }
 

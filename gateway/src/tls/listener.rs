@@ -158,6 +158,16 @@ pub fn settings(
             ClientAuth::Optional => SslVerifyMode::PEER,
         };
         settings.set_verify(mode);
+    } else if tls.session_tickets == 0 {
+        // None in TLS 1.2 either; its clients can still resume by session id.
+        settings.set_options(boring::ssl::SslOptions::NO_TICKET);
+    } else {
+        // TLS 1.3's count (TLS 1.2 sends one). SAFETY: the builder owns a
+        // valid SSL_CTX; the count was checked against BoringSSL's maximum.
+        super::ffi_result(unsafe {
+            boring_sys::SSL_CTX_set_num_tickets(settings.as_ptr(), tls.session_tickets.into())
+        })
+        .map_err(|e| fail(e.to_string()))?;
     }
     super::alerts::count(&mut settings, &listener.name).map_err(|e| fail(e.to_string()))?;
     Ok(settings)
