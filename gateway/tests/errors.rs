@@ -55,10 +55,13 @@ read_timeout = "200ms"
 
     let r = get(gw.listen, "/dead", &[]).await.unwrap();
     assert_error_body(&r, 502, Some("dead"));
+    // The connection is not kept after a failed exchange, and says so.
+    assert_eq!(r.headers["connection"], "close");
 
     let started = Instant::now();
     let r = get(gw.listen, "/delay/3000", &[]).await.unwrap();
     assert_error_body(&r, 504, Some("slow"));
+    assert_eq!(r.headers["connection"], "close");
     assert!(
         started.elapsed() < Duration::from_millis(2500),
         "route timeout not enforced: {:?}",

@@ -100,7 +100,12 @@ endpoints = ["{}"]
         gw.listen,
         Method::POST,
         "/upload",
-        &[("content-type", "text/plain")],
+        &[
+            ("content-type", "text/plain"),
+            // HTTP/2 clients send each cookie as its own field.
+            ("cookie", "session=abc"),
+            ("cookie", "csrf=xyz"),
+        ],
         Bytes::from_static(b"payload"),
         true,
     )
@@ -111,6 +116,9 @@ endpoints = ["{}"]
     assert_eq!(j["version"], "HTTP/1.1");
     assert_eq!(j["body"], "payload");
     assert_eq!(j["method"], "POST");
+    // One `Cookie` line for HTTP/1.1 (RFC 9113 §8.2.3); the echo would
+    // show two lines joined with ", ".
+    assert_eq!(j["headers"]["cookie"], "session=abc; csrf=xyz");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

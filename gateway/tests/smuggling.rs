@@ -212,3 +212,77 @@ async fn targets_meshgate_cannot_read_as_sent_are_refused() {
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(!seen.contains("admin"), "{seen}");
 }
+
+/// The request head the upstream got last.
+fn last_head(seen: &Mutex<Vec<u8>>) -> String {
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let end = seen.rfind("\r\n\r\n").unwrap_or(seen.len());
+    let start = seen[..end]
+        .rfind(" HTTP/1.1\r\n")
+        .and_then(|i| seen[..i].rfind("\r\n").map(|p| p + 2))
+        .unwrap_or(0);
+    seen[start..end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_policies_cannot_see_and_hosts_outside_uri_syntax_are_refused() {
+    let (upstream, seen) = recording_upstream().await;
+    let gw = Gateway::start(&format!(
+        "{}\n[policies.no_delete]\ndeny = [{{ methods = [\"DELETE\"] }}]\ndefault = \"allow\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"u\"\npolicies = [\"no_delete\"]\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    // Frameworks upper-case the method: `delete` must not slip past.
+    for (method, status) in [
+        ("DELETE", 403),
+        ("delete", 400),
+        ("Delete", 400),
+        ("GET", 200),
+    ] {
+        let statuses = raw(
+            gw.listen,
+            format!("{method} /users/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(statuses, vec![status], "{method}");
+    }
+    for (host, status) in [
+        ("api.example.com:8080", 200),
+        ("[::1]:80", 200),
+        ("a,b", 200),
+        ("a b", 400),
+        ("a\";for=6.6.6.6;x=\"", 400),
+        ("a/b", 400),
+        ("a\\b", 400),
+        ("user@a", 400),
+    ] {
+        let statuses = raw(
+            gw.listen,
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(statuses, vec![status], "Host: {host}");
+    }
+
+    // A length in another form than one number leaves as one number.
+    let statuses = raw(
+        gw.listen,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(statuses, vec![200]);
+    let head = last_head(&seen).to_ascii_lowercase();
+    assert!(
+        head.contains("\r\ncontent-length: 5\r\n") || head.ends_with("\r\ncontent-length: 5"),
+        "{head}"
+    );
+
+    // HTTP/1.0 without Host goes upstream as HTTP/1.1 with one: the upstream's.
+    let statuses = raw(gw.listen, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert_eq!(statuses, vec![200]);
+    let head = last_head(&seen);
+    // (The pooled connection carried the previous body just before it.)
+    assert!(head.contains("GET /old HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains(&format!("\r\nHost: {upstream}")), "{head}");
+}

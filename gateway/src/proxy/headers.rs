@@ -275,6 +275,9 @@ pub struct Forwarding<'a> {
     pub identity: Option<HeaderValue>,
     pub request_id: HeaderValue,
     pub rewrite: &'a HeaderRewrite,
+    /// `Host` for a request that came without one (HTTP/1.0): the
+    /// upstream's name, since an HTTP/1.1 request must carry one.
+    pub upstream_host: Option<HeaderValue>,
 }
 
 impl Forwarding<'_> {
@@ -286,6 +289,7 @@ impl Forwarding<'_> {
 
     pub fn apply(self, req: &mut impl Fields) {
         single_content_length(req);
+        single_cookie(req);
         add_forwarding(req, self.client, self.scheme, self.host);
         // Only meshgate says who the peer is: a client-sent value is dropped.
         match self.identity {
@@ -293,6 +297,11 @@ impl Forwarding<'_> {
             None => req.remove(&X_MESHGATE_PEER_IDENTITY),
         }
         req.set(&X_REQUEST_ID, "X-Request-Id", self.request_id);
+        if let Some(host) = self.upstream_host {
+            if !req.map().contains_key(header::HOST) {
+                req.set(&header::HOST, "Host", host);
+            }
+        }
         rewrite(req, self.rewrite);
     }
 }
@@ -312,6 +321,14 @@ impl Answer<'_> {
 
     pub fn apply(self, resp: &mut impl Fields) {
         strip_response_hop_by_hop(resp, self.status);
+        if self.status.is_informational() || self.status == http::StatusCode::NO_CONTENT {
+            // RFC 9110 §8.6: these never have one (nor a body).
+            if resp.map().contains_key(header::CONTENT_LENGTH) {
+                resp.remove(&header::CONTENT_LENGTH);
+            }
+        } else {
+            single_content_length(resp);
+        }
         for (name, value) in self.rate_limit {
             resp.set_name(&name, value);
         }
@@ -465,16 +482,54 @@ fn is_protected(n: &HeaderName) -> bool {
         || n == header::DATE
 }
 
-/// Repeated `Content-Length` lines with one value (which the parser
-/// accepted; differing values are rejected with 400) leave as one line, so
-/// no upstream has to decide what two of them mean.
-pub fn single_content_length(req: &mut impl Fields) {
-    let mut values = req.map().get_all(header::CONTENT_LENGTH).iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+/// A `Content-Length` the parser accepted in another form than one plain
+/// number (repeated lines, a list such as `5, 5`, leading zeros; differing
+/// values are refused with 400 before this) leaves as one plain number, so
+/// no peer has to decide what the other forms mean (RFC 9110 §8.6).
+pub fn single_content_length(msg: &mut impl Fields) {
+    let mut values = msg.map().get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
         return;
     };
-    let first = first.clone();
-    req.set(&header::CONTENT_LENGTH, "Content-Length", first);
+    let repeated = values.next().is_some();
+    let b = first.as_bytes();
+    let plain = !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1);
+    if plain && !repeated {
+        return;
+    }
+    let number = std::str::from_utf8(b)
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = number {
+        msg.set(
+            &header::CONTENT_LENGTH,
+            "Content-Length",
+            HeaderValue::from(n),
+        );
+    }
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 client may send its cookies as several
+/// `cookie` fields; an HTTP/1.1 server reads one `Cookie` line, so they are
+/// joined with `; ` (frameworks that see several lines merge them with
+/// `,` and lose the session).
+fn single_cookie(req: &mut impl Fields) {
+    let mut values = req.map().get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = Vec::new();
+    for v in req.map().get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Joined valid values with `; ` are a valid value.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        req.set(&header::COOKIE, "Cookie", v);
+    }
 }
 
 /// Apply `strip_prefix` to a path-and-query, keeping the query.
@@ -620,6 +675,67 @@ mod tests {
         assert!(resp.headers.is_empty(), "{:?}", resp.headers);
     }
 
+    #[test]
+    fn content_length_leaves_as_one_plain_number() {
+        for (sent, out) in [
+            (&["5"][..], "5"),
+            (&["0"][..], "0"),
+            (&["5", "5"][..], "5"),
+            (&["5, 5"][..], "5"),
+            (&["5,5,5"][..], "5"),
+            (&["05"][..], "5"),
+            (&["00000000000000000000005"][..], "5"),
+        ] {
+            for plain in [false, true] {
+                let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+                for v in sent {
+                    req.append_header("Content-Length", *v).unwrap();
+                }
+                if plain {
+                    edit_plain_request(&mut req, 0, single_content_length);
+                } else {
+                    single_content_length(&mut req);
+                }
+                let lines: Vec<_> = req.headers.get_all("content-length").iter().collect();
+                assert_eq!(lines, [out], "{sent:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one_line() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("cookie", "session=abc").unwrap();
+        single_cookie(&mut req);
+        assert_eq!(req.headers["cookie"], "session=abc");
+        req.append_header("cookie", "csrf=xyz").unwrap();
+        req.append_header("cookie", "a=1").unwrap();
+        single_cookie(&mut req);
+        let lines: Vec<_> = req.headers.get_all("cookie").iter().collect();
+        assert_eq!(lines, ["session=abc; csrf=xyz; a=1"]);
+    }
+
+    #[test]
+    fn no_content_length_on_204_and_1xx() {
+        for (status, kept) in [(204, false), (103, false), (200, true), (304, true)] {
+            let mut resp = ResponseHeader::build(status, None).unwrap();
+            resp.insert_header("content-length", "5").unwrap();
+            let status = http::StatusCode::from_u16(status).unwrap();
+            Answer {
+                status,
+                rate_limit: Vec::new(),
+                request_id: HeaderValue::from_static("id"),
+                rewrite: None,
+            }
+            .apply(&mut resp);
+            assert_eq!(
+                resp.headers.contains_key("content-length"),
+                kept,
+                "{status}"
+            );
+        }
+    }
+
     fn wire(req: &RequestHeader) -> String {
         let mut out = Vec::new();
         req.header_to_h1_wire(&mut out);
@@ -654,6 +770,7 @@ mod tests {
             identity: None,
             request_id: HeaderValue::from_static("id-1"),
             rewrite: rw,
+            upstream_host: None,
         }
     }
 

@@ -134,6 +134,47 @@ fn target_is_usable(req: &RequestHeader) -> bool {
             .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
 }
 
+/// Methods are case-sensitive (RFC 9110 §9.1), but common frameworks
+/// (Flask, Django) upper-case what they get, so `delete` would pass a policy
+/// on `DELETE` and still delete: a method with lower-case letters is refused,
+/// as NGINX does. A `Host` must be a URI host and port (RFC 3986 §3.2.2):
+/// quotes, spaces, slashes and the like would reach the upstream's
+/// `Host`-based logic and `X-Forwarded-Host` (host-header injection).
+fn method_and_host_are_plain(req: &RequestHeader) -> bool {
+    let method_ok = !req.method.as_str().bytes().any(|b| b.is_ascii_lowercase());
+    let host_ok = req
+        .headers
+        .get(header::HOST)
+        .is_none_or(|h| h.as_bytes().iter().all(|&b| is_host_byte(b)));
+    method_ok && host_ok
+}
+
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            // unreserved, sub-delims, pct-encoded, IP literal, port
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b'%'
+                | b':'
+                | b'['
+                | b']'
+        )
+}
+
 /// Route, authorize and forward the normalized path (see
 /// [`crate::router::normalize_path`]), so all three see the same thing.
 fn normalize_request_path(req: &mut RequestHeader) {
@@ -287,6 +328,21 @@ fn request_host_value(req: &RequestHeader) -> Option<HeaderValue> {
     }
 }
 
+/// The upstream's TLS server name, else the endpoint's address: the `Host`
+/// of a request whose client sent none (NGINX sends its upstream's name).
+fn upstream_authority(rt: &Runtime, ctx: &RequestCtx) -> Option<HeaderValue> {
+    let sni = ctx
+        .upstream
+        .and_then(|u| rt.config.upstreams.get(u))
+        .and_then(|u| u.tls.as_ref())
+        .map(|t| t.sni.as_str())
+        .filter(|s| !s.is_empty());
+    match sni {
+        Some(name) => HeaderValue::from_str(name).ok(),
+        None => HeaderValue::from_str(&ctx.endpoint?.to_string()).ok(),
+    }
+}
+
 /// The client's IP; an IPv4 client on a dual-stack `[::]` listener shows as
 /// its IPv4 address, not `::ffff:a.b.c.d`.
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
@@ -374,7 +430,9 @@ impl ProxyHttp for Gateway {
             respond::send_error(session, failure, ctx).await?;
             return Ok(true);
         }
-        if !target_is_usable(session.req_header()) {
+        if !target_is_usable(session.req_header())
+            || !method_and_host_are_plain(session.req_header())
+        {
             ctx.failure = Some(Failure::BadRequest);
             respond::send_error(session, Failure::BadRequest, ctx).await?;
             return Ok(true);
@@ -653,13 +711,20 @@ impl ProxyHttp for Gateway {
             })?),
             _ => None,
         };
+        let host = request_host_value(session.req_header());
+        let upstream_host = if host.is_none() {
+            upstream_authority(rt, ctx)
+        } else {
+            None
+        };
         let edits = headers::Forwarding {
             client: client_ip(session),
             scheme: if ctx.tls { "https" } else { "http" },
-            host: request_host_value(session.req_header()),
+            host,
             identity,
             request_id: ctx.request_id.header_value(),
             rewrite: &fwd.request_headers,
+            upstream_host,
         };
         match rt.config.gateway.header_case {
             HeaderCase::Preserve => {
@@ -771,6 +836,9 @@ impl ProxyHttp for Gateway {
         };
         // Headers already sent: the response can only be cut short.
         if session.response_written().is_none() {
+            // The connection is not reused (below: part of the request body
+            // may be unread), so the answer says `Connection: close`.
+            session.set_keepalive(None);
             if let Err(write_err) = respond::send_error(session, failure, ctx).await {
                 log::debug!("could not write error response: {write_err}");
             }
