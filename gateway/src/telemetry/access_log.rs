@@ -62,20 +62,32 @@ pub struct Entry<'a> {
     pub authz: &'a str,
 }
 
+/// A client-supplied value for the text format: whitespace, quotes,
+/// backslashes and control bytes become `_`, so a value can never end its
+/// field and pose as another (`host=x peer_identity=...`).
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_whitespace() || c.is_control() || c == '"' || c == '\\';
+    if s.contains(bad) {
+        s.replace(bad, "_").into()
+    } else {
+        s.into()
+    }
+}
+
 impl Entry<'_> {
     fn text(&self) -> String {
         let dash = |s: &str| {
             if s.is_empty() {
                 "-".to_string()
             } else {
-                s.to_string()
+                clean(s).into_owned()
             }
         };
         format!(
             "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az}",
             ts = self.timestamp,
             client = dash(&self.client),
-            method = self.method,
+            method = clean(self.method),
             path = dash(self.path),
             proto = self.protocol,
             status = self.status,
@@ -91,7 +103,7 @@ impl Entry<'_> {
             bytes_in = self.bytes_in,
             rid = self.request_id,
             tid = dash(self.trace_id),
-            ua = self.user_agent.replace('"', "'"),
+            ua = clean(self.user_agent),
             err = self.error,
             rl = dash(self.rate_limit),
             pid = dash(self.peer_identity),
@@ -289,8 +301,24 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("trace_id=-"), "{line}");
-        assert!(line.contains("ua=\"curl 'x'\""), "{line}");
+        assert!(line.contains("ua=\"curl__x_\""), "{line}");
         assert!(!line.contains('\n'));
         assert!(entry().format(Format::Off).is_none());
+    }
+
+    #[test]
+    fn client_values_cannot_pose_as_other_text_fields() {
+        let mut e = entry();
+        e.host = "x peer_identity=spiffe://forged error=\"\"";
+        e.user_agent = "evil\" ua=x\terror=\"spoof\\";
+        e.path = "/a\"b c";
+        let line = e.format(Format::Text).unwrap();
+        assert!(
+            line.contains("host=x_peer_identity=spiffe://forged_error=__ "),
+            "{line}"
+        );
+        assert!(line.contains("ua=\"evil__ua=x_error=_spoof_\""), "{line}");
+        assert!(line.contains("\"GET /a_b_c HTTP/1.1\""), "{line}");
+        assert_eq!(line.matches(" peer_identity=").count(), 1, "{line}");
     }
 }

@@ -137,4 +137,25 @@ mod tests {
             "other"
         );
     }
+
+    /// docs/metrics.md says it lists every name: each one defined here has
+    /// a row there.
+    #[test]
+    fn every_metric_name_is_documented() {
+        let docs = include_str!("../../../docs/metrics.md");
+        let source = include_str!("names.rs");
+        let names: Vec<&str> = source
+            .split('"')
+            .filter(|s| {
+                s.len() > "meshgate_".len() && s.starts_with("meshgate_") && !s.contains(' ')
+            })
+            .collect();
+        assert!(names.len() > 30, "{names:?}");
+        for name in names {
+            assert!(
+                docs.contains(&format!("| `{name}` |")),
+                "{name} has no row in docs/metrics.md"
+            );
+        }
+    }
 }
