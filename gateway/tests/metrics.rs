@@ -537,3 +537,28 @@ fn metric_names(q: &str) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_attempt_counts_once() {
+    let slow = echo("slow").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.slow]\npath_prefix = \"/\"\nupstream = \"slow\"\n[upstreams.slow]\nendpoints = [\"{}\"]\nread_timeout = \"200ms\"\n",
+        support::HEAD.trim_end(),
+        slow.addr
+    ))
+    .await;
+    assert_eq!(
+        get(gw.listen, "/delay/2000", &[]).await.unwrap().status,
+        504
+    );
+    let m = settled(&gw, 1.0).await;
+    assert_eq!(
+        m.get(r#"meshgate_upstream_errors_total{kind="timeout",upstream="slow"}"#),
+        Some(&1.0),
+        "{m:#?}"
+    );
+    assert_eq!(
+        m.get(r#"meshgate_upstream_retries_total{upstream="slow"}"#),
+        None
+    );
+}

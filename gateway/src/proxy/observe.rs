@@ -97,18 +97,11 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let upstream_elapsed = ctx
         .upstream_started
         .map(|s| Instant::now().saturating_duration_since(s));
-    if let (Some((u, series)), Some(d)) = (upstream, upstream_elapsed) {
+    if let (Some((_, series)), Some(d)) = (upstream, upstream_elapsed) {
         let class = ctx.upstream_status.map_or(NO_STATUS, status_index);
+        // Failed attempts are counted as they fail (`attempt_failed`).
         series.requests(class).inc();
         series.duration().observe(d.as_secs_f64());
-        // Connect failures were counted per attempt; count what broke after connecting.
-        if let Some(e) =
-            e.filter(|e| ctx.connected && *e.esource() == pingora::ErrorSource::Upstream)
-        {
-            m.upstream_errors
-                .with_label_values(&[u, upstream_error_kind(e)])
-                .inc();
-        }
     }
 
     let Some(rt) = ctx.runtime.as_ref() else {
