@@ -21,7 +21,10 @@ fn meshgate(args: &[&str]) -> (i32, String, String) {
 /// paths it names: `X.pem` with a matching `X.key` becomes a certificate and
 /// key, a lone `X.pem` a CA certificate.
 fn with_example_certs(config: &Path, dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(config).unwrap();
+    // The log directory is the deployment's (systemd's LogsDirectory=).
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("/var/log/meshgate/", &format!("{}/", dir.display()));
     let copy = dir.join(config.file_name().unwrap());
     std::fs::write(&copy, &text).unwrap();
     let paths: std::collections::BTreeSet<&str> = text

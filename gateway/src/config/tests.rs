@@ -754,6 +754,12 @@ bad!(
     "session_tickets with client_ca"
 );
 bad!(
+    access_log_directory_missing,
+    format!("{OK_LISTENER}[telemetry]\naccess_log_file = \"/nonexistent/meshgate/access.log\"\n"),
+    4,
+    "the directory /nonexistent/meshgate does not exist"
+);
+bad!(
     listener_client_auth_without_ca,
     format!("{OK_LISTENER}tls = {{ certs = [], client_auth = \"optional\" }}\n"),
     3,

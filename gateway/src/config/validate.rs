@@ -392,7 +392,23 @@ impl Validator {
                 );
                 None
             } else {
-                Some(std::path::PathBuf::from(f.into_inner()))
+                let path = std::path::PathBuf::from(f.get_ref());
+                // `run` opens (and may create) the file; its directory must be there.
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => std::path::PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    self.error(
+                        f.span(),
+                        format!(
+                            "telemetry.access_log_file: the directory {} does not exist",
+                            dir.display()
+                        ),
+                        "create it (the systemd unit's LogsDirectory=meshgate makes /var/log/meshgate), or remove the key to log to standard output",
+                    );
+                }
+                Some(path)
             }
         });
         let tracing = raw.tracing.and_then(|t| self.tracing(t));
