@@ -73,6 +73,19 @@ read_timeout = "200ms"
 
     // Fast requests on the same routes still work.
     assert_eq!(get(gw.listen, "/delay/1", &[]).await.unwrap().status, 200);
+
+    // A client that hangs up mid-head is not the gateway's error.
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"GET /delay/1 HTTP/1.1\r\nHost: x\r\nX-Pad: 0123456789\r\nHo")
+        .await
+        .unwrap();
+    drop(s);
+    assert_eq!(get(gw.listen, "/delay/1", &[]).await.unwrap().status, 200);
+    // Each failure above has one warn line with its request id; Pingora's
+    // own error lines for them are not written.
+    let log = gw.log();
+    assert_eq!(log.matches("request failed: ").count(), 3, "{log}");
+    assert!(!log.contains("Fail to proxy"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

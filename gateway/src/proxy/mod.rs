@@ -849,6 +849,14 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Pingora's own error line for a failed request is not written: the
+    /// gateway's and upstreams' failures get `logging`'s warn line (with the
+    /// request id, route and upstream), and what a client causes (hanging
+    /// up mid-request) is in the access log and metrics, not the error log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);

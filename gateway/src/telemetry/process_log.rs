@@ -2,10 +2,12 @@
 //! its error level.
 //!
 //! Pingora logs every failed TLS handshake at error level ("Downstream
-//! handshake error from ADDR: ..."): on a public listener scanners and
+//! handshake error from ADDR: ..."), and every client that closes its
+//! connection in the middle of a request head ("Fail to proxy: ...
+//! Downstream ConnectionClosed ..."): on a public listener scanners and
 //! broken clients make that a line per connection, burying the errors an
-//! operator has to act on. Those failures are counted by reason in
-//! `meshgate_tls_handshake_errors_total`, so their lines are logged at debug
+//! operator has to act on. Handshake failures are counted by reason in
+//! `meshgate_tls_handshake_errors_total`, so these lines are logged at debug
 //! level instead (`RUST_LOG=debug` shows them, with the client's address),
 //! as NGINX and Envoy log them below their default level. Every other line
 //! passes as it was.
@@ -53,14 +55,23 @@ impl<L: Log> Log for Demote<L> {
     }
 }
 
-/// Pingora's error lines for a client's failed or abandoned TLS handshake.
+/// Pingora's error lines for a client's failed or abandoned TLS handshake,
+/// or a request head it abandoned.
 fn client_caused(record: &Record<'_>) -> bool {
-    record.level() == Level::Error
-        && record.target() == "pingora_core::services::listening"
-        && record
+    if record.level() != Level::Error {
+        return false;
+    }
+    match record.target() {
+        "pingora_core::services::listening" => record
             .args()
             .to_string()
-            .starts_with("Downstream handshake")
+            .starts_with("Downstream handshake"),
+        "pingora_proxy" => {
+            let line = record.args().to_string();
+            line.starts_with("Fail to proxy: ") && line.contains(" Downstream ")
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -158,5 +169,35 @@ mod tests {
             }
             assert_eq!(lines, expect, "filter at {level}");
         }
+    }
+
+    #[test]
+    fn abandoned_request_heads_go_to_debug() {
+        let logger = Demote {
+            inner: Capture {
+                level: Level::Info,
+                lines: Mutex::new(Vec::new()),
+            },
+        };
+        send(
+            &logger,
+            Level::Error,
+            "pingora_proxy",
+            "Fail to proxy: Downstream ConnectionClosed while reading request headers, downstream session type: HTTP/1",
+        );
+        send(
+            &logger,
+            Level::Error,
+            "pingora_proxy",
+            "Fail to proxy: Upstream ConnectTimedout, status: 504",
+        );
+        let lines = logger.inner.lines.into_inner().unwrap();
+        assert_eq!(
+            lines,
+            vec![(
+                Level::Error,
+                "Fail to proxy: Upstream ConnectTimedout, status: 504".to_string()
+            )]
+        );
     }
 }
