@@ -759,6 +759,33 @@ bad!(
     4,
     "the directory /nonexistent/meshgate does not exist"
 );
+/// Two wrong types in one table are both reported, and a route naming an
+/// upstream with a wrong type is not also told the upstream is unknown.
+#[test]
+fn every_type_error_is_reported_and_references_do_not_dangle() {
+    let src = format!(
+        "[gateway]\nworkers = \"two\"\nshutdown_grace_period = \"5 parsecs\"\n{OK_LISTENER}[upstreams.u2]\nendpoints = [\"127.0.0.1:9\"]\nread_timeout = 5\nconnect_retries = \"x\"\n[routes.a]\nupstream = \"u2\"\n[rate_limits.rl]\nkey = \"client_ip\"\nrate = \"ten\"\nper = \"1s\"\n[routes.b]\npath_prefix = \"/b\"\nupstream = \"u2\"\nrate_limits = [\"rl\"]\n"
+    );
+    let all = diags(&src);
+    let messages: Vec<&str> = all.iter().map(|d| d.message.as_str()).collect();
+    let line_of = |needle: &str| {
+        let d = all
+            .iter()
+            .find(|d| d.message.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in {messages:#?}"));
+        error::line_col(&src, d.span.clone().unwrap().start).0
+    };
+    assert_eq!(line_of("invalid type: string \"two\""), 2);
+    assert_eq!(line_of("5 parsecs"), 3);
+    assert_eq!(line_of("invalid type: integer `5`"), 8);
+    assert_eq!(line_of("invalid type: string \"x\""), 9);
+    assert_eq!(line_of("invalid type: string \"ten\""), 14);
+    for d in &all {
+        assert!(!d.message.contains("unknown"), "{messages:#?}");
+        assert!(!d.message.contains("missing"), "{messages:#?}");
+    }
+}
+
 bad!(
     listener_client_auth_without_ca,
     format!("{OK_LISTENER}tls = {{ certs = [], client_auth = \"optional\" }}\n"),

@@ -107,6 +107,9 @@ struct Validator {
     diags: Vec<Diagnostic>,
     /// Relative file paths are resolved against this (the config's directory).
     base_dir: PathBuf,
+    /// Every `[section.NAME]` in the file, valid or not: a reference to an
+    /// entry that has errors of its own is not also reported as unknown.
+    entries: Vec<(String, String)>,
 }
 
 fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
@@ -116,6 +119,12 @@ fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
 impl Validator {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>, fix: impl Into<String>) {
         self.diags.push(Diagnostic::new(span, message).fix(fix));
+    }
+
+    /// `[section.name]` is in the file but was refused (its errors are
+    /// reported already).
+    fn broken(&self, section: &str, name: &str, valid: &[&str]) -> bool {
+        !valid.contains(&name) && self.entries.iter().any(|(s, n)| s == section && n == name)
     }
 
     fn read_sections(&mut self, root: &DeTable<'_>) -> RawFile {
@@ -152,22 +161,43 @@ impl Validator {
     }
 
     /// Deserialize one value, turning serde errors into diagnostics. An unknown
-    /// key is reported, dropped, and the value tried again, so one typo does not
-    /// hide the table's other problems (or make references to it dangle).
+    /// key, or a key whose value has the wrong type, is reported, dropped, and
+    /// the value tried again, so one mistake does not hide the table's other
+    /// problems (or make references to it dangle).
     fn de<T: DeserializeOwned>(&mut self, value: &Spanned<DeValue<'_>>) -> Option<T> {
-        const MAX_UNKNOWN_KEYS: usize = 64;
+        const MAX_DROPPED_KEYS: usize = 64;
         let mut owned = value.clone();
         owned.get_mut().make_owned();
-        for _ in 0..MAX_UNKNOWN_KEYS {
+        let mut dropped: Vec<String> = Vec::new();
+        for _ in 0..MAX_DROPPED_KEYS {
             match T::deserialize(ValueDeserializer::from(owned.clone())) {
                 Ok(t) => return Some(t),
                 Err(e) => {
+                    // A required key dropped for its type is reported already.
+                    let missing = e
+                        .message()
+                        .strip_prefix("missing field `")
+                        .map(|f| f.trim_end_matches('`'));
+                    if missing.is_some_and(|f| dropped.iter().any(|d| d == f)) {
+                        return None;
+                    }
                     let span = e.span().unwrap_or(value.span());
                     let (message, fix) = explain_serde_error(e.message());
                     let unknown_key = message.starts_with("unknown key");
                     self.diags
                         .push(Diagnostic::new(span.clone(), message).fix(fix));
-                    if !unknown_key || !remove_key_at(owned.get_mut(), &span) {
+                    let retry = if unknown_key {
+                        remove_key_at(owned.get_mut(), &span)
+                    } else {
+                        match remove_key_with_value_at(owned.get_mut(), &span) {
+                            Some(key) => {
+                                dropped.push(key);
+                                true
+                            }
+                            None => false,
+                        }
+                    };
+                    if !retry {
                         return None;
                     }
                 }
@@ -195,6 +225,8 @@ impl Validator {
         let mut out = Vec::new();
         for (name, entry) in table {
             let name = spanned_key(name);
+            self.entries
+                .push((section.to_string(), name.get_ref().clone()));
             if !valid_name(name.get_ref()) {
                 self.error(
                     name.span(),
@@ -1165,7 +1197,7 @@ impl Validator {
                         if !out.contains(l.get_ref()) {
                             out.push(l.get_ref().clone());
                         }
-                    } else {
+                    } else if !self.broken("listeners", l.get_ref(), &names.listeners) {
                         let fix = unknown_name_fix("listener", l.get_ref(), &names.listeners);
                         self.error(
                             l.span(),
@@ -1271,6 +1303,9 @@ impl Validator {
                 if !out.contains(name) {
                     out.push(name.clone());
                 }
+                continue;
+            }
+            if self.broken(section, name, known) {
                 continue;
             }
             let fix = match suggest(name, known) {
@@ -2051,6 +2086,8 @@ impl Validator {
     ) -> Option<String> {
         if names.upstreams.contains(&u.get_ref().as_str()) {
             Some(u.get_ref().clone())
+        } else if self.broken("upstreams", u.get_ref(), &names.upstreams) {
+            None
         } else {
             let fix = unknown_name_fix("upstream", u.get_ref(), &names.upstreams);
             self.error(
@@ -2421,6 +2458,28 @@ fn remove_key_at(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
         DeValue::Array(a) => a.iter_mut().any(|v| remove_key_at(v.get_mut(), span)),
         _ => false,
     }
+}
+
+/// Remove the key (at any depth of tables) whose value is at `span`; its
+/// name. Values in arrays are left: without them the array could be wrong
+/// in a new way.
+fn remove_key_with_value_at(value: &mut DeValue<'_>, span: &Range<usize>) -> Option<String> {
+    let DeValue::Table(t) = value else {
+        return None;
+    };
+    if let Some(key) = t
+        .iter()
+        .find(|(_, v)| v.span() == *span)
+        .map(|(k, _)| k.get_ref().to_string())
+    {
+        *t = std::mem::take(t)
+            .into_iter()
+            .filter(|(_, v)| v.span() != *span)
+            .collect();
+        return Some(key);
+    }
+    t.iter_mut()
+        .find_map(|(_, v)| remove_key_with_value_at(v.get_mut(), span))
 }
 
 /// Closest candidate by edit distance, when it is close enough to be a typo.
