@@ -47,23 +47,25 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
 }
 
 fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
+    // Every such change is named, not just the first one found.
+    let mut changed = Vec::new();
     if old.gateway.workers != new.gateway.workers {
-        return Err("gateway.workers changed".to_string());
+        changed.push("gateway.workers changed".to_string());
     }
     if old.gateway.work_stealing != new.gateway.work_stealing {
-        return Err("gateway.work_stealing changed".to_string());
+        changed.push("gateway.work_stealing changed".to_string());
     }
     if old.telemetry.access_log_file != new.telemetry.access_log_file {
-        return Err("telemetry.access_log_file changed".to_string());
+        changed.push("telemetry.access_log_file changed".to_string());
     }
     if old.telemetry.tracing != new.telemetry.tracing {
-        return Err("[telemetry.tracing] changed".to_string());
+        changed.push("[telemetry.tracing] changed".to_string());
     }
     if old.gateway.shutdown_grace_period != new.gateway.shutdown_grace_period {
-        return Err("gateway.shutdown_grace_period changed".to_string());
+        changed.push("gateway.shutdown_grace_period changed".to_string());
     }
     if old.admin.listen != new.admin.listen {
-        return Err(format!(
+        changed.push(format!(
             "admin.listen changed from {} to {}",
             old.admin.listen, new.admin.listen
         ));
@@ -78,7 +80,7 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
         v
     };
     if key(old) != key(new) {
-        return Err("the set of listeners or their bind addresses changed".to_string());
+        changed.push("the set of listeners or their bind addresses changed".to_string());
     }
     // The TLS context is built when a listener starts; only its certificate
     // list and forward_identity are read per handshake or request.
@@ -98,13 +100,17 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             })
         };
         if handshake(o) != handshake(n) {
-            return Err(format!(
+            changed.push(format!(
                 "the TLS settings of listener `{}` changed, or its client_ca file did (only `certs` and `forward_identity` reload)",
                 n.name
             ));
         }
     }
-    Ok(())
+    if changed.is_empty() {
+        Ok(())
+    } else {
+        Err(changed.join("; "))
+    }
 }
 
 /// Waits for SIGHUP and reloads; runs as a pingora background service.
@@ -140,6 +146,34 @@ impl BackgroundService for ReloadOnSighup {
                 }
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Config {
+        config::parse(std::path::Path::new("t.toml"), src).unwrap()
+    }
+
+    #[test]
+    fn every_restart_only_change_is_named() {
+        let base = "[listeners.public]\nbind = \"127.0.0.1:18080\"\n";
+        let old = parse(&format!("[gateway]\nworkers = 2\n{base}"));
+        let same = parse(&format!("[gateway]\nworkers = 2\n{base}"));
+        assert_eq!(bound_addresses_unchanged(&old, &same), Ok(()));
+        let new = parse(
+            "[gateway]\nworkers = 4\n[admin]\nlisten = \"127.0.0.1:19901\"\n[listeners.public]\nbind = \"127.0.0.1:18081\"\n",
+        );
+        let why = bound_addresses_unchanged(&old, &new).unwrap_err();
+        for part in [
+            "gateway.workers changed",
+            "admin.listen changed from 127.0.0.1:9901 to 127.0.0.1:19901",
+            "the set of listeners or their bind addresses changed",
+        ] {
+            assert!(why.contains(part), "{part} missing from: {why}");
         }
     }
 }
