@@ -118,7 +118,8 @@ impl ServeHttp for AdminApp {
 /// The effective config (defaults filled in) as JSON.
 pub fn config_json(c: &Config) -> serde_json::Value {
     use crate::config::model::{
-        Action, HeaderRewrite, HostMatch, LimitMode, LimitScope, RateLimitKey,
+        Action, Alpn, ClientAuth, HeaderRewrite, HostMatch, LimitMode, LimitScope, RateLimitKey,
+        TlsVersion,
     };
     use serde_json::json;
     let secs = |d: Duration| d.as_secs_f64();
@@ -146,6 +147,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "response_headers": rewrite(&r.response_headers),
                 "rate_limits": r.rate_limits,
                 "policies": r.policies,
+                "max_body_bytes": r.max_body_bytes,
             });
             if let Some(p) = &r.path {
                 let (k, val) = p.describe();
@@ -179,9 +181,45 @@ pub fn config_json(c: &Config) -> serde_json::Value {
         "telemetry": {
             "access_log": c.telemetry.access_log.as_str(),
             "access_log_file": c.telemetry.access_log_file.as_ref().map(|p| p.display().to_string()),
+            "tracing": c.telemetry.tracing.as_ref().map(|t| json!({
+                "endpoint": t.endpoint,
+                "service_name": t.service_name,
+                "sample_ratio": t.sample_ratio,
+                "resource": t.resource.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "export_interval_seconds": secs(t.export_interval),
+                "export_timeout_seconds": secs(t.export_timeout),
+                "queue_size": t.queue_size,
+            })),
         },
         "config_hash": c.source_hash,
-        "listeners": c.listeners.iter().map(|l| json!({ "name": l.name, "bind": l.bind.to_string(), "direction": l.direction.as_str() })).collect::<Vec<_>>(),
+        "listeners": c.listeners.iter().map(|l| json!({
+            "name": l.name,
+            "bind": l.bind.to_string(),
+            "direction": l.direction.as_str(),
+            "trusted_proxies": l.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "limits": {
+                "max_connections": l.limits.max_connections,
+                "max_request_header_bytes": l.limits.max_request_header_bytes,
+                "max_request_headers": l.limits.max_request_headers,
+                "max_uri_bytes": l.limits.max_uri_bytes,
+                "idle_timeout_seconds": secs(l.limits.idle_timeout),
+                "header_read_timeout_seconds": l.limits.header_read_timeout.map(secs),
+            },
+            "tls": l.tls.as_ref().map(|t| json!({
+                "certs": t.certs,
+                "min_version": match t.min_version { TlsVersion::V1_2 => "1.2", TlsVersion::V1_3 => "1.3" },
+                "alpn": match t.alpn { Alpn::H2H1 => vec!["h2", "http/1.1"], Alpn::H1 => vec!["http/1.1"], Alpn::H2 => vec!["h2"] },
+                "client_ca": t.client_ca.as_ref().map(|ca| ca.path.display().to_string()),
+                "client_auth": t.client_ca.as_ref().map(|_| match t.client_auth { ClientAuth::Require => "require", ClientAuth::Optional => "optional" }),
+                "forward_identity": t.forward_identity,
+                "session_tickets": if t.client_ca.is_some() { 0 } else { t.session_tickets },
+            })),
+        })).collect::<Vec<_>>(),
+        "certs": c.certs.iter().map(|cert| json!({
+            "name": cert.name,
+            "cert": cert.cert_path.display().to_string(),
+            "key": cert.key_path.display().to_string(),
+        })).collect::<Vec<_>>(),
         "routes": routes,
         "upstreams": c.upstreams.iter().map(|u| json!({
             "name": u.name,
@@ -192,6 +230,13 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "write_timeout_seconds": secs(u.write_timeout),
             "idle_timeout_seconds": secs(u.idle_timeout),
             "connect_retries": u.connect_retries,
+            "tls": u.tls.as_ref().map(|t| json!({
+                "ca": t.ca.as_ref().map(|ca| ca.path.display().to_string()),
+                "client_cert": t.client.as_ref().map(|c| c.cert_path.display().to_string()),
+                "client_key": t.client.as_ref().map(|c| c.key_path.display().to_string()),
+                "sni": t.sni,
+                "verify": t.verify.as_ref().map(|v| v.as_text()),
+            })),
         })).collect::<Vec<_>>(),
         "rate_limits": c.rate_limits.iter().map(|p| json!({
             "name": p.name,

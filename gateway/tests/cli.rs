@@ -231,6 +231,14 @@ respond = { body = "pong" }
     // Defaults are filled in.
     assert_eq!(c["routes"][0]["timeout_seconds"], 30.0);
     assert_eq!(c["routes"][0]["respond"]["status"], 200);
+    assert!(c["routes"][0]["max_body_bytes"].is_null());
+    let limits = &c["listeners"][0]["limits"];
+    assert_eq!(limits["idle_timeout_seconds"], 60.0);
+    assert_eq!(limits["max_request_headers"], 100);
+    assert!(limits["max_connections"].is_null());
+    assert!(c["listeners"][0]["tls"].is_null());
+    assert_eq!(c["certs"], serde_json::json!([]));
+    assert!(c["telemetry"]["tracing"].is_null());
     // Data-plane routes never shadow the admin port and vice versa.
     assert_eq!(get(gw.admin, "/ping", &[]).await.unwrap().status, 404);
     assert_eq!(get(gw.listen, "/healthz", &[]).await.unwrap().status, 404);

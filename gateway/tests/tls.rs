@@ -63,6 +63,15 @@ async fn edge_gateway(tls: &str) -> (tempfile::TempDir, Ca, Gateway) {
 async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     let (_dir, ca, gw) = edge_gateway("certs = [\"edge\", \"api\"]").await;
     let ca_pem = ca.pem();
+    // The effective TLS settings, defaults filled in.
+    let c = get(gw.admin, "/config", &[]).await.unwrap().json();
+    let t = &c["listeners"][0]["tls"];
+    assert_eq!(t["certs"], serde_json::json!(["edge", "api"]));
+    assert_eq!(t["min_version"], "1.2");
+    assert_eq!(t["alpn"], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(t["session_tickets"], 1);
+    assert!(t["client_ca"].is_null());
+    assert_eq!(c["certs"][0]["name"], "edge");
 
     let (r, info) = tls::get(
         gw.listen,
