@@ -316,3 +316,63 @@ async fn http11_without_host_is_refused_but_http10_is_fine() {
     let r = exchange(b"GET /no-host-header HTTP/1.0\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.") && r.contains(" 200 "), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_get_bodies_they_can_read() {
+    // An upstream answering every request with a chunked body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"
+    ))
+    .await;
+    let read_all = |raw: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the connection is closed after the body")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // HTTP/1.0 has no chunked coding: the body runs to the close.
+    let r = read_all(b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n").await;
+    let (head, body) = r.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains(" 200 "), "{r}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{r}"
+    );
+    assert_eq!(body, "hello world");
+    // Also when the client asked to keep the connection.
+    let r = read_all(b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n").await;
+    assert!(r.ends_with("\r\n\r\nhello world"), "{r}");
+    // HTTP/1.1 clients keep chunked framing.
+    let r = read_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{r}"
+    );
+}

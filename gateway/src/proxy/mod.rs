@@ -780,11 +780,20 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        // Pingora re-frames a body of unknown length as chunked, which an
+        // HTTP/1.0 client cannot read (RFC 9112 §6.1): it gets the body up
+        // to the connection's close instead.
+        if session.req_header().version == http::Version::HTTP_10
+            && resp.headers.contains_key(header::TRANSFER_ENCODING)
+        {
+            resp.remove_header(&header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
+        }
         let edits = headers::Answer {
             status: resp.status,
             rate_limit: respond::rate_limit_headers(ctx),
