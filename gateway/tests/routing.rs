@@ -292,6 +292,22 @@ redirect = {{ location = "/elsewhere" }}
     assert_eq!(r.header("location"), Some("https://docs.example.com/"));
     let r = get(gw.listen, "/temp", &[]).await.unwrap();
     assert_eq!((r.status, r.header("location")), (302, Some("/elsewhere")));
+    // On the wire, spelled like the other fields meshgate writes.
+    let wire = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(b"GET /temp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(wire.contains("\r\nLocation: /elsewhere\r\n"), "{wire}");
+    assert!(wire.contains("\r\nContent-Length: "), "{wire}");
     // Direct responses work over h2c too.
     let r = send(gw.listen, Method::GET, "/ping", &[], Bytes::new(), true)
         .await
