@@ -80,6 +80,16 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let method = &session.req_header().method;
+        if method != http::Method::GET && method != http::Method::HEAD {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "only GET and HEAD" }),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
         match path.as_str() {
             "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "alive" })),
             "/readyz" => match self.ready().await {

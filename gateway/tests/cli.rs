@@ -239,6 +239,18 @@ respond = { body = "pong" }
     assert!(c["listeners"][0]["tls"].is_null());
     assert_eq!(c["certs"], serde_json::json!([]));
     assert!(c["telemetry"]["tracing"].is_null());
+    // Read-only: other methods are refused.
+    let r = support::client::send(
+        gw.admin,
+        http::Method::POST,
+        "/healthz",
+        &[],
+        bytes::Bytes::new(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
     // Data-plane routes never shadow the admin port and vice versa.
     assert_eq!(get(gw.admin, "/ping", &[]).await.unwrap().status, 404);
     assert_eq!(get(gw.listen, "/healthz", &[]).await.unwrap().status, 404);
@@ -300,4 +312,21 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
+}
+
+#[test]
+fn a_config_that_is_not_utf8_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latin1.toml");
+    std::fs::write(
+        &path,
+        b"[listeners.public]\nbind = \"127.0.0.1:8080\"\n# caf\xe9\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        (out.clone() + &err).contains("line 3, column 6: not UTF-8"),
+        "{out}{err}"
+    );
 }

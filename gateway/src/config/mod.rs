@@ -12,9 +12,21 @@ pub use model::Config;
 
 /// Read and validate a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Where the file stops being UTF-8: the text before it is.
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let (line, col) = error::line_col(std::str::from_utf8(good).unwrap_or(""), good.len());
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line {line}, column {col}: not UTF-8 (TOML files are UTF-8; re-save the file as UTF-8)"),
+            ),
+        }
     })?;
     parse(path, &text)
 }
