@@ -192,7 +192,8 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "access_log": c.telemetry.access_log.as_str(),
             "access_log_file": c.telemetry.access_log_file.as_ref().map(|p| p.display().to_string()),
             "tracing": c.telemetry.tracing.as_ref().map(|t| json!({
-                "endpoint": t.endpoint,
+                // Credentials in the URL never leave the process.
+                "endpoint": crate::config::model::redact_secrets(&t.endpoint),
                 "service_name": t.service_name,
                 "sample_ratio": t.sample_ratio,
                 "resource": t.resource.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),

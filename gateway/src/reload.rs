@@ -47,7 +47,8 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
 }
 
 fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
-    // Every such change is named, not just the first one found.
+    // All of them are named, so one restart covers every change the
+    // operator made rather than one rejected reload per key.
     let mut changed = Vec::new();
     if old.gateway.workers != new.gateway.workers {
         changed.push("gateway.workers changed".to_string());

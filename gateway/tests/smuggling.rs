@@ -250,7 +250,13 @@ async fn methods_policies_cannot_see_and_hosts_outside_uri_syntax_are_refused() 
     for (host, status) in [
         ("api.example.com:8080", 200),
         ("[::1]:80", 200),
-        ("a,b", 200),
+        ("[fe80::1%25eth0]:8080", 200),
+        ("xn--bcher-kva.example.", 200),
+        ("10.0.0.1", 200),
+        ("a,b", 400),
+        ("h:evil", 400),
+        ("a:1:2", 400),
+        ("[::1]x", 400),
         ("a b", 400),
         ("a\";for=6.6.6.6;x=\"", 400),
         ("a/b", 400),
@@ -263,6 +269,14 @@ async fn methods_policies_cannot_see_and_hosts_outside_uri_syntax_are_refused() 
         )
         .await;
         assert_eq!(statuses, vec![status], "Host: {host}");
+    }
+
+    // One authority only: a second Host line, or user info in the target.
+    for head in [
+        "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+        "GET http://evil@x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ] {
+        assert_eq!(raw(gw.listen, head.as_bytes()).await, vec![400], "{head}");
     }
 
     // A length in another form than one number leaves as one number.

@@ -787,6 +787,12 @@ fn every_type_error_is_reported_and_references_do_not_dangle() {
 }
 
 bad!(
+    listener_tls_without_certs,
+    format!("{OK_LISTENER}tls = {{ min_version = \"1.3\" }}\n"),
+    3,
+    "missing required key `certs`"
+);
+bad!(
     listener_client_auth_without_ca,
     format!("{OK_LISTENER}tls = {{ certs = [], client_auth = \"optional\" }}\n"),
     3,

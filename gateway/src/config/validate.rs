@@ -188,6 +188,10 @@ impl Validator {
                         .push(Diagnostic::new(span.clone(), message).fix(fix));
                     let retry = if unknown_key {
                         remove_key_at(owned.get_mut(), &span)
+                    } else if missing.is_some() {
+                        // Its span is the table missing the key: dropping
+                        // that would check the rest as if it were absent.
+                        false
                     } else {
                         match remove_key_with_value_at(owned.get_mut(), &span) {
                             Some(key) => {
@@ -997,11 +1001,11 @@ impl Validator {
         }
         let session_tickets = match &r.session_tickets {
             None => DEFAULT_SESSION_TICKETS,
-            Some(n) if r.client_ca.is_some() => {
+            Some(n) if r.client_ca.is_some() && *n.get_ref() != 0 => {
                 self.error(
                     n.span(),
                     "session_tickets with client_ca: listeners checking client certificates send no tickets",
-                    "remove session_tickets (every connection's certificate is checked in full)",
+                    "remove session_tickets, or set it to 0 (every connection's certificate is checked in full)",
                 );
                 DEFAULT_SESSION_TICKETS
             }

@@ -114,7 +114,10 @@ macro_rules! pingora_fields {
                 let _ = self.insert_header(wire, value);
             }
             fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
-                let _ = self.insert_header(name.clone(), value);
+                let _ = match wire_name(name) {
+                    Some(spelled) => self.insert_header(spelled, value),
+                    None => self.insert_header(name.clone(), value),
+                };
             }
             fn set_field(&mut self, field: &FieldValue) {
                 // The spelling was checked as a name when the config loaded.
@@ -155,6 +158,23 @@ impl Fields for HeaderMap {
     }
     fn remove(&mut self, name: &HeaderName) {
         HeaderMap::remove(self, name);
+    }
+}
+
+/// How the fields meshgate itself writes are spelled on HTTP/1 when Pingora
+/// does not know them (it title-cases only a dozen common names, and would
+/// write these in lower case beside its `Content-Length`).
+pub fn wire_name(name: &HeaderName) -> Option<&'static str> {
+    if *name == header::LOCATION {
+        Some("Location")
+    } else if *name == header::RETRY_AFTER {
+        Some("Retry-After")
+    } else if *name == super::respond::RATELIMIT_POLICY {
+        Some("RateLimit-Policy")
+    } else if *name == super::respond::RATELIMIT {
+        Some("RateLimit")
+    } else {
+        None
     }
 }
 
@@ -213,12 +233,22 @@ pub fn edit_plain_response<R>(
     out
 }
 
-/// The body length a request declares in `Content-Length`, when it is one
-/// number (the parser has already refused differing repeats).
+/// The body length a request declares in `Content-Length` (the parser has
+/// already refused differing repeats and lists).
 pub fn declared_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    req.headers.get(header::CONTENT_LENGTH).and_then(length_of)
+}
+
+/// A `Content-Length` value the parser accepted: a number, or a list of the
+/// same number (`5, 5`).
+fn length_of(v: &HeaderValue) -> Option<u64> {
+    std::str::from_utf8(v.as_bytes())
+        .ok()?
+        .split(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `Upgrade: websocket` on an HTTP/1.1 request (the only upgrade forwarded).
@@ -229,10 +259,11 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// Every line of a list-valued header, joined with ", " (RFC 9110 §5.3), in
-/// a buffer with room for `extra` more bytes (empty when there are none).
-/// Lines that are not visible ASCII are kept as they are (lossless bytes).
-fn joined(map: &HeaderMap, name: &HeaderName, extra: usize) -> Vec<u8> {
+/// Every non-empty line of a header, joined with `sep` (`, ` for lists,
+/// RFC 9110 §5.3), in a buffer with room for `extra` more bytes (empty when
+/// there are none). Lines that are not visible ASCII are kept as they are
+/// (lossless bytes).
+fn joined(map: &HeaderMap, name: &HeaderName, sep: &[u8], extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
     for v in map.get_all(name) {
         let v = v.as_bytes();
@@ -240,9 +271,9 @@ fn joined(map: &HeaderMap, name: &HeaderName, extra: usize) -> Vec<u8> {
             continue;
         }
         if out.is_empty() {
-            out.reserve(v.len() + 2 + extra);
+            out.reserve(v.len() + sep.len() + extra);
         } else {
-            out.extend_from_slice(b", ");
+            out.extend_from_slice(sep);
         }
         out.extend_from_slice(v);
     }
@@ -254,7 +285,7 @@ fn joined(map: &HeaderMap, name: &HeaderName, extra: usize) -> Vec<u8> {
 
 /// Append `element` to the list-valued header `name`, as one line.
 fn append_element(req: &mut impl Fields, list: &HeaderName, wire: &'static str, element: &[u8]) {
-    let mut value = joined(req.map(), list, element.len() + 2);
+    let mut value = joined(req.map(), list, b", ", element.len() + 2);
     if !value.is_empty() {
         value.extend_from_slice(b", ");
     }
@@ -497,11 +528,7 @@ pub fn single_content_length(msg: &mut impl Fields) {
     if plain && !repeated {
         return;
     }
-    let number = std::str::from_utf8(b)
-        .ok()
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(n) = number {
+    if let Some(n) = length_of(first) {
         msg.set(
             &header::CONTENT_LENGTH,
             "Content-Length",
@@ -519,15 +546,9 @@ fn single_cookie(req: &mut impl Fields) {
     let (Some(_), Some(_)) = (values.next(), values.next()) else {
         return;
     };
-    let mut joined = Vec::new();
-    for v in req.map().get_all(header::COOKIE) {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b"; ");
-        }
-        joined.extend_from_slice(v.as_bytes());
-    }
+    let one = joined(req.map(), &header::COOKIE, b"; ", 0);
     // Joined valid values with `; ` are a valid value.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(one)) {
         req.set(&header::COOKIE, "Cookie", v);
     }
 }
@@ -713,6 +734,42 @@ mod tests {
         single_cookie(&mut req);
         let lines: Vec<_> = req.headers.get_all("cookie").iter().collect();
         assert_eq!(lines, ["session=abc; csrf=xyz; a=1"]);
+    }
+
+    #[test]
+    fn fields_meshgate_writes_are_title_case_on_the_wire() {
+        let mut resp = ResponseHeader::build(429, None).unwrap();
+        Answer {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            rate_limit: vec![
+                (
+                    super::super::respond::RATELIMIT_POLICY,
+                    HeaderValue::from_static("\"p\";q=1;w=1"),
+                ),
+                (
+                    super::super::respond::RATELIMIT,
+                    HeaderValue::from_static("\"p\";r=0;t=1"),
+                ),
+                (header::RETRY_AFTER, HeaderValue::from_static("1")),
+            ],
+            request_id: HeaderValue::from_static("id"),
+            rewrite: None,
+        }
+        .apply(&mut resp);
+        let mut out = Vec::new();
+        resp.header_to_h1_wire(&mut out);
+        let wire = String::from_utf8(out).unwrap();
+        for name in [
+            "RateLimit-Policy: ",
+            "RateLimit: ",
+            "Retry-After: ",
+            "X-Request-Id: ",
+        ] {
+            assert!(
+                wire.contains(&format!("\r\n{name}")) || wire.starts_with(name),
+                "{wire}"
+            );
+        }
     }
 
     #[test]

@@ -137,42 +137,75 @@ fn target_is_usable(req: &RequestHeader) -> bool {
 /// Methods are case-sensitive (RFC 9110 §9.1), but common frameworks
 /// (Flask, Django) upper-case what they get, so `delete` would pass a policy
 /// on `DELETE` and still delete: a method with lower-case letters is refused,
-/// as NGINX does. A `Host` must be a URI host and port (RFC 3986 §3.2.2):
-/// quotes, spaces, slashes and the like would reach the upstream's
-/// `Host`-based logic and `X-Forwarded-Host` (host-header injection).
+/// as NGINX does. The authority must be one host and port (RFC 3986 §3.2.2)
+/// in one `Host` line (RFC 9112 §3.2): quotes, spaces, slashes, user info or
+/// a second line would reach the upstream's `Host`-based logic and
+/// `X-Forwarded-Host` differently from what meshgate routed on.
 fn method_and_host_are_plain(req: &RequestHeader) -> bool {
-    let method_ok = !req.method.as_str().bytes().any(|b| b.is_ascii_lowercase());
-    let host_ok = req
-        .headers
-        .get(header::HOST)
-        .is_none_or(|h| h.as_bytes().iter().all(|&b| is_host_byte(b)));
-    method_ok && host_ok
+    if req.method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return false;
+    }
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() || first.is_some_and(|h| !is_host_and_port(h.as_bytes())) {
+        return false;
+    }
+    req.uri
+        .authority()
+        .is_none_or(|a| is_host_and_port(a.as_str().as_bytes()))
 }
 
-fn is_host_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            // unreserved, sub-delims, pct-encoded, IP literal, port
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b'%'
-                | b':'
-                | b'['
-                | b']'
-        )
+/// `host [ ":" port ]`: an IP literal in brackets, or a reg-name (an IPv4
+/// address is one) without `,` (no DNS name has one, and `X-Forwarded-Host`
+/// readers split on it); the port all digits.
+fn is_host_and_port(b: &[u8]) -> bool {
+    let (host, port) = if b.first() == Some(&b'[') {
+        match b.iter().position(|&c| c == b']') {
+            Some(end) => b.split_at(end + 1),
+            None => return false,
+        }
+    } else {
+        match b.iter().rposition(|&c| c == b':') {
+            Some(colon) => b.split_at(colon),
+            None => (b, &b[b.len()..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let host_ok = match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner.iter().all(|&c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+                })
+        }
+        reg_name => reg_name.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    // unreserved, sub-delims but `,`, pct-encoded
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b';'
+                        | b'='
+                        | b'%'
+                )
+        }),
+    };
+    port_ok && host_ok
 }
 
 /// Route, authorize and forward the normalized path (see
@@ -788,8 +821,14 @@ impl ProxyHttp for Gateway {
         // Pingora re-frames a body of unknown length as chunked, which an
         // HTTP/1.0 client cannot read (RFC 9112 §6.1): it gets the body up
         // to the connection's close instead.
+        // (Only the plain `chunked` Pingora adds; an HTTP/2 upstream's
+        // response gets it after this filter, so it still reaches HTTP/1.0
+        // clients chunked.)
         if session.req_header().version == http::Version::HTTP_10
-            && resp.headers.contains_key(header::TRANSFER_ENCODING)
+            && resp
+                .headers
+                .get(header::TRANSFER_ENCODING)
+                .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"chunked"))
         {
             resp.remove_header(&header::TRANSFER_ENCODING);
             session.set_keepalive(None);
@@ -861,7 +900,7 @@ impl ProxyHttp for Gateway {
     /// Pingora's own error line for a failed request is not written: the
     /// gateway's and upstreams' failures get `logging`'s warn line (with the
     /// request id, route and upstream), and what a client causes (hanging
-    /// up mid-request) is in the access log and metrics, not the error log.
+    /// up mid-request) belongs in the access log and metrics, not the error log.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
         true
     }

@@ -22,13 +22,10 @@ pub async fn send(
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(headers.len() + 3))?;
     for (name, value) in headers {
-        // Pingora title-cases only the names it knows; `Location` it does
-        // not, and it would leave as the one lower-case name.
-        if *name == header::LOCATION {
-            resp.insert_header("Location", value.clone())?;
-        } else {
-            resp.insert_header(name.clone(), value.clone())?;
-        }
+        match super::headers::wire_name(name) {
+            Some(spelled) => resp.insert_header(spelled, value.clone())?,
+            None => resp.insert_header(name.clone(), value.clone())?,
+        };
     }
     // RFC 9110 §8.6: no Content-Length on 1xx and 204; a 304 would describe another representation.
     if !(status.is_informational()

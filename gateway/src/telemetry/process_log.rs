@@ -68,7 +68,7 @@ fn client_caused(record: &Record<'_>) -> bool {
             .starts_with("Downstream handshake"),
         "pingora_proxy" => {
             let line = record.args().to_string();
-            line.starts_with("Fail to proxy: ") && line.contains(" Downstream ")
+            line.starts_with("Fail to proxy: Downstream ")
         }
         _ => false,
     }
