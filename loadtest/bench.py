@@ -660,8 +660,8 @@ def main():
     ap.add_argument("--idle", type=int, default=10000,
                     help="connections for the idle-memory scenario (0: skip); lowered to fit the open-file limit")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
-    ap.add_argument("--profile", default="", help="only profile these systems (comma-separated) with perf, on the first of --scenarios "
-                         "(default: scenario 1)")
+    ap.add_argument("--profile", default="", help="only profile these systems (comma-separated, `system` or `system:variant`) with perf, "
+                         "on the first of --scenarios (default: scenario 1)")
     args = ap.parse_args()
     for tool in ["nginx", "haproxy", "wrk", "h2load", "envoy", "openssl", "taskset"]:
         if not shutil.which(tool):
@@ -693,12 +693,16 @@ def main():
                 sys.exit(f"no scenario {wanted!r}: one of {', '.join(all_scenarios)}")
             _, runs, load = all_scenarios[name]
             RESULTS.mkdir(exist_ok=True)
-            for system in args.profile.split(","):
-                variant = next((v for s, v in runs if s == system), None)
+            for entry in args.profile.split(","):
+                # `system` (its first variant in the scenario) or `system:variant`.
+                system, _, wanted_variant = entry.partition(":")
+                variant = next((v for s, v in runs if s == system and wanted_variant in ("", v)), None)
                 if variant is None:
-                    sys.exit(f"scenario {name} does not run {system}")
+                    sys.exit(f"scenario {name} does not run {entry}")
                 top = b.profile(system, variant, load)
                 tag = "" if name == "1-h1" else f"{name.split('-')[0]}-"
+                if wanted_variant:
+                    system = f"{system}-{variant}"
                 path = RESULTS / f"profile-{tag}{system}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}.txt"
                 path.write_text(top + "\n")
                 print(f"== {system} ({name}, {args.duration} s; {path.relative_to(ROOT)})\n{top}\n")
