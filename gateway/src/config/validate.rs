@@ -121,10 +121,10 @@ impl Validator {
         self.diags.push(Diagnostic::new(span, message).fix(fix));
     }
 
-    /// `[section.name]` is in the file but was refused (its errors are
-    /// reported already).
-    fn broken(&self, section: &str, name: &str, valid: &[&str]) -> bool {
-        !valid.contains(&name) && self.entries.iter().any(|(s, n)| s == section && n == name)
+    /// `[section.name]` is in the file (callers ask once it is not among the
+    /// valid ones, so it was refused and its errors are reported already).
+    fn broken(&self, section: &str, name: &str) -> bool {
+        self.entries.iter().any(|(s, n)| s == section && n == name)
     }
 
     fn read_sections(&mut self, root: &DeTable<'_>) -> RawFile {
@@ -1201,7 +1201,7 @@ impl Validator {
                         if !out.contains(l.get_ref()) {
                             out.push(l.get_ref().clone());
                         }
-                    } else if !self.broken("listeners", l.get_ref(), &names.listeners) {
+                    } else if !self.broken("listeners", l.get_ref()) {
                         let fix = unknown_name_fix("listener", l.get_ref(), &names.listeners);
                         self.error(
                             l.span(),
@@ -1309,7 +1309,7 @@ impl Validator {
                 }
                 continue;
             }
-            if self.broken(section, name, known) {
+            if self.broken(section, name) {
                 continue;
             }
             let fix = match suggest(name, known) {
@@ -2090,7 +2090,7 @@ impl Validator {
     ) -> Option<String> {
         if names.upstreams.contains(&u.get_ref().as_str()) {
             Some(u.get_ref().clone())
-        } else if self.broken("upstreams", u.get_ref(), &names.upstreams) {
+        } else if self.broken("upstreams", u.get_ref()) {
             None
         } else {
             let fix = unknown_name_fix("upstream", u.get_ref(), &names.upstreams);

@@ -354,9 +354,7 @@ impl Answer<'_> {
         strip_response_hop_by_hop(resp, self.status);
         if self.status.is_informational() || self.status == http::StatusCode::NO_CONTENT {
             // RFC 9110 §8.6: these never have one (nor a body).
-            if resp.map().contains_key(header::CONTENT_LENGTH) {
-                resp.remove(&header::CONTENT_LENGTH);
-            }
+            resp.remove(&header::CONTENT_LENGTH);
         } else {
             single_content_length(resp);
         }
