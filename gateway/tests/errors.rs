@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::client::get;
-use support::upstream::{close_mid_response, dead_addr, echo};
+use support::upstream::{close_mid_response, dead_addr, echo, scripted};
 use support::{Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -320,28 +320,11 @@ async fn http11_without_host_is_refused_but_http10_is_fine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_get_bodies_they_can_read() {
     // An upstream answering every request with a chunked body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while let Ok(n) = conn.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        seen.clear();
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
-                            .await;
-                    }
-                }
-            });
-        }
-    });
+    let (up, _) = scripted(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    let upstream = up.addr;
     let gw = Gateway::start(&format!(
         "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"
     ))

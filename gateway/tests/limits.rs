@@ -151,19 +151,12 @@ async fn connections_over_the_listener_limit_are_closed() {
             .unwrap();
         held.push(s);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metric(
-            &text,
-            r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#,
-        ) >= 2.0
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.wait_for_metric(
+        r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#,
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
     // A third is closed without an answer.
     assert!(get(gw.listen, "/", &[]).await.is_err());
     let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();

@@ -10,44 +10,26 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::upstream::{scripted, Upstream};
 use support::{Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// A raw upstream that records every byte and answers each request head it
 /// sees with a small 200.
-async fn recording_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut pending = Vec::new();
-                while let Ok(n) = conn.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    log.lock().unwrap().extend_from_slice(&buf[..n]);
-                    pending.extend_from_slice(&buf[..n]);
-                    while let Some(end) = find(&pending, b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
+async fn recording_upstream() -> (Upstream, Arc<Mutex<Vec<u8>>>) {
+    scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// Every request head in what the upstream received.
+fn heads(seen: &str) -> Vec<&str> {
+    seen.match_indices(" HTTP/1.1\r\n")
+        .map(|(i, _)| {
+            let start = seen[..i].rfind("\r\n").map_or(0, |p| p + 2);
+            let end = seen[i..].find("\r\n\r\n").map_or(seen.len(), |p| i + p);
+            &seen[start..end]
+        })
+        .collect()
 }
 
 /// Send raw bytes on a new connection; every status line that comes back.
@@ -98,7 +80,8 @@ const PROBES: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_framing_never_reaches_the_upstream() {
-    let (upstream, seen) = recording_upstream().await;
+    let (up, seen) = recording_upstream().await;
+    let upstream = up.addr;
     let gw = Gateway::start(&format!(
         "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n",
         HEAD.trim_end()
@@ -117,14 +100,7 @@ async fn ambiguous_framing_never_reaches_the_upstream() {
         report.push(format!("{name}: {statuses:?}"));
     }
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-    let heads: Vec<&str> = seen
-        .match_indices(" HTTP/1.1\r\n")
-        .map(|(i, _)| {
-            let start = seen[..i].rfind("\r\n").map_or(0, |p| p + 2);
-            let end = seen[i..].find("\r\n\r\n").map_or(seen.len(), |p| i + p);
-            &seen[start..end]
-        })
-        .collect();
+    let heads = heads(&seen);
     for head in &heads {
         let lower = head.to_ascii_lowercase();
         assert!(
@@ -169,7 +145,8 @@ async fn ambiguous_framing_never_reaches_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_meshgate_cannot_read_as_sent_are_refused() {
-    let (upstream, seen) = recording_upstream().await;
+    let (up, seen) = recording_upstream().await;
+    let upstream = up.addr;
     let gw = Gateway::start(&format!(
         "{}\n[policies.no_admin]\ndeny = [{{ path_prefix = \"/admin\" }}]\ndefault = \"allow\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"u\"\npolicies = [\"no_admin\"]\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n",
         HEAD.trim_end()
@@ -216,17 +193,15 @@ async fn targets_meshgate_cannot_read_as_sent_are_refused() {
 /// The request head the upstream got last.
 fn last_head(seen: &Mutex<Vec<u8>>) -> String {
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-    let end = seen.rfind("\r\n\r\n").unwrap_or(seen.len());
-    let start = seen[..end]
-        .rfind(" HTTP/1.1\r\n")
-        .and_then(|i| seen[..i].rfind("\r\n").map(|p| p + 2))
-        .unwrap_or(0);
-    seen[start..end].to_string()
+    heads(&seen)
+        .last()
+        .map_or_else(String::new, |h| h.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_policies_cannot_see_and_hosts_outside_uri_syntax_are_refused() {
-    let (upstream, seen) = recording_upstream().await;
+    let (up, seen) = recording_upstream().await;
+    let upstream = up.addr;
     let gw = Gateway::start(&format!(
         "{}\n[policies.no_delete]\ndeny = [{{ methods = [\"DELETE\"] }}]\ndefault = \"allow\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"u\"\npolicies = [\"no_delete\"]\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n",
         HEAD.trim_end()

@@ -147,19 +147,12 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     let mut old = ClientTls::new(&ca_pem, Some("edge.example"));
     old.max_version = Some(SslVersion::TLS1_2);
     assert!(tls::get(gw.listen, &old, "/", &[]).await.is_err());
-    let start = Instant::now();
-    loop {
-        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metric(
-            &text,
-            r#"meshgate_tls_handshake_errors_total{listener="public",reason="protocol_version"}"#,
-        ) >= 1.0
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.wait_for_metric(
+        r#"meshgate_tls_handshake_errors_total{listener="public",reason="protocol_version"}"#,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let (r, _) = tls::get(
         gw.listen,
         &ClientTls::new(&ca_pem, Some("edge.example")),
@@ -188,24 +181,18 @@ async fn a_client_refusing_the_certificate_is_counted_by_the_alert_it_sent() {
     )
     .await
     .is_err());
-    let start = Instant::now();
-    loop {
-        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metric(
-            &text,
+    let text = gw
+        .wait_for_metric(
             r#"meshgate_tls_handshake_errors_total{listener="public",reason="peer_unknown_ca"}"#,
-        ) >= 1.0
-        {
-            // Alerts the gateway did not send are not counted as sent.
-            assert!(
-                !text.contains(r#"listener="public",reason="unknown_ca""#),
-                "{text}"
-            );
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    // Alerts the gateway did not send are not counted as sent.
+    assert!(
+        !text.contains(r#"listener="public",reason="unknown_ca""#),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,15 +350,12 @@ async fn session_tickets_changes_on_restart_only() {
     let config = |tls: &str| tls_listener(tls, &certs, RESPOND);
     let gw = Gateway::start(&config("certs = [\"edge\"]")).await;
     gw.reload(&config("certs = [\"edge\"], session_tickets = 3"));
-    let start = Instant::now();
-    loop {
-        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metric(&text, r#"meshgate_config_reloads_total{result="failure"}"#) >= 1.0 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.wait_for_metric(
+        r#"meshgate_config_reloads_total{result="failure"}"#,
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(
         gw.log()
             .contains("the TLS settings of listener `public` changed"),
@@ -597,23 +581,12 @@ async fn certificate_files_are_reloaded_when_they_change() {
 
     // A broken file: reported, the old certificate keeps serving.
     std::fs::write(dir.path().join("edge.pem"), "not a certificate").unwrap();
-    let start = Instant::now();
-    loop {
-        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metric(
-            &text,
-            r#"meshgate_tls_cert_reloads_total{cert="edge",result="failure"}"#,
-        ) >= 1.0
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no failed reload: {}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.wait_for_metric(
+        r#"meshgate_tls_cert_reloads_total{cert="edge",result="failure"}"#,
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let (_, info) = tls::get(gw.listen, &ClientTls::new(&ca_pem, None), "/", &[])
         .await
         .unwrap();

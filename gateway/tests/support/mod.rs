@@ -163,6 +163,27 @@ impl Gateway {
         }
     }
 
+    /// Wait up to `within` until `/metrics` shows `series` at `at_least` or
+    /// more; the scrape that did.
+    pub async fn wait_for_metric(&self, series: &str, at_least: f64, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = client::get(self.admin, "/metrics", &[])
+                .await
+                .unwrap()
+                .text();
+            if metric(&text, series) >= at_least {
+                return text;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{series} below {at_least}:\n{text}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) and
     /// send SIGHUP.
     pub fn reload(&self, config: &str) {

@@ -244,6 +244,34 @@ pub async fn websocket_echo() -> Upstream {
     .await
 }
 
+/// A raw HTTP/1 server that records every byte it receives and answers
+/// each request head it sees with `answer`, as written (any framing the test
+/// needs); connections stay open. What it received is in the returned log.
+pub async fn scripted(answer: &'static [u8]) -> (Upstream, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let up = serve(move |mut stream| {
+        let log = log.clone();
+        async move {
+            let mut buf = vec![0u8; 65536];
+            let mut pending = Vec::new();
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    pending.drain(..end + 4);
+                    let _ = stream.write_all(answer).await;
+                }
+            }
+        }
+    })
+    .await;
+    (up, seen)
+}
+
 /// Answers every request with headers promising 100 bytes, sends 7, closes.
 pub async fn close_mid_response() -> Upstream {
     serve(|mut stream| async move {
