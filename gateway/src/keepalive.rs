@@ -14,10 +14,15 @@
 //! loop, unchanged. The HTTP/1 loop is Pingora's, with the read added: the
 //! same keep-alive settings carried from request to request, and a
 //! connection closed after its listener's `idle_timeout` without a request,
-//! or at shutdown. Pipelining stays off (Pingora's default): a session never
-//! carries a prefix of its own into the next. A plain HTTP/1 request is told
-//! from the HTTP/2 preface by its first byte, so a request shorter than the
-//! preface (24 bytes) is served.
+//! or at shutdown. A plain HTTP/1 request is told from the HTTP/2 preface by
+//! its first byte, so a request shorter than the preface (24 bytes) is
+//! served.
+//!
+//! Pipelined requests (sent before the previous response came back) are
+//! served in order, one at a time (RFC 9112 §9.3.2): Pingora keeps the bytes
+//! it read past a request and hands them on in its persistent settings, and
+//! then this loop does not wait for a read, since the next request has
+//! already arrived.
 //!
 //! The wait is bounded by one timer per connection, not one per request
 //! ([`IdleTimer`]): a busy connection sets one about once per
@@ -86,16 +91,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         // `None` before the first request; then what Pingora carries over.
         let mut carried: Option<Option<HttpPersistentSettings>> = None;
         loop {
-            let head = tokio::select! {
-                // A request already sent is served, even at shutdown.
-                biased;
-                head = self.next_request(&mut stream, &mut idle) => head?,
-                _ = &mut shutting_down => return None,
-                () = std::future::ready(()), if *shutdown.borrow() => return None,
+            // A pipelined request Pingora read with the last one is served
+            // at once, even at shutdown; otherwise wait for the client.
+            let pipelined = matches!(&carried, Some(Some(s)) if carries_request(s));
+            let head = if pipelined {
+                None
+            } else {
+                Some(tokio::select! {
+                    // A request already sent is served, even at shutdown.
+                    biased;
+                    head = self.next_request(&mut stream, &mut idle) => head?,
+                    _ = &mut shutting_down => return None,
+                    () = std::future::ready(()), if *shutdown.borrow() => return None,
+                })
             };
             let mut session = ServerSession::new_http1(stream);
             match carried {
                 None => {
+                    // Carried on to every later session by Pingora.
+                    session.set_pipelining_enabled(true);
                     // Pingora's defaults; the proxy sets the listener's own
                     // per request.
                     session.set_keepalive(if *shutdown.borrow() {
@@ -110,7 +124,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
                 Some(Some(settings)) => settings.apply_to_session(&mut session),
                 Some(None) => {}
             }
-            start_with(&mut session, head);
+            if let Some(head) = head {
+                start_with(&mut session, head);
+            }
             let reused = self.inner.process_new_http(session, shutdown).await?;
             let (next, settings) = reused.consume();
             stream = next;
@@ -248,11 +264,44 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
     .await
 }
 
+/// Whether Pingora carried the start of a pipelined request over in
+/// `settings`.
+///
+/// `HttpPersistentSettings` has no getter for those bytes, only its derived
+/// `Debug`, which names each field before its value. The probe reads that
+/// output up to the value of `pipelined_prefix` and stops there, so nothing
+/// is formatted past it; a unit test holds the probe to Pingora's output.
+fn carries_request(settings: &HttpPersistentSettings) -> bool {
+    use std::fmt::Write;
+
+    #[derive(Default)]
+    struct Probe {
+        at_field: bool,
+        found: bool,
+    }
+    impl Write for Probe {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if !self.at_field {
+                self.at_field = s == "pipelined_prefix";
+                return Ok(());
+            }
+            if s == ": " {
+                return Ok(());
+            }
+            self.found = s.starts_with("Some");
+            // Stop formatting: the answer is known.
+            Err(std::fmt::Error)
+        }
+    }
+    let mut probe = Probe::default();
+    let _ = write!(probe, "{settings:?}");
+    probe.found
+}
+
 /// Hand Pingora the bytes already read, as the start of the request.
 ///
-/// Pingora's own use of this prefix is for pipelined requests, which only a
-/// session with pipelining enabled carries over; meshgate never enables it
-/// (Pingora's default), so the prefix is always this loop's.
+/// Pingora's own use of this prefix is for pipelined requests; the loop only
+/// sets it on a session that carries none.
 fn start_with(session: &mut ServerSession, head: BytesMut) {
     if let ServerSession::H1(h1) = session {
         h1.set_pipelined_prefix(head);
@@ -262,6 +311,28 @@ fn start_with(session: &mut ServerSession, head: BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_probe_sees_a_carried_request_and_only_that() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(Some(60));
+        session.set_keepalive_reuses_remaining(Some(7));
+        session.set_pipelining_enabled(true);
+        let mut settings = HttpPersistentSettings::for_session(&session);
+        settings.set_user_context(Box::new(3u8));
+        assert!(!carries_request(&settings));
+        // Bytes that spell the field's name do not fool it.
+        settings.set_pipelined_prefix(BytesMut::from(&b"pipelined_prefix: Some"[..]));
+        assert!(carries_request(&settings));
+        let mut none = HttpPersistentSettings::for_session(&session);
+        none.set_user_context(Box::new("pipelined_prefix"));
+        assert!(!carries_request(&none));
+    }
 
     #[tokio::test]
     async fn one_timer_serves_several_waits_and_none_ends_early() {

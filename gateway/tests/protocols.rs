@@ -199,3 +199,90 @@ endpoints = ["{}"]
         );
     }
 }
+
+/// Read `n` HTTP/1.1 responses (each with a `content-length`) from `s`:
+/// (status, body) in order, or fewer when the connection closes first or
+/// nothing comes for five seconds.
+async fn responses(s: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head[9..12].parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                out.push((status, body));
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo("p").await;
+    let config = format!(
+        "{HEAD}\n[routes.r]\nupstream = \"p\"\n[upstreams.p]\nendpoints = [\"{}\"]\n",
+        up.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    // Three requests in one write, one with a body; the first is slow, so
+    // the fourth arrives while it is still with the upstream.
+    s.write_all(
+        b"GET /delay/300 HTTP/1.1\r\nHost: a\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+          GET /status/404 HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Once the first is with the upstream.
+    while up.connections() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut s, 4).await;
+    let summary: Vec<_> = got
+        .iter()
+        .map(|(status, body)| {
+            let path = serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|j| Some(format!("{} {}", j["path"].as_str()?, j["body"].as_str()?)))
+                .unwrap_or_else(|| body.clone());
+            (*status, path)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (200, "/delay/300 ".to_string()),
+            (200, "/two hello".to_string()),
+            (404, String::new()),
+            (200, "/four ".to_string()),
+        ]
+    );
+    // The connection is still good for a request after the pipeline.
+    s.write_all(b"GET /five HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /six HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut s, 2).await;
+    // `Connection: close` ends the pipeline: what came after it is not served.
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1.contains("\"/five\""), "{got:?}");
+}
