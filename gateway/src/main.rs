@@ -65,6 +65,9 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.upstreams.len()
                 );
+                for warning in c.certificate_warnings(std::time::SystemTime::now()) {
+                    eprintln!("{warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

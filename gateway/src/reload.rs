@@ -36,6 +36,9 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
         access_log::init(&crate::server::access_log_sink(&new))
             .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
     }
+    for warning in new.certificate_warnings(std::time::SystemTime::now()) {
+        log::warn!("{warning}");
+    }
     let generation = current.generation + 1;
     metrics().config_loaded(generation, &new.source_hash);
     runtime.store(Arc::new(Runtime::build_after(

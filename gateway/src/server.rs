@@ -104,6 +104,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         config.routes.len(),
         config.upstreams.len()
     );
+    for warning in config.certificate_warnings(std::time::SystemTime::now()) {
+        log::warn!("{warning}");
+    }
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
     let mut proxy = pingora::proxy::http_proxy(

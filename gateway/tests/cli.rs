@@ -152,6 +152,53 @@ fn check_missing_file_and_syntax_error() {
 }
 
 #[test]
+fn check_warns_of_expired_and_expiring_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::Ca::new("warn root");
+    let leaf = |expired, valid_days| {
+        ca.issue(support::tls::Leaf {
+            dns: &["edge.test"],
+            expired,
+            valid_days,
+            ..Default::default()
+        })
+    };
+    leaf(true, None).write(dir.path(), "old");
+    leaf(false, Some(2)).write(dir.path(), "soon");
+    leaf(false, None).write(dir.path(), "fresh");
+    let path = dir.path().join("certs.toml");
+    std::fs::write(
+        &path,
+        "[listeners.tls]\nbind = \"127.0.0.1:8443\"\ntls = { certs = [\"old\", \"soon\", \"fresh\"] }\n\
+         [routes.r]\nrespond = { body = \"x\" }\n\
+         [certs.old]\ncert = \"old.pem\"\nkey = \"old.key\"\n\
+         [certs.soon]\ncert = \"soon.pem\"\nkey = \"soon.key\"\n\
+         [certs.fresh]\ncert = \"fresh.pem\"\nkey = \"fresh.key\"\n",
+    )
+    .unwrap();
+    // The config is valid: the client decides about an expired certificate.
+    let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let warnings: Vec<&str> = err.lines().collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    let old = dir.path().join("old.pem");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{}: warning: certs.old: the certificate expired 1 day ago (",
+            old.display()
+        )) && warnings[0].ends_with("install a renewed certificate"),
+        "{err}"
+    );
+    assert!(
+        // 2 days, or 1 if a second passed since the certificate was made.
+        warnings[1].contains("warning: certs.soon: the certificate expires in ")
+            && warnings[1].contains(" day")
+            && warnings[1].ends_with("renew it"),
+        "{err}"
+    );
+}
+
+#[test]
 fn version_and_help() {
     let (code, out, _) = meshgate(&["version"]);
     assert_eq!(code, 0);

@@ -78,6 +78,8 @@ pub struct Leaf<'a> {
     pub uris: &'a [&'a str],
     pub rsa: bool,
     pub expired: bool,
+    /// Days until `notAfter` (unless `expired`); `None`: 10.
+    pub valid_days: Option<u32>,
 }
 
 pub struct Ca {
@@ -145,7 +147,7 @@ impl Ca {
         } else {
             (
                 Asn1Time::days_from_now(0).unwrap(),
-                Asn1Time::days_from_now(10).unwrap(),
+                Asn1Time::days_from_now(leaf.valid_days.unwrap_or(10)).unwrap(),
             )
         };
         b.set_not_before(&from).unwrap();
