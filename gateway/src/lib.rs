@@ -16,8 +16,8 @@
 //! - [`runtime`]: the compiled config (routes, tables, pools) held in an
 //!   `ArcSwap`; each request takes one snapshot.
 //! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
-//!   modules above; `headers` (forwarding policy) and `respond` (errors, direct
-//!   responses) live beside it.
+//!   modules above; `headers` (forwarding policy), `respond` (errors, direct
+//!   responses) and `framing` (bodies for HTTP/1.0 clients) live beside it.
 //! - [`telemetry`]: Prometheus metrics (names in one module) and access logs.
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`).
 //! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.

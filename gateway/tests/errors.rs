@@ -359,3 +359,45 @@ async fn http10_clients_get_bodies_they_can_read() {
         "{r}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_of_http2_upstreams_get_bodies_they_can_read() {
+    // `/trailers` streams its body: no length for Pingora to pass on.
+    let up = echo("h2").await;
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\nprotocol = \"h2c\"\n",
+        up.addr
+    ))
+    .await;
+    let read_all = |raw: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the connection is closed after the body")
+            .unwrap();
+        out
+    };
+    for keep in ["", "Connection: keep-alive\r\n"] {
+        let raw = format!("GET /trailers HTTP/1.0\r\nHost: a\r\n{keep}\r\n").leak();
+        let r = read_all(raw.as_bytes()).await;
+        let text = String::from_utf8_lossy(&r);
+        let (head, _) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(" 200 "), "{text}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{text}"
+        );
+        assert!(r.ends_with(b"\r\n\r\n\x00\x00\x00\x00\x02hi"), "{text}");
+    }
+    // HTTP/1.1 clients get it chunked.
+    let r = read_all(b"GET /trailers HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(
+        String::from_utf8_lossy(&r)
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+}

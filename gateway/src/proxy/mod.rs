@@ -4,6 +4,7 @@
 
 pub mod ctx;
 pub mod egress;
+mod framing;
 pub mod headers;
 mod observe;
 pub mod respond;
@@ -423,6 +424,10 @@ impl ProxyHttp for Gateway {
         RequestCtx::new()
     }
 
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(framing::Http10FramingBuilder));
+    }
+
     /// Route the request; answer it here when the route needs no upstream.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let rt = self.runtime.load_full();
@@ -818,19 +823,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        // Pingora re-frames a body of unknown length as chunked, which an
-        // HTTP/1.0 client cannot read (RFC 9112 §6.1): it gets the body up
-        // to the connection's close instead.
-        // (Only the plain `chunked` Pingora adds; an HTTP/2 upstream's
-        // response gets it after this filter, so it still reaches HTTP/1.0
-        // clients chunked.)
+        // A body of unknown length reaches an HTTP/1.0 client delimited by
+        // the connection's close (`framing`), so the connection ends with it.
         if session.req_header().version == http::Version::HTTP_10
-            && resp
-                .headers
-                .get(header::TRANSFER_ENCODING)
-                .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"chunked"))
+            && !resp.headers.contains_key(header::CONTENT_LENGTH)
         {
-            resp.remove_header(&header::TRANSFER_ENCODING);
             session.set_keepalive(None);
         }
         let edits = headers::Answer {
