@@ -86,8 +86,10 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     if key(old) != key(new) {
         changed.push("the set of listeners or their bind addresses changed".to_string());
     }
-    // The TLS context is built when a listener starts; only its certificate
-    // list and forward_identity are read per handshake or request.
+    // The TLS context is built when a listener starts; its certificate
+    // list, client CAs, client_auth and forward_identity are read per
+    // handshake or request. Whether it checks client certificates at all
+    // (its resumption settings follow from that) is the context's.
     for n in &new.listeners {
         let Some(o) = old.listeners.iter().find(|o| o.name == n.name) else {
             continue;
@@ -97,15 +99,14 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
                 (
                     t.min_version,
                     t.alpn,
-                    t.client_ca.clone(),
-                    t.client_auth,
+                    t.client_ca.is_some(),
                     t.session_tickets,
                 )
             })
         };
         if handshake(o) != handshake(n) {
             changed.push(format!(
-                "the TLS settings of listener `{}` changed, or its client_ca file did (only `certs` and `forward_identity` reload)",
+                "the TLS settings of listener `{}` changed (`min_version`, `alpn`, `session_tickets`, or whether it has a `client_ca`; its `certs`, the `client_ca` file, `client_auth` and `forward_identity` reload)",
                 n.name
             ));
         }

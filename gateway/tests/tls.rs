@@ -783,3 +783,79 @@ async fn a_rotated_upstream_client_certificate_is_used_without_restart() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let (old_clients, new_clients) = (Ca::new("old client root"), Ca::new("new client root"));
+    let client_ca = old_clients.write(dir.path(), "clients");
+    let config = |auth: &str| {
+        tls_listener(
+            &format!(
+                "certs = [\"edge\"], client_ca = \"{}\", client_auth = \"{auth}\"",
+                client_ca.display()
+            ),
+            &edge_and_api(&ca, dir.path()),
+            RESPOND,
+        )
+    };
+    let gw = Gateway::start(&config("require")).await;
+    let ca_pem = ca.pem();
+    let old = old_clients.issue(Leaf {
+        uris: &[WEB],
+        ..Leaf::default()
+    });
+    let new = new_clients.issue(Leaf {
+        uris: &[API],
+        ..Leaf::default()
+    });
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, Some(&old)).await,
+        Some(200)
+    );
+    assert_eq!(client_status(gw.listen, &ca_pem, Some(&new)).await, None);
+
+    // The CA is rotated: the file now holds the new one only.
+    new_clients.write(dir.path(), "clients");
+    gw.reload(&config("require"));
+    gw.wait_for_generation(2).await;
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, Some(&new)).await,
+        Some(200),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(client_status(gw.listen, &ca_pem, Some(&old)).await, None);
+    assert_eq!(client_status(gw.listen, &ca_pem, None).await, None);
+
+    // client_auth reloads too.
+    gw.reload(&config("optional"));
+    gw.wait_for_generation(3).await;
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, None).await,
+        Some(200),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, Some(&new)).await,
+        Some(200)
+    );
+    assert_eq!(client_status(gw.listen, &ca_pem, Some(&old)).await, None);
+}
+
+/// The status of `GET /` on edge.example with `client`'s certificate; `None`
+/// when the handshake fails.
+async fn client_status(
+    listen: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&Pem>,
+) -> Option<u16> {
+    let mut o = ClientTls::new(ca_pem, Some("edge.example"));
+    o.client = client;
+    tls::get(listen, &o, "/", &[])
+        .await
+        .map(|(r, _)| r.status)
+        .ok()
+}

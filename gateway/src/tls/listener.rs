@@ -15,14 +15,15 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use boring::ssl::{SslVerifyMode, SslVersion};
-use boring::x509::store::X509StoreBuilder;
+use boring::stack::Stack;
+use boring::x509::store::{X509Store, X509StoreBuilder};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::ALPN;
 
 use super::{identity_of, CertKeyPair, PeerIdentity};
-use crate::config::model::{Alpn, ClientAuth, Listener, ListenerTls, TlsVersion};
+use crate::config::model::{Alpn, CaBundle, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,32 +37,28 @@ pub struct ListenerTlsError {
 struct Callbacks {
     listener: String,
     runtime: Arc<ArcSwap<Runtime>>,
-}
-
-impl Callbacks {
-    /// The listener's certificates as the running config has them now.
-    fn candidates(&self) -> Vec<Arc<CertKeyPair>> {
-        let rt = self.runtime.load();
-        let Some(tls) = rt
-            .config
-            .listeners
-            .iter()
-            .find(|l| l.name == self.listener)
-            .and_then(|l| l.tls.as_ref())
-        else {
-            return Vec::new();
-        };
-        tls.certs
-            .iter()
-            .filter_map(|name| rt.certs.get(name).map(|slot| slot.get()))
-            .collect()
-    }
+    /// The client CA bundle (its fingerprint) and `client_auth` the TLS
+    /// context was built with: a reload that changes them is applied to
+    /// each handshake instead.
+    started_with: Option<(Vec<u8>, ClientAuth)>,
 }
 
 #[async_trait]
 impl TlsAccept for Callbacks {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let candidates = self.candidates();
+        let rt = self.runtime.load();
+        let tls = rt
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.listener)
+            .and_then(|l| l.tls.as_ref());
+        let candidates: Vec<Arc<CertKeyPair>> = tls.map_or_else(Vec::new, |tls| {
+            tls.certs
+                .iter()
+                .filter_map(|name| rt.certs.get(name).map(|slot| slot.get()))
+                .collect()
+        });
         let sni = ssl
             .servername(boring::ssl::NameType::HOST_NAME)
             .map(str::to_string);
@@ -83,6 +80,24 @@ impl TlsAccept for Callbacks {
         if offered == 0 {
             // No certificate: the handshake fails with an alert, counted below.
             log::error!("listener `{}` has no certificate to serve", self.listener);
+        }
+        if let (Some(ca), Some(tls), Some((fingerprint, auth))) = (
+            tls.and_then(|t| t.client_ca.as_ref()),
+            tls,
+            &self.started_with,
+        ) {
+            if ca.fingerprint != *fingerprint || tls.client_auth != *auth {
+                if let Err(e) = check_clients(ssl, ca, tls.client_auth) {
+                    // Without the reloaded CAs, the handshake is refused
+                    // rather than checked against the old ones.
+                    ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+                    log::error!(
+                        "listener `{}`: cannot use client_ca {}: {e}",
+                        self.listener,
+                        ca.path.display()
+                    );
+                }
+            }
         }
     }
 
@@ -108,6 +123,10 @@ pub fn settings(
     let callbacks = Callbacks {
         listener: listener.name.clone(),
         runtime,
+        started_with: tls
+            .client_ca
+            .as_ref()
+            .map(|ca| (ca.fingerprint.clone(), tls.client_auth)),
     };
     let mut settings =
         TlsSettings::with_callbacks(Box::new(callbacks)).map_err(|e| fail(e.to_string()))?;
@@ -138,26 +157,20 @@ pub fn settings(
         Alpn::H2 => ALPN::H2,
     });
     if let Some(ca) = &tls.client_ca {
-        let mut store = X509StoreBuilder::new().map_err(|e| fail(e.to_string()))?;
+        let store =
+            trust_store(ca).map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
         for cert in ca.certs.iter() {
-            store
-                .add_cert(cert.clone())
-                .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
             settings
                 .add_client_ca(cert)
                 .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
         }
-        settings.set_cert_store(store.build());
+        settings.set_cert_store(store);
         // A resumed session skips the certificate check: a client whose
         // certificate expired (or whose CA was dropped) could go on for days
         // on tickets. With client certificates, every connection is checked.
         settings.set_options(boring::ssl::SslOptions::NO_TICKET);
         settings.set_session_cache_mode(boring::ssl::SslSessionCacheMode::OFF);
-        let mode = match tls.client_auth {
-            ClientAuth::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
-            ClientAuth::Optional => SslVerifyMode::PEER,
-        };
-        settings.set_verify(mode);
+        settings.set_verify(verify_mode(tls.client_auth));
     } else if tls.session_tickets == 0 {
         // None in TLS 1.2 either; its clients can still resume by session id.
         settings.set_options(boring::ssl::SslOptions::NO_TICKET);
@@ -171,4 +184,42 @@ pub fn settings(
     }
     super::alerts::count(&mut settings, &listener.name).map_err(|e| fail(e.to_string()))?;
     Ok(settings)
+}
+
+fn verify_mode(auth: ClientAuth) -> SslVerifyMode {
+    match auth {
+        ClientAuth::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        ClientAuth::Optional => SslVerifyMode::PEER,
+    }
+}
+
+/// The CAs of `ca`, as BoringSSL checks client certificates against them.
+fn trust_store(ca: &CaBundle) -> Result<X509Store, boring::error::ErrorStack> {
+    let mut store = X509StoreBuilder::new()?;
+    for cert in ca.certs.iter() {
+        store.add_cert(cert.clone())?;
+    }
+    Ok(store.build())
+}
+
+/// Check this handshake's client certificate against `ca` and `auth`, as
+/// reloaded since the listener's TLS context was built: the CAs trusted,
+/// the CA names sent in the certificate request, and whether a certificate
+/// is required. (A listener with `client_ca` resumes no sessions, so every
+/// connection after the reload is checked this way.)
+fn check_clients(
+    ssl: &mut TlsRef,
+    ca: &CaBundle,
+    auth: ClientAuth,
+) -> Result<(), boring::error::ErrorStack> {
+    ssl.set_verify_cert_store(trust_store(ca)?)?;
+    let mut names = Stack::new()?;
+    for cert in ca.certs.iter() {
+        names.push(boring::x509::X509Name::from_der(
+            &cert.subject_name().to_der()?,
+        )?)?;
+    }
+    ssl.set_client_ca_list(names);
+    ssl.set_verify(verify_mode(auth));
+    Ok(())
 }
