@@ -33,6 +33,9 @@ impl AdminApp {
 
     /// Ready = a config is loaded and every listener accepts connections.
     async fn ready(&self) -> Result<(), String> {
+        if crate::shutdown::draining() {
+            return Err("shutting down (SIGTERM)".to_string());
+        }
         if self.listeners_up.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -185,6 +188,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "workers": c.gateway.workers,
             "work_stealing": c.gateway.work_stealing,
             "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
+            "shutdown_delay_seconds": secs(c.gateway.shutdown_delay),
             "header_case": c.gateway.header_case.as_str(),
         },
         "admin": { "listen": c.admin.listen.to_string() },

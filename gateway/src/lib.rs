@@ -23,6 +23,8 @@
 //! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
 //! - [`server`]: builds the pingora `Server` and runs it; [`keepalive`] is its
 //!   HTTP/1 loop, where idle connections wait for requests outside Pingora.
+//! - [`shutdown`]: the signals that stop the process; SIGTERM's
+//!   `shutdown_delay`, when `/readyz` fails while listeners still accept.
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
 pub mod admin;
@@ -37,6 +39,7 @@ pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -169,6 +169,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
+    let shutdown_runtime = runtime.clone();
     let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
@@ -179,7 +180,11 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     server.add_service(evictor);
     server.add_service(cert_watcher);
     ignore_sighup_until_handled();
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(crate::shutdown::DelayedTerminate {
+            runtime: shutdown_runtime,
+        }),
+    });
     if let Some(t) = tracing {
         t.shutdown();
     }

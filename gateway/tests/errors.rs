@@ -261,6 +261,71 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() {
+    let up = echo("up").await;
+    let config = format!(
+        "[gateway]\nshutdown_delay = \"2s\"\nshutdown_grace_period = \"1s\"\n{HEAD}[routes.r]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    );
+    let mut gw = Gateway::start(&config).await;
+    let listen = gw.listen;
+    assert_eq!(get(gw.admin, "/readyz", &[]).await.unwrap().status, 200);
+    // A kept-alive connection, idle when the signal comes.
+    let mut kept = tokio::net::TcpStream::connect(listen).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    kept.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+
+    support::signal(gw.pid(), "TERM");
+    let signalled = Instant::now();
+    let start = Instant::now();
+    let ready = loop {
+        let r = get(gw.admin, "/readyz", &[]).await.unwrap();
+        if r.status != 200 || start.elapsed() > Duration::from_secs(1) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("shutting down"), "{}", ready.text());
+    // New connections are still served during the delay.
+    let r = get(listen, "/fresh", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    // The kept-alive connection gets its next answer, and is closed after it.
+    kept.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), kept.read_to_end(&mut rest))
+        .await
+        .expect("closed after its answer")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(
+        rest.contains("connection: close") && rest.contains("/again"),
+        "{rest}"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "took the whole delay"
+    );
+    // Then the listeners close and the process exits.
+    let status = gw
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("gateway exits after the delay and the grace period");
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "the delay was cut short"
+    );
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_websocket_upgrade_header_does_not_escape_the_route_timeout() {
     let slow = echo("slow").await;
     let config = format!(

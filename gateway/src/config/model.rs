@@ -161,6 +161,9 @@ pub struct Gateway {
     /// them), or one single-threaded runtime per worker.
     pub work_stealing: bool,
     pub shutdown_grace_period: Duration,
+    /// From SIGTERM to closing the listeners: `/readyz` answers 503 while
+    /// connections are still accepted, so load balancers stop sending first.
+    pub shutdown_delay: Duration,
     pub header_case: HeaderCase,
 }
 

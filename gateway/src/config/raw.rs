@@ -16,6 +16,7 @@ pub struct RawGateway {
     pub workers: Option<Spanned<i64>>,
     pub work_stealing: Option<bool>,
     pub shutdown_grace_period: Option<Spanned<String>>,
+    pub shutdown_delay: Option<Spanned<String>>,
     pub header_case: Option<Spanned<String>>,
 }
 

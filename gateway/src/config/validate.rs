@@ -367,6 +367,12 @@ impl Validator {
             DEFAULT_SHUTDOWN_GRACE_PERIOD,
             true,
         );
+        let shutdown_delay = self.duration_or(
+            raw.shutdown_delay.as_ref(),
+            "gateway.shutdown_delay",
+            Duration::ZERO,
+            true,
+        );
         let header_case = match raw.header_case.as_ref() {
             None => HeaderCase::default(),
             Some(c) => match c.get_ref().as_str() {
@@ -387,6 +393,7 @@ impl Validator {
             workers,
             work_stealing: raw.work_stealing.unwrap_or(DEFAULT_WORK_STEALING),
             shutdown_grace_period,
+            shutdown_delay,
             header_case,
         }
     }

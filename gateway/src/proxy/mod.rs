@@ -459,8 +459,14 @@ impl ProxyHttp for Gateway {
         let limits = rt.config.listeners[listener].limits;
         // Wait this long for the next request on a kept-alive connection
         // (only where the client keeps the connection: never for a bare HTTP/1.0).
+        // During SIGTERM's delay, each connection closes after its next
+        // response, so clients reconnect to where the load balancer sends them.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(limits.idle_timeout.as_secs().max(1)));
+            session.set_keepalive(if crate::shutdown::draining() {
+                None
+            } else {
+                Some(limits.idle_timeout.as_secs().max(1))
+            });
         }
         if let Some((failure, reason)) = over_limits(session.req_header(), &limits) {
             count_rejection(ctx, reason);

@@ -1,0 +1,82 @@
+//! Signals that stop the process, with SIGTERM's optional delay.
+//!
+//! Pingora closes its listeners as soon as SIGTERM arrives. A load balancer
+//! that still sends new connections until its health check fails would see
+//! them refused. With `gateway.shutdown_delay`, SIGTERM first marks the
+//! process as draining: `/readyz` answers 503 and kept-alive connections are
+//! closed after their next response, while the listeners keep accepting.
+//! Once the delay has passed (or at a second SIGTERM) Pingora's graceful
+//! shutdown runs as before. SIGINT still stops at once, SIGQUIT is still
+//! Pingora's graceful upgrade.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::runtime::Runtime;
+
+/// Set once SIGTERM has arrived; never cleared (the process is ending).
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the process is in SIGTERM's delay, or past it.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Relaxed)
+}
+
+/// Pingora's signals, with `gateway.shutdown_delay` before a SIGTERM's
+/// graceful shutdown (read when the signal comes, so a reload applies).
+pub struct DelayedTerminate {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+/// A stream of `kind`, or none (a signal never received) if the handler
+/// cannot be installed.
+fn listen(kind: SignalKind, name: &str) -> Option<Signal> {
+    signal(kind)
+        .inspect_err(|e| log::error!("cannot listen for {name}: {e}"))
+        .ok()
+}
+
+async fn next(s: &mut Option<Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DelayedTerminate {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = listen(SignalKind::quit(), "SIGQUIT");
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        tokio::select! {
+            () = next(&mut quit) => return ShutdownSignal::GracefulUpgrade,
+            () = next(&mut int) => return ShutdownSignal::FastShutdown,
+            () = next(&mut term) => {}
+        }
+        DRAINING.store(true, Ordering::Relaxed);
+        let delay = self.runtime.load().config.gateway.shutdown_delay;
+        if delay.is_zero() {
+            return ShutdownSignal::GracefulTerminate;
+        }
+        log::info!(
+            "SIGTERM: draining for {} (gateway.shutdown_delay): /readyz answers 503, listeners still accept; then graceful shutdown",
+            humantime::format_duration(delay)
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
+            () = next(&mut term) => {
+                log::info!("second SIGTERM: the delay ends now");
+                ShutdownSignal::GracefulTerminate
+            }
+            () = next(&mut int) => ShutdownSignal::FastShutdown,
+        }
+    }
+}
