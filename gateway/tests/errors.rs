@@ -326,6 +326,22 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_for_101_is_a_bad_gateway_not_a_tunnel() {
+    let (up, _) = scripted(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nraw",
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let r = get(gw.listen, "/plain", &[]).await.unwrap();
+    assert_error_body(&r, 502, Some("ok"));
+    assert!(!r.text().contains("raw"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_websocket_upgrade_header_does_not_escape_the_route_timeout() {
     let slow = echo("slow").await;
     let config = format!(

@@ -819,6 +819,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        // RFC 9110 §7.8: a server switches only to a protocol the client
+        // asked for, and only WebSocket upgrades are forwarded; a 101 to
+        // anything else would turn the connection into a raw tunnel.
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.websocket {
+            let mut e = Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "101 Switching Protocols to a request that asked for no upgrade",
+            );
+            e.as_up();
+            return Err(e);
+        }
         Ok(())
     }
 
