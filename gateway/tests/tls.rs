@@ -14,6 +14,7 @@ use support::client::get;
 use support::tls::{self, Ca, ClientTls, Leaf, Pem};
 use support::upstream::echo;
 use support::{metric, Gateway, HEAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
 const API: &str = "spiffe://prod.example/ns/api/sa/backend";
@@ -815,9 +816,19 @@ async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
         Some(200)
     );
     assert_eq!(client_status(gw.listen, &ca_pem, Some(&new)).await, None);
+    // A connection that outlives the reloads below.
+    let mut o = ClientTls::new(&ca_pem, Some("edge.example"));
+    o.client = Some(&old);
+    let (mut kept, _) = tls::connect(gw.listen, &o).await.unwrap();
+    assert!(kept_get(&mut kept).await.starts_with("HTTP/1.1 200"));
 
-    // The CA is rotated: the file now holds the new one only.
-    new_clients.write(dir.path(), "clients");
+    // Rotation, first step: both CAs. The kept connection's certificate is
+    // checked again, and still trusted.
+    std::fs::write(
+        &client_ca,
+        format!("{}{}", old_clients.pem(), new_clients.pem()),
+    )
+    .unwrap();
     gw.reload(&config("require"));
     gw.wait_for_generation(2).await;
     assert_eq!(
@@ -826,12 +837,31 @@ async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
         "{}",
         gw.log()
     );
+    assert!(kept_get(&mut kept).await.starts_with("HTTP/1.1 200"));
+
+    // Then the new CA only: the old one's clients are refused, on new
+    // connections and on the kept one, which is closed.
+    new_clients.write(dir.path(), "clients");
+    gw.reload(&config("require"));
+    gw.wait_for_generation(3).await;
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, Some(&new)).await,
+        Some(200),
+        "{}",
+        gw.log()
+    );
     assert_eq!(client_status(gw.listen, &ca_pem, Some(&old)).await, None);
     assert_eq!(client_status(gw.listen, &ca_pem, None).await, None);
+    let refused = kept_get(&mut kept).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("no longer trusted"), "{refused}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), kept.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stays open");
 
     // client_auth reloads too.
     gw.reload(&config("optional"));
-    gw.wait_for_generation(3).await;
+    gw.wait_for_generation(4).await;
     assert_eq!(
         client_status(gw.listen, &ca_pem, None).await,
         Some(200),
@@ -843,6 +873,78 @@ async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
         Some(200)
     );
     assert_eq!(client_status(gw.listen, &ca_pem, Some(&old)).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_may_name_the_issuing_intermediate_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let root = Ca::new("client root");
+    let (team, other) = (
+        root.intermediate("team issuer"),
+        root.intermediate("other issuer"),
+    );
+    // Trust only what `team` issues, not everything under the root.
+    let client_ca = team.write(dir.path(), "clients");
+    let gw = Gateway::start(&tls_listener(
+        &format!(
+            "certs = [\"edge\"], client_ca = \"{}\"",
+            client_ca.display()
+        ),
+        &edge_and_api(&ca, dir.path()),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let mine = team.issue(Leaf {
+        uris: &[WEB],
+        ..Leaf::default()
+    });
+    let theirs = other.issue(Leaf {
+        uris: &[API],
+        ..Leaf::default()
+    });
+    assert_eq!(
+        client_status(gw.listen, &ca_pem, Some(&mine)).await,
+        Some(200),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(client_status(gw.listen, &ca_pem, Some(&theirs)).await, None);
+}
+
+/// One `GET /` on a kept-alive TLS connection: the response up to its
+/// body's end (`RESPOND`'s or an error's, both with a length).
+async fn kept_get(s: &mut pingora::tls::tokio_ssl::SslStream<tokio::net::TcpStream>) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: edge.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if n == 0 {
+            return text;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// The status of `GET /` on edge.example with `client`'s certificate; `None`

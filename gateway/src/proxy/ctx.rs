@@ -18,6 +18,9 @@ pub enum Failure {
     RateLimited,
     RateLimitUnavailable,
     Forbidden,
+    /// The connection's client certificate is not trusted by the client
+    /// CAs a reload installed since its handshake.
+    ClientCertUntrusted,
     HeadersTooLarge,
     UriTooLong,
     BodyTooLarge,
@@ -34,7 +37,7 @@ impl Failure {
             Failure::BadRequest => 400,
             Failure::RateLimited => 429,
             Failure::RateLimitUnavailable => 503,
-            Failure::Forbidden | Failure::EgressDenied => 403,
+            Failure::Forbidden | Failure::EgressDenied | Failure::ClientCertUntrusted => 403,
             Failure::HeadersTooLarge => 431,
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
@@ -52,6 +55,9 @@ impl Failure {
             Failure::RateLimited => "rate limited",
             Failure::RateLimitUnavailable => "rate limit store unavailable",
             Failure::Forbidden => "forbidden",
+            Failure::ClientCertUntrusted => {
+                "client certificate no longer trusted (client CAs changed); reconnect"
+            }
             Failure::HeadersTooLarge => "request header fields too large",
             Failure::UriTooLong => "URI too long",
             Failure::BodyTooLarge => "request body too large",

@@ -437,12 +437,11 @@ impl ProxyHttp for Gateway {
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
         ctx.listener = rt.listener_for(local);
         ctx.runtime = Some(rt.clone());
+        let mut peer_cert = None;
         if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
             ctx.tls = true;
-            ctx.peer_identity = tls
-                .extension
-                .get::<crate::tls::PeerIdentity>()
-                .map(|p| p.0.clone());
+            peer_cert = tls.extension.get::<crate::tls::PeerCert>();
+            ctx.peer_identity = peer_cert.and_then(|p| p.identity.clone());
         }
         ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
             rt.in_flight(ctx.listener),
@@ -456,7 +455,22 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
 
-        let limits = rt.config.listeners[listener].limits;
+        let config = &rt.config.listeners[listener];
+        // A reload may have changed the client CAs since this connection's
+        // handshake: its certificate must still be trusted (once checked,
+        // the answer is kept per connection and CA bundle).
+        let client_ca = config.tls.as_ref().and_then(|t| t.client_ca.as_ref());
+        if let (Some(peer), Some(ca)) = (peer_cert, client_ca) {
+            if !peer.trusted_by(ca) {
+                ctx.peer_identity = None;
+                ctx.failure = Some(Failure::ClientCertUntrusted);
+                // The client reconnects, and its new handshake decides.
+                session.set_keepalive(None);
+                respond::send_error(session, Failure::ClientCertUntrusted, ctx).await?;
+                return Ok(true);
+            }
+        }
+        let limits = config.limits;
         // Wait this long for the next request on a kept-alive connection
         // (only where the client keeps the connection: never for a bare HTTP/1.0).
         // During SIGTERM's delay, each connection closes after its next

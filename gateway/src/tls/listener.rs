@@ -22,7 +22,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::ALPN;
 
-use super::{identity_of, CertKeyPair, PeerIdentity};
+use super::{CertKeyPair, PeerCert};
 use crate::config::model::{Alpn, CaBundle, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
 
@@ -87,7 +87,11 @@ impl TlsAccept for Callbacks {
             &self.started_with,
         ) {
             if ca.fingerprint != *fingerprint || tls.client_auth != *auth {
-                if let Err(e) = check_clients(ssl, ca, tls.client_auth) {
+                let checked = check_clients(ssl, ca, tls.client_auth).and_then(|()| {
+                    ssl.set_ex_data(checked_with_index()?, ca.fingerprint.clone());
+                    Ok(())
+                });
+                if let Err(e) = checked {
                     // Without the reloaded CAs, the handshake is refused
                     // rather than checked against the old ones.
                     ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
@@ -105,8 +109,19 @@ impl TlsAccept for Callbacks {
         &self,
         ssl: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let identity = identity_of(ssl.peer_certificate()?.as_ref())?;
-        Some(Arc::new(PeerIdentity(identity)))
+        let leaf = ssl.peer_certificate()?;
+        let chain = ssl
+            .peer_cert_chain()
+            .map(|c| c.iter().map(|x| x.to_owned()).collect())
+            .unwrap_or_default();
+        // The bundle this handshake was checked against: the one the
+        // certificate callback gave it, else the context's own.
+        let verified_with = checked_with_index()
+            .ok()
+            .and_then(|i| ssl.ex_data(i).cloned())
+            .or_else(|| self.started_with.as_ref().map(|(f, _)| f.clone()))
+            .unwrap_or_default();
+        Some(Arc::new(PeerCert::new(leaf, chain, verified_with)))
     }
 }
 
@@ -194,11 +209,14 @@ fn verify_mode(auth: ClientAuth) -> SslVerifyMode {
 }
 
 /// The CAs of `ca`, as BoringSSL checks client certificates against them.
-fn trust_store(ca: &CaBundle) -> Result<X509Store, boring::error::ErrorStack> {
+/// Each one is a trust anchor, root or not: a bundle may name the
+/// intermediate that issues client certificates, and trust only those.
+pub(crate) fn trust_store(ca: &CaBundle) -> Result<X509Store, boring::error::ErrorStack> {
     let mut store = X509StoreBuilder::new()?;
     for cert in ca.certs.iter() {
         store.add_cert(cert.clone())?;
     }
+    store.set_flags(boring::x509::verify::X509VerifyFlags::PARTIAL_CHAIN);
     Ok(store.build())
 }
 
@@ -222,4 +240,17 @@ fn check_clients(
     ssl.set_client_ca_list(names);
     ssl.set_verify(verify_mode(auth));
     Ok(())
+}
+
+/// Where a handshake keeps the fingerprint of the client CAs its certificate
+/// callback gave it, when they differ from the context's.
+fn checked_with_index(
+) -> Result<boring::ex_data::Index<boring::ssl::Ssl, Vec<u8>>, boring::error::ErrorStack> {
+    static INDEX: std::sync::OnceLock<boring::ex_data::Index<boring::ssl::Ssl, Vec<u8>>> =
+        std::sync::OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = boring::ssl::Ssl::new_ex_index()?;
+    Ok(*INDEX.get_or_init(|| i))
 }

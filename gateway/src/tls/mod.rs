@@ -219,10 +219,79 @@ pub fn identities_of(cert: &X509Ref) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The identity a downstream peer proved with its client certificate,
-/// attached to the connection by the listener's handshake callback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerIdentity(pub String);
+/// A client certificate a listener verified, attached to the connection by
+/// its handshake callback.
+pub struct PeerCert {
+    /// The identity it proves: the first URI SAN, else the first DNS SAN.
+    pub identity: Option<String>,
+    leaf: X509,
+    /// The intermediates the client sent.
+    chain: Vec<X509>,
+    /// The client CA bundle (its fingerprint) the handshake checked it against.
+    verified_with: Vec<u8>,
+    /// The last check against a bundle reloaded since: its fingerprint, and
+    /// whether the certificate is trusted by it.
+    rechecked: std::sync::Mutex<Option<(Vec<u8>, bool)>>,
+}
+
+impl PeerCert {
+    pub fn new(leaf: X509, chain: Vec<X509>, verified_with: Vec<u8>) -> Self {
+        PeerCert {
+            identity: identity_of(&leaf),
+            leaf,
+            chain,
+            verified_with,
+            rechecked: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the listener's client CAs, `ca` as the running config has
+    /// them, still trust this certificate. A connection outlives reloads:
+    /// after one that changed the CAs (one removed as compromised, say) its
+    /// certificate is checked again, once per bundle, as a new handshake
+    /// would check it.
+    pub fn trusted_by(&self, ca: &crate::config::model::CaBundle) -> bool {
+        if ca.fingerprint == self.verified_with {
+            return true;
+        }
+        let mut cache = self
+            .rechecked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((fingerprint, trusted)) = cache.as_ref() {
+            if *fingerprint == ca.fingerprint {
+                return *trusted;
+            }
+        }
+        let trusted = self.verify(ca).unwrap_or(false);
+        *cache = Some((ca.fingerprint.clone(), trusted));
+        trusted
+    }
+
+    fn verify(
+        &self,
+        ca: &crate::config::model::CaBundle,
+    ) -> Result<bool, boring::error::ErrorStack> {
+        let store = listener::trust_store(ca)?;
+        let mut chain = boring::stack::Stack::new()?;
+        for cert in &self.chain {
+            chain.push(cert.clone())?;
+        }
+        let mut context = boring::x509::X509StoreContext::new()?;
+        context.init(&store, &self.leaf, &chain, |c| {
+            // As a handshake checks a client (BoringSSL's own call): for
+            // client authentication. SAFETY: `c` is an initialised context
+            // and the name a static C string.
+            ffi_result(unsafe {
+                boring_sys::X509_STORE_CTX_set_default(
+                    foreign_types::ForeignTypeRef::as_ptr(c),
+                    c"ssl_client".as_ptr(),
+                )
+            })?;
+            c.verify_cert()
+        })
+    }
+}
 
 /// An identity pattern: exact, `prefix*` (`spiffe://prod.example/ns/web/*`),
 /// or `*.suffix` (one DNS label: `*.mesh.example`).

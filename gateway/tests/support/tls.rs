@@ -88,13 +88,26 @@ pub struct Ca {
 }
 
 impl Ca {
+    /// A self-signed root.
     pub fn new(cn: &str) -> Ca {
+        Ca::signed_by(cn, None)
+    }
+
+    /// An intermediate CA issued by this one.
+    pub fn intermediate(&self, cn: &str) -> Ca {
+        Ca::signed_by(cn, Some(self))
+    }
+
+    fn signed_by(cn: &str, issuer: Option<&Ca>) -> Ca {
         let key = ec_key();
         let mut b = X509::builder().unwrap();
         b.set_version(2).unwrap();
         b.set_serial_number(&serial()).unwrap();
         b.set_subject_name(&name(cn)).unwrap();
-        b.set_issuer_name(&name(cn)).unwrap();
+        match issuer {
+            Some(i) => b.set_issuer_name(i.cert.subject_name()).unwrap(),
+            None => b.set_issuer_name(&name(cn)).unwrap(),
+        }
         b.set_pubkey(&key).unwrap();
         b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
             .unwrap();
@@ -111,7 +124,8 @@ impl Ca {
                 .unwrap(),
         )
         .unwrap();
-        b.sign(&key, MessageDigest::sha256()).unwrap();
+        b.sign(issuer.map_or(&key, |i| &i.key), MessageDigest::sha256())
+            .unwrap();
         Ca {
             cert: b.build(),
             key,
