@@ -152,48 +152,85 @@ fn check_missing_file_and_syntax_error() {
 }
 
 #[test]
-fn check_warns_of_expired_and_expiring_certificates() {
+fn check_warns_of_certificates_clients_will_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let ca = support::tls::Ca::new("warn root");
-    let leaf = |expired, valid_days| {
-        ca.issue(support::tls::Leaf {
+    let leaf = |issuer: &support::tls::Ca, expired, valid_days, starts_in_days| {
+        issuer.issue(support::tls::Leaf {
             dns: &["edge.test"],
             expired,
             valid_days,
+            starts_in_days,
             ..Default::default()
         })
     };
-    leaf(true, None).write(dir.path(), "old");
-    leaf(false, Some(2)).write(dir.path(), "soon");
-    leaf(false, None).write(dir.path(), "fresh");
+    leaf(&ca, true, None, None).write(dir.path(), "old");
+    leaf(&ca, false, Some(2), None).write(dir.path(), "soon");
+    leaf(&ca, false, Some(20), Some(3)).write(dir.path(), "early");
+    leaf(&ca, false, None, None).write(dir.path(), "fresh");
+    // A valid leaf whose intermediate expired: the chain is what clients check.
+    let lapsed = ca.expired_intermediate("lapsed issuer");
+    let via = leaf(&lapsed, false, None, None);
+    std::fs::write(
+        dir.path().join("via.pem"),
+        format!("{}{}", via.cert, lapsed.pem()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("via.key"), &via.key).unwrap();
+    // A client_ca holding a client's own certificate instead of its CA.
+    let client = leaf(&ca, false, None, None);
+    std::fs::write(dir.path().join("clients.pem"), &client.cert).unwrap();
     let path = dir.path().join("certs.toml");
     std::fs::write(
         &path,
-        "[listeners.tls]\nbind = \"127.0.0.1:8443\"\ntls = { certs = [\"old\", \"soon\", \"fresh\"] }\n\
+        "[listeners.tls]\nbind = \"127.0.0.1:8443\"\n\
+         tls = { certs = [\"old\", \"soon\", \"early\", \"fresh\", \"via\"], client_ca = \"clients.pem\" }\n\
          [routes.r]\nrespond = { body = \"x\" }\n\
          [certs.old]\ncert = \"old.pem\"\nkey = \"old.key\"\n\
          [certs.soon]\ncert = \"soon.pem\"\nkey = \"soon.key\"\n\
-         [certs.fresh]\ncert = \"fresh.pem\"\nkey = \"fresh.key\"\n",
+         [certs.early]\ncert = \"early.pem\"\nkey = \"early.key\"\n\
+         [certs.fresh]\ncert = \"fresh.pem\"\nkey = \"fresh.key\"\n\
+         [certs.via]\ncert = \"via.pem\"\nkey = \"via.key\"\n",
     )
     .unwrap();
-    // The config is valid: the client decides about an expired certificate.
+    // The config is valid: the client decides about these certificates.
     let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let warnings: Vec<&str> = err.lines().collect();
-    assert_eq!(warnings.len(), 2, "{err}");
-    let old = dir.path().join("old.pem");
+    assert_eq!(warnings.len(), 5, "{err}");
+    let file = |name: &str| dir.path().join(name).display().to_string();
     assert!(
         warnings[0].starts_with(&format!(
             "{}: warning: certs.old: the certificate expired 1 day ago (",
-            old.display()
+            file("old.pem")
         )) && warnings[0].ends_with("install a renewed certificate"),
         "{err}"
     );
     assert!(
-        // 2 days, or 1 if a second passed since the certificate was made.
+        // 2 days, or 1 day 23 hours if a second passed since it was made.
         warnings[1].contains("warning: certs.soon: the certificate expires in ")
-            && warnings[1].contains(" day")
             && warnings[1].ends_with("renew it"),
+        "{err}"
+    );
+    assert!(
+        warnings[2].starts_with(&format!(
+            "{}: warning: certs.early: the certificate is not valid until ",
+            file("early.pem")
+        )),
+        "{err}"
+    );
+    assert!(
+        warnings[3].starts_with(&format!(
+            "{}: warning: certs.via: its intermediate `lapsed issuer` expired 1 day ago",
+            file("via.pem")
+        )),
+        "{err}"
+    );
+    assert!(
+        warnings[4].starts_with(&format!(
+            "{}: warning: listeners.tls.tls.client_ca: `edge.test` is not a CA certificate",
+            file("clients.pem")
+        )),
         "{err}"
     );
 }

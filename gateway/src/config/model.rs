@@ -48,60 +48,55 @@ pub struct Config {
     pub source_hash: String,
 }
 
-/// A certificate this close to its `notAfter` is reported.
-pub const CERT_EXPIRY_WARNING_SECS: i64 = 7 * 86_400;
-
 impl Config {
-    /// Certificates past their `notAfter`, or within a week of it, at `now`:
-    /// one line each, for `check` and the log. Warnings, not errors: the
-    /// client decides whether to accept an expired certificate, and a
-    /// reload must not be refused because one expired.
+    /// Certificates clients will refuse, or soon: past their `notAfter` or
+    /// within a week of it, or before their `notBefore`, anywhere in a
+    /// served chain or a CA bundle; and `client_ca` entries that are no CA.
+    /// One line each, for `check` and the log. Warnings, not errors: the
+    /// client decides, and a reload must not be refused because a
+    /// certificate expired.
     pub fn certificate_warnings(&self, now: std::time::SystemTime) -> Vec<String> {
-        let now = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let certs = self
-            .certs
-            .iter()
-            .map(|c| (format!("certs.{}", c.name), &c.cert_path, c.pair.not_after));
-        let clients = self.upstreams.iter().filter_map(|u| {
-            let client = u.tls.as_ref()?.client.as_ref()?;
-            Some((
-                format!("upstreams.{}.tls", u.name),
-                &client.cert_path,
-                client.pair.not_after,
-            ))
-        });
-        certs
-            .chain(clients)
-            .filter_map(|(what, path, not_after)| {
-                let left = not_after - now;
-                if left > CERT_EXPIRY_WARNING_SECS {
-                    return None;
-                }
-                let at = std::time::UNIX_EPOCH
-                    + std::time::Duration::from_secs(not_after.max(0).unsigned_abs());
-                let at = humantime::format_rfc3339_seconds(at);
-                let days = |secs: i64| match secs / 86_400 {
-                    0 => "less than a day".to_string(),
-                    1 => "1 day".to_string(),
-                    n => format!("{n} days"),
-                };
-                Some(if left <= 0 {
-                    format!(
-                        "{}: warning: {what}: the certificate expired {} ago ({at}); clients that check it refuse it: install a renewed certificate",
-                        path.display(),
-                        days(-left)
-                    )
-                } else {
-                    format!(
-                        "{}: warning: {what}: the certificate expires in {} ({at}): renew it",
-                        path.display(),
-                        days(left)
-                    )
-                })
-            })
-            .collect()
+        use crate::tls::{bundle_warnings, chain_warnings};
+        let mut out = Vec::new();
+        for c in &self.certs {
+            out.extend(chain_warnings(
+                &format!("certs.{}", c.name),
+                &c.cert_path,
+                &c.pair.chain,
+                now,
+            ));
+        }
+        for l in &self.listeners {
+            if let Some(ca) = l.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
+                out.extend(bundle_warnings(
+                    &format!("listeners.{}.tls.client_ca", l.name),
+                    ca,
+                    true,
+                    now,
+                ));
+            }
+        }
+        for u in &self.upstreams {
+            let Some(tls) = &u.tls else { continue };
+            if let Some(client) = &tls.client {
+                let what = format!("upstreams.{}.tls", u.name);
+                out.extend(chain_warnings(
+                    &what,
+                    &client.cert_path,
+                    &client.pair.chain,
+                    now,
+                ));
+            }
+            if let Some(ca) = &tls.ca {
+                out.extend(bundle_warnings(
+                    &format!("upstreams.{}.tls.ca", u.name),
+                    ca,
+                    false,
+                    now,
+                ));
+            }
+        }
+        out
     }
 }
 

@@ -112,7 +112,7 @@ impl Metrics {
             egress_decisions: counter(&r, names::EGRESS_DECISIONS_TOTAL, "Egress destinations asked for on egress listeners, by mode (http, connect, sni), destination (host:port; capped, then `other`), outcome (allowed, denied) and reason.", &[LISTENER, MODE, DESTINATION, OUTCOME, REASON]),
             egress_tunnels_active: gauge(&r, names::EGRESS_TUNNELS_ACTIVE, "Egress tunnels (CONNECT and SNI passthrough) open now.", &[LISTENER, MODE]),
             egress_tunnel_bytes: counter(&r, names::EGRESS_TUNNEL_BYTES_TOTAL, "Bytes relayed through egress tunnels, by direction (sent: to the destination; received: from it).", &[LISTENER, MODE, DIRECTION]),
-            tls_cert_expiry: gauge(&r, names::TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, "Unix time the certificate served under each [certs] name expires (its leaf's notAfter).", &[CERT]),
+            tls_cert_expiry: gauge(&r, names::TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, "Unix time the certificate chain served under each [certs] name expires (the earliest notAfter in it).", &[CERT]),
             tls_cert_reloads: counter(&r, names::TLS_CERT_RELOADS_TOTAL, "Certificate files reloaded after a change, by result (success; failure: the previous certificate stays).", &[CERT, RESULT]),
             tls_handshake_errors: counter(&r, names::TLS_HANDSHAKE_ERRORS_TOTAL, "Failed TLS handshakes on a listener, by the fatal alert meshgate sent (or peer_* for one the client sent).", &[LISTENER, REASON]),
             config_generation: scalar_gauge(names::CONFIG_GENERATION, "Generation of the config in use: 1 at start, +1 per successful reload."),

@@ -45,7 +45,8 @@ pub struct CertKeyPair {
     pub key: PKey<Private>,
     /// Names the leaf serves, lower-case: DNS SANs, or the CN when there are none.
     pub names: Vec<String>,
-    /// Leaf `notAfter`, Unix seconds.
+    /// The earliest `notAfter` in the chain (the leaf's, unless an
+    /// intermediate expires first), Unix seconds.
     pub not_after: i64,
     /// The same pair for pingora's upstream client certificates, made once.
     cert_key: Arc<pingora::utils::tls::CertKey>,
@@ -90,7 +91,7 @@ impl CertKeyPair {
         let leaf = &chain[0];
         CertKeyPair {
             names: served_names(leaf),
-            not_after: not_after_unix(leaf),
+            not_after: not_after_unix(&chain),
             cert_key: Arc::new(pingora::utils::tls::CertKey::new(
                 chain.clone(),
                 key.clone(),
@@ -183,11 +184,131 @@ pub fn served_names(cert: &X509Ref) -> Vec<String> {
         .collect()
 }
 
-fn not_after_unix(cert: &X509Ref) -> i64 {
+fn unix(t: &boring::asn1::Asn1TimeRef) -> i64 {
     Asn1Time::from_unix(0)
         .ok()
-        .and_then(|epoch| epoch.diff(cert.not_after()).ok())
+        .and_then(|epoch| epoch.diff(t).ok())
         .map_or(0, |d| i64::from(d.days) * 86_400 + i64::from(d.secs))
+}
+
+/// The earliest `notAfter` in a chain: when clients start refusing it.
+fn not_after_unix(chain: &[X509]) -> i64 {
+    chain.iter().map(|c| unix(c.not_after())).min().unwrap_or(0)
+}
+
+/// A certificate this close to its `notAfter` is reported.
+pub const EXPIRY_WARNING_SECS: i64 = 7 * 86_400;
+
+/// The certificate's common name, to tell chain members apart in messages.
+fn common_name(cert: &X509Ref) -> String {
+    cert.subject_name()
+        .entries_by_nid(boring::nid::Nid::COMMONNAME)
+        .find_map(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no CN)".to_string())
+}
+
+/// Why clients would refuse `cert` at `now` (Unix seconds), or soon.
+fn validity_problem(cert: &X509Ref, now: i64) -> Option<String> {
+    let span = |secs: i64| {
+        let (days, hours) = (secs / 86_400, secs % 86_400 / 3_600);
+        let plural = |n: i64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+        match (days, hours) {
+            (0, 0) => "less than an hour".to_string(),
+            (0, h) => plural(h, "hour"),
+            (d, 0) => plural(d, "day"),
+            (d, h) => format!("{} {}", plural(d, "day"), plural(h, "hour")),
+        }
+    };
+    let date = |t: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0).unsigned_abs()),
+        )
+    };
+    let (not_before, not_after) = (unix(cert.not_before()), unix(cert.not_after()));
+    if not_after <= now {
+        Some(format!(
+            "expired {} ago ({}); clients that check it refuse it: install a renewed certificate",
+            span(now - not_after),
+            date(not_after)
+        ))
+    } else if not_before > now {
+        Some(format!(
+            "is not valid until {} ({} from now); clients that check it refuse it until then",
+            date(not_before),
+            span(not_before - now)
+        ))
+    } else if not_after - now <= EXPIRY_WARNING_SECS {
+        Some(format!(
+            "expires in {} ({}): renew it",
+            span(not_after - now),
+            date(not_after)
+        ))
+    } else {
+        None
+    }
+}
+
+fn unix_now(now: std::time::SystemTime) -> i64 {
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Warnings for a served chain (`what` names its config entry, `path` its
+/// file): each certificate in it, leaf or intermediate.
+pub fn chain_warnings(
+    what: &str,
+    path: &Path,
+    chain: &[X509],
+    now: std::time::SystemTime,
+) -> Vec<String> {
+    let now = unix_now(now);
+    chain
+        .iter()
+        .enumerate()
+        .filter_map(|(i, cert)| {
+            let problem = validity_problem(cert, now)?;
+            let which = if i == 0 {
+                "the certificate".to_string()
+            } else {
+                format!("its intermediate `{}`", common_name(cert))
+            };
+            Some(format!(
+                "{}: warning: {what}: {which} {problem}",
+                path.display()
+            ))
+        })
+        .collect()
+}
+
+/// Warnings for a CA bundle; `client_ca` bundles are also checked for
+/// certificates that are no CA.
+pub fn bundle_warnings(
+    what: &str,
+    ca: &crate::config::model::CaBundle,
+    client_ca: bool,
+    now: std::time::SystemTime,
+) -> Vec<String> {
+    let now = unix_now(now);
+    let mut out = Vec::new();
+    for cert in ca.certs.iter() {
+        let name = common_name(cert);
+        if let Some(problem) = validity_problem(cert, now) {
+            out.push(format!(
+                "{}: warning: {what}: CA `{name}` {problem}",
+                ca.path.display()
+            ));
+        }
+        // SAFETY: a valid certificate; the call only reads it.
+        if client_ca
+            && unsafe { boring_sys::X509_check_ca(foreign_types::ForeignType::as_ptr(cert)) } == 0
+        {
+            out.push(format!(
+                "{}: warning: {what}: `{name}` is not a CA certificate, so it issues no client certificates: only a client presenting this very certificate is accepted (give the CA that issued it)",
+                ca.path.display()
+            ));
+        }
+    }
+    out
 }
 
 /// A peer's identity from its certificate: the first URI SAN (a SPIFFE ID

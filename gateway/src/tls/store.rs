@@ -149,6 +149,15 @@ impl CertStore {
                         slot.name,
                         slot.cert_path.display()
                     );
+                    let warnings = super::chain_warnings(
+                        &slot.name,
+                        &slot.cert_path,
+                        &slot.get().chain,
+                        std::time::SystemTime::now(),
+                    );
+                    for warning in warnings {
+                        log::warn!("{warning}");
+                    }
                     metrics()
                         .tls_cert_reloads
                         .with_label_values(&[slot.name.as_str(), "success"])

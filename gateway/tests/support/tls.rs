@@ -80,6 +80,8 @@ pub struct Leaf<'a> {
     pub expired: bool,
     /// Days until `notAfter` (unless `expired`); `None`: 10.
     pub valid_days: Option<u32>,
+    /// Days until `notBefore`; `None`: valid from now.
+    pub starts_in_days: Option<u32>,
 }
 
 pub struct Ca {
@@ -90,15 +92,20 @@ pub struct Ca {
 impl Ca {
     /// A self-signed root.
     pub fn new(cn: &str) -> Ca {
-        Ca::signed_by(cn, None)
+        Ca::signed_by(cn, None, false)
     }
 
     /// An intermediate CA issued by this one.
     pub fn intermediate(&self, cn: &str) -> Ca {
-        Ca::signed_by(cn, Some(self))
+        Ca::signed_by(cn, Some(self), false)
     }
 
-    fn signed_by(cn: &str, issuer: Option<&Ca>) -> Ca {
+    /// An intermediate CA issued by this one that expired yesterday.
+    pub fn expired_intermediate(&self, cn: &str) -> Ca {
+        Ca::signed_by(cn, Some(self), true)
+    }
+
+    fn signed_by(cn: &str, issuer: Option<&Ca>, expired: bool) -> Ca {
         let key = ec_key();
         let mut b = X509::builder().unwrap();
         b.set_version(2).unwrap();
@@ -109,10 +116,14 @@ impl Ca {
             None => b.set_issuer_name(&name(cn)).unwrap(),
         }
         b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        let (from, to) = if expired {
+            (unix_now() - 30 * 86_400, unix_now() - 86_400)
+        } else {
+            (unix_now(), unix_now() + 30 * 86_400)
+        };
+        b.set_not_before(&Asn1Time::from_unix(from).unwrap())
             .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
-            .unwrap();
+        b.set_not_after(&Asn1Time::from_unix(to).unwrap()).unwrap();
         b.append_extension(&BasicConstraints::new().critical().ca().build().unwrap())
             .unwrap();
         b.append_extension(
@@ -160,7 +171,7 @@ impl Ca {
             )
         } else {
             (
-                Asn1Time::days_from_now(0).unwrap(),
+                Asn1Time::days_from_now(leaf.starts_in_days.unwrap_or(0)).unwrap(),
                 Asn1Time::days_from_now(leaf.valid_days.unwrap_or(10)).unwrap(),
             )
         };
