@@ -158,7 +158,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         }
         // Pingora reads 24 bytes to compare with the preface, which a short
         // HTTP/1 request (`GET / HTTP/1.0` and a blank line is 18) never
-        // sends: the first byte tells most requests apart at once.
+        // sends: the first byte tells most requests apart at once, and the
+        // first three the rest (`PUT`, `POST`, `PATCH`, `PROPFIND`: `PRI` is
+        // the preface's alone, RFC 9113 §3.4).
         let deadline = Instant::now() + self.idle_timeout(stream);
         let peek = async {
             let mut first = [0u8; 1];
@@ -167,6 +169,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 return Ok(false);
             }
             if first[0] != H2_PREFACE[0] {
+                return Ok(true);
+            }
+            let mut method = [0u8; 3];
+            stream.try_peek(&mut method).await?;
+            if method != H2_PREFACE[..3] {
                 return Ok(true);
             }
             let mut preface = [0u8; H2_PREFACE.len()];

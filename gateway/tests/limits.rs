@@ -291,18 +291,25 @@ async fn a_request_shorter_than_the_http2_preface_is_answered() {
         HEAD.trim_end()
     ))
     .await;
-    let mut s = TcpStream::connect(gw.listen).await.unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("no answer to a short request")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
-    assert!(
-        out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
-        "{out}"
-    );
+    // Also those that start like the preface (`PRI`) does.
+    for request in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"PUT / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.0\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("no answer to a short request")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+            "{out}"
+        );
+    }
     // And HTTP/2 with prior knowledge still works on the same listener.
     let r = send(gw.listen, Method::GET, "/", &[], Bytes::new(), true)
         .await
