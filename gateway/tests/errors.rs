@@ -279,6 +279,18 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
     kept.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200");
 
+    // A request in flight when the signal comes.
+    let mut slow = tokio::net::TcpStream::connect(listen).await.unwrap();
+    slow.write_all(b"GET /delay/500 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    gw.wait_for_metric(
+        "meshgate_downstream_requests_in_flight{",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+
     support::signal(gw.pid(), "TERM");
     let signalled = Instant::now();
     let start = Instant::now();
@@ -306,6 +318,17 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
     let rest = String::from_utf8_lossy(&rest).to_ascii_lowercase();
     assert!(
         rest.contains("connection: close") && rest.contains("/again"),
+        "{rest}"
+    );
+    // The one in flight is answered, and told the connection ends.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), slow.read_to_end(&mut rest))
+        .await
+        .expect("closed after its answer")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(
+        rest.starts_with("http/1.1 200") && rest.contains("connection: close"),
         "{rest}"
     );
     assert!(
@@ -439,6 +462,49 @@ async fn http10_clients_get_bodies_they_can_read() {
             .contains("transfer-encoding: chunked"),
         "{r}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_get_no_informational_responses() {
+    let (up, _) = scripted(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let answer = |raw: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"ok") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // The 103 is not an answer an HTTP/1.0 client can read; the 200's
+    // length lets the connection stay open.
+    let r = answer(b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.contains(" 103 "), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("connection: keep-alive"),
+        "{r}"
+    );
+    // HTTP/1.1 clients get it.
+    let r = answer(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 103"), "{r}");
+    assert!(r.contains("HTTP/1.1 200"), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

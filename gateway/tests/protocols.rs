@@ -285,4 +285,13 @@ async fn pipelined_requests_are_answered_in_order() {
     // `Connection: close` ends the pipeline: what came after it is not served.
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].1.contains("\"/five\""), "{got:?}");
+
+    // Also when `close` is on a second `Connection` line (one list, RFC 9110 §5.3).
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"GET /seven HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: close\r\n\r\nGET /eight HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut s, 2).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1.contains("\"/seven\""), "{got:?}");
 }

@@ -156,6 +156,19 @@ fn method_and_host_are_plain(req: &RequestHeader) -> bool {
         .is_none_or(|a| is_host_and_port(a.as_str().as_bytes()))
 }
 
+/// A `close` in a second or later `Connection` line: Pingora reads the
+/// first line only, but the lines are one list (RFC 9110 §5.3), and a
+/// client that sent `close` must not have a later pipelined request served.
+fn asks_to_close(req: &RequestHeader) -> bool {
+    let mut lines = req.headers.get_all(header::CONNECTION).iter();
+    lines.next();
+    lines.any(|line| {
+        line.as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// `host [ ":" port ]`: an IP literal in brackets, or a reg-name (an IPv4
 /// address is one) without `,` (no DNS name has one, and `X-Forwarded-Host`
 /// readers split on it); the port all digits.
@@ -496,6 +509,16 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         normalize_request_path(session.req_header_mut());
+        if asks_to_close(session.req_header()) {
+            session.set_keepalive(None);
+        }
+        if session.req_header().version == http::Version::HTTP_10 {
+            // HTTP/1.0 has no 1xx responses (RFC 9110 §15.2), and a server
+            // ignores its 100-continue expectation (§10.1.1): no upstream
+            // is asked for one, and none it sends reaches the client.
+            session.req_header_mut().remove_header(&header::EXPECT);
+            session.as_downstream_mut().set_ignore_info_resp(true);
+        }
         let req = session.req_header();
         // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused.
         if req.version == http::Version::HTTP_11 && request_host(req).is_none() {
@@ -854,9 +877,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        // A response written after SIGTERM closes its connection, even for a
+        // request that came before it.
+        if crate::shutdown::draining() {
+            session.set_keepalive(None);
+        }
         // A body of unknown length reaches an HTTP/1.0 client delimited by
         // the connection's close (`framing`), so the connection ends with it.
         if session.req_header().version == http::Version::HTTP_10
+            && !resp.status.is_informational()
+            && !matches!(resp.status.as_u16(), 204 | 304)
+            && session.req_header().method != http::Method::HEAD
             && !resp.headers.contains_key(header::CONTENT_LENGTH)
         {
             session.set_keepalive(None);
