@@ -94,21 +94,35 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
         let Some(o) = old.listeners.iter().find(|o| o.name == n.name) else {
             continue;
         };
-        let handshake = |l: &crate::config::model::Listener| {
-            l.tls.as_ref().map(|t| {
-                (
-                    t.min_version,
-                    t.alpn,
-                    t.client_ca.is_some(),
-                    t.session_tickets,
-                )
-            })
+        let (ot, nt) = match (&o.tls, &n.tls) {
+            (Some(ot), Some(nt)) => (ot, nt),
+            (None, None) => continue,
+            (None, Some(_)) => {
+                changed.push(format!("listeners.{}.tls added", n.name));
+                continue;
+            }
+            (Some(_), None) => {
+                changed.push(format!("listeners.{}.tls removed", n.name));
+                continue;
+            }
         };
-        if handshake(o) != handshake(n) {
-            changed.push(format!(
-                "the TLS settings of listener `{}` changed (`min_version`, `alpn`, `session_tickets`, or whether it has a `client_ca`; its `certs`, the `client_ca` file, `client_auth` and `forward_identity` reload)",
-                n.name
-            ));
+        let restart_only = [
+            ("min_version", ot.min_version != nt.min_version),
+            ("alpn", ot.alpn != nt.alpn),
+            ("session_tickets", ot.session_tickets != nt.session_tickets),
+            (
+                if nt.client_ca.is_some() {
+                    "client_ca (added; a changed file or path reloads)"
+                } else {
+                    "client_ca (removed; a changed file or path reloads)"
+                },
+                ot.client_ca.is_some() != nt.client_ca.is_some(),
+            ),
+        ];
+        for (key, differs) in restart_only {
+            if differs {
+                changed.push(format!("listeners.{}.tls.{key} changed", n.name));
+            }
         }
     }
     if changed.is_empty() {
@@ -180,5 +194,65 @@ mod tests {
         ] {
             assert!(why.contains(part), "{part} missing from: {why}");
         }
+    }
+
+    /// A self-signed ECDSA certificate and its key, as PEM files in `dir`.
+    fn cert_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        use boring::{ec, hash, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, "edge.test")
+            .unwrap();
+        let name = name.build();
+        let mut b = x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&boring::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&boring::asn1::Asn1Time::days_from_now(30).unwrap())
+            .unwrap();
+        b.sign(&key, hash::MessageDigest::sha256()).unwrap();
+        let (cert, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+        std::fs::write(&cert, b.build().to_pem().unwrap()).unwrap();
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        (cert, key_path)
+    }
+
+    #[test]
+    fn tls_changes_that_need_a_restart_are_named_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = cert_files(dir.path());
+        let listener = |tls: &str| {
+            parse(&format!(
+                "[certs.edge]\ncert = \"{}\"\nkey = \"{}\"\n[listeners.public]\nbind = \"127.0.0.1:18080\"\n{tls}",
+                cert.display(),
+                key.display()
+            ))
+        };
+        let plain = listener("");
+        let tls = listener("tls = { certs = [\"edge\"] }\n");
+        assert_eq!(bound_addresses_unchanged(&tls, &tls), Ok(()));
+        assert_eq!(
+            bound_addresses_unchanged(&plain, &tls),
+            Err("listeners.public.tls added".to_string())
+        );
+        assert_eq!(
+            bound_addresses_unchanged(&tls, &plain),
+            Err("listeners.public.tls removed".to_string())
+        );
+        let changed = listener(
+            "tls = { certs = [\"edge\"], min_version = \"1.3\", alpn = [\"h2\"], session_tickets = 2 }\n",
+        );
+        let why = bound_addresses_unchanged(&tls, &changed).unwrap_err();
+        for key in ["min_version", "alpn", "session_tickets"] {
+            assert!(
+                why.contains(&format!("listeners.public.tls.{key} changed")),
+                "{key} missing from: {why}"
+            );
+        }
+        assert!(!why.contains("client_ca"), "{why}");
     }
 }

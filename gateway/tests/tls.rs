@@ -359,7 +359,7 @@ async fn session_tickets_changes_on_restart_only() {
     .await;
     assert!(
         gw.log()
-            .contains("the TLS settings of listener `public` changed"),
+            .contains("listeners.public.tls.session_tickets changed"),
         "{}",
         gw.log()
     );
