@@ -21,8 +21,8 @@
 //! Pipelined requests (sent before the previous response came back) are
 //! served in order, one at a time (RFC 9112 §9.3.2): Pingora keeps the bytes
 //! it read past a request and hands them on in its persistent settings, and
-//! then this loop does not wait for a read, since the next request has
-//! already arrived.
+//! then this loop does not wait for a read, since the next request's first
+//! bytes have already arrived.
 //!
 //! The wait is bounded by one timer per connection, not one per request
 //! ([`IdleTimer`]): a busy connection sets one about once per
@@ -91,9 +91,24 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         // `None` before the first request; then what Pingora carries over.
         let mut carried: Option<Option<HttpPersistentSettings>> = None;
         loop {
-            // A pipelined request Pingora read with the last one is served
-            // at once, even at shutdown; otherwise wait for the client.
-            let pipelined = matches!(&carried, Some(Some(s)) if carries_request(s));
+            // A pipelined request whose first bytes Pingora read with the
+            // last one is served at once, even at shutdown; otherwise wait
+            // for the client.
+            let pipelined = match &carried {
+                Some(Some(settings)) => match carries_request(settings) {
+                    Some(carries) => carries,
+                    None => {
+                        // Bytes Pingora carried could be lost and the
+                        // stream read from the middle of a request: close.
+                        static ONCE: std::sync::Once = std::sync::Once::new();
+                        ONCE.call_once(|| {
+                            log::error!("cannot tell whether Pingora carried a pipelined request (its HttpPersistentSettings Debug output changed): connections are closed after each request");
+                        });
+                        return None;
+                    }
+                },
+                _ => false,
+            };
             let head = if pipelined {
                 None
             } else {
@@ -278,13 +293,14 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 /// `Debug`, which names each field before its value. The probe reads that
 /// output up to the value of `pipelined_prefix` and stops there, so nothing
 /// is formatted past it; a unit test holds the probe to Pingora's output.
-fn carries_request(settings: &HttpPersistentSettings) -> bool {
+/// `None` if the output has no such field (Pingora changed it).
+fn carries_request(settings: &HttpPersistentSettings) -> Option<bool> {
     use std::fmt::Write;
 
     #[derive(Default)]
     struct Probe {
         at_field: bool,
-        found: bool,
+        found: Option<bool>,
     }
     impl Write for Probe {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -295,7 +311,7 @@ fn carries_request(settings: &HttpPersistentSettings) -> bool {
             if s == ": " {
                 return Ok(());
             }
-            self.found = s.starts_with("Some");
+            self.found = Some(s.starts_with("Some"));
             // Stop formatting: the answer is known.
             Err(std::fmt::Error)
         }
@@ -332,13 +348,14 @@ mod tests {
         session.set_pipelining_enabled(true);
         let mut settings = HttpPersistentSettings::for_session(&session);
         settings.set_user_context(Box::new(3u8));
-        assert!(!carries_request(&settings));
+        assert_eq!(carries_request(&settings), Some(false));
         // Bytes that spell the field's name do not fool it.
-        settings.set_pipelined_prefix(BytesMut::from(&b"pipelined_prefix: Some"[..]));
-        assert!(carries_request(&settings));
-        let mut none = HttpPersistentSettings::for_session(&session);
-        none.set_user_context(Box::new("pipelined_prefix"));
-        assert!(!carries_request(&none));
+        settings.set_pipelined_prefix(BytesMut::from(&b"pipelined_prefix: None"[..]));
+        assert_eq!(carries_request(&settings), Some(true));
+        assert_eq!(
+            carries_request(&HttpPersistentSettings::for_session(&session)),
+            Some(false)
+        );
     }
 
     #[tokio::test]

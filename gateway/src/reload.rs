@@ -110,19 +110,18 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             ("min_version", ot.min_version != nt.min_version),
             ("alpn", ot.alpn != nt.alpn),
             ("session_tickets", ot.session_tickets != nt.session_tickets),
-            (
-                if nt.client_ca.is_some() {
-                    "client_ca (added; a changed file or path reloads)"
-                } else {
-                    "client_ca (removed; a changed file or path reloads)"
-                },
-                ot.client_ca.is_some() != nt.client_ca.is_some(),
-            ),
         ];
         for (key, differs) in restart_only {
             if differs {
                 changed.push(format!("listeners.{}.tls.{key} changed", n.name));
             }
+        }
+        // A changed client_ca file or path reloads; adding or removing one
+        // does not.
+        match (&ot.client_ca, &nt.client_ca) {
+            (None, Some(_)) => changed.push(format!("listeners.{}.tls.client_ca added", n.name)),
+            (Some(_), None) => changed.push(format!("listeners.{}.tls.client_ca removed", n.name)),
+            _ => {}
         }
     }
     if changed.is_empty() {

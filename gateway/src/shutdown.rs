@@ -77,6 +77,7 @@ impl ShutdownSignalWatch for DelayedTerminate {
                 ShutdownSignal::GracefulTerminate
             }
             () = next(&mut int) => ShutdownSignal::FastShutdown,
+            () = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
         }
     }
 }

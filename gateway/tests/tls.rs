@@ -854,7 +854,7 @@ async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
     assert_eq!(client_status(gw.listen, &ca_pem, None).await, None);
     let refused = kept_get(&mut kept).await;
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
-    assert!(refused.contains("no longer trusted"), "{refused}");
+    assert!(refused.contains("not accepted since a reload"), "{refused}");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), kept.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the connection stays open");
@@ -873,6 +873,22 @@ async fn a_changed_client_ca_and_client_auth_apply_on_reload() {
         Some(200)
     );
     assert_eq!(client_status(gw.listen, &ca_pem, Some(&old)).await, None);
+
+    // Back to `require`: a connection opened without a certificate under
+    // `optional` is refused at its next request, and closed.
+    let (mut anonymous, _) =
+        tls::connect(gw.listen, &ClientTls::new(&ca_pem, Some("edge.example")))
+            .await
+            .unwrap();
+    assert!(kept_get(&mut anonymous).await.starts_with("HTTP/1.1 200"));
+    gw.reload(&config("require"));
+    gw.wait_for_generation(5).await;
+    let refused = kept_get(&mut anonymous).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), anonymous.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stays open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,7 +56,7 @@ impl Failure {
             Failure::RateLimitUnavailable => "rate limit store unavailable",
             Failure::Forbidden => "forbidden",
             Failure::ClientCertUntrusted => {
-                "client certificate no longer trusted (client CAs changed); reconnect"
+                "client certificate not accepted since a reload changed client_ca or client_auth; reconnect"
             }
             Failure::HeadersTooLarge => "request header fields too large",
             Failure::UriTooLong => "URI too long",

@@ -5,7 +5,8 @@
 //! cannot read chunked coding (RFC 9112 §6.1), so this module, which Pingora
 //! runs on every response head as it is written, takes `chunked` off for
 //! those clients: the body then runs to the connection's close, which
-//! `response_filter` asks for. It takes the place of Pingora's default
+//! `response_filter` asks for. A coding of the upstream's own (`gzip,
+//! chunked`) is passed on as it came. It takes the place of Pingora's default
 //! downstream module (response compression, disabled), so the modules cost
 //! per request what they did.
 

@@ -469,12 +469,17 @@ impl ProxyHttp for Gateway {
         };
 
         let config = &rt.config.listeners[listener];
-        // A reload may have changed the client CAs since this connection's
-        // handshake: its certificate must still be trusted (once checked,
-        // the answer is kept per connection and CA bundle).
-        let client_ca = config.tls.as_ref().and_then(|t| t.client_ca.as_ref());
-        if let (Some(peer), Some(ca)) = (peer_cert, client_ca) {
-            if !peer.trusted_by(ca) {
+        // A reload may have changed the client CAs or client_auth since this
+        // connection's handshake: it must still pass them (a certificate is
+        // checked once per connection and CA bundle). On HTTP/2 the
+        // connection stays open, and each of its requests is refused.
+        if let Some(tls) = config.tls.as_ref().filter(|t| t.client_ca.is_some()) {
+            let trusted = match (peer_cert, &tls.client_ca) {
+                (Some(peer), Some(ca)) => peer.trusted_by(ca),
+                // Opened without a certificate under `optional`; `require` since.
+                _ => tls.client_auth != crate::config::model::ClientAuth::Require,
+            };
+            if !trusted {
                 ctx.peer_identity = None;
                 ctx.failure = Some(Failure::ClientCertUntrusted);
                 // The client reconnects, and its new handshake decides.

@@ -43,6 +43,19 @@ struct Callbacks {
     started_with: Option<(Vec<u8>, ClientAuth)>,
 }
 
+impl Callbacks {
+    /// The fingerprint of the listener's client CAs in the running config.
+    fn current_fingerprint(&self) -> Option<Vec<u8>> {
+        let rt = self.runtime.load();
+        let l = rt
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.listener)?;
+        Some(l.tls.as_ref()?.client_ca.as_ref()?.fingerprint.clone())
+    }
+}
+
 #[async_trait]
 impl TlsAccept for Callbacks {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
@@ -93,8 +106,16 @@ impl TlsAccept for Callbacks {
                 });
                 if let Err(e) = checked {
                     // Without the reloaded CAs, the handshake is refused
-                    // rather than checked against the old ones.
+                    // (no CA to trust) rather than checked against the old
+                    // ones; and should even that fail, the connection is
+                    // marked as checked against no known bundle, so its
+                    // first request checks it again.
                     ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+                    let _ = X509StoreBuilder::new()
+                        .and_then(|empty| ssl.set_verify_cert_store(empty.build()));
+                    if let Ok(i) = checked_with_index() {
+                        ssl.set_ex_data(i, Vec::new());
+                    }
                     log::error!(
                         "listener `{}`: cannot use client_ca {}: {e}",
                         self.listener,
@@ -115,11 +136,17 @@ impl TlsAccept for Callbacks {
             .map(|c| c.iter().map(|x| x.to_owned()).collect())
             .unwrap_or_default();
         // The bundle this handshake was checked against: the one the
-        // certificate callback gave it, else the context's own.
+        // certificate callback gave it; else the context's own, which the
+        // callback leaves in place only while the running config still has
+        // it. Otherwise (a reload in between) none is claimed, and the
+        // first request checks the certificate against the bundle then.
         let verified_with = checked_with_index()
             .ok()
             .and_then(|i| ssl.ex_data(i).cloned())
-            .or_else(|| self.started_with.as_ref().map(|(f, _)| f.clone()))
+            .or_else(|| {
+                let (started, _) = self.started_with.as_ref()?;
+                (self.current_fingerprint().as_ref() == Some(started)).then(|| started.clone())
+            })
             .unwrap_or_default();
         Some(Arc::new(PeerCert::new(leaf, chain, verified_with)))
     }

@@ -298,7 +298,8 @@ pub fn bundle_warnings(
                 ca.path.display()
             ));
         }
-        // SAFETY: a valid certificate; the call only reads it.
+        // SAFETY: a valid certificate; BoringSSL caches its parsed
+        // extensions inside it, under its own lock.
         if client_ca
             && unsafe { boring_sys::X509_check_ca(foreign_types::ForeignType::as_ptr(cert)) } == 0
         {
