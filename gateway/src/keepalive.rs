@@ -79,7 +79,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         // request.
         let mut idle = IdleTimer::default();
         if !self.speaks_http1(&mut stream, &mut idle).await? {
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
+            // only once its `shutdown_delay` is over.
+            return ServerApp::process_new(&self.inner, stream, &crate::shutdown::h2_watch()).await;
         }
         let options = self.inner.server_options();
         // Shutdown closes a connection waiting for a request, as Pingora's

@@ -4,27 +4,47 @@
 //! that still sends new connections until its health check fails would see
 //! them refused. With `gateway.shutdown_delay`, SIGTERM first marks the
 //! process as draining: `/readyz` answers 503 and kept-alive connections are
-//! closed after their next response, while the listeners keep accepting.
+//! closed after their next response, HTTP/2 connections get a GOAWAY (their
+//! streams in flight finish; the client opens a new connection for more),
+//! while the listeners keep accepting.
 //! Once the delay has passed (or at a second SIGTERM) Pingora's graceful
 //! shutdown runs as before. SIGINT still stops at once, SIGQUIT is still
 //! Pingora's graceful upgrade.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::runtime::Runtime;
 
-/// Set once SIGTERM has arrived; never cleared (the process is ending).
+/// Set once a signal to stop has arrived; never cleared (the process is
+/// ending).
 static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The same, as a watch for HTTP/2 connections, which Pingora shuts down
+/// (GOAWAY) when their watch changes. The receiver kept here never reads,
+/// so a clone made after the change sees it at once.
+static DRAIN: LazyLock<(tokio::sync::watch::Sender<bool>, ShutdownWatch)> =
+    LazyLock::new(|| tokio::sync::watch::channel(false));
 
 /// Whether the process is in SIGTERM's delay, or past it.
 pub fn draining() -> bool {
     DRAINING.load(Ordering::Relaxed)
+}
+
+/// The watch an HTTP/2 connection is given in place of Pingora's: it
+/// changes when a signal to stop arrives, before Pingora's does.
+pub fn h2_watch() -> ShutdownWatch {
+    DRAIN.1.clone()
+}
+
+fn begin_drain() {
+    DRAINING.store(true, Ordering::Relaxed);
+    DRAIN.0.send_replace(true);
 }
 
 /// Pingora's signals, with `gateway.shutdown_delay` before a SIGTERM's
@@ -56,12 +76,15 @@ impl ShutdownSignalWatch for DelayedTerminate {
         let mut quit = listen(SignalKind::quit(), "SIGQUIT");
         let mut term = listen(SignalKind::terminate(), "SIGTERM");
         let mut int = listen(SignalKind::interrupt(), "SIGINT");
-        tokio::select! {
-            () = next(&mut quit) => return ShutdownSignal::GracefulUpgrade,
-            () = next(&mut int) => return ShutdownSignal::FastShutdown,
-            () = next(&mut term) => {}
+        let signal = tokio::select! {
+            () = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+            () = next(&mut int) => ShutdownSignal::FastShutdown,
+            () = next(&mut term) => ShutdownSignal::GracefulTerminate,
+        };
+        begin_drain();
+        if !matches!(signal, ShutdownSignal::GracefulTerminate) {
+            return signal;
         }
-        DRAINING.store(true, Ordering::Relaxed);
         let delay = self.runtime.load().config.gateway.shutdown_delay;
         if delay.is_zero() {
             return ShutdownSignal::GracefulTerminate;

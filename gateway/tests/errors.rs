@@ -279,6 +279,20 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
     kept.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200");
 
+    // An HTTP/2 (h2c) connection, open when the signal comes.
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(listen).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let request = || {
+        http::Request::get(format!("http://{listen}/h2"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(h2.send_request(request()).await.unwrap().status(), 200);
     // A request in flight when the signal comes.
     let mut slow = tokio::net::TcpStream::connect(listen).await.unwrap();
     slow.write_all(b"GET /delay/500 HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -303,6 +317,13 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
     };
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert!(ready.text().contains("shutting down"), "{}", ready.text());
+    // The HTTP/2 connection gets its GOAWAY now, not when the delay ends:
+    // the client's connection ends with no stream open.
+    tokio::time::timeout(Duration::from_secs(1), h2_conn)
+        .await
+        .expect("no GOAWAY during the delay")
+        .unwrap()
+        .unwrap();
     // New connections are still served during the delay.
     let r = get(listen, "/fresh", &[]).await.unwrap();
     assert_eq!(r.status, 200);
