@@ -41,6 +41,14 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Whether the gateway answering on `admin` is the one configured with
+/// `listen`.
+async fn is_ours(admin: SocketAddr, listen: SocketAddr) -> bool {
+    client::get(admin, "/config", &[])
+        .await
+        .is_ok_and(|c| c.text().contains(&format!("\"{listen}\"")))
+}
+
 /// A running gateway process; killed on drop.
 pub struct Gateway {
     child: Child,
@@ -104,7 +112,11 @@ impl Gateway {
                 return Err(format!("exited with {status}: {}", gw.log()));
             }
             if let Ok(resp) = client::get(admin, "/readyz", &[]).await {
-                if resp.status == 200 {
+                // Another test's gateway may hold the same admin port (a
+                // released port can be handed out twice; this process then
+                // fails to bind it and exits): ready only if the admin
+                // answering is this gateway's, serving this listen address.
+                if resp.status == 200 && is_ours(admin, listen).await {
                     return Ok(gw);
                 }
             }
