@@ -44,15 +44,20 @@ struct Callbacks {
 }
 
 impl Callbacks {
+    /// The listener's TLS settings in the config `rt` holds.
+    fn tls<'a>(&self, rt: &'a Runtime) -> Option<&'a ListenerTls> {
+        rt.config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.listener)?
+            .tls
+            .as_ref()
+    }
+
     /// The fingerprint of the listener's client CAs in the running config.
     fn current_fingerprint(&self) -> Option<Vec<u8>> {
         let rt = self.runtime.load();
-        let l = rt
-            .config
-            .listeners
-            .iter()
-            .find(|l| l.name == self.listener)?;
-        Some(l.tls.as_ref()?.client_ca.as_ref()?.fingerprint.clone())
+        Some(self.tls(&rt)?.client_ca.as_ref()?.fingerprint.clone())
     }
 }
 
@@ -60,12 +65,7 @@ impl Callbacks {
 impl TlsAccept for Callbacks {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
         let rt = self.runtime.load();
-        let tls = rt
-            .config
-            .listeners
-            .iter()
-            .find(|l| l.name == self.listener)
-            .and_then(|l| l.tls.as_ref());
+        let tls = self.tls(&rt);
         let candidates: Vec<Arc<CertKeyPair>> = tls.map_or_else(Vec::new, |tls| {
             tls.certs
                 .iter()
