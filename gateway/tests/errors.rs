@@ -375,11 +375,7 @@ async fn an_unasked_for_101_is_a_bad_gateway_not_a_tunnel() {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nraw",
     )
     .await;
-    let gw = Gateway::start(&format!(
-        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
-        up.addr
-    ))
-    .await;
+    let gw = to_upstream(up.addr, "").await;
     let r = get(gw.listen, "/plain", &[]).await.unwrap();
     assert_error_body(&r, 502, Some("ok"));
     assert!(!r.text().contains("raw"), "{}", r.text());
@@ -449,20 +445,9 @@ async fn http10_clients_get_bodies_they_can_read() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
     .await;
-    let upstream = up.addr;
-    let gw = Gateway::start(&format!(
-        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"
-    ))
-    .await;
+    let gw = to_upstream(up.addr, "").await;
     let read_all = |raw: &'static [u8]| async move {
-        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-        s.write_all(raw).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .expect("the connection is closed after the body")
-            .unwrap();
-        String::from_utf8_lossy(&out).into_owned()
+        String::from_utf8_lossy(&read_to_close(gw.listen, raw).await).into_owned()
     };
     // HTTP/1.0 has no chunked coding: the body runs to the close.
     let r = read_all(b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n").await;
@@ -491,11 +476,7 @@ async fn http10_clients_get_no_informational_responses() {
         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     )
     .await;
-    let gw = Gateway::start(&format!(
-        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
-        up.addr
-    ))
-    .await;
+    let gw = to_upstream(up.addr, "").await;
     let answer = |raw: &'static [u8]| async move {
         let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
         s.write_all(raw).await.unwrap();
@@ -532,21 +513,8 @@ async fn http10_clients_get_no_informational_responses() {
 async fn http10_clients_of_http2_upstreams_get_bodies_they_can_read() {
     // `/trailers` streams its body: no length for Pingora to pass on.
     let up = echo("h2").await;
-    let gw = Gateway::start(&format!(
-        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\nprotocol = \"h2c\"\n",
-        up.addr
-    ))
-    .await;
-    let read_all = |raw: &'static [u8]| async move {
-        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-        s.write_all(raw).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .expect("the connection is closed after the body")
-            .unwrap();
-        out
-    };
+    let gw = to_upstream(up.addr, "protocol = \"h2c\"\n").await;
+    let read_all = |raw: &'static [u8]| read_to_close(gw.listen, raw);
     for keep in ["", "Connection: keep-alive\r\n"] {
         let raw = format!("GET /trailers HTTP/1.0\r\nHost: a\r\n{keep}\r\n").leak();
         let r = read_all(raw.as_bytes()).await;
@@ -568,4 +536,26 @@ async fn http10_clients_of_http2_upstreams_get_bodies_they_can_read() {
         "{}",
         String::from_utf8_lossy(&r)
     );
+}
+
+/// A gateway whose one route, `ok`, goes to `upstream` (upstream `u`, with
+/// `extra` keys).
+async fn to_upstream(upstream: std::net::SocketAddr, extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n{extra}"
+    ))
+    .await
+}
+
+/// Send `raw` on a new connection; everything that comes back until the
+/// gateway closes it.
+async fn read_to_close(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the connection is closed after the body")
+        .unwrap();
+    out
 }
