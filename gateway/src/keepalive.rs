@@ -28,6 +28,7 @@
 //! ([`IdleTimer`]): a busy connection sets one about once per
 //! `idle_timeout`.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -83,7 +84,29 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
             // only once its `shutdown_delay` is over.
             return ServerApp::process_new(&self.inner, stream, &crate::shutdown::h2_watch()).await;
         }
+        FATE.scope(
+            Cell::new(Fate::Handed),
+            self.serve_http1(stream, shutdown, idle),
+        )
+        .await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.http_cleanup().await
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
+    /// Pingora's HTTP/1 loop, with the wait between requests done here.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+        mut idle: IdleTimer,
+    ) -> Option<Stream> {
         let options = self.inner.server_options();
+        // Where a refused head came from; one reference per connection.
+        let digest = stream.get_socket_digest();
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
         // not one per wait.
@@ -141,22 +164,32 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
                 Some(Some(settings)) => settings.apply_to_session(&mut session),
                 Some(None) => {}
             }
+            // Kept for the log line of a head Pingora refuses: the session
+            // and its bytes are gone by then.
+            let line = head.as_deref().map(FirstLine::of).unwrap_or_default();
             if let Some(head) = head {
                 start_with(&mut session, head);
             }
-            let reused = self.inner.process_new_http(session, shutdown).await?;
+            let _ = FATE.try_with(|f| f.set(Fate::Handed));
+            let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
+                let fate = FATE.try_with(Cell::get).unwrap_or(Fate::Taken);
+                // At shutdown Pingora drops a session it has not parsed yet.
+                if fate != Fate::Taken && !*shutdown.borrow() {
+                    crate::proxy::observe::refused(
+                        &self.runtime.load(),
+                        digest.as_deref(),
+                        line.bytes(),
+                        fate == Fate::TimedOut,
+                    );
+                }
+                return None;
+            };
             let (next, settings) = reused.consume();
             stream = next;
             carried = Some(settings);
         }
     }
 
-    async fn cleanup(&self) {
-        self.inner.http_cleanup().await
-    }
-}
-
-impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this
     /// loop; `None` when the connection failed, or sent nothing within its
     /// `idle_timeout`, while being looked at.
@@ -222,6 +255,67 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             biased;
             read = read_some(stream) => read.ok().flatten(),
             () = idle.until(deadline) => None,
+        }
+    }
+}
+
+/// What became of the request head the loop last handed to Pingora. Pingora
+/// answers a head it cannot parse (`400`) or a `CONNECT` (`405`) itself and
+/// drops the connection, without a hook; the proxy marks each request it
+/// takes, so one Pingora refused, or the client left unfinished, is logged
+/// here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Not taken by the proxy (yet).
+    Handed,
+    /// The proxy took it, and logs it.
+    Taken,
+    /// `header_read_timeout` ended it.
+    TimedOut,
+}
+
+tokio::task_local! {
+    static FATE: Cell<Fate>;
+}
+
+/// The proxy took the request the loop handed over: it logs it itself.
+pub(crate) fn request_taken() {
+    let _ = FATE.try_with(|f| f.set(Fate::Taken));
+}
+
+/// `header_read_timeout` ended the head being read.
+pub(crate) fn head_timed_out() {
+    let _ = FATE.try_with(|f| f.set(Fate::TimedOut));
+}
+
+/// The start of a request head, copied before Pingora takes the bytes: the
+/// request line of a refused head, for its log line.
+struct FirstLine {
+    bytes: [u8; FirstLine::MAX],
+    len: usize,
+}
+
+impl FirstLine {
+    /// Enough for a method and a path to tell what a client sent.
+    const MAX: usize = 128;
+
+    fn of(head: &[u8]) -> Self {
+        let len = head.len().min(Self::MAX);
+        let mut bytes = [0; Self::MAX];
+        bytes[..len].copy_from_slice(&head[..len]);
+        FirstLine { bytes, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl Default for FirstLine {
+    fn default() -> Self {
+        FirstLine {
+            bytes: [0; FirstLine::MAX],
+            len: 0,
         }
     }
 }

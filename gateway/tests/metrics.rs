@@ -562,3 +562,224 @@ async fn a_timed_out_attempt_counts_once() {
         None
     );
 }
+
+/// Heads the proxy never sees (Pingora's parser refuses them and answers
+/// itself, or the client stops sending) get an access-log line and are
+/// counted, as every request the proxy takes is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_unfinished_heads_are_logged_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = echo("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        r#"
+[telemetry]
+access_log = "json"
+access_log_file = "{}"
+[admin]
+listen = "@ADMIN@"
+[listeners.public]
+bind = "@LISTEN@"
+direction = "ingress"
+limits = {{ header_read_timeout = "1s" }}
+[routes.api]
+path_prefix = "/api/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}"]
+"#,
+        file.display(),
+        up.addr
+    ))
+    .await;
+    // Sends `parts` in turn, then reads until the gateway closes.
+    let exchange = |parts: &'static [&'static [u8]], half_close: bool| async move {
+        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        for part in parts {
+            c.write_all(part).await.unwrap();
+        }
+        if half_close {
+            c.shutdown().await.unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+            .await
+            .expect("the gateway closes the connection")
+            .ok();
+        String::from_utf8_lossy(&got).into_owned()
+    };
+
+    let bad = exchange(
+        &[b"GET /bad HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n"],
+        false,
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    // The second request of a kept-alive connection, sent once the first
+    // was answered.
+    {
+        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        c.write_all(b"GET /api/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The echo answers with Content-Length: read the head, then the body.
+        let complete = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .expect("the echo sends Content-Length");
+            body.len() >= length
+        };
+        while !complete(&got) {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        c.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = String::new();
+        c.read_to_string(&mut rest).await.ok();
+        assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    }
+    // Pipelined behind a request that is served: Pingora carried its bytes
+    // over, so the line has no method or path.
+    let pipelined = exchange(
+        &[b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n"],
+        false,
+    )
+    .await;
+    assert!(pipelined.starts_with("HTTP/1.1 200"), "{pipelined}");
+    assert!(pipelined.contains("HTTP/1.1 400"), "{pipelined}");
+    let connect = exchange(
+        &[b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"],
+        false,
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    // The client gives up half-way through its head: nothing to answer.
+    let unfinished = exchange(&[b"GET /half HTTP/1.1\r\nHost: x\r\n"], true).await;
+    assert_eq!(unfinished, "");
+    // Half a head, then nothing until header_read_timeout closes it.
+    let slow = exchange(&[b"GET /slow HTTP/1.1\r\nHo"], false).await;
+    assert_eq!(slow, "");
+    // A request logged after all of the above: once its line is written,
+    // theirs are too.
+    let last = get(gw.listen, "/api/last", &[("x-request-id", "last")])
+        .await
+        .unwrap();
+    assert_eq!(last.status, 200);
+
+    let start = Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        if lines.iter().any(|l| l["request_id"] == "last") {
+            break lines;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "access log has: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+    };
+    for (path, method, status, error) in [
+        ("/bad", "GET", 400, "malformed or incomplete request head"),
+        (
+            "/second",
+            "GET",
+            400,
+            "malformed or incomplete request head",
+        ),
+        (
+            "example.test:443",
+            "CONNECT",
+            405,
+            "CONNECT is not served on this connection",
+        ),
+        ("/half", "GET", 400, "malformed or incomplete request head"),
+        (
+            "/slow",
+            "GET",
+            408,
+            "request head not complete within header_read_timeout",
+        ),
+    ] {
+        let l = line(path);
+        assert_eq!(l["method"], method, "{l}");
+        assert_eq!(l["status"], status, "{l}");
+        assert_eq!(l["error"], error, "{l}");
+        assert_eq!(l["listener"], "public", "{l}");
+        assert_eq!(l["direction"], "ingress", "{l}");
+        assert_eq!(l["route"], "", "{l}");
+        assert!(
+            l["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{l}"
+        );
+    }
+    assert_eq!(line("/bad")["protocol"], "HTTP/1.1");
+    assert_eq!(line("/api/ok")["status"], 200);
+    assert_eq!(line("/api/first")["status"], 200);
+    let carried = line("");
+    assert_eq!(carried["status"], 400);
+    assert_eq!(carried["method"], "");
+    // One line per request: the three served, the six refused.
+    assert_eq!(lines.len(), 9, "{lines:?}");
+
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_downstream_rejected_total{listener="public",reason="malformed"}"#,
+            4.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(
+        support::metric(
+            &text,
+            r#"meshgate_downstream_rejected_total{listener="public",reason="malformed"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        support::metric(
+            &text,
+            r#"meshgate_downstream_rejected_total{listener="public",reason="header_timeout"}"#
+        ),
+        1.0
+    );
+    let refused: f64 = ["GET", "CONNECT", "other"]
+        .iter()
+        .map(|m| {
+            support::metric(
+                &text,
+                &format!(
+                    r#"meshgate_downstream_requests_total{{listener="public",method="{m}",route="",status_class="4xx"}}"#
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(refused, 6.0, "{text}");
+}

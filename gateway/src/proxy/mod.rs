@@ -6,7 +6,7 @@ pub mod ctx;
 pub mod egress;
 mod framing;
 pub mod headers;
-mod observe;
+pub(crate) mod observe;
 pub mod respond;
 mod trace;
 
@@ -434,6 +434,8 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        // Pingora parsed the head: the request is logged by `logging`.
+        crate::keepalive::request_taken();
         RequestCtx::new()
     }
 

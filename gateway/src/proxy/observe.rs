@@ -3,10 +3,12 @@
 
 use std::time::{Instant, SystemTime};
 
+use pingora::protocols::SocketDigest;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use super::ctx::RequestCtx;
+use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Entry};
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::metrics::RouteSeries;
@@ -163,6 +165,92 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         rate_limit: &ctx.rate_limit_note,
         peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
         authz: &ctx.authz_note,
+    };
+    if let Some(line) = entry.format(format) {
+        access_log::submit(line);
+    }
+}
+
+/// A request head that never reached the proxy: Pingora refused it (`400`
+/// for a head it cannot parse, `405` for a `CONNECT`), the client stopped
+/// sending it (logged as `400`, as NGINX logs it, though nothing was sent),
+/// or `header_read_timeout` ended it (`408`, nothing sent; counted as
+/// `header_timeout` where it fired). `line` is the start of what the client
+/// sent, when the loop saw it.
+pub fn refused(rt: &Runtime, digest: Option<&SocketDigest>, line: &[u8], timed_out: bool) {
+    let request_line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+    let mut parts = request_line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    // Without the query, as every line's `path`.
+    let target = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let protocol = match parts.next() {
+        Some(b"HTTP/1.0") => "HTTP/1.0",
+        Some(b"HTTP/1.1") => "HTTP/1.1",
+        _ => "",
+    };
+    let (status, error) = if timed_out {
+        (408, "request head not complete within header_read_timeout")
+    } else if method == b"CONNECT" {
+        (405, "CONNECT is not served on this connection")
+    } else {
+        (400, "malformed or incomplete request head")
+    };
+
+    let listener = rt.listener_for(
+        digest
+            .and_then(|d| d.local_addr())
+            .and_then(|a| a.as_inet())
+            .copied(),
+    );
+    let listener = listener.and_then(|i| rt.listeners.get(i));
+    let name = listener.map_or("", |l| l.name.as_str());
+    let m = metrics();
+    let method_class = http::Method::from_bytes(method)
+        .map_or(crate::telemetry::names::METHOD_CLASSES.len() - 1, |m| {
+            method_index(&m)
+        });
+    RouteSeries::new(name, NO_ROUTE)
+        .requests(method_class, status_index(status))
+        .inc();
+    if status == 400 {
+        m.rejected.with_label_values(&[name, "malformed"]).inc();
+    }
+
+    let format = rt.config.telemetry.access_log;
+    if format == access_log::Format::Off {
+        return;
+    }
+    let method = String::from_utf8_lossy(method);
+    let target = String::from_utf8_lossy(target);
+    let entry = Entry {
+        timestamp: access_log::timestamp(SystemTime::now()),
+        request_id: "",
+        trace_id: "",
+        listener: name,
+        direction: listener.map_or("", |l| l.direction.as_str()),
+        route: NO_ROUTE,
+        upstream: "",
+        endpoint: String::new(),
+        method: &method,
+        host: "",
+        path: &target,
+        protocol,
+        status,
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: 0.0,
+        upstream_duration_ms: None,
+        client: digest
+            .and_then(|d| d.peer_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        user_agent: "",
+        error,
+        rate_limit: "",
+        peer_identity: "",
+        authz: "",
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);

@@ -143,6 +143,7 @@ impl HeadDeadline {
                     .rejected
                     .with_label_values(&[&*self.listener, "header_timeout"])
                     .inc();
+                crate::keepalive::head_timed_out();
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "request head not complete within header_read_timeout",

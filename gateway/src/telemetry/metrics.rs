@@ -96,7 +96,7 @@ impl Metrics {
             response_bytes: counter(&r, names::DOWNSTREAM_RESPONSE_BYTES_TOTAL, "Response body bytes sent to clients.", &[LISTENER, ROUTE]),
             in_flight: gauge(&r, names::DOWNSTREAM_REQUESTS_IN_FLIGHT, "Requests being served now.", &[LISTENER]),
             connections_active: gauge(&r, names::DOWNSTREAM_CONNECTIONS_ACTIVE, "Open client connections.", &[LISTENER, DIRECTION]),
-            rejected: counter(&r, names::DOWNSTREAM_REJECTED_TOTAL, "Requests and connections refused by a listener or route limit, by reason: header_bytes, header_count, uri_length, body_size, connection_limit, header_timeout.", &[LISTENER, REASON]),
+            rejected: counter(&r, names::DOWNSTREAM_REJECTED_TOTAL, "Requests and connections refused by a listener or route limit, by reason: header_bytes, header_count, uri_length, body_size, connection_limit, header_timeout, malformed.", &[LISTENER, REASON]),
             no_route: counter(&r, names::NO_ROUTE_TOTAL, "Requests no route matched (answered 404).", &[LISTENER]),
             upstream_requests: counter(&r, names::UPSTREAM_REQUESTS_TOTAL, "Requests forwarded to an upstream, by upstream response status class (`none`: no response).", &[UPSTREAM, STATUS_CLASS]),
             upstream_duration: histogram(&r, names::UPSTREAM_REQUEST_DURATION_SECONDS, "Time from choosing an endpoint to the end of the upstream response, retries included.", &[UPSTREAM]),
