@@ -104,6 +104,30 @@ async fn keys_are_independent_and_allowed_responses_can_carry_headers() {
     assert_eq!(statuses(&gw, 3, &[]).await, vec![200, 200, 429]);
 }
 
+/// `headers_on_allowed` is the policy's own: an allowed response names only
+/// the policies that set it, a 429 every enforcing policy asked. A
+/// sub-second `per` is advertised over one second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_responses_name_only_the_policies_that_ask_to_be_shown() {
+    let gw = Gateway::start(&routes(
+        "[rate_limits.quiet]\nkey = \"route\"\nrate = 100\nper = \"1m\"\n[rate_limits.fast]\nkey = \"route\"\nrate = 50\nper = \"500ms\"\nheaders_on_allowed = true\n[rate_limits.loud]\nkey = \"route\"\nrate = 1\nper = \"1m\"\nheaders_on_allowed = true\n",
+        "",
+    ).replace("[routes.api]", "[routes.api]\nrate_limits = [\"quiet\", \"fast\", \"loud\"]"))
+    .await;
+    let allowed = get(gw.listen, "/", &[]).await.unwrap();
+    assert_eq!(allowed.status, 200);
+    assert_eq!(
+        allowed.header("ratelimit-policy"),
+        Some("\"fast\";q=100;w=1, \"loud\";q=1;w=60")
+    );
+    let refused = get(gw.listen, "/", &[]).await.unwrap();
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"quiet\";q=100;w=60, \"fast\";q=100;w=1, \"loud\";q=1;w=60")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_never_blocks_but_counts() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,6 +224,50 @@ async fn every_policy_must_allow_and_the_first_refusal_is_named() {
     assert_eq!(r.json()["policy"], "tight");
     let policy = r.header("ratelimit-policy").unwrap();
     assert_eq!(policy, "\"loose\";q=100;w=60, \"tight\";q=1;w=60");
+}
+
+/// A client refused by its own limit, listed first, does not spend the
+/// route's shared cap listed after it: others still get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_spends_nothing_from_the_policies_after_the_refusal() {
+    let config = routes(
+        "[rate_limits.per_user]\nkey = \"header:x-user\"\nrate = 1\nper = \"1m\"\n[rate_limits.cap]\nkey = \"route\"\nrate = 3\nper = \"1m\"\n",
+        "",
+    )
+    .replace(
+        "[routes.api]",
+        "[routes.api]\nrate_limits = [\"per_user\", \"cap\"]",
+    );
+    let gw = Gateway::start(&config).await;
+    let a = [("x-user", "a")];
+    assert_eq!(
+        statuses(&gw, 6, &a).await,
+        vec![200, 429, 429, 429, 429, 429]
+    );
+    let b = [("x-user", "b")];
+    let c = [("x-user", "c")];
+    assert_eq!(statuses(&gw, 1, &b).await, vec![200]);
+    assert_eq!(statuses(&gw, 1, &c).await, vec![200]);
+    // a, b and c spent the cap's three units: a fourth user meets it.
+    let r = get(gw.listen, "/", &[("x-user", "d")]).await.unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["policy"], "cap");
+    // Only the policies asked are in the metrics: the cap saw 4 requests.
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_rate_limit_decisions_total{outcome="limited",policy="cap"}"#,
+            1.0,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(
+        support::metric(
+            &text,
+            r#"meshgate_rate_limit_decisions_total{outcome="allowed",policy="cap"}"#
+        ),
+        3.0,
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,8 +179,10 @@ pub struct Verdict {
     pub headers: Option<(String, String)>,
 }
 
-/// Check `policies` in order; all must allow. A policy consumes a unit even
-/// when a later one refuses the request. `backend` serves global policies.
+/// Check `policies` in order; all must allow. The first refusal ends the
+/// check: a policy before it has consumed a unit, one after it is neither
+/// asked nor charged, so a client over a narrow limit listed first does not
+/// drain a shared one listed after it. `backend` serves global policies.
 pub async fn check(
     policies: &[Arc<Policy>],
     inputs: &KeyInputs<'_>,
@@ -195,9 +197,10 @@ pub async fn check(
     let deadline = Instant::now() + backend.map_or(Duration::ZERO, |b| b.model.timeout);
     for p in policies {
         let m = &p.model;
-        if verdict.unavailable.is_some() && matches!(m.scope, LimitScope::Global { .. }) {
-            // Already refused for want of Redis; asking again only adds delay.
-            continue;
+        if verdict.limited.is_some() || verdict.unavailable.is_some() {
+            // Refused: charging later policies would let a refused client
+            // drain budgets others share (and cost Redis round trips).
+            break;
         }
         let decision = match p.decide(&key_of(m, inputs), backend, deadline).await {
             Ok(d) => d,
@@ -247,10 +250,17 @@ pub async fn check(
             shown.push((m, remaining, reset));
         }
     }
+    // A 429 names every enforcing policy asked; an allowed response only
+    // those that ask for headers on allowed responses.
+    let refused = verdict.limited.is_some();
+    shown.retain(|(m, _, _)| refused || m.headers_on_allowed);
     if show && !shown.is_empty() {
         let policy = shown
             .iter()
-            .map(|(m, _, _)| format!("\"{}\";q={};w={}", m.name, m.rate, ceil_secs(m.per)))
+            .map(|(m, _, _)| {
+                let (q, w) = quota(m.rate, m.per);
+                format!("\"{}\";q={q};w={w}", m.name)
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let limit = shown
@@ -261,6 +271,16 @@ pub async fn check(
         verdict.headers = Some((policy, limit));
     }
     verdict
+}
+
+/// `RateLimit-Policy`'s quota `q` in a window of `w` whole seconds: `rate`
+/// per `per` scaled to the window (rounded down, never below `rate`), so
+/// `rate = 5, per = "500ms"` is `q=10;w=1`, not 5 in a second.
+fn quota(rate: u32, per: Duration) -> (u64, u64) {
+    let w = ceil_secs(per).max(1);
+    let per_nanos = per.as_nanos().max(1);
+    let q = u128::from(rate) * u128::from(w) * 1_000_000_000 / per_nanos;
+    (u64::try_from(q).unwrap_or(u64::MAX).max(u64::from(rate)), w)
 }
 
 /// Whole seconds, rounded up (header fields and `Retry-After` count seconds).
@@ -287,5 +307,24 @@ impl BackgroundService for EvictIdleKeys {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_quota_is_the_rate_over_a_whole_second_window() {
+        let ms = Duration::from_millis;
+        assert_eq!(quota(100, Duration::from_secs(1)), (100, 1));
+        assert_eq!(quota(100, Duration::from_secs(60)), (100, 60));
+        // Sub-second periods scale up to the one-second window.
+        assert_eq!(quota(5, ms(500)), (10, 1));
+        assert_eq!(quota(1, ms(10)), (100, 1));
+        // A period that is not whole seconds: the window rounds up and the
+        // quota scales with it, rounded down.
+        assert_eq!(quota(3, ms(1500)), (4, 2));
+        assert_eq!(quota(7, ms(2500)), (8, 3));
     }
 }
