@@ -26,22 +26,30 @@ python3 - <<'PY'
 import os, sys, yaml
 base = "docker"
 doc = yaml.safe_load(open(os.path.join(base, "compose.yaml")))
-missing = []
+problems = []
 for name, svc in doc["services"].items():
     for vol in svc.get("volumes", []):
         src = vol.split(":")[0]
         if src.startswith("."):
             if not os.path.exists(os.path.normpath(os.path.join(base, src))):
-                missing.append(f"{name}: {src}")
+                problems.append(f"{name}: missing {src}")
     build = svc.get("build")
     if build:
         ctx = os.path.normpath(os.path.join(base, build["context"]))
         if not os.path.exists(os.path.join(ctx, build["dockerfile"])):
-            missing.append(f"{name}: {build['dockerfile']}")
+            problems.append(f"{name}: missing {build['dockerfile']}")
 for f in ["docker/prometheus.yml", "docker/grafana/provisioning/datasources/prometheus.yaml",
           "docker/grafana/provisioning/dashboards/meshgate.yaml"]:
     yaml.safe_load(open(f))
-if missing:
-    sys.exit("compose.yaml refers to missing files: " + ", ".join(missing))
+# The demo's traces go to a service the compose file runs.
+import tomllib
+from urllib.parse import urlparse
+tracing = tomllib.load(open("config/compose.toml", "rb")).get("telemetry", {}).get("tracing")
+if not tracing:
+    problems.append("config/compose.toml: no [telemetry.tracing] for the Jaeger service")
+elif urlparse(tracing["endpoint"]).hostname not in doc["services"]:
+    problems.append(f"config/compose.toml: tracing endpoint {tracing['endpoint']} is no compose service")
+if problems:
+    sys.exit("compose.yaml: " + ", ".join(problems))
 print("compose.yaml: ok")
 PY

@@ -24,6 +24,11 @@
 //! then this loop does not wait for a read, since the next request's first
 //! bytes have already arrived.
 //!
+//! A head Pingora never passes to the proxy (its parser refused it, it is a
+//! `CONNECT`, or the client stopped sending it) leaves the proxy no hook to
+//! log it: the loop logs it when Pingora gives the connection up without
+//! the proxy having marked the request as its own ([`Fate`]).
+//!
 //! The wait is bounded by one timer per connection, not one per request
 //! ([`IdleTimer`]): a busy connection sets one about once per
 //! `idle_timeout`.
@@ -105,8 +110,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         mut idle: IdleTimer,
     ) -> Option<Stream> {
         let options = self.inner.server_options();
-        // Where a refused head came from; one reference per connection.
+        // Where a refused head came from; one reference each per connection.
         let digest = stream.get_socket_digest();
+        let tls = stream.get_ssl_digest();
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
         // not one per wait.
@@ -178,6 +184,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                     crate::proxy::observe::refused(
                         &self.runtime.load(),
                         digest.as_deref(),
+                        tls.as_deref(),
                         line.bytes(),
                         fate == Fate::TimedOut,
                     );

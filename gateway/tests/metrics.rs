@@ -432,12 +432,37 @@ async fn access_log_lines_describe_each_request() {
     assert!(first["upstream_duration_ms"].as_f64().unwrap() > 0.0);
     assert!(first["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert_eq!(first["error"], "");
+    // A plain connection: no TLS details.
+    assert_eq!(first["tls_version"], "");
+    assert_eq!(first["tls_cipher"], "");
+    assert_eq!(first["sni"], "");
     let failed = lines
         .iter()
         .find(|l| l["request_id"] == "rid-2")
         .expect("line for rid-2");
     assert_eq!(failed["status"], 502);
     assert_eq!(failed["error"], "upstream unreachable");
+}
+
+/// The overview dashboard's panels are each explained in
+/// docs/observability.md ("what each panel answers").
+#[test]
+fn every_overview_panel_is_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let docs = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
+    let board: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/grafana/meshgate-overview.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = board["panels"].as_array().unwrap();
+    assert!(panels.len() > 10);
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap();
+        assert!(
+            docs.contains(&format!("| {title} |")),
+            "overview panel {title:?} has no row in docs/observability.md"
+        );
+    }
 }
 
 /// Every metric a dashboard queries must exist in a real scrape, so renaming a

@@ -141,6 +141,72 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     );
 }
 
+/// The access log says how each request's connection was secured: TLS
+/// version, cipher and the server name asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_carry_the_tls_version_cipher_and_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let ca = Ca::new("test root");
+    let telemetry = format!(
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"\n",
+        log.display()
+    );
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\", \"api\"]",
+        &(telemetry + &edge_and_api(&ca, dir.path())),
+        RESPOND,
+    ))
+    .await;
+    let ca_pem = ca.pem();
+    let (r, info) = tls::get(
+        gw.listen,
+        &ClientTls::new(&ca_pem, Some("api.example")),
+        "/",
+        &[("x-request-id", "with-sni")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let (r, _) = tls::get(
+        gw.listen,
+        &ClientTls {
+            max_version: Some(SslVersion::TLS1_2),
+            ..ClientTls::new(&ca_pem, None)
+        },
+        "/",
+        &[("x-request-id", "tls12-no-sni")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let start = Instant::now();
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            break text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "log: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap();
+    let sni = line("with-sni");
+    assert_eq!(sni["tls_version"], "TLSv1.3");
+    assert_eq!(sni["tls_cipher"], info.cipher.as_str());
+    assert_eq!(sni["sni"], "api.example");
+    let old = line("tls12-no-sni");
+    assert_eq!(old["tls_version"], "TLSv1.2");
+    assert!(
+        old["tls_cipher"].as_str().unwrap().contains("GCM")
+            || old["tls_cipher"].as_str().unwrap().contains("CHACHA20"),
+        "{old}"
+    );
+    assert_eq!(old["sni"], "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_version_refuses_older_clients_and_counts_the_failure() {
     let (_dir, ca, gw) = edge_gateway("certs = [\"edge\"], min_version = \"1.3\"").await;

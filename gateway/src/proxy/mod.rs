@@ -455,7 +455,10 @@ impl ProxyHttp for Gateway {
         let mut peer_cert = None;
         if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
             ctx.tls = true;
-            peer_cert = tls.extension.get::<crate::tls::PeerCert>();
+            peer_cert = tls
+                .extension
+                .get::<crate::tls::TlsConnection>()
+                .and_then(|c| c.peer.as_ref());
             ctx.peer_identity = peer_cert.and_then(|p| p.identity.clone());
         }
         ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(

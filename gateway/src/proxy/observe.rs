@@ -3,6 +3,7 @@
 
 use std::time::{Instant, SystemTime};
 
+use pingora::protocols::tls::SslDigest;
 use pingora::protocols::SocketDigest;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
@@ -134,6 +135,10 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .as_ref()
         .map(crate::telemetry::tracing::trace_id)
         .unwrap_or_default();
+    let tls = session.digest().and_then(|d| d.ssl_digest.as_ref());
+    let sni = tls
+        .and_then(|t| t.extension.get::<crate::tls::TlsConnection>())
+        .and_then(|c| c.sni.as_deref());
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now() - elapsed),
         request_id: &ctx.request_id,
@@ -165,6 +170,9 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         rate_limit: &ctx.rate_limit_note,
         peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
         authz: &ctx.authz_note,
+        tls_version: tls.map_or("", |t| &t.version),
+        tls_cipher: tls.map_or("", |t| &t.cipher),
+        sni: sni.unwrap_or(""),
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);
@@ -177,7 +185,13 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
 /// or `header_read_timeout` ended it (`408`, nothing sent; counted as
 /// `header_timeout` where it fired). `line` is the start of what the client
 /// sent, when the loop saw it.
-pub fn refused(rt: &Runtime, digest: Option<&SocketDigest>, line: &[u8], timed_out: bool) {
+pub fn refused(
+    rt: &Runtime,
+    digest: Option<&SocketDigest>,
+    tls: Option<&SslDigest>,
+    line: &[u8],
+    timed_out: bool,
+) {
     let request_line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
     let mut parts = request_line.split(|&b| b == b' ');
@@ -251,6 +265,12 @@ pub fn refused(rt: &Runtime, digest: Option<&SocketDigest>, line: &[u8], timed_o
         rate_limit: "",
         peer_identity: "",
         authz: "",
+        tls_version: tls.map_or("", |t| &t.version),
+        tls_cipher: tls.map_or("", |t| &t.cipher),
+        sni: tls
+            .and_then(|t| t.extension.get::<crate::tls::TlsConnection>())
+            .and_then(|c| c.sni.as_deref())
+            .unwrap_or(""),
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);

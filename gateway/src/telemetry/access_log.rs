@@ -58,6 +58,11 @@ pub struct Entry<'a> {
     pub rate_limit: &'a str,
     /// The client certificate's identity (mTLS), empty without one.
     pub peer_identity: &'a str,
+    /// The client connection's TLS version and cipher, and the server name
+    /// it asked for; empty on plain connections (and `sni` without one).
+    pub tls_version: &'a str,
+    pub tls_cipher: &'a str,
+    pub sni: &'a str,
     /// Authorization: `denied:NAME`, `shadow_denied:NAME,...`, or empty.
     pub authz: &'a str,
 }
@@ -84,7 +89,7 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az}",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az} tls_version={tv} tls_cipher={tc} sni={sni}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = clean(self.method),
@@ -108,6 +113,9 @@ impl Entry<'_> {
             rl = dash(self.rate_limit),
             pid = dash(self.peer_identity),
             az = dash(self.authz),
+            tv = dash(self.tls_version),
+            tc = dash(self.tls_cipher),
+            sni = dash(self.sni),
         )
     }
 
@@ -257,6 +265,26 @@ mod tests {
             rate_limit: "",
             peer_identity: "",
             authz: "",
+            tls_version: "TLSv1.3",
+            tls_cipher: "TLS_AES_128_GCM_SHA256",
+            sni: "api.example.com",
+        }
+    }
+
+    /// Each field of a line has its row in docs/observability.md.
+    #[test]
+    fn every_field_is_documented() {
+        let docs = include_str!("../../../docs/observability.md");
+        let line = entry().format(Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let fields = v.as_object().unwrap();
+        assert!(fields.len() > 20, "{line}");
+        for key in fields.keys() {
+            assert!(
+                docs.lines()
+                    .any(|l| l.starts_with("| `") && l.contains(&format!("`{key}`"))),
+                "access-log field {key} has no row in docs/observability.md"
+            );
         }
     }
 
@@ -285,6 +313,9 @@ mod tests {
             "client",
             "user_agent",
             "error",
+            "tls_version",
+            "tls_cipher",
+            "sni",
         ] {
             assert!(v.get(key).is_some(), "missing {key} in {line}");
         }
@@ -301,6 +332,12 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("trace_id=-"), "{line}");
+        assert!(
+            line.ends_with(
+                "tls_version=TLSv1.3 tls_cipher=TLS_AES_128_GCM_SHA256 sni=api.example.com"
+            ),
+            "{line}"
+        );
         assert!(line.contains("ua=\"curl__x_\""), "{line}");
         assert!(!line.contains('\n'));
         assert!(entry().format(Format::Off).is_none());

@@ -22,7 +22,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::ALPN;
 
-use super::{CertKeyPair, PeerCert};
+use super::{CertKeyPair, PeerCert, TlsConnection};
 use crate::config::model::{Alpn, CaBundle, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
 
@@ -130,7 +130,18 @@ impl TlsAccept for Callbacks {
         &self,
         ssl: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let leaf = ssl.peer_certificate()?;
+        let sni = ssl
+            .servername(boring::ssl::NameType::HOST_NAME)
+            .map(str::to_string);
+        let peer = ssl.peer_certificate().map(|leaf| self.peer_cert(ssl, leaf));
+        Some(Arc::new(TlsConnection { sni, peer }))
+    }
+}
+
+impl Callbacks {
+    /// The client certificate `leaf` a handshake verified, with what it was
+    /// checked against.
+    fn peer_cert(&self, ssl: &TlsRef, leaf: boring::x509::X509) -> PeerCert {
         let chain = ssl
             .peer_cert_chain()
             .map(|c| c.iter().map(|x| x.to_owned()).collect())
@@ -148,7 +159,7 @@ impl TlsAccept for Callbacks {
                 (self.current_fingerprint().as_ref() == Some(started)).then(|| started.clone())
             })
             .unwrap_or_default();
-        Some(Arc::new(PeerCert::new(leaf, chain, verified_with)))
+        PeerCert::new(leaf, chain, verified_with)
     }
 }
 

@@ -341,8 +341,16 @@ pub fn identities_of(cert: &X509Ref) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A client certificate a listener verified, attached to the connection by
-/// its handshake callback.
+/// What a client's TLS handshake settled that the requests on the
+/// connection need: attached to the connection by the handshake callback.
+pub struct TlsConnection {
+    /// The server name the client asked for (SNI), if it sent one.
+    pub sni: Option<String>,
+    /// The client certificate, on an mTLS listener that got one.
+    pub peer: Option<PeerCert>,
+}
+
+/// A client certificate a listener verified.
 pub struct PeerCert {
     /// The identity it proves: the first URI SAN, else the first DNS SAN.
     pub identity: Option<String>,
