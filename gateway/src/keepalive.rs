@@ -126,8 +126,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             // last one is served at once, even at shutdown; otherwise wait
             // for the client.
             let pipelined = match &carried {
-                Some(Some(settings)) => match carries_request(settings) {
-                    Some(carries) => carries,
+                Some(Some(settings)) => match carried_head(settings) {
+                    Some(head) => head,
                     None => {
                         // Bytes Pingora carried could be lost and the
                         // stream read from the middle of a request: close.
@@ -138,9 +138,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                         return None;
                     }
                 },
-                _ => false,
+                _ => None,
             };
-            let head = if pipelined {
+            let head = if pipelined.is_some() {
                 None
             } else {
                 Some(tokio::select! {
@@ -172,21 +172,32 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             }
             // Kept for the log line of a head Pingora refuses: the session
             // and its bytes are gone by then.
-            let line = head.as_deref().map(FirstLine::of).unwrap_or_default();
+            let line = match (&head, pipelined) {
+                (Some(head), _) => FirstLine::of(head),
+                (None, carried) => carried.unwrap_or_default(),
+            };
             if let Some(head) = head {
                 start_with(&mut session, head);
             }
             let _ = FATE.try_with(|f| f.set(Fate::Handed));
             let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
-                let fate = FATE.try_with(Cell::get).unwrap_or(Fate::Taken);
-                // At shutdown Pingora drops a session it has not parsed yet.
-                if fate != Fate::Taken && !*shutdown.borrow() {
-                    crate::proxy::observe::refused(
+                use crate::proxy::observe::{refused, HeadEnd};
+                let end = match FATE.try_with(Cell::get).unwrap_or(Fate::Taken) {
+                    Fate::Taken => return None,
+                    Fate::TimedOut => HeadEnd::TimedOut,
+                    // Pingora drops a session it has not parsed yet.
+                    Fate::Handed if *shutdown.borrow() => HeadEnd::Shutdown,
+                    Fate::Handed => HeadEnd::Refused,
+                };
+                // Empty lines are no request (a CRLF some clients send after
+                // a body, RFC 9112 §2.2), even unfinished.
+                if !line.is_blank() {
+                    refused(
                         &self.runtime.load(),
                         digest.as_deref(),
                         tls.as_deref(),
                         line.bytes(),
-                        fate == Fate::TimedOut,
+                        end,
                     );
                 }
                 return None;
@@ -316,6 +327,11 @@ impl FirstLine {
     fn bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
+
+    /// Only line ends: what a client may send before a request.
+    fn is_blank(&self) -> bool {
+        self.len > 0 && self.bytes().iter().all(|b| matches!(b, b'\r' | b'\n'))
+    }
 }
 
 impl Default for FirstLine {
@@ -390,38 +406,102 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 }
 
 /// Whether Pingora carried the start of a pipelined request over in
-/// `settings`.
+/// `settings`, and if so, what that start is (for the log line of a head
+/// Pingora then refuses): `Some(None)` when nothing was carried.
 ///
 /// `HttpPersistentSettings` has no getter for those bytes, only its derived
 /// `Debug`, which names each field before its value. The probe reads that
-/// output up to the value of `pipelined_prefix` and stops there, so nothing
-/// is formatted past it; a unit test holds the probe to Pingora's output.
-/// `None` if the output has no such field (Pingora changed it).
-fn carries_request(settings: &HttpPersistentSettings) -> Option<bool> {
+/// output up to the value of `pipelined_prefix`; when there is one, it reads
+/// on through enough of its escaped bytes for a [`FirstLine`], then stops,
+/// so nothing is formatted past that. A unit test holds the probe to
+/// Pingora's output. `None` if the output has no such field (Pingora
+/// changed it).
+fn carried_head(settings: &HttpPersistentSettings) -> Option<Option<FirstLine>> {
     use std::fmt::Write;
+
+    /// Escaped text enough for `FirstLine::MAX` bytes (`\xNN` is four).
+    const ESCAPED: usize = 4 * FirstLine::MAX + 8;
 
     #[derive(Default)]
     struct Probe {
         at_field: bool,
         found: Option<bool>,
+        /// The value's `Debug` text once it is known to be `Some`.
+        escaped: String,
     }
     impl Write for Probe {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            if !self.at_field {
-                self.at_field = s == "pipelined_prefix";
-                return Ok(());
+            match self.found {
+                None if !self.at_field => {
+                    self.at_field = s == "pipelined_prefix";
+                    Ok(())
+                }
+                None if s == ": " => Ok(()),
+                None => {
+                    let some = s.starts_with("Some");
+                    self.found = Some(some);
+                    // Stop formatting once the answer is known.
+                    if some {
+                        Ok(())
+                    } else {
+                        Err(std::fmt::Error)
+                    }
+                }
+                Some(_) => {
+                    self.escaped.push_str(s);
+                    if self.escaped.len() < ESCAPED {
+                        Ok(())
+                    } else {
+                        Err(std::fmt::Error)
+                    }
+                }
             }
-            if s == ": " {
-                return Ok(());
-            }
-            self.found = Some(s.starts_with("Some"));
-            // Stop formatting: the answer is known.
-            Err(std::fmt::Error)
         }
     }
     let mut probe = Probe::default();
     let _ = write!(probe, "{settings:?}");
-    probe.found
+    match probe.found? {
+        false => Some(None),
+        true => Some(Some(unescape(&probe.escaped))),
+    }
+}
+
+/// The bytes of `bytes`' `Debug` text (`(b"GET /\r\n...")`), up to
+/// [`FirstLine::MAX`]; empty if the text is not in that form.
+fn unescape(escaped: &str) -> FirstLine {
+    let mut out = [0u8; FirstLine::MAX];
+    let mut len = 0;
+    let Some((_, rest)) = escaped.split_once("b\"") else {
+        return FirstLine::default();
+    };
+    let mut chars = rest.bytes();
+    while len < FirstLine::MAX {
+        let byte = match chars.next() {
+            None | Some(b'"') => break,
+            Some(b'\\') => match chars.next() {
+                Some(b'n') => b'\n',
+                Some(b'r') => b'\r',
+                Some(b't') => b'\t',
+                Some(b'0') => 0,
+                Some(b'x') => {
+                    let hex = [chars.next().unwrap_or(0), chars.next().unwrap_or(0)];
+                    match std::str::from_utf8(&hex)
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
+                        Some(b) => b,
+                        None => break,
+                    }
+                }
+                Some(other) => other,
+                None => break,
+            },
+            Some(b) => b,
+        };
+        out[len] = byte;
+        len += 1;
+    }
+    FirstLine { bytes: out, len }
 }
 
 /// Hand Pingora the bytes already read, as the start of the request.
@@ -451,14 +531,26 @@ mod tests {
         session.set_pipelining_enabled(true);
         let mut settings = HttpPersistentSettings::for_session(&session);
         settings.set_user_context(Box::new(3u8));
-        assert_eq!(carries_request(&settings), Some(false));
+        assert!(matches!(carried_head(&settings), Some(None)));
         // Bytes that spell the field's name do not fool it.
         settings.set_pipelined_prefix(BytesMut::from(&b"pipelined_prefix: None"[..]));
-        assert_eq!(carries_request(&settings), Some(true));
-        assert_eq!(
-            carries_request(&HttpPersistentSettings::for_session(&session)),
-            Some(false)
-        );
+        let head = carried_head(&settings).unwrap().unwrap();
+        assert_eq!(head.bytes(), b"pipelined_prefix: None");
+        assert!(matches!(
+            carried_head(&HttpPersistentSettings::for_session(&session)),
+            Some(None)
+        ));
+        // Every kind of byte comes back as it was, up to FirstLine::MAX.
+        let mut all: Vec<u8> = (0..=255u8).collect();
+        all.extend_from_slice(b"\"\\\r\n\t\0");
+        let mut settings = HttpPersistentSettings::for_session(&session);
+        settings.set_pipelined_prefix(BytesMut::from(&all[..]));
+        let head = carried_head(&settings).unwrap().unwrap();
+        assert_eq!(head.bytes(), &all[..FirstLine::MAX]);
+        let mut settings = HttpPersistentSettings::for_session(&session);
+        let tail = &all[200..];
+        settings.set_pipelined_prefix(BytesMut::from(tail));
+        assert_eq!(carried_head(&settings).unwrap().unwrap().bytes(), tail);
     }
 
     #[tokio::test]

@@ -588,6 +588,33 @@ async fn a_timed_out_attempt_counts_once() {
     );
 }
 
+/// Read one response with a `Content-Length` (the echo's) off `c`.
+async fn one_response(c: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .expect("the echo sends Content-Length");
+            if body.len() >= length {
+                return text.into_owned();
+            }
+        }
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Heads the proxy never sees (Pingora's parser refuses them and answers
 /// itself, or the client stops sending) get an access-log line and are
 /// counted, as every request the proxy takes is.
@@ -649,31 +676,7 @@ endpoints = ["{}"]
         c.write_all(b"GET /api/ok HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        // The echo answers with Content-Length: read the head, then the body.
-        let complete = |got: &[u8]| {
-            let text = String::from_utf8_lossy(got);
-            let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                return false;
-            };
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(str::to_owned)
-                })
-                .and_then(|v| v.trim().parse().ok())
-                .expect("the echo sends Content-Length");
-            body.len() >= length
-        };
-        while !complete(&got) {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(one_response(&mut c).await.starts_with("HTTP/1.1 200"));
         c.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n")
             .await
             .unwrap();
@@ -681,8 +684,8 @@ endpoints = ["{}"]
         c.read_to_string(&mut rest).await.ok();
         assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
     }
-    // Pipelined behind a request that is served: Pingora carried its bytes
-    // over, so the line has no method or path.
+    // Pipelined behind a request that is served: Pingora carried the bytes
+    // over, and the line still names what they were.
     let pipelined = exchange(
         &[b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n"],
         false,
@@ -690,6 +693,27 @@ endpoints = ["{}"]
     .await;
     assert!(pipelined.starts_with("HTTP/1.1 200"), "{pipelined}");
     assert!(pipelined.contains("HTTP/1.1 400"), "{pipelined}");
+    let pipelined = exchange(
+        &[b"GET /api/second HTTP/1.1\r\nHost: x\r\n\r\nCONNECT piped.test:443 HTTP/1.1\r\nHost: piped.test:443\r\n\r\n"],
+        false,
+    )
+    .await;
+    assert!(pipelined.contains("HTTP/1.1 405"), "{pipelined}");
+    // A CRLF after a body is no request (RFC 9112 §2.2): no line for it,
+    // once the client is done.
+    {
+        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        c.write_all(b"POST /api/form HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\r\n")
+            .await
+            .unwrap();
+        assert!(one_response(&mut c).await.starts_with("HTTP/1.1 200"));
+        c.shutdown().await.unwrap();
+        let mut rest = String::new();
+        c.read_to_string(&mut rest).await.ok();
+        assert_eq!(rest, "");
+    }
+    let blank = exchange(&[b"\r\n"], true).await;
+    assert_eq!(blank, "");
     let connect = exchange(
         &[b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"],
         false,
@@ -733,6 +757,13 @@ endpoints = ["{}"]
     };
     for (path, method, status, error) in [
         ("/bad", "GET", 400, "malformed or incomplete request head"),
+        ("/third", "GET", 400, "malformed or incomplete request head"),
+        (
+            "piped.test:443",
+            "CONNECT",
+            405,
+            "CONNECT is not served on this connection",
+        ),
         (
             "/second",
             "GET",
@@ -768,11 +799,10 @@ endpoints = ["{}"]
     assert_eq!(line("/bad")["protocol"], "HTTP/1.1");
     assert_eq!(line("/api/ok")["status"], 200);
     assert_eq!(line("/api/first")["status"], 200);
-    let carried = line("");
-    assert_eq!(carried["status"], 400);
-    assert_eq!(carried["method"], "");
-    // One line per request: the three served, the six refused.
-    assert_eq!(lines.len(), 9, "{lines:?}");
+    assert_eq!(line("/api/second")["status"], 200);
+    assert_eq!(line("/api/form")["status"], 200);
+    // One line per request: the five served, the seven refused.
+    assert_eq!(lines.len(), 12, "{lines:?}");
 
     let text = gw
         .wait_for_metric(
@@ -795,7 +825,7 @@ endpoints = ["{}"]
         ),
         1.0
     );
-    let refused: f64 = ["GET", "CONNECT", "other"]
+    let refused: f64 = ["GET", "CONNECT"]
         .iter()
         .map(|m| {
             support::metric(
@@ -806,5 +836,39 @@ endpoints = ["{}"]
             )
         })
         .sum();
-    assert_eq!(refused, 6.0, "{text}");
+    assert_eq!(refused, 7.0, "{text}");
+
+    // A head still coming when the gateway stops: nothing is sent, and the
+    // line says why.
+    let mut cut = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    cut.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A round trip on another connection gives the gateway time to read it.
+    assert_eq!(get(gw.listen, "/api/sync", &[]).await.unwrap().status, 200);
+    support::signal(gw.pid(), "TERM");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), cut.read_to_end(&mut rest))
+        .await
+        .expect("closed at shutdown")
+        .ok();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["path"] == "/cut")
+        {
+            assert_eq!(l["status"], 0, "{l}");
+            assert_eq!(
+                l["error"],
+                "gateway stopped before the request head was read"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "log: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

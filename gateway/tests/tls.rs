@@ -180,10 +180,23 @@ async fn access_log_lines_carry_the_tls_version_cipher_and_sni() {
     .await
     .unwrap();
     assert_eq!(r.status, 200);
+    // A name that is not UTF-8 is logged as near as it can be.
+    let (r, _) = tls::get(
+        gw.listen,
+        &ClientTls {
+            raw_sni: Some(b"odd\xffname"),
+            ..ClientTls::new(&ca_pem, None)
+        },
+        "/",
+        &[("x-request-id", "raw-sni")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
     let start = Instant::now();
     let lines: Vec<serde_json::Value> = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 2 {
+        if text.lines().count() >= 3 {
             break text
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
@@ -205,6 +218,7 @@ async fn access_log_lines_carry_the_tls_version_cipher_and_sni() {
         "{old}"
     );
     assert_eq!(old["sni"], "");
+    assert_eq!(line("raw-sni")["sni"], "odd\u{fffd}name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,18 +179,28 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     }
 }
 
-/// A request head that never reached the proxy: Pingora refused it (`400`
-/// for a head it cannot parse, `405` for a `CONNECT`), the client stopped
-/// sending it (logged as `400`, as NGINX logs it, though nothing was sent),
-/// or `header_read_timeout` ended it (`408`, nothing sent; counted as
-/// `header_timeout` where it fired). `line` is the start of what the client
-/// sent, when the loop saw it.
+/// How a request head that never reached the proxy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadEnd {
+    /// Pingora refused it (`400` for a head it cannot parse, `405` for a
+    /// `CONNECT`), or the client stopped sending it (logged as `400`, as
+    /// NGINX logs it, though nothing was sent).
+    Refused,
+    /// `header_read_timeout` ended it (`408`, nothing sent; counted as
+    /// `header_timeout` where it fired).
+    TimedOut,
+    /// The gateway stopped before Pingora read it (nothing sent).
+    Shutdown,
+}
+
+/// A request head that never reached the proxy, logged and counted. `line`
+/// is the start of what the client sent, when the loop saw it.
 pub fn refused(
     rt: &Runtime,
     digest: Option<&SocketDigest>,
     tls: Option<&SslDigest>,
     line: &[u8],
-    timed_out: bool,
+    end: HeadEnd,
 ) {
     let request_line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
@@ -204,12 +214,13 @@ pub fn refused(
         Some(b"HTTP/1.1") => "HTTP/1.1",
         _ => "",
     };
-    let (status, error) = if timed_out {
-        (408, "request head not complete within header_read_timeout")
-    } else if method == b"CONNECT" {
-        (405, "CONNECT is not served on this connection")
-    } else {
-        (400, "malformed or incomplete request head")
+    let (status, error) = match end {
+        HeadEnd::TimedOut => (408, "request head not complete within header_read_timeout"),
+        HeadEnd::Shutdown => (0, "gateway stopped before the request head was read"),
+        HeadEnd::Refused if method == b"CONNECT" => {
+            (405, "CONNECT is not served on this connection")
+        }
+        HeadEnd::Refused => (400, "malformed or incomplete request head"),
     };
 
     let listener = rt.listener_for(

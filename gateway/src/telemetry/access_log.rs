@@ -106,7 +106,7 @@ impl Entry<'_> {
             endpoint = dash(&self.endpoint),
             ums = self.upstream_duration_ms.map_or("-".to_string(), |d| format!("{d:.3}")),
             bytes_in = self.bytes_in,
-            rid = self.request_id,
+            rid = dash(self.request_id),
             tid = dash(self.trace_id),
             ua = clean(self.user_agent),
             err = self.error,
@@ -341,6 +341,11 @@ mod tests {
         assert!(line.contains("ua=\"curl__x_\""), "{line}");
         assert!(!line.contains('\n'));
         assert!(entry().format(Format::Off).is_none());
+        // A head refused before the proxy saw it has no request id.
+        let mut refused = entry();
+        refused.request_id = "";
+        let line = refused.format(Format::Text).unwrap();
+        assert!(line.contains(" request_id=- "), "{line}");
     }
 
     #[test]

@@ -130,9 +130,10 @@ impl TlsAccept for Callbacks {
         &self,
         ssl: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
+        // As sent: a name that is not UTF-8 is still worth logging.
         let sni = ssl
-            .servername(boring::ssl::NameType::HOST_NAME)
-            .map(str::to_string);
+            .servername_raw(boring::ssl::NameType::HOST_NAME)
+            .map(|name| String::from_utf8_lossy(name).into_owned());
         let peer = ssl.peer_certificate().map(|leaf| self.peer_cert(ssl, leaf));
         Some(Arc::new(TlsConnection { sni, peer }))
     }

@@ -24,6 +24,7 @@ use boring::x509::extension::{
 use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509NameBuilder, X509};
 use bytes::Bytes;
+use foreign_types::ForeignType;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -234,6 +235,9 @@ pub struct ClientTls<'a> {
     /// The signature algorithms the client accepts from the server;
     /// `None`: the library's.
     pub verify_algorithms: Option<&'a [SslSignatureAlgorithm]>,
+    /// A server name sent as these bytes, which need not be UTF-8 (with
+    /// `sni: None`; the certificate's name is then not checked).
+    pub raw_sni: Option<&'a [u8]>,
 }
 
 impl<'a> ClientTls<'a> {
@@ -249,6 +253,7 @@ impl<'a> ClientTls<'a> {
             resume: None,
             tickets: None,
             verify_algorithms: None,
+            raw_sni: None,
         }
     }
 }
@@ -339,6 +344,13 @@ pub async fn connect_over(
         }
     };
     let mut ssl = ssl;
+    if let Some(name) = opts.raw_sni {
+        let name = std::ffi::CString::new(name)?;
+        // SAFETY: a valid SSL and a NUL-terminated name, which BoringSSL
+        // copies. (`boring` takes names as `&str` only.)
+        let ok = unsafe { boring_sys::SSL_set_tlsext_host_name(ssl.as_ptr(), name.as_ptr()) };
+        assert_eq!(ok, 1, "SSL_set_tlsext_host_name");
+    }
     if let Some(session) = opts.resume {
         // SAFETY: the session comes from a connection to the same server
         // with the same client settings, as `set_session` requires.
