@@ -121,13 +121,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         tokio::pin!(shutting_down);
         // `None` before the first request; then what Pingora carries over.
         let mut carried: Option<Option<HttpPersistentSettings>> = None;
+        // The start of each head, for the log line of one Pingora refuses:
+        // the session and its bytes are gone by then. Kept here, and filled
+        // in place, so that it is not moved about per request.
+        let mut line = FirstLine::default();
         loop {
+            line.len = 0;
             // A pipelined request whose first bytes Pingora read with the
             // last one is served at once, even at shutdown; otherwise wait
             // for the client.
             let pipelined = match &carried {
-                Some(Some(settings)) => match carried_head(settings) {
-                    Some(head) => head,
+                Some(Some(settings)) => match carried_head(settings, &mut line) {
+                    Some(carries) => carries,
                     None => {
                         // Bytes Pingora carried could be lost and the
                         // stream read from the middle of a request: close.
@@ -138,9 +143,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                         return None;
                     }
                 },
-                _ => None,
+                _ => false,
             };
-            let head = if pipelined.is_some() {
+            let head = if pipelined {
                 None
             } else {
                 Some(tokio::select! {
@@ -170,13 +175,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 Some(Some(settings)) => settings.apply_to_session(&mut session),
                 Some(None) => {}
             }
-            // Kept for the log line of a head Pingora refuses: the session
-            // and its bytes are gone by then.
-            let line = match (&head, pipelined) {
-                (Some(head), _) => FirstLine::of(head),
-                (None, carried) => carried.unwrap_or_default(),
-            };
             if let Some(head) = head {
+                line.fill(&head);
                 start_with(&mut session, head);
             }
             let _ = FATE.try_with(|f| f.set(Fate::Handed));
@@ -317,11 +317,9 @@ impl FirstLine {
     /// Enough for a method and a path to tell what a client sent.
     const MAX: usize = 128;
 
-    fn of(head: &[u8]) -> Self {
-        let len = head.len().min(Self::MAX);
-        let mut bytes = [0; Self::MAX];
-        bytes[..len].copy_from_slice(&head[..len]);
-        FirstLine { bytes, len }
+    fn fill(&mut self, head: &[u8]) {
+        self.len = head.len().min(Self::MAX);
+        self.bytes[..self.len].copy_from_slice(&head[..self.len]);
     }
 
     fn bytes(&self) -> &[u8] {
@@ -406,8 +404,8 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 }
 
 /// Whether Pingora carried the start of a pipelined request over in
-/// `settings`, and if so, what that start is (for the log line of a head
-/// Pingora then refuses): `Some(None)` when nothing was carried.
+/// `settings`; if so, that start goes into `line` (for the log line of a
+/// head Pingora then refuses).
 ///
 /// `HttpPersistentSettings` has no getter for those bytes, only its derived
 /// `Debug`, which names each field before its value. The probe reads that
@@ -416,7 +414,7 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 /// so nothing is formatted past that. A unit test holds the probe to
 /// Pingora's output. `None` if the output has no such field (Pingora
 /// changed it).
-fn carried_head(settings: &HttpPersistentSettings) -> Option<Option<FirstLine>> {
+fn carried_head(settings: &HttpPersistentSettings, line: &mut FirstLine) -> Option<bool> {
     use std::fmt::Write;
 
     /// Escaped text enough for `FirstLine::MAX` bytes (`\xNN` is four).
@@ -460,22 +458,22 @@ fn carried_head(settings: &HttpPersistentSettings) -> Option<Option<FirstLine>> 
     }
     let mut probe = Probe::default();
     let _ = write!(probe, "{settings:?}");
-    match probe.found? {
-        false => Some(None),
-        true => Some(Some(unescape(&probe.escaped))),
+    let carries = probe.found?;
+    if carries {
+        unescape(&probe.escaped, line);
     }
+    Some(carries)
 }
 
-/// The bytes of `bytes`' `Debug` text (`(b"GET /\r\n...")`), up to
-/// [`FirstLine::MAX`]; empty if the text is not in that form.
-fn unescape(escaped: &str) -> FirstLine {
-    let mut out = [0u8; FirstLine::MAX];
-    let mut len = 0;
+/// Into `line`, the bytes of `bytes`' `Debug` text (`(b"GET /\r\n...")`),
+/// up to [`FirstLine::MAX`]; none if the text is not in that form.
+fn unescape(escaped: &str, line: &mut FirstLine) {
+    line.len = 0;
     let Some((_, rest)) = escaped.split_once("b\"") else {
-        return FirstLine::default();
+        return;
     };
     let mut chars = rest.bytes();
-    while len < FirstLine::MAX {
+    while line.len < FirstLine::MAX {
         let byte = match chars.next() {
             None | Some(b'"') => break,
             Some(b'\\') => match chars.next() {
@@ -498,10 +496,9 @@ fn unescape(escaped: &str) -> FirstLine {
             },
             Some(b) => b,
         };
-        out[len] = byte;
-        len += 1;
+        line.bytes[line.len] = byte;
+        line.len += 1;
     }
-    FirstLine { bytes: out, len }
 }
 
 /// Hand Pingora the bytes already read, as the start of the request.
@@ -531,26 +528,31 @@ mod tests {
         session.set_pipelining_enabled(true);
         let mut settings = HttpPersistentSettings::for_session(&session);
         settings.set_user_context(Box::new(3u8));
-        assert!(matches!(carried_head(&settings), Some(None)));
+        let head = |settings: &HttpPersistentSettings| {
+            let mut line = FirstLine::default();
+            carried_head(settings, &mut line).map(|carries| carries.then(|| line.bytes().to_vec()))
+        };
+        assert_eq!(head(&settings), Some(None));
         // Bytes that spell the field's name do not fool it.
         settings.set_pipelined_prefix(BytesMut::from(&b"pipelined_prefix: None"[..]));
-        let head = carried_head(&settings).unwrap().unwrap();
-        assert_eq!(head.bytes(), b"pipelined_prefix: None");
-        assert!(matches!(
-            carried_head(&HttpPersistentSettings::for_session(&session)),
+        assert_eq!(
+            head(&settings),
+            Some(Some(b"pipelined_prefix: None".to_vec()))
+        );
+        assert_eq!(
+            head(&HttpPersistentSettings::for_session(&session)),
             Some(None)
-        ));
+        );
         // Every kind of byte comes back as it was, up to FirstLine::MAX.
         let mut all: Vec<u8> = (0..=255u8).collect();
         all.extend_from_slice(b"\"\\\r\n\t\0");
         let mut settings = HttpPersistentSettings::for_session(&session);
         settings.set_pipelined_prefix(BytesMut::from(&all[..]));
-        let head = carried_head(&settings).unwrap().unwrap();
-        assert_eq!(head.bytes(), &all[..FirstLine::MAX]);
+        assert_eq!(head(&settings), Some(Some(all[..FirstLine::MAX].to_vec())));
         let mut settings = HttpPersistentSettings::for_session(&session);
         let tail = &all[200..];
         settings.set_pipelined_prefix(BytesMut::from(tail));
-        assert_eq!(carried_head(&settings).unwrap().unwrap().bytes(), tail);
+        assert_eq!(head(&settings), Some(Some(tail.to_vec())));
     }
 
     #[tokio::test]
