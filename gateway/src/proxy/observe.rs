@@ -135,10 +135,8 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .as_ref()
         .map(crate::telemetry::tracing::trace_id)
         .unwrap_or_default();
-    let tls = session.digest().and_then(|d| d.ssl_digest.as_ref());
-    let sni = tls
-        .and_then(|t| t.extension.get::<crate::tls::TlsConnection>())
-        .and_then(|c| c.sni.as_deref());
+    let (tls_version, tls_cipher, sni) =
+        tls_fields(session.digest().and_then(|d| d.ssl_digest.as_deref()));
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now() - elapsed),
         request_id: &ctx.request_id,
@@ -170,9 +168,9 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         rate_limit: &ctx.rate_limit_note,
         peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
         authz: &ctx.authz_note,
-        tls_version: tls.map_or("", |t| &t.version),
-        tls_cipher: tls.map_or("", |t| &t.cipher),
-        sni: sni.unwrap_or(""),
+        tls_version,
+        tls_cipher,
+        sni,
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);
@@ -247,6 +245,7 @@ pub fn refused(
     if format == access_log::Format::Off {
         return;
     }
+    let (tls_version, tls_cipher, sni) = tls_fields(tls);
     let method = String::from_utf8_lossy(method);
     let target = String::from_utf8_lossy(target);
     let entry = Entry {
@@ -276,16 +275,26 @@ pub fn refused(
         rate_limit: "",
         peer_identity: "",
         authz: "",
-        tls_version: tls.map_or("", |t| &t.version),
-        tls_cipher: tls.map_or("", |t| &t.cipher),
-        sni: tls
-            .and_then(|t| t.extension.get::<crate::tls::TlsConnection>())
-            .and_then(|c| c.sni.as_deref())
-            .unwrap_or(""),
+        tls_version,
+        tls_cipher,
+        sni,
     };
     if let Some(line) = entry.format(format) {
         access_log::submit(line);
     }
+}
+
+/// The access log's `tls_version`, `tls_cipher` and `sni` of a connection;
+/// empty on a plain one.
+fn tls_fields(tls: Option<&SslDigest>) -> (&str, &str, &str) {
+    let Some(tls) = tls else {
+        return ("", "", "");
+    };
+    let sni = tls
+        .extension
+        .get::<crate::tls::TlsConnection>()
+        .and_then(|c| c.sni.as_deref());
+    (&tls.version, &tls.cipher, sni.unwrap_or(""))
 }
 
 /// Milliseconds with microsecond precision.

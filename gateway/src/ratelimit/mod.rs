@@ -192,7 +192,6 @@ pub async fn check(
     // (policy, remaining, reset) per enforcing policy; formatted only when a
     // header will be sent.
     let mut shown: Vec<(&RateLimit, u32, Duration)> = Vec::new();
-    let mut show = false;
     // One deadline for all of the request's global policies.
     let deadline = Instant::now() + backend.map_or(Duration::ZERO, |b| b.model.timeout);
     for p in policies {
@@ -233,11 +232,9 @@ pub async fn check(
             Decision::Limited { retry_after } => (0, retry_after),
         };
         match (decision, m.mode) {
+            // The last policy asked: a refusal ends the check.
             (Decision::Limited { retry_after }, LimitMode::Enforce) => {
-                if verdict.limited.is_none() {
-                    verdict.limited = Some((m.name.clone(), retry_after));
-                }
-                show = true;
+                verdict.limited = Some((m.name.clone(), retry_after));
             }
             (Decision::Limited { .. }, LimitMode::Shadow) => {
                 verdict.shadow_limited.push(m.name.clone())
@@ -246,7 +243,6 @@ pub async fn check(
         }
         // Shadow policies stay invisible to clients.
         if m.mode == LimitMode::Enforce {
-            show |= m.headers_on_allowed;
             shown.push((m, remaining, reset));
         }
     }
@@ -254,7 +250,7 @@ pub async fn check(
     // those that ask for headers on allowed responses.
     let refused = verdict.limited.is_some();
     shown.retain(|(m, _, _)| refused || m.headers_on_allowed);
-    if show && !shown.is_empty() {
+    if !shown.is_empty() {
         let policy = shown
             .iter()
             .map(|(m, _, _)| {
