@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Method;
 use support::client::{get, send};
@@ -116,20 +116,15 @@ async fn identity_rules_on_an_mtls_listener() {
         4.0
     );
 
-    let start = Instant::now();
-    loop {
-        let lines = std::fs::read_to_string(&log).unwrap_or_default();
-        let has = |s: &str| lines.lines().any(|l| l.contains(s));
-        if has(r#""authz":"denied:orders_internal""#) && has(r#""authz":"shadow_denied:trial""#) {
-            assert!(has(&format!(r#""peer_identity":"{BATCH}""#)), "{lines}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "access log: {lines}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let has = |lines: &str, s: &str| lines.lines().any(|l| l.contains(s));
+    let lines = support::wait_for_log(&log, Duration::from_secs(5), |t| {
+        has(t, r#""authz":"denied:orders_internal""#) && has(t, r#""authz":"shadow_denied:trial""#)
+    })
+    .await;
+    assert!(
+        has(&lines, &format!(r#""peer_identity":"{BATCH}""#)),
+        "{lines}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

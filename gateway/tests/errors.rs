@@ -550,12 +550,7 @@ async fn to_upstream(upstream: std::net::SocketAddr, extra: &str) -> Gateway {
 /// Send `raw` on a new connection; everything that comes back until the
 /// gateway closes it.
 async fn read_to_close(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the connection is closed after the body")
-        .unwrap();
+    let (out, read) = support::read_to_close(addr, raw, false, Duration::from_secs(5)).await;
+    read.unwrap();
     out
 }

@@ -287,15 +287,10 @@ async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
         .sum();
     assert!(errors >= 10.0, "every failed decision is counted: {errors}");
     // The access log says which requests went through without Redis.
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(r#""rate_limit":"backend_error:shared""#) {
-            break;
-        }
-        assert!(start.elapsed() < NO_HANG, "access log: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for_log(&log, NO_HANG, |t| {
+        t.contains(r#""rate_limit":"backend_error:shared""#)
+    })
+    .await;
 
     // Redis comes back empty (no persistence): a fresh budget of 3, enforced again.
     redis.restart().await;

@@ -396,23 +396,12 @@ async fn access_log_lines_describe_each_request() {
             .status,
         502
     );
-    let start = Instant::now();
-    let lines = loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        // The admin readiness probe is not logged; only data-plane requests are.
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect();
-        if lines.len() >= 2 {
-            break lines;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "access log has: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // The admin readiness probe is not logged; only data-plane requests are.
+    let text = support::wait_for_log(&file, Duration::from_secs(5), |t| {
+        support::json_lines(t).len() >= 2
+    })
+    .await;
+    let lines = support::json_lines(&text);
     let first = lines
         .iter()
         .find(|l| l["request_id"] == "rid-1")
@@ -588,6 +577,24 @@ async fn a_timed_out_attempt_counts_once() {
     );
 }
 
+/// Send `first` on a new connection and read its answer, which must be a
+/// `200` with a `Content-Length` (the echo's); then send `next`, or
+/// half-close without one, and return what comes until the gateway closes.
+async fn after_one_answer(addr: std::net::SocketAddr, first: &[u8], next: Option<&[u8]>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(first).await.unwrap();
+    let answer = one_response(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    match next {
+        Some(next) => c.write_all(next).await.unwrap(),
+        None => c.shutdown().await.unwrap(),
+    }
+    let mut rest = String::new();
+    c.read_to_string(&mut rest).await.ok();
+    rest
+}
+
 /// Read one response with a `Content-Length` (the echo's) off `c`.
 async fn one_response(c: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
@@ -646,85 +653,60 @@ endpoints = ["{}"]
         up.addr
     ))
     .await;
-    // Sends `parts` in turn, then reads until the gateway closes.
-    let exchange = |parts: &'static [&'static [u8]], half_close: bool| async move {
-        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-        for part in parts {
-            c.write_all(part).await.unwrap();
-        }
-        if half_close {
-            c.shutdown().await.unwrap();
-        }
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
-            .await
-            .expect("the gateway closes the connection")
-            .ok();
+    // What comes back until the gateway closes, a reset included.
+    let exchange = |raw: &'static [u8], half_close: bool| async move {
+        let (got, _) =
+            support::read_to_close(gw.listen, raw, half_close, Duration::from_secs(10)).await;
         String::from_utf8_lossy(&got).into_owned()
     };
 
-    let bad = exchange(
-        &[b"GET /bad HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n"],
-        false,
-    )
-    .await;
+    let bad = exchange(b"GET /bad HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n", false).await;
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
     // The second request of a kept-alive connection, sent once the first
     // was answered.
-    {
-        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-        c.write_all(b"GET /api/ok HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(one_response(&mut c).await.starts_with("HTTP/1.1 200"));
-        c.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n")
-            .await
-            .unwrap();
-        let mut rest = String::new();
-        c.read_to_string(&mut rest).await.ok();
-        assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
-    }
+    let rest = after_one_answer(
+        gw.listen,
+        b"GET /api/ok HTTP/1.1\r\nHost: x\r\n\r\n",
+        Some(b"GET /second HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n"),
+    )
+    .await;
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
     // Pipelined behind a request that is served: Pingora carried the bytes
     // over, and the line still names what they were.
     let pipelined = exchange(
-        &[b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n"],
+        b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\n\x01\r\n\r\n",
         false,
     )
     .await;
     assert!(pipelined.starts_with("HTTP/1.1 200"), "{pipelined}");
     assert!(pipelined.contains("HTTP/1.1 400"), "{pipelined}");
-    let pipelined = exchange(
-        &[b"GET /api/second HTTP/1.1\r\nHost: x\r\n\r\nCONNECT piped.test:443 HTTP/1.1\r\nHost: piped.test:443\r\n\r\n"],
+    let pipelined = exchange(b"GET /api/second HTTP/1.1\r\nHost: x\r\n\r\nCONNECT piped.test:443 HTTP/1.1\r\nHost: piped.test:443\r\n\r\n",
         false,
     )
     .await;
     assert!(pipelined.contains("HTTP/1.1 405"), "{pipelined}");
     // A CRLF after a body is no request (RFC 9112 §2.2): no line for it,
     // once the client is done.
-    {
-        let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-        c.write_all(b"POST /api/form HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\r\n")
-            .await
-            .unwrap();
-        assert!(one_response(&mut c).await.starts_with("HTTP/1.1 200"));
-        c.shutdown().await.unwrap();
-        let mut rest = String::new();
-        c.read_to_string(&mut rest).await.ok();
-        assert_eq!(rest, "");
-    }
-    let blank = exchange(&[b"\r\n"], true).await;
+    let rest = after_one_answer(
+        gw.listen,
+        b"POST /api/form HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\r\n",
+        None,
+    )
+    .await;
+    assert_eq!(rest, "");
+    let blank = exchange(b"\r\n", true).await;
     assert_eq!(blank, "");
     let connect = exchange(
-        &[b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"],
+        b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
         false,
     )
     .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     // The client gives up half-way through its head: nothing to answer.
-    let unfinished = exchange(&[b"GET /half HTTP/1.1\r\nHost: x\r\n"], true).await;
+    let unfinished = exchange(b"GET /half HTTP/1.1\r\nHost: x\r\n", true).await;
     assert_eq!(unfinished, "");
     // Half a head, then nothing until header_read_timeout closes it.
-    let slow = exchange(&[b"GET /slow HTTP/1.1\r\nHo"], false).await;
+    let slow = exchange(b"GET /slow HTTP/1.1\r\nHo", false).await;
     assert_eq!(slow, "");
     // A request logged after all of the above: once its line is written,
     // theirs are too.
@@ -733,22 +715,13 @@ endpoints = ["{}"]
         .unwrap();
     assert_eq!(last.status, 200);
 
-    let start = Instant::now();
-    let lines = loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect();
-        if lines.iter().any(|l| l["request_id"] == "last") {
-            break lines;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "access log has: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let text = support::wait_for_log(&file, Duration::from_secs(5), |t| {
+        support::json_lines(t)
+            .iter()
+            .any(|l| l["request_id"] == "last")
+    })
+    .await;
+    let lines = support::json_lines(&text);
     let line = |path: &str| {
         lines
             .iter()
@@ -853,22 +826,17 @@ endpoints = ["{}"]
         .expect("closed at shutdown")
         .ok();
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        if let Some(l) = text
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let cut_line = |t: &str| {
+        support::json_lines(t)
+            .into_iter()
             .find(|l| l["path"] == "/cut")
-        {
-            assert_eq!(l["status"], 0, "{l}");
-            assert_eq!(
-                l["error"],
-                "gateway stopped before the request head was read"
-            );
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "log: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let text =
+        support::wait_for_log(&file, Duration::from_secs(10), |t| cut_line(t).is_some()).await;
+    let l = cut_line(&text).unwrap();
+    assert_eq!(l["status"], 0, "{l}");
+    assert_eq!(
+        l["error"],
+        "gateway stopped before the request head was read"
+    );
 }

@@ -6,9 +6,14 @@ mod support;
 use support::client::{get, Resp};
 use support::{metric, Gateway, HEAD};
 
-fn routes(policies: &str, listener_extra: &str) -> String {
+fn routes(policies: &str, listener_extra: &str, rate_limits: &[&str]) -> String {
+    let rate_limits = rate_limits
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "{}{listener_extra}\n{policies}\n[routes.api]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        "{}{listener_extra}\n{policies}\n[routes.api]\nrate_limits = [{rate_limits}]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
         HEAD.trim_end()
     )
 }
@@ -26,10 +31,7 @@ async fn a_burst_gets_exactly_the_allowed_number_then_429s() {
     let config = routes(
         "[rate_limits.per_client]\nkey = \"client_ip\"\nrate = 5\nper = \"1m\"\n",
         "",
-    )
-    .replace(
-        "[routes.api]",
-        "[routes.api]\nrate_limits = [\"per_client\"]",
+        &["per_client"],
     );
     let gw = Gateway::start(&config).await;
     let got = statuses(&gw, 8, &[]).await;
@@ -75,8 +77,7 @@ async fn a_burst_gets_exactly_the_allowed_number_then_429s() {
 async fn keys_are_independent_and_allowed_responses_can_carry_headers() {
     let gw = Gateway::start(&routes(
         "[rate_limits.per_key]\nkey = \"header:x-api-key\"\nrate = 2\nper = \"1m\"\nheaders_on_allowed = true\n",
-        "",
-    ).replace("[routes.api]", "[routes.api]\nrate_limits = [\"per_key\"]"))
+        "", &["per_key"]))
     .await;
     let first = get(gw.listen, "/", &[("x-api-key", "a")]).await.unwrap();
     assert_eq!(first.status, 200);
@@ -111,8 +112,7 @@ async fn keys_are_independent_and_allowed_responses_can_carry_headers() {
 async fn allowed_responses_name_only_the_policies_that_ask_to_be_shown() {
     let gw = Gateway::start(&routes(
         "[rate_limits.quiet]\nkey = \"route\"\nrate = 100\nper = \"1m\"\n[rate_limits.fast]\nkey = \"route\"\nrate = 50\nper = \"500ms\"\nheaders_on_allowed = true\n[rate_limits.loud]\nkey = \"route\"\nrate = 1\nper = \"1m\"\nheaders_on_allowed = true\n",
-        "",
-    ).replace("[routes.api]", "[routes.api]\nrate_limits = [\"quiet\", \"fast\", \"loud\"]"))
+        "", &["quiet", "fast", "loud"]))
     .await;
     let allowed = get(gw.listen, "/", &[]).await.unwrap();
     assert_eq!(allowed.status, 200);
@@ -135,8 +135,8 @@ async fn shadow_mode_never_blocks_but_counts() {
     let config = routes(
         "[rate_limits.trial]\nkey = \"route\"\nrate = 1\nper = \"1m\"\nmode = \"shadow\"\n",
         "",
-    )
-    .replace("[routes.api]", "[routes.api]\nrate_limits = [\"trial\"]");
+        &["trial"],
+    );
     let config = format!(
         "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"\n{config}",
         log.display()
@@ -172,19 +172,11 @@ async fn shadow_mode_never_blocks_but_counts() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let start = std::time::Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 6 {
-            assert!(text.contains("\"rate_limit\":\"shadow:trial\""), "{text}");
-            break;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "{text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let text = support::wait_for_log(&log, std::time::Duration::from_secs(5), |t| {
+        t.lines().count() >= 6
+    })
+    .await;
+    assert!(text.contains("\"rate_limit\":\"shadow:trial\""), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,10 +184,7 @@ async fn client_ip_behind_a_trusted_proxy_comes_from_x_forwarded_for() {
     let config = routes(
         "[rate_limits.per_client]\nkey = \"client_ip\"\nrate = 2\nper = \"1m\"\n",
         "\ntrusted_proxies = [\"127.0.0.0/8\"]",
-    )
-    .replace(
-        "[routes.api]",
-        "[routes.api]\nrate_limits = [\"per_client\"]",
+        &["per_client"],
     );
     let gw = Gateway::start(&config).await;
     let a = [("x-forwarded-for", "203.0.113.1")];
@@ -214,9 +203,7 @@ async fn client_ip_behind_a_trusted_proxy_comes_from_x_forwarded_for() {
 async fn every_policy_must_allow_and_the_first_refusal_is_named() {
     let config = routes(
         "[rate_limits.loose]\nkey = \"route\"\nrate = 100\nper = \"1m\"\n[rate_limits.tight]\nkey = \"client_ip\"\nrate = 1\nper = \"1m\"\n",
-        "",
-    )
-    .replace("[routes.api]", "[routes.api]\nrate_limits = [\"loose\", \"tight\"]");
+        "", &["loose", "tight"]);
     let gw = Gateway::start(&config).await;
     assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
     let r = get(gw.listen, "/", &[]).await.unwrap();
@@ -232,12 +219,7 @@ async fn every_policy_must_allow_and_the_first_refusal_is_named() {
 async fn a_refused_request_spends_nothing_from_the_policies_after_the_refusal() {
     let config = routes(
         "[rate_limits.per_user]\nkey = \"header:x-user\"\nrate = 1\nper = \"1m\"\n[rate_limits.cap]\nkey = \"route\"\nrate = 3\nper = \"1m\"\n",
-        "",
-    )
-    .replace(
-        "[routes.api]",
-        "[routes.api]\nrate_limits = [\"per_user\", \"cap\"]",
-    );
+        "", &["per_user", "cap"]);
     let gw = Gateway::start(&config).await;
     let a = [("x-user", "a")];
     assert_eq!(
@@ -275,10 +257,7 @@ async fn a_reload_does_not_hand_out_a_fresh_budget() {
     let config = routes(
         "[rate_limits.per_client]\nkey = \"client_ip\"\nrate = 2\nper = \"1m\"\n",
         "",
-    )
-    .replace(
-        "[routes.api]",
-        "[routes.api]\nrate_limits = [\"per_client\"]",
+        &["per_client"],
     );
     let gw = Gateway::start(&config).await;
     assert_eq!(statuses(&gw, 3, &[]).await, vec![200, 200, 429]);

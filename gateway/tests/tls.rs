@@ -141,6 +141,15 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     );
 }
 
+/// A GET of `/` over TLS with `x-request-id: id`, answered 200.
+async fn named_get(addr: std::net::SocketAddr, opts: &ClientTls<'_>, id: &str) -> tls::TlsInfo {
+    let (r, info) = tls::get(addr, opts, "/", &[("x-request-id", id)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    info
+}
+
 /// The access log says how each request's connection was secured: TLS
 /// version, cipher and the server name asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,52 +168,26 @@ async fn access_log_lines_carry_the_tls_version_cipher_and_sni() {
     ))
     .await;
     let ca_pem = ca.pem();
-    let (r, info) = tls::get(
+    let info = named_get(
         gw.listen,
         &ClientTls::new(&ca_pem, Some("api.example")),
-        "/",
-        &[("x-request-id", "with-sni")],
+        "with-sni",
     )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
-    let (r, _) = tls::get(
-        gw.listen,
-        &ClientTls {
-            max_version: Some(SslVersion::TLS1_2),
-            ..ClientTls::new(&ca_pem, None)
-        },
-        "/",
-        &[("x-request-id", "tls12-no-sni")],
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
-    // A name that is not UTF-8 is logged as near as it can be.
-    let (r, _) = tls::get(
-        gw.listen,
-        &ClientTls {
-            raw_sni: Some(b"odd\xffname"),
-            ..ClientTls::new(&ca_pem, None)
-        },
-        "/",
-        &[("x-request-id", "raw-sni")],
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
-    let start = Instant::now();
-    let lines: Vec<serde_json::Value> = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 3 {
-            break text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "log: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    .await;
+    let tls12 = ClientTls {
+        max_version: Some(SslVersion::TLS1_2),
+        ..ClientTls::new(&ca_pem, None)
     };
+    named_get(gw.listen, &tls12, "tls12-no-sni").await;
+    // A name that is not UTF-8 is logged as near as it can be.
+    let raw = ClientTls {
+        raw_sni: Some(b"odd\xffname"),
+        ..ClientTls::new(&ca_pem, None)
+    };
+    named_get(gw.listen, &raw, "raw-sni").await;
+    let text =
+        support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().count() >= 3).await;
+    let lines = support::json_lines(&text);
     let line = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap();
     let sni = line("with-sni");
     assert_eq!(sni["tls_version"], "TLSv1.3");

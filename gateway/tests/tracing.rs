@@ -275,21 +275,9 @@ async fn two_chained_gateways_make_one_connected_trace() {
     );
 
     // The access log carries the same trace id.
-    let start = Instant::now();
-    let line = loop {
-        if let Some(l) = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .next()
-        {
-            break serde_json::from_str::<serde_json::Value>(l).unwrap();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no access-log line"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let text =
+        support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().next().is_some()).await;
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(line["trace_id"], TRACE_ID);
 }
 

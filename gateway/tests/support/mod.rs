@@ -33,6 +33,54 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Send `raw` on a new connection, then half-close it if `half_close`, and
+/// read until the gateway closes it, which must be `within`: what came
+/// back, and how the read ended (a reset is an error, after the bytes
+/// before it).
+pub async fn read_to_close(
+    addr: SocketAddr,
+    raw: &[u8],
+    half_close: bool,
+    within: Duration,
+) -> (Vec<u8>, std::io::Result<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(within, s.read_to_end(&mut out))
+        .await
+        .expect("the gateway closes the connection");
+    (out, read)
+}
+
+/// The access log at `path` once `done` holds for its text (the writer
+/// drains every 50 ms); fails after `within`.
+pub async fn wait_for_log(
+    path: &std::path::Path,
+    within: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(start.elapsed() < within, "access log has: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The lines of a JSON access log.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
 /// A port the OS just handed out and released, for a listener in a config.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
