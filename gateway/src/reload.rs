@@ -21,7 +21,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Invalid(#[from] config::ConfigError),
     #[error(
-        "{0}; listeners and the admin address change only on restart, the old config keeps serving"
+        "{0}: these change only on restart (docs/operations.md); the old config keeps serving"
     )]
     NeedsRestart(String),
 }
@@ -36,7 +36,7 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
         access_log::init(&crate::server::access_log_sink(&new))
             .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
     }
-    for warning in new.certificate_warnings(std::time::SystemTime::now()) {
+    for warning in new.all_warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
     let generation = current.generation + 1;
@@ -74,17 +74,20 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             old.admin.listen, new.admin.listen
         ));
     }
-    let key = |c: &Config| {
-        let mut v: Vec<(String, std::net::SocketAddr)> = c
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.bind))
-            .collect();
-        v.sort();
-        v
-    };
-    if key(old) != key(new) {
-        changed.push("the set of listeners or their bind addresses changed".to_string());
+    for o in &old.listeners {
+        match new.listeners.iter().find(|n| n.name == o.name) {
+            None => changed.push(format!("listener `{}` removed", o.name)),
+            Some(n) if n.bind != o.bind => changed.push(format!(
+                "listeners.{}.bind changed from {} to {}",
+                o.name, o.bind, n.bind
+            )),
+            Some(_) => {}
+        }
+    }
+    for n in &new.listeners {
+        if !old.listeners.iter().any(|o| o.name == n.name) {
+            changed.push(format!("listener `{}` added", n.name));
+        }
     }
     // The TLS context is built when a listener starts; its certificate
     // list, client CAs, client_auth and forward_identity are read per
@@ -189,10 +192,16 @@ mod tests {
         for part in [
             "gateway.workers changed",
             "admin.listen changed from 127.0.0.1:9901 to 127.0.0.1:19901",
-            "the set of listeners or their bind addresses changed",
+            "listeners.public.bind changed from 127.0.0.1:18080 to 127.0.0.1:18081",
         ] {
             assert!(why.contains(part), "{part} missing from: {why}");
         }
+        let renamed =
+            parse("[gateway]\nworkers = 2\n[listeners.edge]\nbind = \"127.0.0.1:18080\"\n");
+        assert_eq!(
+            bound_addresses_unchanged(&old, &renamed),
+            Err("listener `public` removed; listener `edge` added".to_string())
+        );
     }
 
     /// A self-signed ECDSA certificate and its key, as PEM files in `dir`.

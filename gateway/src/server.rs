@@ -104,7 +104,16 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         config.routes.len(),
         config.upstreams.len()
     );
-    for warning in config.certificate_warnings(std::time::SystemTime::now()) {
+    for l in &listeners {
+        log::info!(
+            "listener `{}` ({}) on {}://{}",
+            l.name,
+            l.direction.as_str(),
+            if l.tls.is_some() { "https" } else { "http" },
+            l.bind
+        );
+    }
+    for warning in config.all_warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));

@@ -8,8 +8,10 @@
 //! streams in flight finish; the client opens a new connection for more),
 //! while the listeners keep accepting.
 //! Once the delay has passed (or at a second SIGTERM) Pingora's graceful
-//! shutdown runs as before. SIGINT still stops at once, SIGQUIT is still
-//! Pingora's graceful upgrade.
+//! shutdown runs as before. SIGINT still stops at once. SIGQUIT, Pingora's
+//! graceful upgrade, is ignored with a log line: no new process can take
+//! the sockets over yet, and Pingora would shut down after failing to hand
+//! them over.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -76,10 +78,12 @@ impl ShutdownSignalWatch for DelayedTerminate {
         let mut quit = listen(SignalKind::quit(), "SIGQUIT");
         let mut term = listen(SignalKind::terminate(), "SIGTERM");
         let mut int = listen(SignalKind::interrupt(), "SIGINT");
-        let signal = tokio::select! {
-            () = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
-            () = next(&mut int) => ShutdownSignal::FastShutdown,
-            () = next(&mut term) => ShutdownSignal::GracefulTerminate,
+        let signal = loop {
+            tokio::select! {
+                () = next(&mut quit) => ignore_quit(),
+                () = next(&mut int) => break ShutdownSignal::FastShutdown,
+                () = next(&mut term) => break ShutdownSignal::GracefulTerminate,
+            }
         };
         begin_drain();
         if !matches!(signal, ShutdownSignal::GracefulTerminate) {
@@ -93,14 +97,24 @@ impl ShutdownSignalWatch for DelayedTerminate {
             "SIGTERM: draining for {} (gateway.shutdown_delay): /readyz answers 503, listeners still accept; then graceful shutdown",
             humantime::format_duration(delay)
         );
-        tokio::select! {
-            () = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
-            () = next(&mut term) => {
-                log::info!("second SIGTERM: the delay ends now");
-                ShutdownSignal::GracefulTerminate
+        let end = tokio::time::sleep(delay);
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                () = &mut end => break ShutdownSignal::GracefulTerminate,
+                () = next(&mut term) => {
+                    log::info!("second SIGTERM: the delay ends now");
+                    break ShutdownSignal::GracefulTerminate;
+                }
+                () = next(&mut int) => break ShutdownSignal::FastShutdown,
+                () = next(&mut quit) => ignore_quit(),
             }
-            () = next(&mut int) => ShutdownSignal::FastShutdown,
-            () = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
         }
     }
+}
+
+fn ignore_quit() {
+    log::warn!(
+        "SIGQUIT ignored: handing the listening sockets to a new meshgate process (binary upgrade) is not available in this version; stop with SIGTERM (graceful) or SIGINT (at once)"
+    );
 }

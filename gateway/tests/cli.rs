@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use support::client::get;
-use support::{Gateway, BIN};
+use support::{Gateway, BIN, HEAD};
 
 fn meshgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run meshgate");
@@ -21,10 +21,8 @@ fn meshgate(args: &[&str]) -> (i32, String, String) {
 /// paths it names: `X.pem` with a matching `X.key` becomes a certificate and
 /// key, a lone `X.pem` a CA certificate.
 fn with_example_certs(config: &Path, dir: &Path) -> std::path::PathBuf {
-    // The log directory is the deployment's (systemd's LogsDirectory=).
-    let text = std::fs::read_to_string(config)
-        .unwrap()
-        .replace("/var/log/meshgate/", &format!("{}/", dir.display()));
+    // The file as shipped, byte for byte: what a user copies.
+    let text = std::fs::read_to_string(config).unwrap();
     let copy = dir.join(config.file_name().unwrap());
     std::fs::write(&copy, &text).unwrap();
     let paths: std::collections::BTreeSet<&str> = text
@@ -58,10 +56,15 @@ fn with_example_certs(config: &Path, dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn every_example_config_passes_check() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("config");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    // config/*.toml, and the container image's own config.
+    let examples = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .chain([root.join("docker/gateway.toml")]);
+    for path in examples {
         if path.extension().is_some_and(|e| e == "toml") {
             let scratch = tempfile::tempdir().unwrap();
             let path = with_example_certs(&path, scratch.path());
@@ -71,8 +74,8 @@ fn every_example_config_passes_check() {
         }
     }
     assert!(
-        checked >= 2,
-        "expected the example configs in {}",
+        checked >= 4,
+        "expected the example configs in {} and docker/gateway.toml",
         dir.display()
     );
 }
@@ -281,6 +284,11 @@ fn run_refuses_a_bad_config_and_a_taken_port() {
         err.contains(&format!("cannot bind listener `x` 127.0.0.1:{port}")),
         "{err}"
     );
+    assert_eq!(
+        err.matches("os error").count(),
+        1,
+        "the OS error once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +395,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     .unwrap();
     support::signal(gw.pid(), "HUP");
     let start = std::time::Instant::now();
-    while !gw.log().contains("bind addresses changed") {
+    while !gw.log().contains("listeners.public.bind changed from") {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(10),
             "no rejection logged: {}",
@@ -413,4 +421,178 @@ fn a_config_that_is_not_utf8_is_reported_with_its_line() {
         (out.clone() + &err).contains("line 3, column 6: not UTF-8"),
         "{out}{err}"
     );
+}
+
+/// The mistakes a new user makes first, each reported in the config's words
+/// with the line rewritten as it should be.
+#[test]
+fn check_explains_common_mistakes_in_the_configs_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dup.toml");
+    std::fs::write(
+        &path,
+        "[listeners.public]\nbind = \"127.0.0.1:8080\"\n\n[routes.api]\nrespond = { body = \"a\" }\nmethods = [\"GET\"]\n\n[routes.api]\nrespond = { body = \"b\" }\nmethods = [\"POST\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    let p = path.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{p}:8:1: error: table [routes.api] is defined twice (first at line 4)"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("fix: a table may be written once: merge the two [routes.api] tables, or rename one of them"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("1 error found\n"),
+        "one error, not one per key: {err}"
+    );
+    assert!(!err.contains("duplicate key"), "{err}");
+
+    let path = dir.path().join("types.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\nworkers = \"4\"\n[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.api]\nlisteners = \"public\"\ntimeout = 30\nrespond = { body = \"a\" }\n[redis]\nurl = \"rediss://redis.internal:6380\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    let p = path.display().to_string();
+    for (at, message, fix) in [
+        (
+            "2:11",
+            "`workers` must be a whole number, not the string \"4\"",
+            "write workers = 4, without quotes",
+        ),
+        (
+            "6:13",
+            "`listeners` must be a list, not the string \"public\"",
+            "write it in brackets: listeners = [\"public\"]",
+        ),
+        (
+            "7:11",
+            "`timeout` must be a duration with a unit, in quotes, not the number 30",
+            "write timeout = \"30s\" (a duration needs a unit: ms, s, m or h)",
+        ),
+        (
+            "10:7",
+            "redis.url: Redis over TLS (rediss://) is not supported in this version",
+            "use redis:// to a Redis reachable over a trusted network",
+        ),
+    ] {
+        let needle = format!("{p}:{at}: error: {message}");
+        let pos = err
+            .find(&needle)
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{err}"));
+        let fix_line = err[pos..].lines().nth(2).unwrap_or_default();
+        assert!(fix_line.contains(fix), "fix for {at}: {fix_line}");
+    }
+    assert!(!err.contains("invalid type"), "{err}");
+    assert!(!err.contains("feature"), "{err}");
+    assert!(err.ends_with("4 errors found\n"), "{err}");
+}
+
+#[test]
+fn check_warns_of_a_policy_without_rules_and_still_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        "[listeners.public]\nbind = \"127.0.0.1:8080\"\n[policies.locked]\nmode = \"enforce\"\n[routes.api]\npolicies = [\"locked\"]\nrespond = { body = \"a\" }\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshgate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:3:11: warning: policy `locked` has neither `allow` nor `deny` rules: it refuses every request of the routes that list it",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+/// A relative `access_log_file` starts at the config file's directory, as
+/// every path in it does: `check` gives the same answer from anywhere.
+#[test]
+fn a_relative_access_log_file_starts_at_the_config_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"logs/access.log\"\n[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.api]\nrespond = { body = \"a\" }\n",
+    )
+    .unwrap();
+    for cwd in ["/", dir.path().to_str().unwrap()] {
+        let out = Command::new(BIN)
+            .args(["check", "-c", path.to_str().unwrap()])
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "from {cwd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_start_up_lines_and_sigquit() {
+    let mut gw = Gateway::start(&format!(
+        "{HEAD}[routes.ping]\nrespond = {{ body = \"pong\" }}\n"
+    ))
+    .await;
+    // The start-up log names where the proxy listens.
+    assert!(
+        gw.log().contains(&format!(
+            "listener `public` (ingress) on http://{}",
+            gw.listen
+        )),
+        "{}",
+        gw.log()
+    );
+    // `meshgate health`: what the container image's HEALTHCHECK runs.
+    let admin = gw.admin.to_string();
+    let (code, out, err) = meshgate(&["health", "--admin", &admin]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ready"), "{out}");
+    let config = gw.config_path.to_str().unwrap().to_string();
+    let (code, _, err) = meshgate(&["health", "-c", &config]);
+    assert_eq!(code, 0, "{err}");
+    let closed = format!("127.0.0.1:{}", support::free_port());
+    let (code, _, err) = meshgate(&["health", "--admin", &closed, "--timeout", "1s"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the admin endpoint"), "{err}");
+
+    // SIGQUIT (a binary upgrade, which no process can take over yet) is
+    // ignored with a log line, not a shutdown.
+    support::signal(gw.pid(), "QUIT");
+    let start = std::time::Instant::now();
+    while !gw.log().contains("SIGQUIT ignored") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{}",
+            gw.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gw.alive(), "{}", gw.log());
+    assert_eq!(get(gw.listen, "/ping", &[]).await.unwrap().status, 200);
+    assert!(!gw.log().contains("upgrade.sock"), "{}", gw.log());
+
+    // Draining: `health` says not ready, and exits 1.
+    support::signal(gw.pid(), "TERM");
+    let _ = meshgate(&["health", "--admin", &admin]);
+    assert!(gw
+        .wait_exit(std::time::Duration::from_secs(10))
+        .await
+        .is_some());
+    let (code, _, _) = meshgate(&["health", "--admin", &admin, "--timeout", "1s"]);
+    assert_eq!(code, 1);
 }

@@ -35,15 +35,27 @@ timeout = "300ms"
 path_prefix = "/slowread/"
 strip_prefix = "/slowread"
 upstream = "slow_read"
+[routes.dead_twice]
+path = "/dead-twice"
+upstream = "dead_twice"
+[routes.small]
+path = "/small"
+upstream = "slow"
+max_body_bytes = 4
 [upstreams.dead]
 endpoints = ["{}"]
 connect_retries = 0
+[upstreams.dead_twice]
+endpoints = ["{}", "{}"]
+connect_retries = 1
 [upstreams.slow]
 endpoints = ["{}"]
 [upstreams.slow_read]
 endpoints = ["{}"]
 read_timeout = "200ms"
 "#,
+        dead_addr(),
+        dead_addr(),
         dead_addr(),
         slow.addr,
         slow.addr
@@ -81,10 +93,41 @@ read_timeout = "200ms"
         .unwrap();
     drop(s);
     assert_eq!(get(gw.listen, "/delay/1", &[]).await.unwrap().status, 200);
+    // A failure after a retry: one line too, not one per attempt.
+    let r = get(gw.listen, "/dead-twice", &[]).await.unwrap();
+    assert_error_body(&r, 502, Some("dead_twice"));
+    // A body over max_body_bytes is the client's doing: 413, no warn line,
+    // whether its length was declared or found while it streamed.
+    let r = support::client::send(
+        gw.listen,
+        http::Method::POST,
+        "/small",
+        &[],
+        bytes::Bytes::from_static(b"0123456789"),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+    let streamed = support::read_to_close(
+        gw.listen,
+        b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+        false,
+        Duration::from_secs(5),
+    )
+    .await
+    .0;
+    assert!(
+        streamed.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&streamed)
+    );
     // Each failure above has one warn line with its request id; Pingora's
-    // own error lines for them are not written.
+    // own error lines for them (and its line per retried attempt) are not
+    // written, nor is any WARN for the 4xx.
     let log = gw.log();
-    assert_eq!(log.matches("request failed: ").count(), 3, "{log}");
+    assert_eq!(log.matches("request failed: ").count(), 4, "{log}");
+    assert_eq!(log.matches(" WARN ").count(), 4, "{log}");
     assert!(!log.contains("Fail to proxy"), "{log}");
 }
 

@@ -306,6 +306,64 @@ async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
     }
 }
 
+/// docs/ratelimiting.md: one warning when Redis starts failing, calls
+/// paused after three failures in a row (answered by `on_error` at once),
+/// and no `request failed` line per refused request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_redis_is_warned_of_at_once_and_paused_after_three_failures() {
+    for freeze in [false, true] {
+        let mut redis = RedisServer::start().await;
+        let gw = Gateway::start(&config(
+            &redis,
+            "on_error = \"deny\"",
+            "key = \"route\"\nrate = 100\nper = \"1m\"\n",
+        ))
+        .await;
+        assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+        if freeze {
+            redis.pause();
+        } else {
+            redis.stop();
+        }
+        let (r, _) = timed_get(&gw, &[]).await;
+        assert_eq!(r.status, 503);
+        let start = Instant::now();
+        while !gw.log().contains("is failing") {
+            assert!(
+                start.elapsed() < NO_HANG,
+                "no warning after the first failure:\n{}",
+                gw.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Two more failures, then the pause: the next calls are not made.
+        for _ in 0..5 {
+            let (r, took) = timed_get(&gw, &[]).await;
+            assert_eq!(r.status, 503);
+            assert!(took < NO_HANG, "waited {took:?}");
+        }
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        let kind = |k: &str| {
+            metric(
+                &text,
+                &format!("meshgate_rate_limit_backend_errors_total{{kind=\"{k}\"}}"),
+            )
+        };
+        assert_eq!(
+            kind("timeout") + kind("error"),
+            3.0,
+            "freeze={freeze}: calls made before the pause:\n{text}"
+        );
+        assert_eq!(kind("unavailable"), 3.0, "freeze={freeze}:\n{text}");
+        let log = gw.log();
+        assert_eq!(log.matches("is failing").count(), 1, "{log}");
+        assert!(!log.contains("request failed"), "{log}");
+        if freeze {
+            redis.resume();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_is_counted_as_a_timeout_whatever_the_timeout() {
     // Above the Redis client's own default response timeout (500 ms), which

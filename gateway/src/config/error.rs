@@ -74,10 +74,29 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// How bad a diagnostic is: an error refuses the file, a warning does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One diagnostic with its place (`file:line:col: warning: ...`), the line
+/// it points at and its fix.
+pub fn render_one(path: &Path, src: &str, diag: &Diagnostic, severity: Severity) -> String {
+    DiagnosticDisplay {
+        path,
+        src,
+        diag,
+        severity,
+    }
+    .to_string()
+}
+
 fn render(path: &Path, src: &str, diags: &[Diagnostic]) -> String {
     let mut out = String::new();
     for d in diags {
-        out.push_str(&DiagnosticDisplay { path, src, diag: d }.to_string());
+        out.push_str(&render_one(path, src, d, Severity::Error));
         out.push('\n');
     }
     let n = diags.len();
@@ -94,16 +113,21 @@ struct DiagnosticDisplay<'a> {
     path: &'a Path,
     src: &'a str,
     diag: &'a Diagnostic,
+    severity: Severity,
 }
 
 impl fmt::Display for DiagnosticDisplay<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
         match &self.diag.span {
             Some(span) => {
                 let (line, col) = line_col(self.src, span.start);
                 write!(
                     f,
-                    "{}:{}:{}: error: {}",
+                    "{}:{}:{}: {severity}: {}",
                     self.path.display(),
                     line,
                     col,
@@ -114,7 +138,12 @@ impl fmt::Display for DiagnosticDisplay<'_> {
                     write!(f, "\n    | {}", super::model::redact_secrets(text))?;
                 }
             }
-            None => write!(f, "{}: error: {}", self.path.display(), self.diag.message)?,
+            None => write!(
+                f,
+                "{}: {severity}: {}",
+                self.path.display(),
+                self.diag.message
+            )?,
         }
         if let Some(fix) = &self.diag.fix {
             write!(f, "\n    = fix: {fix}")?;

@@ -3,6 +3,7 @@
 pub mod error;
 pub mod model;
 mod raw;
+mod syntax;
 mod validate;
 
 use std::path::Path;
@@ -38,11 +39,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    validate::validate(text, base).map_err(|diagnostics| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        source_text: text.to_string(),
-        diagnostics,
-    })
+    match validate::validate(text, base) {
+        Ok((mut config, warnings)) => {
+            config.warnings = warnings
+                .iter()
+                .map(|w| error::render_one(path, text, w, error::Severity::Warning))
+                .collect();
+            Ok(config)
+        }
+        Err(diagnostics) => Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            source_text: text.to_string(),
+            diagnostics,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -46,9 +46,21 @@ pub struct Config {
     pub egress: Option<Egress>,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
+    /// What is valid but almost certainly not meant (a policy with no
+    /// rules), one rendered line each with file:line:col: `check` prints
+    /// them, `run` and reload log them.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
+    /// Everything `check` warns about and `run`/reload log: the file's own
+    /// warnings, then the certificates'.
+    pub fn all_warnings(&self, now: std::time::SystemTime) -> Vec<String> {
+        let mut out = self.warnings.clone();
+        out.extend(self.certificate_warnings(now));
+        out
+    }
+
     /// Certificates clients will refuse, or soon: past their `notAfter` or
     /// within a week of it, or before their `notBefore`, anywhere in a
     /// served chain or a CA bundle; and `client_ca` entries that are no CA.

@@ -4,9 +4,50 @@
 //! are `Spanned`, so an error can name file:line:col. Names of listeners, routes
 //! and upstreams are the keys of flat tables; references between them are by name.
 
+use std::fmt;
+
 use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
+
+/// A duration as written (`"15s"`), parsed by validation. Its own type so a
+/// bare number is refused as "expected a duration with a unit", which
+/// validation turns into a fix that names the unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawDuration(pub String);
+
+impl std::ops::Deref for RawDuration {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RawDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What serde's "expected ..." says for a [`RawDuration`]; validation
+/// recognises it.
+pub const EXPECTED_DURATION: &str = "a duration with a unit";
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED_DURATION)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_string()))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
 
 /// `[gateway]`
 #[derive(Debug, Default, Deserialize)]
@@ -15,8 +56,8 @@ pub struct RawGateway {
     pub name: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
     pub work_stealing: Option<bool>,
-    pub shutdown_grace_period: Option<Spanned<String>>,
-    pub shutdown_delay: Option<Spanned<String>>,
+    pub shutdown_grace_period: Option<Spanned<RawDuration>>,
+    pub shutdown_delay: Option<Spanned<RawDuration>>,
     pub header_case: Option<Spanned<String>>,
 }
 
@@ -45,8 +86,8 @@ pub struct RawTracing {
     pub service_name: Option<Spanned<String>>,
     pub sample_ratio: Option<Spanned<f64>>,
     pub resource: Option<IndexMap<String, String>>,
-    pub export_interval: Option<Spanned<String>>,
-    pub export_timeout: Option<Spanned<String>>,
+    pub export_interval: Option<Spanned<RawDuration>>,
+    pub export_timeout: Option<Spanned<RawDuration>>,
     pub queue_size: Option<Spanned<i64>>,
 }
 
@@ -69,8 +110,8 @@ pub struct RawListenerLimits {
     pub max_request_header_bytes: Option<Spanned<i64>>,
     pub max_request_headers: Option<Spanned<i64>>,
     pub max_uri_bytes: Option<Spanned<i64>>,
-    pub idle_timeout: Option<Spanned<String>>,
-    pub header_read_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<RawDuration>>,
+    pub header_read_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// A listener's `tls = { ... }`
@@ -135,7 +176,7 @@ pub struct RawUpstreamTls {
 pub struct RawRateLimit {
     pub key: Spanned<String>,
     pub rate: Spanned<i64>,
-    pub per: Option<Spanned<String>>,
+    pub per: Option<Spanned<RawDuration>>,
     pub burst: Option<Spanned<i64>>,
     pub mode: Option<Spanned<String>>,
     pub scope: Option<Spanned<String>>,
@@ -150,7 +191,7 @@ pub struct RawRateLimit {
 pub struct RawRedis {
     pub url: Spanned<String>,
     pub on_error: Option<Spanned<String>>,
-    pub timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<RawDuration>>,
     pub key_prefix: Option<Spanned<String>>,
 }
 
@@ -172,7 +213,7 @@ pub struct RawRoute {
     pub strip_prefix: Option<Spanned<String>>,
     pub request_headers: Option<Spanned<RawHeaderRewrite>>,
     pub response_headers: Option<Spanned<RawHeaderRewrite>>,
-    pub timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<RawDuration>>,
     pub rate_limits: Option<Spanned<Vec<Spanned<String>>>>,
     pub policies: Option<Spanned<Vec<Spanned<String>>>>,
     pub max_body_bytes: Option<Spanned<i64>>,
@@ -212,10 +253,10 @@ pub struct RawUpstream {
     /// value because serde's untagged enums drop spans.
     pub endpoints: Spanned<Vec<Spanned<toml::Value>>>,
     pub protocol: Option<Spanned<String>>,
-    pub connect_timeout: Option<Spanned<String>>,
-    pub read_timeout: Option<Spanned<String>>,
-    pub write_timeout: Option<Spanned<String>>,
-    pub idle_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<RawDuration>>,
+    pub read_timeout: Option<Spanned<RawDuration>>,
+    pub write_timeout: Option<Spanned<RawDuration>>,
+    pub idle_timeout: Option<Spanned<RawDuration>>,
     pub connect_retries: Option<Spanned<i64>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
 }
@@ -229,9 +270,9 @@ pub struct RawEgress {
     /// Host name -> an address or a list of them (`ip` or `ip:port`).
     pub resolve: Option<IndexMap<Spanned<String>, Spanned<toml::Value>>>,
     pub deny_networks: Option<Vec<Spanned<String>>>,
-    pub connect_timeout: Option<Spanned<String>>,
-    pub timeout: Option<Spanned<String>>,
-    pub tunnel_idle_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<RawDuration>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub tunnel_idle_timeout: Option<Spanned<RawDuration>>,
     pub passthrough_port: Option<Spanned<i64>>,
 }
 

@@ -103,7 +103,7 @@ bad!(
     wrong_type,
     "[listeners.public]\nbind = 8080\n".to_string(),
     2,
-    "invalid type"
+    "`bind` must be a string, in quotes, not the number 8080"
 );
 bad!(
     rate_limit_unknown,
@@ -647,9 +647,18 @@ fn passwords_never_appear_in_errors_or_redacted_urls() {
     assert_eq!(redact_secrets("bypass=1"), "bypass=1");
 
     // An invalid URL: the message and the quoted source line hide the password.
-    let src = format!("{OK_LISTENER}[redis]\nurl = \"rediss://:s3cret@127.0.0.1:6380/0\"\n");
+    let src = format!("{OK_LISTENER}[redis]\nurl = \"redis://:s3cret@127.0.0.1:6380/x\"\n");
     let err = parse(Path::new("t.toml"), &src).unwrap_err().to_string();
     assert!(err.contains("is not usable"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    // One the Redis library cannot use (TLS) is said so in meshgate's words.
+    let src = format!("{OK_LISTENER}[redis]\nurl = \"rediss://:s3cret@127.0.0.1:6380/0\"\n");
+    let err = parse(Path::new("t.toml"), &src).unwrap_err().to_string();
+    assert!(
+        err.contains("redis.url: Redis over TLS (rediss://) is not supported in this version"),
+        "{err}"
+    );
+    assert!(!err.contains("feature"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
     // A syntax error on the line shows it redacted too.
     let src = format!("{OK_LISTENER}[redis]\nurl = \"redis://:s3cret@h:1/0\" x\n");
@@ -775,11 +784,23 @@ fn every_type_error_is_reported_and_references_do_not_dangle() {
             .unwrap_or_else(|| panic!("no `{needle}` in {messages:#?}"));
         error::line_col(&src, d.span.clone().unwrap().start).0
     };
-    assert_eq!(line_of("invalid type: string \"two\""), 2);
+    assert_eq!(
+        line_of("`workers` must be a whole number, not the string \"two\""),
+        2
+    );
     assert_eq!(line_of("5 parsecs"), 3);
-    assert_eq!(line_of("invalid type: integer `5`"), 8);
-    assert_eq!(line_of("invalid type: string \"x\""), 9);
-    assert_eq!(line_of("invalid type: string \"ten\""), 14);
+    assert_eq!(
+        line_of("`read_timeout` must be a duration with a unit, in quotes, not the number 5"),
+        8
+    );
+    assert_eq!(
+        line_of("`connect_retries` must be a whole number, not the string \"x\""),
+        9
+    );
+    assert_eq!(
+        line_of("`rate` must be a whole number, not the string \"ten\""),
+        14
+    );
     for d in &all {
         assert!(!d.message.contains("unknown"), "{messages:#?}");
         assert!(!d.message.contains("missing"), "{messages:#?}");
@@ -1099,5 +1120,5 @@ bad!(
     work_stealing_not_a_bool,
     format!("[gateway]\nwork_stealing = \"no\"\n{OK_LISTENER}"),
     2,
-    "expected a boolean"
+    "`work_stealing` must be true or false, not the string \"no\""
 );

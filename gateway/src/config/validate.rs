@@ -56,26 +56,26 @@ const FORBIDDEN_REWRITES: &[&str] = &[
 
 /// Validate a config document; relative file paths in it are resolved
 /// against `base_dir`. `Err` holds every problem found.
-pub fn validate(src: &str, base_dir: &Path) -> Result<Config, Vec<Diagnostic>> {
+pub fn validate(src: &str, base_dir: &Path) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut v = Validator {
         base_dir: base_dir.to_path_buf(),
         ..Validator::default()
     };
     let (root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
-        return Err(syntax
+        let errors = syntax
             .into_iter()
-            .map(|e| {
-                Diagnostic::new(e.span(), format!("TOML syntax: {}", e.message().trim()))
-                    .fix("fix the TOML syntax at this place (https://toml.io)")
-            })
-            .collect());
+            .map(|e| (e.span(), e.message().to_string()))
+            .collect();
+        return Err(super::syntax::diagnostics(src, errors));
     }
     let raw = v.read_sections(root.get_ref());
     let mut config = v.build(raw);
     config.source_hash = hash_text(src);
     if v.diags.is_empty() {
-        Ok(config)
+        v.warnings
+            .sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
+        Ok((config, v.warnings))
     } else {
         v.diags
             .sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
@@ -105,6 +105,8 @@ struct RawFile {
 #[derive(Default)]
 struct Validator {
     diags: Vec<Diagnostic>,
+    /// Valid, but almost certainly not what was meant.
+    warnings: Vec<Diagnostic>,
     /// Relative file paths are resolved against this (the config's directory).
     base_dir: PathBuf,
     /// Every `[section.NAME]` in the file, valid or not: a reference to an
@@ -119,6 +121,10 @@ fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
 impl Validator {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>, fix: impl Into<String>) {
         self.diags.push(Diagnostic::new(span, message).fix(fix));
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: impl Into<String>, fix: impl Into<String>) {
+        self.warnings.push(Diagnostic::new(span, message).fix(fix));
     }
 
     /// `[section.name]` is in the file (callers ask once it is not among the
@@ -182,7 +188,8 @@ impl Validator {
                         return None;
                     }
                     let span = e.span().unwrap_or(value.span());
-                    let (message, fix) = explain_serde_error(e.message());
+                    let key = key_with_value_at(owned.get_ref(), &span);
+                    let (message, fix) = explain_serde_error(e.message(), key.as_deref());
                     let unknown_key = message.starts_with("unknown key");
                     self.diags
                         .push(Diagnostic::new(span.clone(), message).fix(fix));
@@ -332,6 +339,7 @@ impl Validator {
             policies,
             egress,
             source_hash: String::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -435,7 +443,8 @@ impl Validator {
                 );
                 None
             } else {
-                let path = std::path::PathBuf::from(f.get_ref());
+                // Relative to the config file, as every path in it is.
+                let path = self.path(&f);
                 // `run` opens (and may create) the file; its directory must be there.
                 let dir = match path.parent() {
                     Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -1350,6 +1359,7 @@ impl Validator {
 
     fn policy(&mut self, name: Spanned<String>, p: RawPolicy) -> Option<AuthzPolicy> {
         let before = self.diags.len();
+        let span = name.span();
         let n = name.into_inner();
         let default_allow = match p.default.as_ref().map(|d| d.get_ref().as_str()) {
             None | Some("deny") => false,
@@ -1380,6 +1390,14 @@ impl Validator {
             .collect();
         if self.diags.len() > before {
             return None;
+        }
+        if p.allow.is_none() && p.deny.is_none() {
+            let outcome = if default_allow { "allows" } else { "refuses" };
+            self.warn(
+                span,
+                format!("policy `{n}` has neither `allow` nor `deny` rules: it {outcome} every request of the routes that list it"),
+                "add allow = [{ ... }] or deny = [{ ... }] rules (docs/security.md), or remove the policy",
+            );
         }
         Some(AuthzPolicy {
             name: n,
@@ -1476,7 +1494,13 @@ impl Validator {
     fn redis(&mut self, r: RawRedis) -> Option<Redis> {
         let before = self.diags.len();
         let url = r.url.get_ref().trim().to_string();
-        if let Err(e) = redis::Client::open(url.as_str()) {
+        if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+            self.error(
+                r.url.span(),
+                "redis.url: Redis over TLS (rediss://) is not supported in this version",
+                "use redis:// to a Redis reachable over a trusted network (or through a local TLS tunnel such as stunnel), or a unix:// socket",
+            );
+        } else if let Err(e) = redis::Client::open(url.as_str()) {
             self.error(
                 r.url.span(),
                 format!(
@@ -2314,7 +2338,7 @@ impl Validator {
 
     fn duration_or(
         &mut self,
-        d: Option<&Spanned<String>>,
+        d: Option<&Spanned<RawDuration>>,
         key: &str,
         default: Duration,
         zero_ok: bool,
@@ -2471,6 +2495,20 @@ fn remove_key_at(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
     }
 }
 
+/// The name of the key (at any depth of tables) whose value is at `span`.
+fn key_with_value_at(value: &DeValue<'_>, span: &Range<usize>) -> Option<String> {
+    let DeValue::Table(t) = value else {
+        return None;
+    };
+    t.iter().find_map(|(k, v)| {
+        if v.span() == *span {
+            Some(k.get_ref().to_string())
+        } else {
+            key_with_value_at(v.get_ref(), span)
+        }
+    })
+}
+
 /// Remove the key (at any depth of tables) whose value is at `span`; its
 /// name. Values in arrays are left: without them the array could be wrong
 /// in a new way.
@@ -2515,7 +2553,7 @@ fn unknown_name_fix(kind: &str, name: &str, known: &[&str]) -> String {
 }
 
 /// Reword serde's messages for people editing a file, and suggest a fix.
-fn explain_serde_error(msg: &str) -> (String, String) {
+fn explain_serde_error(msg: &str, key: Option<&str>) -> (String, String) {
     let msg = msg.trim();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((field, expected)) = rest.split_once("`, expected ") {
@@ -2544,14 +2582,85 @@ fn explain_serde_error(msg: &str) -> (String, String) {
             format!("add `{field} = ...`; see docs/config.md"),
         );
     }
-    if msg.starts_with("invalid type") {
-        return (
-            msg.to_string(),
-            "use the type shown in docs/config.md for this key".to_string(),
-        );
+    if let Some((found, expected)) = msg
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        return explain_type(key, found, expected);
     }
     (
         msg.to_string(),
         "see docs/config.md for this key".to_string(),
     )
+}
+
+/// "invalid type: integer `30`, expected a string" in the config's words:
+/// what the key takes, what it got, and the line rewritten as it should be.
+fn explain_type(key: Option<&str>, found: &str, expected: &str) -> (String, String) {
+    // serde writes the value it found as `integer `30``, `string "4"`,
+    // `boolean `true``, or only the kind (`sequence`, `map`).
+    let (kind, literal) = match found.split_once(' ') {
+        Some((kind, lit)) => (kind, lit.trim_matches(|c| c == '`' || c == '"')),
+        None => (found, ""),
+    };
+    let got = match kind {
+        "integer" | "floating" => format!("the number {literal}"),
+        "string" => format!("the string \"{literal}\""),
+        "boolean" => format!("`{literal}`"),
+        "sequence" => "a list".to_string(),
+        "map" => "a table".to_string(),
+        _ => found.to_string(),
+    };
+    let k = key.unwrap_or("this key");
+    let (wanted, fix) = match expected {
+        e if e.starts_with(super::raw::EXPECTED_DURATION) => (
+            "a duration with a unit, in quotes".to_string(),
+            match kind {
+                "integer" | "floating" => {
+                    format!("write {k} = \"{literal}s\" (a duration needs a unit: ms, s, m or h)")
+                }
+                _ => format!("write a duration such as {k} = \"30s\" or \"500ms\""),
+            },
+        ),
+        "a string" => (
+            "a string, in quotes".to_string(),
+            if literal.is_empty() {
+                format!("write {k} = \"...\"")
+            } else {
+                format!("put the value in quotes: {k} = \"{literal}\"")
+            },
+        ),
+        "i64" | "i32" | "u64" | "u32" | "u16" | "u8" | "usize" => (
+            "a whole number".to_string(),
+            match literal.trim().parse::<i64>() {
+                Ok(n) if kind == "string" => format!("write {k} = {n}, without quotes"),
+                _ => format!("write a whole number without quotes, e.g. {k} = 4"),
+            },
+        ),
+        "f64" | "f32" => (
+            "a number".to_string(),
+            format!("write a number without quotes, e.g. {k} = 0.5"),
+        ),
+        "a boolean" => (
+            "true or false".to_string(),
+            format!("write {k} = true or {k} = false, without quotes"),
+        ),
+        "a sequence" => (
+            "a list".to_string(),
+            if kind == "string" {
+                format!("write it in brackets: {k} = [\"{literal}\"]")
+            } else {
+                format!("write a list in brackets, e.g. {k} = [\"a\", \"b\"]")
+            },
+        ),
+        e if e.starts_with("struct ") || e == "a map" => (
+            "a table".to_string(),
+            format!("write {k} = {{ ... }} with the keys docs/config.md lists"),
+        ),
+        other => (
+            other.to_string(),
+            "see docs/config.md for this key".to_string(),
+        ),
+    };
+    (format!("`{k}` must be {wanted}, not {got}"), fix)
 }

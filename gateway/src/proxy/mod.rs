@@ -974,20 +974,59 @@ impl ProxyHttp for Gateway {
         true
     }
 
+    /// Pingora's warn line for each attempt it retries is not written
+    /// either: a request that fails in the end gets one line (`logging`),
+    /// and one that a retry saved is no failure. Each retry is counted in
+    /// `meshgate_upstream_retries_total`; at debug level it is logged here.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        log::debug!(
+            "request_id={} upstream={} attempt {} failed, retrying: {error}",
+            ctx.request_id,
+            ctx.upstream_name().unwrap_or("-"),
+            ctx.tried.len()
+        );
+        true
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);
+        // `RUST_LOG=meshgate=debug`: one line per request, whatever the
+        // access log's setting.
+        if log::log_enabled!(log::Level::Debug) {
+            let req = session.req_header();
+            log::debug!(
+                "request request_id={} listener={} route={} upstream={} method={} path={} status={} duration_ms={:.3}",
+                ctx.request_id,
+                ctx.listener_name().unwrap_or("-"),
+                ctx.route_name().unwrap_or("-"),
+                ctx.upstream_name().unwrap_or("-"),
+                req.method,
+                req.uri.path(),
+                session.response_written().map_or(0, |r| r.status.as_u16()),
+                ctx.started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         // Client errors (404, 400) are visible in metrics and the access log;
         // the log proper carries what an operator must look at.
         // A client that hung up is its own business; log what failed on the
         // gateway's or the upstream's side.
         // A Redis outage under on_error = "deny" is logged once by the rate
         // limiter, not once per refused request.
-        let gateway_fault = ctx
-            .failure
-            .is_some_and(|f| f.status() >= 500 && f != Failure::RateLimitUnavailable);
-        let not_client = e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream);
-        if not_client || gateway_fault {
+        // A failure meshgate classified decides by its status (a 413 the
+        // body filter raised is the client's); an unclassified error by
+        // where it came from.
+        let log_it = match ctx.failure {
+            Some(f) => f.status() >= 500 && f != Failure::RateLimitUnavailable,
+            None => e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream),
+        };
+        if log_it {
             let req = session.req_header();
             log::warn!(
                 "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={} error={}",

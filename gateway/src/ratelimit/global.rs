@@ -253,8 +253,11 @@ impl RedisBackend {
             Ok(_) => metrics()
                 .rate_limit_backend_duration
                 .observe(started.elapsed().as_secs_f64()),
-            // A call that had less than the full timeout says little about Redis.
-            Err(BackendError::Timeout) if wait < self.model.timeout => return result,
+            // A call that had much less than the full timeout (a route's
+            // second global policy) says little about Redis. The first call
+            // of a request has the timeout less the microseconds spent
+            // since the request's deadline was set: that one counts.
+            Err(BackendError::Timeout) if wait < self.model.timeout.mul_f32(0.9) => return result,
             Err(_) => {}
         }
         self.record(&result);
@@ -298,21 +301,21 @@ impl RedisBackend {
 
     fn record(&self, result: &Result<Grant, BackendError>) {
         let Err(e) = result else {
-            if self.failures.swap(0, Ordering::Relaxed) >= FAILURES_BEFORE_SKIPPING {
+            if self.failures.swap(0, Ordering::Relaxed) > 0 {
                 log::info!("Redis at {} answers again", self.model.redacted_url());
             }
             return;
         };
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < FAILURES_BEFORE_SKIPPING {
-            return;
-        }
-        if failures == FAILURES_BEFORE_SKIPPING {
+        if failures == 1 {
             log::warn!(
-                "Redis at {} keeps failing ({e}); global rate limits follow on_error = \"{}\" until it answers",
+                "Redis at {} is failing ({e}); global rate limits follow on_error = \"{}\" until it answers",
                 self.model.redacted_url(),
                 self.model.on_error.as_str()
             );
+        }
+        if failures < FAILURES_BEFORE_SKIPPING {
+            return;
         }
         if *e == BackendError::Timeout {
             // The connection may be dead without knowing it: start afresh.

@@ -1,0 +1,139 @@
+//! The command line's side of the admin endpoint: `meshgate health` asks a
+//! running gateway whether it is ready, with nothing but the binary (a
+//! container image's `HEALTHCHECK` has no curl).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// The admin address `meshgate run` uses when the config names none.
+pub const DEFAULT_ADMIN: &str = crate::config::model::DEFAULT_ADMIN_LISTEN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("`{0}` is not an address (write HOST:PORT, e.g. 127.0.0.1:9901)")]
+    Address(String),
+    #[error("cannot reach the admin endpoint at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin endpoint at {addr} gave no HTTP answer")]
+    Garbled { addr: SocketAddr },
+    #[error("not ready ({addr} answered {status}): {body}")]
+    NotReady {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
+}
+
+/// Where to reach an admin endpoint that listens on `listen`: a wildcard
+/// bind is reached on loopback.
+pub fn reachable(mut listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(match listen.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    listen
+}
+
+/// Parse `HOST:PORT` (a name is resolved).
+pub fn parse_admin(addr: &str) -> Result<SocketAddr, HealthError> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(reachable)
+        .ok_or_else(|| HealthError::Address(addr.to_string()))
+}
+
+/// `GET /readyz` on `addr`: `Ok` with the body when it answers 200.
+pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, HealthError> {
+    let connect = |source| HealthError::Connect { addr, source };
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
+    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
+    stream.set_write_timeout(Some(timeout)).map_err(connect)?;
+    write!(
+        stream,
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(connect)?;
+    // The answer is a few dozen bytes of JSON; more is not an admin endpoint.
+    let mut answer = Vec::new();
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut answer)
+        .map_err(connect)?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or(HealthError::Garbled { addr })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_string();
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(HealthError::NotReady { addr, status, body })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_admin_is_asked_on_loopback() {
+        assert_eq!(
+            parse_admin("0.0.0.0:9901").unwrap(),
+            "127.0.0.1:9901".parse().unwrap()
+        );
+        assert_eq!(
+            parse_admin("[::]:9901").unwrap(),
+            "[::1]:9901".parse().unwrap()
+        );
+        assert!(matches!(
+            parse_admin("nonsense"),
+            Err(HealthError::Address(_))
+        ));
+    }
+
+    #[test]
+    fn answers_other_than_200_are_not_ready() {
+        let serve = |answer: &'static [u8]| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                s.write_all(answer).unwrap();
+            });
+            addr
+        };
+        let ok = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 18\r\n\r\n{\"status\":\"ready\"}");
+        assert_eq!(
+            ready(ok, Duration::from_secs(5)).unwrap(),
+            "{\"status\":\"ready\"}"
+        );
+        let draining = serve(b"HTTP/1.1 503 Service Unavailable\r\n\r\n{\"status\":\"not ready\"}");
+        let e = ready(draining, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(e, HealthError::NotReady { status: 503, .. }),
+            "{e}"
+        );
+        let garbage = serve(b"SSH-2.0-OpenSSH\r\n");
+        assert!(matches!(
+            ready(garbage, Duration::from_secs(5)),
+            Err(HealthError::Garbled { .. })
+        ));
+    }
+}
