@@ -29,7 +29,15 @@
 //! log it: the loop logs it when Pingora gives the connection up without
 //! the proxy having marked the request as its own ([`Fate`]).
 //!
-//! The wait is bounded by one timer per connection, not one per request
+//! The loop reads each head whole before Pingora sees it (a head that came
+//! in one read, most of them, is handed over at once): a head is refused
+//! as soon as it passes its listener's limits, never buffered beyond them
+//! ([`crate::downstream::head`]); every head, not only a connection's
+//! first, must be complete within `header_read_timeout`; and heads that
+//! need more than one read count against the process-wide budget of
+//! unfinished heads ([`crate::downstream::pending`]), which cuts the oldest.
+//!
+//! The waits are bounded by one timer per connection, not one per request
 //! ([`IdleTimer`]): a busy connection sets one about once per
 //! `idle_timeout`.
 
@@ -48,9 +56,21 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
+use crate::downstream::head::{progress, HeadLimits, HeadScan, Progress};
+use crate::downstream::pending::PendingHeads;
+use crate::proxy::observe::refused;
+use crate::proxy::observe::HeadEnd;
 use crate::runtime::Runtime;
+
+/// Unfinished request heads of every connection; its budget is
+/// `[gateway] max_pending_head_bytes`, set at start and on reload.
+pub static PENDING_HEADS: PendingHeads =
+    PendingHeads::new(crate::config::model::DEFAULT_MAX_PENDING_HEAD_BYTES);
+
+/// How long a refusal the loop writes itself may take to go out.
+const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Pingora's default keep-alive timeout: a first session's, and the wait of
@@ -84,14 +104,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         // The connection's idle deadline, from its first byte to its last
         // request.
         let mut idle = IdleTimer::default();
-        if !self.speaks_http1(&mut stream, &mut idle).await? {
+        let opened = Instant::now();
+        if !self.speaks_http1(&mut stream, &mut idle, opened).await? {
             // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
             // only once its `shutdown_delay` is over.
             return ServerApp::process_new(&self.inner, stream, &crate::shutdown::h2_watch()).await;
         }
         FATE.scope(
             Cell::new(Fate::Handed),
-            self.serve_http1(stream, shutdown, idle),
+            self.serve_http1(stream, shutdown, idle, opened),
         )
         .await
     }
@@ -108,11 +129,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
         mut idle: IdleTimer,
+        opened: Instant,
     ) -> Option<Stream> {
         let options = self.inner.server_options();
         // Where a refused head came from; one reference each per connection.
         let digest = stream.get_socket_digest();
         let tls = stream.get_ssl_digest();
+        let listener = self.runtime.load().listener_of(&stream);
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
         // not one per wait.
@@ -148,13 +171,30 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             let head = if pipelined {
                 None
             } else {
-                Some(tokio::select! {
-                    // A request already sent is served, even at shutdown.
-                    biased;
-                    head = self.next_request(&mut stream, &mut idle) => head?,
-                    _ = &mut shutting_down => return None,
-                    () = std::future::ready(()), if *shutdown.borrow() => return None,
-                })
+                // The first head's deadline runs from the connection's start.
+                let started = carried.is_none().then_some(opened);
+                let waits = Waits {
+                    idle: &mut idle,
+                    shutting_down: &mut shutting_down,
+                    shutdown,
+                };
+                match self.read_head(&mut stream, listener, started, waits).await {
+                    Head::Complete(head) => Some(head),
+                    Head::Gone => return None,
+                    Head::Unfinished(bytes, end) => {
+                        line.fill(&bytes);
+                        let request_id = answer(&mut stream, end).await;
+                        refused(
+                            &self.runtime.load(),
+                            digest.as_deref(),
+                            tls.as_deref(),
+                            line.bytes(),
+                            end,
+                            &request_id,
+                        );
+                        return None;
+                    }
+                }
             };
             let mut session = ServerSession::new_http1(stream);
             match carried {
@@ -181,10 +221,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             }
             let _ = FATE.try_with(|f| f.set(Fate::Handed));
             let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
-                use crate::proxy::observe::{refused, HeadEnd};
                 let end = match FATE.try_with(Cell::get).unwrap_or(Fate::Taken) {
                     Fate::Taken => return None,
-                    Fate::TimedOut => HeadEnd::TimedOut,
                     // Pingora drops a session it has not parsed yet.
                     Fate::Handed if *shutdown.borrow() => HeadEnd::Shutdown,
                     Fate::Handed => HeadEnd::Refused,
@@ -198,6 +236,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                         tls.as_deref(),
                         line.bytes(),
                         end,
+                        "",
                     );
                 }
                 return None;
@@ -211,7 +250,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this
     /// loop; `None` when the connection failed, or sent nothing within its
     /// `idle_timeout`, while being looked at.
-    async fn speaks_http1(&self, stream: &mut Stream, idle: &mut IdleTimer) -> Option<bool> {
+    async fn speaks_http1(
+        &self,
+        stream: &mut Stream,
+        idle: &mut IdleTimer,
+        opened: Instant,
+    ) -> Option<bool> {
         let options = self.inner.server_options();
         if options.is_some_and(|o| o.force_custom)
             || matches!(
@@ -229,7 +273,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         // sends: the first byte tells most requests apart at once, and the
         // first three the rest (`PUT`, `POST`, `PATCH`, `PROPFIND`: `PRI` is
         // the preface's alone, RFC 9113 §3.4).
-        let deadline = Instant::now() + self.idle_timeout(stream);
+        let (settings, listener) = {
+            let rt = self.runtime.load();
+            let listener = rt.listener_of(stream);
+            (HeadSettings::of(&rt, listener), listener)
+        };
+        let head_deadline = settings.header_read_timeout.map(|t| opened + t);
+        let deadline = earliest(Instant::now() + settings.idle_timeout, head_deadline);
         let peek = async {
             let mut first = [0u8; 1];
             if !stream.try_peek(&mut first).await? {
@@ -251,30 +301,227 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         tokio::select! {
             biased;
             peeked = peek => peeked.ok(),
-            () = idle.until(deadline) => None,
+            () = idle.until(deadline) => {
+                if head_deadline.is_some_and(|d| d <= deadline) {
+                    // Counted as the head's timeout it is.
+                    let (_, _, reason) = HeadEnd::TimedOut.describe(b"");
+                    let rt = self.runtime.load();
+                    let name = listener.and_then(|i| rt.listeners.get(i)).map_or("", |l| l.name.as_str());
+                    crate::telemetry::metrics::metrics()
+                        .rejected
+                        .with_label_values(&[name, reason.unwrap_or_default()])
+                        .inc();
+                }
+                None
+            }
         }
     }
 
-    /// The listener's `idle_timeout`, read per wait so that a reload applies.
-    fn idle_timeout(&self, stream: &Stream) -> Duration {
-        let rt = self.runtime.load();
-        rt.listener_of(stream)
-            .and_then(|i| rt.config.listeners.get(i))
-            .map_or(DEFAULT_IDLE, |l| l.limits.idle_timeout)
-            // At least a second, as the proxy tells Pingora.
-            .max(Duration::from_secs(1))
-    }
-
-    /// Read the next request's first bytes: `None` when the connection
-    /// closed, failed or idled past its listener's `idle_timeout`.
-    async fn next_request(&self, stream: &mut Stream, idle: &mut IdleTimer) -> Option<BytesMut> {
-        let deadline = Instant::now() + self.idle_timeout(stream);
-        tokio::select! {
+    /// Read the next request head whole. `started` is when its deadline
+    /// started (the connection's start, for its first head); `None` starts
+    /// it at the head's first byte, after an idle wait of up to
+    /// `idle_timeout`.
+    async fn read_head<F>(
+        &self,
+        stream: &mut Stream,
+        listener: Option<usize>,
+        started: Option<Instant>,
+        waits: Waits<'_, F>,
+    ) -> Head
+    where
+        F: Future + Unpin,
+    {
+        // Read per head, so that a reload applies.
+        let settings = HeadSettings::of(&self.runtime.load(), listener);
+        let Waits {
+            idle,
+            shutting_down,
+            shutdown,
+        } = waits;
+        let mut head_deadline = started
+            .zip(settings.header_read_timeout)
+            .map(|(s, t)| s + t);
+        let wait = earliest(Instant::now() + settings.idle_timeout, head_deadline);
+        let buf = tokio::select! {
+            // A request already sent is served, even at shutdown.
             biased;
-            read = read_some(stream) => read.ok().flatten(),
-            () = idle.until(deadline) => None,
+            read = read_some(stream) => match read {
+                Ok(Some(buf)) => buf,
+                _ => return Head::Gone,
+            },
+            () = idle.until(wait) => {
+                // A new connection that sent nothing in time is a head
+                // that timed out; a kept-alive one that idled, no head.
+                return if head_deadline.is_some_and(|d| d <= wait) {
+                    Head::Unfinished(BytesMut::new(), HeadEnd::TimedOut)
+                } else {
+                    Head::Gone
+                };
+            }
+            _ = &mut *shutting_down => return Head::Gone,
+            () = std::future::ready(()), if *shutdown.borrow() => return Head::Gone,
+        };
+        if head_deadline.is_none() {
+            head_deadline = settings.header_read_timeout.map(|t| Instant::now() + t);
+        }
+        // Most heads came whole in that first read.
+        match progress(&buf, settings.limits, &mut 0) {
+            Progress::Complete(_) => return Head::Complete(buf),
+            Progress::TooLarge => return Head::Unfinished(buf, HeadEnd::TooLarge),
+            Progress::UriTooLong => return Head::Unfinished(buf, HeadEnd::UriTooLong),
+            Progress::Blank | Progress::Partial => {}
+        }
+        // The rest is read into chunks of one size, counted against the
+        // budget of unfinished heads: a cut head's chunks are what the
+        // allocator hands the next one.
+        let mut scan = HeadScan::new(settings.limits);
+        let mut state = scan.feed(&buf, 0);
+        let mut len = buf.len();
+        let mut chunks = vec![buf];
+        let ticket = PENDING_HEADS.register();
+        // For the log line, the start is enough.
+        let head = |mut chunks: Vec<BytesMut>, end| {
+            chunks.truncate(1);
+            Head::Unfinished(chunks.pop().unwrap_or_default(), end)
+        };
+        loop {
+            match state {
+                Progress::Complete(_) => return Head::Complete(join(chunks)),
+                Progress::TooLarge => return head(chunks, HeadEnd::TooLarge),
+                Progress::UriTooLong => return head(chunks, HeadEnd::UriTooLong),
+                Progress::Blank | Progress::Partial => {}
+            }
+            if chunks.last().is_none_or(|c| c.len() == c.capacity()) {
+                chunks.push(BytesMut::with_capacity(HEAD_CHUNK));
+            }
+            ticket.resize(chunks.iter().map(BytesMut::capacity).sum());
+            let Some(last) = chunks.last_mut() else {
+                return Head::Gone;
+            };
+            let wait = earliest(Instant::now() + settings.idle_timeout, head_deadline);
+            let before = last.len();
+            let read = tokio::select! {
+                biased;
+                read = stream.read_buf(last) => read,
+                () = ticket.cut() => return head(chunks, HeadEnd::Cut),
+                () = idle.until(wait) => return head(chunks, HeadEnd::TimedOut),
+                _ = &mut *shutting_down => return head(chunks, HeadEnd::Shutdown),
+            };
+            match read {
+                Ok(n) if n > 0 => {
+                    state = scan.feed(&last[before..], len);
+                    len += n;
+                }
+                // Empty lines and then the end are no request.
+                _ if state == Progress::Blank => return Head::Gone,
+                _ => return head(chunks, HeadEnd::Refused),
+            }
         }
     }
+}
+
+/// What a slow head's later reads go into: one size for all, so that the
+/// chunks of heads cut or done are reused as they are.
+const HEAD_CHUNK: usize = 16 * 1024;
+
+/// A head read in chunks, as one buffer for Pingora.
+fn join(mut chunks: Vec<BytesMut>) -> BytesMut {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut whole = BytesMut::with_capacity(chunks.iter().map(BytesMut::len).sum());
+    for c in &chunks {
+        whole.extend_from_slice(c);
+    }
+    whole
+}
+
+/// What the loop waits on besides the client, for [`KeepAlive::read_head`].
+struct Waits<'a, F> {
+    idle: &'a mut IdleTimer,
+    shutting_down: &'a mut F,
+    shutdown: &'a ShutdownWatch,
+}
+
+/// How one request head read ended.
+enum Head {
+    /// Complete (maybe with the start of its body): Pingora's.
+    Complete(BytesMut),
+    /// The connection closed, idled out or is shutting down with no head
+    /// begun: nothing to log.
+    Gone,
+    /// Begun and not finished: its first bytes, and why.
+    Unfinished(BytesMut, HeadEnd),
+}
+
+/// A listener's limits on heads, read per head so that a reload applies.
+struct HeadSettings {
+    limits: HeadLimits,
+    idle_timeout: Duration,
+    header_read_timeout: Option<Duration>,
+}
+
+impl HeadSettings {
+    fn of(rt: &Runtime, listener: Option<usize>) -> Self {
+        let limits = listener
+            .and_then(|i| rt.config.listeners.get(i))
+            .map(|l| l.limits)
+            .unwrap_or_default();
+        HeadSettings {
+            limits: HeadLimits {
+                max_bytes: limits.max_request_header_bytes,
+                max_uri_bytes: limits.max_uri_bytes,
+            },
+            // At least a second, as the proxy tells Pingora.
+            idle_timeout: listener
+                .map_or(DEFAULT_IDLE, |_| limits.idle_timeout)
+                .max(Duration::from_secs(1)),
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+fn earliest(a: Instant, b: Option<Instant>) -> Instant {
+    b.map_or(a, |b| a.min(b))
+}
+
+/// Answer a head the loop refused, as the proxy would have; the request id
+/// the answer carries (none for what gets no answer).
+async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
+    use crate::proxy::ctx::Failure;
+    let (status, reason) = match end {
+        HeadEnd::TooLarge => (
+            Failure::HeadersTooLarge.status(),
+            "Request Header Fields Too Large",
+        ),
+        HeadEnd::UriTooLong => (Failure::UriTooLong.status(), "URI Too Long"),
+        // A client cut for the budget may be a prompt one: told to retry.
+        HeadEnd::Cut => (408, "Request Timeout"),
+        // One that let its time run out is closed on, as NGINX does; one
+        // that left or sent nothing parseable gets Pingora's answer, if any.
+        HeadEnd::TimedOut | HeadEnd::Refused | HeadEnd::Shutdown => return String::new(),
+    };
+    let (_, message, _) = end.describe(b"");
+    let id = crate::proxy::headers::RequestId::from_request(None);
+    let body = serde_json::json!({
+        "error": message,
+        "status": status,
+        "route": null,
+        "request_id": id.as_str(),
+    })
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len(),
+        id.as_str()
+    );
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.flush().await
+    };
+    // A client that does not read gets no more of our time.
+    let _ = pingora::time::timeout(REFUSAL_WRITE, write).await;
+    id.as_str().to_string()
 }
 
 /// What became of the request head the loop last handed to Pingora. Pingora
@@ -288,8 +535,6 @@ enum Fate {
     Handed,
     /// The proxy took it, and logs it.
     Taken,
-    /// `header_read_timeout` ended it.
-    TimedOut,
 }
 
 tokio::task_local! {
@@ -299,11 +544,6 @@ tokio::task_local! {
 /// The proxy took the request the loop handed over: it logs it itself.
 pub(crate) fn request_taken() {
     let _ = FATE.try_with(|f| f.set(Fate::Taken));
-}
-
-/// `header_read_timeout` ended the head being read.
-pub(crate) fn head_timed_out() {
-    let _ = FATE.try_with(|f| f.set(Fate::TimedOut));
 }
 
 /// The start of a request head, copied before Pingora takes the bytes: the

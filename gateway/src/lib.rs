@@ -26,6 +26,8 @@
 //!   HTTP/1 loop, where idle connections wait for requests outside Pingora.
 //! - [`shutdown`]: the signals that stop the process; SIGTERM's
 //!   `shutdown_delay`, when `/readyz` fails while listeners still accept.
+//! - [`downstream`]: client connections before the proxy: whole request heads
+//!   within their limits, and the memory budget of unfinished ones.
 //! - [`demo`]: the bundled echo upstream used by `make run`.
 
 pub mod admin;
@@ -33,6 +35,7 @@ pub mod admin_client;
 pub mod authz;
 pub mod config;
 pub mod demo;
+pub mod downstream;
 pub mod egress;
 pub mod keepalive;
 pub mod proxy;

@@ -116,6 +116,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     for warning in config.all_warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
+    crate::keepalive::PENDING_HEADS.set_budget(config.gateway.max_pending_head_bytes);
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
     let mut proxy = pingora::proxy::http_proxy(
@@ -129,14 +130,23 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     // for HTTP/2 connections (HTTP/1 ones use their listener's own).
     options.h2_idle_timeout = listeners.iter().map(|l| l.limits.idle_timeout).max();
     proxy.server_options = Some(options);
+    // An HTTP/2 head is refused by the h2 layer once past the largest
+    // listener's limit, before it is decoded whole; the proxy then holds
+    // each request to its own listener's.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    if let Some(max) = listeners
+        .iter()
+        .map(|l| l.limits.max_request_header_bytes)
+        .max()
+    {
+        h2.max_header_list_size(u32::try_from(max).unwrap_or(u32::MAX));
+    }
+    proxy.h2_options = Some(h2);
     let mut proxy = Service::new(
         "meshgate proxy".to_string(),
         CountConnections::new(
             crate::egress::tunnel::EgressSniff::new(
-                crate::telemetry::head_deadline::WithHeadDeadline::new(
-                    crate::keepalive::KeepAlive::new(proxy, runtime.clone()),
-                    runtime.clone(),
-                ),
+                crate::keepalive::KeepAlive::new(proxy, runtime.clone()),
                 runtime.clone(),
             ),
             runtime.clone(),

@@ -57,10 +57,25 @@ async fn oversized_heads_get_414_and_431() {
         .await
         .unwrap();
     assert_eq!(h2.status, 414);
+    // An HTTP/2 head past the limit is refused by the h2 layer as it is
+    // decoded, not after.
+    let huge = "h".repeat(4000);
+    let h2 = send(
+        gw.listen,
+        Method::GET,
+        "/",
+        &[("x-big", huge.as_str())],
+        Bytes::new(),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(h2.status, 431);
 
     let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
     assert_eq!(rejected(&text, "uri_length"), 2.0);
     assert_eq!(rejected(&text, "header_count"), 1.0);
+    // The HTTP/2 one never reached the proxy's count.
     assert_eq!(rejected(&text, "header_bytes"), 1.0);
 }
 
@@ -376,4 +391,173 @@ async fn slow_request_heads_are_cut_at_header_read_timeout() {
         assert_eq!(read_ok(&mut s).await, "ok");
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// A head is refused as soon as it passes its limits, before it ends and
+/// before the client stops sending: the answer comes while the client still
+/// writes, and nothing past the limit is buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_past_its_limits_is_answered_before_it_ends() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ max_request_header_bytes = 8192, max_uri_bytes = 1024 }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    for (start, status, error) in [
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".to_string(),
+            "431",
+            "request header fields too large",
+        ),
+        (format!("GET /{}", "u".repeat(100)), "414", "URI too long"),
+    ] {
+        let mut s = TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(start.as_bytes()).await.unwrap();
+        // Keep sending a head that never ends; read what comes back.
+        let filler = vec![b'x'; 1024];
+        let mut sent = start.len();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(sent < 1024 * 1024, "no answer after {sent} bytes");
+            if s.write_all(&filler).await.is_err() {
+                break;
+            }
+            sent += filler.len();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await
+            {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        got.extend_from_slice(&rest);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        assert!(text.contains(error), "{text}");
+        assert!(text.to_lowercase().contains("connection: close"), "{text}");
+        assert!(
+            sent <= 8192 + 64 * 1024,
+            "the answer came only after {sent} bytes"
+        );
+    }
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "header_bytes"), 1.0, "{text}");
+    assert_eq!(rejected(&text, "uri_length"), 1.0, "{text}");
+}
+
+/// Not only a connection's first head: each later one must be complete
+/// within header_read_timeout too, however it dribbles in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_head_on_a_kept_alive_connection_has_the_header_deadline() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ header_read_timeout = \"1s\", idle_timeout = \"30s\" }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_ok(&mut s).await, "ok");
+    // Idle for longer than the head deadline: idle_timeout governs that.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        // One byte every 200 ms: each read is prompt, the head never ends.
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => panic!("unexpected answer: {}", String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {
+                if s.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a dribbled head outlived its deadline"
+        );
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "header_timeout"), 1.0, "{text}");
+}
+
+/// Unfinished heads of all connections share `max_pending_head_bytes`:
+/// past it the oldest are cut (`408`), memory stays near it (60 heads of
+/// 256 KiB would hold 15 MiB), and a client that sends its head at once is
+/// served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_share_a_memory_budget_and_the_oldest_are_cut() {
+    const HEADS: usize = 60;
+    const BUDGET: u64 = 2 * 1024 * 1024;
+    let gw = Gateway::start(&format!(
+        "[gateway]\nmax_pending_head_bytes = {BUDGET}\nworkers = 1\n{}\nlimits = {{ max_request_header_bytes = 1048576, header_read_timeout = \"60s\", idle_timeout = \"60s\" }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+    let before = rss(gw.pid());
+    let mut held = Vec::new();
+    let pad = vec![b'p'; 256 * 1024];
+    for _ in 0..HEADS {
+        let mut s = TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: ")
+            .await
+            .unwrap();
+        // A cut connection may refuse the rest.
+        let _ = s.write_all(&pad).await;
+        held.push(s);
+        // A prompt client is served all along.
+        assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+    }
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_downstream_rejected_total{listener="public",reason="head_budget"}"#,
+            (HEADS / 2) as f64,
+            Duration::from_secs(10),
+        )
+        .await;
+    let cut = rejected(&text, "head_budget");
+    assert!(cut < HEADS as f64, "every head was cut: {text}");
+    // The first heads sent are the ones cut, each told so with a 408.
+    let mut answers = Vec::new();
+    for s in held.iter_mut().take(4) {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        answers.push(String::from_utf8_lossy(&got).into_owned());
+    }
+    for a in &answers {
+        assert!(a.starts_with("HTTP/1.1 408"), "{answers:?}");
+        assert!(a.contains("max_pending_head_bytes"), "{a}");
+    }
+    // Within a few times the budget (the connections themselves, and the
+    // allocator's per-thread caches): far below the 15 MiB the heads held.
+    let grew = rss(gw.pid()).saturating_sub(before);
+    assert!(
+        grew <= 3 * BUDGET,
+        "RSS grew by {grew} bytes with a budget of {BUDGET}"
+    );
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
 }

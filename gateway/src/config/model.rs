@@ -172,6 +172,9 @@ pub struct Gateway {
     /// connections are still accepted, so load balancers stop sending first.
     pub shutdown_delay: Duration,
     pub header_case: HeaderCase,
+    /// Bytes all unfinished request heads may hold together; past it the
+    /// oldest are cut.
+    pub max_pending_head_bytes: usize,
 }
 
 /// How field names of forwarded HTTP/1 messages are written
@@ -233,6 +236,9 @@ pub struct Listener {
 }
 
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+/// Unfinished request heads of all connections together: 512 heads at the
+/// default `max_request_header_bytes`, or several thousand of usual size.
+pub const DEFAULT_MAX_PENDING_HEAD_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
 pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LISTENER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

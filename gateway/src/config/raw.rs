@@ -59,6 +59,7 @@ pub struct RawGateway {
     pub shutdown_grace_period: Option<Spanned<RawDuration>>,
     pub shutdown_delay: Option<Spanned<RawDuration>>,
     pub header_case: Option<Spanned<String>>,
+    pub max_pending_head_bytes: Option<Spanned<i64>>,
 }
 
 /// `[admin]`

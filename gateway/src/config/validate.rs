@@ -31,6 +31,9 @@ const SECTIONS: &[&str] = &[
     "egress",
 ];
 const MAX_WORKERS: i64 = 1024;
+/// One head at the largest `max_request_header_bytes`, at least.
+const MIN_PENDING_HEAD_BYTES: i64 = 1024 * 1024;
+const MAX_PENDING_HEAD_BYTES: i64 = 64 * 1024 * 1024 * 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
 /// BoringSSL sends at most 16.
@@ -396,6 +399,20 @@ impl Validator {
                 }
             },
         };
+        let max_pending_head_bytes = match raw.max_pending_head_bytes {
+            None => DEFAULT_MAX_PENDING_HEAD_BYTES,
+            Some(b) if (MIN_PENDING_HEAD_BYTES..=MAX_PENDING_HEAD_BYTES).contains(b.get_ref()) => {
+                *b.get_ref() as usize
+            }
+            Some(b) => {
+                self.error(
+                    b.span(),
+                    format!("gateway.max_pending_head_bytes = {} is out of range", b.get_ref()),
+                    format!("use {MIN_PENDING_HEAD_BYTES}..={MAX_PENDING_HEAD_BYTES} bytes, or remove the key for {DEFAULT_MAX_PENDING_HEAD_BYTES} (32 MiB)"),
+                );
+                DEFAULT_MAX_PENDING_HEAD_BYTES
+            }
+        };
         Gateway {
             name,
             workers,
@@ -403,6 +420,7 @@ impl Validator {
             shutdown_grace_period,
             shutdown_delay,
             header_case,
+            max_pending_head_bytes,
         }
     }
 

@@ -8,7 +8,7 @@ use pingora::protocols::SocketDigest;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
-use super::ctx::RequestCtx;
+use super::ctx::{Failure, RequestCtx};
 use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Entry};
 use crate::telemetry::metrics::metrics;
@@ -184,21 +184,64 @@ pub enum HeadEnd {
     /// `CONNECT`), or the client stopped sending it (logged as `400`, as
     /// NGINX logs it, though nothing was sent).
     Refused,
-    /// `header_read_timeout` ended it (`408`, nothing sent; counted as
-    /// `header_timeout` where it fired).
+    /// `header_read_timeout` (or `idle_timeout` between two of its reads)
+    /// ended it (`408`, nothing sent).
     TimedOut,
+    /// Cut to keep unfinished heads within `max_pending_head_bytes`
+    /// (`408`, sent).
+    Cut,
+    /// Past `max_request_header_bytes` before it ended (`431`).
+    TooLarge,
+    /// A request line past `max_uri_bytes` before it ended (`414`).
+    UriTooLong,
     /// The gateway stopped before Pingora read it (nothing sent).
     Shutdown,
 }
 
+impl HeadEnd {
+    /// The status logged (and, for those the loop answers, sent), what the
+    /// access log's `error` says, and the `rejected` reason counted.
+    pub fn describe(self, method: &[u8]) -> (u16, &'static str, Option<&'static str>) {
+        match self {
+            HeadEnd::TimedOut => (
+                408,
+                "request head not complete within header_read_timeout",
+                Some("header_timeout"),
+            ),
+            HeadEnd::Cut => (
+                408,
+                "request head cut: unfinished heads over max_pending_head_bytes",
+                Some("head_budget"),
+            ),
+            HeadEnd::TooLarge => (
+                431,
+                Failure::HeadersTooLarge.message(),
+                Some("header_bytes"),
+            ),
+            HeadEnd::UriTooLong => (414, Failure::UriTooLong.message(), Some("uri_length")),
+            HeadEnd::Shutdown => (0, "gateway stopped before the request head was read", None),
+            HeadEnd::Refused if method == b"CONNECT" => {
+                (405, "CONNECT is not served on this connection", None)
+            }
+            HeadEnd::Refused => (
+                400,
+                "malformed or incomplete request head",
+                Some("malformed"),
+            ),
+        }
+    }
+}
+
 /// A request head that never reached the proxy, logged and counted. `line`
-/// is the start of what the client sent, when the loop saw it.
+/// is the start of what the client sent, when the loop saw it;
+/// `request_id` the one its answer carried, if any.
 pub fn refused(
     rt: &Runtime,
     digest: Option<&SocketDigest>,
     tls: Option<&SslDigest>,
     line: &[u8],
     end: HeadEnd,
+    request_id: &str,
 ) {
     let request_line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
@@ -212,14 +255,7 @@ pub fn refused(
         Some(b"HTTP/1.1") => "HTTP/1.1",
         _ => "",
     };
-    let (status, error) = match end {
-        HeadEnd::TimedOut => (408, "request head not complete within header_read_timeout"),
-        HeadEnd::Shutdown => (0, "gateway stopped before the request head was read"),
-        HeadEnd::Refused if method == b"CONNECT" => {
-            (405, "CONNECT is not served on this connection")
-        }
-        HeadEnd::Refused => (400, "malformed or incomplete request head"),
-    };
+    let (status, error, reason) = end.describe(method);
 
     let listener = rt.listener_for(
         digest
@@ -237,8 +273,8 @@ pub fn refused(
     RouteSeries::new(name, NO_ROUTE)
         .requests(method_class, status_index(status))
         .inc();
-    if status == 400 {
-        m.rejected.with_label_values(&[name, "malformed"]).inc();
+    if let Some(reason) = reason {
+        m.rejected.with_label_values(&[name, reason]).inc();
     }
 
     let format = rt.config.telemetry.access_log;
@@ -250,7 +286,7 @@ pub fn refused(
     let target = String::from_utf8_lossy(target);
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now()),
-        request_id: "",
+        request_id,
         trace_id: "",
         listener: name,
         direction: listener.map_or("", |l| l.direction.as_str()),

@@ -1,13 +1,11 @@
 //! What meshgate exports about the traffic it sees: Prometheus metrics
 //! ([`metrics`], names in [`names`]), access logs ([`access_log`]) and
 //! OpenTelemetry traces ([`tracing`]). The per-connection wrappers live here
-//! too: [`connections`] (open connections, `max_connections`) and
-//! [`head_deadline`] (`header_read_timeout`). The process's own log (stderr)
-//! is set up in [`process_log`].
+//! too: [`connections`] (open connections, `max_connections`). The
+//! process's own log (stderr) is set up in [`process_log`].
 
 pub mod access_log;
 pub mod connections;
-pub mod head_deadline;
 pub mod metrics;
 pub mod names;
 pub mod process_log;
