@@ -220,6 +220,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "max_uri_bytes": l.limits.max_uri_bytes,
                 "idle_timeout_seconds": secs(l.limits.idle_timeout),
                 "header_read_timeout_seconds": l.limits.header_read_timeout.map(secs),
+                "handshake_timeout_seconds": secs(l.limits.handshake_timeout),
             },
             "tls": l.tls.as_ref().map(|t| json!({
                 "certs": t.certs,

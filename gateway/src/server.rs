@@ -169,6 +169,13 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         }
     }
 
+    // Every TLS listener's ClientHello within its handshake_timeout.
+    proxy
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(crate::tls::hello::ClientHelloDeadline {
+            runtime: runtime.clone(),
+        }));
+
     let reloader = background_service(
         "config reload",
         ReloadOnSighup {

@@ -232,6 +232,70 @@ async fn min_version_refuses_older_clients_and_counts_the_failure() {
     assert!(!log.contains("Downstream handshake"), "{log}");
 }
 
+/// A TLS client has `handshake_timeout` to send its ClientHello, however it
+/// sends it (or nothing); plain HTTP to the port is told so with a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_hello_is_cut_and_plain_http_gets_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let gw = Gateway::start(&tls_listener(
+        "certs = [\"edge\"]",
+        &edge_and_api(&ca, dir.path()),
+        &format!("limits = {{ handshake_timeout = \"1s\" }}\n{RESPOND}"),
+    ))
+    .await;
+    // Nothing at all; then a record header promising 512 bytes, and 10 of them.
+    for sent in [
+        &b""[..],
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("a stalled ClientHello must be cut");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+    let (answer, _) = support::read_to_close(
+        gw.listen,
+        b"GET / HTTP/1.1\r\nHost: edge.example\r\n\r\n",
+        false,
+        Duration::from_secs(5),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("plain HTTP request sent to an HTTPS port"),
+        "{answer}"
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let reason = |r: &str| {
+        metric(
+            &text,
+            &format!("meshgate_tls_handshake_errors_total{{listener=\"public\",reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(reason("timeout"), 2.0, "{text}");
+    assert_eq!(reason("plain_http"), 1.0, "{text}");
+    // A prompt client is served as ever.
+    let (r, _) = tls::get(
+        gw.listen,
+        &ClientTls::new(&ca.pem(), Some("edge.example")),
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_refusing_the_certificate_is_counted_by_the_alert_it_sent() {
     let (_dir, _ca, gw) = edge_gateway("certs = [\"edge\"]").await;

@@ -243,6 +243,9 @@ pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
 pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LISTENER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// From a TLS connection's start to its ClientHello, whole; and for an
+/// egress tunnel's ClientHello.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bounds on what one client may send or hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,9 +258,13 @@ pub struct ListenerLimits {
     pub max_uri_bytes: usize,
     /// How long a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
-    /// Longest a new connection may take to send its first request head;
-    /// `None`: no total deadline (each read still has Pingora's).
+    /// Longest a request head may take to arrive whole: a new
+    /// connection's first from the connection's start, later ones from
+    /// their first byte; `None`: no total deadline (each read still has
+    /// `idle_timeout`).
     pub header_read_timeout: Option<Duration>,
+    /// Longest a TLS client may take to send its ClientHello.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -269,6 +276,7 @@ impl Default for ListenerLimits {
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
             idle_timeout: DEFAULT_LISTENER_IDLE_TIMEOUT,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }

@@ -113,6 +113,7 @@ pub struct RawListenerLimits {
     pub max_uri_bytes: Option<Spanned<i64>>,
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub header_read_timeout: Option<Spanned<RawDuration>>,
+    pub handshake_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// A listener's `tls = { ... }`

@@ -925,6 +925,12 @@ impl Validator {
             true,
         ))
         .filter(|t| !t.is_zero());
+        let handshake_timeout = self.duration_or(
+            r.handshake_timeout.as_ref(),
+            &format!("listeners.{listener}.limits.handshake_timeout"),
+            d.handshake_timeout,
+            false,
+        );
         ListenerLimits {
             max_connections,
             max_request_header_bytes,
@@ -932,6 +938,7 @@ impl Validator {
             max_uri_bytes,
             idle_timeout,
             header_read_timeout,
+            handshake_timeout,
         }
     }
 

@@ -27,12 +27,14 @@ use super::resolve::ResolveError;
 use super::{bytes_needed, normalize_host, parse_client_hello, record, split_authority};
 use super::{Denial, Hello, Mode};
 use crate::config::model::Egress;
+use crate::config::model::DEFAULT_HANDSHAKE_TIMEOUT;
 use crate::runtime::Runtime;
 use crate::telemetry::metrics::{metrics, GaugeGuard};
 
 /// Longest CONNECT request head read.
 const MAX_CONNECT_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its CONNECT head or its ClientHello.
+/// How long a client may take to send its CONNECT head (its ClientHello
+/// has its listener's `handshake_timeout`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BUFFER: usize = 16 * 1024;
 /// Addresses of one name tried per tunnel, at most.
@@ -278,7 +280,14 @@ impl Tunnel {
         mut buf: Vec<u8>,
         dest: &str,
     ) -> Option<(Vec<u8>, Option<String>)> {
-        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let timeout = self
+            .rt
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.listener)
+            .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |l| l.limits.handshake_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Parse only once a record is complete, not after every read.
             if buf.len() >= bytes_needed(&buf) {

@@ -35,6 +35,9 @@ pub const HANDSHAKE_ERROR_REASONS: &[&str] = &[
     "peer_unknown_ca",
     "peer_certificate_expired",
     "peer_other",
+    // Before the handshake proper (tls/hello.rs).
+    "timeout",
+    "plain_http",
 ];
 
 /// Where each listener's context keeps the listener's name.

@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod ciphers;
 pub mod credential;
+pub mod hello;
 pub mod listener;
 pub mod store;
 
