@@ -221,6 +221,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "idle_timeout_seconds": secs(l.limits.idle_timeout),
                 "header_read_timeout_seconds": l.limits.header_read_timeout.map(secs),
                 "handshake_timeout_seconds": secs(l.limits.handshake_timeout),
+                "max_requests_per_connection": l.limits.max_requests_per_connection,
             },
             "tls": l.tls.as_ref().map(|t| json!({
                 "certs": t.certs,

@@ -113,8 +113,15 @@ mod tests {
             let addr = l.local_addr().unwrap();
             std::thread::spawn(move || {
                 let (mut s, _) = l.accept().unwrap();
+                // The whole request, so that closing does not reset it.
+                let mut got = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
                 s.write_all(answer).unwrap();
             });
             addr

@@ -105,10 +105,30 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         // request.
         let mut idle = IdleTimer::default();
         let opened = Instant::now();
+        if self.custom(&stream) {
+            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+        }
         if !self.speaks_http1(&mut stream, &mut idle, opened).await? {
+            let limits = {
+                let rt = self.runtime.load();
+                let listener = rt.listener_of(&stream);
+                let l = listener.and_then(|i| rt.config.listeners.get(i));
+                let settings = HeadSettings::of(&rt, listener);
+                crate::downstream::h2::H2Limits {
+                    listener: l.map_or(String::new(), |l| l.name.clone()),
+                    handshake_timeout: l
+                        .map_or(crate::config::model::DEFAULT_HANDSHAKE_TIMEOUT, |l| {
+                            l.limits.handshake_timeout
+                        }),
+                    idle_timeout: settings.idle_timeout,
+                    max_requests: settings.max_requests,
+                }
+            };
             // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
             // only once its `shutdown_delay` is over.
-            return ServerApp::process_new(&self.inner, stream, &crate::shutdown::h2_watch()).await;
+            crate::downstream::h2::serve(&self.inner, stream, limits, crate::shutdown::h2_watch())
+                .await;
+            return None;
         }
         FATE.scope(
             Cell::new(Fate::Handed),
@@ -131,7 +151,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         mut idle: IdleTimer,
         opened: Instant,
     ) -> Option<Stream> {
-        let options = self.inner.server_options();
         // Where a refused head came from; one reference each per connection.
         let digest = stream.get_socket_digest();
         let tls = stream.get_ssl_digest();
@@ -208,9 +227,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                     } else {
                         Some(DEFAULT_IDLE.as_secs())
                     });
-                    session.set_keepalive_reuses_remaining(
-                        options.and_then(|o| o.keepalive_request_limit),
-                    );
+                    // The first request is this one; the rest are reuses.
+                    let max = HeadSettings::of(&self.runtime.load(), listener).max_requests;
+                    session.set_keepalive_reuses_remaining(Some(
+                        u32::try_from(max.saturating_sub(1)).unwrap_or(u32::MAX),
+                    ));
                 }
                 Some(Some(settings)) => settings.apply_to_session(&mut session),
                 Some(None) => {}
@@ -257,12 +278,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         opened: Instant,
     ) -> Option<bool> {
         let options = self.inner.server_options();
-        if options.is_some_and(|o| o.force_custom)
-            || matches!(
-                stream.selected_alpn_proto(),
-                Some(ALPN::H2) | Some(ALPN::Custom(_))
-            )
-        {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return Some(false);
         }
         if stream.get_ssl_digest().is_some() || !options.is_some_and(|o| o.h2c) {
@@ -315,6 +331,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 None
             }
         }
+    }
+
+    /// A custom protocol's connection, which Pingora's loop serves.
+    fn custom(&self, stream: &Stream) -> bool {
+        self.inner.server_options().is_some_and(|o| o.force_custom)
+            || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_)))
     }
 
     /// Read the next request head whole. `started` is when its deadline
@@ -459,6 +481,7 @@ struct HeadSettings {
     limits: HeadLimits,
     idle_timeout: Duration,
     header_read_timeout: Option<Duration>,
+    max_requests: usize,
 }
 
 impl HeadSettings {
@@ -477,6 +500,7 @@ impl HeadSettings {
                 .map_or(DEFAULT_IDLE, |_| limits.idle_timeout)
                 .max(Duration::from_secs(1)),
             header_read_timeout: limits.header_read_timeout,
+            max_requests: limits.max_requests_per_connection,
         }
     }
 }

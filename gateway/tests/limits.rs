@@ -561,3 +561,344 @@ async fn unfinished_heads_share_a_memory_budget_and_the_oldest_are_cut() {
     );
     assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
 }
+
+/// HTTP/2 frames written by hand, for clients no library would be.
+mod frames {
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    pub fn settings() -> Vec<u8> {
+        frame(0x4, 0, 0, &[])
+    }
+
+    pub fn ping(n: u64) -> Vec<u8> {
+        frame(0x6, 0, 0, &n.to_be_bytes())
+    }
+
+    /// `GET /` on `stream`, the whole request in one HEADERS frame
+    /// (HPACK: :method GET, :scheme http, :path /, :authority a).
+    pub fn get(stream: u32) -> Vec<u8> {
+        frame(
+            0x1,
+            0x1 | 0x4,
+            stream,
+            &[0x82, 0x86, 0x84, 0x41, 0x01, b'a'],
+        )
+    }
+
+    /// RST_STREAM with CANCEL.
+    pub fn cancel(stream: u32) -> Vec<u8> {
+        frame(0x3, 0, stream, &8u32.to_be_bytes())
+    }
+
+    /// The error code of the first GOAWAY in what the server sent.
+    pub fn goaway(mut bytes: &[u8]) -> Option<u32> {
+        while bytes.len() >= 9 {
+            let len = (usize::from(bytes[0]) << 16)
+                | (usize::from(bytes[1]) << 8)
+                | usize::from(bytes[2]);
+            let kind = bytes[3];
+            let payload = bytes.get(9..9 + len)?;
+            if kind == 0x7 && len >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+            bytes = &bytes[9 + len..];
+        }
+        None
+    }
+}
+
+/// Write `frames` after the preface (the server's own SETTINGS are
+/// acknowledged too), then read until the server closes.
+async fn h2_exchange(addr: std::net::SocketAddr, frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = frames::PREFACE.to_vec();
+    out.extend(frames::settings());
+    out.extend(frames::frame(0x4, 0x1, 0, &[]));
+    for f in frames {
+        out.extend_from_slice(f);
+    }
+    // The server may close before all of it is written.
+    let _ = s.write_all(&out).await;
+    // Read until the server closes, answering its PINGs as a client does
+    // (a graceful GOAWAY waits for one).
+    let mut got = Vec::new();
+    let mut parsed = 0;
+    let mut buf = [0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let n = match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        got.extend_from_slice(&buf[..n]);
+        while got.len() >= parsed + 9 {
+            let h = &got[parsed..parsed + 9];
+            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            if got.len() < parsed + 9 + len {
+                break;
+            }
+            if h[3] == 0x6 && h[4] & 0x1 == 0 {
+                let payload = got[parsed + 9..parsed + 9 + len].to_vec();
+                let _ = s.write_all(&frames::frame(0x6, 0x1, 0, &payload)).await;
+            }
+            parsed += 9 + len;
+        }
+    }
+    got
+}
+
+fn upstream_attempts(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("meshgate_upstream_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// HTTP/2 Rapid Reset, each stream cancelled in the same write as its
+/// request: the h2 layer refuses the flood (GOAWAY ENHANCE_YOUR_CALM) and
+/// none of it reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_cancelled_at_once_are_not_forwarded_and_a_flood_is_stopped() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let flood: Vec<Vec<u8>> = (0..300u32)
+        .map(|i| [frames::get(2 * i + 1), frames::cancel(2 * i + 1)].concat())
+        .collect();
+    let got = h2_exchange(gw.listen, &flood).await;
+    assert_eq!(
+        frames::goaway(&got),
+        Some(frames::ENHANCE_YOUR_CALM),
+        "no GOAWAY ENHANCE_YOUR_CALM in {} bytes",
+        got.len()
+    );
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_downstream_goaways_total{listener="public",reason="reset_flood"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(upstream_attempts(&text), 0.0, "{text}");
+    // A well-behaved HTTP/2 client is served.
+    let r = send(gw.listen, Method::GET, "/ok", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// Streams the client cancels once they are being served count against
+/// their connection: past RESET_BURST (100) in a short while, GOAWAY
+/// ENHANCE_YOUR_CALM. Each cancel is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_clients_cancelling_served_streams_too_fast_are_stopped() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    let mut start = frames::PREFACE.to_vec();
+    start.extend(frames::settings());
+    start.extend(frames::frame(0x4, 0x1, 0, &[]));
+    s.write_all(&start).await.unwrap();
+    // GET /delay/300 (:path as a literal), then its cancel once it is
+    // surely being served.
+    let slow = |stream: u32| {
+        let mut block = vec![0x82, 0x86, 0x44, 10];
+        block.extend_from_slice(b"/delay/300");
+        block.extend_from_slice(&[0x41, 0x01, b'a']);
+        frames::frame(0x1, 0x1 | 0x4, stream, &block)
+    };
+    let (mut reader, mut writer) = s.into_split();
+    let reading = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut got)).await;
+        got
+    });
+    for wave in 0..3u32 {
+        let streams: Vec<u32> = (0..50u32).map(|i| 2 * (wave * 50 + i) + 1).collect();
+        for &id in &streams {
+            if writer.write_all(&slow(id)).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for &id in &streams {
+            if writer.write_all(&frames::cancel(id)).await.is_err() {
+                break;
+            }
+        }
+    }
+    let got = reading.await.unwrap();
+    assert_eq!(frames::goaway(&got), Some(frames::ENHANCE_YOUR_CALM));
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_downstream_goaways_total{listener="public",reason="reset_flood"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    let resets = metric(
+        &text,
+        r#"meshgate_downstream_client_resets_total{listener="public"}"#,
+    );
+    assert!(resets > 100.0, "{text}");
+}
+
+/// SETTINGS and PING floods: every frame would be answered, so each kind
+/// has a budget; past it, GOAWAY ENHANCE_YOUR_CALM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_ping_and_settings_floods_get_enhance_your_calm() {
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let pings: Vec<Vec<u8>> = (0..500).map(frames::ping).collect();
+    let got = h2_exchange(gw.listen, &pings).await;
+    assert_eq!(frames::goaway(&got), Some(frames::ENHANCE_YOUR_CALM));
+    let settings: Vec<Vec<u8>> = (0..200).map(|_| frames::settings()).collect();
+    let got = h2_exchange(gw.listen, &settings).await;
+    assert_eq!(frames::goaway(&got), Some(frames::ENHANCE_YOUR_CALM));
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshgate_downstream_goaways_total{listener="public",reason="frame_flood"}"#
+        ),
+        2.0,
+        "{text}"
+    );
+    // A few pings are any client's right.
+    let pings: Vec<Vec<u8>> = (0..10).map(frames::ping).collect();
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    let mut out = frames::PREFACE.to_vec();
+    out.extend(frames::settings());
+    for p in &pings {
+        out.extend_from_slice(p);
+    }
+    s.write_all(&out).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(frames::goaway(&buf[..n]).is_none());
+}
+
+/// An HTTP/2 connection with nothing open for idle_timeout gets a GOAWAY
+/// (NO_ERROR) before it closes; one that served max_requests_per_connection
+/// streams gets one too, and HTTP/1 says `Connection: close` on the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connections_end_with_a_goaway_when_idle_or_used_up() {
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ idle_timeout = \"1s\", max_requests_per_connection = 3 }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end()
+    ))
+    .await;
+    let start = Instant::now();
+    let got = h2_exchange(gw.listen, &[frames::get(1)]).await;
+    let took = start.elapsed();
+    assert_eq!(frames::goaway(&got), Some(0), "an idle close says NO_ERROR");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Three streams, then GOAWAY, and the connection ends without idling.
+    let start = Instant::now();
+    let got = h2_exchange(gw.listen, &[frames::get(1), frames::get(3), frames::get(5)]).await;
+    assert_eq!(frames::goaway(&got), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let reason = |r: &str| {
+        metric(
+            &text,
+            &format!("meshgate_downstream_goaways_total{{listener=\"public\",reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(reason("idle"), 1.0, "{text}");
+    assert_eq!(reason("max_requests"), 1.0, "{text}");
+    // HTTP/1: the third answer closes.
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    for i in 1..=3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).ends_with("ok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&got).to_lowercase();
+        assert_eq!(
+            head.contains("connection: close"),
+            i == 3,
+            "answer {i}: {head}"
+        );
+    }
+}
+
+/// A stream the client cancels while it waits (here on a frozen Redis for
+/// its rate limit) is not forwarded when the wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_cancelled_while_it_waits_is_never_forwarded() {
+    let app = echo("app").await;
+    let redis = support::redis::RedisServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}\n[redis]\nurl = \"{}\"\ntimeout = \"1s\"\non_error = \"allow\"\n[rate_limits.g]\nkey = \"route\"\nrate = 1000\nscope = \"global\"\n[routes.r]\npath_prefix = \"/\"\nrate_limits = [\"g\"]\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        redis.url(),
+        app.addr
+    ))
+    .await;
+    redis.pause();
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    let mut start = frames::PREFACE.to_vec();
+    start.extend(frames::settings());
+    start.extend(frames::frame(0x4, 0x1, 0, &[]));
+    start.extend(frames::get(1));
+    s.write_all(&start).await.unwrap();
+    // The request now waits on Redis; the client gives up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(&frames::cancel(1)).await.unwrap();
+    let text = gw
+        .wait_for_metric(
+            r#"meshgate_downstream_client_resets_total{listener="public"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    redis.resume();
+    assert_eq!(upstream_attempts(&text), 0.0, "{text}");
+    // Once Redis answers again, requests are forwarded as ever.
+    let r = send(gw.listen, Method::GET, "/ok", &[], Bytes::new(), true)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(upstream_attempts(&text), 1.0, "{text}");
+}

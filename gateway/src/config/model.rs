@@ -246,6 +246,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// From a TLS connection's start to its ClientHello, whole; and for an
 /// egress tunnel's ClientHello.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// NGINX's `keepalive_requests`.
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 
 /// Bounds on what one client may send or hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,8 +265,12 @@ pub struct ListenerLimits {
     /// their first byte; `None`: no total deadline (each read still has
     /// `idle_timeout`).
     pub header_read_timeout: Option<Duration>,
-    /// Longest a TLS client may take to send its ClientHello.
+    /// Longest a TLS client may take to send its ClientHello, and an
+    /// HTTP/2 client its preface and SETTINGS.
     pub handshake_timeout: Duration,
+    /// Requests served on one connection before it is closed (HTTP/1:
+    /// `Connection: close` on the last answer; HTTP/2: a GOAWAY).
+    pub max_requests_per_connection: usize,
 }
 
 impl Default for ListenerLimits {
@@ -277,6 +283,7 @@ impl Default for ListenerLimits {
             idle_timeout: DEFAULT_LISTENER_IDLE_TIMEOUT,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
         }
     }
 }

@@ -114,6 +114,7 @@ pub struct RawListenerLimits {
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub header_read_timeout: Option<Spanned<RawDuration>>,
     pub handshake_timeout: Option<Spanned<RawDuration>>,
+    pub max_requests_per_connection: Option<Spanned<i64>>,
 }
 
 /// A listener's `tls = { ... }`

@@ -911,6 +911,12 @@ impl Validator {
             1024 * 1024,
             d.max_uri_bytes,
         );
+        let max_requests_per_connection = count(
+            &r.max_requests_per_connection,
+            "max_requests_per_connection",
+            10_000_000,
+            d.max_requests_per_connection,
+        );
         let idle_timeout = self.duration_or(
             r.idle_timeout.as_ref(),
             &format!("listeners.{listener}.limits.idle_timeout"),
@@ -939,6 +945,7 @@ impl Validator {
             idle_timeout,
             header_read_timeout,
             handshake_timeout,
+            max_requests_per_connection,
         }
     }
 

@@ -1,6 +1,87 @@
 //! Client connections before a request reaches the proxy: request heads
 //! read whole and within their limits ([`head`]), under a memory budget
-//! shared by every connection ([`pending`]).
+//! shared by every connection ([`pending`]); HTTP/2 connections with their
+//! churn bounded ([`h2`]).
 
+pub mod h2;
 pub mod head;
 pub mod pending;
+
+/// Implement the stream traits Pingora's `IO` needs beyond reading and
+/// writing by handing each to the wrapped stream in `$field`.
+#[macro_export]
+macro_rules! delegate_stream_traits {
+    ($ty:ty, $field:ident) => {
+        #[async_trait::async_trait]
+        impl pingora::protocols::Shutdown for $ty {
+            async fn shutdown(&mut self) {
+                self.$field.shutdown().await
+            }
+        }
+
+        impl pingora::protocols::UniqueID for $ty {
+            fn id(&self) -> pingora::protocols::UniqueIDType {
+                self.$field.id()
+            }
+        }
+
+        impl pingora::protocols::Ssl for $ty {
+            fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+                self.$field.get_ssl()
+            }
+
+            fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
+                self.$field.get_ssl_digest()
+            }
+
+            fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+                self.$field.selected_alpn_proto()
+            }
+        }
+
+        impl pingora::protocols::GetTimingDigest for $ty {
+            fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+                self.$field.get_timing_digest()
+            }
+
+            fn get_read_pending_time(&self) -> std::time::Duration {
+                self.$field.get_read_pending_time()
+            }
+
+            fn get_write_pending_time(&self) -> std::time::Duration {
+                self.$field.get_write_pending_time()
+            }
+        }
+
+        impl pingora::protocols::GetProxyDigest for $ty {
+            fn get_proxy_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+                self.$field.get_proxy_digest()
+            }
+
+            fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+                self.$field.set_proxy_digest(digest)
+            }
+        }
+
+        impl pingora::protocols::GetSocketDigest for $ty {
+            fn get_socket_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::SocketDigest>> {
+                self.$field.get_socket_digest()
+            }
+
+            fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+                self.$field.set_socket_digest(digest)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl pingora::protocols::Peek for $ty {
+            async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+                self.$field.try_peek(buf).await
+            }
+        }
+    };
+}

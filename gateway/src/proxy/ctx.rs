@@ -94,6 +94,9 @@ pub struct RequestCtx {
     pub websocket: bool,
     /// The upstream accepted it (101): the route deadline no longer applies.
     pub upgraded: bool,
+    /// The client cancelled its HTTP/2 stream before it was forwarded
+    /// (counted against its connection then).
+    pub client_cancelled: bool,
     /// Tracing (when on): the server span, the current attempt's client span.
     pub server_cx: Option<opentelemetry::Context>,
     pub client_cx: Option<opentelemetry::Context>,
@@ -132,6 +135,7 @@ impl RequestCtx {
             endpoint: None,
             upstream_status: None,
             websocket: false,
+            client_cancelled: false,
             upgraded: false,
             server_cx: None,
             client_cx: None,

@@ -390,6 +390,22 @@ fn upstream_authority(rt: &Runtime, ctx: &RequestCtx) -> Option<HeaderValue> {
     }
 }
 
+/// An HTTP/2 stream the client has already cancelled is not served further:
+/// an error from the client's side (nothing is written, the access log says
+/// status 0), and the cancel counted against its connection.
+fn client_still_there(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    if crate::downstream::h2::client_cancelled(session.as_downstream_mut()) {
+        ctx.client_cancelled = true;
+        let mut e = Error::explain(
+            ErrorType::ConnectionClosed,
+            "the client cancelled the stream before it was forwarded",
+        );
+        e.as_down();
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// The client's IP; an IPv4 client on a dual-stack `[::]` listener shows as
 /// its IPv4 address, not `::ffff:a.b.c.d`.
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
@@ -445,6 +461,7 @@ impl ProxyHttp for Gateway {
 
     /// Route the request; answer it here when the route needs no upstream.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        client_still_there(session, ctx)?;
         let rt = self.runtime.load_full();
         ctx.request_id = headers::RequestId::from_request(
             session.req_header().headers.get(headers::X_REQUEST_ID),
@@ -635,6 +652,8 @@ impl ProxyHttp for Gateway {
             // A retry sends the buffered body through the filter again.
             ctx.body_seen = 0;
         }
+        // Cancelled while it was routed (or rate limited): never forwarded.
+        client_still_there(session, ctx)?;
         let remaining = ctx.remaining();
         if remaining.is_zero() {
             ctx.failure = Some(Failure::Timeout);
@@ -995,6 +1014,14 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // An HTTP/2 stream the client ended early counts against the
+        // budget of its connection (checked before forwarding otherwise).
+        if !ctx.client_cancelled
+            && session.req_header().version == http::Version::HTTP_2
+            && e.is_some_and(|e| *e.esource() == pingora::ErrorSource::Downstream)
+        {
+            crate::downstream::h2::record_cancel();
+        }
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);
         // `RUST_LOG=meshgate=debug`: one line per request, whatever the

@@ -11,6 +11,8 @@ pub const DOWNSTREAM_REQUESTS_IN_FLIGHT: &str = "meshgate_downstream_requests_in
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "meshgate_downstream_connections_active";
 pub const NO_ROUTE_TOTAL: &str = "meshgate_no_route_total";
 pub const DOWNSTREAM_REJECTED_TOTAL: &str = "meshgate_downstream_rejected_total";
+pub const DOWNSTREAM_GOAWAYS_TOTAL: &str = "meshgate_downstream_goaways_total";
+pub const DOWNSTREAM_CLIENT_RESETS_TOTAL: &str = "meshgate_downstream_client_resets_total";
 
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "meshgate_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str = "meshgate_upstream_request_duration_seconds";
