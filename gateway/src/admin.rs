@@ -161,6 +161,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "rate_limits": r.rate_limits,
                 "policies": r.policies,
                 "max_body_bytes": r.max_body_bytes,
+                "buffer_request_body": r.buffer_request_body,
             });
             if let Some(p) = &r.path {
                 let (k, val) = p.describe();
@@ -222,6 +223,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "header_read_timeout_seconds": l.limits.header_read_timeout.map(secs),
                 "handshake_timeout_seconds": secs(l.limits.handshake_timeout),
                 "max_requests_per_connection": l.limits.max_requests_per_connection,
+                "body_read_timeout_seconds": secs(l.limits.body_read_timeout),
             },
             "tls": l.tls.as_ref().map(|t| json!({
                 "certs": t.certs,

@@ -323,7 +323,7 @@ respond = { body = "pong" }
     // Defaults are filled in.
     assert_eq!(c["routes"][0]["timeout_seconds"], 30.0);
     assert_eq!(c["routes"][0]["respond"]["status"], 200);
-    assert!(c["routes"][0]["max_body_bytes"].is_null());
+    assert_eq!(c["routes"][0]["max_body_bytes"], 10 * 1024 * 1024);
     let limits = &c["listeners"][0]["limits"];
     assert_eq!(limits["idle_timeout_seconds"], 60.0);
     assert_eq!(limits["max_request_headers"], 100);

@@ -902,3 +902,150 @@ async fn an_h2_stream_cancelled_while_it_waits_is_never_forwarded() {
     let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
     assert_eq!(upstream_attempts(&text), 1.0, "{text}");
 }
+
+/// Send `head`, then `body` a piece at a time every `every`; what the
+/// gateway answered, and when (from the head).
+async fn trickle(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+    body: &[u8],
+    piece: usize,
+    every: Duration,
+) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(head).await.unwrap();
+    let (mut reader, mut writer) = s.into_split();
+    let body = body.to_vec();
+    let writing = tokio::spawn(async move {
+        for chunk in body.chunks(piece) {
+            // The client's pace is what the test is about.
+            tokio::time::sleep(every).await;
+            if writer.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+        // Hold the connection open; the gateway closes it.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), reader.read_to_end(&mut got)).await;
+    let took = start.elapsed();
+    writing.abort();
+    (String::from_utf8_lossy(&got).into_owned(), took)
+}
+
+/// The route's timeout covers the upload too, and a body that stalls is
+/// cut at body_read_timeout: `408`, and no upstream waits on it further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_are_cut_with_408() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ body_read_timeout = \"500ms\" }}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\ntimeout = \"1500ms\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n";
+    // A byte every 100 ms: each read is prompt, the route's deadline is not.
+    let (answer, took) = trickle(
+        gw.listen,
+        head,
+        &[b'x'; 1000],
+        1,
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("request body not received in time"),
+        "{answer}"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Ten bytes, then nothing: cut at body_read_timeout.
+    let (answer, took) = trickle(gw.listen, head, &[b'x'; 10], 10, Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1400),
+        "{took:?}"
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(rejected(&text, "body_timeout"), 2.0, "{text}");
+    // A prompt upload is untouched.
+    let r = send(
+        gw.listen,
+        Method::POST,
+        "/up",
+        &[],
+        Bytes::from(vec![b'y'; 5000]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 5000);
+}
+
+/// Without max_body_bytes a route takes at most 10 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_have_a_default_limit() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let (answer, _) = support::read_to_close(
+        gw.listen,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10485761\r\n\r\n",
+        false,
+        Duration::from_secs(5),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(app.connections(), 0, "the upstream saw nothing");
+}
+
+/// With buffer_request_body, a small body is read whole before an upstream
+/// connection is used: a client sending it slowly holds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_buffered_before_an_upstream_is_chosen() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.r]\npath_prefix = \"/\"\nupstream = \"app\"\nbuffer_request_body = \"16KiB\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234")
+        .await
+        .unwrap();
+    // Half the body is in; the upstream has not been contacted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.connections(),
+        0,
+        "an upstream connection waits on a slow client"
+    );
+    s.write_all(b"56789").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("body_len") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"body\":\"0123456789\""), "{text}");
+    assert_eq!(app.connections(), 1);
+}

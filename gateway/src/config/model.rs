@@ -248,6 +248,13 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// NGINX's `keepalive_requests`.
 pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 1000;
+/// Longest wait for each read of a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body a route accepts unless it says otherwise: ten times
+/// NGINX's 1 MiB, which file uploads outgrow (docs/config.md says why).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Pingora replays at most this much of a request body it has read ahead.
+pub const MAX_BUFFER_REQUEST_BODY: u64 = 64 * 1024;
 
 /// Bounds on what one client may send or hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +278,8 @@ pub struct ListenerLimits {
     /// Requests served on one connection before it is closed (HTTP/1:
     /// `Connection: close` on the last answer; HTTP/2: a GOAWAY).
     pub max_requests_per_connection: usize,
+    /// Longest wait for each read of a request body (HTTP/1).
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -284,6 +293,7 @@ impl Default for ListenerLimits {
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
     }
 }
@@ -560,8 +570,11 @@ pub struct Route {
     pub rate_limits: Vec<String>,
     /// Names of `[policies]` (authorization); all must allow.
     pub policies: Vec<String>,
-    /// Largest request body accepted; `None`: no limit.
-    pub max_body_bytes: Option<u64>,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
+    /// Request bodies of declared length up to this are read whole before
+    /// an upstream is chosen; 0: bodies are streamed as they come.
+    pub buffer_request_body: u64,
 }
 
 /// An authorization policy: deny rules win, then allow rules, then `default`.

@@ -115,6 +115,7 @@ pub struct RawListenerLimits {
     pub header_read_timeout: Option<Spanned<RawDuration>>,
     pub handshake_timeout: Option<Spanned<RawDuration>>,
     pub max_requests_per_connection: Option<Spanned<i64>>,
+    pub body_read_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// A listener's `tls = { ... }`
@@ -220,6 +221,7 @@ pub struct RawRoute {
     pub rate_limits: Option<Spanned<Vec<Spanned<String>>>>,
     pub policies: Option<Spanned<Vec<Spanned<String>>>>,
     pub max_body_bytes: Option<Spanned<i64>>,
+    pub buffer_request_body: Option<Spanned<String>>,
 }
 
 /// `respond = { status, body, content_type }`

@@ -931,6 +931,12 @@ impl Validator {
             true,
         ))
         .filter(|t| !t.is_zero());
+        let body_read_timeout = self.duration_or(
+            r.body_read_timeout.as_ref(),
+            &format!("listeners.{listener}.limits.body_read_timeout"),
+            d.body_read_timeout,
+            false,
+        );
         let handshake_timeout = self.duration_or(
             r.handshake_timeout.as_ref(),
             &format!("listeners.{listener}.limits.handshake_timeout"),
@@ -946,6 +952,7 @@ impl Validator {
             header_read_timeout,
             handshake_timeout,
             max_requests_per_connection,
+            body_read_timeout,
         }
     }
 
@@ -1290,22 +1297,44 @@ impl Validator {
         if self.diags.len() > before {
             return None;
         }
-        let max_body_bytes = r.max_body_bytes.as_ref().and_then(|b| {
-            let v = *b.get_ref();
-            if v < 0 {
+        let max_body_bytes = match r.max_body_bytes.as_ref() {
+            None => DEFAULT_MAX_BODY_BYTES,
+            Some(b) if *b.get_ref() < 0 => {
                 self.error(
                     b.span(),
-                    format!("max_body_bytes = {v} is negative"),
-                    "use a size in bytes, e.g. 10485760 for 10 MiB, or remove the key (no limit)",
+                    format!("max_body_bytes = {} is negative", b.get_ref()),
+                    "use a size in bytes, e.g. 104857600 for 100 MiB, or remove the key for the default (10 MiB)",
                 );
-                None
-            } else {
-                Some(v as u64)
+                return None;
             }
-        });
+            Some(b) => *b.get_ref() as u64,
+        };
+        let buffer_request_body = match r.buffer_request_body.as_ref() {
+            None => 0,
+            Some(b) => match parse_size(b.get_ref()) {
+                Some(n) if n <= MAX_BUFFER_REQUEST_BODY => n,
+                Some(n) => {
+                    self.error(
+                        b.span(),
+                        format!("routes.{n_}.buffer_request_body = \"{}\" ({n} bytes) is over 64 KiB", b.get_ref(), n_ = name.get_ref()),
+                        "use at most \"64KiB\" (larger bodies are streamed; Pingora replays no more than that)",
+                    );
+                    return None;
+                }
+                None => {
+                    self.error(
+                        b.span(),
+                        format!("routes.{}.buffer_request_body = \"{}\" is not a size", name.get_ref(), b.get_ref()),
+                        "write a size such as \"16KiB\" or \"64KiB\" (units: B, KiB, MiB), or \"0\" to stream every body",
+                    );
+                    return None;
+                }
+            },
+        };
         Some(Route {
             policies,
             max_body_bytes,
+            buffer_request_body,
             name: n,
             listeners,
             host,
@@ -2499,6 +2528,25 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
             .ok_or_else(|| format!("host `{host}` resolved to no address")),
         Err(e) => Err(format!("cannot resolve host `{host}`: {e}")),
     }
+}
+
+/// A size as written: bytes, or a number with a binary unit (`"64KiB"`,
+/// `"1 MiB"`, `"512B"`).
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }
 
 /// A short, stable fingerprint of the file's text (FNV-1a, 64 bits).

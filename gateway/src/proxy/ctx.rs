@@ -24,6 +24,9 @@ pub enum Failure {
     HeadersTooLarge,
     UriTooLong,
     BodyTooLarge,
+    /// The request body did not arrive in time: a read waited past
+    /// `body_read_timeout`, or the route's `timeout` passed during it.
+    BodyTimeout,
     EgressDenied,
 }
 
@@ -41,6 +44,7 @@ impl Failure {
             Failure::HeadersTooLarge => 431,
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
+            Failure::BodyTimeout => 408,
         }
     }
 
@@ -61,6 +65,7 @@ impl Failure {
             Failure::HeadersTooLarge => "request header fields too large",
             Failure::UriTooLong => "URI too long",
             Failure::BodyTooLarge => "request body too large",
+            Failure::BodyTimeout => "request body not received in time",
             Failure::EgressDenied => "egress destination not allowed",
             Failure::Internal => "internal gateway error",
         }
@@ -112,6 +117,10 @@ pub struct RequestCtx {
     pub authz_note: String,
     /// Request body bytes seen so far, against the route's `max_body_bytes`.
     pub body_seen: u64,
+    /// The listener's `body_read_timeout`, for each read of the body.
+    pub body_read_timeout: std::time::Duration,
+    /// The body was read whole before forwarding (`buffer_request_body`).
+    pub body_buffered: bool,
     /// An allowed egress destination (egress listener, no route matched).
     pub egress: Option<Arc<super::egress::EgressTarget>>,
 }
@@ -136,6 +145,8 @@ impl RequestCtx {
             upstream_status: None,
             websocket: false,
             client_cancelled: false,
+            body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,
+            body_buffered: false,
             upgraded: false,
             server_cx: None,
             client_cx: None,

@@ -11,7 +11,7 @@ pub mod respond;
 mod trace;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -278,8 +278,44 @@ fn over_limits(
 fn body_over_limit(rt: &Runtime, route: Option<usize>, len: u64) -> bool {
     route
         .map(|r| rt.route(r))
-        .and_then(|r| r.max_body_bytes)
-        .is_some_and(|max| len > max)
+        .is_some_and(|r| len > r.max_body_bytes)
+}
+
+/// How long the next read of the request body may wait: the listener's
+/// `body_read_timeout`, or what is left of the route's deadline if less.
+fn body_deadline(session: &mut Session, ctx: &RequestCtx) {
+    let wait = ctx
+        .body_read_timeout
+        .min(ctx.remaining())
+        .max(Duration::from_millis(1));
+    session.set_read_timeout(Some(wait));
+}
+
+/// Read a small body of declared length whole, before an upstream is
+/// chosen (the route's `buffer_request_body`): a slow client then holds no
+/// upstream connection while it sends. Pingora replays it to the upstream.
+async fn buffer_body(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    // A client waiting for 100 Continue would wait for us; its body is
+    // streamed as it comes.
+    if session.req_header().headers.contains_key(header::EXPECT) {
+        return Ok(());
+    }
+    session.enable_retry_buffering();
+    loop {
+        body_deadline(session, ctx);
+        match session.read_request_body().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                if *e.etype() == ErrorType::ReadTimedout {
+                    ctx.failure = Some(Failure::BodyTimeout);
+                }
+                return Err(e);
+            }
+        }
+    }
+    ctx.body_buffered = true;
+    Ok(())
 }
 
 /// Count a request refused by a listener or route limit.
@@ -606,6 +642,13 @@ impl ProxyHttp for Gateway {
                     respond::send_error(session, Failure::Internal, ctx).await?;
                     return Ok(true);
                 }
+                if !ctx.websocket {
+                    ctx.body_read_timeout = limits.body_read_timeout;
+                    body_deadline(session, ctx);
+                    if declared.is_some_and(|len| len > 0 && len <= route.buffer_request_body) {
+                        buffer_body(session, ctx).await?;
+                    }
+                }
                 Ok(false)
             }
             Action::Respond {
@@ -755,7 +798,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if ctx.upgraded {
@@ -763,6 +806,19 @@ impl ProxyHttp for Gateway {
             return Ok(());
         }
         ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
+        // The route's deadline covers the upload too: the next read waits
+        // no longer than what is left of it.
+        if !ctx.body_buffered {
+            if ctx.remaining().is_zero() && !end_of_stream {
+                ctx.failure = Some(Failure::BodyTimeout);
+                session.set_keepalive(None);
+                return Error::e_explain(
+                    ErrorType::ReadTimedout,
+                    "the route's timeout passed while the request body was arriving",
+                );
+            }
+            body_deadline(session, ctx);
+        }
         let over = ctx
             .runtime
             .as_ref()
@@ -964,6 +1020,9 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         let failure = respond::classify(e, ctx);
         ctx.failure = failure;
+        if failure == Some(Failure::BodyTimeout) {
+            count_rejection(ctx, "body_timeout");
+        }
         let Some(failure) = failure else {
             return FailToProxy {
                 error_code: 0,

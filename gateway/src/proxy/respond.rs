@@ -93,6 +93,7 @@ pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCt
             | Failure::HeadersTooLarge
             | Failure::UriTooLong
             | Failure::BodyTooLarge
+            | Failure::BodyTimeout
     ) {
         // After a malformed request the connection's framing cannot be trusted.
         session.set_keepalive(None);
@@ -133,6 +134,9 @@ pub fn classify(e: &Error, ctx: &RequestCtx) -> Option<Failure> {
             | TLSHandshakeFailure | InvalidCert | HandshakeError,
         ) => Some(Failure::UpstreamUnreachable),
         (ErrorSource::Upstream, _) => Some(Failure::UpstreamError),
+        // A client too slow with its body (body_read_timeout): told so,
+        // if no answer has begun.
+        (ErrorSource::Downstream, ReadTimedout) if !ctx.upgraded => Some(Failure::BodyTimeout),
         (
             ErrorSource::Downstream,
             ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
