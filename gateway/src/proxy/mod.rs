@@ -807,8 +807,9 @@ impl ProxyHttp for Gateway {
         }
         ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
         // The route's deadline covers the upload too: the next read waits
-        // no longer than what is left of it.
-        if !ctx.body_buffered {
+        // no longer than what is left of it. Not a WebSocket's: its
+        // connection outlives the deadline once upgraded.
+        if !ctx.body_buffered && !ctx.websocket {
             if ctx.remaining().is_zero() && !end_of_stream {
                 ctx.failure = Some(Failure::BodyTimeout);
                 session.set_keepalive(None);
