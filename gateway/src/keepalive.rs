@@ -58,6 +58,7 @@ use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
+use crate::downstream::admission::{Admission, Waiting};
 use crate::downstream::head::{progress, HeadLimits, HeadScan, Progress};
 use crate::downstream::pending::PendingHeads;
 use crate::proxy::observe::refused;
@@ -83,13 +84,17 @@ pub(crate) const HEAD_BUFFER: usize = 4096;
 pub struct KeepAlive<A> {
     inner: Arc<A>,
     runtime: Arc<ArcSwap<Runtime>>,
+    /// Each listener's slots, by listener index: a connection waiting for
+    /// a request on a full listener may be asked to make room.
+    admissions: Vec<Arc<Admission>>,
 }
 
 impl<A> KeepAlive<A> {
-    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>) -> Self {
+    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>, admissions: Vec<Arc<Admission>>) -> Self {
         KeepAlive {
             inner: Arc::new(inner),
             runtime,
+            admissions,
         }
     }
 }
@@ -155,6 +160,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         let digest = stream.get_socket_digest();
         let tls = stream.get_ssl_digest();
         let listener = self.runtime.load().listener_of(&stream);
+        let admission = listener
+            .and_then(|i| self.admissions.get(i))
+            .filter(|a| a.limited())
+            .cloned();
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
         // not one per wait.
@@ -196,13 +205,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                     idle: &mut idle,
                     shutting_down: &mut shutting_down,
                     shutdown,
+                    admission: admission.as_ref(),
                 };
                 match self.read_head(&mut stream, listener, started, waits).await {
                     Head::Complete(head) => Some(head),
                     Head::Gone => return None,
                     Head::Unfinished(bytes, end) => {
                         line.fill(&bytes);
-                        let request_id = answer(&mut stream, end).await;
+                        // Boxed, as the rare path it is: its state would
+                        // otherwise be held by every idle connection.
+                        let request_id = Box::pin(answer(&mut stream, end)).await;
                         refused(
                             &self.runtime.load(),
                             digest.as_deref(),
@@ -359,7 +371,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             idle,
             shutting_down,
             shutdown,
+            admission,
         } = waits;
+        // While it waits, a full listener may take its slot.
+        let waiting = admission.map(|a| a.waiting());
         let mut head_deadline = started
             .zip(settings.header_read_timeout)
             .map(|(s, t)| s + t);
@@ -382,7 +397,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             }
             _ = &mut *shutting_down => return Head::Gone,
             () = std::future::ready(()), if *shutdown.borrow() => return Head::Gone,
+            () = evicted(waiting.as_ref()), if waiting.is_some() => return Head::Gone,
         };
+        drop(waiting);
         if head_deadline.is_none() {
             head_deadline = settings.header_read_timeout.map(|t| Instant::now() + t);
         }
@@ -393,9 +410,33 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
             Progress::UriTooLong => return Head::Unfinished(buf, HeadEnd::UriTooLong),
             Progress::Blank | Progress::Partial => {}
         }
-        // The rest is read into chunks of one size, counted against the
-        // budget of unfinished heads: a cut head's chunks are what the
-        // allocator hands the next one.
+        // The rest (rare: most heads come in one read) in a future of its
+        // own, so that an idle connection does not hold room for it.
+        Box::pin(Self::read_rest(
+            stream,
+            buf,
+            settings,
+            head_deadline,
+            idle,
+            shutting_down,
+        ))
+        .await
+    }
+
+    /// The rest of a head that did not come in one read: read into chunks
+    /// of one size, counted against the budget of unfinished heads (a cut
+    /// head's chunks are what the allocator hands the next one).
+    async fn read_rest<F>(
+        stream: &mut Stream,
+        buf: BytesMut,
+        settings: HeadSettings,
+        head_deadline: Option<Instant>,
+        idle: &mut IdleTimer,
+        shutting_down: &mut F,
+    ) -> Head
+    where
+        F: Future + Unpin,
+    {
         let mut scan = HeadScan::new(settings.limits);
         let mut state = scan.feed(&buf, 0);
         let mut len = buf.len();
@@ -463,6 +504,16 @@ struct Waits<'a, F> {
     idle: &'a mut IdleTimer,
     shutting_down: &'a mut F,
     shutdown: &'a ShutdownWatch,
+    /// The listener's slots, when it has a limit.
+    admission: Option<&'a Arc<Admission>>,
+}
+
+/// Done when the listener wants the waiting connection's slot.
+async fn evicted(waiting: Option<&Waiting>) {
+    match waiting {
+        Some(w) => w.evicted().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How one request head read ended.

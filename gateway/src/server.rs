@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::model::{AccessLogFormat, Config};
+use crate::downstream::admission::Admission;
 use crate::proxy::Gateway;
 use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
@@ -142,39 +143,52 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         h2.max_header_list_size(u32::try_from(max).unwrap_or(u32::MAX));
     }
     proxy.h2_options = Some(h2);
-    let mut proxy = Service::new(
-        "meshgate proxy".to_string(),
-        CountConnections::new(
-            crate::egress::tunnel::EgressSniff::new(
-                crate::keepalive::KeepAlive::new(proxy, runtime.clone()),
-                runtime.clone(),
-            ),
-            runtime.clone(),
-        ),
-    );
-    for l in &listeners {
+    // One proxy app (and so one upstream connection pool) for every
+    // listener; each listener its own listening service, so that its
+    // accept loop has its own filter (`max_connections`: a full listener
+    // accepts nothing until a connection ends).
+    let admissions: Vec<Arc<Admission>> = (0..listeners.len())
+        .map(|i| Admission::new(i, runtime.clone()))
+        .collect();
+    let app = Arc::new(crate::egress::tunnel::EgressSniff::new(
+        crate::keepalive::KeepAlive::new(proxy, runtime.clone(), admissions.clone()),
+        runtime.clone(),
+    ));
+    let mut services = Vec::new();
+    for (l, admission) in listeners.iter().zip(&admissions) {
+        let mut service = Service::new(
+            format!("meshgate listener {}", l.name),
+            CountConnections::new(app.clone(), admission.clone()),
+        );
         let endpoint = ListenerConfig::tcp(l.bind.to_string());
         match &l.tls {
-            None => proxy.add_listener(
+            None => service.add_listener(
                 endpoint.l4_buffer(L4BufferSettings::default().read(PLAIN_READ_BUFFER)),
             ),
             Some(tls) => {
                 let settings = crate::tls::listener::settings(l, tls, runtime.clone())?;
-                proxy.add_listener(
+                service.add_listener(
                     endpoint
                         .tls(settings)
                         .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
                 );
             }
         }
+        service.set_connection_filter(admission.clone());
+        // The ClientHello within the listener's handshake_timeout.
+        service.endpoints().set_pre_tls_callback(Arc::new(
+            crate::tls::hello::ClientHelloDeadline {
+                runtime: runtime.clone(),
+            },
+        ));
+        services.push(service);
     }
-
-    // Every TLS listener's ClientHello within its handshake_timeout.
-    proxy
-        .endpoints()
-        .set_pre_tls_callback(Arc::new(crate::tls::hello::ClientHelloDeadline {
+    let overload = background_service(
+        "overload",
+        crate::downstream::overload::OverloadWatch {
             runtime: runtime.clone(),
-        }));
+        },
+    );
 
     let reloader = background_service(
         "config reload",
@@ -200,7 +214,10 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 
-    server.add_service(proxy);
+    for service in services {
+        server.add_service(service);
+    }
+    server.add_service(overload);
     server.add_service(admin);
     server.add_service(reloader);
     server.add_service(evictor);

@@ -150,44 +150,77 @@ async fn bodies_over_the_route_limit_get_413() {
     assert_eq!(rejected(&text, "body_size"), 3.0);
 }
 
+/// A full listener makes room by closing the connection that has waited
+/// longest for a request; when every connection is busy it accepts nothing
+/// more: a new client waits (it is not reset) until one ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_over_the_listener_limit_are_closed() {
+async fn a_full_listener_makes_room_or_makes_new_clients_wait() {
     let gw = Gateway::start(&format!(
         "{}\nlimits = {{ max_connections = 2 }}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
         HEAD.trim_end()
     ))
     .await;
-    // Two clients hold connections open without finishing a request.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = TcpStream::connect(gw.listen).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
-            .await
-            .unwrap();
-        held.push(s);
-    }
+    let active = r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#;
+    // One client is served and keeps its connection, idle; another is busy
+    // sending a head.
+    let mut idle = TcpStream::connect(gw.listen).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_ok(&mut idle).await, "ok");
+    let mut busy = TcpStream::connect(gw.listen).await.unwrap();
+    busy.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
+    gw.wait_for_metric(active, 2.0, Duration::from_secs(5))
+        .await;
+    // A third client: the idle one is closed to make room.
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshgate_downstream_connections_evicted_total{listener="public"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+
+    // Both slots busy: a new client is accepted by the kernel but gets no
+    // answer, nor a reset, until a busy one ends.
+    let mut busy2 = TcpStream::connect(gw.listen).await.unwrap();
+    busy2
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
+    gw.wait_for_metric(active, 2.0, Duration::from_secs(5))
+        .await;
+    let mut waiting = TcpStream::connect(gw.listen).await.unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    // Waiting is the behaviour under test.
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "answered or closed while the listener was full: {early:?}"
+    );
     gw.wait_for_metric(
-        r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#,
-        2.0,
+        r#"meshgate_downstream_rejected_total{listener="public",reason="connection_limit"}"#,
+        1.0,
         Duration::from_secs(5),
     )
     .await;
-    // A third is closed without an answer.
-    assert!(get(gw.listen, "/", &[]).await.is_err());
-    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert!(rejected(&text, "connection_limit") >= 1.0);
-
-    // Once one of them leaves, there is room again.
-    drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Ok(r) = get(gw.listen, "/", &[]).await {
-            assert_eq!(r.status, 200);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no room after a client left");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drop(busy);
+    assert_eq!(read_ok(&mut waiting).await, "ok");
+    drop(busy2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1048,4 +1081,64 @@ async fn small_bodies_are_buffered_before_an_upstream_is_chosen() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"body\":\"0123456789\""), "{text}");
     assert_eq!(app.connections(), 1);
+}
+
+/// Over `overload.memory`, new connections are refused and new requests on
+/// open ones get `503 overloaded`; below it again, all is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_overload_sheds_new_connections_and_requests() {
+    let config = |overload: &str| {
+        format!(
+            "[gateway]\n{overload}\n{}\n[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n",
+            HEAD.trim_end()
+        )
+    };
+    let gw = Gateway::start(&config("")).await;
+    let mut open = TcpStream::connect(gw.listen).await.unwrap();
+    open.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_ok(&mut open).await, "ok");
+    // 16 MiB: below what the gateway holds anyway.
+    gw.reload(&config("overload = { memory = \"16MiB\" }"));
+    gw.wait_for_metric("meshgate_overload_active", 1.0, Duration::from_secs(5))
+        .await;
+    open.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("\"error\":\"overloaded\""), "{got}");
+    assert!(
+        get(gw.listen, "/", &[]).await.is_err(),
+        "a new connection is refused"
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(&text, r#"meshgate_overload_shed_total{kind="request"}"#),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, r#"meshgate_overload_shed_total{kind="connection"}"#) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        gw.log().contains("overload: resident memory"),
+        "{}",
+        gw.log()
+    );
+    gw.reload(&config(""));
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = get(gw.listen, "/", &[]).await {
+            assert_eq!(r.status, 200);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "still shedding");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("overload over"), "{}", gw.log());
 }

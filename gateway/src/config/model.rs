@@ -175,6 +175,8 @@ pub struct Gateway {
     /// Bytes all unfinished request heads may hold together; past it the
     /// oldest are cut.
     pub max_pending_head_bytes: usize,
+    /// Resident memory over which load is shed; `None`: never.
+    pub overload_memory: Option<u64>,
 }
 
 /// How field names of forwarded HTTP/1 messages are written

@@ -60,6 +60,14 @@ pub struct RawGateway {
     pub shutdown_delay: Option<Spanned<RawDuration>>,
     pub header_case: Option<Spanned<String>>,
     pub max_pending_head_bytes: Option<Spanned<i64>>,
+    pub overload: Option<Spanned<RawOverload>>,
+}
+
+/// `[gateway] overload = { memory = "..." }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverload {
+    pub memory: Option<Spanned<String>>,
 }
 
 /// `[admin]`

@@ -34,6 +34,8 @@ const MAX_WORKERS: i64 = 1024;
 /// One head at the largest `max_request_header_bytes`, at least.
 const MIN_PENDING_HEAD_BYTES: i64 = 1024 * 1024;
 const MAX_PENDING_HEAD_BYTES: i64 = 64 * 1024 * 1024 * 1024;
+/// Below this the gateway sheds load from its start: a typo, surely.
+const MIN_OVERLOAD_MEMORY: u64 = 16 * 1024 * 1024;
 const MAX_WEIGHT: i64 = 1_000_000;
 const MAX_CONNECT_RETRIES: i64 = 10;
 /// BoringSSL sends at most 16.
@@ -413,6 +415,29 @@ impl Validator {
                 DEFAULT_MAX_PENDING_HEAD_BYTES
             }
         };
+        let overload_memory = raw
+            .overload
+            .as_ref()
+            .and_then(|o| o.get_ref().memory.as_ref())
+            .and_then(|m| match parse_size(m.get_ref()) {
+                Some(n) if n >= MIN_OVERLOAD_MEMORY => Some(n),
+                Some(_) => {
+                    self.error(
+                        m.span(),
+                        format!("gateway.overload.memory = \"{}\" is below 16 MiB, less than meshgate needs to run", m.get_ref()),
+                        "give the memory at which to shed load, e.g. \"1GiB\"; keep it under the container's or unit's memory limit",
+                    );
+                    None
+                }
+                None => {
+                    self.error(
+                        m.span(),
+                        format!("gateway.overload.memory = \"{}\" is not a size", m.get_ref()),
+                        "write a size such as \"768MiB\" or \"2GiB\"",
+                    );
+                    None
+                }
+            });
         Gateway {
             name,
             workers,
@@ -421,6 +446,7 @@ impl Validator {
             shutdown_delay,
             header_case,
             max_pending_head_bytes,
+            overload_memory,
         }
     }
 

@@ -1,10 +1,13 @@
 //! Client connections before a request reaches the proxy: request heads
 //! read whole and within their limits ([`head`]), under a memory budget
 //! shared by every connection ([`pending`]); HTTP/2 connections with their
-//! churn bounded ([`h2`]).
+//! churn bounded ([`h2`]); a listener's connection slots ([`admission`]) and
+//! shedding load under memory pressure ([`overload`]).
 
+pub mod admission;
 pub mod h2;
 pub mod head;
+pub mod overload;
 pub mod pending;
 
 /// Implement the stream traits Pingora's `IO` needs beyond reading and

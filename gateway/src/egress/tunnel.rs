@@ -97,9 +97,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EgressSniff<A> {
             mode,
             rt,
         };
+        // Boxed: a tunnel's state is large, and without the box every
+        // connection through this wrapper (most are not tunnels) would
+        // hold room for it while it idles.
         match mode {
-            Mode::Connect => tunnel.connect(session).await,
-            _ => tunnel.passthrough(session).await,
+            Mode::Connect => Box::pin(tunnel.connect(session)).await,
+            _ => Box::pin(tunnel.passthrough(session)).await,
         }
         None
     }

@@ -27,6 +27,8 @@ pub enum Failure {
     /// The request body did not arrive in time: a read waited past
     /// `body_read_timeout`, or the route's `timeout` passed during it.
     BodyTimeout,
+    /// Memory is over `gateway.overload.memory`: new requests are shed.
+    Overloaded,
     EgressDenied,
 }
 
@@ -45,6 +47,7 @@ impl Failure {
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
             Failure::BodyTimeout => 408,
+            Failure::Overloaded => 503,
         }
     }
 
@@ -66,6 +69,7 @@ impl Failure {
             Failure::UriTooLong => "URI too long",
             Failure::BodyTooLarge => "request body too large",
             Failure::BodyTimeout => "request body not received in time",
+            Failure::Overloaded => "overloaded",
             Failure::EgressDenied => "egress destination not allowed",
             Failure::Internal => "internal gateway error",
         }

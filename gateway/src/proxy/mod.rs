@@ -525,6 +525,13 @@ impl ProxyHttp for Gateway {
             respond::send_error(session, Failure::NoListener, ctx).await?;
             return Ok(true);
         };
+        if crate::downstream::overload::active() {
+            crate::downstream::overload::shed("request");
+            ctx.failure = Some(Failure::Overloaded);
+            session.set_keepalive(None);
+            respond::send_error(session, Failure::Overloaded, ctx).await?;
+            return Ok(true);
+        }
 
         let config = &rt.config.listeners[listener];
         // A reload may have changed the client CAs or client_auth since this

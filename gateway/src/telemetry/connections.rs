@@ -1,31 +1,28 @@
-//! Counting open client connections per listener, and refusing those over
-//! `max_connections`. Pingora has no connection hooks in `ProxyHttp`, so the
-//! proxy app is wrapped: the listening service calls `process_new` once per
-//! connection (Pingora 0.9 serves a kept-alive HTTP/1 connection's requests
-//! inside that one call).
+//! Counting open client connections per listener. Pingora has no
+//! connection hooks in `ProxyHttp`, so the proxy app is wrapped: the
+//! listening service calls `process_new` once per connection (Pingora 0.9
+//! serves a kept-alive HTTP/1 connection's requests inside that one call).
+//! Whether a connection is let in at all is the listener's accept filter
+//! ([`crate::downstream::admission`]).
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use super::metrics::{metrics, GaugeGuard};
-use crate::runtime::Runtime;
+use crate::downstream::admission::Admission;
 
+/// One listener's connections, served by the app shared by all listeners.
 pub struct CountConnections<A> {
     inner: Arc<A>,
-    runtime: Arc<ArcSwap<Runtime>>,
+    admission: Arc<Admission>,
 }
 
 impl<A> CountConnections<A> {
-    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>) -> Self {
-        CountConnections {
-            inner: Arc::new(inner),
-            runtime,
-        }
+    pub fn new(inner: Arc<A>, admission: Arc<Admission>) -> Self {
+        CountConnections { inner, admission }
     }
 }
 
@@ -36,26 +33,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountConnections<A> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let rt = self.runtime.load();
-        let index = rt.listener_of(&session);
-        let listener = index
-            .and_then(|i| rt.listeners.get(i))
-            .map_or("", |l| l.name.as_str());
-        let gauge = rt.connections_gauge(index);
-        let max = index
-            .and_then(|i| rt.config.listeners.get(i))
-            .and_then(|l| l.limits.max_connections);
-        if max.is_some_and(|max| gauge.get() >= max as i64) {
-            // Full: close at once (a kept-alive connection coming back for
-            // another request counts as new, so overload sheds idle ones too).
-            metrics()
-                .rejected
-                .with_label_values(&[listener, "connection_limit"])
-                .inc();
-            return None;
-        }
-        drop(rt);
-        let _open = GaugeGuard::new(gauge);
+        let _open = self.admission.opened();
         self.inner.process_new(session, shutdown).await
     }
 

@@ -13,6 +13,10 @@ pub const NO_ROUTE_TOTAL: &str = "meshgate_no_route_total";
 pub const DOWNSTREAM_REJECTED_TOTAL: &str = "meshgate_downstream_rejected_total";
 pub const DOWNSTREAM_GOAWAYS_TOTAL: &str = "meshgate_downstream_goaways_total";
 pub const DOWNSTREAM_CLIENT_RESETS_TOTAL: &str = "meshgate_downstream_client_resets_total";
+pub const DOWNSTREAM_CONNECTIONS_EVICTED_TOTAL: &str =
+    "meshgate_downstream_connections_evicted_total";
+pub const OVERLOAD_ACTIVE: &str = "meshgate_overload_active";
+pub const OVERLOAD_SHED_TOTAL: &str = "meshgate_overload_shed_total";
 
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "meshgate_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str = "meshgate_upstream_request_duration_seconds";

@@ -1,0 +1,116 @@
+//! Graceful overload (`[gateway] overload = { memory = "..." }`): while the
+//! process's resident memory is above the threshold, new connections are
+//! refused and new requests on open ones get `503 overloaded`, so the
+//! gateway sheds load instead of being killed for memory. It leaves the
+//! state once memory is back below 95% of the threshold (so it does not
+//! flap at the line).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::runtime::Runtime;
+use crate::telemetry::metrics::metrics;
+
+/// How often memory is looked at.
+const SAMPLE: Duration = Duration::from_millis(250);
+
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Whether the gateway is shedding load now.
+pub fn active() -> bool {
+    ACTIVE.load(Ordering::Relaxed)
+}
+
+/// Count one connection or request refused for overload.
+pub fn shed(kind: &str) {
+    metrics().overload_shed.with_label_values(&[kind]).inc();
+}
+
+/// The process's resident memory, in bytes (`VmRSS` of /proc/self/status).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether memory `resident` puts the gateway in overload, given whether
+/// it is in it now (leaving needs 5% below the threshold).
+fn decide(threshold: Option<u64>, resident: u64, now: bool) -> bool {
+    match threshold {
+        None => false,
+        Some(t) if now => resident > t / 20 * 19,
+        Some(t) => resident > t,
+    }
+}
+
+/// Samples memory and sets the overload state; a pingora background service.
+pub struct OverloadWatch {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for OverloadWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let threshold = self.runtime.load().config.gateway.overload_memory;
+            let now = active();
+            let resident = resident_bytes().unwrap_or(0);
+            let next = decide(threshold, resident, now);
+            if next != now {
+                ACTIVE.store(next, Ordering::Relaxed);
+                metrics().overload_active.set(i64::from(next));
+                let mib = |b: u64| b / (1024 * 1024);
+                if next {
+                    log::warn!(
+                        "overload: resident memory {} MiB is over gateway.overload.memory ({} MiB): new connections are refused and new requests get 503 until it falls",
+                        mib(resident),
+                        mib(threshold.unwrap_or(0))
+                    );
+                } else {
+                    log::info!(
+                        "overload over: resident memory {} MiB; serving as usual",
+                        mib(resident)
+                    );
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(SAMPLE) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_starts_above_the_threshold_and_ends_five_percent_below() {
+        let t = Some(1000);
+        assert!(!decide(t, 1000, false));
+        assert!(decide(t, 1001, false));
+        assert!(decide(t, 951, true), "still in it just below the line");
+        assert!(!decide(t, 950, true));
+        assert!(!decide(None, u64::MAX, true), "off without a threshold");
+    }
+
+    #[test]
+    fn resident_memory_is_read() {
+        let rss = resident_bytes().expect("/proc/self/statm");
+        assert!(rss > 1024 * 1024, "{rss}");
+    }
+}
