@@ -1122,3 +1122,77 @@ bad!(
     2,
     "`work_stealing` must be true or false, not the string \"no\""
 );
+
+bad!(
+    buffer_request_body_over_what_pingora_replays,
+    with_route("upstream = \"u\"\nbuffer_request_body = \"1MiB\"\n"),
+    7,
+    "routes.r.buffer_request_body = \"1MiB\" (1048576 bytes) is over 64 KiB"
+);
+bad!(
+    buffer_request_body_not_a_size,
+    with_route("upstream = \"u\"\nbuffer_request_body = \"lots\"\n"),
+    7,
+    "routes.r.buffer_request_body = \"lots\" is not a size"
+);
+bad!(
+    overload_memory_too_small,
+    format!("[gateway]\noverload = {{ memory = \"1MiB\" }}\n{OK_LISTENER}"),
+    2,
+    "gateway.overload.memory = \"1MiB\" is below 16 MiB"
+);
+bad!(
+    overload_memory_not_a_size,
+    format!("[gateway]\noverload = {{ memory = \"2 gigs\" }}\n{OK_LISTENER}"),
+    2,
+    "gateway.overload.memory = \"2 gigs\" is not a size"
+);
+bad!(
+    pending_head_budget_out_of_range,
+    format!("[gateway]\nmax_pending_head_bytes = 100\n{OK_LISTENER}"),
+    2,
+    "gateway.max_pending_head_bytes = 100 is out of range"
+);
+bad!(
+    handshake_timeout_zero,
+    format!("{OK_LISTENER}limits = {{ handshake_timeout = \"0s\" }}\n"),
+    3,
+    "listeners.public.limits.handshake_timeout must be greater than zero"
+);
+bad!(
+    max_requests_per_connection_zero,
+    format!("{OK_LISTENER}limits = {{ max_requests_per_connection = 0 }}\n"),
+    3,
+    "listeners.public.limits.max_requests_per_connection = 0 is out of range"
+);
+
+#[test]
+fn sizes_are_bytes_or_binary_units() {
+    use super::validate::parse_size;
+    assert_eq!(parse_size("512"), Some(512));
+    assert_eq!(parse_size("64KiB"), Some(65536));
+    assert_eq!(parse_size("1 MiB"), Some(1 << 20));
+    assert_eq!(parse_size("2GiB"), Some(2 << 30));
+    assert_eq!(parse_size("16b"), Some(16));
+    assert_eq!(
+        parse_size("64KB"),
+        None,
+        "decimal units are refused, not guessed"
+    );
+    assert_eq!(parse_size("-1"), None);
+    assert_eq!(parse_size("99999999999999999999GiB"), None);
+}
+
+#[test]
+fn body_and_connection_defaults() {
+    let cfg = parse(Path::new("t.toml"), &with_route("upstream = \"u\"\n")).unwrap();
+    let route = &cfg.routes[0];
+    assert_eq!(route.max_body_bytes, 10 * 1024 * 1024);
+    assert_eq!(route.buffer_request_body, 0);
+    let limits = cfg.listeners[0].limits;
+    assert_eq!(limits.handshake_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(limits.body_read_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(limits.max_requests_per_connection, 1000);
+    assert_eq!(cfg.gateway.max_pending_head_bytes, 32 * 1024 * 1024);
+    assert_eq!(cfg.gateway.overload_memory, None);
+}
