@@ -131,8 +131,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
             };
             // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
             // only once its `shutdown_delay` is over.
-            crate::downstream::h2::serve(&self.inner, stream, limits, crate::shutdown::h2_watch())
-                .await;
+            // Boxed: its state would otherwise be room every HTTP/1
+            // connection holds.
+            Box::pin(crate::downstream::h2::serve(
+                &self.inner,
+                stream,
+                limits,
+                crate::shutdown::h2_watch(),
+            ))
+            .await;
             return None;
         }
         FATE.scope(

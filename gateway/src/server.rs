@@ -34,7 +34,7 @@ use crate::telemetry::tracing::Tracing;
 /// this one; no buffer at all (0) breaks upgraded WebSocket connections in
 /// Pingora 0.9. BoringSSL reads a record header and then the record, so TLS
 /// keeps one record's worth.
-const PLAIN_READ_BUFFER: usize = 1024;
+const PLAIN_READ_BUFFER: usize = 64;
 const TLS_READ_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
