@@ -33,7 +33,7 @@ impl AdminApp {
 
     /// Ready = a config is loaded and every listener accepts connections.
     async fn ready(&self) -> Result<(), String> {
-        if crate::shutdown::draining() {
+        if crate::lifecycle::draining() {
             return Err("shutting down (SIGTERM)".to_string());
         }
         if self.listeners_up.load(Ordering::Acquire) {

@@ -85,7 +85,7 @@ pub fn check<'p>(policies: impl Iterator<Item = &'p AuthzPolicy>, s: &Subject<'_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::IdentityPattern;
+    use crate::types::identity::IdentityPattern;
 
     fn rule() -> AuthzRule {
         AuthzRule::default()

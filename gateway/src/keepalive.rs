@@ -41,7 +41,6 @@
 //! ([`IdleTimer`]): a busy connection sets one about once per
 //! `idle_timeout`.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -61,6 +60,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use crate::downstream::admission::{Admission, Waiting};
 use crate::downstream::head::{progress, HeadLimits, HeadScan, Progress};
 use crate::downstream::pending::PendingHeads;
+use crate::proxy::conn::{fate, head_handed, with_fate, Fate};
 use crate::proxy::observe::refused;
 use crate::proxy::observe::HeadEnd;
 use crate::runtime::Runtime;
@@ -137,16 +137,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
                 &self.inner,
                 stream,
                 limits,
-                crate::shutdown::h2_watch(),
+                crate::lifecycle::h2_watch(),
             ))
             .await;
             return None;
         }
-        FATE.scope(
-            Cell::new(Fate::Handed),
-            self.serve_http1(stream, shutdown, idle, opened),
-        )
-        .await
+        with_fate(self.serve_http1(stream, shutdown, idle, opened)).await
     }
 
     async fn cleanup(&self) {
@@ -259,9 +255,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 line.fill(&head);
                 start_with(&mut session, head);
             }
-            let _ = FATE.try_with(|f| f.set(Fate::Handed));
+            head_handed();
             let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
-                let end = match FATE.try_with(Cell::get).unwrap_or(Fate::Taken) {
+                let end = match fate() {
                     Fate::Taken => return None,
                     // Pingora drops a session it has not parsed yet.
                     Fate::Handed if *shutdown.borrow() => HeadEnd::Shutdown,
@@ -604,28 +600,6 @@ async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
     // A client that does not read gets no more of our time.
     let _ = pingora::time::timeout(REFUSAL_WRITE, write).await;
     id.as_str().to_string()
-}
-
-/// What became of the request head the loop last handed to Pingora. Pingora
-/// answers a head it cannot parse (`400`) or a `CONNECT` (`405`) itself and
-/// drops the connection, without a hook; the proxy marks each request it
-/// takes, so one Pingora refused, or the client left unfinished, is logged
-/// here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fate {
-    /// Not taken by the proxy (yet).
-    Handed,
-    /// The proxy took it, and logs it.
-    Taken,
-}
-
-tokio::task_local! {
-    static FATE: Cell<Fate>;
-}
-
-/// The proxy took the request the loop handed over: it logs it itself.
-pub(crate) fn request_taken() {
-    let _ = FATE.try_with(|f| f.set(Fate::Taken));
 }
 
 /// The start of a request head, copied before Pingora takes the bytes: the

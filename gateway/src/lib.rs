@@ -38,6 +38,7 @@ pub mod demo;
 pub mod downstream;
 pub mod egress;
 pub mod keepalive;
+pub mod lifecycle;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
@@ -47,6 +48,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod types;
 pub mod upstream;
 
 /// Exit status for an invalid config or command line (sysexits EX_USAGE).

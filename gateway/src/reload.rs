@@ -33,7 +33,7 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
     bound_addresses_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
     if new.telemetry.access_log != AccessLogFormat::Off {
         // Starts the writer if logging was off; refuses a new destination.
-        access_log::init(&crate::server::access_log_sink(&new))
+        access_log::init(&access_log::Sink::of(&new.telemetry))
             .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
     }
     for warning in new.all_warnings(std::time::SystemTime::now()) {

@@ -151,7 +151,7 @@ impl Runtime {
             .as_ref()
             .map(crate::egress::resolve::Resolver::new);
         Runtime {
-            egress_series: UpstreamSeries::new(crate::proxy::egress::EGRESS_UPSTREAM),
+            egress_series: UpstreamSeries::new(crate::telemetry::names::EGRESS_UPSTREAM),
             certs,
             egress_resolver,
             config: Arc::new(config),

@@ -241,7 +241,7 @@ fn start_access_log(config: &Config) -> Result<(), ServerError> {
     if config.telemetry.access_log == AccessLogFormat::Off {
         return Ok(());
     }
-    let sink = access_log_sink(config);
+    let sink = Sink::of(&config.telemetry);
     access_log::init(&sink).map_err(|source| ServerError::AccessLog {
         path: config
             .telemetry
@@ -250,14 +250,6 @@ fn start_access_log(config: &Config) -> Result<(), ServerError> {
             .map_or("(stdout)".to_string(), |p| p.display().to_string()),
         source,
     })
-}
-
-pub fn access_log_sink(config: &Config) -> Sink {
-    config
-        .telemetry
-        .access_log_file
-        .clone()
-        .map_or(Sink::Stdout, Sink::File)
 }
 
 fn num_workers() -> usize {

@@ -13,41 +13,14 @@
 //! the sockets over yet, and Pingora would shut down after failing to hand
 //! them over.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::runtime::Runtime;
-
-/// Set once a signal to stop has arrived; never cleared (the process is
-/// ending).
-static DRAINING: AtomicBool = AtomicBool::new(false);
-
-/// The same, as a watch for HTTP/2 connections, which Pingora shuts down
-/// (GOAWAY) when their watch changes. The receiver kept here never reads,
-/// so a clone made after the change sees it at once.
-static DRAIN: LazyLock<(tokio::sync::watch::Sender<bool>, ShutdownWatch)> =
-    LazyLock::new(|| tokio::sync::watch::channel(false));
-
-/// Whether the process is in SIGTERM's delay, or past it.
-pub fn draining() -> bool {
-    DRAINING.load(Ordering::Relaxed)
-}
-
-/// The watch an HTTP/2 connection is given in place of Pingora's: it
-/// changes when a signal to stop arrives, before Pingora's does.
-pub fn h2_watch() -> ShutdownWatch {
-    DRAIN.1.clone()
-}
-
-fn begin_drain() {
-    DRAINING.store(true, Ordering::Relaxed);
-    DRAIN.0.send_replace(true);
-}
 
 /// Pingora's signals, with `gateway.shutdown_delay` before a SIGTERM's
 /// graceful shutdown (read when the signal comes, so a reload applies).
@@ -85,7 +58,7 @@ impl ShutdownSignalWatch for DelayedTerminate {
                 () = next(&mut term) => break ShutdownSignal::GracefulTerminate,
             }
         };
-        begin_drain();
+        crate::lifecycle::begin_drain();
         if !matches!(signal, ShutdownSignal::GracefulTerminate) {
             return signal;
         }

@@ -13,7 +13,7 @@ use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::model::{Upstream, UpstreamProtocol, UpstreamTls};
-use crate::tls::IdentityPattern;
+use crate::types::identity::IdentityPattern;
 
 /// The identities (URI and DNS SANs) an upstream's certificate carries,
 /// recorded on the connection after its handshake.

@@ -374,7 +374,7 @@ pub struct UpstreamTls {
     /// Server name sent and, without `verify`, checked against the certificate.
     pub sni: String,
     /// Identity the upstream's certificate must carry (URI or DNS SAN).
-    pub verify: Option<crate::tls::IdentityPattern>,
+    pub verify: Option<crate::types::identity::IdentityPattern>,
 }
 
 /// A cert/key pair named by path rather than by `[certs]`.
@@ -594,7 +594,7 @@ pub struct AuthzPolicy {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuthzRule {
     /// Any of these matches the client certificate's identity.
-    pub identity: Vec<crate::tls::IdentityPattern>,
+    pub identity: Vec<crate::types::identity::IdentityPattern>,
     /// The client IP (behind `trusted_proxies`) is in any of these.
     pub source: Vec<ipnet::IpNet>,
     pub methods: Vec<Method>,
@@ -758,7 +758,7 @@ impl Default for Egress {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EgressAllow {
-    pub pattern: crate::egress::HostPattern,
+    pub pattern: crate::types::host::HostPattern,
     pub ports: Vec<u16>,
 }
 

@@ -1148,7 +1148,7 @@ impl Validator {
             (None, None) => None,
         };
         let verify = r.verify.as_ref().and_then(|v| {
-            let p = crate::tls::IdentityPattern::parse(v.get_ref());
+            let p = crate::types::identity::IdentityPattern::parse(v.get_ref());
             if p.is_none() {
                 self.error(
                     v.span(),
@@ -1523,7 +1523,7 @@ impl Validator {
         let mut rule = AuthzRule::default();
         if let Some(v) = &raw.identity {
             for s in self.string_or_list(v, "identity") {
-                match crate::tls::IdentityPattern::parse(s.get_ref()) {
+                match crate::types::identity::IdentityPattern::parse(s.get_ref()) {
                     Some(p) => rule.identity.push(p),
                     None => self.error(
                         s.span(),
@@ -1877,7 +1877,7 @@ impl Validator {
         }
         // Requests are matched after normalization, so a non-normal pattern
         // could never match.
-        if let Some(normal) = crate::router::normalize_path(s) {
+        if let Some(normal) = crate::types::path::normalize_path(s) {
             self.error(
                 p.span(),
                 format!("{key} \"{s}\" is not in normal form, and request paths are normalized before matching"),
@@ -2307,7 +2307,7 @@ impl Validator {
                     }
                 },
             };
-            match crate::egress::HostPattern::parse(pattern) {
+            match crate::types::host::HostPattern::parse(pattern) {
                 Ok(pattern) => allow.push(EgressAllow {
                     pattern,
                     ports: entry_ports,
@@ -2322,7 +2322,7 @@ impl Validator {
         let ca = r.ca.as_ref().and_then(|p| self.ca_bundle(p));
         let mut resolve = Vec::new();
         for (host, value) in r.resolve.iter().flatten() {
-            let name = match crate::egress::normalize_host(host.get_ref()) {
+            let name = match crate::types::host::normalize_dns_host(host.get_ref()) {
                 Ok(n) => n,
                 Err(_) => {
                     self.error(

@@ -132,8 +132,8 @@ impl Admission {
 #[async_trait]
 impl ConnectionFilter for Admission {
     async fn should_accept(&self, _peer: Option<&SocketAddr>) -> bool {
-        if super::overload::active() {
-            super::overload::shed("connection");
+        if crate::lifecycle::overloaded() {
+            crate::lifecycle::shed("connection");
             return false;
         }
         let mut counted = false;

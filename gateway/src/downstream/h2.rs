@@ -7,10 +7,12 @@
 //!   closes (Pingora's closes the socket without one);
 //! - after `max_requests_per_connection` streams the client gets a GOAWAY
 //!   and opens a new connection for more;
-//! - streams the client cancels are a budget ([`RESET_BURST`], refilled at
-//!   [`RESET_RATE`] per second): a client that cancels faster gets a GOAWAY
+//! - streams the client cancels are a budget
+//!   ([`crate::proxy::conn::RESET_BURST`], refilled at
+//!   [`crate::proxy::conn::RESET_RATE`] per second): a client that cancels faster gets a GOAWAY
 //!   `ENHANCE_YOUR_CALM` (HTTP/2 Rapid Reset). A stream cancelled before it
-//!   was forwarded is not forwarded (the proxy asks [`client_cancelled`]);
+//!   was forwarded is not forwarded (the proxy asks
+//!   [`crate::proxy::conn::client_cancelled`]);
 //! - SETTINGS and PING frames from the client are capped the same way
 //!   ([`FrameCaps`]): a flood of them gets `ENHANCE_YOUR_CALM`.
 //!
@@ -18,11 +20,10 @@
 //! of its own, with the connection's state in a task-local so that the
 //! proxy can count a cancel against its connection.
 
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use pingora::apps::HttpServerApp;
@@ -32,12 +33,9 @@ use pingora::protocols::{Digest, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::sync::Notify;
 
+use crate::proxy::conn::{with_budget, CancelBudget};
 use crate::telemetry::metrics::metrics;
 
-/// Streams a client may cancel at once, and how many more it may cancel
-/// per second after that, before its connection is told to calm down.
-pub const RESET_BURST: f64 = 100.0;
-pub const RESET_RATE: f64 = 10.0;
 /// Rejected (malformed) streams a connection may open in all.
 const MAX_REJECTED: usize = 32;
 /// How long a connection told to go away may take to finish its streams
@@ -64,15 +62,9 @@ pub const GOAWAY_REASONS: &[&str] = &[
 ];
 
 /// One connection's state, shared with its streams' tasks.
-pub struct H2Conn {
-    listener: String,
-    /// Tokens for client cancels, and when they were last refilled.
-    resets: Mutex<(f64, Instant)>,
-    /// Set once the client has used more than its share of cancels or
-    /// control frames; `why` says which.
-    calm: Notify,
-    calmed: AtomicBool,
-    why: Mutex<&'static str>,
+struct H2Conn {
+    /// Cancels and control frames the client may still send.
+    budget: Arc<CancelBudget>,
     /// Streams being served, and a wake-up when one ends.
     active: AtomicUsize,
     ended: Notify,
@@ -81,48 +73,10 @@ pub struct H2Conn {
 impl H2Conn {
     fn new(listener: String) -> Arc<Self> {
         Arc::new(H2Conn {
-            listener,
-            resets: Mutex::new((RESET_BURST, Instant::now())),
-            calm: Notify::new(),
-            calmed: AtomicBool::new(false),
-            why: Mutex::new("reset_flood"),
+            budget: CancelBudget::new(listener),
             active: AtomicUsize::new(0),
             ended: Notify::new(),
         })
-    }
-
-    /// The client cancelled a stream of this connection.
-    pub fn record_cancel(&self) {
-        metrics()
-            .client_resets
-            .with_label_values(&[&self.listener])
-            .inc();
-        let mut bucket = self.resets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, at) = &mut *bucket;
-        let now = Instant::now();
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * RESET_RATE).min(RESET_BURST);
-        *at = now;
-        *tokens -= 1.0;
-        if *tokens < 0.0 {
-            self.calm_down("reset_flood");
-        }
-    }
-
-    fn calm_down(&self, why: &'static str) {
-        if !self.calmed.swap(true, Ordering::AcqRel) {
-            *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
-            self.calm.notify_one();
-        }
-    }
-
-    async fn calmed(&self) {
-        loop {
-            let notified = self.calm.notified();
-            if self.calmed.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Done once no stream has been open for `idle`.
@@ -151,32 +105,6 @@ impl Drop for Open {
     }
 }
 
-tokio::task_local! {
-    static CONN: Arc<H2Conn>;
-}
-
-/// Whether the client has already cancelled (reset) this HTTP/2 stream; if
-/// so the cancel is counted against its connection. `false` for HTTP/1 and
-/// for a stream still open.
-pub fn client_cancelled(session: &mut ServerSession) -> bool {
-    let Some(idle) = session.watch_h2_stream_close() else {
-        return false;
-    };
-    let mut idle = std::pin::pin!(idle);
-    let mut cx = Context::from_waker(Waker::noop());
-    // Ready with a reason: RST_STREAM (or GOAWAY) from the client.
-    let cancelled = matches!(idle.as_mut().poll(&mut cx), Poll::Ready(Ok(_)));
-    if cancelled {
-        record_cancel();
-    }
-    cancelled
-}
-
-/// Count a cancel by the client against the current stream's connection.
-pub fn record_cancel() {
-    let _ = CONN.try_with(|c| c.record_cancel());
-}
-
 fn goaway(listener: &str, why: &str) {
     metrics().goaways.with_label_values(&[listener, why]).inc();
 }
@@ -195,7 +123,7 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
         proxy_digest: stream.get_proxy_digest(),
         socket_digest: stream.get_socket_digest(),
     });
-    let stream: Stream = Box::new(FrameCaps::new(stream, conn_state.clone()));
+    let stream: Stream = Box::new(FrameCaps::new(stream, conn_state.budget.clone()));
     let mut conn = match pingora::time::timeout(
         limits.handshake_timeout,
         handshake(stream, app.h2_options()),
@@ -222,17 +150,17 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
     // Set once a GOAWAY went out: then the streams in flight finish, and
     // the connection closes, within DRAIN.
     let mut drain_until: Option<Instant> = None;
+    let mut calmed = false;
     loop {
         let drain_deadline = drain_until.map(|d| d.saturating_duration_since(Instant::now()));
         let accepted = tokio::select! {
             biased;
-            () = conn_state.calmed() , if drain_until.is_none() || !conn_state.calmed.load(Ordering::Relaxed) => {
-                let why = *conn_state.why.lock().unwrap_or_else(|p| p.into_inner());
-                goaway(&limits.listener, why);
+            () = conn_state.budget.calmed(), if !calmed => {
+                calmed = true;
+                goaway(&limits.listener, conn_state.budget.calmed_for().unwrap_or("reset_flood"));
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                drain_until = Some(Instant::now() + DRAIN);
                 // Let the GOAWAY go out; the connection then ends.
-                conn_state.calmed.store(true, Ordering::Relaxed);
+                drain_until = Some(Instant::now() + DRAIN);
                 continue;
             }
             _ = shutdown_watch.changed(), if drain_until.is_none() => {
@@ -281,7 +209,7 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
                 let open = Open(conn_state.clone());
                 let app = app.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(CONN.scope(conn_state.clone(), async move {
+                tokio::spawn(with_budget(conn_state.budget.clone(), async move {
                     let _open = open;
                     app.process_new_http(ServerSession::new_http2(session), &shutdown)
                         .await;
@@ -314,7 +242,7 @@ const FRAME_HEADER: usize = 9;
 /// answers every such frame and has no cap of its own.
 struct FrameCaps {
     inner: Stream,
-    conn: Arc<H2Conn>,
+    budget: Arc<CancelBudget>,
     /// Preface bytes still to skip.
     preface: usize,
     /// The frame header being read, and how much of it has been.
@@ -327,11 +255,11 @@ struct FrameCaps {
 }
 
 impl FrameCaps {
-    fn new(inner: Stream, conn: Arc<H2Conn>) -> Self {
+    fn new(inner: Stream, budget: Arc<CancelBudget>) -> Self {
         let now = Instant::now();
         FrameCaps {
             inner,
-            conn,
+            budget,
             preface: PREFACE_LEN,
             header: [0; FRAME_HEADER],
             have: 0,
@@ -382,7 +310,7 @@ impl FrameCaps {
         bucket.1 = now;
         bucket.0 -= 1.0;
         if bucket.0 < 0.0 {
-            self.conn.calm_down("frame_flood");
+            self.budget.calm_down("frame_flood");
         }
     }
 }

@@ -5,7 +5,6 @@
 //! state once memory is back below 95% of the threshold (so it does not
 //! flap at the line).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,22 +14,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::runtime::Runtime;
-use crate::telemetry::metrics::metrics;
 
 /// How often memory is looked at.
 const SAMPLE: Duration = Duration::from_millis(250);
-
-static ACTIVE: AtomicBool = AtomicBool::new(false);
-
-/// Whether the gateway is shedding load now.
-pub fn active() -> bool {
-    ACTIVE.load(Ordering::Relaxed)
-}
-
-/// Count one connection or request refused for overload.
-pub fn shed(kind: &str) {
-    metrics().overload_shed.with_label_values(&[kind]).inc();
-}
 
 /// The process's resident memory, in bytes (`VmRSS` of /proc/self/status).
 pub fn resident_bytes() -> Option<u64> {
@@ -66,12 +52,11 @@ impl BackgroundService for OverloadWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let threshold = self.runtime.load().config.gateway.overload_memory;
-            let now = active();
+            let now = crate::lifecycle::overloaded();
             let resident = resident_bytes().unwrap_or(0);
             let next = decide(threshold, resident, now);
             if next != now {
-                ACTIVE.store(next, Ordering::Relaxed);
-                metrics().overload_active.set(i64::from(next));
+                crate::lifecycle::set_overloaded(next);
                 let mib = |b: u64| b / (1024 * 1024);
                 if next {
                     log::warn!(

@@ -25,7 +25,7 @@ use crate::runtime::Runtime;
 
 /// The `upstream` label and log value of egress requests (not a valid
 /// upstream name, so it cannot collide with one).
-pub const EGRESS_UPSTREAM: &str = "(egress)";
+pub use crate::telemetry::names::EGRESS_UPSTREAM;
 /// Port TLS is originated to when the request names none: the client spoke
 /// plain HTTP to meshgate, the destination gets HTTPS.
 const DEFAULT_PORT: u16 = 443;

@@ -2,6 +2,7 @@
 //! needs from the request snapshot and calls the router, upstream pools,
 //! header policy or responder.
 
+pub mod conn;
 pub mod ctx;
 pub mod egress;
 mod framing;
@@ -223,9 +224,9 @@ fn is_host_and_port(b: &[u8]) -> bool {
 }
 
 /// Route, authorize and forward the normalized path (see
-/// [`crate::router::normalize_path`]), so all three see the same thing.
+/// [`crate::types::path::normalize_path`]), so all three see the same thing.
 fn normalize_request_path(req: &mut RequestHeader) {
-    let Some(path) = crate::router::normalize_path(req.uri.path()) else {
+    let Some(path) = crate::types::path::normalize_path(req.uri.path()) else {
         return;
     };
     let pq = match req.uri.query() {
@@ -430,7 +431,7 @@ fn upstream_authority(rt: &Runtime, ctx: &RequestCtx) -> Option<HeaderValue> {
 /// an error from the client's side (nothing is written, the access log says
 /// status 0), and the cancel counted against its connection.
 fn client_still_there(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    if crate::downstream::h2::client_cancelled(session.as_downstream_mut()) {
+    if conn::client_cancelled(session.as_downstream_mut()) {
         ctx.client_cancelled = true;
         let mut e = Error::explain(
             ErrorType::ConnectionClosed,
@@ -487,7 +488,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         // Pingora parsed the head: the request is logged by `logging`.
-        crate::keepalive::request_taken();
+        conn::request_taken();
         RequestCtx::new()
     }
 
@@ -525,8 +526,8 @@ impl ProxyHttp for Gateway {
             respond::send_error(session, Failure::NoListener, ctx).await?;
             return Ok(true);
         };
-        if crate::downstream::overload::active() {
-            crate::downstream::overload::shed("request");
+        if crate::lifecycle::overloaded() {
+            crate::lifecycle::shed("request");
             ctx.failure = Some(Failure::Overloaded);
             session.set_keepalive(None);
             respond::send_error(session, Failure::Overloaded, ctx).await?;
@@ -559,7 +560,7 @@ impl ProxyHttp for Gateway {
         // During SIGTERM's delay, each connection closes after its next
         // response, so clients reconnect to where the load balancer sends them.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(if crate::shutdown::draining() {
+            session.set_keepalive(if crate::lifecycle::draining() {
                 None
             } else {
                 Some(limits.idle_timeout.as_secs().max(1))
@@ -972,7 +973,7 @@ impl ProxyHttp for Gateway {
         ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
         // A response written after SIGTERM closes its connection, even for a
         // request that came before it.
-        if crate::shutdown::draining() {
+        if crate::lifecycle::draining() {
             session.set_keepalive(None);
         }
         // A body of unknown length reaches an HTTP/1.0 client delimited by
@@ -1087,7 +1088,7 @@ impl ProxyHttp for Gateway {
             && session.req_header().version == http::Version::HTTP_2
             && e.is_some_and(|e| *e.esource() == pingora::ErrorSource::Downstream)
         {
-            crate::downstream::h2::record_cancel();
+            conn::record_cancel();
         }
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);

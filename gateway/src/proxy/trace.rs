@@ -131,8 +131,15 @@ pub fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
 
 /// Put the client span's context on the upstream request.
 pub fn inject(ctx: &RequestCtx, upstream: &mut impl Fields) {
-    if let Some(cx) = &ctx.client_cx {
-        tracing::inject(cx, upstream);
+    let Some(cx) = &ctx.client_cx else {
+        return;
+    };
+    for (name, wire, value) in tracing::trace_fields(cx) {
+        // Inserting replaces a client's value.
+        match value {
+            Some(v) => upstream.set(name, wire, v),
+            None => upstream.remove(name),
+        }
     }
 }
 

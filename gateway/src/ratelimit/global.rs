@@ -83,7 +83,7 @@ pub enum BackendError {
 
 impl BackendError {
     /// Values of the `kind` label.
-    pub const KINDS: [&'static str; 3] = ["timeout", "unavailable", "error"];
+    pub const KINDS: [&'static str; 3] = crate::telemetry::names::RATE_LIMIT_BACKEND_ERROR_KINDS;
 
     /// Count it in `meshgate_rate_limit_backend_errors_total`.
     pub fn count(&self) {

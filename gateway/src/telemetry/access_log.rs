@@ -29,6 +29,16 @@ pub enum Sink {
     File(PathBuf),
 }
 
+impl Sink {
+    /// Where `[telemetry]` sends the access log.
+    pub fn of(telemetry: &crate::config::model::Telemetry) -> Self {
+        telemetry
+            .access_log_file
+            .clone()
+            .map_or(Sink::Stdout, Sink::File)
+    }
+}
+
 /// One request, as logged. Field names are documented in docs/observability.md.
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {

@@ -143,7 +143,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             self.config_reloads.with_label_values(&[result]);
         }
-        for kind in crate::ratelimit::global::BackendError::KINDS {
+        for kind in names::RATE_LIMIT_BACKEND_ERROR_KINDS {
             self.rate_limit_backend_errors.with_label_values(&[kind]);
         }
     }

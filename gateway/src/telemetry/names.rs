@@ -50,6 +50,11 @@ pub const TRACE_EXPORT_ERRORS_TOTAL: &str = "meshgate_trace_export_errors_total"
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "meshgate_access_log_dropped_total";
 pub const BUILD_INFO: &str = "meshgate_build_info";
 
+/// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
+pub const EGRESS_UPSTREAM: &str = "(egress)";
+/// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.
+pub const RATE_LIMIT_BACKEND_ERROR_KINDS: [&str; 3] = ["timeout", "unavailable", "error"];
+
 /// Label names.
 pub mod label {
     pub const LISTENER: &str = "listener";

@@ -31,7 +31,6 @@ use pingora::http::RequestHeader;
 
 use super::metrics::metrics;
 use crate::config::model::Tracing as TracingConfig;
-use crate::proxy::headers::Fields;
 
 /// Spans sent to the collector in one request at most.
 const MAX_BATCH: usize = 512;
@@ -118,7 +117,7 @@ impl Tracing {
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Context {
         // Most requests carry no context: spare them the propagator's lookups.
-        let parent = if req.headers.contains_key(TRACEPARENT) {
+        let parent = if req.headers.contains_key(&TRACEPARENT) {
             self.propagator.extract(&HeaderExtractor(&req.headers))
         } else {
             Context::new()
@@ -179,8 +178,8 @@ impl Tracing {
     }
 }
 
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Span names are the method; the usual ones need no allocation.
 fn span_name(method: &http::Method) -> Cow<'static, str> {
@@ -228,26 +227,18 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
 /// The same header the SDK's `TraceContextPropagator` writes (a test holds
 /// them equal), built without `format!` and without an empty `tracestate`:
 /// every request pays this, sampled or not.
-pub fn inject(cx: &Context, req: &mut impl Fields) {
+/// Each field as (name, spelling, value); `None`: remove the client's.
+pub fn trace_fields(cx: &Context) -> [(&'static HeaderName, &'static str, Option<HeaderValue>); 2] {
     let span = cx.span();
     let sc = span.span_context();
-    match traceparent(sc) {
-        // Inserting replaces a client's value.
-        Some(v) => {
-            req.set(&TRACEPARENT, "traceparent", v);
-        }
-        None => req.remove(&TRACEPARENT),
-    }
     let state = sc.trace_state().header();
     let state = (sc.is_valid() && !state.is_empty())
         .then(|| HeaderValue::from_str(&state).ok())
         .flatten();
-    match state {
-        Some(v) => {
-            req.set(&TRACESTATE, "tracestate", v);
-        }
-        None => req.remove(&TRACESTATE),
-    }
+    [
+        (&TRACEPARENT, "traceparent", traceparent(sc)),
+        (&TRACESTATE, "tracestate", state),
+    ]
 }
 
 /// The trace id of a context as 32 hex digits, or "" when it has no valid span.
@@ -473,6 +464,20 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap())
             .collect()
+    }
+
+    /// What the proxy does with `trace_fields`, on a plain request.
+    fn inject(cx: &Context, req: &mut RequestHeader) {
+        for (name, wire, value) in trace_fields(cx) {
+            match value {
+                Some(v) => {
+                    let _ = req.insert_header(wire, v);
+                }
+                None => {
+                    req.remove_header(name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,55 @@
+//! Process-wide state every layer may read and the process layer sets:
+//! whether the gateway is draining (a stop signal came) and whether it is
+//! shedding load (memory over `gateway.overload.memory`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+
+use pingora::server::ShutdownWatch;
+
+use crate::telemetry::metrics::metrics;
+
+/// Set once a signal to stop has arrived; never cleared (the process is
+/// ending).
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The same, as a watch for HTTP/2 connections, which Pingora shuts down
+/// (GOAWAY) when their watch changes. The receiver kept here never reads,
+/// so a clone made after the change sees it at once.
+static DRAIN: LazyLock<(tokio::sync::watch::Sender<bool>, ShutdownWatch)> =
+    LazyLock::new(|| tokio::sync::watch::channel(false));
+
+static OVERLOADED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the process is in SIGTERM's delay, or past it.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Relaxed)
+}
+
+/// The watch an HTTP/2 connection is given in place of Pingora's: it
+/// changes when a signal to stop arrives, before Pingora's does.
+pub fn h2_watch() -> ShutdownWatch {
+    DRAIN.1.clone()
+}
+
+/// A signal to stop came: drain.
+pub fn begin_drain() {
+    DRAINING.store(true, Ordering::Relaxed);
+    DRAIN.0.send_replace(true);
+}
+
+/// Whether the gateway is shedding load now.
+pub fn overloaded() -> bool {
+    OVERLOADED.load(Ordering::Relaxed)
+}
+
+/// Enter or leave overload.
+pub fn set_overloaded(on: bool) {
+    OVERLOADED.store(on, Ordering::Relaxed);
+    metrics().overload_active.set(i64::from(on));
+}
+
+/// Count one connection or request refused for overload.
+pub fn shed(kind: &str) {
+    metrics().overload_shed.with_label_values(&[kind]).inc();
+}
