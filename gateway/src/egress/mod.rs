@@ -214,6 +214,7 @@ pub fn record(listener: &str, mode: Mode, client: &str, destination: &str, denia
 mod tests {
     use super::*;
     use crate::config::model::EgressAllow;
+    use crate::types::host::HostPattern;
 
     fn pattern(s: &str) -> HostPattern {
         HostPattern::parse(s).unwrap()
