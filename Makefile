@@ -20,8 +20,9 @@ TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman deboo
 # for `make bench-instructions`.
 BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-linux valgrind
 BENCH_ARGS ?=
+ABUSE_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint check-configs image fuzz bench bench-instructions clean
+.PHONY: help deps test-deps bench-deps build run test lint check-configs image fuzz bench abuse bench-instructions clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
@@ -30,6 +31,7 @@ help:
 	@echo "make image  build the container image (podman) around the release binary"
 	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
 	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
+	@echo "make abuse  abuse probes (slowloris, partial TLS, Rapid Reset, floods, ...) vs NGINX (~4 min; ABUSE_ARGS=--quick: ~1 min)"
 	@echo "make bench-instructions  instructions per request, meshgate vs bare Pingora (callgrind, ~5 min)"
 
 deps:
@@ -88,6 +90,14 @@ bench: bench-deps
 	$(CARGO) build --release --locked -p meshgate -p bare-pingora
 	python3 loadtest/bench.py $(BENCH_ARGS)
 	$(CARGO) bench --locked -p meshgate --bench router --bench ratelimit
+
+# Abuse probes, meshgate and NGINX side by side: unfinished heads, partial ClientHellos, idle
+# and dribbling connections, slow bodies, a full listener, HTTP/2 Rapid Reset and frame floods
+# (loadtest/abuse.py; results in loadtest/results/). Loopback only; each probe is bounded and
+# stops everything it started. ABUSE_ARGS="--quick" scales counts, durations and timeouts by 1/10.
+abuse: bench-deps
+	$(CARGO) build --release --locked -p meshgate
+	python3 loadtest/abuse.py $(ABUSE_ARGS)
 
 # Instructions per request under callgrind, meshgate against bare Pingora: noise-free where
 # the timed runs are not (loadtest/instructions.py; results in loadtest/results/).

@@ -37,7 +37,6 @@ pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod egress;
-pub mod keepalive;
 pub mod lifecycle;
 pub mod proxy;
 pub mod ratelimit;
@@ -49,7 +48,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod types;
-pub mod upstream;
 
 /// Exit status for an invalid config or command line (sysexits EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;

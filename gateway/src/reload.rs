@@ -39,7 +39,7 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
     for warning in new.all_warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
-    crate::keepalive::PENDING_HEADS.set_budget(new.gateway.max_pending_head_bytes);
+    crate::downstream::keepalive::PENDING_HEADS.set_budget(new.gateway.max_pending_head_bytes);
     let generation = current.generation + 1;
     metrics().config_loaded(generation, &new.source_hash);
     runtime.store(Arc::new(Runtime::build_after(

@@ -20,7 +20,6 @@ use crate::proxy::Gateway;
 use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Sink};
-use crate::telemetry::connections::CountConnections;
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::tracing::Tracing;
 
@@ -48,7 +47,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] crate::tls::listener::ListenerTlsError),
+    Tls(#[from] crate::downstream::tls::ListenerTlsError),
     #[error("cannot bind {what} {addr}: {source} (is another process using the port?)")]
     Bind {
         what: String,
@@ -117,7 +116,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     for warning in config.all_warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
-    crate::keepalive::PENDING_HEADS.set_budget(config.gateway.max_pending_head_bytes);
+    crate::downstream::keepalive::PENDING_HEADS.set_budget(config.gateway.max_pending_head_bytes);
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
 
     let mut proxy = pingora::proxy::http_proxy(
@@ -150,15 +149,17 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     let admissions: Vec<Arc<Admission>> = (0..listeners.len())
         .map(|i| Admission::new(i, runtime.clone()))
         .collect();
-    let app = Arc::new(crate::egress::tunnel::EgressSniff::new(
-        crate::keepalive::KeepAlive::new(proxy, runtime.clone(), admissions.clone()),
-        runtime.clone(),
-    ));
+    let proxy = Arc::new(proxy);
     let mut services = Vec::new();
-    for (l, admission) in listeners.iter().zip(&admissions) {
+    for (index, (l, admission)) in listeners.iter().zip(&admissions).enumerate() {
         let mut service = Service::new(
             format!("meshgate listener {}", l.name),
-            CountConnections::new(app.clone(), admission.clone()),
+            crate::downstream::Listener::new(
+                proxy.clone(),
+                runtime.clone(),
+                index,
+                admission.clone(),
+            ),
         );
         let endpoint = ListenerConfig::tcp(l.bind.to_string());
         match &l.tls {
@@ -166,7 +167,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
                 endpoint.l4_buffer(L4BufferSettings::default().read(PLAIN_READ_BUFFER)),
             ),
             Some(tls) => {
-                let settings = crate::tls::listener::settings(l, tls, runtime.clone())?;
+                let settings = crate::downstream::tls::settings(l, tls, runtime.clone())?;
                 service.add_listener(
                     endpoint
                         .tls(settings)
@@ -177,7 +178,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         service.set_connection_filter(admission.clone());
         // The ClientHello within the listener's handshake_timeout.
         service.endpoints().set_pre_tls_callback(Arc::new(
-            crate::tls::hello::ClientHelloDeadline {
+            crate::downstream::hello::ClientHelloDeadline {
                 runtime: runtime.clone(),
             },
         ));
@@ -205,7 +206,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     );
     let cert_watcher = background_service(
         "certificate files",
-        crate::tls::store::WatchCertFiles {
+        crate::runtime::certs::WatchCertFiles {
             runtime: runtime.clone(),
         },
     );

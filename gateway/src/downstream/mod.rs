@@ -7,8 +7,14 @@
 pub mod admission;
 pub mod h2;
 pub mod head;
+pub mod hello;
+pub mod keepalive;
 pub mod overload;
 pub mod pending;
+pub mod tls;
+pub mod tunnel;
+
+pub use keepalive::Listener;
 
 /// Implement the stream traits Pingora's `IO` needs beyond reading and
 /// writing by handing each to the wrapped stream in `$field`.

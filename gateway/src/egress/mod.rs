@@ -6,18 +6,17 @@
 //! - plain HTTP (`http_proxy`, or a `Host` header): meshgate originates TLS to
 //!   the destination and verifies it (the proxy's `egress` phase);
 //! - `CONNECT host:port`: a tunnel, where the client's TLS ClientHello must
-//!   name the same host ([`tunnel`]);
+//!   name the same host ([`crate::downstream::tunnel`]);
 //! - a bare TLS ClientHello: passed through to the host its SNI names
-//!   ([`tunnel`]).
+//!   ([`crate::downstream::tunnel`]).
 //!
 //! Names are compared after [`normalize_host`]; addresses come from
 //! [`resolve`], which pins names and refuses `deny_networks`.
 
 mod client_hello;
 pub mod resolve;
-pub mod tunnel;
 
-pub use client_hello::{bytes_needed, parse_client_hello, Hello};
+pub use client_hello::{bytes_needed, parse_client_hello, Hello, MAX_HELLO_BYTES};
 
 use crate::config::model::Egress;
 use crate::telemetry::metrics::{destination_label, metrics};

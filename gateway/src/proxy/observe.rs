@@ -237,6 +237,7 @@ impl HeadEnd {
 /// `request_id` the one its answer carried, if any.
 pub fn refused(
     rt: &Runtime,
+    listener: Option<usize>,
     digest: Option<&SocketDigest>,
     tls: Option<&SslDigest>,
     line: &[u8],
@@ -257,12 +258,6 @@ pub fn refused(
     };
     let (status, error, reason) = end.describe(method);
 
-    let listener = rt.listener_for(
-        digest
-            .and_then(|d| d.local_addr())
-            .and_then(|a| a.as_inet())
-            .copied(),
-    );
     let listener = listener.and_then(|i| rt.listeners.get(i));
     let name = listener.map_or("", |l| l.name.as_str());
     let m = metrics();

@@ -5,7 +5,6 @@
 //! process's own log (stderr) is set up in [`process_log`].
 
 pub mod access_log;
-pub mod connections;
 pub mod metrics;
 pub mod names;
 pub mod process_log;

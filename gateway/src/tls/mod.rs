@@ -10,9 +10,6 @@
 pub mod alerts;
 pub mod ciphers;
 pub mod credential;
-pub mod hello;
-pub mod listener;
-pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -149,7 +146,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<X509>, TlsError> {
 
 /// A BoringSSL call's return: 1 is success; otherwise the reason is on the
 /// thread's error stack (for the calls `boring` does not wrap).
-fn ffi_result(ret: std::os::raw::c_int) -> Result<(), boring::error::ErrorStack> {
+pub(crate) fn ffi_result(ret: std::os::raw::c_int) -> Result<(), boring::error::ErrorStack> {
     if ret == 1 {
         Ok(())
     } else {
@@ -403,7 +400,7 @@ impl PeerCert {
         &self,
         ca: &crate::config::model::CaBundle,
     ) -> Result<bool, boring::error::ErrorStack> {
-        let store = listener::trust_store(ca)?;
+        let store = trust_store(ca)?;
         let mut chain = boring::stack::Stack::new()?;
         for cert in &self.chain {
             chain.push(cert.clone())?;
@@ -422,4 +419,18 @@ impl PeerCert {
             c.verify_cert()
         })
     }
+}
+
+/// The CAs of `ca`, as BoringSSL checks client certificates against them.
+/// Each one is a trust anchor, root or not: a bundle may name the
+/// intermediate that issues client certificates, and trust only those.
+pub(crate) fn trust_store(
+    ca: &crate::config::model::CaBundle,
+) -> Result<boring::x509::store::X509Store, boring::error::ErrorStack> {
+    let mut store = boring::x509::store::X509StoreBuilder::new()?;
+    for cert in ca.certs.iter() {
+        store.add_cert(cert.clone())?;
+    }
+    store.set_flags(boring::x509::verify::X509VerifyFlags::PARTIAL_CHAIN);
+    Ok(store.build())
 }

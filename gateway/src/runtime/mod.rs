@@ -2,6 +2,9 @@
 //! validated config and swapped whole on reload. A request loads one snapshot
 //! at its start and uses it to its end.
 
+pub mod certs;
+pub mod upstream;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -11,9 +14,9 @@ use crate::config::model::{Action, Config, Direction, LimitScope, Route};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
+use crate::runtime::certs::CertStore;
+use crate::runtime::upstream::UpstreamPool;
 use crate::telemetry::metrics::{RouteSeries, UpstreamSeries};
-use crate::tls::store::CertStore;
-use crate::upstream::UpstreamPool;
 
 pub struct Runtime {
     pub config: Arc<Config>,

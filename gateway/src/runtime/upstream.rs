@@ -90,7 +90,7 @@ impl UpstreamPool {
                 .tls
                 .as_ref()
                 .and_then(|t| t.client.as_ref())
-                .map(|_| crate::tls::store::upstream_slot(&u.name)),
+                .map(|_| crate::runtime::certs::upstream_slot(&u.name)),
         }
     }
 

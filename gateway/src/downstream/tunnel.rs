@@ -1,6 +1,6 @@
 //! Egress tunnels at L4, before Pingora's HTTP handling: on an `egress`
 //! listener a connection that opens with `CONNECT ` or a TLS record is served
-//! here; anything else goes on to the HTTP proxy.
+//! here ([`sniff`]); anything else goes on to the HTTP proxy.
 //!
 //! Pingora 0.9 cannot end a CONNECT tunnel itself (it answers 405, or with
 //! `allow_connect_method_proxying` forwards the CONNECT request upstream), so
@@ -13,21 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
-use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::client_hello::MAX_HELLO_BYTES;
-use super::resolve::ResolveError;
-use super::{bytes_needed, normalize_host, parse_client_hello, record, split_authority};
-use super::{Denial, Hello, Mode};
 use crate::config::model::Egress;
 use crate::config::model::DEFAULT_HANDSHAKE_TIMEOUT;
+use crate::egress::resolve::ResolveError;
+use crate::egress::MAX_HELLO_BYTES;
+use crate::egress::{bytes_needed, normalize_host, parse_client_hello, record, split_authority};
+use crate::egress::{Denial, Hello, Mode};
 use crate::runtime::Runtime;
 use crate::telemetry::metrics::{metrics, GaugeGuard};
 
@@ -40,76 +36,46 @@ const RELAY_BUFFER: usize = 16 * 1024;
 /// Addresses of one name tried per tunnel, at most.
 const MAX_DIALS: usize = 3;
 
-/// Wraps the HTTP proxy app: tunnels on `egress` listeners, everything else
-/// passed on unchanged.
-pub struct EgressSniff<A> {
-    inner: Arc<A>,
-    runtime: Arc<ArcSwap<Runtime>>,
-}
-
-impl<A> EgressSniff<A> {
-    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>) -> Self {
-        EgressSniff {
-            inner: Arc::new(inner),
-            runtime,
-        }
+/// On an `egress` listener, serve `session` as a tunnel if its first bytes
+/// are a `CONNECT` or a TLS ClientHello; `Some(session)` back when it is
+/// anything else (to be served as HTTP), `None` when it was a tunnel or
+/// the client left.
+pub async fn sniff(rt: Arc<Runtime>, listener: usize, mut session: Stream) -> Option<Stream> {
+    if rt.egress_for(listener).is_none() || session.get_ssl_digest().is_some() {
+        return Some(session);
     }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for EgressSniff<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut session: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let rt = self.runtime.load_full();
-        let egress_listener = rt
-            .listener_of(&session)
-            .filter(|i| rt.egress_for(*i).is_some());
-        let Some(listener) = egress_listener else {
-            return self.inner.process_new(session, shutdown).await;
-        };
-        if session.get_ssl_digest().is_some() {
-            return self.inner.process_new(session, shutdown).await;
-        }
-        let idle = rt.config.listeners[listener].limits.idle_timeout;
-        // Every HTTP request and TLS record is longer than this.
-        let mut first = [0u8; 8];
-        match tokio::time::timeout(idle, session.try_peek(&mut first)).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return self.inner.process_new(session, shutdown).await,
-            // Closed or silent before sending anything.
-            _ => return None,
-        }
-        let mode = match first {
-            [0x16, ..] => Mode::Sni,
-            _ if &first == b"CONNECT " => Mode::Connect,
-            _ => return self.inner.process_new(session, shutdown).await,
-        };
-        let client = session
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let tunnel = Tunnel {
-            listener: rt.listeners[listener].name.clone(),
-            client,
-            mode,
-            rt,
-        };
-        // Boxed: a tunnel's state is large, and without the box every
-        // connection through this wrapper (most are not tunnels) would
-        // hold room for it while it idles.
-        match mode {
-            Mode::Connect => Box::pin(tunnel.connect(session)).await,
-            _ => Box::pin(tunnel.passthrough(session)).await,
-        }
-        None
+    let idle = rt.config.listeners[listener].limits.idle_timeout;
+    // Every HTTP request and TLS record is longer than this.
+    let mut first = [0u8; 8];
+    match tokio::time::timeout(idle, session.try_peek(&mut first)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Some(session),
+        // Closed or silent before sending anything.
+        _ => return None,
     }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
+    let mode = match first {
+        [0x16, ..] => Mode::Sni,
+        _ if &first == b"CONNECT " => Mode::Connect,
+        _ => return Some(session),
+    };
+    let client = session
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let tunnel = Tunnel {
+        listener: rt.listeners[listener].name.clone(),
+        client,
+        mode,
+        rt,
+    };
+    // Boxed: a tunnel's state is large, and without the box every
+    // connection (most are not tunnels) would hold room for it while it
+    // idles.
+    match mode {
+        Mode::Connect => Box::pin(tunnel.connect(session)).await,
+        _ => Box::pin(tunnel.passthrough(session)).await,
     }
+    None
 }
 
 /// One tunnel being set up.
@@ -122,7 +88,7 @@ struct Tunnel {
 
 impl Tunnel {
     fn egress(&self) -> &Egress {
-        // EgressSniff only builds a Tunnel when [egress] is set.
+        // `sniff` only builds a Tunnel when [egress] is set.
         self.rt
             .config
             .egress

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use super::CertKeyPair;
 use crate::config::model::Config;
+use crate::tls::CertKeyPair;
 
 /// The store's name for an upstream's client certificate (not a valid
 /// `[certs]` name, so the two never clash).
@@ -63,7 +63,7 @@ impl CertSlot {
 
     /// Load the files again if they changed since the last look. `Some(Ok)`:
     /// reloaded; `Some(Err)`: changed but unusable (the old pair stays).
-    pub fn refresh(&self) -> Option<Result<(), super::TlsError>> {
+    pub fn refresh(&self) -> Option<Result<(), crate::tls::TlsError>> {
         let now = (stamp(&self.cert_path), stamp(&self.key_path));
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -149,7 +149,7 @@ impl CertStore {
                         slot.name,
                         slot.cert_path.display()
                     );
-                    let warnings = super::chain_warnings(
+                    let warnings = crate::tls::chain_warnings(
                         &slot.name,
                         &slot.cert_path,
                         &slot.get().chain,

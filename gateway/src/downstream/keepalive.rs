@@ -32,10 +32,10 @@
 //! The loop reads each head whole before Pingora sees it (a head that came
 //! in one read, most of them, is handed over at once): a head is refused
 //! as soon as it passes its listener's limits, never buffered beyond them
-//! ([`crate::downstream::head`]); every head, not only a connection's
+//! ([`super::head`]); every head, not only a connection's
 //! first, must be complete within `header_read_timeout`; and heads that
 //! need more than one read count against the process-wide budget of
-//! unfinished heads ([`crate::downstream::pending`]), which cuts the oldest.
+//! unfinished heads ([`super::pending`]), which cuts the oldest.
 //!
 //! The waits are bounded by one timer per connection, not one per request
 //! ([`IdleTimer`]): a busy connection sets one about once per
@@ -57,9 +57,9 @@ use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
-use crate::downstream::admission::{Admission, Waiting};
-use crate::downstream::head::{progress, HeadLimits, HeadScan, Progress};
-use crate::downstream::pending::PendingHeads;
+use super::admission::{Admission, Waiting};
+use super::head::{progress, HeadLimits, HeadScan, Progress};
+use super::pending::PendingHeads;
 use crate::proxy::conn::{fate, head_handed, with_fate, Fate};
 use crate::proxy::observe::refused;
 use crate::proxy::observe::HeadEnd;
@@ -80,32 +80,46 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// Pingora's first head buffer (`INIT_HEADER_BUF_SIZE`); most heads fit.
 pub(crate) const HEAD_BUFFER: usize = 4096;
 
-/// The HTTP proxy app, with idle HTTP/1 connections waiting outside it.
-pub struct KeepAlive<A> {
+/// One listener's connections: every connection the listener accepts is
+/// served from here, the listener known from the start. It holds its slot
+/// (`max_connections`), goes to an egress tunnel if it is one, or is
+/// served as HTTP/2 or, here, as HTTP/1 with idle connections waiting
+/// outside Pingora's proxy app.
+pub struct Listener<A> {
+    /// Pingora's proxy app, shared by every listener (one upstream pool).
     inner: Arc<A>,
     runtime: Arc<ArcSwap<Runtime>>,
-    /// Each listener's slots, by listener index: a connection waiting for
-    /// a request on a full listener may be asked to make room.
-    admissions: Vec<Arc<Admission>>,
+    /// This listener's index in the config (listeners change only on
+    /// restart).
+    index: usize,
+    admission: Arc<Admission>,
 }
 
-impl<A> KeepAlive<A> {
-    pub fn new(inner: A, runtime: Arc<ArcSwap<Runtime>>, admissions: Vec<Arc<Admission>>) -> Self {
-        KeepAlive {
-            inner: Arc::new(inner),
+impl<A> Listener<A> {
+    pub fn new(
+        inner: Arc<A>,
+        runtime: Arc<ArcSwap<Runtime>>,
+        index: usize,
+        admission: Arc<Admission>,
+    ) -> Self {
+        Listener {
+            inner,
             runtime,
-            admissions,
+            index,
+            admission,
         }
     }
 }
 
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = self.admission.opened();
+        let mut stream = super::tunnel::sniff(self.runtime.load_full(), self.index, stream).await?;
         // The connection's idle deadline, from its first byte to its last
         // request.
         let mut idle = IdleTimer::default();
@@ -116,15 +130,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
         if !self.speaks_http1(&mut stream, &mut idle, opened).await? {
             let limits = {
                 let rt = self.runtime.load();
-                let listener = rt.listener_of(&stream);
-                let l = listener.and_then(|i| rt.config.listeners.get(i));
-                let settings = HeadSettings::of(&rt, listener);
-                crate::downstream::h2::H2Limits {
-                    listener: l.map_or(String::new(), |l| l.name.clone()),
-                    handshake_timeout: l
-                        .map_or(crate::config::model::DEFAULT_HANDSHAKE_TIMEOUT, |l| {
-                            l.limits.handshake_timeout
-                        }),
+                let settings = HeadSettings::of(&rt, Some(self.index));
+                super::h2::H2Limits {
+                    listener: rt
+                        .listeners
+                        .get(self.index)
+                        .map_or(String::new(), |l| l.name.clone()),
+                    handshake_timeout: settings.handshake_timeout,
                     idle_timeout: settings.idle_timeout,
                     max_requests: settings.max_requests,
                 }
@@ -133,7 +145,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
             // only once its `shutdown_delay` is over.
             // Boxed: its state would otherwise be room every HTTP/1
             // connection holds.
-            Box::pin(crate::downstream::h2::serve(
+            Box::pin(super::h2::serve(
                 &self.inner,
                 stream,
                 limits,
@@ -150,7 +162,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for KeepAlive<A> {
     }
 }
 
-impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     /// Pingora's HTTP/1 loop, with the wait between requests done here.
     async fn serve_http1(
         self: &Arc<Self>,
@@ -162,11 +174,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         // Where a refused head came from; one reference each per connection.
         let digest = stream.get_socket_digest();
         let tls = stream.get_ssl_digest();
-        let listener = self.runtime.load().listener_of(&stream);
-        let admission = listener
-            .and_then(|i| self.admissions.get(i))
-            .filter(|a| a.limited())
-            .cloned();
+        let listener = Some(self.index);
+        let admission = Some(self.admission.clone()).filter(|a| a.limited());
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
         // not one per wait.
@@ -220,6 +229,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                         let request_id = Box::pin(answer(&mut stream, end)).await;
                         refused(
                             &self.runtime.load(),
+                            listener,
                             digest.as_deref(),
                             tls.as_deref(),
                             line.bytes(),
@@ -268,6 +278,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
                 if !line.is_blank() {
                     refused(
                         &self.runtime.load(),
+                        listener,
                         digest.as_deref(),
                         tls.as_deref(),
                         line.bytes(),
@@ -304,11 +315,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> KeepAlive<A> {
         // sends: the first byte tells most requests apart at once, and the
         // first three the rest (`PUT`, `POST`, `PATCH`, `PROPFIND`: `PRI` is
         // the preface's alone, RFC 9113 §3.4).
-        let (settings, listener) = {
-            let rt = self.runtime.load();
-            let listener = rt.listener_of(stream);
-            (HeadSettings::of(&rt, listener), listener)
-        };
+        let listener = Some(self.index);
+        let settings = HeadSettings::of(&self.runtime.load(), listener);
         let head_deadline = settings.header_read_timeout.map(|t| opened + t);
         let deadline = earliest(Instant::now() + settings.idle_timeout, head_deadline);
         let peek = async {
@@ -502,7 +510,7 @@ fn join(mut chunks: Vec<BytesMut>) -> BytesMut {
     whole
 }
 
-/// What the loop waits on besides the client, for [`KeepAlive::read_head`].
+/// What the loop waits on besides the client, for [`Listener::read_head`].
 struct Waits<'a, F> {
     idle: &'a mut IdleTimer,
     shutting_down: &'a mut F,
@@ -535,6 +543,7 @@ struct HeadSettings {
     limits: HeadLimits,
     idle_timeout: Duration,
     header_read_timeout: Option<Duration>,
+    handshake_timeout: Duration,
     max_requests: usize,
 }
 
@@ -554,6 +563,7 @@ impl HeadSettings {
                 .map_or(DEFAULT_IDLE, |_| limits.idle_timeout)
                 .max(Duration::from_secs(1)),
             header_read_timeout: limits.header_read_timeout,
+            handshake_timeout: limits.handshake_timeout,
             max_requests: limits.max_requests_per_connection,
         }
     }

@@ -2,7 +2,7 @@
 //! settings (TLS 1.2 and 1.3, ECDHE + AEAD ciphers), the certificate chosen
 //! per handshake by SNI from the listener's `[certs]`, optional client
 //! certificates checked against `client_ca`, and every fatal alert counted
-//! ([`super::alerts`]).
+//! ([`crate::tls::alerts`]).
 //!
 //! Session resumption: BoringSSL issues session tickets by default and
 //! rotates their encryption key itself (no key is configured, so none can
@@ -16,15 +16,15 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use boring::ssl::{SslVerifyMode, SslVersion};
 use boring::stack::Stack;
-use boring::x509::store::{X509Store, X509StoreBuilder};
+use boring::x509::store::X509StoreBuilder;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::ALPN;
 
-use super::{CertKeyPair, PeerCert, TlsConnection};
 use crate::config::model::{Alpn, CaBundle, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
+use crate::tls::{CertKeyPair, PeerCert, TlsConnection};
 
 #[derive(Debug, thiserror::Error)]
 #[error("TLS set-up of listener `{listener}` failed: {reason}")]
@@ -76,7 +76,7 @@ impl TlsAccept for Callbacks {
             .servername(boring::ssl::NameType::HOST_NAME)
             .map(str::to_string);
         let mut offered = 0;
-        for pair in super::store::select(&candidates, sni.as_deref()) {
+        for pair in crate::runtime::certs::select(&candidates, sni.as_deref()) {
             let added = match pair.credential() {
                 Ok(credential) => credential.offer(ssl).map_err(|e| e.to_string()),
                 Err(reason) => Err(reason.to_string()),
@@ -194,7 +194,7 @@ pub fn settings(
     settings
         .set_max_proto_version(Some(SslVersion::TLS1_3))
         .map_err(|e| fail(e.to_string()))?;
-    super::ciphers::prefer_aes128(&mut settings).map_err(|e| fail(e.to_string()))?;
+    crate::tls::ciphers::prefer_aes128(&mut settings).map_err(|e| fail(e.to_string()))?;
     // Session resumption must not cross listeners with different client
     // auth. The context holds at most 32 bytes, names can be longer: a hash.
     let sid_ctx = boring::hash::hash(
@@ -211,8 +211,8 @@ pub fn settings(
         Alpn::H2 => ALPN::H2,
     });
     if let Some(ca) = &tls.client_ca {
-        let store =
-            trust_store(ca).map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
+        let store = crate::tls::trust_store(ca)
+            .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
         for cert in ca.certs.iter() {
             settings
                 .add_client_ca(cert)
@@ -231,12 +231,12 @@ pub fn settings(
     } else {
         // TLS 1.3's count (TLS 1.2 sends one). SAFETY: the builder owns a
         // valid SSL_CTX; the count was checked against BoringSSL's maximum.
-        super::ffi_result(unsafe {
+        crate::tls::ffi_result(unsafe {
             boring_sys::SSL_CTX_set_num_tickets(settings.as_ptr(), tls.session_tickets.into())
         })
         .map_err(|e| fail(e.to_string()))?;
     }
-    super::alerts::count(&mut settings, &listener.name).map_err(|e| fail(e.to_string()))?;
+    crate::tls::alerts::count(&mut settings, &listener.name).map_err(|e| fail(e.to_string()))?;
     Ok(settings)
 }
 
@@ -245,18 +245,6 @@ fn verify_mode(auth: ClientAuth) -> SslVerifyMode {
         ClientAuth::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         ClientAuth::Optional => SslVerifyMode::PEER,
     }
-}
-
-/// The CAs of `ca`, as BoringSSL checks client certificates against them.
-/// Each one is a trust anchor, root or not: a bundle may name the
-/// intermediate that issues client certificates, and trust only those.
-pub(crate) fn trust_store(ca: &CaBundle) -> Result<X509Store, boring::error::ErrorStack> {
-    let mut store = X509StoreBuilder::new()?;
-    for cert in ca.certs.iter() {
-        store.add_cert(cert.clone())?;
-    }
-    store.set_flags(boring::x509::verify::X509VerifyFlags::PARTIAL_CHAIN);
-    Ok(store.build())
 }
 
 /// Check this handshake's client certificate against `ca` and `auth`, as
@@ -269,7 +257,7 @@ fn check_clients(
     ca: &CaBundle,
     auth: ClientAuth,
 ) -> Result<(), boring::error::ErrorStack> {
-    ssl.set_verify_cert_store(trust_store(ca)?)?;
+    ssl.set_verify_cert_store(crate::tls::trust_store(ca)?)?;
     let mut names = Stack::new()?;
     for cert in ca.certs.iter() {
         names.push(boring::x509::X509Name::from_der(
