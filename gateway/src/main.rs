@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.upstreams.len()
                 );
-                for warning in c.all_warnings(std::time::SystemTime::now()) {
+                for warning in c.warnings(std::time::SystemTime::now()) {
                     eprintln!("{warning}");
                 }
                 ExitCode::SUCCESS

@@ -24,6 +24,8 @@ pub enum ReloadError {
         "{0}: these change only on restart (docs/operations.md); the old config keeps serving"
     )]
     NeedsRestart(String),
+    #[error("the reload did not finish: {0}")]
+    Failed(String),
 }
 
 /// Validate `path` and, when it can be applied live, swap it in.
@@ -36,7 +38,7 @@ pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64,
         access_log::init(&access_log::Sink::of(&new.telemetry))
             .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
     }
-    for warning in new.all_warnings(std::time::SystemTime::now()) {
+    for warning in new.warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
     crate::downstream::keepalive::PENDING_HEADS.set_budget(new.gateway.max_pending_head_bytes);
@@ -155,7 +157,13 @@ impl BackgroundService for ReloadOnSighup {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    match reload(&self.path, &self.runtime) {
+                    // Reading files and looking up names block: off the
+                    // async workers.
+                    let (path, runtime) = (self.path.clone(), self.runtime.clone());
+                    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &runtime))
+                        .await
+                        .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
+                    match reloaded {
                         Ok(generation) => {
                             metrics().config_reloads.with_label_values(&["success"]).inc();
                             log::info!("config reloaded from {} (generation {generation})", self.path.display());
@@ -177,7 +185,9 @@ mod tests {
     use super::*;
 
     fn parse(src: &str) -> Config {
-        config::parse(std::path::Path::new("t.toml"), src).unwrap()
+        config::parse(std::path::Path::new("t.toml"), src)
+            .unwrap()
+            .config
     }
 
     #[test]

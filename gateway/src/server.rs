@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::model::{AccessLogFormat, Config};
+use crate::config::Loaded;
 use crate::downstream::admission::Admission;
 use crate::proxy::Gateway;
 use crate::reload::ReloadOnSighup;
@@ -73,9 +74,10 @@ fn check_binds(config: &Config) -> Result<(), ServerError> {
 
 /// Start every listener and serve until a shutdown signal: SIGTERM drains
 /// (graceful), SIGINT stops at once.
-pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
-    check_binds(&config)?;
-    start_access_log(&config)?;
+pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
+    let config = &loaded.config;
+    check_binds(config)?;
+    start_access_log(config)?;
     // Before any runtime exists: the exporter's blocking HTTP client needs that.
     let tracing = config
         .telemetry
@@ -113,11 +115,11 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
             l.bind
         );
     }
-    for warning in config.all_warnings(std::time::SystemTime::now()) {
+    for warning in loaded.warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
     crate::downstream::keepalive::PENDING_HEADS.set_budget(config.gateway.max_pending_head_bytes);
-    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, 1)));
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(loaded, 1)));
 
     let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,

@@ -1,18 +1,48 @@
-//! Configuration: file -> raw (serde) -> validated [`model::Config`].
+//! Configuration: file -> raw (serde) -> validated [`model::Config`], with
+//! what the files it names held beside it ([`Material`]).
 
 pub mod error;
+pub mod material;
 pub mod model;
 mod raw;
+mod resolve;
 mod syntax;
 mod validate;
 
 use std::path::Path;
 
 pub use error::{ConfigError, Diagnostic};
+pub use material::Material;
 pub use model::Config;
 
-/// Read and validate a config file.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+/// A valid config and what its files held when it was loaded.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub material: Material,
+}
+
+impl std::ops::Deref for Loaded {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl Loaded {
+    /// Everything `check` warns about and `run`/reload log: the file's own
+    /// warnings, then the certificates'.
+    pub fn warnings(&self, now: std::time::SystemTime) -> Vec<String> {
+        let mut out = self.config.warnings.clone();
+        out.extend(self.material.warnings(&self.config, now));
+        out
+    }
+}
+
+/// Read and validate a config file, and look up the host names it names.
+/// This does blocking I/O (files, the system resolver): an async caller
+/// runs it with `spawn_blocking`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -34,24 +64,36 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validate config text; `path` names it in messages, and relative file
 /// paths in it start at its directory.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    match validate::validate(text, base) {
-        Ok((mut config, warnings)) => {
+    let outcome = validate::validate(text, base);
+    let mut config = outcome.config;
+    let mut diagnostics = outcome.errors;
+    diagnostics.extend(resolve::endpoints(config.as_mut(), &outcome.lookups));
+    match config {
+        Some(mut config) if diagnostics.is_empty() => {
+            let mut warnings = outcome.warnings;
+            warnings.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
             config.warnings = warnings
                 .iter()
                 .map(|w| error::render_one(path, text, w, error::Severity::Warning))
                 .collect();
-            Ok(config)
+            Ok(Loaded {
+                config,
+                material: outcome.material,
+            })
         }
-        Err(diagnostics) => Err(ConfigError::Invalid {
-            path: path.to_path_buf(),
-            source_text: text.to_string(),
-            diagnostics,
-        }),
+        _ => {
+            diagnostics.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                source_text: text.to_string(),
+                diagnostics,
+            })
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -50,66 +49,6 @@ pub struct Config {
     /// rules), one rendered line each with file:line:col: `check` prints
     /// them, `run` and reload log them.
     pub warnings: Vec<String>,
-}
-
-impl Config {
-    /// Everything `check` warns about and `run`/reload log: the file's own
-    /// warnings, then the certificates'.
-    pub fn all_warnings(&self, now: std::time::SystemTime) -> Vec<String> {
-        let mut out = self.warnings.clone();
-        out.extend(self.certificate_warnings(now));
-        out
-    }
-
-    /// Certificates clients will refuse, or soon: past their `notAfter` or
-    /// within a week of it, or before their `notBefore`, anywhere in a
-    /// served chain or a CA bundle; and `client_ca` entries that are no CA.
-    /// One line each, for `check` and the log. Warnings, not errors: the
-    /// client decides, and a reload must not be refused because a
-    /// certificate expired.
-    pub fn certificate_warnings(&self, now: std::time::SystemTime) -> Vec<String> {
-        use crate::tls::{bundle_warnings, chain_warnings};
-        let mut out = Vec::new();
-        for c in &self.certs {
-            out.extend(chain_warnings(
-                &format!("certs.{}", c.name),
-                &c.cert_path,
-                &c.pair.chain,
-                now,
-            ));
-        }
-        for l in &self.listeners {
-            if let Some(ca) = l.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
-                out.extend(bundle_warnings(
-                    &format!("listeners.{}.tls.client_ca", l.name),
-                    ca,
-                    true,
-                    now,
-                ));
-            }
-        }
-        for u in &self.upstreams {
-            let Some(tls) = &u.tls else { continue };
-            if let Some(client) = &tls.client {
-                let what = format!("upstreams.{}.tls", u.name);
-                out.extend(chain_warnings(
-                    &what,
-                    &client.cert_path,
-                    &client.pair.chain,
-                    now,
-                ));
-            }
-            if let Some(ca) = &tls.ca {
-                out.extend(bundle_warnings(
-                    &format!("upstreams.{}.tls.ca", u.name),
-                    ca,
-                    false,
-                    now,
-                ));
-            }
-        }
-        out
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -300,30 +239,23 @@ impl Default for ListenerLimits {
     }
 }
 
-/// A `[certs.NAME]` entry: file paths (resolved against the config file's
-/// directory) and what they held when the config was loaded.
-#[derive(Debug, Clone)]
+/// A `[certs.NAME]` entry: file paths, resolved against the config file's
+/// directory (what they held is loaded beside the model:
+/// [`super::Material`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CertFiles {
     pub name: String,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
-    pub pair: Arc<crate::tls::CertKeyPair>,
 }
 
-/// A PEM bundle of CA certificates.
-#[derive(Debug, Clone)]
+/// A PEM bundle of CA certificates (loaded beside the model).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CaBundle {
     pub path: PathBuf,
-    pub certs: Arc<Vec<boring::x509::X509>>,
     /// SHA-256 over the certificates' DER: the bundle's content, for
     /// telling a changed file from an unchanged one.
     pub fingerprint: Vec<u8>,
-}
-
-impl PartialEq for CaBundle {
-    fn eq(&self, other: &Self) -> bool {
-        self.path == other.path && self.fingerprint == other.fingerprint
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -377,12 +309,12 @@ pub struct UpstreamTls {
     pub verify: Option<crate::types::identity::IdentityPattern>,
 }
 
-/// A cert/key pair named by path rather than by `[certs]`.
-#[derive(Debug, Clone)]
+/// A cert/key pair named by path rather than by `[certs]` (loaded beside
+/// the model).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CertFilesRef {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
-    pub pair: Arc<crate::tls::CertKeyPair>,
 }
 
 pub const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(1);

@@ -573,7 +573,7 @@ fn tracing_defaults_and_bare_endpoint() {
         &format!("[telemetry.tracing]\nendpoint = \"http://otel:4318\"\n{OK_LISTENER}"),
     )
     .unwrap();
-    let t = cfg.telemetry.tracing.expect("tracing on");
+    let t = cfg.config.telemetry.tracing.expect("tracing on");
     assert_eq!(t.endpoint, "http://otel:4318/v1/traces");
     assert_eq!(t.sample_ratio, model::DEFAULT_SAMPLE_RATIO);
     assert_eq!(t.service_name, model::DEFAULT_SERVICE_NAME);
@@ -1082,7 +1082,7 @@ fn egress_parses_with_defaults_and_per_host_ports() {
         ),
     )
     .unwrap();
-    let eg = cfg.egress.expect("[egress] is set");
+    let eg = cfg.config.egress.expect("[egress] is set");
     assert_eq!(eg.allow.len(), 2);
     assert_eq!(eg.allow[0].ports, vec![443, 4443]);
     assert_eq!(eg.allow[1].ports, vec![8443]);

@@ -2,7 +2,7 @@
 //! each with its byte span and a suggested fix.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::error::Diagnostic;
+use super::material::Material;
 use super::model::*;
 use super::raw::*;
 
@@ -59,9 +60,37 @@ const FORBIDDEN_REWRITES: &[&str] = &[
     "upgrade",
 ];
 
+/// What validating a document found: the model (valid only when there
+/// are no errors), every error and warning, what its files held, and the
+/// endpoint names left to look up.
+pub struct Outcome {
+    /// `None` when the document is not TOML at all.
+    pub config: Option<Config>,
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+    pub material: Material,
+    pub lookups: Vec<Lookup>,
+}
+
+/// An endpoint as written: validation checks its form, the loader looks
+/// up a host name and finds endpoints listed twice ([`super::resolve`]).
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// Where the endpoint is written.
+    pub span: Range<usize>,
+    pub upstream: String,
+    /// Its place in the upstream's `endpoints` (as the model has them).
+    pub index: usize,
+    /// `HOST:PORT` as written.
+    pub addr: String,
+    /// The address it is, unless it is a name to look up.
+    pub address: Option<SocketAddr>,
+}
+
 /// Validate a config document; relative file paths in it are resolved
-/// against `base_dir`. `Err` holds every problem found.
-pub fn validate(src: &str, base_dir: &Path) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
+/// against `base_dir`. Files it names are read (to report what is wrong
+/// with them where they are named); no name is looked up.
+pub fn validate(src: &str, base_dir: &Path) -> Outcome {
     let mut v = Validator {
         base_dir: base_dir.to_path_buf(),
         ..Validator::default()
@@ -72,20 +101,13 @@ pub fn validate(src: &str, base_dir: &Path) -> Result<(Config, Vec<Diagnostic>),
             .into_iter()
             .map(|e| (e.span(), e.message().to_string()))
             .collect();
-        return Err(super::syntax::diagnostics(src, errors));
+        v.diags = super::syntax::diagnostics(src, errors);
+        return v.outcome(None);
     }
     let raw = v.read_sections(root.get_ref());
     let mut config = v.build(raw);
     config.source_hash = hash_text(src);
-    if v.diags.is_empty() {
-        v.warnings
-            .sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
-        Ok((config, v.warnings))
-    } else {
-        v.diags
-            .sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
-        Err(v.diags)
-    }
+    v.outcome(Some(config))
 }
 
 /// The raw file, split into sections, each entry keeping its key's span.
@@ -112,6 +134,10 @@ struct Validator {
     diags: Vec<Diagnostic>,
     /// Valid, but almost certainly not what was meant.
     warnings: Vec<Diagnostic>,
+    /// What the files named held.
+    material: Material,
+    /// Endpoint names to look up.
+    lookups: Vec<Lookup>,
     /// Relative file paths are resolved against this (the config's directory).
     base_dir: PathBuf,
     /// Every `[section.NAME]` in the file, valid or not: a reference to an
@@ -124,6 +150,16 @@ fn spanned_key(key: &Spanned<std::borrow::Cow<'_, str>>) -> Spanned<String> {
 }
 
 impl Validator {
+    fn outcome(self, config: Option<Config>) -> Outcome {
+        Outcome {
+            config,
+            errors: self.diags,
+            warnings: self.warnings,
+            material: self.material,
+            lookups: self.lookups,
+        }
+    }
+
     fn error(&mut self, span: Range<usize>, message: impl Into<String>, fix: impl Into<String>) {
         self.diags.push(Diagnostic::new(span, message).fix(fix));
     }
@@ -718,15 +754,7 @@ impl Validator {
             );
         }
         for e in u.endpoints.get_ref() {
-            if let Some(ep) = self.endpoint(e) {
-                if endpoints.iter().any(|p: &Endpoint| p.socket == ep.socket) {
-                    self.error(
-                        e.span(),
-                        format!("upstream `{n}` lists endpoint {} twice", ep.socket),
-                        "list each endpoint once; use { addr = \"...\", weight = N } to send it more traffic",
-                    );
-                    continue;
-                }
+            if let Some(ep) = self.endpoint(e, &n, endpoints.len()) {
                 endpoints.push(ep);
             }
         }
@@ -829,11 +857,11 @@ impl Validator {
     fn cert(&mut self, name: Spanned<String>, c: RawCert) -> Option<CertFiles> {
         let (cert_path, key_path) = (self.path(&c.cert), self.path(&c.key));
         let pair = self.cert_pair(&c.cert, &c.key, &cert_path, &key_path)?;
+        self.material.add_cert(name.get_ref(), pair);
         Some(CertFiles {
             name: name.into_inner(),
             cert_path,
             key_path,
-            pair,
         })
     }
 
@@ -876,11 +904,8 @@ impl Validator {
                 let fingerprint = boring::hash::hash(boring::hash::MessageDigest::sha256(), &der)
                     .map(|d| d.to_vec())
                     .unwrap_or(der);
-                Some(CaBundle {
-                    path,
-                    certs: Arc::new(certs),
-                    fingerprint,
-                })
+                self.material.add_ca(&path, certs);
+                Some(CaBundle { path, fingerprint })
             }
             Err(e) => {
                 self.error(
@@ -1130,12 +1155,13 @@ impl Validator {
         let client = match (&r.cert, &r.key) {
             (Some(c), Some(k)) => {
                 let (cert_path, key_path) = (self.path(c), self.path(k));
-                self.cert_pair(c, k, &cert_path, &key_path)
-                    .map(|pair| CertFilesRef {
+                self.cert_pair(c, k, &cert_path, &key_path).map(|pair| {
+                    self.material.add_upstream_client(upstream, pair);
+                    CertFilesRef {
                         cert_path,
                         key_path,
-                        pair,
-                    })
+                    }
+                })
             }
             (Some(x), None) | (None, Some(x)) => {
                 self.error(
@@ -1203,7 +1229,13 @@ impl Validator {
         })
     }
 
-    fn endpoint(&mut self, e: &Spanned<toml::Value>) -> Option<Endpoint> {
+    /// An endpoint's form; a host name is looked up later, by the loader.
+    fn endpoint(
+        &mut self,
+        e: &Spanned<toml::Value>,
+        upstream: &str,
+        index: usize,
+    ) -> Option<Endpoint> {
         let (addr, weight) = match e.get_ref() {
             toml::Value::String(s) => (s.clone(), 1),
             toml::Value::Table(t) => {
@@ -1249,17 +1281,27 @@ impl Validator {
                 return None;
             }
         };
-        match resolve(&addr) {
-            Ok(socket) => Some(Endpoint {
-                addr,
-                socket,
-                weight,
-            }),
+        let (socket, address) = match target(&addr) {
+            Ok(Target::Address(socket)) => (socket, Some(socket)),
+            // Until the loader has looked it up.
+            Ok(Target::Name(port)) => (SocketAddr::from(([0, 0, 0, 0], port)), None),
             Err(why) => {
-                self.error(e.span(), format!("endpoint \"{addr}\": {why}"), "write HOST:PORT with a resolvable host, e.g. \"127.0.0.1:9001\" or \"app.internal:8080\"");
-                None
+                self.error(e.span(), endpoint_error(&addr, &why), ENDPOINT_FIX);
+                return None;
             }
-        }
+        };
+        self.lookups.push(Lookup {
+            span: e.span(),
+            upstream: upstream.to_string(),
+            index,
+            addr: addr.clone(),
+            address,
+        });
+        Some(Endpoint {
+            addr,
+            socket,
+            weight,
+        })
     }
 
     fn route(&mut self, name: Spanned<String>, r: RawRoute, names: &Names<'_>) -> Option<Route> {
@@ -2528,12 +2570,19 @@ fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// What an endpoint's `HOST:PORT` is: an address, or a name to look up
+/// (with its port).
+enum Target {
+    Address(SocketAddr),
+    Name(u16),
+}
+
+fn target(addr: &str) -> Result<Target, String> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
         return if a.port() == 0 {
             Err("port 0 is not a port to connect to".to_string())
         } else {
-            Ok(a)
+            Ok(Target::Address(a))
         };
     }
     let Some((host, port)) = addr.rsplit_once(':') else {
@@ -2542,19 +2591,23 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
     if host.is_empty() {
         return Err("missing host".to_string());
     }
-    if port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("`{port}` is not a port (1-65535)"));
-    }
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(format!("`{port}` is not a port (1-65535)")),
+    };
     if host.contains('/') || host.contains(' ') {
         return Err("not a host name (no scheme or path allowed)".to_string());
     }
-    match addr.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("host `{host}` resolved to no address")),
-        Err(e) => Err(format!("cannot resolve host `{host}`: {e}")),
-    }
+    Ok(Target::Name(port))
 }
+
+/// An endpoint that cannot be used, in the message every such error has.
+pub(super) fn endpoint_error(addr: &str, why: &str) -> String {
+    format!("endpoint \"{addr}\": {why}")
+}
+
+pub(super) const ENDPOINT_FIX: &str =
+    "write HOST:PORT with a resolvable host, e.g. \"127.0.0.1:9001\" or \"app.internal:8080\"";
 
 /// A size as written: bytes, or a number with a binary unit (`"64KiB"`,
 /// `"1 MiB"`, `"512B"`).

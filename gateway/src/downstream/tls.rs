@@ -17,12 +17,13 @@ use async_trait::async_trait;
 use boring::ssl::{SslVerifyMode, SslVersion};
 use boring::stack::Stack;
 use boring::x509::store::X509StoreBuilder;
+use boring::x509::X509;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::ALPN;
 
-use crate::config::model::{Alpn, CaBundle, ClientAuth, Listener, ListenerTls, TlsVersion};
+use crate::config::model::{Alpn, ClientAuth, Listener, ListenerTls, TlsVersion};
 use crate::runtime::Runtime;
 use crate::tls::{CertKeyPair, PeerCert, TlsConnection};
 
@@ -100,10 +101,11 @@ impl TlsAccept for Callbacks {
             &self.started_with,
         ) {
             if ca.fingerprint != *fingerprint || tls.client_auth != *auth {
-                let checked = check_clients(ssl, ca, tls.client_auth).and_then(|()| {
-                    ssl.set_ex_data(checked_with_index()?, ca.fingerprint.clone());
-                    Ok(())
-                });
+                let checked =
+                    check_clients(ssl, &rt.material.ca(ca), tls.client_auth).and_then(|()| {
+                        ssl.set_ex_data(checked_with_index()?, ca.fingerprint.clone());
+                        Ok(())
+                    });
                 if let Err(e) = checked {
                     // Without the reloaded CAs, the handshake is refused
                     // (no CA to trust) rather than checked against the old
@@ -170,6 +172,7 @@ pub fn settings(
     tls: &ListenerTls,
     runtime: Arc<ArcSwap<Runtime>>,
 ) -> Result<TlsSettings, ListenerTlsError> {
+    let material = runtime.load().material.clone();
     let fail = |reason: String| ListenerTlsError {
         listener: listener.name.clone(),
         reason,
@@ -211,9 +214,10 @@ pub fn settings(
         Alpn::H2 => ALPN::H2,
     });
     if let Some(ca) = &tls.client_ca {
-        let store = crate::tls::trust_store(ca)
+        let cas = material.ca(ca);
+        let store = crate::tls::trust_store(&cas)
             .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
-        for cert in ca.certs.iter() {
+        for cert in cas.iter() {
             settings
                 .add_client_ca(cert)
                 .map_err(|e| fail(format!("client_ca {}: {e}", ca.path.display())))?;
@@ -254,12 +258,12 @@ fn verify_mode(auth: ClientAuth) -> SslVerifyMode {
 /// connection after the reload is checked this way.)
 fn check_clients(
     ssl: &mut TlsRef,
-    ca: &CaBundle,
+    cas: &[X509],
     auth: ClientAuth,
 ) -> Result<(), boring::error::ErrorStack> {
-    ssl.set_verify_cert_store(crate::tls::trust_store(ca)?)?;
+    ssl.set_verify_cert_store(crate::tls::trust_store(cas)?)?;
     let mut names = Stack::new()?;
-    for cert in ca.certs.iter() {
+    for cert in cas {
         names.push(boring::x509::X509Name::from_der(
             &cert.subject_name().to_der()?,
         )?)?;

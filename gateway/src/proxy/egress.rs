@@ -150,6 +150,7 @@ pub fn attempts(target: &EgressTarget) -> usize {
 pub fn peer(
     target: &EgressTarget,
     egress: &Egress,
+    material: &crate::config::Material,
     attempt: usize,
     remaining: Duration,
 ) -> Option<HttpPeer> {
@@ -162,7 +163,7 @@ pub fn peer(
     peer.options.read_timeout = Some(remaining);
     peer.options.write_timeout = Some(remaining.min(egress.timeout));
     if let Some(ca) = &egress.ca {
-        peer.options.ca = Some(Arc::new(ca.certs.to_vec().into_boxed_slice()));
+        peer.options.ca = Some(Arc::new(material.ca(ca).to_vec().into_boxed_slice()));
     }
     // Pooled connections are keyed by address and SNI; the trust they were
     // verified against must be part of the key too.

@@ -541,7 +541,7 @@ impl ProxyHttp for Gateway {
         // connection stays open, and each of its requests is refused.
         if let Some(tls) = config.tls.as_ref().filter(|t| t.client_ca.is_some()) {
             let trusted = match (peer_cert, &tls.client_ca) {
-                (Some(peer), Some(ca)) => peer.trusted_by(ca),
+                (Some(peer), Some(ca)) => peer.trusted_by(&ca.fingerprint, &rt.material.ca(ca)),
                 // Opened without a certificate under `optional`; `require` since.
                 _ => tls.client_auth != crate::config::model::ClientAuth::Require,
             };
@@ -723,7 +723,7 @@ impl ProxyHttp for Gateway {
                 .egress
                 .as_ref()
                 .ok_or_else(|| Error::explain(ErrorType::InternalError, "no [egress]"))?;
-            let peer = egress::peer(&target, eg, ctx.tried.len(), remaining)
+            let peer = egress::peer(&target, eg, &rt.material, ctx.tried.len(), remaining)
                 .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address"))?;
             self.attempt_started(session, ctx, ctx.tried.len(), &peer);
             return Ok(Box::new(peer));

@@ -13,6 +13,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::model::Config;
+use crate::config::Material;
 use crate::tls::CertKeyPair;
 
 /// The store's name for an upstream's client certificate (not a valid
@@ -96,14 +97,14 @@ impl CertStore {
     /// From the pairs validation loaded: `[certs]`, and the client
     /// certificates of upstreams (as `upstream/NAME`), so rotated files are
     /// picked up for both.
-    pub fn build(config: &Config) -> Self {
-        let named = config.certs.iter().map(|c| {
-            (
+    pub fn build(config: &Config, material: &Material) -> Self {
+        let named = config.certs.iter().filter_map(|c| {
+            Some((
                 c.name.clone(),
                 c.cert_path.clone(),
                 c.key_path.clone(),
-                c.pair.clone(),
-            )
+                material.cert(&c.name)?.clone(),
+            ))
         });
         let upstream = config.upstreams.iter().filter_map(|u| {
             let c = u.tls.as_ref()?.client.as_ref()?;
@@ -111,7 +112,7 @@ impl CertStore {
                 upstream_slot(&u.name),
                 c.cert_path.clone(),
                 c.key_path.clone(),
-                c.pair.clone(),
+                material.upstream_client(&u.name)?.clone(),
             ))
         });
         let slots = named

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use prometheus::IntGauge;
 
 use crate::config::model::{Action, Config, Direction, LimitScope, Route};
+use crate::config::{Loaded, Material};
 use crate::ratelimit::global::RedisBackend;
 use crate::ratelimit::Policy;
 use crate::router::{RequestParts, RouteTable};
@@ -20,6 +21,9 @@ use crate::telemetry::metrics::{RouteSeries, UpstreamSeries};
 
 pub struct Runtime {
     pub config: Arc<Config>,
+    /// What the config's files held when it was loaded (CA bundles; the
+    /// served pairs are in `certs`, which follows their files).
+    pub material: Arc<Material>,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
     /// In config order.
@@ -63,13 +67,14 @@ pub struct RouteRuntime {
 }
 
 impl Runtime {
-    pub fn build(config: Config, generation: u64) -> Self {
-        Self::build_after(config, generation, None)
+    pub fn build(loaded: Loaded, generation: u64) -> Self {
+        Self::build_after(loaded, generation, None)
     }
 
     /// Build, keeping the limiter state of every policy whose settings did not
     /// change, so a reload does not hand out a fresh budget.
-    pub fn build_after(config: Config, generation: u64, previous: Option<&Runtime>) -> Self {
+    pub fn build_after(loaded: Loaded, generation: u64, previous: Option<&Runtime>) -> Self {
+        let Loaded { config, material } = loaded;
         // What a global policy cached came from the old Redis.
         let same_redis = previous.is_some_and(|p| p.config.redis == config.redis);
         let policies: Vec<Arc<Policy>> = config
@@ -100,8 +105,11 @@ impl Runtime {
             }
         });
         let policy_index = |name: &str| policies.iter().find(|p| p.model.name == name).cloned();
-        let upstreams: Vec<UpstreamPool> =
-            config.upstreams.iter().map(UpstreamPool::build).collect();
+        let upstreams: Vec<UpstreamPool> = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamPool::build(u, &material))
+            .collect();
         let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
         let routes = config
             .routes
@@ -148,7 +156,7 @@ impl Runtime {
                 connections: OnceLock::new(),
             })
             .collect();
-        let certs = CertStore::build(&config);
+        let certs = CertStore::build(&config, &material);
         let egress_resolver = config
             .egress
             .as_ref()
@@ -158,6 +166,7 @@ impl Runtime {
             certs,
             egress_resolver,
             config: Arc::new(config),
+            material: Arc::new(material),
             generation,
             listeners,
             routes,

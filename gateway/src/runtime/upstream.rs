@@ -1,6 +1,7 @@
 //! Upstream pools: endpoint choice (weighted round robin, from
 //! pingora-load-balancing) and the peer each request connects to.
 
+use crate::config::Material;
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    pub fn build(u: &Upstream) -> Self {
+    pub fn build(u: &Upstream, material: &Material) -> Self {
         let mut backends = BTreeSet::new();
         let mut peers = Vec::with_capacity(u.endpoints.len());
         for (i, e) in u.endpoints.iter().enumerate() {
@@ -71,7 +72,7 @@ impl UpstreamPool {
                 UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
             }
             if let Some(tls) = &u.tls {
-                set_tls(&mut peer, tls, &u.name);
+                set_tls(&mut peer, tls, &u.name, material);
             }
             peers.push(peer);
         }
@@ -157,7 +158,7 @@ impl UpstreamPool {
 /// system store), then the name: the SNI by BoringSSL, or `verify` (SPIFFE
 /// ID or DNS name) by meshgate on each request, from the identities recorded
 /// at the handshake.
-fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str) {
+fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str, material: &Material) {
     // Pooled connections are keyed by the peer's hash, which leaves out the
     // CA: without this, a connection verified for one upstream could serve
     // another with a different CA or identity at the same address.
@@ -171,11 +172,11 @@ fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str) {
     peer.options.verify_cert = true;
     peer.options.verify_hostname = tls.verify.is_none();
     if let Some(ca) = &tls.ca {
-        peer.options.ca = Some(Arc::new(ca.certs.to_vec().into_boxed_slice()));
+        peer.options.ca = Some(Arc::new(material.ca(ca).to_vec().into_boxed_slice()));
     }
-    if let Some(client) = &tls.client {
+    if let Some(pair) = tls.client.as_ref().and(material.upstream_client(upstream)) {
         // Replaced per request by the current pair (see `with_client_cert`).
-        peer.client_cert_key = Some(client.pair.cert_key());
+        peer.client_cert_key = Some(pair.cert_key());
     }
     if tls.verify.is_some() {
         peer.options.upstream_tls_handshake_complete_hook = Some(Arc::new(|ssl| {

@@ -282,18 +282,19 @@ pub fn chain_warnings(
 /// certificates that are no CA.
 pub fn bundle_warnings(
     what: &str,
-    ca: &crate::config::model::CaBundle,
+    path: &Path,
+    certs: &[X509],
     client_ca: bool,
     now: std::time::SystemTime,
 ) -> Vec<String> {
     let now = unix_now(now);
     let mut out = Vec::new();
-    for cert in ca.certs.iter() {
+    for cert in certs {
         let name = common_name(cert);
         if let Some(problem) = validity_problem(cert, now) {
             out.push(format!(
                 "{}: warning: {what}: CA `{name}` {problem}",
-                ca.path.display()
+                path.display()
             ));
         }
         // SAFETY: a valid certificate; BoringSSL caches its parsed
@@ -303,7 +304,7 @@ pub fn bundle_warnings(
         {
             out.push(format!(
                 "{}: warning: {what}: `{name}` is not a CA certificate, so it issues no client certificates: only a client presenting this very certificate is accepted (give the CA that issued it)",
-                ca.path.display()
+                path.display()
             ));
         }
     }
@@ -378,29 +379,26 @@ impl PeerCert {
     /// after one that changed the CAs (one removed as compromised, say) its
     /// certificate is checked again, once per bundle, as a new handshake
     /// would check it.
-    pub fn trusted_by(&self, ca: &crate::config::model::CaBundle) -> bool {
-        if ca.fingerprint == self.verified_with {
+    pub fn trusted_by(&self, fingerprint: &[u8], cas: &[X509]) -> bool {
+        if fingerprint == self.verified_with.as_slice() {
             return true;
         }
         let mut cache = self
             .rechecked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((fingerprint, trusted)) = cache.as_ref() {
-            if *fingerprint == ca.fingerprint {
+        if let Some((seen, trusted)) = cache.as_ref() {
+            if seen.as_slice() == fingerprint {
                 return *trusted;
             }
         }
-        let trusted = self.verify(ca).unwrap_or(false);
-        *cache = Some((ca.fingerprint.clone(), trusted));
+        let trusted = self.verify(cas).unwrap_or(false);
+        *cache = Some((fingerprint.to_vec(), trusted));
         trusted
     }
 
-    fn verify(
-        &self,
-        ca: &crate::config::model::CaBundle,
-    ) -> Result<bool, boring::error::ErrorStack> {
-        let store = trust_store(ca)?;
+    fn verify(&self, cas: &[X509]) -> Result<bool, boring::error::ErrorStack> {
+        let store = trust_store(cas)?;
         let mut chain = boring::stack::Stack::new()?;
         for cert in &self.chain {
             chain.push(cert.clone())?;
@@ -425,10 +423,10 @@ impl PeerCert {
 /// Each one is a trust anchor, root or not: a bundle may name the
 /// intermediate that issues client certificates, and trust only those.
 pub(crate) fn trust_store(
-    ca: &crate::config::model::CaBundle,
+    cas: &[X509],
 ) -> Result<boring::x509::store::X509Store, boring::error::ErrorStack> {
     let mut store = boring::x509::store::X509StoreBuilder::new()?;
-    for cert in ca.certs.iter() {
+    for cert in cas {
         store.add_cert(cert.clone())?;
     }
     store.set_flags(boring::x509::verify::X509VerifyFlags::PARTIAL_CHAIN);
