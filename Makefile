@@ -22,7 +22,7 @@ BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-li
 BENCH_ARGS ?=
 ABUSE_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint check-configs image fuzz bench abuse bench-instructions clean
+.PHONY: help deps test-deps bench-deps build run test lint lint-code check-configs image fuzz bench abuse bench-instructions clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
@@ -52,14 +52,18 @@ run: build
 	echo "meshgate: try  curl -s localhost:8080/hello  (admin: curl -s localhost:9901/metrics)"; \
 	$(BIN) run -c $(CONFIG)
 
-lint:
+# The code: formatting, clippy, and the layer rule (docs/architecture.md).
+lint-code:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	scripts/check-layers.py
+
+lint: lint-code
 	scripts/lint-deploy.sh
 
-test: test-deps
-	$(MAKE) lint
-	$(CARGO) test --workspace --locked
+# Prints how long each phase took (scripts/test.sh).
+test:
+	@CARGO=$(CARGO) scripts/test.sh
 
 # config/full.toml names tls/ files: throwaway ones are made first (config/tls, git-ignored).
 check-configs: build

@@ -33,6 +33,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod authz;
+pub mod background;
 pub mod config;
 pub mod demo;
 pub mod downstream;

@@ -188,7 +188,7 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     }
     let overload = background_service(
         "overload",
-        crate::downstream::overload::OverloadWatch {
+        crate::background::OverloadWatch {
             runtime: runtime.clone(),
         },
     );
@@ -202,13 +202,13 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     );
     let evictor = background_service(
         "rate-limit key eviction",
-        crate::ratelimit::EvictIdleKeys {
+        crate::background::EvictIdleKeys {
             runtime: runtime.clone(),
         },
     );
     let cert_watcher = background_service(
         "certificate files",
-        crate::runtime::certs::WatchCertFiles {
+        crate::background::WatchCertFiles {
             runtime: runtime.clone(),
         },
     );

@@ -1,15 +1,15 @@
 //! Client connections before a request reaches the proxy: request heads
 //! read whole and within their limits ([`head`]), under a memory budget
 //! shared by every connection ([`pending`]); HTTP/2 connections with their
-//! churn bounded ([`h2`]); a listener's connection slots ([`admission`]) and
-//! shedding load under memory pressure ([`overload`]).
+//! churn bounded ([`h2`]); a listener's connection slots ([`admission`]);
+//! egress tunnels ([`tunnel`]); TLS termination ([`tls`], [`hello`]); and
+//! each listener's connection app over all of them ([`Listener`]).
 
 pub mod admission;
 pub mod h2;
 pub mod head;
 pub mod hello;
 pub mod keepalive;
-pub mod overload;
 pub mod pending;
 pub mod tls;
 pub mod tunnel;

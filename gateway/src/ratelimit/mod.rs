@@ -13,10 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use http::HeaderMap;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 
 use crate::config::model::{LimitMode, LimitScope, OnError, RateLimit, RateLimitKey};
 use crate::telemetry::metrics::metrics;
@@ -282,28 +279,6 @@ fn quota(rate: u32, per: Duration) -> (u64, u64) {
 /// Whole seconds, rounded up (header fields and `Retry-After` count seconds).
 pub fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// Evicts idle keys from the policies of the running config.
-pub struct EvictIdleKeys {
-    pub runtime: Arc<arc_swap::ArcSwap<crate::runtime::Runtime>>,
-}
-
-#[async_trait]
-impl BackgroundService for EvictIdleKeys {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(EVICTION_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    for p in &self.runtime.load().policies {
-                        p.evict_idle();
-                    }
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

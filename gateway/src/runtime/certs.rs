@@ -8,9 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 
 use crate::config::model::Config;
 use crate::config::Material;
@@ -201,28 +198,6 @@ pub fn select<'a>(
         candidates.iter().collect()
     } else {
         fit
-    }
-}
-
-/// Polls the certificate files of the running config.
-pub struct WatchCertFiles {
-    pub runtime: Arc<ArcSwap<crate::runtime::Runtime>>,
-}
-
-#[async_trait]
-impl BackgroundService for WatchCertFiles {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(WATCH_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let rt = self.runtime.load_full();
-                    // File reads and key parsing stay off the async threads.
-                    let _ = tokio::task::spawn_blocking(move || rt.certs.refresh_all()).await;
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 

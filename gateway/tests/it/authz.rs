@@ -2,15 +2,13 @@
 //! mTLS listener, source rules behind a trusted proxy, deny over allow,
 //! shadow mode, the 403 body, metrics and the access log.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::client::{get, send};
+use crate::support::tls::{self, Ca, ClientTls, Leaf, Pem};
+use crate::support::upstream::echo;
+use crate::support::{metric, Gateway, HEAD};
 use http::Method;
-use support::client::{get, send};
-use support::tls::{self, Ca, ClientTls, Leaf, Pem};
-use support::upstream::echo;
-use support::{metric, Gateway, HEAD};
 
 const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
 const BATCH: &str = "spiffe://prod.example/ns/batch/sa/report";
@@ -117,7 +115,7 @@ async fn identity_rules_on_an_mtls_listener() {
     );
 
     let has = |lines: &str, s: &str| lines.lines().any(|l| l.contains(s));
-    let lines = support::wait_for_log(&log, Duration::from_secs(5), |t| {
+    let lines = crate::support::wait_for_log(&log, Duration::from_secs(5), |t| {
         has(t, r#""authz":"denied:orders_internal""#) && has(t, r#""authz":"shadow_denied:trial""#)
     })
     .await;

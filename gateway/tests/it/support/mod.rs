@@ -81,6 +81,17 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A test whose external tool (or privilege) is missing: skipped with the
+/// reason printed, except where `CI` is set, where it fails: `make test`
+/// installs every tool, so a skip there would hide a broken set-up.
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{why} (CI is set, so a missing tool fails the test)"
+    );
+    eprintln!("SKIPPED: {why}");
+}
+
 /// A port the OS just handed out and released, for a listener in a config.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -95,6 +106,19 @@ async fn is_ours(admin: SocketAddr, listen: SocketAddr) -> bool {
     client::get(admin, "/config", &[])
         .await
         .is_ok_and(|c| c.text().contains(&format!("\"{listen}\"")))
+}
+
+/// `config` with one worker thread per listener unless it sets `workers`:
+/// tests run many gateways at once on a small machine, and none but a test
+/// about workers needs more.
+pub fn one_worker(config: &str) -> String {
+    if config.contains("workers") {
+        config.to_string()
+    } else if config.contains("[gateway]") {
+        config.replacen("[gateway]", "[gateway]\nworkers = 1", 1)
+    } else {
+        format!("[gateway]\nworkers = 1\n{config}")
+    }
 }
 
 /// A running gateway process; killed on drop.
@@ -129,9 +153,11 @@ impl Gateway {
     async fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = config
-            .replace("@LISTEN@", &listen.to_string())
-            .replace("@ADMIN@", &admin.to_string());
+        let text = one_worker(
+            &config
+                .replace("@LISTEN@", &listen.to_string())
+                .replace("@ADMIN@", &admin.to_string()),
+        );
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.toml");
         std::fs::File::create(&config_path)
@@ -247,9 +273,11 @@ impl Gateway {
     /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) and
     /// send SIGHUP.
     pub fn reload(&self, config: &str) {
-        let text = config
-            .replace("@LISTEN@", &self.listen.to_string())
-            .replace("@ADMIN@", &self.admin.to_string());
+        let text = one_worker(
+            &config
+                .replace("@LISTEN@", &self.listen.to_string())
+                .replace("@ADMIN@", &self.admin.to_string()),
+        );
         std::fs::write(&self.config_path, text).unwrap();
         signal(self.pid(), "HUP");
     }

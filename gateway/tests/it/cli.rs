@@ -1,12 +1,10 @@
 //! The command line and the admin listener, as an operator uses them.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::client::get;
-use support::{Gateway, BIN, HEAD};
+use crate::support::client::get;
+use crate::support::{Gateway, BIN, HEAD};
 
 fn meshgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run meshgate");
@@ -33,14 +31,14 @@ fn with_example_certs(config: &Path, dir: &Path) -> std::path::PathBuf {
         return copy;
     }
     std::fs::create_dir_all(dir.join("tls")).unwrap();
-    let ca = support::tls::Ca::new("example root");
+    let ca = crate::support::tls::Ca::new("example root");
     for p in &paths {
         let Some(stem) = p.strip_suffix(".pem") else {
             continue;
         };
         let key = format!("{stem}.key");
         if paths.contains(key.as_str()) {
-            let pem = ca.issue(support::tls::Leaf {
+            let pem = ca.issue(crate::support::tls::Leaf {
                 dns: &["example.test"],
                 rsa: stem.ends_with("rsa"),
                 ..Default::default()
@@ -157,9 +155,9 @@ fn check_missing_file_and_syntax_error() {
 #[test]
 fn check_warns_of_certificates_clients_will_refuse() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = support::tls::Ca::new("warn root");
-    let leaf = |issuer: &support::tls::Ca, expired, valid_days, starts_in_days| {
-        issuer.issue(support::tls::Leaf {
+    let ca = crate::support::tls::Ca::new("warn root");
+    let leaf = |issuer: &crate::support::tls::Ca, expired, valid_days, starts_in_days| {
+        issuer.issue(crate::support::tls::Leaf {
             dns: &["edge.test"],
             expired,
             valid_days,
@@ -271,7 +269,7 @@ fn run_refuses_a_bad_config_and_a_taken_port() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let admin = support::free_port();
+    let admin = crate::support::free_port();
     let cfg = dir.path().join("taken.toml");
     std::fs::write(
         &cfg,
@@ -332,7 +330,7 @@ respond = { body = "pong" }
     assert_eq!(c["certs"], serde_json::json!([]));
     assert!(c["telemetry"]["tracing"].is_null());
     // Read-only: other methods are refused.
-    let r = support::client::send(
+    let r = crate::support::client::send(
         gw.admin,
         http::Method::POST,
         "/healthz",
@@ -355,11 +353,13 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     };
     let mut gw = Gateway::start(&config("one")).await;
     let (admin, listen) = (gw.admin.to_string(), gw.listen.to_string());
-    let concrete = |text: String| text.replace("@ADMIN@", &admin).replace("@LISTEN@", &listen);
+    let concrete = |text: String| {
+        crate::support::one_worker(&text.replace("@ADMIN@", &admin).replace("@LISTEN@", &listen))
+    };
     assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "one");
 
     std::fs::write(&gw.config_path, concrete(config("two"))).unwrap();
-    support::signal(gw.pid(), "HUP");
+    crate::support::signal(gw.pid(), "HUP");
     let generation = gw.wait_for_generation(2).await;
     assert_eq!(generation, 2);
     assert_eq!(get(gw.listen, "/v", &[]).await.unwrap().text(), "two");
@@ -370,7 +370,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
         concrete(config("three")).replace("[routes.r]", "[routes.r]\ncolour = 1"),
     )
     .unwrap();
-    support::signal(gw.pid(), "HUP");
+    crate::support::signal(gw.pid(), "HUP");
     let start = std::time::Instant::now();
     while !gw.log().contains("config reload rejected") {
         assert!(
@@ -387,13 +387,13 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     assert_eq!(c["generation"], 2);
 
     // Changing what is bound needs a restart: rejected too.
-    let other = support::free_port();
+    let other = crate::support::free_port();
     std::fs::write(
         &gw.config_path,
         concrete(config("four")).replace(&gw.listen.to_string(), &format!("127.0.0.1:{other}")),
     )
     .unwrap();
-    support::signal(gw.pid(), "HUP");
+    crate::support::signal(gw.pid(), "HUP");
     let start = std::time::Instant::now();
     while !gw.log().contains("listeners.public.bind changed from") {
         assert!(
@@ -565,14 +565,14 @@ async fn health_start_up_lines_and_sigquit() {
     let config = gw.config_path.to_str().unwrap().to_string();
     let (code, _, err) = meshgate(&["health", "-c", &config]);
     assert_eq!(code, 0, "{err}");
-    let closed = format!("127.0.0.1:{}", support::free_port());
+    let closed = format!("127.0.0.1:{}", crate::support::free_port());
     let (code, _, err) = meshgate(&["health", "--admin", &closed, "--timeout", "1s"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the admin endpoint"), "{err}");
 
     // SIGQUIT (a binary upgrade, which no process can take over yet) is
     // ignored with a log line, not a shutdown.
-    support::signal(gw.pid(), "QUIT");
+    crate::support::signal(gw.pid(), "QUIT");
     let start = std::time::Instant::now();
     while !gw.log().contains("SIGQUIT ignored") {
         assert!(
@@ -587,7 +587,7 @@ async fn health_start_up_lines_and_sigquit() {
     assert!(!gw.log().contains("upgrade.sock"), "{}", gw.log());
 
     // Draining: `health` says not ready, and exits 1.
-    support::signal(gw.pid(), "TERM");
+    crate::support::signal(gw.pid(), "TERM");
     let _ = meshgate(&["health", "--admin", &admin]);
     assert!(gw
         .wait_exit(std::time::Duration::from_secs(10))

@@ -1,16 +1,14 @@
 //! Error statuses and their JSON bodies, retries, timeouts, broken upstreams
 //! and hostile input.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::client::get;
-use support::upstream::{close_mid_response, dead_addr, echo, scripted};
-use support::{Gateway, HEAD};
+use crate::support::client::get;
+use crate::support::upstream::{close_mid_response, dead_addr, echo, scripted};
+use crate::support::{Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn assert_error_body(r: &support::client::Resp, status: u16, route: Option<&str>) {
+fn assert_error_body(r: &crate::support::client::Resp, status: u16, route: Option<&str>) {
     assert_eq!(r.status, status, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("application/json"));
     let j = r.json();
@@ -98,7 +96,7 @@ read_timeout = "200ms"
     assert_error_body(&r, 502, Some("dead_twice"));
     // A body over max_body_bytes is the client's doing: 413, no warn line,
     // whether its length was declared or found while it streamed.
-    let r = support::client::send(
+    let r = crate::support::client::send(
         gw.listen,
         http::Method::POST,
         "/small",
@@ -109,7 +107,7 @@ read_timeout = "200ms"
     .await
     .unwrap();
     assert_eq!(r.status, 413);
-    let streamed = support::read_to_close(
+    let streamed = crate::support::read_to_close(
         gw.listen,
         b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
         false,
@@ -283,7 +281,7 @@ endpoints = ["{}"]
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    support::signal(gw.pid(), "TERM");
+    crate::support::signal(gw.pid(), "TERM");
     let signalled = Instant::now();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest))
@@ -348,7 +346,7 @@ async fn sigterm_with_a_delay_fails_readiness_but_keeps_serving_until_it_ends() 
     )
     .await;
 
-    support::signal(gw.pid(), "TERM");
+    crate::support::signal(gw.pid(), "TERM");
     let signalled = Instant::now();
     let start = Instant::now();
     let ready = loop {
@@ -593,7 +591,7 @@ async fn to_upstream(upstream: std::net::SocketAddr, extra: &str) -> Gateway {
 /// Send `raw` on a new connection; everything that comes back until the
 /// gateway closes it.
 async fn read_to_close(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
-    let (out, read) = support::read_to_close(addr, raw, false, Duration::from_secs(5)).await;
+    let (out, read) = crate::support::read_to_close(addr, raw, false, Duration::from_secs(5)).await;
     read.unwrap();
     out
 }

@@ -1,14 +1,12 @@
 //! Prometheus metrics and access logs, scraped and read as an operator would.
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::client::get;
-use support::upstream::{dead_addr, echo};
-use support::Gateway;
+use crate::support::client::get;
+use crate::support::upstream::{dead_addr, echo};
+use crate::support::Gateway;
 
 /// Parse the text exposition into `series -> value` (series = name{labels} as printed).
 fn scrape(text: &str) -> HashMap<String, f64> {
@@ -111,7 +109,7 @@ async fn exercise(gw: &Gateway) {
     assert_eq!(get(gw.listen, "/ping", &[]).await.unwrap().status, 200);
     assert_eq!(get(gw.listen, "/dead", &[]).await.unwrap().status, 502);
     let body = bytes::Bytes::from_static(b"12345");
-    let r = support::client::send(
+    let r = crate::support::client::send(
         gw.listen,
         http::Method::POST,
         "/api/upload",
@@ -260,7 +258,9 @@ async fn in_flight_requests_and_open_connections_are_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_output() {
     if Command::new("promtool").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: promtool not installed (make test installs the `prometheus` package)");
+        crate::support::skip(
+            "promtool not installed (make test installs the `prometheus` package)",
+        );
         return;
     }
     let up = echo("api").await;
@@ -298,8 +298,8 @@ async fn a_real_prometheus_scrapes_the_endpoint() {
         .output()
         .is_err()
     {
-        eprintln!(
-            "SKIPPED: prometheus not installed (make test installs the `prometheus` package)"
+        crate::support::skip(
+            "prometheus not installed (make test installs the `prometheus` package)",
         );
         return;
     }
@@ -317,7 +317,7 @@ async fn a_real_prometheus_scrapes_the_endpoint() {
         ),
     )
     .unwrap();
-    let port = support::free_port();
+    let port = crate::support::free_port();
     let mut prom = Command::new("prometheus")
         .arg(format!("--config.file={}", prom_cfg.display()))
         .arg(format!(
@@ -397,11 +397,11 @@ async fn access_log_lines_describe_each_request() {
         502
     );
     // The admin readiness probe is not logged; only data-plane requests are.
-    let text = support::wait_for_log(&file, Duration::from_secs(5), |t| {
-        support::json_lines(t).len() >= 2
+    let text = crate::support::wait_for_log(&file, Duration::from_secs(5), |t| {
+        crate::support::json_lines(t).len() >= 2
     })
     .await;
-    let lines = support::json_lines(&text);
+    let lines = crate::support::json_lines(&text);
     let first = lines
         .iter()
         .find(|l| l["request_id"] == "rid-1")
@@ -557,7 +557,7 @@ async fn a_timed_out_attempt_counts_once() {
     let slow = echo("slow").await;
     let gw = Gateway::start(&format!(
         "{}\n[routes.slow]\npath_prefix = \"/\"\nupstream = \"slow\"\n[upstreams.slow]\nendpoints = [\"{}\"]\nread_timeout = \"200ms\"\n",
-        support::HEAD.trim_end(),
+        crate::support::HEAD.trim_end(),
         slow.addr
     ))
     .await;
@@ -656,7 +656,8 @@ endpoints = ["{}"]
     // What comes back until the gateway closes, a reset included.
     let exchange = |raw: &'static [u8], half_close: bool| async move {
         let (got, _) =
-            support::read_to_close(gw.listen, raw, half_close, Duration::from_secs(10)).await;
+            crate::support::read_to_close(gw.listen, raw, half_close, Duration::from_secs(10))
+                .await;
         String::from_utf8_lossy(&got).into_owned()
     };
 
@@ -715,13 +716,13 @@ endpoints = ["{}"]
         .unwrap();
     assert_eq!(last.status, 200);
 
-    let text = support::wait_for_log(&file, Duration::from_secs(5), |t| {
-        support::json_lines(t)
+    let text = crate::support::wait_for_log(&file, Duration::from_secs(5), |t| {
+        crate::support::json_lines(t)
             .iter()
             .any(|l| l["request_id"] == "last")
     })
     .await;
-    let lines = support::json_lines(&text);
+    let lines = crate::support::json_lines(&text);
     let line = |path: &str| {
         lines
             .iter()
@@ -785,14 +786,14 @@ endpoints = ["{}"]
         )
         .await;
     assert_eq!(
-        support::metric(
+        crate::support::metric(
             &text,
             r#"meshgate_downstream_rejected_total{listener="public",reason="malformed"}"#
         ),
         4.0
     );
     assert_eq!(
-        support::metric(
+        crate::support::metric(
             &text,
             r#"meshgate_downstream_rejected_total{listener="public",reason="header_timeout"}"#
         ),
@@ -801,7 +802,7 @@ endpoints = ["{}"]
     let refused: f64 = ["GET", "CONNECT"]
         .iter()
         .map(|m| {
-            support::metric(
+            crate::support::metric(
                 &text,
                 &format!(
                     r#"meshgate_downstream_requests_total{{listener="public",method="{m}",route="",status_class="4xx"}}"#
@@ -819,7 +820,7 @@ endpoints = ["{}"]
         .unwrap();
     // A round trip on another connection gives the gateway time to read it.
     assert_eq!(get(gw.listen, "/api/sync", &[]).await.unwrap().status, 200);
-    support::signal(gw.pid(), "TERM");
+    crate::support::signal(gw.pid(), "TERM");
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), cut.read_to_end(&mut rest))
         .await
@@ -827,12 +828,13 @@ endpoints = ["{}"]
         .ok();
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     let cut_line = |t: &str| {
-        support::json_lines(t)
+        crate::support::json_lines(t)
             .into_iter()
             .find(|l| l["path"] == "/cut")
     };
     let text =
-        support::wait_for_log(&file, Duration::from_secs(10), |t| cut_line(t).is_some()).await;
+        crate::support::wait_for_log(&file, Duration::from_secs(10), |t| cut_line(t).is_some())
+            .await;
     let l = cut_line(&text).unwrap();
     assert_eq!(l["status"], 0, "{l}");
     assert_eq!(

@@ -5,13 +5,11 @@
 //! write itself (every request head it gets carries meshgate's
 //! `x-request-id`, and none carries two framings).
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::upstream::{scripted, Upstream};
-use support::{Gateway, HEAD};
+use crate::support::upstream::{scripted, Upstream};
+use crate::support::{Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

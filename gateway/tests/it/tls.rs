@@ -3,17 +3,15 @@
 //! (required, optional, wrong CA, expired), identity forwarding and rate
 //! limiting by identity, certificate reload, and an mTLS mesh pair.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::client::get;
+use crate::support::tls::{self, Ca, ClientTls, Leaf, Pem};
+use crate::support::upstream::echo;
+use crate::support::{metric, Gateway, HEAD};
 use boring::ssl::SslVersion;
 use foreign_types::ForeignTypeRef;
-use support::client::get;
-use support::tls::{self, Ca, ClientTls, Leaf, Pem};
-use support::upstream::echo;
-use support::{metric, Gateway, HEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB: &str = "spiffe://prod.example/ns/web/sa/frontend";
@@ -186,8 +184,9 @@ async fn access_log_lines_carry_the_tls_version_cipher_and_sni() {
     };
     named_get(gw.listen, &raw, "raw-sni").await;
     let text =
-        support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().count() >= 3).await;
-    let lines = support::json_lines(&text);
+        crate::support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().count() >= 3)
+            .await;
+    let lines = crate::support::json_lines(&text);
     let line = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap();
     let sni = line("with-sni");
     assert_eq!(sni["tls_version"], "TLSv1.3");
@@ -262,7 +261,7 @@ async fn a_stalled_client_hello_is_cut_and_plain_http_gets_400() {
             "{took:?}"
         );
     }
-    let (answer, _) = support::read_to_close(
+    let (answer, _) = crate::support::read_to_close(
         gw.listen,
         b"GET / HTTP/1.1\r\nHost: edge.example\r\n\r\n",
         false,
@@ -549,7 +548,7 @@ async fn mtls_gateway(
     server_ca: &Ca,
     clients: &Ca,
     auth: &str,
-) -> (Gateway, support::upstream::Upstream) {
+) -> (Gateway, crate::support::upstream::Upstream) {
     let app = echo("app").await;
     let client_ca = clients.write(dir, "clients-ca");
     let config = tls_listener(
@@ -754,7 +753,7 @@ async fn mesh_pair(
 ) -> (
     Gateway,
     Gateway,
-    support::upstream::Upstream,
+    crate::support::upstream::Upstream,
     tempfile::TempDir,
     Ca,
 ) {

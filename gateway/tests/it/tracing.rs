@@ -1,13 +1,14 @@
 //! OpenTelemetry traces: a real OTLP/HTTP receiver decodes what two chained
 //! gateways export and checks one connected trace.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::client::get;
+use crate::support::upstream::{dead_addr, echo};
+use crate::support::Gateway;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -21,9 +22,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode, Span};
 use prost::Message;
-use support::client::get;
-use support::upstream::{dead_addr, echo};
-use support::Gateway;
 use tokio::net::TcpListener;
 
 /// A span as received, with its resource's service.name.
@@ -276,7 +274,8 @@ async fn two_chained_gateways_make_one_connected_trace() {
 
     // The access log carries the same trace id.
     let text =
-        support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().next().is_some()).await;
+        crate::support::wait_for_log(&log, Duration::from_secs(5), |t| t.lines().next().is_some())
+            .await;
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(line["trace_id"], TRACE_ID);
 }

@@ -1,9 +1,6 @@
-//! Graceful overload (`[gateway] overload = { memory = "..." }`): while the
-//! process's resident memory is above the threshold, new connections are
-//! refused and new requests on open ones get `503 overloaded`, so the
-//! gateway sheds load instead of being killed for memory. It leaves the
-//! state once memory is back below 95% of the threshold (so it does not
-//! flap at the line).
+//! The process's background services, each a Pingora background service
+//! over the running config: idle rate-limit keys evicted, certificate
+//! files watched for changes, memory sampled for overload.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +10,55 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::ratelimit::EVICTION_INTERVAL;
+use crate::runtime::certs::WATCH_INTERVAL;
 use crate::runtime::Runtime;
 
-/// How often memory is looked at.
+/// Evicts idle keys from the policies of the running config.
+pub struct EvictIdleKeys {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for EvictIdleKeys {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(EVICTION_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for p in &self.runtime.load().policies {
+                        p.evict_idle();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Polls the certificate files of the running config.
+pub struct WatchCertFiles {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for WatchCertFiles {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let rt = self.runtime.load_full();
+                    // File reads and key parsing stay off the async threads.
+                    let _ = tokio::task::spawn_blocking(move || rt.certs.refresh_all()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// How often memory is looked at (`[gateway] overload`).
 const SAMPLE: Duration = Duration::from_millis(250);
 
 /// The process's resident memory, in bytes (`VmRSS` of /proc/self/status).
@@ -42,7 +85,12 @@ fn decide(threshold: Option<u64>, resident: u64, now: bool) -> bool {
     }
 }
 
-/// Samples memory and sets the overload state; a pingora background service.
+/// Graceful overload (`[gateway] overload = { memory = "..." }`): while
+/// the process's resident memory is above the threshold, new connections
+/// are refused and new requests on open ones get `503 overloaded`
+/// ([`crate::lifecycle::overloaded`]), so the gateway sheds load instead of
+/// being killed for memory. It leaves the state once memory is back below
+/// 95% of the threshold (so it does not flap at the line).
 pub struct OverloadWatch {
     pub runtime: Arc<ArcSwap<Runtime>>,
 }

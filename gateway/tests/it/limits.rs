@@ -1,8 +1,6 @@
 //! Limits against hostile or careless clients: URI length, header count and
 //! bytes, body size per route, connections per listener, idle keep-alive.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,9 +8,9 @@ use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::client::{get, send};
-use support::upstream::echo;
-use support::{metric, Gateway, HEAD};
+use crate::support::client::{get, send};
+use crate::support::upstream::echo;
+use crate::support::{metric, Gateway, HEAD};
 
 fn rejected(text: &str, reason: &str) -> f64 {
     metric(
@@ -900,7 +898,7 @@ async fn h2_connections_end_with_a_goaway_when_idle_or_used_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_stream_cancelled_while_it_waits_is_never_forwarded() {
     let app = echo("app").await;
-    let redis = support::redis::RedisServer::start().await;
+    let redis = crate::support::redis::RedisServer::start().await;
     let gw = Gateway::start(&format!(
         "{}\n[redis]\nurl = \"{}\"\ntimeout = \"1s\"\non_error = \"allow\"\n[rate_limits.g]\nkey = \"route\"\nrate = 1000\nscope = \"global\"\n[routes.r]\npath_prefix = \"/\"\nrate_limits = [\"g\"]\nupstream = \"app\"\n[upstreams.app]\nendpoints = [\"{}\"]\n",
         HEAD.trim_end(),
@@ -1032,7 +1030,7 @@ async fn request_bodies_have_a_default_limit() {
         app.addr
     ))
     .await;
-    let (answer, _) = support::read_to_close(
+    let (answer, _) = crate::support::read_to_close(
         gw.listen,
         b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10485761\r\n\r\n",
         false,

@@ -1,10 +1,8 @@
 //! Rate limits through the real gateway: exact burst accounting, 429s with
 //! their headers and body, independent keys, shadow mode, trusted proxies.
 
-mod support;
-
-use support::client::{get, Resp};
-use support::{metric, Gateway, HEAD};
+use crate::support::client::{get, Resp};
+use crate::support::{metric, Gateway, HEAD};
 
 fn routes(policies: &str, listener_extra: &str, rate_limits: &[&str]) -> String {
     let rate_limits = rate_limits
@@ -172,7 +170,7 @@ async fn shadow_mode_never_blocks_but_counts() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let text = support::wait_for_log(&log, std::time::Duration::from_secs(5), |t| {
+    let text = crate::support::wait_for_log(&log, std::time::Duration::from_secs(5), |t| {
         t.lines().count() >= 6
     })
     .await;
@@ -243,7 +241,7 @@ async fn a_refused_request_spends_nothing_from_the_policies_after_the_refusal() 
         )
         .await;
     assert_eq!(
-        support::metric(
+        crate::support::metric(
             &text,
             r#"meshgate_rate_limit_decisions_total{outcome="allowed",policy="cap"}"#
         ),
@@ -265,7 +263,7 @@ async fn a_reload_does_not_hand_out_a_fresh_budget() {
     let text = std::fs::read_to_string(&gw.config_path).unwrap()
         + "[routes.other]\npath = \"/other\"\nrespond = { body = \"x\" }\n";
     std::fs::write(&gw.config_path, text).unwrap();
-    support::signal(gw.pid(), "HUP");
+    crate::support::signal(gw.pid(), "HUP");
     let start = std::time::Instant::now();
     while get(gw.listen, "/other", &[]).await.unwrap().text() != "x" {
         assert!(

@@ -1,12 +1,10 @@
 //! An outside TLS scanner (testssl.sh, installed by `make test`) against a
 //! running TLS listener: no weak protocol, cipher or known TLS weakness.
 
-mod support;
-
 use std::process::Command;
 
-use support::tls::{Ca, Leaf};
-use support::{Gateway, HEAD};
+use crate::support::tls::{Ca, Leaf};
+use crate::support::{Gateway, HEAD};
 
 /// Findings testssl reports about the machine running it, not the server.
 const ABOUT_THE_SCANNER: &[&str] = &["engine_problem", "scanTime", "optimal_proto"];
@@ -15,7 +13,7 @@ const ABOUT_THE_SCANNER: &[&str] = &["engine_problem", "scanTime", "optimal_prot
 async fn testssl_finds_no_weak_protocol_or_cipher() {
     if Command::new("testssl").arg("--version").output().is_err() {
         // `make test` installs it; a bare `cargo test` elsewhere may not have it.
-        eprintln!("testssl not installed: scan skipped (make test-deps installs it)");
+        crate::support::skip("testssl not installed (make test-deps installs it)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

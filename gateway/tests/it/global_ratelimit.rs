@@ -2,15 +2,13 @@
 //! two gateways sharing one budget, batching, and what happens when Redis
 //! dies or hangs (on_error, and no request waits beyond the timeout).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::client::{get, Resp};
+use crate::support::redis::RedisServer;
+use crate::support::{metric, Gateway, HEAD};
 use meshgate::config::model::{OnError, Redis};
 use meshgate::ratelimit::global::RedisBackend;
-use support::client::{get, Resp};
-use support::redis::RedisServer;
-use support::{metric, Gateway, HEAD};
 
 /// Longest any request may take while Redis is down or frozen. The gateway's
 /// `timeout` is 500ms (50ms where the timeout is under test); the rest is
@@ -287,7 +285,7 @@ async fn redis_stopped_mid_test_fails_open_without_hanging_then_recovers() {
         .sum();
     assert!(errors >= 10.0, "every failed decision is counted: {errors}");
     // The access log says which requests went through without Redis.
-    support::wait_for_log(&log, NO_HANG, |t| {
+    crate::support::wait_for_log(&log, NO_HANG, |t| {
         t.contains(r#""rate_limit":"backend_error:shared""#)
     })
     .await;

@@ -1,13 +1,11 @@
 //! Matchers, splits, rewrites, redirects and direct responses through the real
 //! gateway binary, against real upstreams.
 
-mod support;
-
+use crate::support::client::{get, send};
+use crate::support::upstream::echo;
+use crate::support::{Gateway, HEAD};
 use bytes::Bytes;
 use http::Method;
-use support::client::{get, send};
-use support::upstream::echo;
-use support::{Gateway, HEAD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_matcher_picks_its_route() {
@@ -75,7 +73,7 @@ endpoints = ["{}"]
     );
     let gw = Gateway::start(&config).await;
     let l = gw.listen;
-    let name = |r: support::client::Resp| {
+    let name = |r: crate::support::client::Resp| {
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()["name"].as_str().unwrap().to_string()
     };
@@ -318,7 +316,7 @@ redirect = {{ location = "/elsewhere" }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_only_serve_their_listeners() {
     let up = echo("u").await;
-    let other = support::free_port();
+    let other = crate::support::free_port();
     let config = format!(
         r#"{HEAD}
 [listeners.internal]
@@ -445,7 +443,7 @@ endpoints = ["{addr}"]
     // `lowercase`, taken on reload: the same fields, lower case both ways.
     gw.reload(&config("header_case = \"lowercase\""));
     gw.wait_for_generation(2).await;
-    let shown = support::client::get(gw.admin, "/config", &[])
+    let shown = crate::support::client::get(gw.admin, "/config", &[])
         .await
         .unwrap()
         .json();

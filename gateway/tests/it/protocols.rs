@@ -1,14 +1,12 @@
 //! Protocols through the gateway: h2c downstream, WebSocket upgrades, HTTP/2
 //! trailers (gRPC), and upstream keep-alive pooling.
 
-mod support;
-
+use crate::support::client::{get, send};
+use crate::support::upstream::{echo, websocket_echo};
+use crate::support::{Gateway, HEAD};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
-use support::client::{get, send};
-use support::upstream::{echo, websocket_echo};
-use support::{Gateway, HEAD};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

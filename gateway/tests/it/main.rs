@@ -1,0 +1,23 @@
+//! Every end-to-end test, in one binary: the real `meshgate` binary on
+//! ephemeral ports against real upstreams, clients, TLS, Redis and
+//! Prometheus started by the tests ([`support`]). One binary links once and
+//! shares the harness; a module per area.
+
+mod support;
+
+mod authz;
+mod cli;
+mod deploy;
+mod egress;
+mod errors;
+mod global_ratelimit;
+mod limits;
+mod metrics;
+mod netns_mesh;
+mod protocols;
+mod ratelimit;
+mod routing;
+mod smuggling;
+mod tls;
+mod tls_scan;
+mod tracing;
