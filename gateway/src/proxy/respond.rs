@@ -86,6 +86,55 @@ pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// An answer the gateway gives instead of an upstream's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A JSON error of the failure's status.
+    Error(Failure),
+    /// An authorization policy denied the request (403 naming it).
+    Forbidden { policy: String },
+    /// A rate-limit policy refused it (429 with `Retry-After`).
+    RateLimited { policy: String, retry_after: u64 },
+    /// A global rate limit could not reach Redis under `on_error = "deny"`.
+    RateLimitUnavailable { policy: String },
+}
+
+impl From<Failure> for Refusal {
+    fn from(f: Failure) -> Self {
+        Refusal::Error(f)
+    }
+}
+
+impl Refusal {
+    pub fn failure(&self) -> Failure {
+        match self {
+            Refusal::Error(f) => *f,
+            Refusal::Forbidden { .. } => Failure::Forbidden,
+            Refusal::RateLimited { .. } => Failure::RateLimited,
+            Refusal::RateLimitUnavailable { .. } => Failure::RateLimitUnavailable,
+        }
+    }
+}
+
+/// Answer with `refusal`, and note it for the log and metrics: the one way
+/// a stage refuses a request. `Ok(true)`: the request is answered (what
+/// `request_filter` returns).
+pub async fn refuse(session: &mut Session, ctx: &mut RequestCtx, refusal: Refusal) -> Result<bool> {
+    ctx.failure = Some(refusal.failure());
+    match refusal {
+        Refusal::Error(failure) => send_error(session, failure, ctx).await?,
+        Refusal::Forbidden { policy } => send_forbidden(session, ctx, &policy).await?,
+        Refusal::RateLimited {
+            policy,
+            retry_after,
+        } => send_rate_limited(session, ctx, &policy, retry_after).await?,
+        Refusal::RateLimitUnavailable { policy } => {
+            send_rate_limit_unavailable(session, ctx, &policy).await?
+        }
+    }
+    Ok(true)
+}
+
 pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCtx) -> Result<()> {
     if matches!(
         failure,
@@ -96,6 +145,11 @@ pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCt
             | Failure::BodyTimeout
     ) {
         // After a malformed request the connection's framing cannot be trusted.
+        session.set_keepalive(None);
+    }
+    if matches!(failure, Failure::ClientCertUntrusted | Failure::Overloaded) {
+        // The client reconnects: to a handshake that decides afresh, or
+        // (overloaded) to where its balancer sends it.
         session.set_keepalive(None);
     }
     let status =
