@@ -96,6 +96,3 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,0 +1,197 @@
+//! `[routes.NAME]`.
+
+use super::*;
+
+bad!(
+    rewrite_framing,
+    with_route("upstream = \"u\"\nrequest_headers = { set = { \"Content-Length\" = \"0\" } }\n"),
+    7,
+    "header `Content-Length` cannot be rewritten"
+);
+
+bad!(
+    rewrite_hop_by_hop,
+    with_route("upstream = \"u\"\nresponse_headers = { remove = [\"connection\"] }\n"),
+    7,
+    "header `connection` cannot be rewritten"
+);
+
+bad!(
+    no_content_body,
+    with_route("respond = { status = 204, body = \"x\" }\n"),
+    6,
+    "a 204 response has no body"
+);
+
+bad!(
+    route_no_listeners,
+    with_route("listeners = []\nupstream = \"u\"\n"),
+    6,
+    "lists no listeners"
+);
+
+bad!(
+    route_unknown_listener,
+    with_route("listeners = [\"publik\"]\nupstream = \"u\"\n"),
+    6,
+    "unknown listener `publik`"
+);
+
+bad!(
+    bad_host,
+    with_route("host = \"http://a.com\"\nupstream = \"u\"\n"),
+    6,
+    "is not a host name"
+);
+
+bad!(
+    two_path_matchers,
+    with_route("path = \"/a\"\npath_prefix = \"/b\"\nupstream = \"u\"\n"),
+    7,
+    "more than one of path"
+);
+
+bad!(
+    relative_path,
+    with_route("path_prefix = \"v1/\"\nupstream = \"u\"\n"),
+    6,
+    "must start with `/`"
+);
+
+bad!(
+    bad_regex,
+    with_route("path_regex = \"(\"\nupstream = \"u\"\n"),
+    6,
+    "invalid path_regex"
+);
+
+bad!(
+    empty_methods,
+    with_route("methods = []\nupstream = \"u\"\n"),
+    6,
+    "matches nothing"
+);
+
+bad!(
+    bad_method,
+    with_route("methods = [\"GE T\"]\nupstream = \"u\"\n"),
+    6,
+    "is not an HTTP method"
+);
+
+bad!(
+    bad_header_name,
+    with_route("headers = { \"x y\" = \"1\" }\nupstream = \"u\"\n"),
+    6,
+    "is not a valid header name"
+);
+
+bad!(
+    bad_header_value,
+    with_route("headers = { \"x\" = \"a\\nb\" }\nupstream = \"u\"\n"),
+    6,
+    "is not a valid header value"
+);
+
+bad!(no_action, with_route("path = \"/a\"\n"), 5, "has no action");
+
+bad!(
+    two_actions,
+    with_route("upstream = \"u\"\nrespond = { status = 200 }\n"),
+    7,
+    "more than one action"
+);
+
+bad!(
+    strip_without_forward,
+    with_route("respond = { status = 200 }\nstrip_prefix = \"/a\"\n"),
+    7,
+    "only applies to routes that forward"
+);
+
+bad!(
+    unknown_upstream,
+    with_route("upstream = \"uu\"\n"),
+    6,
+    "unknown upstream `uu`"
+);
+
+bad!(empty_split, with_route("split = {}\n"), 6, "empty split");
+
+bad!(
+    zero_split_weight,
+    with_route("split = { u = 0 }\n"),
+    6,
+    "split weight 0"
+);
+
+bad!(
+    respond_status,
+    with_route("respond = { status = 42 }\n"),
+    6,
+    "respond.status 42 is out of range"
+);
+
+bad!(
+    respond_content_type,
+    with_route("respond = { content_type = \"a\\nb\" }\n"),
+    6,
+    "content_type is not a valid header value"
+);
+
+bad!(
+    redirect_status,
+    with_route("redirect = { location = \"/x\", status = 200 }\n"),
+    6,
+    "is not a redirect status"
+);
+
+bad!(
+    redirect_location,
+    with_route("redirect = { location = \"\" }\n"),
+    6,
+    "redirect.location is empty"
+);
+
+bad!(
+    indistinguishable,
+    format!("{OK_LISTENER}{OK_UPSTREAM}[routes.a]\npath = \"/x\"\nupstream = \"u\"\n[routes.b]\npath = \"/x\"\nupstream = \"u\"\n"),
+    8,
+    "route `b` can never match"
+);
+
+#[test]
+fn same_conditions_on_different_listeners_are_fine() {
+    let src = format!(
+        "{OK_LISTENER}[listeners.b]\nbind = \"127.0.0.1:18081\"\n{OK_UPSTREAM}[routes.a]\nlisteners = [\"public\"]\npath = \"/x\"\nupstream = \"u\"\n[routes.c]\nlisteners = [\"b\"]\npath = \"/x\"\nupstream = \"u\"\n"
+    );
+    parse(Path::new("t.toml"), &src).unwrap();
+}
+
+bad!(
+    path_prefix_not_normal,
+    with_route("path_prefix = \"//admin/../x\"\nupstream = \"u\"\n"),
+    6,
+    "is not in normal form"
+);
+
+bad!(
+    rewrite_identity_header,
+    with_route("upstream = \"u\"\nrequest_headers = { set = { \"X-Meshgate-Peer-Identity\" = \"spiffe://x/y\" } }\n"),
+    7,
+    "x-meshgate-peer-identity cannot be rewritten"
+);
+
+bad!(
+    buffer_request_body_over_what_pingora_replays,
+    with_route("upstream = \"u\"\nbuffer_request_body = \"1MiB\"\n"),
+    7,
+    "routes.r.buffer_request_body = \"1MiB\" (1048576 bytes) is over 64 KiB"
+);
+
+bad!(
+    buffer_request_body_not_a_size,
+    with_route("upstream = \"u\"\nbuffer_request_body = \"lots\"\n"),
+    7,
+    "routes.r.buffer_request_body = \"lots\" is not a size"
+);

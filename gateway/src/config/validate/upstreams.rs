@@ -1,0 +1,309 @@
+//! `[upstreams.NAME]`: endpoints (checked in form, looked up later by the
+//! loader) and client TLS.
+
+use super::*;
+
+const MAX_CONNECT_RETRIES: i64 = 10;
+
+impl Validator {
+    pub(super) fn upstream(&mut self, name: Spanned<String>, u: RawUpstream) -> Option<Upstream> {
+        let n = name.get_ref().clone();
+        let mut endpoints = Vec::new();
+        if u.endpoints.get_ref().is_empty() {
+            self.error(
+                u.endpoints.span(),
+                format!("upstream `{n}` has no endpoints"),
+                "list at least one, e.g. endpoints = [\"127.0.0.1:9001\"]",
+            );
+        }
+        for e in u.endpoints.get_ref() {
+            if let Some(ep) = self.endpoint(e, &n, endpoints.len()) {
+                endpoints.push(ep);
+            }
+        }
+        let protocol = match u.protocol.as_ref() {
+            None => UpstreamProtocol::Http1,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2c" if u.tls.is_some() => {
+                    self.error(
+                        p.span(),
+                        "protocol = \"h2c\" is HTTP/2 without TLS, but this upstream has `tls`",
+                        "use protocol = \"h2\" for HTTP/2 over TLS",
+                    );
+                    UpstreamProtocol::H2
+                }
+                "h2c" => UpstreamProtocol::H2c,
+                "h2" if u.tls.is_none() => {
+                    self.error(
+                        p.span(),
+                        "protocol = \"h2\" is HTTP/2 over TLS, but this upstream has no `tls`",
+                        "add tls = { ... }, or use protocol = \"h2c\" for HTTP/2 without TLS",
+                    );
+                    UpstreamProtocol::H2c
+                }
+                "h2" => UpstreamProtocol::H2,
+                other => {
+                    self.error(
+                        p.span(),
+                        format!("unknown upstream protocol \"{other}\""),
+                        "use \"http1\" (default), \"h2c\" (HTTP/2 with prior knowledge, e.g. gRPC) or \"h2\" (HTTP/2 over TLS)",
+                    );
+                    UpstreamProtocol::Http1
+                }
+            },
+        };
+        let tls = u
+            .tls
+            .as_ref()
+            .and_then(|t| self.upstream_tls(&n, t, &endpoints));
+        let key = |k: &str| format!("upstreams.{n}.{k}");
+        let connect_timeout = self.duration_or(
+            u.connect_timeout.as_ref(),
+            &key("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+            false,
+        );
+        let read_timeout = self.duration_or(
+            u.read_timeout.as_ref(),
+            &key("read_timeout"),
+            DEFAULT_READ_TIMEOUT,
+            false,
+        );
+        let write_timeout = self.duration_or(
+            u.write_timeout.as_ref(),
+            &key("write_timeout"),
+            DEFAULT_WRITE_TIMEOUT,
+            false,
+        );
+        let idle_timeout = self.duration_or(
+            u.idle_timeout.as_ref(),
+            &key("idle_timeout"),
+            DEFAULT_IDLE_TIMEOUT,
+            true,
+        );
+        let connect_retries = match u.connect_retries {
+            None => DEFAULT_CONNECT_RETRIES,
+            Some(r) if (0..=MAX_CONNECT_RETRIES).contains(r.get_ref()) => *r.get_ref() as u32,
+            Some(r) => {
+                self.error(
+                    r.span(),
+                    format!("connect_retries = {} is out of range", r.get_ref()),
+                    format!("use 0..={MAX_CONNECT_RETRIES}"),
+                );
+                DEFAULT_CONNECT_RETRIES
+            }
+        };
+        Some(Upstream {
+            name: n,
+            endpoints,
+            protocol,
+            connect_timeout,
+            read_timeout,
+            write_timeout,
+            idle_timeout,
+            connect_retries,
+            tls,
+        })
+    }
+
+    pub(super) fn upstream_tls(
+        &mut self,
+        upstream: &str,
+        t: &Spanned<RawUpstreamTls>,
+        endpoints: &[Endpoint],
+    ) -> Option<UpstreamTls> {
+        let before = self.diags.len();
+        let r = t.get_ref();
+        let ca = r.ca.as_ref().and_then(|p| self.ca_bundle(p));
+        let client = match (&r.cert, &r.key) {
+            (Some(c), Some(k)) => {
+                let (cert_path, key_path) = (self.path(c), self.path(k));
+                self.cert_pair(c, k, &cert_path, &key_path).map(|pair| {
+                    self.material.add_upstream_client(upstream, pair);
+                    CertFilesRef {
+                        cert_path,
+                        key_path,
+                    }
+                })
+            }
+            (Some(x), None) | (None, Some(x)) => {
+                self.error(
+                    x.span(),
+                    "a client certificate needs both `cert` and `key`",
+                    "give both paths, or neither (no client certificate)",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let verify = r.verify.as_ref().and_then(|v| {
+            let p = crate::types::identity::IdentityPattern::parse(v.get_ref());
+            if p.is_none() {
+                self.error(
+                    v.span(),
+                    format!("verify = \"{}\" is not an identity pattern", v.get_ref()),
+                    "write a SPIFFE ID or DNS name, exact or with a trailing `*` (\"spiffe://prod.example/ns/orders/*\") or a leading `*.` (\"*.mesh.example\")",
+                );
+            }
+            p
+        });
+        // Without a name pingora would skip certificate checks altogether.
+        let host_names: Vec<&str> = endpoints
+            .iter()
+            .filter_map(|e| {
+                let host = e.addr.rsplit_once(':').map_or(e.addr.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.parse::<std::net::IpAddr>().is_err().then_some(host)
+            })
+            .collect();
+        let sni = match &r.sni {
+            Some(s) if s.get_ref().trim().is_empty() => {
+                self.error(
+                    s.span(),
+                    "tls.sni is empty",
+                    "give the name the upstream's certificate carries",
+                );
+                String::new()
+            }
+            Some(s) => s.get_ref().trim().to_string(),
+            None if host_names.len() == endpoints.len()
+                && !endpoints.is_empty()
+                && host_names.iter().all(|h| *h == host_names[0]) =>
+            {
+                host_names[0].to_string()
+            }
+            None => {
+                self.error(
+                    t.span(),
+                    format!("upstream `{upstream}` uses TLS but has no tls.sni, and its endpoints are not all the same host name"),
+                    "set tls.sni to the name the upstream's certificate carries, e.g. sni = \"orders.mesh\"",
+                );
+                String::new()
+            }
+        };
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(UpstreamTls {
+            ca,
+            client,
+            sni,
+            verify,
+        })
+    }
+
+    /// An endpoint's form; a host name is looked up later, by the loader.
+    pub(super) fn endpoint(
+        &mut self,
+        e: &Spanned<toml::Value>,
+        upstream: &str,
+        index: usize,
+    ) -> Option<Endpoint> {
+        let (addr, weight) = match e.get_ref() {
+            toml::Value::String(s) => (s.clone(), 1),
+            toml::Value::Table(t) => {
+                if let Some(k) = t.keys().find(|k| *k != "addr" && *k != "weight") {
+                    self.error(
+                        e.span(),
+                        format!("unknown key `{k}` in endpoint"),
+                        "an endpoint table has only `addr` and `weight`",
+                    );
+                    return None;
+                }
+                let Some(addr) = t.get("addr").and_then(|a| a.as_str()) else {
+                    self.error(
+                        e.span(),
+                        "endpoint table has no `addr` string",
+                        "write { addr = \"127.0.0.1:9001\", weight = 3 }",
+                    );
+                    return None;
+                };
+                let weight = match t.get("weight") {
+                    None => 1,
+                    Some(toml::Value::Integer(w)) if (1..=MAX_WEIGHT).contains(w) => *w as u32,
+                    Some(w) => {
+                        self.error(
+                            e.span(),
+                            format!("endpoint weight {w} is not an integer in 1..={MAX_WEIGHT}"),
+                            "use a positive integer weight; remove the endpoint to stop sending it traffic",
+                        );
+                        return None;
+                    }
+                };
+                (addr.to_string(), weight)
+            }
+            other => {
+                self.error(
+                    e.span(),
+                    format!(
+                        "endpoint must be a string or a table, found {}",
+                        other.type_str()
+                    ),
+                    "write \"127.0.0.1:9001\" or { addr = \"127.0.0.1:9001\", weight = 3 }",
+                );
+                return None;
+            }
+        };
+        let (socket, address) = match target(&addr) {
+            Ok(Target::Address(socket)) => (socket, Some(socket)),
+            // Until the loader has looked it up.
+            Ok(Target::Name(port)) => (SocketAddr::from(([0, 0, 0, 0], port)), None),
+            Err(why) => {
+                self.error(e.span(), endpoint_error(&addr, &why), ENDPOINT_FIX);
+                return None;
+            }
+        };
+        self.lookups.push(Lookup {
+            span: e.span(),
+            upstream: upstream.to_string(),
+            index,
+            addr: addr.clone(),
+            address,
+        });
+        Some(Endpoint {
+            addr,
+            socket,
+            weight,
+        })
+    }
+}
+
+/// What an endpoint's `HOST:PORT` is: an address, or a name to look up
+/// (with its port).
+pub(super) enum Target {
+    Address(SocketAddr),
+    Name(u16),
+}
+
+pub(super) fn target(addr: &str) -> Result<Target, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return if a.port() == 0 {
+            Err("port 0 is not a port to connect to".to_string())
+        } else {
+            Ok(Target::Address(a))
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("missing `:PORT`".to_string());
+    };
+    if host.is_empty() {
+        return Err("missing host".to_string());
+    }
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(format!("`{port}` is not a port (1-65535)")),
+    };
+    if host.contains('/') || host.contains(' ') {
+        return Err("not a host name (no scheme or path allowed)".to_string());
+    }
+    Ok(Target::Name(port))
+}
+
+/// An endpoint that cannot be used, in the message every such error has.
+pub(in crate::config) fn endpoint_error(addr: &str, why: &str) -> String {
+    format!("endpoint \"{addr}\": {why}")
+}
+
+pub(in crate::config) const ENDPOINT_FIX: &str =
+    "write HOST:PORT with a resolvable host, e.g. \"127.0.0.1:9001\" or \"app.internal:8080\"";
