@@ -2,6 +2,12 @@
 //! clients, and the whole per-request check (key extraction, decision,
 //! `RateLimit` header values) as the proxy runs it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed run"
+)]
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;

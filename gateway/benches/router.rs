@@ -3,6 +3,12 @@
 //! host), looked up for the last route defined, for a path-only route and
 //! for a request no route matches.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed run"
+)]
+
 use std::hint::black_box;
 use std::path::Path;
 

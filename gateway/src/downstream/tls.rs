@@ -9,6 +9,11 @@
 //! leak from a file); the in-memory session cache serves clients without
 //! tickets.
 
+#![allow(
+    unsafe_code,
+    reason = "calls BoringSSL's C API where the boring crate has no safe wrapper"
+)]
+
 use std::any::Any;
 use std::sync::Arc;
 

@@ -87,8 +87,11 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    #[allow(
+        clippy::expect_used,
+        reason = "`sniff` builds a Tunnel only when [egress] is set"
+    )]
     fn egress(&self) -> &Egress {
-        // `sniff` only builds a Tunnel when [egress] is set.
         self.rt
             .config
             .egress

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "definitions and names are constants, checked by every test that starts a gateway"
+)]
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(c.clone()))
@@ -60,6 +64,10 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "definitions and names are constants, checked by every test that starts a gateway"
+)]
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(g.clone()))
@@ -67,6 +75,10 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "definitions and names are constants, checked by every test that starts a gateway"
+)]
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(names::LATENCY_BUCKETS.to_vec());
     let h = HistogramVec::new(opts, labels).expect("metric definition is valid");
@@ -76,6 +88,10 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
 }
 
 impl Metrics {
+    #[allow(
+        clippy::expect_used,
+        reason = "definitions and names are constants, checked by every test that starts a gateway"
+    )]
     fn new() -> Self {
         let r = Registry::new();
         let scalar_gauge = |name: &str, help: &str| {

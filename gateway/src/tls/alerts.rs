@@ -9,6 +9,11 @@
 //! call that is not an alert returns at once, and an alert reads the
 //! listener's name from the context's own extra data.
 
+#![allow(
+    unsafe_code,
+    reason = "calls BoringSSL's C API where the boring crate has no safe wrapper"
+)]
+
 use std::os::raw::c_int;
 use std::sync::OnceLock;
 

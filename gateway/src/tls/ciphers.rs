@@ -16,6 +16,11 @@
 //! BoringSSL's default. On a host without AES instructions BoringSSL's own
 //! order (ChaCha20 first) is left alone. TLS 1.2 suites are unchanged.
 
+#![allow(
+    unsafe_code,
+    reason = "calls BoringSSL's C API where the boring crate has no safe wrapper"
+)]
+
 use boring::error::ErrorStack;
 use boring::ssl::{ClientHello, SslContextBuilder, SslRef};
 use foreign_types::ForeignTypeRef;

@@ -10,6 +10,11 @@
 //! and key on the connection did. `boring` does not wrap credentials, hence
 //! the FFI here.
 
+#![allow(
+    unsafe_code,
+    reason = "calls BoringSSL's C API where the boring crate has no safe wrapper"
+)]
+
 use std::ptr::NonNull;
 
 use boring::error::ErrorStack;

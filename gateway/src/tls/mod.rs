@@ -7,6 +7,11 @@
 //! [`ciphers`] and the BoringSSL form of a certificate it serves in
 //! [`credential`]; the files behind `[certs]` are watched by [`store`].
 
+#![allow(
+    unsafe_code,
+    reason = "calls BoringSSL's C API where the boring crate has no safe wrapper"
+)]
+
 pub mod alerts;
 pub mod ciphers;
 pub mod credential;

@@ -3,6 +3,12 @@
 //! Prometheus started by the tests ([`support`]). One binary links once and
 //! shares the harness; a module per area.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed run"
+)]
+
 mod support;
 
 mod authz;

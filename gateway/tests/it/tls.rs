@@ -3,6 +3,11 @@
 //! (required, optional, wrong CA, expired), identity forwarding and rate
 //! limiting by identity, certificate reload, and an mTLS mesh pair.
 
+#![allow(
+    unsafe_code,
+    reason = "TLS clients set what the boring crate has no safe call for"
+)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

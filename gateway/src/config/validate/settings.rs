@@ -112,6 +112,10 @@ impl Validator {
         }
     }
 
+    #[allow(
+        clippy::expect_used,
+        reason = "a constant, parsed by the defaults test"
+    )]
     pub(super) fn admin(&mut self, raw: RawAdmin) -> Admin {
         let default: SocketAddr = DEFAULT_ADMIN_LISTEN
             .parse()

@@ -2,6 +2,11 @@
 //! meshgate itself uses): CAs and leaf certificates made per test, with DNS
 //! and URI (SPIFFE) SANs, ECDSA or RSA keys, expired or not.
 
+#![allow(
+    unsafe_code,
+    reason = "TLS clients set what the boring crate has no safe call for"
+)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
