@@ -11,6 +11,7 @@ pub mod head;
 pub mod hello;
 pub mod keepalive;
 pub mod pending;
+mod probe;
 pub mod tls;
 pub mod tunnel;
 
