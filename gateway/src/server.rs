@@ -17,7 +17,7 @@ use crate::admin::AdminApp;
 use crate::config::model::{AccessLogFormat, Config};
 use crate::config::Loaded;
 use crate::downstream::admission::Admission;
-use crate::proxy::Gateway;
+use crate::proxy::Proxy;
 use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Sink};
@@ -123,7 +123,7 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
 
     let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
-        Gateway::new(runtime.clone(), tracing.clone()),
+        Proxy::new(runtime.clone(), tracing.clone()),
     );
     let mut options = HttpServerOptions::default();
     // Plain listeners accept HTTP/1.1 and HTTP/2 with prior knowledge.

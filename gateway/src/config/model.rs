@@ -26,7 +26,7 @@ pub const DEFAULT_SESSION_TICKETS: u8 = 1;
 /// A whole, valid gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub gateway: Gateway,
+    pub gateway: GatewaySettings,
     pub admin: Admin,
     pub telemetry: Telemetry,
     /// In file order.
@@ -98,8 +98,9 @@ impl AccessLogFormat {
     }
 }
 
+/// `[gateway]`: settings of the whole process.
 #[derive(Debug, Clone)]
-pub struct Gateway {
+pub struct GatewaySettings {
     pub name: String,
     /// Worker threads for the proxy; `None` = one per core.
     pub workers: Option<usize>,

@@ -36,15 +36,15 @@ use ctx::{Failure, RequestCtx};
 use respond::refuse;
 
 /// The proxy service shared by every data-plane listener.
-pub struct Gateway {
+pub struct Proxy {
     runtime: Arc<ArcSwap<Runtime>>,
     /// `None` when tracing is off: then no span work happens at all.
     tracing: Option<Arc<Tracing>>,
 }
 
-impl Gateway {
+impl Proxy {
     pub fn new(runtime: Arc<ArcSwap<Runtime>>, tracing: Option<Arc<Tracing>>) -> Self {
-        Gateway { runtime, tracing }
+        Proxy { runtime, tracing }
     }
 }
 
@@ -210,7 +210,7 @@ async fn answer(
     Ok(true)
 }
 
-impl Gateway {
+impl Proxy {
     /// Take a snapshot of the runtime for this request, and note what the
     /// connection says about it: its listener, its TLS identity.
     fn begin(&self, session: &Session, ctx: &mut RequestCtx) -> Arc<Runtime> {
@@ -264,7 +264,7 @@ impl Gateway {
 }
 
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {

@@ -10,7 +10,7 @@ const MAX_PENDING_HEAD_BYTES: i64 = 64 * 1024 * 1024 * 1024;
 const MIN_OVERLOAD_MEMORY: u64 = 16 * 1024 * 1024;
 
 impl Validator {
-    pub(super) fn gateway(&mut self, raw: RawGateway) -> Gateway {
+    pub(super) fn gateway(&mut self, raw: RawGateway) -> GatewaySettings {
         let name = match raw.name {
             Some(n) if n.get_ref().trim().is_empty() => {
                 self.error(
@@ -100,7 +100,7 @@ impl Validator {
                     None
                 }
             });
-        Gateway {
+        GatewaySettings {
             name,
             workers,
             work_stealing: raw.work_stealing.unwrap_or(DEFAULT_WORK_STEALING),
