@@ -1,34 +1,35 @@
 //! meshgate: an HTTP gateway on Pingora, configured from one TOML file.
 //!
 //! # Layout
-//! - [`config`]: the file. `raw` (serde, the only serde structs) -> `validate`
-//!   (collects every error with file:line:col and a fix) -> `model` (plain data).
-//! - [`router`]: pure route selection for one listener (`RouteTable`).
-//! - [`upstream`]: upstream pools: weighted endpoint choice and pre-built peers.
-//! - [`ratelimit`]: keyed GCRA policies (governor, or Redis for global ones),
-//!   client IP behind trusted proxies, `RateLimit` headers.
-//! - [`authz`]: authorization policies (identity, source, method, path,
-//!   header rules; deny wins), evaluated per route.
-//! - [`egress`]: the egress allowlist: host patterns, name resolution with
-//!   pins and denied networks, CONNECT and SNI-passthrough tunnels at L4.
-//! - [`tls`]: certificates (`[certs]`, watched for changes), TLS termination
-//!   with SNI and client certificates, peer identities and their patterns.
-//! - [`runtime`]: the compiled config (routes, tables, pools) held in an
-//!   `ArcSwap`; each request takes one snapshot.
-//! - [`proxy`]: the `ProxyHttp` implementation, a thin dispatcher over the
-//!   modules above; `headers` (forwarding policy), `respond` (errors, direct
-//!   responses) and `framing` (bodies for HTTP/1.0 clients) live beside it.
-//! - [`telemetry`]: Prometheus metrics (names in one module) and access logs.
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/config`, `/metrics`);
-//!   [`admin_client`] is the command line's side of it (`meshgate health`).
-//! - [`reload`]: SIGHUP reload: validate, then swap the runtime whole or keep the old one.
-//! - [`server`]: builds the pingora `Server` and runs it; [`keepalive`] is its
-//!   HTTP/1 loop, where idle connections wait for requests outside Pingora.
-//! - [`shutdown`]: the signals that stop the process; SIGTERM's
-//!   `shutdown_delay`, when `/readyz` fails while listeners still accept.
-//! - [`downstream`]: client connections before the proxy: whole request heads
-//!   within their limits, and the memory budget of unfinished ones.
-//! - [`demo`]: the bundled echo upstream used by `make run`.
+//! In layers, each importing only from its own and those below it
+//! (`docs/architecture.md`; `make lint` checks it).
+//!
+//! - L0 leaf: [`types`] (host, identity and path types), [`lifecycle`]
+//!   (draining and overload flags), `telemetry::{names, metrics}`, and
+//!   [`tls`] (certificate chains and keys, peer identities, BoringSSL hooks).
+//! - L1 [`config`]: the file. `raw` (serde, the only serde structs) ->
+//!   `validate/` (a file per section; every error with file:line:col and a
+//!   fix) -> `model` (plain data), with `Material` (what the named files
+//!   hold) beside it and endpoint names looked up by `resolve`.
+//! - L2 domain: [`router`] (pure route selection for one listener),
+//!   [`authz`] (authorization policies), [`ratelimit`] (keyed GCRA
+//!   policies, local or in Redis; client IP behind trusted proxies),
+//!   [`egress`] (the egress allow list and name resolution), and
+//!   [`telemetry`]'s access log and tracing.
+//! - L3 [`runtime`]: the compiled config (route tables, upstream pools,
+//!   certificate store, limiters) held in an `ArcSwap`; each request takes
+//!   one snapshot.
+//! - L4 data plane: [`proxy`], the request stages (admission, route, policy,
+//!   body, forward, respond, observe) behind a thin `ProxyHttp`
+//!   dispatcher; [`downstream`], the connection drivers (a listener's
+//!   slots, TLS, whole request heads and their memory budget, HTTP/1
+//!   keep-alive outside Pingora, HTTP/2, egress tunnels).
+//! - L5 process: [`server`] (assembly), [`reload`] (SIGHUP: load off the
+//!   workers, swap the runtime whole or keep the old one), [`admin`]
+//!   (`/healthz`, `/readyz`, `/config`, `/metrics`) and [`admin_client`]
+//!   (`meshgate health`), [`shutdown`] (signals, SIGTERM's drain),
+//!   [`background`] (key eviction, certificate watch, overload), [`demo`]
+//!   (the echo upstream of `make run`).
 
 pub mod admin;
 pub mod admin_client;

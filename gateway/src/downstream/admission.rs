@@ -9,7 +9,7 @@
 //! where clients wait (or time out) as they would for any busy server,
 //! instead of being accepted and reset.
 //!
-//! Under memory overload ([`super::overload`]) new connections are refused.
+//! Under memory overload (`[gateway] overload`, [`crate::lifecycle::overloaded`]) new connections are refused.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -14,7 +14,7 @@
 //!   was forwarded is not forwarded (the proxy asks
 //!   [`crate::proxy::conn::client_cancelled`]);
 //! - SETTINGS and PING frames from the client are capped the same way
-//!   ([`FrameCaps`]): a flood of them gets `ENHANCE_YOUR_CALM`.
+//!   (`FrameCaps`): a flood of them gets `ENHANCE_YOUR_CALM`.
 //!
 //! Each stream is served by the proxy as Pingora's loop would, in a task
 //! of its own, with the connection's state in a task-local so that the

@@ -38,7 +38,7 @@
 //! unfinished heads ([`super::pending`]), which cuts the oldest.
 //!
 //! The waits are bounded by one timer per connection, not one per request
-//! ([`IdleTimer`]): a busy connection sets one about once per
+//! (`IdleTimer`): a busy connection sets one about once per
 //! `idle_timeout`.
 
 use std::future::Future;

@@ -26,7 +26,7 @@ use crate::telemetry::metrics::metrics;
 
 use super::limiter::Decision;
 
-/// GCRA over microseconds. KEYS[1]: the key. ARGV: emission interval (µs,
+/// GCRA over microseconds. `KEYS[1]`: the key. ARGV: emission interval (µs,
 /// may be fractional), burst, units wanted. Returns {granted, remaining,
 /// retry_after_us (until the next unit), full_in_us}. The stored time is
 /// written with `%.3f` because Lua's default formatting keeps only 14

@@ -1,7 +1,6 @@
 //! What meshgate exports about the traffic it sees: Prometheus metrics
 //! ([`metrics`], names in [`names`]), access logs ([`access_log`]) and
-//! OpenTelemetry traces ([`tracing`]). The per-connection wrappers live here
-//! too: [`connections`] (open connections, `max_connections`). The
+//! OpenTelemetry traces ([`tracing`]). The
 //! process's own log (stderr) is set up in [`process_log`].
 
 pub mod access_log;

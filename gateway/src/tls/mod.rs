@@ -2,10 +2,11 @@
 //! names a certificate serves, peer identities (SPIFFE URI SAN or DNS SAN)
 //! and the patterns that match them.
 //!
-//! The listener side (SNI selection, client auth) is in [`listener`], its
-//! count of failed handshakes in [`alerts`], its TLS 1.3 cipher order in
-//! [`ciphers`] and the BoringSSL form of a certificate it serves in
-//! [`credential`]; the files behind `[certs]` are watched by [`store`].
+//! The listener side (SNI selection, client auth) is in
+//! [`crate::downstream::tls`], its count of failed handshakes in
+//! [`alerts`], its TLS 1.3 cipher order in [`ciphers`] and the BoringSSL
+//! form of a certificate it serves in [`credential`]; the files behind
+//! `[certs]` are held by [`crate::runtime::certs`].
 
 #![allow(
     unsafe_code,
