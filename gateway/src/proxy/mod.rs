@@ -652,50 +652,7 @@ impl ProxyHttp for Proxy {
         }
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);
-        // `RUST_LOG=meshgate=debug`: one line per request, whatever the
-        // access log's setting.
-        if log::log_enabled!(log::Level::Debug) {
-            let req = session.req_header();
-            log::debug!(
-                "request request_id={} listener={} route={} upstream={} method={} path={} status={} duration_ms={:.3}",
-                ctx.request_id,
-                ctx.listener_name().unwrap_or("-"),
-                ctx.route_name().unwrap_or("-"),
-                ctx.upstream_name().unwrap_or("-"),
-                req.method,
-                req.uri.path(),
-                session.response_written().map_or(0, |r| r.status.as_u16()),
-                ctx.started.elapsed().as_secs_f64() * 1000.0
-            );
-        }
-        // Client errors (404, 400) are visible in metrics and the access log;
-        // the log proper carries what an operator must look at.
-        // A client that hung up is its own business; log what failed on the
-        // gateway's or the upstream's side.
-        // A Redis outage under on_error = "deny" is logged once by the rate
-        // limiter, not once per refused request.
-        // A failure meshgate classified decides by its status (a 413 the
-        // body filter raised is the client's); an unclassified error by
-        // where it came from.
-        let log_it = match ctx.failure {
-            Some(f) => f.status() >= 500 && f != Failure::RateLimitUnavailable,
-            None => e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream),
-        };
-        if log_it {
-            let req = session.req_header();
-            log::warn!(
-                "request failed: request_id={} listener={} route={} upstream={} method={} path={} status={} reason={} error={}",
-                ctx.request_id,
-                ctx.listener_name().unwrap_or("-"),
-                ctx.route_name().unwrap_or("-"),
-                ctx.upstream_name().unwrap_or("-"),
-                req.method,
-                req.uri.path(),
-                session.response_written().map_or(0, |r| r.status.as_u16()),
-                ctx.failure.map_or("-", |f| f.message()),
-                e.map_or_else(|| "-".to_string(), |e| e.to_string())
-            );
-        }
+        observe::process_log(session, e, ctx);
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {

@@ -343,3 +343,60 @@ fn version_str(v: http::Version) -> &'static str {
         _ => "HTTP/?",
     }
 }
+
+/// The process log's lines for a request: with `RUST_LOG=meshgate=debug`
+/// one per request, whatever the access log's setting; a warning for what
+/// an operator must look at.
+pub fn process_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    // `RUST_LOG=meshgate=debug`: one line per request, whatever the
+    // access log's setting.
+    if log::log_enabled!(log::Level::Debug) {
+        log::debug!(
+            "request {} duration_ms={:.3}",
+            Named(session, ctx),
+            ctx.started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    // Client errors (404, 400) are visible in metrics and the access log;
+    // the log proper carries what an operator must look at.
+    // A client that hung up is its own business; log what failed on the
+    // gateway's or the upstream's side.
+    // A Redis outage under on_error = "deny" is logged once by the rate
+    // limiter, not once per refused request.
+    // A failure meshgate classified decides by its status (a 413 the
+    // body filter raised is the client's); an unclassified error by
+    // where it came from.
+    let log_it = match ctx.failure {
+        Some(f) => f.status() >= 500 && f != Failure::RateLimitUnavailable,
+        None => e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream),
+    };
+    if log_it {
+        log::warn!(
+            "request failed: {} reason={} error={}",
+            Named(session, ctx),
+            ctx.failure.map_or("-", |f| f.message()),
+            e.map_or_else(|| "-".to_string(), |e| e.to_string())
+        );
+    }
+}
+
+/// What both of a request's process-log lines name it by.
+struct Named<'a>(&'a Session, &'a RequestCtx);
+
+impl std::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Named(session, ctx) = self;
+        let req = session.req_header();
+        write!(
+            f,
+            "request_id={} listener={} route={} upstream={} method={} path={} status={}",
+            ctx.request_id,
+            ctx.listener_name().unwrap_or("-"),
+            ctx.route_name().unwrap_or("-"),
+            ctx.upstream_name().unwrap_or("-"),
+            req.method,
+            req.uri.path(),
+            session.response_written().map_or(0, |r| r.status.as_u16()),
+        )
+    }
+}
