@@ -95,9 +95,7 @@ def main() -> int:
     for module, path in files.items():
         text = strip_comments(path.read_text())
         text = re.split(r"#\[cfg\(test\)\]\s*mod tests\b", text)[0]
-        is_mod_file = path.name == "mod.rs" or module == "lib"
         here = module.split("::") if module != "lib" else []
-        parent = here if is_mod_file else here[:-1]
         refs = []
         for m in re.finditer(r"\b(crate|super|self)((?:::\w+)+)(::\{([^}]*)\})?", text):
             root, rest, group = m.group(1), m.group(2), m.group(4)
@@ -105,12 +103,14 @@ def main() -> int:
             if root == "crate":
                 base = []
             elif root == "super":
-                base = list(parent[:-1])
+                # `super` is the module above this one, whether this one
+                # is a `mod.rs` or a plain file.
+                base = here[:-1]
                 while segs and segs[0] == "super":
                     segs.pop(0)
                     base = base[:-1]
             else:
-                base = list(parent) if is_mod_file else list(here)
+                base = list(here)
             refs.append(base + segs)
             for item in (group or "").split(","):
                 item = item.strip().split(" ")[0]

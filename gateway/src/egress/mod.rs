@@ -170,6 +170,27 @@ impl Egress {
     }
 }
 
+/// The port a plain-HTTP egress request goes to when its target names none.
+pub const DEFAULT_PORT: u16 = 443;
+
+/// An allowed destination of a plain-HTTP egress request, resolved.
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+impl Target {
+    /// The `Host` the destination is sent.
+    pub fn host_header(&self) -> String {
+        if self.port == DEFAULT_PORT {
+            self.host.clone()
+        } else {
+            destination(&self.host, self.port)
+        }
+    }
+}
+
 /// `host:port` for logs, labels and error bodies.
 pub fn destination(host: &str, port: u16) -> String {
     format!("{host}:{port}")

@@ -126,7 +126,7 @@ pub struct RequestCtx {
     /// The body was read whole before forwarding (`buffer_request_body`).
     pub body_buffered: bool,
     /// An allowed egress destination (egress listener, no route matched).
-    pub egress: Option<Arc<super::egress::EgressTarget>>,
+    pub egress: Option<Arc<crate::egress::Target>>,
 }
 
 impl RequestCtx {
@@ -177,7 +177,7 @@ impl RequestCtx {
 
     pub fn upstream_name(&self) -> Option<&str> {
         if self.egress.is_some() {
-            return Some(super::egress::EGRESS_UPSTREAM);
+            return Some(crate::telemetry::names::EGRESS_UPSTREAM);
         }
         let rt = self.runtime.as_ref()?;
         rt.upstreams.get(self.upstream?).map(|u| u.name.as_str())

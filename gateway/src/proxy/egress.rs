@@ -2,7 +2,6 @@
 //! matched goes to the host it names, if `[egress.allow]` lets it, over TLS
 //! that meshgate originates and verifies.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,35 +19,16 @@ use super::headers::Fields;
 use super::respond;
 use crate::config::model::Egress;
 use crate::egress::resolve::ResolveError;
-use crate::egress::{destination, record, split_authority, Denial, Mode};
+use crate::egress::{record, split_authority, Denial, Mode, Target};
 use crate::runtime::Runtime;
 
 /// The `upstream` label and log value of egress requests (not a valid
 /// upstream name, so it cannot collide with one).
-pub use crate::telemetry::names::EGRESS_UPSTREAM;
+use crate::telemetry::names::EGRESS_UPSTREAM;
 /// Port TLS is originated to when the request names none: the client spoke
 /// plain HTTP to meshgate, the destination gets HTTPS.
-const DEFAULT_PORT: u16 = 443;
 /// Addresses of one name tried for a request, at most.
 const MAX_ATTEMPTS: usize = 3;
-
-/// An allowed egress destination, resolved.
-pub struct EgressTarget {
-    pub host: String,
-    pub port: u16,
-    pub addrs: Vec<SocketAddr>,
-}
-
-impl EgressTarget {
-    /// The `Host` the destination is sent.
-    fn host_header(&self) -> String {
-        if self.port == DEFAULT_PORT {
-            self.host.clone()
-        } else {
-            destination(&self.host, self.port)
-        }
-    }
-}
 
 /// Record the decision on `dest` (see [`crate::egress::record`]).
 fn record_for(session: &Session, ctx: &RequestCtx, dest: &str, denial: Option<Denial>) {
@@ -73,7 +53,7 @@ pub async fn route(
     let Some((raw_host, port)) = split_authority(authority) else {
         return refuse(session, ctx, "-", Denial::Malformed).await;
     };
-    let port = port.unwrap_or(DEFAULT_PORT);
+    let port = port.unwrap_or(crate::egress::DEFAULT_PORT);
     let (host, dest) = match egress.admit(raw_host, port) {
         Ok(admitted) => admitted,
         Err((dest, d)) => return refuse(session, ctx, &dest, d).await,
@@ -98,7 +78,7 @@ pub async fn route(
     };
     record_for(session, ctx, &dest, None);
     ctx.deadline = ctx.started.checked_add(egress.timeout);
-    ctx.egress = Some(Arc::new(EgressTarget { host, port, addrs }));
+    ctx.egress = Some(Arc::new(Target { host, port, addrs }));
     Ok(false)
 }
 
@@ -141,14 +121,14 @@ async fn refuse(
 }
 
 /// How many connection attempts a request gets: one per address, capped.
-pub fn attempts(target: &EgressTarget) -> usize {
+pub fn attempts(target: &Target) -> usize {
     target.addrs.len().clamp(1, MAX_ATTEMPTS)
 }
 
 /// The peer for attempt `attempt` (0-based): TLS to the next address, with
 /// the destination's name as SNI and as the name its certificate must carry.
 pub fn peer(
-    target: &EgressTarget,
+    target: &Target,
     egress: &Egress,
     material: &crate::config::Material,
     attempt: usize,
@@ -179,7 +159,7 @@ pub fn peer(
 /// The request as the destination gets it: origin-form target, its own
 /// `Host`, no proxy credentials. meshgate adds no forwarding headers here:
 /// the destination is outside and need not learn about this machine.
-pub fn upstream_request(upstream: &mut RequestHeader, target: &EgressTarget) -> Result<()> {
+pub fn upstream_request(upstream: &mut RequestHeader, target: &Target) -> Result<()> {
     if upstream.uri.authority().is_some() {
         let pq = upstream
             .uri

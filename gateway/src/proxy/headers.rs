@@ -169,9 +169,9 @@ pub fn wire_name(name: &HeaderName) -> Option<&'static str> {
         Some("Location")
     } else if *name == header::RETRY_AFTER {
         Some("Retry-After")
-    } else if *name == super::respond::RATELIMIT_POLICY {
+    } else if *name == RATELIMIT_POLICY {
         Some("RateLimit-Policy")
-    } else if *name == super::respond::RATELIMIT {
+    } else if *name == RATELIMIT {
         Some("RateLimit")
     } else {
         None
@@ -570,6 +570,12 @@ pub fn strip_prefix(path_and_query: &str, prefix: &str) -> Option<String> {
     Some(out)
 }
 
+/// The rate-limit headers of draft-ietf-httpapi-ratelimit-headers, sent
+/// with every answer of a rate-limited route.
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,14 +746,8 @@ mod tests {
         Answer {
             status: http::StatusCode::TOO_MANY_REQUESTS,
             rate_limit: vec![
-                (
-                    super::super::respond::RATELIMIT_POLICY,
-                    HeaderValue::from_static("\"p\";q=1;w=1"),
-                ),
-                (
-                    super::super::respond::RATELIMIT,
-                    HeaderValue::from_static("\"p\";r=0;t=1"),
-                ),
+                (RATELIMIT_POLICY, HeaderValue::from_static("\"p\";q=1;w=1")),
+                (RATELIMIT, HeaderValue::from_static("\"p\";r=0;t=1")),
                 (header::RETRY_AFTER, HeaderValue::from_static("1")),
             ],
             request_id: HeaderValue::from_static("id"),

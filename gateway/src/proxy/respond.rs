@@ -300,12 +300,11 @@ pub fn rate_limit_headers(ctx: &RequestCtx) -> Vec<(header::HeaderName, HeaderVa
     let Some((policy, limit)) = &ctx.rate_limit_headers else {
         return Vec::new();
     };
-    [(RATELIMIT_POLICY, policy), (RATELIMIT, limit)]
-        .into_iter()
-        .filter_map(|(n, v)| HeaderValue::from_str(v).ok().map(|v| (n, v)))
-        .collect()
+    [
+        (super::headers::RATELIMIT_POLICY, policy),
+        (super::headers::RATELIMIT, limit),
+    ]
+    .into_iter()
+    .filter_map(|(n, v)| HeaderValue::from_str(v).ok().map(|v| (n, v)))
+    .collect()
 }
-
-pub const RATELIMIT_POLICY: header::HeaderName =
-    header::HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
