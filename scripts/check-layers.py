@@ -8,7 +8,10 @@ read from the code as text: `crate::a::b` paths (in `use` lines and inline)
 and `super::`/`self::` paths, comments left out. Test code (`tests.rs` and `tests/`
 files, and `#[cfg(test)] mod tests` at a file's end) may use any layer.
 
-Exit status 1 with every violation listed; 0 with a one-line summary.
+Before it looks at the crate it checks itself on a small made-up one (a
+use of a layer above, a circle of `super::` uses), so it cannot pass by
+seeing nothing. Exit status 1 with every violation listed; 0 with a
+one-line summary.
 """
 
 import re
@@ -52,8 +55,8 @@ LAYERS = {
 NAMES = ["L0 leaf", "L1 config", "L2 domain", "L3 runtime", "L4 data plane", "L5 process"]
 
 
-def module_of(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
+def module_of(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
     if parts[-1] == "mod":
         parts.pop()
     return "::".join(parts) or "lib"
@@ -73,11 +76,12 @@ def strip_comments(text: str) -> str:
     return "\n".join(line.split("//", 1)[0] for line in text.splitlines())
 
 
-def main() -> int:
+def check(src: Path) -> list:
+    """Every breach of the rule in the crate at `src`, and the summary line."""
     files = {
-        module_of(p): p
-        for p in SRC.rglob("*.rs")
-        if p.name != "tests.rs" and "tests" not in p.relative_to(SRC).parts[:-1]
+        module_of(p, src): p
+        for p in src.rglob("*.rs")
+        if p.name != "tests.rs" and "tests" not in p.relative_to(src).parts[:-1]
     }
     # `main.rs` is the binary: it uses the library as `meshgate::`.
     files.pop("main", None)
@@ -126,7 +130,7 @@ def main() -> int:
         for b in sorted(targets):
             la, lb = layer_of(a), layer_of(b)
             if lb > la:
-                problems.append(f"{files[a].relative_to(SRC.parent.parent)}: `{a}` ({NAMES[la]}) uses `{b}` ({NAMES[lb]}), a layer above it")
+                problems.append(f"{files[a].relative_to(src.parent.parent)}: `{a}` ({NAMES[la]}) uses `{b}` ({NAMES[lb]}), a layer above it")
 
     # Circles: strongly connected components of more than one file.
     index, low, stack, on, sccs = {}, {}, [], set(), []
@@ -162,13 +166,42 @@ def main() -> int:
         ties = [f"{a} -> {b}" for a in comp for b in sorted(edges[a]) if b in comp]
         problems.append(f"a circle of {len(comp)} modules: {', '.join(comp)} ({'; '.join(ties)})")
 
+    n = sum(len(t) for t in edges.values())
+    return problems, f"{len(files)} modules, {n} uses, every one down or across a layer, no circle"
+
+
+def self_test() -> None:
+    """The check finds what it is for: a use of a layer above, and a circle
+    made of `super::` uses between plain files."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "gateway" / "src"
+        for name, text in {
+            "lib.rs": "pub mod proxy;\npub mod router;\n",
+            "router/mod.rs": "use crate::proxy::ctx::RequestCtx;\n",
+            "proxy/mod.rs": "mod ctx;\nmod egress;\n",
+            "proxy/ctx.rs": "pub struct RequestCtx(super::egress::Target);\n",
+            "proxy/egress.rs": "use super::ctx::RequestCtx;\npub struct Target;\n",
+        }.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        problems, _ = check(src)
+    above = [p for p in problems if "a layer above it" in p]
+    circles = [p for p in problems if p.startswith("a circle of 2 modules: proxy::ctx, proxy::egress")]
+    if len(above) != 1 or len(circles) != 1:
+        sys.exit(f"check-layers: the self-test found {problems}")
+
+
+def main() -> int:
+    self_test()
+    problems, summary = check(SRC)
     if problems:
         print("check-layers: the layer rule is broken (docs/architecture.md):")
         for p in problems:
             print("  " + p)
         return 1
-    n = sum(len(t) for t in edges.values())
-    print(f"check-layers: {len(files)} modules, {n} uses, every one down or across a layer, no circle")
+    print(f"check-layers: {summary}")
     return 0
 
 
