@@ -72,11 +72,45 @@ fn check_binds(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Pingora's message when a service cannot open its listening sockets.
+const LISTENERS_FAILED: &str = "Failed to build listeners";
+
+/// Whether a panic's message is Pingora failing to open a service's
+/// listening sockets.
+fn is_listener_failure(message: &str) -> bool {
+    message.starts_with(LISTENERS_FAILED)
+}
+
+/// A port can still be taken between [`check_binds`] and Pingora's own
+/// bind, which then panics in that service's thread only: the process
+/// would run on without the listener, and `/readyz`, which connects to its
+/// address, would be answered by whoever took the port. Such a panic ends
+/// the process instead, with the error, as a taken port does at start.
+fn exit_when_a_listener_fails() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if is_listener_failure(message) {
+            eprintln!(
+                "meshgate: cannot open a listener: {message} (is another process using the port?)"
+            );
+            std::process::exit(1);
+        }
+        previous(info);
+    }));
+}
+
 /// Start every listener and serve until a shutdown signal: SIGTERM drains
 /// (graceful), SIGINT stops at once.
 pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     let config = &loaded.config;
     check_binds(config)?;
+    exit_when_a_listener_fails();
     start_access_log(config)?;
     // Before any runtime exists: the exporter's blocking HTTP client needs that.
     let tracing = config
@@ -270,5 +304,27 @@ fn ignore_sighup_until_handled() {
         .and_then(|rt| rt.block_on(async { signal(SignalKind::hangup()).map(drop) }));
     if let Err(e) = registered {
         log::warn!("cannot register a SIGHUP handler: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingoras_listener_failure_is_recognised() {
+        // The panic Pingora raises (`.expect(...)` on the build of a
+        // service's listeners) starts with its message.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let again = std::net::TcpListener::bind(taken.local_addr().unwrap());
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            again.expect(LISTENERS_FAILED);
+        }))
+        .unwrap_err();
+        let message = caught.downcast_ref::<String>().unwrap();
+        assert!(is_listener_failure(message), "{message}");
+        assert!(!is_listener_failure(
+            "called `Option::unwrap()` on a `None` value"
+        ));
     }
 }

@@ -101,11 +101,43 @@ pub fn free_port() -> u16 {
 }
 
 /// Whether the gateway answering on `admin` is the one configured with
-/// `listen`.
-async fn is_ours(admin: SocketAddr, listen: SocketAddr) -> bool {
+/// `listen`, and process `pid` (when the config binds `listen`) holds the
+/// listening socket on it: a port handed out twice may be another test's,
+/// and `/readyz` would then be answered through it.
+async fn is_ours(admin: SocketAddr, listen: SocketAddr, pid: Option<u32>) -> bool {
     client::get(admin, "/config", &[])
         .await
         .is_ok_and(|c| c.text().contains(&format!("\"{listen}\"")))
+        && pid.is_none_or(|pid| listens_on(pid, listen))
+}
+
+/// Whether process `pid` has a socket listening on the IPv4 address
+/// `addr`: its inode in `/proc/net/tcp` among the process's descriptors.
+fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = addr else {
+        return true;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        // Listening (state 0A) on the address.
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 /// `config` with one worker thread per listener unless it sets `workers`:
@@ -190,7 +222,8 @@ impl Gateway {
                 // released port can be handed out twice; this process then
                 // fails to bind it and exits): ready only if the admin
                 // answering is this gateway's, serving this listen address.
-                if resp.status == 200 && is_ours(admin, listen).await {
+                let pid = config.contains("@LISTEN@").then(|| gw.child.id());
+                if resp.status == 200 && is_ours(admin, listen, pid).await {
                     return Ok(gw);
                 }
             }
@@ -302,4 +335,17 @@ pub fn signal(pid: u32, name: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{name} {pid} failed");
+}
+
+#[test]
+fn listens_on_tells_a_process_its_own_listening_sockets() {
+    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mine.local_addr().unwrap();
+    assert!(listens_on(std::process::id(), addr));
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    assert!(!listens_on(other.id(), addr));
+    drop(mine);
+    assert!(!listens_on(std::process::id(), addr));
+    let _ = other.kill();
+    let _ = other.wait();
 }
