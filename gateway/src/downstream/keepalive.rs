@@ -454,6 +454,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         let mut len = buf.len();
         let mut chunks = vec![buf];
         let ticket = PENDING_HEADS.register();
+        ticket.resize(chunks.iter().map(BytesMut::capacity).sum());
         // For the log line, the start is enough.
         let head = |mut chunks: Vec<BytesMut>, end| {
             chunks.truncate(1);
@@ -466,10 +467,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 Progress::UriTooLong => return head(chunks, HeadEnd::UriTooLong),
                 Progress::Blank | Progress::Partial => {}
             }
+            // Checked before each read, not only while one waits: a client
+            // that keeps sending would otherwise be read on after its cut.
+            if ticket.is_cut() {
+                return head(chunks, HeadEnd::Cut);
+            }
             if chunks.last().is_none_or(|c| c.len() == c.capacity()) {
+                let wanted = chunks.iter().map(BytesMut::capacity).sum::<usize>() + HEAD_CHUNK;
+                ticket.resize(wanted);
+                // Heads the budget cut free their buffers when their tasks
+                // next run: until then take no more, or one worker could
+                // allocate for many heads before any cut one is freed.
+                while PENDING_HEADS.over_budget() && !ticket.is_cut() {
+                    tokio::task::yield_now().await;
+                }
+                if ticket.is_cut() {
+                    return head(chunks, HeadEnd::Cut);
+                }
                 chunks.push(BytesMut::with_capacity(HEAD_CHUNK));
             }
-            ticket.resize(chunks.iter().map(BytesMut::capacity).sum());
             let Some(last) = chunks.last_mut() else {
                 return Head::Gone;
             };

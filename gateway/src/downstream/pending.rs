@@ -7,6 +7,12 @@
 //! cut (answered `408` and closed) until it fits again. Clients that send
 //! a head slowly on purpose are the oldest; a prompt client's head is young
 //! and complete before anyone looks at it.
+//!
+//! A cut head's buffers are freed only when its connection's task next
+//! runs; until then they count as condemned, and a head that wants another
+//! buffer waits while live and condemned bytes together pass the budget
+//! ([`PendingHeads::over_budget`]), so that memory, not only the count,
+//! stays within it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +24,8 @@ use tokio::sync::Notify;
 pub struct PendingHeads {
     /// Bytes held by heads not (yet) cut.
     held: AtomicUsize,
+    /// Bytes of heads cut and not yet freed.
+    condemned: AtomicUsize,
     budget: AtomicUsize,
     next: AtomicU64,
     heads: Mutex<BTreeMap<u64, Arc<Slot>>>,
@@ -42,6 +50,7 @@ impl PendingHeads {
     pub const fn new(budget: usize) -> Self {
         PendingHeads {
             held: AtomicUsize::new(0),
+            condemned: AtomicUsize::new(0),
             budget: AtomicUsize::new(budget),
             next: AtomicU64::new(0),
             heads: Mutex::new(BTreeMap::new()),
@@ -56,6 +65,17 @@ impl PendingHeads {
     /// Bytes held by unfinished heads now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of heads cut whose buffers are not yet freed.
+    pub fn condemned(&self) -> usize {
+        self.condemned.load(Ordering::Relaxed)
+    }
+
+    /// Whether live and condemned heads together hold more than the
+    /// budget: a head should take no more memory until cut ones are freed.
+    pub fn over_budget(&self) -> bool {
+        self.held() + self.condemned() > self.budget.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Slot>>> {
@@ -90,9 +110,10 @@ impl PendingHeads {
             if slot.cut.swap(true, Ordering::AcqRel) {
                 continue;
             }
-            // Its bytes are as good as freed: the connection is closing.
-            self.held
-                .fetch_sub(slot.bytes.swap(0, Ordering::AcqRel), Ordering::Relaxed);
+            // Freed when its connection next runs; counted until then.
+            let bytes = slot.bytes.load(Ordering::Acquire);
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            self.condemned.fetch_add(bytes, Ordering::Relaxed);
             slot.woken.notify_one();
             cut += 1;
         }
@@ -136,10 +157,14 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        // Out of the map, no one cuts it any more: `cut` is settled.
         self.heads.lock().remove(&self.seq);
-        self.heads
-            .held
-            .fetch_sub(self.slot.bytes.swap(0, Ordering::AcqRel), Ordering::Relaxed);
+        let bytes = self.slot.bytes.swap(0, Ordering::AcqRel);
+        if self.slot.cut.load(Ordering::Acquire) {
+            self.heads.condemned.fetch_sub(bytes, Ordering::Relaxed);
+        } else {
+            self.heads.held.fetch_sub(bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -164,6 +189,9 @@ mod tests {
         assert_eq!(young.resize(4_000), 1);
         assert!(old.is_cut() && !middle.is_cut() && !young.is_cut());
         assert_eq!(h.held(), 8_000);
+        // Its bytes stay counted until it is dropped (its buffers freed).
+        assert_eq!(h.condemned(), 4_000);
+        assert!(h.over_budget());
         // A cut head's growth is not counted again.
         assert_eq!(old.resize(9_000), 0);
         assert_eq!(h.held(), 8_000);
@@ -171,8 +199,12 @@ mod tests {
         assert_eq!(young.resize(11_000), 2);
         assert!(middle.is_cut() && young.is_cut());
         assert_eq!(h.held(), 0);
-        drop((old, middle, young));
-        assert_eq!(h.held(), 0);
+        assert_eq!(h.condemned(), 4_000 + 4_000 + 11_000);
+        drop(old);
+        assert_eq!(h.condemned(), 15_000);
+        drop((middle, young));
+        assert_eq!((h.held(), h.condemned()), (0, 0));
+        assert!(!h.over_budget());
     }
 
     #[test]
