@@ -36,6 +36,7 @@ LAYERS = {
     "authz": 2,
     "ratelimit": 2,
     "egress": 2,
+    "endpoints": 2,
     "telemetry": 2,
     # L3: the runtime: what is compiled and loaded from a config.
     "runtime": 3,

@@ -14,8 +14,9 @@
 //! - L2 domain: [`router`] (pure route selection for one listener),
 //!   [`authz`] (authorization policies), [`ratelimit`] (keyed GCRA
 //!   policies, local or in Redis; client IP behind trusted proxies),
-//!   [`egress`] (the egress allow list and name resolution), and
-//!   [`telemetry`]'s access log and tracing.
+//!   [`egress`] (the egress allow list and name resolution),
+//!   [`endpoints`] (which endpoints may get requests: outlier ejection),
+//!   and [`telemetry`]'s access log and tracing.
 //! - L3 [`runtime`]: the compiled config (route tables, upstream pools,
 //!   certificate store, limiters) held in an `ArcSwap`; each request takes
 //!   one snapshot.
@@ -39,6 +40,7 @@ pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod egress;
+pub mod endpoints;
 pub mod lifecycle;
 pub mod proxy;
 pub mod ratelimit;

@@ -611,6 +611,32 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     pub connect_retries: u32,
     pub tls: Option<UpstreamTls>,
+    /// Ejection of endpoints that keep failing; `None`: `outlier = false`.
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// `outlier = { ... }`: an endpoint that fails `consecutive_failures`
+/// times in a row gets no requests for `base_ejection`, doubled on each
+/// ejection that follows soon after the last, up to `max_ejection`; at most
+/// `max_ejected_percent` of an upstream's endpoints (at least one) are out
+/// at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

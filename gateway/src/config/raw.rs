@@ -272,6 +272,51 @@ pub struct RawUpstream {
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub connect_retries: Option<Spanned<i64>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
+    pub outlier: Option<Spanned<RawOutlier>>,
+}
+
+/// `outlier = false` (or `true`), or `outlier = { ... }`.
+#[derive(Debug)]
+pub enum RawOutlier {
+    Enabled(bool),
+    Table(RawOutlierTable),
+}
+
+/// What serde's "expected ..." says for a [`RawOutlier`].
+pub const EXPECTED_OUTLIER: &str = "`false`, `true` or a table of outlier settings";
+
+impl<'de> Deserialize<'de> for RawOutlier {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawOutlier;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED_OUTLIER)
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawOutlier, E> {
+                Ok(RawOutlier::Enabled(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawOutlier, A::Error> {
+                // The table's own deserializer, so its keys keep their spans.
+                RawOutlierTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawOutlier::Table)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `outlier = { ... }` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierTable {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection: Option<Spanned<RawDuration>>,
+    pub max_ejection: Option<Spanned<RawDuration>>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
 }
 
 /// `[egress]`

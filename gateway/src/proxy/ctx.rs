@@ -99,6 +99,8 @@ pub struct RequestCtx {
     pub connected: bool,
     pub endpoint: Option<std::net::SocketAddr>,
     pub upstream_status: Option<u16>,
+    /// The current attempt's outcome was reported to its endpoint's record.
+    pub outcome_reported: bool,
     /// The client asked for a WebSocket upgrade.
     pub websocket: bool,
     /// The upstream accepted it (101): the route deadline no longer applies.
@@ -147,6 +149,7 @@ impl RequestCtx {
             connected: false,
             endpoint: None,
             upstream_status: None,
+            outcome_reported: false,
             websocket: false,
             client_cancelled: false,
             body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,

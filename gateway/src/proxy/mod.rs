@@ -28,6 +28,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::model::{Action, HeaderCase};
+use crate::endpoints::Outcome;
 use crate::router::{normalize_host, RequestParts};
 use crate::runtime::Runtime;
 use crate::telemetry::tracing::Tracing;
@@ -256,6 +257,7 @@ impl Proxy {
         ctx.connect_started = Some(now);
         ctx.connected = false;
         ctx.upstream_status = None;
+        ctx.outcome_reported = false;
         ctx.endpoint = peer._address.as_inet().copied();
         if let Some(t) = &self.tracing {
             trace::start_attempt(t, session.req_header(), ctx);
@@ -423,6 +425,11 @@ impl ProxyHttp for Proxy {
         if *e.esource() == pingora::ErrorSource::Upstream {
             observe::attempt_failed(ctx, &e);
             trace::attempt_failed(ctx, &e);
+            // A pooled connection the endpoint had closed is retried at
+            // once and says nothing about the endpoint's health.
+            if !e.retry() {
+                observe::attempt_outcome(ctx, Outcome::Failure);
+            }
         }
         e
     }
@@ -436,6 +443,7 @@ impl ProxyHttp for Proxy {
     ) -> Box<Error> {
         observe::attempt_failed(ctx, &e);
         trace::attempt_failed(ctx, &e);
+        observe::attempt_outcome(ctx, Outcome::Failure);
         // Nothing reached the upstream yet, so any method may go to another endpoint.
         let retries = match &ctx.egress {
             Some(target) => egress::attempts(target) - 1,
@@ -510,6 +518,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        observe::attempt_outcome(ctx, Outcome::of_status(resp.status.as_u16()));
         // RFC 9110 §7.8: a server switches only to a protocol the client
         // asked for, and only WebSocket upgrades are forwarded; a 101 to
         // anything else would turn the connection into a raw tunnel.

@@ -9,6 +9,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use super::ctx::{Failure, RequestCtx};
+use crate::endpoints::Outcome;
 use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Entry};
 use crate::telemetry::metrics::metrics;
@@ -40,6 +41,23 @@ pub fn attempt_failed(ctx: &RequestCtx, e: &Error) {
             .upstream_errors
             .with_label_values(&[u, upstream_error_kind(e)])
             .inc();
+    }
+}
+
+/// Tell the endpoint of the current attempt how it went (outlier
+/// detection), once per attempt. Egress destinations have no record.
+pub fn attempt_outcome(ctx: &mut RequestCtx, outcome: Outcome) {
+    if ctx.outcome_reported || ctx.egress.is_some() {
+        return;
+    }
+    ctx.outcome_reported = true;
+    let pool = ctx
+        .runtime
+        .as_ref()
+        .zip(ctx.upstream)
+        .and_then(|(rt, u)| rt.upstreams.get(u));
+    if let (Some(pool), Some(&endpoint)) = (pool, ctx.tried.last()) {
+        pool.report(endpoint, outcome);
     }
 }
 

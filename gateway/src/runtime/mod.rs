@@ -108,8 +108,18 @@ impl Runtime {
         let upstreams: Vec<UpstreamPool> = config
             .upstreams
             .iter()
-            .map(|u| UpstreamPool::build(u, &material))
+            .map(|u| {
+                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
+                UpstreamPool::build(u, &material, old)
+            })
             .collect();
+        for gone in previous
+            .iter()
+            .flat_map(|p| &p.upstreams)
+            .filter(|o| !upstreams.iter().any(|u| u.name == o.name))
+        {
+            crate::telemetry::metrics::UpstreamSeries::forget(&gone.name);
+        }
         let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
         let routes = config
             .routes

@@ -1,9 +1,12 @@
 //! Upstream pools: endpoint choice (weighted round robin, from
-//! pingora-load-balancing) and the peer each request connects to.
+//! pingora-load-balancing, over the endpoints outlier detection has not
+//! ejected) and the peer each request connects to.
 
 use crate::config::Material;
 use std::any::Any;
+use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +17,8 @@ use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::model::{Upstream, UpstreamProtocol, UpstreamTls};
+use crate::endpoints::outlier::{self, Change};
+use crate::endpoints::{Now, Outcome};
 use crate::types::identity::IdentityPattern;
 
 /// The identities (URI and DNS SANs) an upstream's certificate carries,
@@ -34,6 +39,10 @@ pub struct UpstreamPool {
     balancer: LoadBalancer<RoundRobin>,
     /// Peers built once at load; a request clones one and sets its deadline.
     peers: Vec<HttpPeer>,
+    /// Each endpoint's address, parallel to `peers`.
+    sockets: Vec<SocketAddr>,
+    /// `None` with `outlier = false`.
+    outlier: Option<outlier::Upstream>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -44,7 +53,9 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    pub fn build(u: &Upstream, material: &Material) -> Self {
+    /// `previous`: the pool of the same name in the config being
+    /// replaced; its endpoints that stay keep their outlier records.
+    pub fn build(u: &Upstream, material: &Material, previous: Option<&UpstreamPool>) -> Self {
         let mut backends = BTreeSet::new();
         let mut peers = Vec::with_capacity(u.endpoints.len());
         for (i, e) in u.endpoints.iter().enumerate() {
@@ -79,11 +90,26 @@ impl UpstreamPool {
         let balancer = LoadBalancer::from_backends(Backends::new(Static::new(backends)));
         // Static discovery completes at once; this only fills the selector.
         let _ = futures_lite_now(balancer.update());
-        UpstreamPool {
+        let sockets: Vec<SocketAddr> = u.endpoints.iter().map(|e| e.socket).collect();
+        let outlier = u.outlier.map(|policy| {
+            let mut kept = vec![false; previous.map_or(0, |p| p.sockets.len())];
+            let records = sockets
+                .iter()
+                .map(|addr| {
+                    previous
+                        .and_then(|p| p.record_at(*addr, &mut kept))
+                        .unwrap_or_default()
+                })
+                .collect();
+            outlier::Upstream::new(policy, records)
+        });
+        let pool = UpstreamPool {
             series: crate::telemetry::metrics::UpstreamSeries::new(&u.name),
             name: u.name.clone(),
             balancer,
             peers,
+            sockets,
+            outlier,
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -92,7 +118,18 @@ impl UpstreamPool {
                 .as_ref()
                 .and_then(|t| t.client.as_ref())
                 .map(|_| crate::runtime::certs::upstream_slot(&u.name)),
-        }
+        };
+        pool.count_states(&mut Now::default());
+        pool
+    }
+
+    /// The outlier record of the endpoint at `addr` not taken yet.
+    fn record_at(&self, addr: SocketAddr, taken: &mut [bool]) -> Option<Arc<outlier::Endpoint>> {
+        let o = self.outlier.as_ref()?;
+        let i = (0..self.sockets.len())
+            .find(|&i| self.sockets[i] == addr && !taken.get(i).copied().unwrap_or(true))?;
+        taken[i] = true;
+        o.endpoint(i).cloned()
     }
 
     /// Whether an established connection's peer is who `tls.verify` asks
@@ -123,30 +160,103 @@ impl UpstreamPool {
         }
     }
 
-    /// Pick an endpoint, avoiding those in `tried` while others remain. The
-    /// peer's read timeout is capped by `remaining` (the route's deadline).
+    /// Pick an endpoint: one that is usable (not ejected) and not in
+    /// `tried`; else one usable; else, none being usable, one not tried;
+    /// else any. The peer's read timeout is capped by `remaining` (the
+    /// route's deadline).
     pub fn select(&self, tried: &[usize], remaining: Duration) -> Option<(usize, HttpPeer)> {
-        let pick = |avoid: bool| {
-            self.balancer
-                .select_with(b"", self.peers.len().max(1) * 4, |b, _healthy| {
-                    !avoid
-                        || b.ext
-                            .get::<EndpointIndex>()
-                            .is_some_and(|i| !tried.contains(&i.0))
-                })
-        };
-        // One endpoint: the balancer would return it whatever was tried
-        // (the second pick), so skip its hashing and `Backend` clone.
+        // One endpoint: there is no other to send to, ejected or not.
         let idx = if self.peers.len() == 1 {
             0
         } else {
-            let backend = pick(true).or_else(|| pick(false))?;
-            backend.ext.get::<EndpointIndex>()?.0
+            self.choose(tried)?
         };
         let mut peer = self.peers.get(idx)?.clone();
         peer.options.read_timeout = Some(self.read_timeout.min(remaining));
         peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
         Some((idx, peer))
+    }
+
+    fn choose(&self, tried: &[usize]) -> Option<usize> {
+        let now = RefCell::new(Now::default());
+        let usable = |i: usize| self.usable(i, &mut now.borrow_mut());
+        let pick = |accept: &dyn Fn(usize) -> bool| {
+            self.balancer
+                .select_with(b"", self.peers.len() * 4, |b, _healthy| {
+                    b.ext.get::<EndpointIndex>().is_some_and(|i| accept(i.0))
+                })
+                .and_then(|b| b.ext.get::<EndpointIndex>().map(|i| i.0))
+        };
+        pick(&|i| !tried.contains(&i) && usable(i))
+            .or_else(|| pick(&usable))
+            .or_else(|| pick(&|i| !tried.contains(&i)))
+            .or_else(|| pick(&|_| true))
+    }
+
+    /// Whether endpoint `i` may get requests now; an ejection that has run
+    /// its time ends here.
+    fn usable(&self, i: usize, now: &mut Now) -> bool {
+        let Some(o) = &self.outlier else {
+            return true;
+        };
+        let (usable, change) = o.usable(i, now);
+        if change == Some(Change::Back) {
+            log::info!(
+                "upstream `{}` endpoint {} is back from ejection",
+                self.name,
+                self.sockets
+                    .get(i)
+                    .map_or(String::new(), ToString::to_string)
+            );
+            self.count_states(now);
+        }
+        usable
+    }
+
+    /// Count how an attempt at endpoint `i` ended; `outlier` may eject it.
+    pub fn report(&self, i: usize, outcome: Outcome) {
+        let Some(o) = &self.outlier else {
+            return;
+        };
+        let mut now = Now::default();
+        let addr = || {
+            self.sockets
+                .get(i)
+                .map_or(String::new(), ToString::to_string)
+        };
+        match o.report(i, outcome, &mut now) {
+            None | Some(Change::Back) => {}
+            Some(Change::Ejected { until, times }) => {
+                let time = until.saturating_duration_since(now.get());
+                log::warn!(
+                    "upstream `{}` endpoint {} ejected for {} after failing {} times in a row{}",
+                    self.name,
+                    addr(),
+                    humantime::format_duration(Duration::from_secs(time.as_secs().max(1))),
+                    o.policy().consecutive_failures,
+                    if times > 1 {
+                        format!(" (ejection {times} in a row)")
+                    } else {
+                        String::new()
+                    }
+                );
+                self.series.ejections().inc();
+                self.count_states(&mut now);
+            }
+            Some(Change::AtLimit) => log::warn!(
+                "upstream `{}` endpoint {} keeps failing but stays in: max_ejected_percent = {} of the endpoints are ejected already",
+                self.name,
+                addr(),
+                o.policy().max_ejected_percent
+            ),
+        }
+    }
+
+    /// `meshgate_upstream_endpoints` for this upstream.
+    fn count_states(&self, now: &mut Now) {
+        let ejected = self.outlier.as_ref().map_or(0, |o| o.ejected(now.get()));
+        self.series
+            .set_endpoints([self.peers.len() - ejected, ejected]);
     }
 
     pub fn endpoint_count(&self) -> usize {

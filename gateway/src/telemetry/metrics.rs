@@ -32,6 +32,8 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_retries: IntCounterVec,
+    pub upstream_ejections: IntCounterVec,
+    pub upstream_endpoints: IntGaugeVec,
     pub rate_limit_decisions: IntCounterVec,
     pub rate_limit_keys: IntGaugeVec,
     pub rate_limit_backend_duration: Histogram,
@@ -130,6 +132,8 @@ impl Metrics {
             upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
+            upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
+            upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy (gets requests), ejected (by outlier detection).", &[UPSTREAM, STATE]),
             rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, backend_error).", &[POLICY, OUTCOME]),
             rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s); for a global policy, keys with a cached decision.", &[POLICY]),
             rate_limit_backend_duration: histogram(&r, names::RATE_LIMIT_BACKEND_DURATION_SECONDS, "Time of each answered Redis call made for global rate limits.", &[]).with_label_values(&[] as &[&str]),
@@ -294,6 +298,7 @@ pub struct UpstreamSeries {
     duration: OnceLock<Histogram>,
     /// New, reused.
     connections: [OnceLock<IntCounter>; 2],
+    ejections: OnceLock<IntCounter>,
 }
 
 impl UpstreamSeries {
@@ -303,6 +308,35 @@ impl UpstreamSeries {
             requests: std::array::from_fn(|_| OnceLock::new()),
             duration: OnceLock::new(),
             connections: std::array::from_fn(|_| OnceLock::new()),
+            ejections: OnceLock::new(),
+        }
+    }
+
+    pub fn ejections(&self) -> &IntCounter {
+        self.ejections.get_or_init(|| {
+            metrics()
+                .upstream_ejections
+                .with_label_values(&[&self.upstream])
+        })
+    }
+
+    /// `meshgate_upstream_endpoints`: how many endpoints are in each of
+    /// `names::ENDPOINT_STATES`, in that order.
+    pub fn set_endpoints(&self, counts: [usize; names::ENDPOINT_STATES.len()]) {
+        for (state, n) in names::ENDPOINT_STATES.iter().zip(counts) {
+            metrics()
+                .upstream_endpoints
+                .with_label_values(&[&*self.upstream, state])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Drop the series of an upstream the config no longer has.
+    pub fn forget(upstream: &str) {
+        for state in names::ENDPOINT_STATES {
+            let _ = metrics()
+                .upstream_endpoints
+                .remove_label_values(&[upstream, state]);
         }
     }
 

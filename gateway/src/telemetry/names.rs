@@ -24,6 +24,8 @@ pub const UPSTREAM_CONNECT_DURATION_SECONDS: &str = "meshgate_upstream_connect_d
 pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "meshgate_upstream_connections_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "meshgate_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
+pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
+pub const UPSTREAM_ENDPOINTS: &str = "meshgate_upstream_endpoints";
 
 pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "meshgate_rate_limit_decisions_total";
 pub const RATE_LIMIT_KEYS: &str = "meshgate_rate_limit_keys";
@@ -52,6 +54,8 @@ pub const BUILD_INFO: &str = "meshgate_build_info";
 
 /// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
 pub const EGRESS_UPSTREAM: &str = "(egress)";
+/// The `state` label values of `meshgate_upstream_endpoints`.
+pub const ENDPOINT_STATES: [&str; 2] = ["healthy", "ejected"];
 /// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.
 pub const RATE_LIMIT_BACKEND_ERROR_KINDS: [&str; 3] = ["timeout", "unavailable", "error"];
 
@@ -66,6 +70,7 @@ pub mod label {
     pub const KIND: &str = "kind";
     pub const REUSED: &str = "reused";
     pub const RESULT: &str = "result";
+    pub const STATE: &str = "state";
     pub const VERSION: &str = "version";
     pub const CONFIG_HASH: &str = "config_hash";
     pub const POLICY: &str = "policy";

@@ -15,6 +15,7 @@ mod authz;
 mod cli;
 mod deploy;
 mod egress;
+mod endpoints;
 mod errors;
 mod global_ratelimit;
 mod limits;

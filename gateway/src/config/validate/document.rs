@@ -276,6 +276,10 @@ pub(super) fn explain_type(key: Option<&str>, found: &str, expected: &str) -> (S
                 _ => format!("write a duration such as {k} = \"30s\" or \"500ms\""),
             },
         ),
+        e if e.starts_with(crate::config::raw::EXPECTED_OUTLIER) => (
+            "`false`, `true` or a table".to_string(),
+            format!("write {k} = false to turn it off, or {k} = {{ consecutive_failures = 5 }}"),
+        ),
         "a string" => (
             "a string, in quotes".to_string(),
             if literal.is_empty() {

@@ -4,6 +4,7 @@
 use super::*;
 
 const MAX_CONNECT_RETRIES: i64 = 10;
+const MAX_CONSECUTIVE_FAILURES: i64 = 1000;
 
 impl Validator {
     pub(super) fn upstream(&mut self, name: Spanned<String>, u: RawUpstream) -> Option<Upstream> {
@@ -94,6 +95,7 @@ impl Validator {
                 DEFAULT_CONNECT_RETRIES
             }
         };
+        let outlier = self.outlier(&n, u.outlier.as_ref());
         Some(Upstream {
             name: n,
             endpoints,
@@ -104,6 +106,90 @@ impl Validator {
             idle_timeout,
             connect_retries,
             tls,
+            outlier,
+        })
+    }
+
+    /// `outlier`: on with its defaults unless `false`.
+    fn outlier(
+        &mut self,
+        upstream: &str,
+        o: Option<&Spanned<RawOutlier>>,
+    ) -> Option<OutlierDetection> {
+        let defaults = OutlierDetection::default();
+        let t = match o.map(Spanned::get_ref) {
+            None | Some(RawOutlier::Enabled(true)) => return Some(defaults),
+            Some(RawOutlier::Enabled(false)) => return None,
+            Some(RawOutlier::Table(t)) => t,
+        };
+        let key = |k: &str| format!("upstreams.{upstream}.outlier.{k}");
+        let consecutive_failures = match &t.consecutive_failures {
+            None => defaults.consecutive_failures,
+            Some(c) if (1..=MAX_CONSECUTIVE_FAILURES).contains(c.get_ref()) => *c.get_ref() as u32,
+            Some(c) => {
+                self.error(
+                    c.span(),
+                    format!(
+                        "{} = {} is out of range",
+                        key("consecutive_failures"),
+                        c.get_ref()
+                    ),
+                    format!(
+                        "use 1..={MAX_CONSECUTIVE_FAILURES}, or outlier = false to never eject"
+                    ),
+                );
+                defaults.consecutive_failures
+            }
+        };
+        let base_ejection = self.duration_or(
+            t.base_ejection.as_ref(),
+            &key("base_ejection"),
+            defaults.base_ejection,
+            false,
+        );
+        let max_ejection = self.duration_or(
+            t.max_ejection.as_ref(),
+            &key("max_ejection"),
+            defaults.max_ejection.max(base_ejection),
+            false,
+        );
+        if let Some(m) = t
+            .max_ejection
+            .as_ref()
+            .filter(|_| max_ejection < base_ejection)
+        {
+            self.error(
+                m.span(),
+                format!(
+                    "{} = \"{}\" is shorter than base_ejection ({})",
+                    key("max_ejection"),
+                    m.get_ref(),
+                    humantime::format_duration(base_ejection)
+                ),
+                "make max_ejection at least base_ejection: ejections double from base_ejection up to it",
+            );
+        }
+        let max_ejected_percent = match &t.max_ejected_percent {
+            None => defaults.max_ejected_percent,
+            Some(p) if (0..=100).contains(p.get_ref()) => *p.get_ref() as u8,
+            Some(p) => {
+                self.error(
+                    p.span(),
+                    format!(
+                        "{} = {} is out of range",
+                        key("max_ejected_percent"),
+                        p.get_ref()
+                    ),
+                    "use a percentage, 0..=100 (one endpoint may always be ejected)",
+                );
+                defaults.max_ejected_percent
+            }
+        };
+        Some(OutlierDetection {
+            consecutive_failures,
+            base_ejection,
+            max_ejection,
+            max_ejected_percent,
         })
     }
 

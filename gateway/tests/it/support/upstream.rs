@@ -290,3 +290,85 @@ pub async fn close_mid_response() -> Upstream {
     })
     .await
 }
+
+/// What a [`faulty`] upstream does with each request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// 200 with its name as the body.
+    Good = 0,
+    /// 503.
+    Unavailable = 1,
+    /// Reads the head and never answers.
+    Hang = 2,
+    /// Resets the connection (RST) after the head.
+    Reset = 3,
+}
+
+/// An HTTP/1.1 upstream whose behaviour the test changes while it runs,
+/// counting the request heads it receives.
+pub struct Faulty {
+    pub upstream: Upstream,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Faulty {
+    pub fn set(&self, fault: Fault) {
+        self.mode.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// Request heads received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
+    let mode = Arc::new(std::sync::atomic::AtomicU8::new(fault as u8));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (m, r) = (mode.clone(), requests.clone());
+    let upstream = serve(move |mut stream| {
+        let (mode, requests) = (m.clone(), r.clone());
+        async move {
+            let mut buf = [0u8; 4096];
+            let mut pending = Vec::new();
+            loop {
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    continue;
+                };
+                pending.drain(..end + 4);
+                requests.fetch_add(1, Ordering::SeqCst);
+                let answer = match mode.load(Ordering::SeqCst) {
+                    0 => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-upstream: {name}\r\n\r\n{name}",
+                        name.len()
+                    ),
+                    1 => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy".into(),
+                    2 => {
+                        // Hold the connection until the gateway gives up.
+                        while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {}
+                        return;
+                    }
+                    _ => {
+                        let _ = stream.set_zero_linger();
+                        return;
+                    }
+                };
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    Faulty {
+        upstream,
+        mode,
+        requests,
+    }
+}

@@ -115,3 +115,78 @@ bad!(
     5,
     "needs both `cert` and `key`"
 );
+
+bad!(
+    outlier_failures_zero,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\noutlier = {\n  consecutive_failures = 0 }\n"),
+    6,
+    "upstreams.x.outlier.consecutive_failures = 0 is out of range"
+);
+
+bad!(
+    outlier_max_below_base,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\noutlier = { base_ejection = \"1m\",\n  max_ejection = \"10s\" }\n"
+    ),
+    6,
+    "upstreams.x.outlier.max_ejection = \"10s\" is shorter than base_ejection (1m)"
+);
+
+bad!(
+    outlier_percent_range,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\noutlier = { max_ejected_percent = 101 }\n"),
+    5,
+    "upstreams.x.outlier.max_ejected_percent = 101 is out of range"
+);
+
+bad!(
+    outlier_bad_duration,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\noutlier = { base_ejection = \"soon\" }\n"),
+    5,
+    "base_ejection"
+);
+
+bad!(
+    outlier_unknown_key,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\noutlier = { consecutive_errors = 3 }\n"),
+    5,
+    "consecutive_errors"
+);
+
+bad!(
+    outlier_wrong_type,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\noutlier = \"on\"\n"),
+    5,
+    "outlier"
+);
+
+fn outlier_of(body: &str) -> Option<crate::config::model::OutlierDetection> {
+    let src = format!("{}endpoints = [\"127.0.0.1:9\"]\n{body}", with_upstream(""));
+    let loaded = parse(Path::new("t.toml"), &src).expect("valid");
+    loaded.config.upstreams[0].outlier
+}
+
+#[test]
+fn outlier_on_by_default_off_with_false_and_partly_set() {
+    use crate::config::model::OutlierDetection;
+    use std::time::Duration;
+    assert_eq!(outlier_of(""), Some(OutlierDetection::default()));
+    assert_eq!(
+        outlier_of("outlier = true\n"),
+        Some(OutlierDetection::default())
+    );
+    assert_eq!(outlier_of("outlier = false\n"), None);
+    assert_eq!(
+        outlier_of("outlier = { consecutive_failures = 2, base_ejection = \"30s\" }\n"),
+        Some(OutlierDetection {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_secs(30),
+            ..OutlierDetection::default()
+        })
+    );
+    // A base above the default maximum raises the maximum with it.
+    assert_eq!(
+        outlier_of("outlier = { base_ejection = \"10m\" }\n").map(|o| o.max_ejection),
+        Some(Duration::from_secs(600))
+    );
+}
