@@ -103,6 +103,11 @@ impl ServeHttp for AdminApp {
                 ),
             },
             "/metrics" => {
+                // Endpoint states change with time (an ejection runs out),
+                // so they are counted when asked for.
+                for pool in &self.runtime.load().upstreams {
+                    pool.series.set_endpoints(pool.state_counts());
+                }
                 let body = crate::telemetry::metrics::metrics().render();
                 Response::builder()
                     .status(StatusCode::OK)
@@ -114,6 +119,7 @@ impl ServeHttp for AdminApp {
                     .body(body)
                     .unwrap_or_default()
             }
+            "/upstreams" => json(StatusCode::OK, upstreams_json(&self.runtime.load())),
             "/config" => {
                 let rt = self.runtime.load();
                 let mut body = config_json(&rt.config);
@@ -122,10 +128,58 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/metrics"] }),
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/upstreams", "/metrics"] }),
             ),
         }
     }
+}
+
+/// `GET /upstreams`: each upstream's endpoints as meshgate sees them now.
+pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
+    use crate::endpoints::set::State;
+    use crate::endpoints::Now;
+    let now = Now::default();
+    let wall = std::time::SystemTime::now();
+    let upstreams: Vec<serde_json::Value> = rt
+        .upstreams
+        .iter()
+        .map(|pool| {
+            let set = pool.set();
+            let endpoints: Vec<serde_json::Value> = set
+                .members()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut e = serde_json::json!({
+                        "address": m.addr.to_string(),
+                        "weight": m.weight,
+                        "in_flight": m.record.load.in_flight(),
+                        "consecutive_failures": m.record.outlier.failures(),
+                    });
+                    match set.state(i, &now) {
+                        Some(State::Ejected { until }) => {
+                            let left = until.saturating_duration_since(now.get());
+                            e["state"] = "ejected".into();
+                            e["ejected_for_seconds"] = left.as_secs_f64().into();
+                            e["ejected_until"] = humantime::format_rfc3339_seconds(wall + left)
+                                .to_string()
+                                .into();
+                        }
+                        Some(State::SlowStart) => e["state"] = "slow_start".into(),
+                        Some(State::Healthy) | None => e["state"] = "healthy".into(),
+                    }
+                    e
+                })
+                .collect();
+            serde_json::json!({
+                "name": pool.name,
+                "discovery": "static",
+                "load_balancing": set.policy().load_balancing.as_str(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    serde_json::json!({ "generation": rt.generation, "upstreams": upstreams })
 }
 
 /// The effective config (defaults filled in) as JSON.
@@ -251,6 +305,19 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "write_timeout_seconds": secs(u.write_timeout),
             "idle_timeout_seconds": secs(u.idle_timeout),
             "connect_retries": u.connect_retries,
+            "load_balancing": u.load_balancing.as_str(),
+            "hash_key": match &u.load_balancing {
+                crate::config::model::LoadBalancing::ConsistentHash(k) => Some(k.as_text()),
+                _ => None,
+            },
+            "slow_start_seconds": u.slow_start.map(secs),
+            "panic_threshold": u.panic_threshold,
+            "outlier": u.outlier.map(|o| json!({
+                "consecutive_failures": o.consecutive_failures,
+                "base_ejection_seconds": secs(o.base_ejection),
+                "max_ejection_seconds": secs(o.max_ejection),
+                "max_ejected_percent": o.max_ejected_percent,
+            })),
             "tls": u.tls.as_ref().map(|t| json!({
                 "ca": t.ca.as_ref().map(|ca| ca.path.display().to_string()),
                 "client_cert": t.client.as_ref().map(|c| c.cert_path.display().to_string()),

@@ -15,7 +15,8 @@
 //!   [`authz`] (authorization policies), [`ratelimit`] (keyed GCRA
 //!   policies, local or in Redis; client IP behind trusted proxies),
 //!   [`egress`] (the egress allow list and name resolution),
-//!   [`endpoints`] (which endpoints may get requests: outlier ejection),
+//!   [`endpoints`] (which endpoint gets each request: outlier ejection,
+//!   slow start, load balancing),
 //!   and [`telemetry`]'s access log and tracing.
 //! - L3 [`runtime`]: the compiled config (route tables, upstream pools,
 //!   certificate store, limiters) held in an `ArcSwap`; each request takes
@@ -27,7 +28,7 @@
 //!   keep-alive outside Pingora, HTTP/2, egress tunnels).
 //! - L5 process: [`server`] (assembly), [`reload`] (SIGHUP: load off the
 //!   workers, swap the runtime whole or keep the old one), [`admin`]
-//!   (`/healthz`, `/readyz`, `/config`, `/metrics`) and [`admin_client`]
+//!   (`/healthz`, `/readyz`, `/config`, `/upstreams`, `/metrics`) and [`admin_client`]
 //!   (`meshgate health`), [`shutdown`] (signals, SIGTERM's drain),
 //!   [`background`] (key eviction, certificate watch, overload), [`demo`]
 //!   (the echo upstream of `make run`).

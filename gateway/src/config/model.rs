@@ -613,6 +613,59 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     /// Ejection of endpoints that keep failing; `None`: `outlier = false`.
     pub outlier: Option<OutlierDetection>,
+    pub load_balancing: LoadBalancing,
+    /// A new or recovered endpoint's share ramps up over this.
+    pub slow_start: Option<Duration>,
+    /// Percent: with fewer usable endpoints than this share, all get requests.
+    pub panic_threshold: u8,
+}
+
+/// `load_balancing`: how an endpoint is chosen among the usable ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadBalancing {
+    /// Weighted round robin.
+    RoundRobin,
+    /// The less loaded (in-flight requests per weight) of two random picks.
+    LeastRequest,
+    /// The lower of two random picks by peak-EWMA latency times load.
+    Ewma,
+    /// Weighted random.
+    Random,
+    /// A ring of endpoints by the request's key; `least_request` without one.
+    ConsistentHash(HashKey),
+}
+
+impl LoadBalancing {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LoadBalancing::RoundRobin => "round_robin",
+            LoadBalancing::LeastRequest => "least_request",
+            LoadBalancing::Ewma => "ewma",
+            LoadBalancing::Random => "random",
+            LoadBalancing::ConsistentHash(_) => "consistent_hash",
+        }
+    }
+}
+
+impl HashKey {
+    /// As written in the config.
+    pub fn as_text(&self) -> String {
+        match self {
+            HashKey::ClientIp => "client_ip".into(),
+            HashKey::Path => "path".into(),
+            HashKey::Header(h) => format!("header:{h}"),
+            HashKey::Cookie(c) => format!("cookie:{c}"),
+        }
+    }
+}
+
+/// `hash_key`: what a request is placed on the ring by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+    Path,
 }
 
 /// `outlier = { ... }`: an endpoint that fails `consecutive_failures`

@@ -273,6 +273,10 @@ pub struct RawUpstream {
     pub connect_retries: Option<Spanned<i64>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
     pub outlier: Option<Spanned<RawOutlier>>,
+    pub load_balancing: Option<Spanned<String>>,
+    pub hash_key: Option<Spanned<String>>,
+    pub slow_start: Option<Spanned<RawDuration>>,
+    pub panic_threshold: Option<Spanned<i64>>,
 }
 
 /// `outlier = false` (or `true`), or `outlier = { ... }`.

@@ -1,12 +1,18 @@
 //! What meshgate knows about each endpoint of an upstream, and the
-//! decisions made from it, apart from any HTTP driver: whether an
-//! endpoint may get requests now ([`outlier`]: ejected after failing
-//! again and again). The runtime keeps one [`outlier::Endpoint`] per
-//! endpoint and carries it over a reload for an endpoint that stays; the
-//! proxy reports each attempt's outcome.
+//! decisions made from it, apart from any HTTP driver: which endpoints may
+//! get a request now ([`outlier`]: ejected after failing again and again;
+//! slow start; the panic threshold), which of them does ([`balance`]), and
+//! what a request is placed on a hash ring by ([`key`]). [`set`] holds one
+//! upstream's endpoints with their records; the runtime carries a record
+//! over a reload for an endpoint that stays, and both HTTP drivers report
+//! each attempt's outcome to it.
 
+pub mod balance;
+pub mod key;
 pub mod outlier;
+pub mod set;
 
+use std::cell::Cell;
 use std::time::Instant;
 
 /// How one attempt at an endpoint ended, as outlier detection counts it.
@@ -31,15 +37,22 @@ impl Outcome {
 
 /// The clock, read at most once per decision and only if it is needed.
 #[derive(Debug, Default)]
-pub struct Now(Option<Instant>);
+pub struct Now(Cell<Option<Instant>>);
 
 impl Now {
     /// A clock fixed at `t`.
     pub fn at(t: Instant) -> Self {
-        Now(Some(t))
+        Now(Cell::new(Some(t)))
     }
 
-    pub fn get(&mut self) -> Instant {
-        *self.0.get_or_insert_with(Instant::now)
+    pub fn get(&self) -> Instant {
+        match self.0.get() {
+            Some(t) => t,
+            None => {
+                let t = Instant::now();
+                self.0.set(Some(t));
+                t
+            }
+        }
     }
 }

@@ -101,6 +101,9 @@ pub struct RequestCtx {
     pub upstream_status: Option<u16>,
     /// The current attempt's outcome was reported to its endpoint's record.
     pub outcome_reported: bool,
+    /// Counts this request in its endpoint's in-flight requests (the
+    /// balancer's load) until the next attempt or the request's end.
+    pub at_endpoint: Option<crate::endpoints::set::InFlight>,
     /// The client asked for a WebSocket upgrade.
     pub websocket: bool,
     /// The upstream accepted it (101): the route deadline no longer applies.
@@ -150,6 +153,7 @@ impl RequestCtx {
             endpoint: None,
             upstream_status: None,
             outcome_reported: false,
+            at_endpoint: None,
             websocket: false,
             client_cancelled: false,
             body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,

@@ -391,9 +391,19 @@ impl ProxyHttp for Proxy {
         } else {
             remaining
         };
-        let (endpoint, mut peer) = pool.select(&ctx.tried, remaining).ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
-        })?;
+        let req = session.req_header();
+        let key = pool.hash_key.as_ref().and_then(|k| {
+            let client = ctx
+                .listener
+                .and_then(|l| policy::effective_client_ip(rt, l, req, client_ip(session)));
+            crate::endpoints::key::of(k, &req.headers, req.uri.path(), client)
+        });
+        let (endpoint, mut peer) = pool
+            .select(&ctx.tried, key.as_deref(), remaining)
+            .ok_or_else(|| {
+                Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
+            })?;
+        let in_flight = pool.in_flight(endpoint);
         // The client certificate as its files hold it now (rotated
         // certificates are picked up by the watcher); a new pair also means
         // new pooled connections.
@@ -401,6 +411,7 @@ impl ProxyHttp for Proxy {
             peer.client_cert_key = Some(current.get().cert_key());
         }
         self.attempt_started(session, ctx, endpoint, &peer);
+        ctx.at_endpoint = in_flight;
         Ok(Box::new(peer))
     }
 

@@ -56,8 +56,9 @@ pub fn attempt_outcome(ctx: &mut RequestCtx, outcome: Outcome) {
         .as_ref()
         .zip(ctx.upstream)
         .and_then(|(rt, u)| rt.upstreams.get(u));
+    let rtt = ctx.connect_started.map(|t| t.elapsed()).unwrap_or_default();
     if let (Some(pool), Some(&endpoint)) = (pool, ctx.tried.last()) {
-        pool.report(endpoint, outcome);
+        pool.report(endpoint, outcome, rtt);
     }
 }
 

@@ -28,7 +28,7 @@ pub async fn check(
 
 /// The client IP that rules and `client_ip` limits see: the peer, or the
 /// forwarded client when the peer is a trusted proxy.
-fn effective_client_ip(
+pub(super) fn effective_client_ip(
     rt: &Runtime,
     listener: usize,
     req: &RequestHeader,

@@ -1,23 +1,17 @@
-//! Upstream pools: endpoint choice (weighted round robin, from
-//! pingora-load-balancing, over the endpoints outlier detection has not
-//! ejected) and the peer each request connects to.
+//! Upstream pools: the endpoint set (which endpoint each attempt goes
+//! to, from `endpoints/`) and the ready-made peer of each endpoint.
 
 use crate::config::Material;
 use std::any::Any;
-use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pingora::lb::discovery::Static;
-use pingora::lb::selection::RoundRobin;
-use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::model::{Upstream, UpstreamProtocol, UpstreamTls};
-use crate::endpoints::outlier::{self, Change};
+use crate::config::model::{HashKey, Upstream, UpstreamProtocol, UpstreamTls};
+use crate::endpoints::outlier::Change;
+use crate::endpoints::set::{EndpointSet, InFlight, Member, Policy, State};
 use crate::endpoints::{Now, Outcome};
 use crate::types::identity::IdentityPattern;
 
@@ -29,20 +23,15 @@ pub struct UpstreamIdentities(pub Vec<String>);
 /// Concurrent HTTP/2 streams per h2c connection to an upstream.
 const H2C_MAX_STREAMS: usize = 128;
 
-/// The endpoint index carried in a pingora `Backend`.
-#[derive(Clone, Copy)]
-struct EndpointIndex(usize);
-
-/// A compiled upstream: its balancer and one ready-made peer per endpoint.
+/// A compiled upstream: its endpoints and one ready-made peer per endpoint.
 pub struct UpstreamPool {
     pub name: String,
-    balancer: LoadBalancer<RoundRobin>,
-    /// Peers built once at load; a request clones one and sets its deadline.
+    set: EndpointSet,
+    /// Peers built once at load, parallel to the set's members; a request
+    /// clones one and sets its deadline.
     peers: Vec<HttpPeer>,
-    /// Each endpoint's address, parallel to `peers`.
-    sockets: Vec<SocketAddr>,
-    /// `None` with `outlier = false`.
-    outlier: Option<outlier::Upstream>,
+    /// `consistent_hash`: what a request is placed on the ring by.
+    pub hash_key: Option<HashKey>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -54,18 +43,28 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     /// `previous`: the pool of the same name in the config being
-    /// replaced; its endpoints that stay keep their outlier records.
+    /// replaced; its endpoints that stay keep their records (ejections,
+    /// load), and new ones ramp up under `slow_start`.
     pub fn build(u: &Upstream, material: &Material, previous: Option<&UpstreamPool>) -> Self {
-        let mut backends = BTreeSet::new();
         let mut peers = Vec::with_capacity(u.endpoints.len());
-        for (i, e) in u.endpoints.iter().enumerate() {
-            let mut backend = Backend {
-                addr: pingora::protocols::l4::socket::SocketAddr::Inet(e.socket),
-                weight: e.weight as usize,
-                ext: Default::default(),
-            };
-            backend.ext.insert(EndpointIndex(i));
-            backends.insert(backend);
+        let mut taken = vec![false; previous.map_or(0, |p| p.set.len())];
+        let now = Instant::now();
+        let mut members = Vec::with_capacity(u.endpoints.len());
+        for e in &u.endpoints {
+            let record = previous
+                .and_then(|p| p.set.record_at(e.socket, &mut taken))
+                .unwrap_or_else(|| {
+                    let fresh = Arc::<crate::endpoints::set::Endpoint>::default();
+                    if previous.is_some() && u.slow_start.is_some() {
+                        fresh.start_ramp(now);
+                    }
+                    fresh
+                });
+            members.push(Member {
+                addr: e.socket,
+                weight: e.weight,
+                record,
+            });
             let mut peer = HttpPeer::new(
                 e.socket,
                 u.tls.is_some(),
@@ -87,29 +86,15 @@ impl UpstreamPool {
             }
             peers.push(peer);
         }
-        let balancer = LoadBalancer::from_backends(Backends::new(Static::new(backends)));
-        // Static discovery completes at once; this only fills the selector.
-        let _ = futures_lite_now(balancer.update());
-        let sockets: Vec<SocketAddr> = u.endpoints.iter().map(|e| e.socket).collect();
-        let outlier = u.outlier.map(|policy| {
-            let mut kept = vec![false; previous.map_or(0, |p| p.sockets.len())];
-            let records = sockets
-                .iter()
-                .map(|addr| {
-                    previous
-                        .and_then(|p| p.record_at(*addr, &mut kept))
-                        .unwrap_or_default()
-                })
-                .collect();
-            outlier::Upstream::new(policy, records)
-        });
-        let pool = UpstreamPool {
+        UpstreamPool {
             series: crate::telemetry::metrics::UpstreamSeries::new(&u.name),
             name: u.name.clone(),
-            balancer,
+            set: EndpointSet::new(Policy::of(u), members),
             peers,
-            sockets,
-            outlier,
+            hash_key: match &u.load_balancing {
+                crate::config::model::LoadBalancing::ConsistentHash(k) => Some(k.clone()),
+                _ => None,
+            },
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -118,18 +103,7 @@ impl UpstreamPool {
                 .as_ref()
                 .and_then(|t| t.client.as_ref())
                 .map(|_| crate::runtime::certs::upstream_slot(&u.name)),
-        };
-        pool.count_states(&mut Now::default());
-        pool
-    }
-
-    /// The outlier record of the endpoint at `addr` not taken yet.
-    fn record_at(&self, addr: SocketAddr, taken: &mut [bool]) -> Option<Arc<outlier::Endpoint>> {
-        let o = self.outlier.as_ref()?;
-        let i = (0..self.sockets.len())
-            .find(|&i| self.sockets[i] == addr && !taken.get(i).copied().unwrap_or(true))?;
-        taken[i] = true;
-        o.endpoint(i).cloned()
+        }
     }
 
     /// Whether an established connection's peer is who `tls.verify` asks
@@ -160,80 +134,58 @@ impl UpstreamPool {
         }
     }
 
-    /// Pick an endpoint: one that is usable (not ejected) and not in
-    /// `tried`; else one usable; else, none being usable, one not tried;
-    /// else any. The peer's read timeout is capped by `remaining` (the
-    /// route's deadline).
-    pub fn select(&self, tried: &[usize], remaining: Duration) -> Option<(usize, HttpPeer)> {
-        // One endpoint: there is no other to send to, ejected or not.
-        let idx = if self.peers.len() == 1 {
-            0
-        } else {
-            self.choose(tried)?
-        };
+    /// The endpoint for an attempt (see `EndpointSet::select`), and its
+    /// peer with the read timeout capped by `remaining` (the route's
+    /// deadline).
+    pub fn select(
+        &self,
+        tried: &[usize],
+        key: Option<&[u8]>,
+        remaining: Duration,
+    ) -> Option<(usize, HttpPeer)> {
+        let chosen = self.set.select(tried, key);
+        for i in chosen.back {
+            log::info!(
+                "upstream `{}` endpoint {} is back from ejection",
+                self.name,
+                self.addr(i)
+            );
+        }
+        let idx = chosen.index?;
         let mut peer = self.peers.get(idx)?.clone();
         peer.options.read_timeout = Some(self.read_timeout.min(remaining));
         peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
         Some((idx, peer))
     }
 
-    fn choose(&self, tried: &[usize]) -> Option<usize> {
-        let now = RefCell::new(Now::default());
-        let usable = |i: usize| self.usable(i, &mut now.borrow_mut());
-        let pick = |accept: &dyn Fn(usize) -> bool| {
-            self.balancer
-                .select_with(b"", self.peers.len() * 4, |b, _healthy| {
-                    b.ext.get::<EndpointIndex>().is_some_and(|i| accept(i.0))
-                })
-                .and_then(|b| b.ext.get::<EndpointIndex>().map(|i| i.0))
-        };
-        pick(&|i| !tried.contains(&i) && usable(i))
-            .or_else(|| pick(&usable))
-            .or_else(|| pick(&|i| !tried.contains(&i)))
-            .or_else(|| pick(&|_| true))
+    fn addr(&self, i: usize) -> String {
+        self.set
+            .member(i)
+            .map_or(String::new(), |m| m.addr.to_string())
     }
 
-    /// Whether endpoint `i` may get requests now; an ejection that has run
-    /// its time ends here.
-    fn usable(&self, i: usize, now: &mut Now) -> bool {
-        let Some(o) = &self.outlier else {
-            return true;
-        };
-        let (usable, change) = o.usable(i, now);
-        if change == Some(Change::Back) {
-            log::info!(
-                "upstream `{}` endpoint {} is back from ejection",
-                self.name,
-                self.sockets
-                    .get(i)
-                    .map_or(String::new(), ToString::to_string)
-            );
-            self.count_states(now);
-        }
-        usable
+    /// Count a request in flight at endpoint `i` until the guard drops.
+    pub fn in_flight(&self, i: usize) -> Option<InFlight> {
+        self.set.in_flight(i)
     }
 
-    /// Count how an attempt at endpoint `i` ended; `outlier` may eject it.
-    pub fn report(&self, i: usize, outcome: Outcome) {
-        let Some(o) = &self.outlier else {
-            return;
-        };
-        let mut now = Now::default();
-        let addr = || {
-            self.sockets
-                .get(i)
-                .map_or(String::new(), ToString::to_string)
-        };
-        match o.report(i, outcome, &mut now) {
+    /// Count how an attempt at endpoint `i` ended, `rtt` after it began;
+    /// outlier detection may eject the endpoint.
+    pub fn report(&self, i: usize, outcome: Outcome, rtt: Duration) {
+        let now = Now::default();
+        match self.set.report(i, outcome, rtt, &now) {
             None | Some(Change::Back) => {}
             Some(Change::Ejected { until, times }) => {
                 let time = until.saturating_duration_since(now.get());
                 log::warn!(
                     "upstream `{}` endpoint {} ejected for {} after failing {} times in a row{}",
                     self.name,
-                    addr(),
+                    self.addr(i),
                     humantime::format_duration(Duration::from_secs(time.as_secs().max(1))),
-                    o.policy().consecutive_failures,
+                    self.set
+                        .policy()
+                        .outlier
+                        .map_or(0, |o| o.consecutive_failures),
                     if times > 1 {
                         format!(" (ejection {times} in a row)")
                     } else {
@@ -241,26 +193,34 @@ impl UpstreamPool {
                     }
                 );
                 self.series.ejections().inc();
-                self.count_states(&mut now);
             }
             Some(Change::AtLimit) => log::warn!(
                 "upstream `{}` endpoint {} keeps failing but stays in: max_ejected_percent = {} of the endpoints are ejected already",
                 self.name,
-                addr(),
-                o.policy().max_ejected_percent
+                self.addr(i),
+                self.set.policy().outlier.map_or(0, |o| o.max_ejected_percent)
             ),
         }
     }
 
-    /// `meshgate_upstream_endpoints` for this upstream.
-    fn count_states(&self, now: &mut Now) {
-        let ejected = self.outlier.as_ref().map_or(0, |o| o.ejected(now.get()));
-        self.series
-            .set_endpoints([self.peers.len() - ejected, ejected]);
+    /// How many endpoints are in each of `names::ENDPOINT_STATES`.
+    pub fn state_counts(&self) -> [usize; crate::telemetry::names::ENDPOINT_STATES.len()] {
+        let now = Now::default();
+        let mut counts = [0; crate::telemetry::names::ENDPOINT_STATES.len()];
+        for i in 0..self.set.len() {
+            let slot = match self.set.state(i, &now) {
+                Some(State::Healthy) | None => 0,
+                Some(State::Ejected { .. }) => 1,
+                Some(State::SlowStart) => 2,
+            };
+            counts[slot] += 1;
+        }
+        counts
     }
 
-    pub fn endpoint_count(&self) -> usize {
-        self.peers.len()
+    /// The endpoint set, for `/upstreams`.
+    pub fn set(&self) -> &EndpointSet {
+        &self.set
     }
 }
 
@@ -296,15 +256,5 @@ fn set_tls(peer: &mut HttpPeer, tls: &UpstreamTls, upstream: &str, material: &Ma
                 .unwrap_or_default();
             Some(Arc::new(UpstreamIdentities(ids)) as Arc<dyn Any + Send + Sync>)
         }));
-    }
-}
-
-/// Poll a future that is known not to wait (static discovery) to completion.
-fn futures_lite_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    use std::task::{Context, Poll, Waker};
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
     }
 }

@@ -55,7 +55,7 @@ pub const BUILD_INFO: &str = "meshgate_build_info";
 /// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
 pub const EGRESS_UPSTREAM: &str = "(egress)";
 /// The `state` label values of `meshgate_upstream_endpoints`.
-pub const ENDPOINT_STATES: [&str; 2] = ["healthy", "ejected"];
+pub const ENDPOINT_STATES: [&str; 3] = ["healthy", "ejected", "slow_start"];
 /// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.
 pub const RATE_LIMIT_BACKEND_ERROR_KINDS: [&str; 3] = ["timeout", "unavailable", "error"];
 

@@ -184,3 +184,143 @@ async fn at_most_max_ejected_percent_are_out_and_off_means_never() {
         0.0
     );
 }
+
+/// `n` requests from `clients` clients, each waiting for its answer before
+/// the next; `headers(i)` for request `i`. The bodies (endpoint names).
+async fn clients(
+    gw: &Gateway,
+    n: usize,
+    clients: usize,
+    headers: impl Fn(usize) -> Vec<(String, String)> + Sync,
+) -> Vec<String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![String::new(); n]);
+    let one = || async {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i >= n {
+                return;
+            }
+            let h = headers(i);
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let r = get(gw.listen, "/", &h).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            results.lock().unwrap()[i] = r.text();
+        }
+    };
+    futures_util::future::join_all((0..clients).map(|_| one())).await;
+    results.into_inner().unwrap()
+}
+
+fn balanced(endpoints: &[&Faulty], settings: &str) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|f| format!("\"{}\"", f.upstream.addr))
+        .collect();
+    format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+timeout = "10s"
+[upstreams.api]
+endpoints = [{}]
+{settings}
+"#,
+        endpoints.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_and_ewma_send_a_slow_endpoint_far_less_than_its_share() {
+    for algorithm in ["least_request", "ewma"] {
+        let fast: Vec<Faulty> =
+            futures_util::future::join_all(["f1", "f2", "f3"].map(|n| faulty(n, Fault::Good)))
+                .await;
+        let slow = faulty("slow", Fault::Slow).await;
+        let mut all: Vec<&Faulty> = fast.iter().collect();
+        all.push(&slow);
+        let gw = Gateway::start(&balanced(
+            &all,
+            &format!("load_balancing = \"{algorithm}\""),
+        ))
+        .await;
+        let bodies = clients(&gw, 400, 20, |_| Vec::new()).await;
+        let to_slow = bodies.iter().filter(|b| *b == "slow").count();
+        // Round robin would send it 100 of the 400.
+        assert!(
+            to_slow <= 25,
+            "{algorithm}: {to_slow} of 400 went to the slow endpoint"
+        );
+        assert_eq!(slow.requests(), to_slow);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_keys_and_moves_few_when_an_endpoint_is_added() {
+    let eps: Vec<Faulty> =
+        futures_util::future::join_all(["e1", "e2", "e3", "e4"].map(|n| faulty(n, Fault::Good)))
+            .await;
+    let three: Vec<&Faulty> = eps.iter().take(3).collect();
+    let settings = "load_balancing = \"consistent_hash\"\nhash_key = \"header:x-user\"";
+    let gw = Gateway::start(&balanced(&three, settings)).await;
+    let user = |i: usize| vec![("x-user".to_string(), format!("user-{}", i % 1000))];
+    let first = clients(&gw, 1000, 10, user).await;
+    let again = clients(&gw, 1000, 10, user).await;
+    assert_eq!(first, again, "a key changed endpoints");
+    let used: std::collections::BTreeSet<&String> = first.iter().collect();
+    assert_eq!(used.len(), 3, "{used:?}");
+
+    let four: Vec<&Faulty> = eps.iter().collect();
+    gw.reload(&balanced(&four, settings));
+    gw.wait_for_generation(2).await;
+    let after = clients(&gw, 1000, 10, user).await;
+    let moved: Vec<usize> = (0..1000).filter(|i| first[*i] != after[*i]).collect();
+    assert!(
+        moved.len() <= 1000 / 4 + 50,
+        "{} of 1000 keys moved",
+        moved.len()
+    );
+    assert!(!moved.is_empty(), "the new endpoint got no keys");
+    assert!(
+        moved.iter().all(|i| after[*i] == "e4"),
+        "keys moved between endpoints that stayed"
+    );
+    // Without the key: balanced over all of them.
+    let keyless = clients(&gw, 200, 4, |_| Vec::new()).await;
+    let used: std::collections::BTreeSet<&String> = keyless.iter().collect();
+    assert_eq!(used.len(), 4, "{used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_endpoint_shows_each_endpoint_state() {
+    let good = faulty("good", Fault::Good).await;
+    let bad = faulty("bad", Fault::Unavailable).await;
+    let gw = Gateway::start(&balanced(
+        &[&good, &bad],
+        "outlier = { consecutive_failures = 2, base_ejection = \"1m\" }\nload_balancing = \"least_request\"",
+    ))
+    .await;
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    let eps = &view["upstreams"][0]["endpoints"];
+    assert_eq!(view["upstreams"][0]["name"], "api");
+    assert_eq!(view["upstreams"][0]["load_balancing"], "least_request");
+    assert_eq!(eps[1]["address"], bad.upstream.addr.to_string());
+    assert_eq!(eps[1]["state"], "healthy");
+    assert_eq!(eps[1]["weight"], 1);
+
+    let start = Instant::now();
+    loop {
+        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+        let bad_view = &view["upstreams"][0]["endpoints"][1];
+        if bad_view["state"] == "ejected" {
+            let left = bad_view["ejected_for_seconds"].as_f64().unwrap();
+            assert!(left > 30.0 && left <= 60.0, "{bad_view}");
+            assert!(bad_view["ejected_until"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(view["upstreams"][0]["endpoints"][0]["state"], "healthy");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
+        load(&gw, 4, 2).await;
+    }
+}

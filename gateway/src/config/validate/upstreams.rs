@@ -83,7 +83,7 @@ impl Validator {
             DEFAULT_IDLE_TIMEOUT,
             true,
         );
-        let connect_retries = match u.connect_retries {
+        let connect_retries = match &u.connect_retries {
             None => DEFAULT_CONNECT_RETRIES,
             Some(r) if (0..=MAX_CONNECT_RETRIES).contains(r.get_ref()) => *r.get_ref() as u32,
             Some(r) => {
@@ -96,6 +96,31 @@ impl Validator {
             }
         };
         let outlier = self.outlier(&n, u.outlier.as_ref());
+        let load_balancing = self.load_balancing(&n, &u);
+        let slow_start = u
+            .slow_start
+            .as_ref()
+            .map(|d| self.duration_or(Some(d), &key("slow_start"), Duration::ZERO, true))
+            .filter(|d| !d.is_zero());
+        if let (Some(d), LoadBalancing::ConsistentHash(_)) = (&u.slow_start, &load_balancing) {
+            self.error(
+                d.span(),
+                format!("{} is set, but load_balancing = \"consistent_hash\" sends each key to its own endpoint", key("slow_start")),
+                "remove slow_start, or use another load_balancing (round_robin, least_request, ewma, random)",
+            );
+        }
+        let panic_threshold = match &u.panic_threshold {
+            None => 0,
+            Some(p) if (0..=100).contains(p.get_ref()) => *p.get_ref() as u8,
+            Some(p) => {
+                self.error(
+                    p.span(),
+                    format!("{} = {} is out of range", key("panic_threshold"), p.get_ref()),
+                    "use a percentage, 0..=100: below this share of usable endpoints, all of them get requests",
+                );
+                0
+            }
+        };
         Some(Upstream {
             name: n,
             endpoints,
@@ -107,7 +132,100 @@ impl Validator {
             connect_retries,
             tls,
             outlier,
+            load_balancing,
+            slow_start,
+            panic_threshold,
         })
+    }
+
+    /// `load_balancing` and, for `consistent_hash`, its `hash_key`.
+    fn load_balancing(&mut self, upstream: &str, u: &RawUpstream) -> LoadBalancing {
+        const NAMES: [&str; 5] = [
+            "round_robin",
+            "least_request",
+            "ewma",
+            "random",
+            "consistent_hash",
+        ];
+        let key = format!("upstreams.{upstream}.load_balancing");
+        let algorithm = u
+            .load_balancing
+            .as_ref()
+            .map_or("round_robin", |l| l.get_ref());
+        let hash_key = match (&u.hash_key, algorithm) {
+            (Some(h), "consistent_hash") => self.hash_key(upstream, h),
+            (Some(h), _) => {
+                self.error(
+                    h.span(),
+                    format!("upstreams.{upstream}.hash_key is set, but {key} = \"{algorithm}\" uses no key"),
+                    "set load_balancing = \"consistent_hash\", or remove hash_key",
+                );
+                None
+            }
+            (None, "consistent_hash") => {
+                self.error(
+                    u.load_balancing.as_ref().map_or(0..0, |l| l.span()),
+                    format!("{key} = \"consistent_hash\" needs a hash_key"),
+                    "add hash_key = \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"path\"",
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        match algorithm {
+            "round_robin" => LoadBalancing::RoundRobin,
+            "least_request" => LoadBalancing::LeastRequest,
+            "ewma" => LoadBalancing::Ewma,
+            "random" => LoadBalancing::Random,
+            "consistent_hash" => {
+                LoadBalancing::ConsistentHash(hash_key.unwrap_or(HashKey::ClientIp))
+            }
+            other => {
+                let hint = suggest(other, &NAMES)
+                    .map(|s| format!("did you mean \"{s}\"? "))
+                    .unwrap_or_default();
+                self.error(
+                    u.load_balancing.as_ref().map_or(0..0, |l| l.span()),
+                    format!("unknown {key} \"{other}\""),
+                    format!(
+                        "{hint}use one of {}",
+                        NAMES.map(|n| format!("\"{n}\"")).join(", ")
+                    ),
+                );
+                LoadBalancing::RoundRobin
+            }
+        }
+    }
+
+    fn hash_key(&mut self, upstream: &str, h: &Spanned<String>) -> Option<HashKey> {
+        let text = h.get_ref().as_str();
+        let named = |prefix: &str| text.strip_prefix(prefix).filter(|n| !n.is_empty());
+        let key = match text {
+            "client_ip" => Some(HashKey::ClientIp),
+            "path" => Some(HashKey::Path),
+            _ => {
+                if let Some(name) = named("header:") {
+                    http::HeaderName::from_bytes(name.as_bytes())
+                        .ok()
+                        .map(HashKey::Header)
+                } else {
+                    named("cookie:")
+                        .filter(|n| {
+                            n.bytes()
+                                .all(|b| b.is_ascii_graphic() && !b"=;,".contains(&b))
+                        })
+                        .map(|n| HashKey::Cookie(n.to_string()))
+                }
+            }
+        };
+        if key.is_none() {
+            self.error(
+                h.span(),
+                format!("upstreams.{upstream}.hash_key = \"{text}\" is not a key meshgate knows"),
+                "use \"client_ip\", \"path\", \"header:NAME\" (e.g. \"header:x-user\") or \"cookie:NAME\"",
+            );
+        }
+        key
     }
 
     /// `outlier`: on with its defaults unless `false`.

@@ -303,6 +303,8 @@ pub enum Fault {
     Hang = 2,
     /// Resets the connection (RST) after the head.
     Reset = 3,
+    /// 200 like `Good`, after 800 ms.
+    Slow = 4,
 }
 
 /// An HTTP/1.1 upstream whose behaviour the test changes while it runs,
@@ -343,8 +345,12 @@ pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
                 };
                 pending.drain(..end + 4);
                 requests.fetch_add(1, Ordering::SeqCst);
-                let answer = match mode.load(Ordering::SeqCst) {
-                    0 => format!(
+                let mode = mode.load(Ordering::SeqCst);
+                if mode == Fault::Slow as u8 {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                }
+                let answer = match mode {
+                    0 | 4 => format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-upstream: {name}\r\n\r\n{name}",
                         name.len()
                     ),

@@ -190,3 +190,77 @@ fn outlier_on_by_default_off_with_false_and_partly_set() {
         Some(Duration::from_secs(600))
     );
 }
+
+bad!(
+    unknown_load_balancing,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"least_requests\"\n"),
+    5,
+    "unknown upstreams.x.load_balancing \"least_requests\""
+);
+
+bad!(
+    hash_key_without_consistent_hash,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"least_request\"\nhash_key = \"path\"\n"
+    ),
+    6,
+    "hash_key is set, but upstreams.x.load_balancing = \"least_request\" uses no key"
+);
+
+bad!(
+    consistent_hash_without_key,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"consistent_hash\"\n"),
+    5,
+    "needs a hash_key"
+);
+
+bad!(
+    hash_key_unknown,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"consistent_hash\"\nhash_key = \"header:\"\n"
+    ),
+    6,
+    "hash_key = \"header:\" is not a key meshgate knows"
+);
+
+bad!(
+    slow_start_with_consistent_hash,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"consistent_hash\"\nhash_key = \"path\"\nslow_start = \"30s\"\n"
+    ),
+    7,
+    "slow_start is set, but load_balancing = \"consistent_hash\""
+);
+
+bad!(
+    panic_threshold_range,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\npanic_threshold = 150\n"),
+    5,
+    "panic_threshold = 150 is out of range"
+);
+
+#[test]
+fn balancing_keys_reach_the_model() {
+    use crate::config::model::{HashKey, LoadBalancing};
+    use std::time::Duration;
+    let src = with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nload_balancing = \"consistent_hash\"\nhash_key = \"cookie:session\"\npanic_threshold = 30\n",
+    );
+    let u = &parse(Path::new("t.toml"), &src)
+        .expect("valid")
+        .config
+        .upstreams[0];
+    assert_eq!(
+        u.load_balancing,
+        LoadBalancing::ConsistentHash(HashKey::Cookie("session".into()))
+    );
+    assert_eq!(u.panic_threshold, 30);
+    let src = with_upstream("endpoints = [\"127.0.0.1:9\"]\nslow_start = \"30s\"\n");
+    let u = &parse(Path::new("t.toml"), &src)
+        .expect("valid")
+        .config
+        .upstreams[0];
+    assert_eq!(u.load_balancing, LoadBalancing::RoundRobin);
+    assert_eq!(u.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(u.panic_threshold, 0);
+}
