@@ -156,6 +156,13 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
                         "in_flight": m.record.load.in_flight(),
                         "consecutive_failures": m.record.outlier.failures(),
                     });
+                    if let Some(last) = m.record.health.last() {
+                        e["last_health_check"] = serde_json::json!({
+                            "at": humantime::format_rfc3339_seconds(last.at).to_string(),
+                            "passed": last.passed,
+                            "result": last.detail,
+                        });
+                    }
                     match set.state(i, &now) {
                         Some(State::Ejected { until }) => {
                             let left = until.saturating_duration_since(now.get());
@@ -166,6 +173,7 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
                                 .into();
                         }
                         Some(State::SlowStart) => e["state"] = "slow_start".into(),
+                        Some(State::Unhealthy) => e["state"] = "unhealthy".into(),
                         Some(State::Healthy) | None => e["state"] = "healthy".into(),
                     }
                     e
@@ -312,6 +320,16 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             },
             "slow_start_seconds": u.slow_start.map(secs),
             "panic_threshold": u.panic_threshold,
+            "health_check": u.health_check.as_ref().map(|h| json!({
+                "kind": h.kind.as_str(),
+                "path": h.path,
+                "host": h.host,
+                "expect_status": h.expect_status,
+                "interval_seconds": secs(h.interval),
+                "timeout_seconds": secs(h.timeout),
+                "healthy": h.healthy,
+                "unhealthy": h.unhealthy,
+            })),
             "outlier": u.outlier.map(|o| json!({
                 "consecutive_failures": o.consecutive_failures,
                 "base_ejection_seconds": secs(o.base_ejection),

@@ -1,6 +1,7 @@
 //! The process's background services, each a Pingora background service
 //! over the running config: idle rate-limit keys evicted, certificate
-//! files watched for changes, memory sampled for overload.
+//! files watched for changes, memory sampled for overload, endpoints'
+//! health checked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,44 @@ impl BackgroundService for EvictIdleKeys {
                 _ = tick.tick() => {
                     for p in &self.runtime.load().policies {
                         p.evict_idle();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// How often due health checks are looked for; each endpoint's own
+/// interval decides when it is checked.
+const HEALTH_TICK: Duration = Duration::from_millis(100);
+
+/// Runs the running config's health checks, each when it is due, off the
+/// request path. A check started under a config that a reload replaced
+/// still reports to the endpoint's record, which the new config shares
+/// when the endpoint stays.
+pub struct HealthChecks {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let rt = self.runtime.load_full();
+                    for (u, pool) in rt.upstreams.iter().enumerate() {
+                        for i in pool.due_checks() {
+                            let rt = rt.clone();
+                            tokio::spawn(async move {
+                                if let Some(pool) = rt.upstreams.get(u) {
+                                    pool.check(i, &rt.certs).await;
+                                }
+                            });
+                        }
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -618,6 +618,58 @@ pub struct Upstream {
     pub slow_start: Option<Duration>,
     /// Percent: with fewer usable endpoints than this share, all get requests.
     pub panic_threshold: u8,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `health_check = { ... }`: each endpoint asked every `interval`;
+/// `unhealthy` failures in a row take it out, `healthy` passes bring it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    /// `http`: the request's path (and query).
+    pub path: String,
+    /// `http` and `grpc`: the Host (`:authority`) sent; `None`: the
+    /// upstream's `tls.sni`, or the endpoint's address.
+    pub host: Option<String>,
+    /// `http`: the statuses that pass; empty: any 2xx or 3xx.
+    pub expect_status: Vec<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy: u32,
+    pub unhealthy: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    Http,
+    Tcp,
+    Grpc,
+}
+
+impl HealthCheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheckKind::Http => "http",
+            HealthCheckKind::Tcp => "tcp",
+            HealthCheckKind::Grpc => "grpc",
+        }
+    }
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const DEFAULT_HEALTHY: u32 = 2;
+    pub const DEFAULT_UNHEALTHY: u32 = 3;
+
+    /// Whether an `http` check's answer passes.
+    pub fn passes(&self, status: u16) -> bool {
+        if self.expect_status.is_empty() {
+            (200..400).contains(&status)
+        } else {
+            self.expect_status.contains(&status)
+        }
+    }
 }
 
 /// `load_balancing`: how an endpoint is chosen among the usable ones.

@@ -277,6 +277,21 @@ pub struct RawUpstream {
     pub hash_key: Option<Spanned<String>>,
     pub slow_start: Option<Spanned<RawDuration>>,
     pub panic_threshold: Option<Spanned<i64>>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+/// An upstream's `health_check = { ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub interval: Option<Spanned<RawDuration>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub healthy: Option<Spanned<i64>>,
+    pub unhealthy: Option<Spanned<i64>>,
 }
 
 /// `outlier = false` (or `true`), or `outlier = { ... }`.

@@ -1,13 +1,14 @@
 //! What meshgate knows about each endpoint of an upstream, and the
 //! decisions made from it, apart from any HTTP driver: which endpoints may
-//! get a request now ([`outlier`]: ejected after failing again and again;
-//! slow start; the panic threshold), which of them does ([`balance`]), and
+//! get a request now ([`health`]: active checks; [`outlier`]: ejected
+//! after failing again and again; slow start; the panic threshold), which of them does ([`balance`]), and
 //! what a request is placed on a hash ring by ([`key`]). [`set`] holds one
 //! upstream's endpoints with their records; the runtime carries a record
 //! over a reload for an endpoint that stays, and both HTTP drivers report
 //! each attempt's outcome to it.
 
 pub mod balance;
+pub mod health;
 pub mod key;
 pub mod outlier;
 pub mod set;

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::balance::{nanos, Balancer, Load};
+use super::health::{self, Turned};
 use super::outlier::{Change, Record};
 use super::{Now, Outcome};
-use crate::config::model::{LoadBalancing, OutlierDetection, Upstream};
+use crate::config::model::{HealthCheck, LoadBalancing, OutlierDetection, Upstream};
 
 /// Under slow start, the share a just-added endpoint gets of what it will
 /// get once ramped (Envoy's `min_weight_percent`).
@@ -23,6 +24,7 @@ const RAMP_FLOOR: f64 = 0.1;
 #[derive(Debug, Default)]
 pub struct Endpoint {
     pub outlier: Record,
+    pub health: health::Record,
     pub load: Load,
     /// Slow start: when its ramp began ([`nanos`]); 0 for none.
     ramp: AtomicU64,
@@ -70,6 +72,7 @@ pub struct Policy {
     pub load_balancing: LoadBalancing,
     pub slow_start: Option<Duration>,
     pub panic_threshold: u8,
+    pub health_check: Option<HealthCheck>,
 }
 
 impl Policy {
@@ -79,6 +82,7 @@ impl Policy {
             load_balancing: u.load_balancing.clone(),
             slow_start: u.slow_start,
             panic_threshold: u.panic_threshold,
+            health_check: u.health_check.clone(),
         }
     }
 }
@@ -94,7 +98,11 @@ pub struct Member {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Healthy,
-    Ejected { until: Instant },
+    /// Its health checks fail.
+    Unhealthy,
+    Ejected {
+        until: Instant,
+    },
     SlowStart,
 }
 
@@ -170,8 +178,10 @@ impl EndpointSet {
         let now = Now::default();
         let back = RefCell::new(Vec::new());
         let detecting = self.policy.outlier.is_some();
+        let checking = self.policy.health_check.is_some();
         let usable = |i: usize| match self.members.get(i) {
             None => false,
+            Some(m) if checking && m.record.health.is_unhealthy() => false,
             Some(_) if !detecting => true,
             Some(m) => {
                 let (ok, change) = m.record.outlier.usable(&now);
@@ -256,6 +266,29 @@ impl EndpointSet {
         m.record.outlier.eject(policy, now.get())
     }
 
+    /// The endpoints whose health check is due at `now`, each claimed (the
+    /// caller runs the check and gives [`EndpointSet::health_result`]).
+    pub fn due_checks(&self, now: Instant) -> Vec<usize> {
+        let Some(policy) = &self.policy.health_check else {
+            return Vec::new();
+        };
+        (0..self.members.len())
+            .filter(|&i| self.members[i].record.health.claim(policy, now))
+            .collect()
+    }
+
+    /// A health check's result for endpoint `i`; the change it makes. An
+    /// endpoint that turns healthy ramps up under `slow_start`.
+    pub fn health_result(&self, i: usize, passed: bool, detail: String) -> Option<Turned> {
+        let policy = self.policy.health_check.as_ref()?;
+        let m = self.members.get(i)?;
+        let turned = m.record.health.record(policy, passed, detail);
+        if turned == Some(Turned::Healthy) && self.policy.slow_start.is_some() {
+            m.record.start_ramp(Instant::now());
+        }
+        turned
+    }
+
     /// How many are ejected at `now`.
     pub fn ejected(&self, now: Instant) -> usize {
         if self.policy.outlier.is_none() {
@@ -270,6 +303,9 @@ impl EndpointSet {
     /// Each endpoint's state at `now`.
     pub fn state(&self, i: usize, now: &Now) -> Option<State> {
         let m = self.members.get(i)?;
+        if self.policy.health_check.is_some() && m.record.health.is_unhealthy() {
+            return Some(State::Unhealthy);
+        }
         let ejected = || {
             self.policy.outlier?;
             m.record.outlier.ejected_until(now.get())
@@ -300,6 +336,7 @@ mod tests {
             load_balancing: LoadBalancing::RoundRobin,
             slow_start: None,
             panic_threshold: 0,
+            health_check: None,
         }
     }
 
@@ -391,6 +428,41 @@ mod tests {
         assert!(s.members[0].record.outlier.usable(&Now::at(later)).0);
         let c = picks(&s, 400);
         assert_eq!(c[1] + c[2], 0, "{c:?}");
+    }
+
+    #[test]
+    fn unhealthy_endpoints_get_nothing_until_healthy_again() {
+        use crate::config::model::HealthCheckKind;
+        let mut p = policy(5, 50);
+        let hc = HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            path: "/".into(),
+            host: None,
+            expect_status: vec![],
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            healthy: 2,
+            unhealthy: 1,
+        };
+        p.health_check = Some(hc);
+        let s = set(3, p);
+        assert_eq!(
+            s.health_result(2, false, "refused".into()),
+            Some(Turned::Unhealthy)
+        );
+        assert_eq!(s.state(2, &Now::default()), Some(State::Unhealthy));
+        assert_eq!(picks(&s, 300)[2], 0);
+        assert_eq!(s.health_result(2, true, "connected".into()), None);
+        assert_eq!(
+            s.health_result(2, true, "connected".into()),
+            Some(Turned::Healthy)
+        );
+        assert!(picks(&s, 300)[2] > 0);
+        // Every endpoint due once its first (spread) time has come.
+        let t0 = Instant::now();
+        assert!(s.due_checks(t0).is_empty());
+        assert_eq!(s.due_checks(t0 + Duration::from_secs(1)), vec![0, 1, 2]);
+        assert!(s.due_checks(t0 + Duration::from_secs(1)).is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! at its start and uses it to its end.
 
 pub mod certs;
+pub mod health;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -10,6 +10,7 @@ use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::model::{HashKey, Upstream, UpstreamProtocol, UpstreamTls};
+use crate::endpoints::health::Turned;
 use crate::endpoints::outlier::Change;
 use crate::endpoints::set::{EndpointSet, InFlight, Member, Policy, State};
 use crate::endpoints::{Now, Outcome};
@@ -32,6 +33,9 @@ pub struct UpstreamPool {
     peers: Vec<HttpPeer>,
     /// `consistent_hash`: what a request is placed on the ring by.
     pub hash_key: Option<HashKey>,
+    /// Active health checks, and the Host each endpoint's check sends.
+    prober: Option<super::health::Prober>,
+    check_hosts: Vec<String>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -95,6 +99,20 @@ impl UpstreamPool {
                 crate::config::model::LoadBalancing::ConsistentHash(k) => Some(k.clone()),
                 _ => None,
             },
+            prober: u.health_check.clone().map(super::health::Prober::new),
+            check_hosts: u
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let configured = u.health_check.as_ref().and_then(|h| h.host.clone());
+                    let sni = u
+                        .tls
+                        .as_ref()
+                        .map(|t| t.sni.clone())
+                        .filter(|s| !s.is_empty());
+                    configured.or(sni).unwrap_or_else(|| e.addr.clone())
+                })
+                .collect(),
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -212,10 +230,54 @@ impl UpstreamPool {
                 Some(State::Healthy) | None => 0,
                 Some(State::Ejected { .. }) => 1,
                 Some(State::SlowStart) => 2,
+                Some(State::Unhealthy) => 3,
             };
             counts[slot] += 1;
         }
         counts
+    }
+
+    /// Claim the health checks due now: the endpoints to check.
+    pub fn due_checks(&self) -> Vec<usize> {
+        if self.prober.is_none() {
+            return Vec::new();
+        }
+        self.set.due_checks(Instant::now())
+    }
+
+    /// Run endpoint `i`'s health check (claimed with `due_checks`), count
+    /// it, and log a change of its health.
+    pub async fn check(&self, i: usize, certs: &super::certs::CertStore) {
+        let (Some(prober), Some(peer), Some(host)) =
+            (&self.prober, self.peers.get(i), self.check_hosts.get(i))
+        else {
+            return;
+        };
+        let mut peer = peer.clone();
+        // The client certificate as its files hold it now, as for requests.
+        if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
+            peer.client_cert_key = Some(current.get().cert_key());
+        }
+        let (passed, seen) = prober.probe(&peer, host).await;
+        self.series.health_check(passed).inc();
+        match self.set.health_result(i, passed, seen.clone()) {
+            Some(Turned::Unhealthy) => log::warn!(
+                "upstream `{}` endpoint {} is unhealthy: its health check failed ({seen})",
+                self.name,
+                self.addr(i)
+            ),
+            Some(Turned::Healthy) => log::info!(
+                "upstream `{}` endpoint {} is healthy again ({seen})",
+                self.name,
+                self.addr(i)
+            ),
+            None => log::debug!(
+                "upstream `{}` endpoint {} health check: {} ({seen})",
+                self.name,
+                self.addr(i),
+                if passed { "passed" } else { "failed" }
+            ),
+        }
     }
 
     /// The endpoint set, for `/upstreams`.

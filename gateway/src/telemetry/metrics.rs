@@ -34,6 +34,7 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     pub upstream_ejections: IntCounterVec,
     pub upstream_endpoints: IntGaugeVec,
+    pub upstream_health_checks: IntCounterVec,
     pub rate_limit_decisions: IntCounterVec,
     pub rate_limit_keys: IntGaugeVec,
     pub rate_limit_backend_duration: Histogram,
@@ -133,7 +134,8 @@ impl Metrics {
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
-            upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy (gets requests), ejected (by outlier detection).", &[UPSTREAM, STATE]),
+            upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy, ejected (outlier detection), slow_start, unhealthy (health checks).", &[UPSTREAM, STATE]),
+            upstream_health_checks: counter(&r, names::UPSTREAM_HEALTH_CHECKS_TOTAL, "Active health checks by result (success, failure).", &[UPSTREAM, RESULT]),
             rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, backend_error).", &[POLICY, OUTCOME]),
             rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s); for a global policy, keys with a cached decision.", &[POLICY]),
             rate_limit_backend_duration: histogram(&r, names::RATE_LIMIT_BACKEND_DURATION_SECONDS, "Time of each answered Redis call made for global rate limits.", &[]).with_label_values(&[] as &[&str]),
@@ -299,6 +301,8 @@ pub struct UpstreamSeries {
     /// New, reused.
     connections: [OnceLock<IntCounter>; 2],
     ejections: OnceLock<IntCounter>,
+    /// Failed, passed.
+    health_checks: [OnceLock<IntCounter>; 2],
 }
 
 impl UpstreamSeries {
@@ -309,7 +313,16 @@ impl UpstreamSeries {
             duration: OnceLock::new(),
             connections: std::array::from_fn(|_| OnceLock::new()),
             ejections: OnceLock::new(),
+            health_checks: std::array::from_fn(|_| OnceLock::new()),
         }
+    }
+
+    pub fn health_check(&self, passed: bool) -> &IntCounter {
+        self.health_checks[usize::from(passed)].get_or_init(|| {
+            metrics()
+                .upstream_health_checks
+                .with_label_values(&[&*self.upstream, if passed { "success" } else { "failure" }])
+        })
     }
 
     pub fn ejections(&self) -> &IntCounter {

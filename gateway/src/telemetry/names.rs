@@ -26,6 +26,7 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "meshgate_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
 pub const UPSTREAM_ENDPOINTS: &str = "meshgate_upstream_endpoints";
+pub const UPSTREAM_HEALTH_CHECKS_TOTAL: &str = "meshgate_upstream_health_checks_total";
 
 pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "meshgate_rate_limit_decisions_total";
 pub const RATE_LIMIT_KEYS: &str = "meshgate_rate_limit_keys";
@@ -55,7 +56,7 @@ pub const BUILD_INFO: &str = "meshgate_build_info";
 /// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
 pub const EGRESS_UPSTREAM: &str = "(egress)";
 /// The `state` label values of `meshgate_upstream_endpoints`.
-pub const ENDPOINT_STATES: [&str; 3] = ["healthy", "ejected", "slow_start"];
+pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "ejected", "slow_start", "unhealthy"];
 /// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.
 pub const RATE_LIMIT_BACKEND_ERROR_KINDS: [&str; 3] = ["timeout", "unavailable", "error"];
 

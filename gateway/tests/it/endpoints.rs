@@ -324,3 +324,181 @@ async fn upstreams_endpoint_shows_each_endpoint_state() {
         load(&gw, 4, 2).await;
     }
 }
+
+/// Wait until the gateway's log has `needle`.
+async fn wait_log(gw: &Gateway, needle: &str, within: Duration) {
+    let start = Instant::now();
+    while !gw.log().contains(needle) {
+        assert!(start.elapsed() < within, "no `{needle}` in:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_take_failing_endpoints_out_and_bring_them_back() {
+    let good = faulty("good", Fault::Good).await;
+    let flaky = faulty("flaky", Fault::Unavailable).await;
+    let (garbage, _) = crate::support::upstream::scripted(b"garbage\r\n\r\n").await;
+    let dead = crate::support::upstream::dead_addr();
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{}", "{}", "{dead}"]
+outlier = false
+health_check = {{ path = "/healthz", host = "api.internal", interval = "200ms", timeout = "100ms", healthy = 2, unhealthy = 2 }}
+"#,
+        good.upstream.addr, flaky.upstream.addr, garbage.addr
+    );
+    let gw = Gateway::start(&config).await;
+    for addr in [
+        flaky.upstream.addr.to_string(),
+        garbage.addr.to_string(),
+        dead.to_string(),
+    ] {
+        wait_log(
+            &gw,
+            &format!("upstream `api` endpoint {addr} is unhealthy"),
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+    assert!(
+        gw.log().contains("its health check failed (status 503)"),
+        "{}",
+        gw.log()
+    );
+    assert!(
+        good.last_check().contains("host: api.internal\r\n"),
+        "{}",
+        good.last_check()
+    );
+
+    // Out: every request reaches the good endpoint.
+    let before = flaky.requests();
+    let statuses = load(&gw, 50, 5).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(flaky.requests(), before);
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    let eps = &view["upstreams"][0]["endpoints"];
+    assert_eq!(eps[1]["state"], "unhealthy", "{view}");
+    assert_eq!(eps[1]["last_health_check"]["passed"], false, "{view}");
+    assert_eq!(eps[0]["state"], "healthy", "{view}");
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_upstream_endpoints{state=\"unhealthy\",upstream=\"api\"}"
+        ),
+        3.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "meshgate_upstream_health_checks_total{result=\"failure\",upstream=\"api\"}"
+        ) >= 3.0
+    );
+
+    // Back after `healthy` passes in a row.
+    flaky.set(Fault::Good);
+    wait_log(
+        &gw,
+        &format!(
+            "upstream `api` endpoint {} is healthy again (200)",
+            flaky.upstream.addr
+        ),
+        Duration::from_secs(5),
+    )
+    .await;
+    let statuses = load(&gw, 40, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        flaky.requests() > before,
+        "a healthy endpoint got no requests"
+    );
+    // One failed check took it out, two passes brought it back.
+    assert!(good.checks() >= 1 && flaky.checks() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_grpc_health_checks() {
+    let good = faulty("good", Fault::Good).await;
+    let dead = crate::support::upstream::dead_addr();
+    let tcp = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{dead}"]
+outlier = false
+health_check = {{ kind = "tcp", interval = "200ms", timeout = "100ms" }}
+"#,
+        good.upstream.addr
+    );
+    let gw = Gateway::start(&tcp).await;
+    wait_log(
+        &gw,
+        &format!("upstream `api` endpoint {dead} is unhealthy"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(good.checks(), 0, "a tcp check sends no request");
+    drop(gw);
+
+    let serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let a = crate::support::upstream::grpc_health(serving.clone()).await;
+    let b_serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = crate::support::upstream::grpc_health(b_serving.clone()).await;
+    let grpc = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{}"]
+protocol = "h2c"
+outlier = false
+health_check = {{ kind = "grpc", interval = "200ms", timeout = "150ms", healthy = 1 }}
+"#,
+        a.addr, b.addr
+    );
+    let gw = Gateway::start(&grpc).await;
+    wait_log(
+        &gw,
+        &format!(
+            "upstream `api` endpoint {} is unhealthy: its health check failed (not SERVING)",
+            b.addr
+        ),
+        Duration::from_secs(5),
+    )
+    .await;
+    // The other's first check comes at its own time in the interval.
+    let start = Instant::now();
+    loop {
+        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+        let first = &view["upstreams"][0]["endpoints"][0];
+        if !first["last_health_check"].is_null() {
+            assert_eq!(first["state"], "healthy", "{view}");
+            assert_eq!(first["last_health_check"]["result"], "SERVING", "{view}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b_serving.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_log(
+        &gw,
+        &format!(
+            "upstream `api` endpoint {} is healthy again (SERVING)",
+            b.addr
+        ),
+        Duration::from_secs(5),
+    )
+    .await;
+}

@@ -121,6 +121,10 @@ impl Validator {
                 0
             }
         };
+        let health_check = u
+            .health_check
+            .as_ref()
+            .and_then(|h| self.health_check(&n, h, protocol));
         Some(Upstream {
             name: n,
             endpoints,
@@ -135,6 +139,201 @@ impl Validator {
             load_balancing,
             slow_start,
             panic_threshold,
+            health_check,
+        })
+    }
+
+    /// `health_check = { ... }`.
+    fn health_check(
+        &mut self,
+        upstream: &str,
+        h: &Spanned<RawHealthCheck>,
+        protocol: UpstreamProtocol,
+    ) -> Option<HealthCheck> {
+        let raw = h.get_ref();
+        let key = |k: &str| format!("upstreams.{upstream}.health_check.{k}");
+        let mut ok = true;
+        let kind = match raw.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+            None | Some((_, "http")) => HealthCheckKind::Http,
+            Some((_, "tcp")) => HealthCheckKind::Tcp,
+            Some((k, "grpc")) => {
+                if protocol == UpstreamProtocol::Http1 {
+                    self.error(
+                        k.span(),
+                        format!("{} = \"grpc\" needs HTTP/2, but upstream `{upstream}` speaks protocol = \"http1\"", key("kind")),
+                        "set protocol = \"h2c\" (or \"h2\" with tls) on the upstream, as gRPC servers need, or use kind = \"http\"",
+                    );
+                    ok = false;
+                }
+                HealthCheckKind::Grpc
+            }
+            Some((k, other)) => {
+                self.error(
+                    k.span(),
+                    format!("unknown {} \"{other}\"", key("kind")),
+                    "use \"http\" (default), \"tcp\" (connect only) or \"grpc\" (grpc.health.v1)",
+                );
+                return None;
+            }
+        };
+        let only_http = |this: &mut Self, span: Option<std::ops::Range<usize>>, name: &str| {
+            if let Some(span) = span {
+                this.error(
+                    span,
+                    format!(
+                        "{} is set, but kind = \"{}\" does not use it",
+                        key(name),
+                        kind.as_str()
+                    ),
+                    format!("remove {name}, or use kind = \"http\""),
+                );
+                false
+            } else {
+                true
+            }
+        };
+        if kind != HealthCheckKind::Http {
+            ok &= only_http(self, raw.path.as_ref().map(Spanned::span), "path");
+            ok &= only_http(
+                self,
+                raw.expect_status.as_ref().map(Spanned::span),
+                "expect_status",
+            );
+        }
+        if kind == HealthCheckKind::Tcp {
+            ok &= only_http(self, raw.host.as_ref().map(Spanned::span), "host");
+        }
+        let path = match &raw.path {
+            None => "/".to_string(),
+            Some(p)
+                if p.get_ref().starts_with('/')
+                    && http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_ok() =>
+            {
+                p.get_ref().clone()
+            }
+            Some(p) => {
+                self.error(
+                    p.span(),
+                    format!("{} = \"{}\" is not a path", key("path"), p.get_ref()),
+                    "write a path starting with /, e.g. path = \"/healthz\"",
+                );
+                ok = false;
+                String::new()
+            }
+        };
+        let host = match &raw.host {
+            None => None,
+            Some(h)
+                if !h.get_ref().is_empty()
+                    && HeaderValue::from_str(h.get_ref()).is_ok()
+                    && !h.get_ref().contains(char::is_whitespace) =>
+            {
+                Some(h.get_ref().clone())
+            }
+            Some(h) => {
+                self.error(
+                    h.span(),
+                    format!("{} = \"{}\" is not a host name", key("host"), h.get_ref()),
+                    "write the Host the endpoints expect, e.g. host = \"api.internal\"",
+                );
+                ok = false;
+                None
+            }
+        };
+        let mut expect_status = Vec::new();
+        for s in raw.expect_status.iter().flat_map(|l| l.get_ref()) {
+            match u16::try_from(*s.get_ref()) {
+                Ok(code) if (100..=599).contains(&code) => expect_status.push(code),
+                _ => {
+                    self.error(
+                        s.span(),
+                        format!("{} has {}, which is not an HTTP status", key("expect_status"), s.get_ref()),
+                        "list statuses 100..=599, e.g. expect_status = [200, 204]; leave it out for any 2xx or 3xx",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(l) = raw
+            .expect_status
+            .as_ref()
+            .filter(|l| l.get_ref().is_empty())
+        {
+            self.error(
+                l.span(),
+                format!("{} is empty: no answer would pass", key("expect_status")),
+                "list the passing statuses, or leave it out for any 2xx or 3xx",
+            );
+            ok = false;
+        }
+        let interval = self.duration_or(
+            raw.interval.as_ref(),
+            &key("interval"),
+            HealthCheck::DEFAULT_INTERVAL,
+            false,
+        );
+        let timeout = self.duration_or(
+            raw.timeout.as_ref(),
+            &key("timeout"),
+            HealthCheck::DEFAULT_TIMEOUT.min(interval),
+            false,
+        );
+        if timeout >= interval {
+            let span = raw
+                .timeout
+                .as_ref()
+                .map(Spanned::span)
+                .or(raw.interval.as_ref().map(Spanned::span))
+                .unwrap_or_else(|| h.span());
+            self.error(
+                span,
+                format!(
+                    "{} ({}) is not shorter than interval ({})",
+                    key("timeout"),
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+                "make timeout shorter than interval: a check must end before the next one starts",
+            );
+            ok = false;
+        }
+        let mut threshold =
+            |this: &mut Self, v: Option<&Spanned<i64>>, name: &str, default: u32| match v {
+                None => default,
+                Some(v) if (1..=100).contains(v.get_ref()) => *v.get_ref() as u32,
+                Some(v) => {
+                    this.error(
+                        v.span(),
+                        format!("{} = {} is out of range", key(name), v.get_ref()),
+                        format!(
+                        "use 1..=100: how many checks in a row decide that an endpoint is {name}"
+                    ),
+                    );
+                    ok = false;
+                    default
+                }
+            };
+        let healthy = threshold(
+            self,
+            raw.healthy.as_ref(),
+            "healthy",
+            HealthCheck::DEFAULT_HEALTHY,
+        );
+        let unhealthy = threshold(
+            self,
+            raw.unhealthy.as_ref(),
+            "unhealthy",
+            HealthCheck::DEFAULT_UNHEALTHY,
+        );
+        ok.then_some(HealthCheck {
+            kind,
+            path,
+            host,
+            expect_status,
+            interval,
+            timeout,
+            healthy,
+            unhealthy,
         })
     }
 

@@ -313,6 +313,8 @@ pub struct Faulty {
     pub upstream: Upstream,
     mode: Arc<std::sync::atomic::AtomicU8>,
     requests: Arc<AtomicUsize>,
+    checks: Arc<AtomicUsize>,
+    last_check: Arc<std::sync::Mutex<String>>,
 }
 
 impl Faulty {
@@ -320,18 +322,35 @@ impl Faulty {
         self.mode.store(fault as u8, Ordering::SeqCst);
     }
 
-    /// Request heads received so far.
+    /// Request heads received so far, health checks (`GET /healthz`) aside.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Health checks (`GET /healthz`) received so far.
+    pub fn checks(&self) -> usize {
+        self.checks.load(Ordering::SeqCst)
+    }
+
+    /// The head of the last health check.
+    pub fn last_check(&self) -> String {
+        self.last_check.lock().unwrap().clone()
     }
 }
 
 pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
     let mode = Arc::new(std::sync::atomic::AtomicU8::new(fault as u8));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (m, r) = (mode.clone(), requests.clone());
+    let checks = Arc::new(AtomicUsize::new(0));
+    let last_check = Arc::new(std::sync::Mutex::new(String::new()));
+    let (m, r, c, l) = (
+        mode.clone(),
+        requests.clone(),
+        checks.clone(),
+        last_check.clone(),
+    );
     let upstream = serve(move |mut stream| {
-        let (mode, requests) = (m.clone(), r.clone());
+        let (mode, requests, checks, last_check) = (m.clone(), r.clone(), c.clone(), l.clone());
         async move {
             let mut buf = [0u8; 4096];
             let mut pending = Vec::new();
@@ -343,8 +362,13 @@ pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
                     }
                     continue;
                 };
-                pending.drain(..end + 4);
-                requests.fetch_add(1, Ordering::SeqCst);
+                let head: Vec<u8> = pending.drain(..end + 4).collect();
+                if head.starts_with(b"GET /healthz ") {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    *last_check.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+                } else {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                }
                 let mode = mode.load(Ordering::SeqCst);
                 if mode == Fault::Slow as u8 {
                     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -376,5 +400,45 @@ pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
         upstream,
         mode,
         requests,
+        checks,
+        last_check,
     }
+}
+
+/// An h2c gRPC server answering `grpc.health.v1.Health/Check` with
+/// SERVING while `serving` holds (NOT_SERVING otherwise), and any other
+/// request with 200 `ok`.
+pub async fn grpc_health(serving: Arc<std::sync::atomic::AtomicBool>) -> Upstream {
+    serve(move |stream| {
+        let serving = serving.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let serving = serving.clone();
+                async move {
+                    if req.uri().path() != "/grpc.health.v1.Health/Check" {
+                        return Ok::<_, Infallible>(Response::new(full("ok")));
+                    }
+                    let _ = req.into_body().collect().await;
+                    let status = if serving.load(Ordering::SeqCst) { 1 } else { 2 };
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let frames = vec![
+                        Ok::<_, Infallible>(Frame::data(Bytes::from(vec![
+                            0, 0, 0, 0, 2, 8, status,
+                        ]))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)));
+                    Ok(Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .unwrap())
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        }
+    })
+    .await
 }

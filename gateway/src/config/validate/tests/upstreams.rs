@@ -264,3 +264,86 @@ fn balancing_keys_reach_the_model() {
     assert_eq!(u.slow_start, Some(Duration::from_secs(30)));
     assert_eq!(u.panic_threshold, 0);
 }
+
+bad!(
+    health_healthy_zero,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { healthy = 0 }\n"),
+    5,
+    "upstreams.x.health_check.healthy = 0 is out of range"
+);
+
+bad!(
+    health_timeout_not_below_interval,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nhealth_check = { interval = \"1s\",\n  timeout = \"2s\" }\n"
+    ),
+    6,
+    "upstreams.x.health_check.timeout (2s) is not shorter than interval (1s)"
+);
+
+bad!(
+    health_unknown_kind,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { kind = \"icmp\" }\n"),
+    5,
+    "unknown upstreams.x.health_check.kind \"icmp\""
+);
+
+bad!(
+    health_grpc_needs_http2,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { kind = \"grpc\" }\n"),
+    5,
+    "needs HTTP/2, but upstream `x` speaks protocol = \"http1\""
+);
+
+bad!(
+    health_tcp_with_path,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nhealth_check = { kind = \"tcp\", path = \"/h\" }\n"
+    ),
+    5,
+    "health_check.path is set, but kind = \"tcp\" does not use it"
+);
+
+bad!(
+    health_bad_path,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { path = \"healthz\" }\n"),
+    5,
+    "health_check.path = \"healthz\" is not a path"
+);
+
+bad!(
+    health_bad_status,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { expect_status = [200, 700] }\n"),
+    5,
+    "health_check.expect_status has 700"
+);
+
+bad!(
+    health_unknown_key,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = { intervall = \"1s\" }\n"),
+    5,
+    "intervall"
+);
+
+#[test]
+fn health_check_defaults() {
+    use crate::config::model::{HealthCheck, HealthCheckKind};
+    let src = with_upstream("endpoints = [\"127.0.0.1:9\"]\nhealth_check = {}\n");
+    let u = &parse(Path::new("t.toml"), &src)
+        .expect("valid")
+        .config
+        .upstreams[0];
+    let h = u.health_check.as_ref().expect("on");
+    assert_eq!(h.kind, HealthCheckKind::Http);
+    assert_eq!(h.path, "/");
+    assert_eq!(h.interval, HealthCheck::DEFAULT_INTERVAL);
+    assert_eq!(h.timeout, HealthCheck::DEFAULT_TIMEOUT);
+    assert_eq!((h.healthy, h.unhealthy), (2, 3));
+    assert!(h.passes(204) && h.passes(302) && !h.passes(404) && !h.passes(503));
+    let src = with_upstream("endpoints = [\"127.0.0.1:9\"]\n");
+    let u = &parse(Path::new("t.toml"), &src)
+        .expect("valid")
+        .config
+        .upstreams[0];
+    assert!(u.health_check.is_none());
+}
