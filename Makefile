@@ -14,7 +14,7 @@ BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates 
 # prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 # podman and debootstrap build the container image and start it (tests/deploy.rs).
-TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap
+TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap dnsmasq-base
 
 # What `make bench` needs: the competitors and load generators (Envoy from PyPI); valgrind
 # for `make bench-instructions`.

@@ -144,7 +144,8 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
         .upstreams
         .iter()
         .map(|pool| {
-            let set = pool.set();
+            let members = pool.members();
+            let set = &members.set;
             let endpoints: Vec<serde_json::Value> = set
                 .members()
                 .iter()
@@ -179,9 +180,17 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
                     e
                 })
                 .collect();
+            let refresh = pool.last_refresh().map(|r| {
+                serde_json::json!({
+                    "at": humantime::format_rfc3339_seconds(r.at).to_string(),
+                    "result": if r.failed.is_some() { "failure" } else { "success" },
+                    "error": r.failed,
+                })
+            });
             serde_json::json!({
                 "name": pool.name,
-                "discovery": "static",
+                "discovery": pool.discovery.as_str(),
+                "last_refresh": refresh,
                 "load_balancing": set.policy().load_balancing.as_str(),
                 "endpoints": endpoints,
             })
@@ -306,7 +315,13 @@ pub fn config_json(c: &Config) -> serde_json::Value {
         "routes": routes,
         "upstreams": c.upstreams.iter().map(|u| json!({
             "name": u.name,
-            "endpoints": u.endpoints.iter().map(|e| json!({ "addr": e.addr, "resolved": e.socket.to_string(), "weight": e.weight })).collect::<Vec<_>>(),
+            "endpoints": u.endpoints.iter().map(|e| json!({
+                "addr": e.addr,
+                "resolved": e.sockets.first().map(ToString::to_string),
+                "addresses": e.sockets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "weight": e.weight,
+            })).collect::<Vec<_>>(),
+            "discovery": u.discovery.as_str(),
             "protocol": u.protocol.as_str(),
             "connect_timeout_seconds": secs(u.connect_timeout),
             "read_timeout_seconds": secs(u.read_timeout),

@@ -59,14 +59,58 @@ impl BackgroundService for HealthChecks {
                 _ = tick.tick() => {
                     let rt = self.runtime.load_full();
                     for (u, pool) in rt.upstreams.iter().enumerate() {
-                        for i in pool.due_checks() {
-                            let rt = rt.clone();
+                        let Some((members, due)) = pool.due_checks() else {
+                            continue;
+                        };
+                        for i in due {
+                            let (rt, members) = (rt.clone(), members.clone());
                             tokio::spawn(async move {
                                 if let Some(pool) = rt.upstreams.get(u) {
-                                    pool.check(i, &rt.certs).await;
+                                    pool.check(&members, i, &rt.certs).await;
                                 }
                             });
                         }
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Looks up the names of `dns` and `srv` upstreams, each again when its
+/// answers' TTL runs out. A refresh started under a config that a reload
+/// replaced still updates that config's pool, which the next config
+/// starts from.
+pub struct Discovery {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+}
+
+#[async_trait]
+impl BackgroundService for Discovery {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let rt = self.runtime.load_full();
+                    let Some(discoverer) = rt.discoverer.clone() else {
+                        continue;
+                    };
+                    let now = std::time::Instant::now();
+                    for (u, pool) in rt.upstreams.iter().enumerate() {
+                        if !pool.refresh_due(now) {
+                            continue;
+                        }
+                        let (rt, discoverer) = (rt.clone(), discoverer.clone());
+                        tokio::spawn(async move {
+                            let Some(pool) = rt.upstreams.get(u) else {
+                                return;
+                            };
+                            let (answers, ttl) = discoverer.look_up(pool.discovery, &pool.entries).await;
+                            pool.refreshed(answers, ttl, discoverer.settings.min_ttl);
+                        });
                     }
                 }
                 _ = shutdown.changed() => return,

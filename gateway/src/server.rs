@@ -252,6 +252,12 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
+    let discovery = background_service(
+        "discovery",
+        crate::background::Discovery {
+            runtime: runtime.clone(),
+        },
+    );
     let shutdown_runtime = runtime.clone();
     let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
     admin.add_tcp(&admin_addr.to_string());
@@ -265,6 +271,7 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     server.add_service(reloader);
     server.add_service(evictor);
     server.add_service(health_checks);
+    server.add_service(discovery);
     server.add_service(cert_watcher);
     ignore_sighup_until_handled();
     server.run(RunArgs {

@@ -43,6 +43,8 @@ pub struct Config {
     pub policies: Vec<AuthzPolicy>,
     /// `[egress]`: what `egress` listeners let out beyond their routes.
     pub egress: Option<Egress>,
+    /// `[resolver]`: where `dns` and `srv` discovery ask.
+    pub resolver: Resolver,
     /// Hash of the file's text, to tell configs apart in metrics and logs.
     pub source_hash: String,
     /// What is valid but almost certainly not meant (a policy with no
@@ -619,6 +621,49 @@ pub struct Upstream {
     /// Percent: with fewer usable endpoints than this share, all get requests.
     pub panic_threshold: u8,
     pub health_check: Option<HealthCheck>,
+    pub discovery: Discovery,
+}
+
+/// `discovery`: where an upstream's endpoints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discovery {
+    /// Looked up once, at load; every address of a name is an endpoint.
+    Static,
+    /// A/AAAA looked up again at their TTL.
+    Dns,
+    /// Each entry an SRV name; targets, ports and weights from the records.
+    Srv,
+}
+
+impl Discovery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discovery::Static => "static",
+            Discovery::Dns => "dns",
+            Discovery::Srv => "srv",
+        }
+    }
+}
+
+/// `[resolver]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// Empty: the system's (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `health_check = { ... }`: each endpoint asked every `interval`;
@@ -746,10 +791,12 @@ impl Default for OutlierDetection {
 
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// As written, for `/config` and logs.
+    /// As written, for `/config` and logs: `HOST:PORT`, or under `srv`
+    /// discovery an SRV name.
     pub addr: String,
-    /// Resolved once at load time.
-    pub socket: SocketAddr,
+    /// `static` discovery: every address it is, looked up at load. Under
+    /// `dns` and `srv`, only an IP address written as such.
+    pub sockets: Vec<SocketAddr>,
     pub weight: u32,
 }
 

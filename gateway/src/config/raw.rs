@@ -278,6 +278,17 @@ pub struct RawUpstream {
     pub slow_start: Option<Spanned<RawDuration>>,
     pub panic_threshold: Option<Spanned<i64>>,
     pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub discovery: Option<Spanned<String>>,
+}
+
+/// `[resolver]`: where `dns` and `srv` discovery ask.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawResolver {
+    pub nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub min_ttl: Option<Spanned<RawDuration>>,
+    pub max_ttl: Option<Spanned<RawDuration>>,
 }
 
 /// An upstream's `health_check = { ... }`.

@@ -1,7 +1,8 @@
-//! The loader's one lookup: endpoints written as host names get their
-//! address (the first the system resolver gives, as ever), and an endpoint
-//! an upstream lists twice (the same address, however written) is an
-//! error. Kept out of validation, which does no I/O but read the files the
+//! The loader's one lookup: endpoints of `static` upstreams written as
+//! host names get their addresses (every one the system resolver gives),
+//! and an endpoint an upstream lists twice (the same address, however
+//! written) is an error. `dns` and `srv` upstreams are looked up while
+//! running (`runtime::discovery`), never here. Kept out of validation, which does no I/O but read the files the
 //! config names; a reload runs the loader off the async workers.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -17,8 +18,8 @@ pub fn endpoints(mut config: Option<&mut Config>, lookups: &[Lookup]) -> Vec<Dia
     // The addresses an upstream lists so far, as written in order.
     let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
     for l in lookups {
-        let address = match l.address {
-            Some(a) => a,
+        let addresses = match l.address {
+            Some(a) => vec![a],
             None => match look_up(&l.addr) {
                 Ok(a) => a,
                 Err(why) => {
@@ -30,34 +31,49 @@ pub fn endpoints(mut config: Option<&mut Config>, lookups: &[Lookup]) -> Vec<Dia
                 }
             },
         };
-        if seen.iter().any(|(u, a)| *u == l.upstream && *a == address) {
-            errors.push(
-                Diagnostic::new(
-                    l.span.clone(),
-                    format!("upstream `{}` lists endpoint {address} twice", l.upstream),
-                )
-                .fix("list each endpoint once; use { addr = \"...\", weight = N } to send it more traffic"),
-            );
-            continue;
+        let mut kept = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            if seen.iter().any(|(u, a)| *u == l.upstream && *a == address) {
+                errors.push(
+                    Diagnostic::new(
+                        l.span.clone(),
+                        format!("upstream `{}` lists endpoint {address} twice", l.upstream),
+                    )
+                    .fix("list each endpoint once; use { addr = \"...\", weight = N } to send it more traffic"),
+                );
+                continue;
+            }
+            seen.push((&l.upstream, address));
+            kept.push(address);
         }
-        seen.push((&l.upstream, address));
         let endpoint = config
             .as_deref_mut()
             .and_then(|c| c.upstreams.iter_mut().find(|u| u.name == l.upstream))
             .and_then(|u| u.endpoints.get_mut(l.index));
         if let Some(e) = endpoint {
-            e.socket = address;
+            e.sockets = kept;
         }
     }
     errors
 }
 
-fn look_up(addr: &str) -> Result<SocketAddr, String> {
+/// Every address of `addr` (`HOST:PORT`), each once, in the resolver's order.
+fn look_up(addr: &str) -> Result<Vec<SocketAddr>, String> {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     match addr.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("host `{host}` resolved to no address")),
+        Ok(found) => {
+            let mut all: Vec<SocketAddr> = Vec::new();
+            for a in found {
+                if !all.contains(&a) {
+                    all.push(a);
+                }
+            }
+            if all.is_empty() {
+                Err(format!("host `{host}` resolved to no address"))
+            } else {
+                Ok(all)
+            }
+        }
         Err(e) => Err(format!("cannot resolve host `{host}`: {e}")),
     }
 }

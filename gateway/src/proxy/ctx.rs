@@ -30,6 +30,8 @@ pub enum Failure {
     /// Memory is over `gateway.overload.memory`: new requests are shed.
     Overloaded,
     EgressDenied,
+    /// The upstream has no endpoint to send to (discovery found none yet).
+    NoEndpoints,
 }
 
 impl Failure {
@@ -47,7 +49,31 @@ impl Failure {
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
             Failure::BodyTimeout => 408,
-            Failure::Overloaded => 503,
+            Failure::Overloaded | Failure::NoEndpoints => 503,
+        }
+    }
+
+    /// The error's kind in JSON bodies and logs: stable, for machines.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Failure::NoRoute => "no_route",
+            Failure::NoListener => "no_listener",
+            Failure::Timeout => "timeout",
+            Failure::UpstreamUnreachable => "upstream_unreachable",
+            Failure::UpstreamError => "upstream_error",
+            Failure::BadRequest => "bad_request",
+            Failure::Internal => "internal",
+            Failure::RateLimited => "rate_limited",
+            Failure::RateLimitUnavailable => "rate_limit_unavailable",
+            Failure::Forbidden => "forbidden",
+            Failure::ClientCertUntrusted => "client_cert_untrusted",
+            Failure::HeadersTooLarge => "headers_too_large",
+            Failure::UriTooLong => "uri_too_long",
+            Failure::BodyTooLarge => "body_too_large",
+            Failure::BodyTimeout => "body_timeout",
+            Failure::Overloaded => "overloaded",
+            Failure::EgressDenied => "egress_denied",
+            Failure::NoEndpoints => "no_endpoints",
         }
     }
 
@@ -72,6 +98,7 @@ impl Failure {
             Failure::Overloaded => "overloaded",
             Failure::EgressDenied => "egress destination not allowed",
             Failure::Internal => "internal gateway error",
+            Failure::NoEndpoints => "the upstream has no endpoints (yet)",
         }
     }
 }
@@ -104,6 +131,9 @@ pub struct RequestCtx {
     /// Counts this request in its endpoint's in-flight requests (the
     /// balancer's load) until the next attempt or the request's end.
     pub at_endpoint: Option<crate::endpoints::set::InFlight>,
+    /// The upstream's endpoints as they were at the first attempt: every
+    /// attempt and report of the request uses the same set.
+    pub members: Option<Arc<crate::runtime::upstream::Members>>,
     /// The client asked for a WebSocket upgrade.
     pub websocket: bool,
     /// The upstream accepted it (101): the route deadline no longer applies.
@@ -154,6 +184,7 @@ impl RequestCtx {
             upstream_status: None,
             outcome_reported: false,
             at_endpoint: None,
+            members: None,
             websocket: false,
             client_cancelled: false,
             body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,

@@ -398,12 +398,17 @@ impl ProxyHttp for Proxy {
                 .and_then(|l| policy::effective_client_ip(rt, l, req, client_ip(session)));
             crate::endpoints::key::of(k, &req.headers, req.uri.path(), client)
         });
-        let (endpoint, mut peer) = pool
-            .select(&ctx.tried, key.as_deref(), remaining)
-            .ok_or_else(|| {
-                Error::explain(ErrorType::ConnectNoRoute, "upstream has no endpoints")
-            })?;
-        let in_flight = pool.in_flight(endpoint);
+        let members = ctx.members.get_or_insert_with(|| pool.members()).clone();
+        let Some((endpoint, mut peer)) =
+            pool.select(&members, &ctx.tried, key.as_deref(), remaining)
+        else {
+            ctx.failure = Some(Failure::NoEndpoints);
+            return Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "upstream has no endpoints",
+            ));
+        };
+        let in_flight = members.set.in_flight(endpoint);
         // The client certificate as its files hold it now (rotated
         // certificates are picked up by the watcher); a new pair also means
         // new pooled connections.

@@ -57,8 +57,8 @@ pub fn attempt_outcome(ctx: &mut RequestCtx, outcome: Outcome) {
         .zip(ctx.upstream)
         .and_then(|(rt, u)| rt.upstreams.get(u));
     let rtt = ctx.connect_started.map(|t| t.elapsed()).unwrap_or_default();
-    if let (Some(pool), Some(&endpoint)) = (pool, ctx.tried.last()) {
-        pool.report(endpoint, outcome, rtt);
+    if let (Some(pool), Some(members), Some(&endpoint)) = (pool, &ctx.members, ctx.tried.last()) {
+        pool.report(members, endpoint, outcome, rtt);
     }
 }
 

@@ -75,10 +75,11 @@ async fn discard_small_body(session: &mut Session) {
     let _ = pingora::time::timeout(DISCARD_BODY_WAIT, session.drain_request_body()).await;
 }
 
-/// `{"error": "...", "route": "...", "request_id": "..."}`
+/// `{"error": "...", "kind": "...", "status": N, "route": "...", "request_id": "..."}`
 pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
     let body = serde_json::json!({
         "error": failure.message(),
+        "kind": failure.kind(),
         "status": failure.status(),
         "route": ctx.route_name(),
         "request_id": ctx.request_id,
@@ -213,6 +214,7 @@ pub async fn send_rate_limited(
 ) -> Result<()> {
     let body = serde_json::json!({
         "error": Failure::RateLimited.message(),
+        "kind": Failure::RateLimited.kind(),
         "status": 429,
         "policy": policy,
         "retry_after_seconds": retry_after,
@@ -272,6 +274,7 @@ async fn send_policy_error(
 ) -> Result<()> {
     let body = serde_json::json!({
         "error": failure.message(),
+        "kind": failure.kind(),
         "status": failure.status(),
         "policy": policy,
         "route": ctx.route_name(),

@@ -3,6 +3,7 @@
 //! at its start and uses it to its end.
 
 pub mod certs;
+pub mod discovery;
 pub mod health;
 pub mod upstream;
 
@@ -42,6 +43,8 @@ pub struct Runtime {
     pub egress_series: UpstreamSeries,
     /// Where `[egress]` destinations are (pins, lookups, deny_networks).
     pub egress_resolver: Option<crate::egress::resolve::Resolver>,
+    /// `dns` and `srv` discovery (when an upstream uses them).
+    pub discoverer: Option<Arc<discovery::Discoverer>>,
 }
 
 pub struct ListenerRuntime {
@@ -172,7 +175,27 @@ impl Runtime {
             .egress
             .as_ref()
             .map(crate::egress::resolve::Resolver::new);
+        let discovering = config
+            .upstreams
+            .iter()
+            .any(|u| u.discovery != crate::config::model::Discovery::Static);
+        // The same [resolver] keeps its resolver (and what it has cached).
+        let discoverer = previous
+            .and_then(|p| p.discoverer.as_ref())
+            .filter(|d| d.settings == config.resolver)
+            .cloned()
+            .or_else(|| match discovery::Discoverer::new(&config.resolver) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    log::error!(
+                        "[resolver]: {e}; dns and srv upstreams keep the endpoints they have"
+                    );
+                    None
+                }
+            })
+            .filter(|_| discovering);
         Runtime {
+            discoverer,
             egress_series: UpstreamSeries::new(crate::telemetry::names::EGRESS_UPSTREAM),
             certs,
             egress_resolver,

@@ -1,18 +1,24 @@
-//! Upstream pools: the endpoint set (which endpoint each attempt goes
-//! to, from `endpoints/`) and the ready-made peer of each endpoint.
+//! Upstream pools: the endpoints an upstream has now (a set swapped whole
+//! when discovery finds others), which endpoint each attempt goes to (from
+//! `endpoints/`), and the ready-made peer of each endpoint.
 
 use crate::config::Material;
 use std::any::Any;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::model::{HashKey, Upstream, UpstreamProtocol, UpstreamTls};
+use crate::config::model::{Discovery, HashKey, Upstream, UpstreamProtocol, UpstreamTls};
+use crate::endpoints::balance::nanos;
 use crate::endpoints::health::Turned;
 use crate::endpoints::outlier::Change;
-use crate::endpoints::set::{EndpointSet, InFlight, Member, Policy, State};
+use crate::endpoints::set::{Endpoint, EndpointSet, Member, Policy, State};
 use crate::endpoints::{Now, Outcome};
 use crate::types::identity::IdentityPattern;
 
@@ -24,18 +30,65 @@ pub struct UpstreamIdentities(pub Vec<String>);
 /// Concurrent HTTP/2 streams per h2c connection to an upstream.
 const H2C_MAX_STREAMS: usize = 128;
 
-/// A compiled upstream: its endpoints and one ready-made peer per endpoint.
+/// One endpoint as found: in the config, or by discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// The name it was found under (`HOST:PORT`; for SRV, the target and
+    /// port): the default Host of its health checks.
+    pub name: String,
+    /// The `endpoints` entry it came from.
+    pub entry: usize,
+}
+
+/// An upstream's endpoints at one moment, with their peers.
+pub struct Members {
+    pub set: EndpointSet,
+    /// Parallel to the set's members.
+    peers: Vec<HttpPeer>,
+    found: Vec<Found>,
+    /// The Host each endpoint's health check sends.
+    check_hosts: Vec<String>,
+}
+
+impl Members {
+    pub fn found(&self) -> &[Found] {
+        &self.found
+    }
+}
+
+/// What the last discovery refresh did, for `/upstreams`.
+#[derive(Debug, Clone)]
+pub struct Refresh {
+    pub at: SystemTime,
+    /// `None`: every name answered; else what failed (the last good
+    /// endpoints of those names were kept).
+    pub failed: Option<String>,
+}
+
+/// A compiled upstream: its endpoints now and how to reach them.
 pub struct UpstreamPool {
     pub name: String,
-    set: EndpointSet,
-    /// Peers built once at load, parallel to the set's members; a request
-    /// clones one and sets its deadline.
-    peers: Vec<HttpPeer>,
+    pub discovery: Discovery,
+    /// `endpoints` as written, with their weights: what discovery asks for.
+    pub entries: Vec<(String, u32)>,
+    members: ArcSwap<Members>,
+    /// Every endpoint's peer is this one at its address.
+    template: HttpPeer,
+    policy: Policy,
+    /// `health_check.host`, else the upstream's SNI.
+    check_host: Option<String>,
+    /// Discovery: when the next refresh is due ([`nanos`]); 0: now.
+    next_refresh: AtomicU64,
+    refreshing: AtomicBool,
+    /// The last refresh failed (logged once until one succeeds).
+    failing: AtomicBool,
+    last_refresh: Mutex<Option<Refresh>>,
     /// `consistent_hash`: what a request is placed on the ring by.
     pub hash_key: Option<HashKey>,
-    /// Active health checks, and the Host each endpoint's check sends.
+    /// Active health checks.
     prober: Option<super::health::Prober>,
-    check_hosts: Vec<String>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -47,72 +100,95 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     /// `previous`: the pool of the same name in the config being
-    /// replaced; its endpoints that stay keep their records (ejections,
-    /// load), and new ones ramp up under `slow_start`.
+    /// replaced. Its endpoints that stay keep their records (health,
+    /// ejections, load), new ones ramp up under `slow_start`, and a `dns`
+    /// or `srv` upstream asking for the same names starts from what they
+    /// found last.
     pub fn build(u: &Upstream, material: &Material, previous: Option<&UpstreamPool>) -> Self {
-        let mut peers = Vec::with_capacity(u.endpoints.len());
-        let mut taken = vec![false; previous.map_or(0, |p| p.set.len())];
-        let now = Instant::now();
-        let mut members = Vec::with_capacity(u.endpoints.len());
-        for e in &u.endpoints {
-            let record = previous
-                .and_then(|p| p.set.record_at(e.socket, &mut taken))
-                .unwrap_or_else(|| {
-                    let fresh = Arc::<crate::endpoints::set::Endpoint>::default();
-                    if previous.is_some() && u.slow_start.is_some() {
-                        fresh.start_ramp(now);
-                    }
-                    fresh
-                });
-            members.push(Member {
-                addr: e.socket,
-                weight: e.weight,
-                record,
-            });
-            let mut peer = HttpPeer::new(
-                e.socket,
-                u.tls.is_some(),
-                u.tls.as_ref().map_or(String::new(), |t| t.sni.clone()),
-            );
-            peer.options.connection_timeout = Some(u.connect_timeout);
-            peer.options.read_timeout = Some(u.read_timeout);
-            peer.options.write_timeout = Some(u.write_timeout);
-            peer.options.idle_timeout = Some(u.idle_timeout);
-            match u.protocol {
-                UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-                    peer.options.alpn = ALPN::H2;
-                    peer.options.max_h2_streams = H2C_MAX_STREAMS;
-                }
-                UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
+        let mut template = HttpPeer::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            u.tls.is_some(),
+            u.tls.as_ref().map_or(String::new(), |t| t.sni.clone()),
+        );
+        template.options.connection_timeout = Some(u.connect_timeout);
+        template.options.read_timeout = Some(u.read_timeout);
+        template.options.write_timeout = Some(u.write_timeout);
+        template.options.idle_timeout = Some(u.idle_timeout);
+        match u.protocol {
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+                template.options.alpn = ALPN::H2;
+                template.options.max_h2_streams = H2C_MAX_STREAMS;
             }
-            if let Some(tls) = &u.tls {
-                set_tls(&mut peer, tls, &u.name, material);
-            }
-            peers.push(peer);
+            UpstreamProtocol::Http1 => template.options.alpn = ALPN::H1,
         }
+        if let Some(tls) = &u.tls {
+            set_tls(&mut template, tls, &u.name, material);
+        }
+        let entries: Vec<(String, u32)> = u
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.clone(), e.weight))
+            .collect();
+        // Written addresses (and, under `static`, every address of a name).
+        let mut found: Vec<Found> = Vec::new();
+        for (entry, e) in u.endpoints.iter().enumerate() {
+            for addr in &e.sockets {
+                found.push(Found {
+                    addr: *addr,
+                    weight: e.weight,
+                    name: e.addr.clone(),
+                    entry,
+                });
+            }
+        }
+        let same_names = previous
+            .filter(|_| u.discovery != Discovery::Static)
+            .filter(|p| p.discovery == u.discovery && p.entries == entries);
+        let pool_before = previous.is_some();
+        if let Some(p) = same_names {
+            found = p.members.load().found.clone();
+        }
+        let policy = Policy::of(u);
+        let check_host = u
+            .health_check
+            .as_ref()
+            .and_then(|h| h.host.clone())
+            .or_else(|| {
+                u.tls
+                    .as_ref()
+                    .map(|t| t.sni.clone())
+                    .filter(|s| !s.is_empty())
+            });
+        let members = members(
+            &policy,
+            &template,
+            check_host.as_deref(),
+            found,
+            previous.map(|p| p.members.load_full()).as_deref(),
+            pool_before,
+        );
+        let next_refresh = match same_names {
+            Some(p) => p.next_refresh.load(Ordering::Relaxed),
+            None => 0,
+        };
         UpstreamPool {
             series: crate::telemetry::metrics::UpstreamSeries::new(&u.name),
             name: u.name.clone(),
-            set: EndpointSet::new(Policy::of(u), members),
-            peers,
+            discovery: u.discovery,
+            entries,
+            members: ArcSwap::from_pointee(members),
+            template,
+            policy,
+            check_host,
+            next_refresh: AtomicU64::new(next_refresh),
+            refreshing: AtomicBool::new(false),
+            failing: AtomicBool::new(same_names.is_some_and(|p| p.failing.load(Ordering::Relaxed))),
+            last_refresh: Mutex::new(same_names.and_then(|p| p.last_refresh())),
             hash_key: match &u.load_balancing {
                 crate::config::model::LoadBalancing::ConsistentHash(k) => Some(k.clone()),
                 _ => None,
             },
             prober: u.health_check.clone().map(super::health::Prober::new),
-            check_hosts: u
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let configured = u.health_check.as_ref().and_then(|h| h.host.clone());
-                    let sni = u
-                        .tls
-                        .as_ref()
-                        .map(|t| t.sni.clone())
-                        .filter(|s| !s.is_empty());
-                    configured.or(sni).unwrap_or_else(|| e.addr.clone())
-                })
-                .collect(),
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -122,6 +198,18 @@ impl UpstreamPool {
                 .and_then(|t| t.client.as_ref())
                 .map(|_| crate::runtime::certs::upstream_slot(&u.name)),
         }
+    }
+
+    /// The endpoints now, for one request from its first attempt to its end.
+    pub fn members(&self) -> Arc<Members> {
+        self.members.load_full()
+    }
+
+    pub fn last_refresh(&self) -> Option<Refresh> {
+        self.last_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether an established connection's peer is who `tls.verify` asks
@@ -152,58 +240,45 @@ impl UpstreamPool {
         }
     }
 
-    /// The endpoint for an attempt (see `EndpointSet::select`), and its
-    /// peer with the read timeout capped by `remaining` (the route's
-    /// deadline).
+    /// The endpoint for an attempt among `members` (see
+    /// `EndpointSet::select`), and its peer with the read timeout capped
+    /// by `remaining` (the route's deadline).
     pub fn select(
         &self,
+        members: &Members,
         tried: &[usize],
         key: Option<&[u8]>,
         remaining: Duration,
     ) -> Option<(usize, HttpPeer)> {
-        let chosen = self.set.select(tried, key);
+        let chosen = members.set.select(tried, key);
         for i in chosen.back {
             log::info!(
                 "upstream `{}` endpoint {} is back from ejection",
                 self.name,
-                self.addr(i)
+                addr_of(members, i)
             );
         }
         let idx = chosen.index?;
-        let mut peer = self.peers.get(idx)?.clone();
+        let mut peer = members.peers.get(idx)?.clone();
         peer.options.read_timeout = Some(self.read_timeout.min(remaining));
         peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
         Some((idx, peer))
     }
 
-    fn addr(&self, i: usize) -> String {
-        self.set
-            .member(i)
-            .map_or(String::new(), |m| m.addr.to_string())
-    }
-
-    /// Count a request in flight at endpoint `i` until the guard drops.
-    pub fn in_flight(&self, i: usize) -> Option<InFlight> {
-        self.set.in_flight(i)
-    }
-
-    /// Count how an attempt at endpoint `i` ended, `rtt` after it began;
-    /// outlier detection may eject the endpoint.
-    pub fn report(&self, i: usize, outcome: Outcome, rtt: Duration) {
+    /// Count how an attempt at endpoint `i` of `members` ended, `rtt`
+    /// after it began; outlier detection may eject the endpoint.
+    pub fn report(&self, members: &Members, i: usize, outcome: Outcome, rtt: Duration) {
         let now = Now::default();
-        match self.set.report(i, outcome, rtt, &now) {
+        match members.set.report(i, outcome, rtt, &now) {
             None | Some(Change::Back) => {}
             Some(Change::Ejected { until, times }) => {
                 let time = until.saturating_duration_since(now.get());
                 log::warn!(
                     "upstream `{}` endpoint {} ejected for {} after failing {} times in a row{}",
                     self.name,
-                    self.addr(i),
+                    addr_of(members, i),
                     humantime::format_duration(Duration::from_secs(time.as_secs().max(1))),
-                    self.set
-                        .policy()
-                        .outlier
-                        .map_or(0, |o| o.consecutive_failures),
+                    self.policy.outlier.map_or(0, |o| o.consecutive_failures),
                     if times > 1 {
                         format!(" (ejection {times} in a row)")
                     } else {
@@ -215,8 +290,8 @@ impl UpstreamPool {
             Some(Change::AtLimit) => log::warn!(
                 "upstream `{}` endpoint {} keeps failing but stays in: max_ejected_percent = {} of the endpoints are ejected already",
                 self.name,
-                self.addr(i),
-                self.set.policy().outlier.map_or(0, |o| o.max_ejected_percent)
+                addr_of(members, i),
+                self.policy.outlier.map_or(0, |o| o.max_ejected_percent)
             ),
         }
     }
@@ -224,9 +299,10 @@ impl UpstreamPool {
     /// How many endpoints are in each of `names::ENDPOINT_STATES`.
     pub fn state_counts(&self) -> [usize; crate::telemetry::names::ENDPOINT_STATES.len()] {
         let now = Now::default();
+        let members = self.members.load();
         let mut counts = [0; crate::telemetry::names::ENDPOINT_STATES.len()];
-        for i in 0..self.set.len() {
-            let slot = match self.set.state(i, &now) {
+        for i in 0..members.set.len() {
+            let slot = match members.set.state(i, &now) {
                 Some(State::Healthy) | None => 0,
                 Some(State::Ejected { .. }) => 1,
                 Some(State::SlowStart) => 2,
@@ -237,20 +313,23 @@ impl UpstreamPool {
         counts
     }
 
-    /// Claim the health checks due now: the endpoints to check.
-    pub fn due_checks(&self) -> Vec<usize> {
-        if self.prober.is_none() {
-            return Vec::new();
-        }
-        self.set.due_checks(Instant::now())
+    /// Claim the health checks due now: the endpoints to check, in the
+    /// set they belong to.
+    pub fn due_checks(&self) -> Option<(Arc<Members>, Vec<usize>)> {
+        self.prober.as_ref()?;
+        let members = self.members.load_full();
+        let due = members.set.due_checks(Instant::now());
+        (!due.is_empty()).then_some((members, due))
     }
 
     /// Run endpoint `i`'s health check (claimed with `due_checks`), count
     /// it, and log a change of its health.
-    pub async fn check(&self, i: usize, certs: &super::certs::CertStore) {
-        let (Some(prober), Some(peer), Some(host)) =
-            (&self.prober, self.peers.get(i), self.check_hosts.get(i))
-        else {
+    pub async fn check(&self, members: &Members, i: usize, certs: &super::certs::CertStore) {
+        let (Some(prober), Some(peer), Some(host)) = (
+            &self.prober,
+            members.peers.get(i),
+            members.check_hosts.get(i),
+        ) else {
             return;
         };
         let mut peer = peer.clone();
@@ -260,30 +339,173 @@ impl UpstreamPool {
         }
         let (passed, seen) = prober.probe(&peer, host).await;
         self.series.health_check(passed).inc();
-        match self.set.health_result(i, passed, seen.clone()) {
+        let addr = addr_of(members, i);
+        match members.set.health_result(i, passed, seen.clone()) {
             Some(Turned::Unhealthy) => log::warn!(
-                "upstream `{}` endpoint {} is unhealthy: its health check failed ({seen})",
-                self.name,
-                self.addr(i)
+                "upstream `{}` endpoint {addr} is unhealthy: its health check failed ({seen})",
+                self.name
             ),
             Some(Turned::Healthy) => log::info!(
-                "upstream `{}` endpoint {} is healthy again ({seen})",
-                self.name,
-                self.addr(i)
+                "upstream `{}` endpoint {addr} is healthy again ({seen})",
+                self.name
             ),
             None => log::debug!(
-                "upstream `{}` endpoint {} health check: {} ({seen})",
+                "upstream `{}` endpoint {addr} health check: {} ({seen})",
                 self.name,
-                self.addr(i),
                 if passed { "passed" } else { "failed" }
             ),
         }
     }
 
-    /// The endpoint set, for `/upstreams`.
-    pub fn set(&self) -> &EndpointSet {
-        &self.set
+    /// Whether a discovery refresh is due at `now`; claims it.
+    pub fn refresh_due(&self, now: Instant) -> bool {
+        self.discovery != Discovery::Static
+            && self.next_refresh.load(Ordering::Relaxed) <= nanos(now)
+            && !self.refreshing.swap(true, Ordering::AcqRel)
     }
+
+    /// Take a refresh's answers, one per entry (`Err`: that name failed,
+    /// its last endpoints stay). Swaps the set when it changed; the next
+    /// refresh is due after `ttl` (or `retry` when something failed).
+    pub fn refreshed(
+        &self,
+        answers: Vec<Result<Vec<Found>, String>>,
+        ttl: Duration,
+        retry: Duration,
+    ) {
+        let current = self.members.load_full();
+        let mut found: Vec<Found> = Vec::new();
+        let mut failures = Vec::new();
+        for (entry, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(list) if !list.is_empty() => found.extend(list),
+                Ok(_) | Err(_) => {
+                    if let Err(why) = answer {
+                        failures.push(why);
+                    } else if let Some((name, _)) = self.entries.get(entry) {
+                        failures.push(format!("`{name}` has no address"));
+                    }
+                    found.extend(current.found.iter().filter(|f| f.entry == entry).cloned());
+                }
+            }
+        }
+        // An address two names share is one endpoint.
+        let mut unique: Vec<Found> = Vec::with_capacity(found.len());
+        for f in found {
+            if !unique.iter().any(|u| u.addr == f.addr) {
+                unique.push(f);
+            }
+        }
+        let failed = (!failures.is_empty()).then(|| failures.join("; "));
+        self.series.discovery_refresh(failed.is_none()).inc();
+        match &failed {
+            Some(why) if !self.failing.swap(true, Ordering::Relaxed) => log::warn!(
+                "upstream `{}` discovery failed, keeping the last endpoints found: {why}",
+                self.name
+            ),
+            None if self.failing.swap(false, Ordering::Relaxed) => {
+                log::info!("upstream `{}` discovery answers again", self.name)
+            }
+            _ => {}
+        }
+        let same = unique.len() == current.found.len()
+            && unique.iter().all(|f| {
+                current
+                    .found
+                    .iter()
+                    .any(|c| c.addr == f.addr && c.weight == f.weight)
+            });
+        if !same {
+            let added: Vec<String> = unique
+                .iter()
+                .filter(|f| !current.found.iter().any(|c| c.addr == f.addr))
+                .map(|f| format!("+{}", f.addr))
+                .collect();
+            let removed: Vec<String> = current
+                .found
+                .iter()
+                .filter(|c| !unique.iter().any(|f| f.addr == c.addr))
+                .map(|c| format!("-{}", c.addr))
+                .collect();
+            log::info!(
+                "upstream `{}` endpoints changed: {} (now {})",
+                self.name,
+                added
+                    .into_iter()
+                    .chain(removed)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                unique.len()
+            );
+            let next = members(
+                &self.policy,
+                &self.template,
+                self.check_host.as_deref(),
+                unique,
+                Some(&current),
+                true,
+            );
+            self.members.store(Arc::new(next));
+        }
+        *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Refresh {
+            at: SystemTime::now(),
+            failed,
+        });
+        let wait = if failures.is_empty() { ttl } else { retry };
+        self.next_refresh
+            .store(nanos(Instant::now() + wait).max(1), Ordering::Relaxed);
+        self.refreshing.store(false, Ordering::Release);
+    }
+}
+
+/// Build the members for `found`, each keeping its record from `before`
+/// when it was there (a new one ramps up under slow start when `ramp`).
+fn members(
+    policy: &Policy,
+    template: &HttpPeer,
+    check_host: Option<&str>,
+    found: Vec<Found>,
+    before: Option<&Members>,
+    ramp: bool,
+) -> Members {
+    let now = Instant::now();
+    let mut taken = vec![false; before.map_or(0, |b| b.set.len())];
+    let mut list = Vec::with_capacity(found.len());
+    let mut peers = Vec::with_capacity(found.len());
+    let mut check_hosts = Vec::with_capacity(found.len());
+    for f in &found {
+        let record = before
+            .and_then(|b| b.set.record_at(f.addr, &mut taken))
+            .unwrap_or_else(|| {
+                let fresh = Arc::<Endpoint>::default();
+                if ramp && policy.slow_start.is_some() {
+                    fresh.start_ramp(now);
+                }
+                fresh
+            });
+        list.push(Member {
+            addr: f.addr,
+            weight: f.weight,
+            record,
+        });
+        let mut peer = template.clone();
+        peer._address = PeerAddr::Inet(f.addr);
+        peers.push(peer);
+        check_hosts.push(check_host.map_or_else(|| f.name.clone(), str::to_string));
+    }
+    Members {
+        set: EndpointSet::new(policy.clone(), list),
+        peers,
+        found,
+        check_hosts,
+    }
+}
+
+fn addr_of(members: &Members, i: usize) -> String {
+    members
+        .set
+        .member(i)
+        .map_or(String::new(), |m| m.addr.to_string())
 }
 
 /// Certificate checks for a TLS upstream: the chain against `ca` (or the

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     pub upstream_endpoints: IntGaugeVec,
     pub upstream_health_checks: IntCounterVec,
+    pub discovery_refreshes: IntCounterVec,
     pub rate_limit_decisions: IntCounterVec,
     pub rate_limit_keys: IntGaugeVec,
     pub rate_limit_backend_duration: Histogram,
@@ -136,6 +137,7 @@ impl Metrics {
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
             upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy, ejected (outlier detection), slow_start, unhealthy (health checks).", &[UPSTREAM, STATE]),
             upstream_health_checks: counter(&r, names::UPSTREAM_HEALTH_CHECKS_TOTAL, "Active health checks by result (success, failure).", &[UPSTREAM, RESULT]),
+            discovery_refreshes: counter(&r, names::DISCOVERY_REFRESHES_TOTAL, "DNS and SRV discovery refreshes by result (success; failure: a name failed or had no address, and kept its last endpoints).", &[UPSTREAM, RESULT]),
             rate_limit_decisions: counter(&r, names::RATE_LIMIT_DECISIONS_TOTAL, "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, backend_error).", &[POLICY, OUTCOME]),
             rate_limit_keys: gauge(&r, names::RATE_LIMIT_KEYS, "Keys a policy tracks now (idle keys are evicted every 10s); for a global policy, keys with a cached decision.", &[POLICY]),
             rate_limit_backend_duration: histogram(&r, names::RATE_LIMIT_BACKEND_DURATION_SECONDS, "Time of each answered Redis call made for global rate limits.", &[]).with_label_values(&[] as &[&str]),
@@ -303,6 +305,8 @@ pub struct UpstreamSeries {
     ejections: OnceLock<IntCounter>,
     /// Failed, passed.
     health_checks: [OnceLock<IntCounter>; 2],
+    /// Failed, succeeded.
+    refreshes: [OnceLock<IntCounter>; 2],
 }
 
 impl UpstreamSeries {
@@ -314,7 +318,16 @@ impl UpstreamSeries {
             connections: std::array::from_fn(|_| OnceLock::new()),
             ejections: OnceLock::new(),
             health_checks: std::array::from_fn(|_| OnceLock::new()),
+            refreshes: std::array::from_fn(|_| OnceLock::new()),
         }
+    }
+
+    pub fn discovery_refresh(&self, ok: bool) -> &IntCounter {
+        self.refreshes[usize::from(ok)].get_or_init(|| {
+            metrics()
+                .discovery_refreshes
+                .with_label_values(&[&*self.upstream, if ok { "success" } else { "failure" }])
+        })
     }
 
     pub fn health_check(&self, passed: bool) -> &IntCounter {

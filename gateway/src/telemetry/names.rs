@@ -27,6 +27,7 @@ pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
 pub const UPSTREAM_ENDPOINTS: &str = "meshgate_upstream_endpoints";
 pub const UPSTREAM_HEALTH_CHECKS_TOTAL: &str = "meshgate_upstream_health_checks_total";
+pub const DISCOVERY_REFRESHES_TOTAL: &str = "meshgate_discovery_refreshes_total";
 
 pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "meshgate_rate_limit_decisions_total";
 pub const RATE_LIMIT_KEYS: &str = "meshgate_rate_limit_keys";

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client::get;
-use crate::support::upstream::{faulty, Fault, Faulty};
+use crate::support::upstream::{faulty, faulty_at, Fault, Faulty};
 use crate::support::{metric, Gateway, HEAD};
 
 fn config(good: &[&Faulty], bad: &[&Faulty], extra_route: &str) -> String {
@@ -501,4 +501,261 @@ health_check = {{ kind = "grpc", interval = "200ms", timeout = "150ms", healthy 
         Duration::from_secs(5),
     )
     .await;
+}
+
+/// A UDP and TCP "DNS server" at `addr` that answers every query with
+/// garbage; stops when dropped.
+struct GarbageDns(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>);
+
+impl GarbageDns {
+    async fn start(addr: std::net::SocketAddr) -> GarbageDns {
+        let udp = tokio::net::UdpSocket::bind(addr).await.unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let u = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(b"\x00\x01garbage, not DNS", from).await;
+            }
+        });
+        let t = tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"\x00\x10garbage, not DNS").await;
+            }
+        });
+        GarbageDns(u, t)
+    }
+}
+
+impl Drop for GarbageDns {
+    fn drop(&mut self) {
+        self.0.abort();
+        self.1.abort();
+    }
+}
+
+fn discovered(
+    gw_config_endpoints: &str,
+    discovery: &str,
+    dns: &crate::support::dns::Dnsmasq,
+) -> String {
+    format!(
+        r#"{HEAD}
+[resolver]
+nameservers = ["{}"]
+timeout = "300ms"
+min_ttl = "200ms"
+max_ttl = "1s"
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+timeout = "2s"
+[upstreams.api]
+endpoints = [{gw_config_endpoints}]
+discovery = "{discovery}"
+"#,
+        dns.addr
+    )
+}
+
+/// Send requests until `done` holds (each must succeed), for at most 10 s.
+async fn until(gw: &Gateway, what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}:\n{}",
+            gw.log()
+        );
+        let statuses = load(gw, 4, 2).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{what}: {statuses:?}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_follows_the_records_and_keeps_the_last_set_when_dns_fails() {
+    if crate::support::dns::binary().is_none() {
+        return crate::support::skip("dnsmasq is not installed (make test installs dnsmasq-base)");
+    }
+    // Two endpoints on one port, at two loopback addresses.
+    let a = faulty_at("a", Fault::Good, "127.0.0.2:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = a.upstream.addr.port();
+    let b = faulty_at(
+        "b",
+        Fault::Good,
+        format!("127.0.0.3:{port}").parse().unwrap(),
+    )
+    .await
+    .expect("127.0.0.3 with the same port");
+    let dns = crate::support::dns::Dnsmasq::start("127.0.0.2 api.test\n", &[], None);
+    let gw = Gateway::start(&discovered(&format!("\"api.test:{port}\""), "dns", &dns)).await;
+    until(&gw, "a never got a request", || a.requests() > 0).await;
+    assert_eq!(b.requests(), 0);
+
+    // A second address appears: no reload, b gets requests too.
+    dns.set_hosts("127.0.0.2 api.test\n127.0.0.3 api.test\n");
+    until(&gw, "b was never added", || b.requests() > 0).await;
+    assert!(gw.log().contains(&format!(
+        "upstream `api` endpoints changed: +127.0.0.3:{port}"
+    )));
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    assert_eq!(view["upstreams"][0]["discovery"], "dns", "{view}");
+    assert_eq!(
+        view["upstreams"][0]["endpoints"].as_array().unwrap().len(),
+        2,
+        "{view}"
+    );
+    assert_eq!(
+        view["upstreams"][0]["last_refresh"]["result"], "success",
+        "{view}"
+    );
+
+    // The first goes away: it gets nothing more.
+    dns.set_hosts("127.0.0.3 api.test\n");
+    let start = Instant::now();
+    while !gw.log().contains(&format!("-127.0.0.2:{port}")) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = a.requests();
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(a.requests(), before);
+
+    // DNS stops answering, then answers garbage: the last set keeps serving.
+    let dns_addr = dns.addr;
+    drop(dns);
+    gw.wait_for_metric(
+        "meshgate_discovery_refreshes_total{result=\"failure\",upstream=\"api\"}",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let garbage = GarbageDns::start(dns_addr).await;
+    let failures = metric(
+        &get(gw.admin, "/metrics", &[]).await.unwrap().text(),
+        "meshgate_discovery_refreshes_total{result=\"failure\",upstream=\"api\"}",
+    );
+    gw.wait_for_metric(
+        "meshgate_discovery_refreshes_total{result=\"failure\",upstream=\"api\"}",
+        failures + 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let before = b.requests();
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(b.requests() - before, 20);
+    assert!(gw
+        .log()
+        .contains("upstream `api` discovery failed, keeping the last endpoints found"));
+    drop(garbage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_not_there_yet_answers_503_no_endpoints_until_it_is() {
+    if crate::support::dns::binary().is_none() {
+        return crate::support::skip("dnsmasq is not installed (make test installs dnsmasq-base)");
+    }
+    let a = faulty("a", Fault::Good).await;
+    let dns = crate::support::dns::Dnsmasq::start("", &[], None);
+    let port = a.upstream.addr.port();
+    let gw = Gateway::start(&discovered(&format!("\"late.test:{port}\""), "dns", &dns)).await;
+    let r = get(gw.listen, "/", &[]).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["kind"], "no_endpoints", "{}", r.text());
+    dns.set_hosts("127.0.0.1 late.test\n");
+    let start = Instant::now();
+    loop {
+        let r = get(gw.listen, "/", &[]).await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.json()["kind"], "no_endpoints");
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_discovery_takes_targets_ports_and_weights_from_the_records() {
+    if crate::support::dns::binary().is_none() {
+        return crate::support::skip("dnsmasq is not installed (make test installs dnsmasq-base)");
+    }
+    let a = faulty("a", Fault::Good).await;
+    let b = faulty("b", Fault::Good).await;
+    let records = |targets: &[(&str, u16, u16)]| -> Vec<String> {
+        targets
+            .iter()
+            .map(|(t, port, weight)| format!("_http._tcp.api.test,{t},{port},0,{weight}"))
+            .collect()
+    };
+    let hosts = "127.0.0.1 a.test\n127.0.0.1 b.test\n";
+    let dns = crate::support::dns::Dnsmasq::start(
+        hosts,
+        &records(&[
+            ("a.test", a.upstream.addr.port(), 10),
+            ("b.test", b.upstream.addr.port(), 30),
+        ]),
+        None,
+    );
+    let gw = Gateway::start(&discovered("\"_http._tcp.api.test\"", "srv", &dns)).await;
+    until(&gw, "both targets", || a.requests() > 0 && b.requests() > 0).await;
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    let mut weights: Vec<(String, u64)> = view["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    weights.sort();
+    let mut want = vec![
+        (a.upstream.addr.to_string(), 10),
+        (b.upstream.addr.to_string(), 30),
+    ];
+    want.sort();
+    assert_eq!(weights, want, "{view}");
+
+    // Records now point at a name that does not exist: the last set stays.
+    let port = dns.addr.port();
+    drop(dns);
+    let _dns = crate::support::dns::Dnsmasq::start(
+        hosts,
+        &records(&[("missing.test", a.upstream.addr.port(), 10)]),
+        Some(port),
+    );
+    gw.wait_for_metric(
+        "meshgate_discovery_refreshes_total{result=\"failure\",upstream=\"api\"}",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (before_a, before_b) = (a.requests(), b.requests());
+    let statuses = load(&gw, 40, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(a.requests() > before_a && b.requests() > before_b);
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    assert_eq!(
+        view["upstreams"][0]["endpoints"].as_array().unwrap().len(),
+        2,
+        "{view}"
+    );
+    assert!(
+        view["upstreams"][0]["last_refresh"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no target has an address")),
+        "{view}"
+    );
 }

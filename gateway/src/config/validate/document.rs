@@ -15,6 +15,7 @@ const SECTIONS: &[&str] = &[
     "certs",
     "policies",
     "egress",
+    "resolver",
 ];
 
 impl Validator {
@@ -36,6 +37,7 @@ impl Validator {
                 "certs" => raw.certs = self.de_named(key, value),
                 "policies" => raw.policies = self.de_named(key, value),
                 "egress" => raw.egress = Some((key.span(), self.de(value))),
+                "resolver" => raw.resolver = self.de(value),
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(

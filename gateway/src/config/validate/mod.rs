@@ -107,6 +107,7 @@ struct RawFile {
     policies: Vec<(Spanned<String>, RawPolicy)>,
     /// `[egress]` and the span of its key.
     egress: Option<(Range<usize>, Option<RawEgress>)>,
+    resolver: Option<RawResolver>,
 }
 
 #[derive(Default)]
@@ -174,6 +175,7 @@ impl Validator {
             .filter_map(|(name, u)| self.upstream(name, u))
             .collect();
         let redis = raw.redis.and_then(|r| self.redis(r));
+        let resolver = raw.resolver.map(|r| self.resolver(r)).unwrap_or_default();
         let rate_limits: Vec<RateLimit> = raw
             .rate_limits
             .into_iter()
@@ -229,6 +231,7 @@ impl Validator {
             certs,
             policies,
             egress,
+            resolver,
             source_hash: String::new(),
             warnings: Vec::new(),
         }

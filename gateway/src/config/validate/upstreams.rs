@@ -9,6 +9,19 @@ const MAX_CONSECUTIVE_FAILURES: i64 = 1000;
 impl Validator {
     pub(super) fn upstream(&mut self, name: Spanned<String>, u: RawUpstream) -> Option<Upstream> {
         let n = name.get_ref().clone();
+        let discovery = match u.discovery.as_ref().map(|d| (d, d.get_ref().as_str())) {
+            None | Some((_, "static")) => Discovery::Static,
+            Some((_, "dns")) => Discovery::Dns,
+            Some((_, "srv")) => Discovery::Srv,
+            Some((d, other)) => {
+                self.error(
+                    d.span(),
+                    format!("unknown upstreams.{n}.discovery \"{other}\""),
+                    "use \"static\" (looked up once, at load), \"dns\" (A/AAAA looked up again at their TTL) or \"srv\" (SRV records)",
+                );
+                Discovery::Static
+            }
+        };
         let mut endpoints = Vec::new();
         if u.endpoints.get_ref().is_empty() {
             self.error(
@@ -18,7 +31,7 @@ impl Validator {
             );
         }
         for e in u.endpoints.get_ref() {
-            if let Some(ep) = self.endpoint(e, &n, endpoints.len()) {
+            if let Some(ep) = self.endpoint(e, &n, endpoints.len(), discovery) {
                 endpoints.push(ep);
             }
         }
@@ -140,6 +153,7 @@ impl Validator {
             slow_start,
             panic_threshold,
             health_check,
+            discovery,
         })
     }
 
@@ -602,6 +616,7 @@ impl Validator {
         e: &Spanned<toml::Value>,
         upstream: &str,
         index: usize,
+        discovery: Discovery,
     ) -> Option<Endpoint> {
         let (addr, weight) = match e.get_ref() {
             toml::Value::String(s) => (s.clone(), 1),
@@ -648,35 +663,141 @@ impl Validator {
                 return None;
             }
         };
-        let (socket, address) = match target(&addr) {
-            Ok(Target::Address(socket)) => (socket, Some(socket)),
-            // Until the loader has looked it up.
-            Ok(Target::Name(port)) => (SocketAddr::from(([0, 0, 0, 0], port)), None),
+        if discovery == Discovery::Srv {
+            if let Err(why) = srv_name(&addr) {
+                self.error(
+                    e.span(),
+                    format!("endpoint \"{addr}\" is not an SRV name: {why}"),
+                    "under discovery = \"srv\" each endpoint is an SRV name such as \"_http._tcp.api.service.consul\" (no port: the records give it)",
+                );
+                return None;
+            }
+            return Some(Endpoint {
+                addr,
+                sockets: Vec::new(),
+                weight,
+            });
+        }
+        let address = match target(&addr) {
+            Ok(Target::Address(socket)) => Some(socket),
+            // Until the loader (static) or discovery (dns) has looked it up.
+            Ok(Target::Name) => None,
             Err(why) => {
                 self.error(e.span(), endpoint_error(&addr, &why), ENDPOINT_FIX);
                 return None;
             }
         };
-        self.lookups.push(Lookup {
-            span: e.span(),
-            upstream: upstream.to_string(),
-            index,
-            addr: addr.clone(),
-            address,
-        });
+        // `dns` names are looked up while running, never by `check`.
+        if discovery == Discovery::Static || address.is_some() {
+            self.lookups.push(Lookup {
+                span: e.span(),
+                upstream: upstream.to_string(),
+                index,
+                addr: addr.clone(),
+                address,
+            });
+        }
         Some(Endpoint {
             addr,
-            socket,
+            sockets: address.into_iter().collect(),
             weight,
         })
     }
+}
+
+impl Validator {
+    /// `[resolver]`.
+    pub(super) fn resolver(&mut self, r: RawResolver) -> Resolver {
+        let defaults = Resolver::default();
+        let mut nameservers = Vec::new();
+        for ns in r.nameservers.iter().flat_map(|l| l.get_ref()) {
+            let text = ns.get_ref();
+            let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                text.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(a) if a.port() != 0 => nameservers.push(a),
+                _ => self.error(
+                    ns.span(),
+                    format!("resolver.nameservers has \"{text}\", which is not an IP address (with an optional port)"),
+                    "write \"10.0.0.2\" (port 53) or \"127.0.0.1:5353\"; names cannot be looked up before there is a resolver",
+                ),
+            }
+        }
+        if let Some(l) = r.nameservers.as_ref().filter(|l| l.get_ref().is_empty()) {
+            self.error(
+                l.span(),
+                "resolver.nameservers is empty",
+                "list at least one, or remove the key to use the system's (/etc/resolv.conf)",
+            );
+        }
+        let timeout = self.duration_or(
+            r.timeout.as_ref(),
+            "resolver.timeout",
+            defaults.timeout,
+            false,
+        );
+        let min_ttl = self.duration_or(
+            r.min_ttl.as_ref(),
+            "resolver.min_ttl",
+            defaults.min_ttl,
+            false,
+        );
+        let max_ttl = self.duration_or(
+            r.max_ttl.as_ref(),
+            "resolver.max_ttl",
+            defaults.max_ttl.max(min_ttl),
+            false,
+        );
+        if let Some(m) = r.max_ttl.as_ref().filter(|_| max_ttl < min_ttl) {
+            self.error(
+                m.span(),
+                format!(
+                    "resolver.max_ttl ({}) is shorter than min_ttl ({})",
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(min_ttl)
+                ),
+                "answers are refreshed at their TTL clamped to [min_ttl, max_ttl]: make max_ttl at least min_ttl",
+            );
+        }
+        Resolver {
+            nameservers,
+            timeout,
+            min_ttl,
+            max_ttl,
+        }
+    }
+}
+
+/// Why `name` is not an SRV name (`_service._proto.domain`), if it is not.
+fn srv_name(name: &str) -> Result<(), String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.contains(':') {
+        return Err("it has a port".into());
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() < 3 {
+        return Err("it needs at least three labels, `_service._proto.domain`".into());
+    }
+    let ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if let Some(bad) = labels.iter().find(|l| !ok(l)) {
+        return Err(format!("`{bad}` is not a DNS label"));
+    }
+    Ok(())
 }
 
 /// What an endpoint's `HOST:PORT` is: an address, or a name to look up
 /// (with its port).
 pub(super) enum Target {
     Address(SocketAddr),
-    Name(u16),
+    Name,
 }
 
 pub(super) fn target(addr: &str) -> Result<Target, String> {
@@ -693,14 +814,13 @@ pub(super) fn target(addr: &str) -> Result<Target, String> {
     if host.is_empty() {
         return Err("missing host".to_string());
     }
-    let port = match port.parse::<u16>() {
-        Ok(p) if p != 0 => p,
-        _ => return Err(format!("`{port}` is not a port (1-65535)")),
-    };
+    if !matches!(port.parse::<u16>(), Ok(p) if p != 0) {
+        return Err(format!("`{port}` is not a port (1-65535)"));
+    }
     if host.contains('/') || host.contains(' ') {
         return Err("not a host name (no scheme or path allowed)".to_string());
     }
-    Ok(Target::Name(port))
+    Ok(Target::Name)
 }
 
 /// An endpoint that cannot be used, in the message every such error has.

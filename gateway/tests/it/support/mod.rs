@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses part of the harness
 
 pub mod client;
+pub mod dns;
 pub mod redis;
 pub mod tls;
 pub mod upstream;

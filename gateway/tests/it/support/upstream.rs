@@ -205,7 +205,17 @@ where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_at("127.0.0.1:0".parse().unwrap(), handle)
+        .await
+        .unwrap()
+}
+
+async fn serve_at<F, Fut>(at: SocketAddr, handle: F) -> std::io::Result<Upstream>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(at).await?;
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counter = connections.clone();
@@ -218,11 +228,11 @@ where
             tokio::spawn(handle(stream));
         }
     });
-    Upstream {
+    Ok(Upstream {
         addr,
         connections,
         task,
-    }
+    })
 }
 
 /// WebSocket echo server: sends back every text or binary message.
@@ -339,6 +349,18 @@ impl Faulty {
 }
 
 pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
+    faulty_at(name, fault, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A [`faulty`] upstream listening at `at` (another loopback address, or a
+/// port taken elsewhere already).
+pub async fn faulty_at(
+    name: &'static str,
+    fault: Fault,
+    at: SocketAddr,
+) -> std::io::Result<Faulty> {
     let mode = Arc::new(std::sync::atomic::AtomicU8::new(fault as u8));
     let requests = Arc::new(AtomicUsize::new(0));
     let checks = Arc::new(AtomicUsize::new(0));
@@ -349,7 +371,7 @@ pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
         checks.clone(),
         last_check.clone(),
     );
-    let upstream = serve(move |mut stream| {
+    let upstream = serve_at(at, move |mut stream| {
         let (mode, requests, checks, last_check) = (m.clone(), r.clone(), c.clone(), l.clone());
         async move {
             let mut buf = [0u8; 4096];
@@ -396,13 +418,13 @@ pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
         }
     })
     .await;
-    Faulty {
-        upstream,
+    Ok(Faulty {
+        upstream: upstream?,
         mode,
         requests,
         checks,
         last_check,
-    }
+    })
 }
 
 /// An h2c gRPC server answering `grpc.health.v1.Health/Check` with

@@ -347,3 +347,85 @@ fn health_check_defaults() {
         .upstreams[0];
     assert!(u.health_check.is_none());
 }
+
+bad!(
+    discovery_unknown,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\ndiscovery = \"consul\"\n"),
+    5,
+    "unknown upstreams.x.discovery \"consul\""
+);
+
+bad!(
+    srv_entry_with_port,
+    with_upstream("discovery = \"srv\"\nendpoints = [\"_http._tcp.api.consul:80\"]\n"),
+    5,
+    "is not an SRV name: it has a port"
+);
+
+bad!(
+    dns_entry_without_port,
+    with_upstream("discovery = \"dns\"\nendpoints = [\"api.internal\"]\n"),
+    5,
+    "missing `:PORT`"
+);
+
+bad!(
+    resolver_bad_nameserver,
+    format!("{OK_LISTENER}[resolver]\nnameservers = [\"dns.example\"]\n"),
+    4,
+    "resolver.nameservers has \"dns.example\""
+);
+
+bad!(
+    resolver_max_below_min,
+    format!("{OK_LISTENER}[resolver]\nmin_ttl = \"1m\"\nmax_ttl = \"10s\"\n"),
+    5,
+    "resolver.max_ttl (10s) is shorter than min_ttl (1m)"
+);
+
+bad!(
+    resolver_unknown_key,
+    format!("{OK_LISTENER}[resolver]\nname_servers = [\"127.0.0.1\"]\n"),
+    4,
+    "name_servers"
+);
+
+#[test]
+fn dns_and_srv_names_are_not_looked_up_by_check() {
+    use crate::config::model::Discovery;
+    // Names that no resolver knows: `check` (and load) must not ask.
+    let src = format!(
+        "{OK_LISTENER}[resolver]\nnameservers = [\"127.0.0.1:5353\", \"10.0.0.2\"]\n\
+         [upstreams.d]\ndiscovery = \"dns\"\nendpoints = [\"api.nowhere.invalid:8080\", \"10.1.2.3:80\"]\n\
+         [upstreams.s]\ndiscovery = \"srv\"\nendpoints = [\"_http._tcp.api.nowhere.invalid\"]\n"
+    );
+    let c = parse(Path::new("t.toml"), &src).expect("valid").config;
+    assert_eq!(c.upstreams[0].discovery, Discovery::Dns);
+    assert!(c.upstreams[0].endpoints[0].sockets.is_empty());
+    assert_eq!(
+        c.upstreams[0].endpoints[1].sockets,
+        vec!["10.1.2.3:80".parse().unwrap()]
+    );
+    assert_eq!(c.upstreams[1].discovery, Discovery::Srv);
+    assert_eq!(
+        c.resolver.nameservers,
+        vec![
+            "127.0.0.1:5353".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap()
+        ]
+    );
+}
+
+#[test]
+fn static_names_become_every_address() {
+    let src = with_upstream("endpoints = [\"localhost:8080\"]\n");
+    let c = parse(Path::new("t.toml"), &src).expect("valid").config;
+    let sockets = &c.upstreams[0].endpoints[0].sockets;
+    assert!(!sockets.is_empty());
+    assert!(
+        sockets
+            .iter()
+            .all(|s| s.ip().is_loopback() && s.port() == 8080),
+        "{sockets:?}"
+    );
+}
