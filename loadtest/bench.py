@@ -199,10 +199,12 @@ class Bench:
             h2c = plain
             conf = self.work / f"meshgate-{variant}.toml"
             extra_gateway, extra_route, extra_top = meshgate_variant(variant, self.otlp_port)
+            endpoints, extra_upstream = meshgate_endpoints(variant, self.origin_port)
             # The head deadline off: what its stream wrapper costs.
             extra_limits = ', header_read_timeout = "0s"' if variant == "nodeadline" else ""
             text = render("meshgate.toml", GATEWAY_EXTRA=extra_gateway, ROUTE_EXTRA=extra_route,
-                          LIMITS_EXTRA=extra_limits, **values) + extra_top
+                          LIMITS_EXTRA=extra_limits, ENDPOINTS=endpoints, UPSTREAM_EXTRA=extra_upstream,
+                          **values) + extra_top
             conf.write_text(text)
             p = self.procs.start([MESHGATE, "run", "-c", conf], PROXY_CORE, log)
         elif name == "bare-pingora":
@@ -400,6 +402,20 @@ def meshgate_variant(variant, otlp_port):
     return "", "", ""
 
 
+def meshgate_endpoints(variant, origin):
+    """(the origin upstream's endpoints, its extra keys) of a meshgate variant:
+    `endpoints3` balances over the origin at three addresses with nothing
+    watching them; `resilience3` adds health checks and outlier detection
+    (on by default), so the two differ only by what watching costs."""
+    one = f'"127.0.0.1:{origin}"'
+    three = ", ".join(f'"127.0.0.{i}:{origin}"' for i in (1, 2, 3))
+    if variant == "endpoints3":
+        return three, "outlier = false"
+    if variant == "resilience3":
+        return three, 'health_check = { kind = "http", path = "/", interval = "2s", timeout = "1s" }'
+    return one, ""
+
+
 def route_shape(i):
     """Route i of the 1,000-route set: 100 hosts, each with 10 path prefixes."""
     return f"svc{i // 10}.bench.local", f"/api/{i}/"
@@ -471,6 +487,8 @@ def scenarios(b):
         "6-routes": ("1,000 routes (100 hosts x 10 prefixes) vs 1 route, request for the last one",
                      [("meshgate", "default"), ("meshgate", "routes1000"), ("nginx", "default"), ("nginx", "routes1000")], routed),
         "7-ratelimit": ("a local rate limit on every request", [("meshgate", "default"), ("meshgate", "ratelimit")], h1),
+        "10-endpoints": ("3 endpoints: nothing watching them vs health checks and outlier detection",
+                        [("meshgate", "endpoints3"), ("meshgate", "resilience3")], h1),
         "8-telemetry": ("metrics + tracing at 1% (OTLP to a local sink)", [("meshgate", "default"), ("meshgate", "tracing")], h1),
         # Not part of the default run (--scenarios runtime): the runtime choice behind the default.
         "runtime": ("work stealing on and off (scenario 1 load)",

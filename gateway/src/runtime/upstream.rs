@@ -171,8 +171,19 @@ impl UpstreamPool {
             Some(p) => p.next_refresh.load(Ordering::Relaxed),
             None => 0,
         };
+        let series = crate::telemetry::metrics::UpstreamSeries::new(&u.name);
+        // Series that exist from the start: dashboards see 0, not no data.
+        series.ejections();
+        if u.health_check.is_some() {
+            series.health_check(true);
+            series.health_check(false);
+        }
+        if u.discovery != Discovery::Static {
+            series.discovery_refresh(true);
+            series.discovery_refresh(false);
+        }
         UpstreamPool {
-            series: crate::telemetry::metrics::UpstreamSeries::new(&u.name),
+            series,
             name: u.name.clone(),
             discovery: u.discovery,
             entries,
@@ -277,7 +288,7 @@ impl UpstreamPool {
                     "upstream `{}` endpoint {} ejected for {} after failing {} times in a row{}",
                     self.name,
                     addr_of(members, i),
-                    humantime::format_duration(Duration::from_secs(time.as_secs().max(1))),
+                    humantime::format_duration(Duration::from_millis(time.as_millis() as u64)),
                     self.policy.outlier.map_or(0, |o| o.consecutive_failures),
                     if times > 1 {
                         format!(" (ejection {times} in a row)")

@@ -759,3 +759,57 @@ async fn srv_discovery_takes_targets_ports_and_weights_from_the_records() {
         "{view}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_endpoint_is_ejected_for_longer_each_time_and_ramps_up_when_back() {
+    let good = faulty("good", Fault::Good).await;
+    let flappy = faulty("flappy", Fault::Unavailable).await;
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{}"]
+outlier = {{ consecutive_failures = 3, base_ejection = "300ms", max_ejection = "5s" }}
+slow_start = "30s"
+"#,
+        good.upstream.addr, flappy.upstream.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let ejected_again = format!(
+        "upstream `api` endpoint {} ejected for 600ms after failing 3 times in a row (ejection 2 in a row)",
+        flappy.upstream.addr
+    );
+    // Bad, let back after 300 ms, still bad: ejected again, for twice as long
+    // (600 ms).
+    let start = Instant::now();
+    while !gw.log().contains(&ejected_again) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        load(&gw, 4, 4).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Good again: back after the second ejection, and ramping up.
+    flappy.set(Fault::Good);
+    let back = format!(
+        "upstream `api` endpoint {} is back from ejection",
+        flappy.upstream.addr
+    );
+    let start = Instant::now();
+    while gw.log().matches(&back).count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        load(&gw, 2, 2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    assert_eq!(
+        view["upstreams"][0]["endpoints"][1]["state"], "slow_start",
+        "{view}"
+    );
+    let before = flappy.requests();
+    let statuses = load(&gw, 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let share = flappy.requests() - before;
+    // Round robin would send it 100 of the 200; ramping from 10% of that.
+    assert!(share > 0 && share < 60, "{share} of 200 while ramping up");
+}

@@ -89,6 +89,10 @@ endpoints = ["{up}"]
 [upstreams.dead]
 endpoints = ["{dead}"]
 connect_retries = 0
+health_check = {{ kind = "tcp", interval = "1s", timeout = "500ms" }}
+[upstreams.found]
+endpoints = ["{dead}"]
+discovery = "dns"
 [routes.flaky]
 path = "/flaky"
 upstream = "flaky"
