@@ -37,6 +37,7 @@ LAYERS = {
     "ratelimit": 2,
     "egress": 2,
     "endpoints": 2,
+    "resilience": 2,
     "telemetry": 2,
     # L3: the runtime: what is compiled and loaded from a config.
     "runtime": 3,

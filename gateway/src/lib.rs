@@ -16,7 +16,8 @@
 //!   policies, local or in Redis; client IP behind trusted proxies),
 //!   [`egress`] (the egress allow list and name resolution),
 //!   [`endpoints`] (which endpoint gets each request: outlier ejection,
-//!   slow start, load balancing),
+//!   slow start, load balancing), [`resilience`] (retries: whether, when,
+//!   within the upstream's budget),
 //!   and [`telemetry`]'s access log and tracing.
 //! - L3 [`runtime`]: the compiled config (route tables, upstream pools,
 //!   certificate store, limiters) held in an `ArcSwap`; each request takes
@@ -46,6 +47,7 @@ pub mod lifecycle;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+pub mod resilience;
 pub mod router;
 pub mod runtime;
 pub mod server;

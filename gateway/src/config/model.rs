@@ -512,6 +512,80 @@ pub struct Route {
     /// Request bodies of declared length up to this are read whole before
     /// an upstream is chosen; 0: bodies are streamed as they come.
     pub buffer_request_body: u64,
+    /// `None`: `retries = false`.
+    pub retries: Option<RetryPolicy>,
+}
+
+/// A route's `retries`: which failed attempts are tried again, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub on: RetryOn,
+    /// Bounds each attempt's wait for the response head; `None`: only the
+    /// route's `timeout` (and the upstream's `read_timeout`).
+    pub per_try_timeout: Option<Duration>,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Sorted; only these are retried.
+    pub methods: Vec<Method>,
+    /// A request whose body is larger is not retried (its body cannot be
+    /// replayed).
+    pub body_limit: u64,
+}
+
+/// `retries.on`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    /// Statuses from the upstream that are retried (5xx).
+    pub statuses: Vec<u16>,
+}
+
+impl RetryPolicy {
+    /// Pingora replays at most this much of a request body.
+    pub const MAX_BODY_LIMIT: u64 = 64 * 1024;
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                timeout: false,
+                statuses: vec![503],
+            },
+            per_try_timeout: None,
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            methods: ["DELETE", "GET", "HEAD", "OPTIONS", "PUT", "TRACE"]
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            body_limit: Self::MAX_BODY_LIMIT,
+        }
+    }
+}
+
+/// An upstream's `retry_budget`: retries may add at most `ratio` of its
+/// recent requests, plus `min_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
 }
 
 /// An authorization policy: deny rules win, then allow rules, then `default`.
@@ -622,6 +696,8 @@ pub struct Upstream {
     pub panic_threshold: u8,
     pub health_check: Option<HealthCheck>,
     pub discovery: Discovery,
+    /// `None`: `retry_budget = false` (retries are limited only by their policy).
+    pub retry_budget: Option<RetryBudget>,
 }
 
 /// `discovery`: where an upstream's endpoints come from.

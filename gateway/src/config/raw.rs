@@ -230,6 +230,7 @@ pub struct RawRoute {
     pub policies: Option<Spanned<Vec<Spanned<String>>>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub buffer_request_body: Option<Spanned<String>>,
+    pub retries: Option<Spanned<RawToggle<RawRetries>>>,
 }
 
 /// `respond = { status, body, content_type }`
@@ -279,6 +280,28 @@ pub struct RawUpstream {
     pub panic_threshold: Option<Spanned<i64>>,
     pub health_check: Option<Spanned<RawHealthCheck>>,
     pub discovery: Option<Spanned<String>>,
+    pub retry_budget: Option<Spanned<RawToggle<RawRetryBudget>>>,
+}
+
+/// An upstream's `retry_budget = { ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    pub ratio: Option<Spanned<f64>>,
+    pub min_per_second: Option<Spanned<i64>>,
+}
+
+/// A route's `retries = { ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetries {
+    pub attempts: Option<Spanned<i64>>,
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    pub per_try_timeout: Option<Spanned<RawDuration>>,
+    pub backoff: Option<Spanned<RawDuration>>,
+    pub max_backoff: Option<Spanned<RawDuration>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub body_limit: Option<Spanned<String>>,
 }
 
 /// `[resolver]`: where `dns` and `srv` discovery ask.
@@ -305,37 +328,41 @@ pub struct RawHealthCheck {
     pub unhealthy: Option<Spanned<i64>>,
 }
 
-/// `outlier = false` (or `true`), or `outlier = { ... }`.
+/// A feature that is on by default: `KEY = false` (or `true`), or
+/// `KEY = { ... }` with its settings.
 #[derive(Debug)]
-pub enum RawOutlier {
+pub enum RawToggle<T> {
     Enabled(bool),
-    Table(RawOutlierTable),
+    Table(T),
 }
 
-/// What serde's "expected ..." says for a [`RawOutlier`].
-pub const EXPECTED_OUTLIER: &str = "`false`, `true` or a table of outlier settings";
+/// `outlier = false` (or `true`), or `outlier = { ... }`.
+pub type RawOutlier = RawToggle<RawOutlierTable>;
 
-impl<'de> Deserialize<'de> for RawOutlier {
+/// What serde's "expected ..." says for a [`RawToggle`].
+pub const EXPECTED_TOGGLE: &str = "`false`, `true` or a table of settings";
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for RawToggle<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = RawOutlier;
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = RawToggle<T>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(EXPECTED_OUTLIER)
+                f.write_str(EXPECTED_TOGGLE)
             }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawOutlier, E> {
-                Ok(RawOutlier::Enabled(v))
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawToggle<T>, E> {
+                Ok(RawToggle::Enabled(v))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 map: A,
-            ) -> Result<RawOutlier, A::Error> {
+            ) -> Result<RawToggle<T>, A::Error> {
                 // The table's own deserializer, so its keys keep their spans.
-                RawOutlierTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(RawOutlier::Table)
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawToggle::Table)
             }
         }
-        d.deserialize_any(Visitor)
+        d.deserialize_any(Visitor(std::marker::PhantomData))
     }
 }
 

@@ -131,6 +131,14 @@ pub struct RequestCtx {
     /// Counts this request in its endpoint's in-flight requests (the
     /// balancer's load) until the next attempt or the request's end.
     pub at_endpoint: Option<crate::endpoints::set::InFlight>,
+    /// Retries the route's `retries` policy granted so far.
+    pub policy_retries: u32,
+    /// The wait before the next attempt (`retries.backoff`).
+    pub backoff: Duration,
+    /// Why the next attempt is made (`meshgate_upstream_retries_total`).
+    pub next_attempt_reason: &'static str,
+    /// An answer's status was retried (decided when it arrived).
+    pub retry_reason: Option<crate::resilience::Reason>,
     /// The upstream's endpoints as they were at the first attempt: every
     /// attempt and report of the request uses the same set.
     pub members: Option<Arc<crate::runtime::upstream::Members>>,
@@ -185,6 +193,10 @@ impl RequestCtx {
             outcome_reported: false,
             at_endpoint: None,
             members: None,
+            policy_retries: 0,
+            backoff: Duration::ZERO,
+            next_attempt_reason: "stale_connection",
+            retry_reason: None,
             websocket: false,
             client_cancelled: false,
             body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,

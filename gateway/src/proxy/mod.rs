@@ -13,6 +13,7 @@ pub mod headers;
 pub(crate) mod observe;
 mod policy;
 pub mod respond;
+mod retry;
 mod trace;
 
 use std::sync::Arc;
@@ -247,12 +248,12 @@ impl Proxy {
         let now = Instant::now();
         if ctx.tried.is_empty() {
             ctx.upstream_started = Some(now);
-        } else if let Some(name) = ctx.upstream_name() {
-            crate::telemetry::metrics::metrics()
-                .upstream_retries
-                .with_label_values(&[name])
-                .inc();
+        } else if let Some(series) = ctx.upstream_series() {
+            series.retries(ctx.next_attempt_reason).inc();
         }
+        // Unless a decision says otherwise, a further attempt is Pingora's
+        // retry of a pooled connection the endpoint had closed.
+        ctx.next_attempt_reason = "stale_connection";
         ctx.tried.push(endpoint);
         ctx.connect_started = Some(now);
         ctx.connected = false;
@@ -334,8 +335,11 @@ impl ProxyHttp for Proxy {
             return answer(session, ctx, route).await;
         };
         ctx.upstream = rt.pick_upstream(route_idx);
-        if ctx.upstream.is_none() {
+        let Some(pool) = ctx.upstream.and_then(|u| rt.upstreams.get(u)) else {
             return refuse(session, ctx, Failure::Internal.into()).await;
+        };
+        if let Some(budget) = &pool.budget {
+            budget.deposit(ctx.started);
         }
         if !ctx.websocket {
             ctx.body_read_timeout = limits.body_read_timeout;
@@ -355,6 +359,9 @@ impl ProxyHttp for Proxy {
         if !ctx.tried.is_empty() {
             // A retry sends the buffered body through the filter again.
             ctx.body_seen = 0;
+        }
+        if !ctx.backoff.is_zero() {
+            tokio::time::sleep(std::mem::take(&mut ctx.backoff)).await;
         }
         // Cancelled while it was routed (or rate limited): never forwarded.
         client_still_there(session, ctx)?;
@@ -399,6 +406,12 @@ impl ProxyHttp for Proxy {
             crate::endpoints::key::of(k, &req.headers, req.uri.path(), client)
         });
         let members = ctx.members.get_or_insert_with(|| pool.members()).clone();
+        // `per_try_timeout` bounds each attempt within the route's deadline.
+        let per_try = ctx
+            .route
+            .and_then(|r| rt.route(r).retries.as_ref())
+            .and_then(|p| p.per_try_timeout);
+        let remaining = per_try.map_or(remaining, |t| t.min(remaining));
         let Some((endpoint, mut peer)) =
             pool.select(&members, &ctx.tried, key.as_deref(), remaining)
         else {
@@ -432,6 +445,13 @@ impl ProxyHttp for Proxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // An answer whose status is retried (decided on its arrival).
+        if let Some(reason) = ctx.retry_reason.take() {
+            trace::attempt_failed(ctx, &e);
+            e.set_retry(true);
+            ctx.next_attempt_reason = reason.label();
+            return e;
+        }
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
         {
             e.set_retry(false);
@@ -445,6 +465,10 @@ impl ProxyHttp for Proxy {
             // once and says nothing about the endpoint's health.
             if !e.retry() {
                 observe::attempt_outcome(ctx, Outcome::Failure);
+                if let Some(reason) = retry::reason_of(&e) {
+                    let again = retry::decide(session, ctx, reason);
+                    e.set_retry(again);
+                }
             }
         }
         e
@@ -452,7 +476,7 @@ impl ProxyHttp for Proxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
@@ -470,7 +494,12 @@ impl ProxyHttp for Proxy {
                 .and_then(|(rt, u)| rt.upstreams.get(u))
                 .map_or(0, |p| p.connect_retries as usize),
         };
+        // `connect_retries` first, as many as it says and outside any
+        // budget; then the route's `retries` (with `connect-failure`).
         if ctx.tried.len() <= retries && !ctx.remaining().is_zero() {
+            e.set_retry(true);
+            ctx.next_attempt_reason = crate::resilience::Reason::ConnectFailure.label();
+        } else if retry::decide(session, ctx, crate::resilience::Reason::ConnectFailure) {
             e.set_retry(true);
         }
         e
@@ -529,12 +558,24 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(resp.status.as_u16());
-        observe::attempt_outcome(ctx, Outcome::of_status(resp.status.as_u16()));
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        observe::attempt_outcome(ctx, Outcome::of_status(status));
+        // A status the route retries: this answer goes nowhere, another
+        // attempt is made (the retry buffer replays the body).
+        if status >= 500 {
+            let reason = crate::resilience::Reason::Status(status);
+            if retry::decide(session, ctx, reason) {
+                ctx.retry_reason = Some(reason);
+                let mut e = Error::explain(ErrorType::HTTPStatus(status), "answer retried");
+                e.as_up();
+                return Err(e);
+            }
+        }
         // RFC 9110 §7.8: a server switches only to a protocol the client
         // asked for, and only WebSocket upgrades are forwarded; a 101 to
         // anything else would turn the connection into a raw tunnel.

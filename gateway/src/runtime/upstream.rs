@@ -89,6 +89,8 @@ pub struct UpstreamPool {
     pub hash_key: Option<HashKey>,
     /// Active health checks.
     prober: Option<super::health::Prober>,
+    /// `retry_budget`; kept over a reload while its settings stay.
+    pub budget: Option<Arc<crate::resilience::budget::Budget>>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -174,6 +176,7 @@ impl UpstreamPool {
         let series = crate::telemetry::metrics::UpstreamSeries::new(&u.name);
         // Series that exist from the start: dashboards see 0, not no data.
         series.ejections();
+        series.budget_exhausted();
         if u.health_check.is_some() {
             series.health_check(true);
             series.health_check(false);
@@ -200,6 +203,12 @@ impl UpstreamPool {
                 _ => None,
             },
             prober: u.health_check.clone().map(super::health::Prober::new),
+            budget: u.retry_budget.map(|settings| {
+                previous
+                    .and_then(|p| p.budget.clone())
+                    .filter(|b| b.settings == settings)
+                    .unwrap_or_else(|| Arc::new(crate::resilience::budget::Budget::new(settings)))
+            }),
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -252,8 +261,9 @@ impl UpstreamPool {
     }
 
     /// The endpoint for an attempt among `members` (see
-    /// `EndpointSet::select`), and its peer with the read timeout capped
-    /// by `remaining` (the route's deadline).
+    /// `EndpointSet::select`), and its peer with the connect and read
+    /// timeouts capped by `remaining` (the attempt's time: the route's
+    /// deadline, or `per_try_timeout`).
     pub fn select(
         &self,
         members: &Members,

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub upstream_retries: IntCounterVec,
     pub upstream_ejections: IntCounterVec,
+    pub upstream_budget_exhausted: IntCounterVec,
     pub upstream_endpoints: IntGaugeVec,
     pub upstream_health_checks: IntCounterVec,
     pub discovery_refreshes: IntCounterVec,
@@ -133,7 +134,8 @@ impl Metrics {
             upstream_connect_duration: histogram(&r, names::UPSTREAM_CONNECT_DURATION_SECONDS, "Time to open a new upstream connection.", &[UPSTREAM]),
             upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
-            upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Connection attempts retried on another endpoint.", &[UPSTREAM]),
+            upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Attempts after a request's first, by why the one before failed: connect_failure, reset, timeout, a status (500, 502, 503, 504, 5xx), or stale_connection (a pooled connection the endpoint had closed).", &[UPSTREAM, REASON]),
+            upstream_budget_exhausted: counter(&r, names::UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL, "Failed attempts that retries would have tried again, but the upstream's retry_budget was spent: the failure went to the client.", &[UPSTREAM]),
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
             upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy, ejected (outlier detection), slow_start, unhealthy (health checks).", &[UPSTREAM, STATE]),
             upstream_health_checks: counter(&r, names::UPSTREAM_HEALTH_CHECKS_TOTAL, "Active health checks by result (success, failure).", &[UPSTREAM, RESULT]),
@@ -303,6 +305,7 @@ pub struct UpstreamSeries {
     /// New, reused.
     connections: [OnceLock<IntCounter>; 2],
     ejections: OnceLock<IntCounter>,
+    budget_exhausted: OnceLock<IntCounter>,
     /// Failed, passed.
     health_checks: [OnceLock<IntCounter>; 2],
     /// Failed, succeeded.
@@ -317,6 +320,7 @@ impl UpstreamSeries {
             duration: OnceLock::new(),
             connections: std::array::from_fn(|_| OnceLock::new()),
             ejections: OnceLock::new(),
+            budget_exhausted: OnceLock::new(),
             health_checks: std::array::from_fn(|_| OnceLock::new()),
             refreshes: std::array::from_fn(|_| OnceLock::new()),
         }
@@ -336,6 +340,21 @@ impl UpstreamSeries {
                 .upstream_health_checks
                 .with_label_values(&[&*self.upstream, if passed { "success" } else { "failure" }])
         })
+    }
+
+    pub fn budget_exhausted(&self) -> &IntCounter {
+        self.budget_exhausted.get_or_init(|| {
+            metrics()
+                .upstream_budget_exhausted
+                .with_label_values(&[&self.upstream])
+        })
+    }
+
+    /// `meshgate_upstream_retries_total` for `reason`.
+    pub fn retries(&self, reason: &str) -> IntCounter {
+        metrics()
+            .upstream_retries
+            .with_label_values(&[&*self.upstream, reason])
     }
 
     pub fn ejections(&self) -> &IntCounter {

@@ -24,6 +24,8 @@ pub const UPSTREAM_CONNECT_DURATION_SECONDS: &str = "meshgate_upstream_connect_d
 pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "meshgate_upstream_connections_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "meshgate_upstream_errors_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
+pub const UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
+    "meshgate_upstream_retry_budget_exhausted_total";
 pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
 pub const UPSTREAM_ENDPOINTS: &str = "meshgate_upstream_endpoints";
 pub const UPSTREAM_HEALTH_CHECKS_TOTAL: &str = "meshgate_upstream_health_checks_total";

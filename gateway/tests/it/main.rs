@@ -23,6 +23,7 @@ mod metrics;
 mod netns_mesh;
 mod protocols;
 mod ratelimit;
+mod retries;
 mod routing;
 mod smuggling;
 mod tls;

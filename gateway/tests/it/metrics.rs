@@ -76,6 +76,7 @@ upstream = "api"
 [routes.dead]
 path = "/dead"
 upstream = "dead"
+retries = false
 [routes.ping]
 path = "/ping"
 respond = {{ body = "pong" }}

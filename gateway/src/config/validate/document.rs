@@ -278,9 +278,9 @@ pub(super) fn explain_type(key: Option<&str>, found: &str, expected: &str) -> (S
                 _ => format!("write a duration such as {k} = \"30s\" or \"500ms\""),
             },
         ),
-        e if e.starts_with(crate::config::raw::EXPECTED_OUTLIER) => (
+        e if e.starts_with(crate::config::raw::EXPECTED_TOGGLE) => (
             "`false`, `true` or a table".to_string(),
-            format!("write {k} = false to turn it off, or {k} = {{ consecutive_failures = 5 }}"),
+            format!("write {k} = false to turn it off, or {k} = {{ ... }} with its settings (docs/config.md)"),
         ),
         "a string" => (
             "a string, in quotes".to_string(),

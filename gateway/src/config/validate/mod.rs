@@ -36,6 +36,8 @@ use super::model::*;
 use super::raw::*;
 
 const MAX_WEIGHT: i64 = 1_000_000;
+/// `retries.attempts`: more than this is a retry storm, not resilience.
+const MAX_ATTEMPTS: i64 = 10;
 /// Longest duration any key accepts; longer values are typos, and would
 /// overflow deadline arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);

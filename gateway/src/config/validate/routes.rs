@@ -117,7 +117,9 @@ impl Validator {
                 }
             },
         };
+        let retries = self.retries(&n, r.retries.as_ref(), timeout)?;
         Some(Route {
+            retries,
             policies,
             max_body_bytes,
             buffer_request_body,
@@ -313,6 +315,129 @@ impl Validator {
             return false;
         }
         true
+    }
+
+    /// `retries`: on with the defaults unless `false`. `None` (outer) when
+    /// it has errors.
+    fn retries(
+        &mut self,
+        route: &str,
+        r: Option<&Spanned<RawToggle<RawRetries>>>,
+        timeout: Duration,
+    ) -> Option<Option<RetryPolicy>> {
+        let defaults = RetryPolicy::default();
+        let t = match r.map(Spanned::get_ref) {
+            None | Some(RawToggle::Enabled(true)) => return Some(Some(defaults)),
+            Some(RawToggle::Enabled(false)) => return Some(None),
+            Some(RawToggle::Table(t)) => t,
+        };
+        let before = self.diags.len();
+        let key = |k: &str| format!("routes.{route}.retries.{k}");
+        let attempts = match &t.attempts {
+            None => defaults.attempts,
+            Some(a) if (1..=MAX_ATTEMPTS).contains(a.get_ref()) => *a.get_ref() as u32,
+            Some(a) => {
+                self.error(
+                    a.span(),
+                    format!("{} = {} is out of range", key("attempts"), a.get_ref()),
+                    format!("use 1..={MAX_ATTEMPTS} (attempts in all, the first included), or retries = false"),
+                );
+                defaults.attempts
+            }
+        };
+        let on = match &t.on {
+            None => defaults.on.clone(),
+            Some(list) => {
+                let mut on = RetryOn::default();
+                for c in list.get_ref() {
+                    match c.get_ref().as_str() {
+                        "connect-failure" => on.connect_failure = true,
+                        "reset" => on.reset = true,
+                        "timeout" => on.timeout = true,
+                        "5xx" => on.statuses.extend(500..=599),
+                        code => match code.parse::<u16>() {
+                            Ok(status) if (500..=599).contains(&status) => on.statuses.push(status),
+                            _ => self.error(
+                                c.span(),
+                                format!("{} has \"{code}\", which meshgate does not retry on", key("on")),
+                                "use \"connect-failure\", \"reset\", \"timeout\", \"5xx\" or a status 500..599 such as \"503\"",
+                            ),
+                        },
+                    }
+                }
+                on.statuses.sort_unstable();
+                on.statuses.dedup();
+                on
+            }
+        };
+        let per_try_timeout = t.per_try_timeout.as_ref().map(|p| {
+            let d = self.duration_or(Some(p), &key("per_try_timeout"), timeout, false);
+            if d >= timeout {
+                self.error(
+                    p.span(),
+                    format!(
+                        "{} ({}) is not shorter than the route's timeout ({})",
+                        key("per_try_timeout"),
+                        humantime::format_duration(d),
+                        humantime::format_duration(timeout)
+                    ),
+                    "make per_try_timeout shorter than timeout: the route's timeout is the deadline over all attempts",
+                );
+            }
+            d
+        });
+        let backoff = self.duration_or(t.backoff.as_ref(), &key("backoff"), defaults.backoff, true);
+        let max_backoff = self.duration_or(
+            t.max_backoff.as_ref(),
+            &key("max_backoff"),
+            defaults.max_backoff.max(backoff),
+            true,
+        );
+        if let Some(m) = t.max_backoff.as_ref().filter(|_| max_backoff < backoff) {
+            self.error(
+                m.span(),
+                format!("{} is shorter than backoff", key("max_backoff")),
+                "make max_backoff at least backoff: waits grow from backoff up to max_backoff",
+            );
+        }
+        let methods = match &t.methods {
+            None => defaults.methods.clone(),
+            Some(ms) => self.method_list(ms),
+        };
+        let body_limit = match &t.body_limit {
+            None => defaults.body_limit,
+            Some(b) => match parse_size(b.get_ref()) {
+                Some(n) if n <= RetryPolicy::MAX_BODY_LIMIT => n,
+                Some(_) => {
+                    self.error(
+                        b.span(),
+                        format!("{} = \"{}\" is over 64 KiB", key("body_limit"), b.get_ref()),
+                        "use at most \"64KiB\": Pingora keeps that much of a body to replay it",
+                    );
+                    defaults.body_limit
+                }
+                None => {
+                    self.error(
+                        b.span(),
+                        format!("{} = \"{}\" is not a size", key("body_limit"), b.get_ref()),
+                        "write a size such as \"16KiB\" or \"64KiB\"",
+                    );
+                    defaults.body_limit
+                }
+            },
+        };
+        if self.diags.len() > before {
+            return None;
+        }
+        Some(Some(RetryPolicy {
+            attempts,
+            on,
+            per_try_timeout,
+            backoff,
+            max_backoff,
+            methods,
+            body_limit,
+        }))
     }
 
     pub(super) fn methods(&mut self, r: &RawRoute) -> Vec<Method> {

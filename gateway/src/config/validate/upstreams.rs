@@ -138,7 +138,9 @@ impl Validator {
             .health_check
             .as_ref()
             .and_then(|h| self.health_check(&n, h, protocol));
+        let retry_budget = self.retry_budget(&n, u.retry_budget.as_ref());
         Some(Upstream {
+            retry_budget,
             name: n,
             endpoints,
             protocol,
@@ -154,6 +156,53 @@ impl Validator {
             panic_threshold,
             health_check,
             discovery,
+        })
+    }
+
+    /// `retry_budget`: on with its defaults unless `false`.
+    fn retry_budget(
+        &mut self,
+        upstream: &str,
+        b: Option<&Spanned<RawToggle<RawRetryBudget>>>,
+    ) -> Option<RetryBudget> {
+        let defaults = RetryBudget::default();
+        let t = match b.map(Spanned::get_ref) {
+            None | Some(RawToggle::Enabled(true)) => return Some(defaults),
+            Some(RawToggle::Enabled(false)) => return None,
+            Some(RawToggle::Table(t)) => t,
+        };
+        let key = |k: &str| format!("upstreams.{upstream}.retry_budget.{k}");
+        let ratio = match &t.ratio {
+            None => defaults.ratio,
+            Some(r) if (0.0..=10.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                self.error(
+                    r.span(),
+                    format!("{} = {} is out of range", key("ratio"), r.get_ref()),
+                    "use 0.0..=10.0: retries may add this share of the upstream's requests (0.2: 20%)",
+                );
+                defaults.ratio
+            }
+        };
+        let min_per_second = match &t.min_per_second {
+            None => defaults.min_per_second,
+            Some(m) if (0..=100_000).contains(m.get_ref()) => *m.get_ref() as u32,
+            Some(m) => {
+                self.error(
+                    m.span(),
+                    format!(
+                        "{} = {} is out of range",
+                        key("min_per_second"),
+                        m.get_ref()
+                    ),
+                    "use 0..=100000: retries allowed per second whatever the traffic",
+                );
+                defaults.min_per_second
+            }
+        };
+        Some(RetryBudget {
+            ratio,
+            min_per_second,
         })
     }
 

@@ -195,3 +195,72 @@ bad!(
     7,
     "routes.r.buffer_request_body = \"lots\" is not a size"
 );
+
+fn forward_route(extra: &str) -> String {
+    with_route(&format!("path_prefix = \"/\"\nupstream = \"u\"\n{extra}"))
+}
+
+bad!(
+    retries_attempts_zero,
+    forward_route("retries = { attempts = 0 }\n"),
+    8,
+    "routes.r.retries.attempts = 0 is out of range"
+);
+
+bad!(
+    retries_unknown_condition,
+    forward_route("retries = { on = [\"reset\", \"404\"] }\n"),
+    8,
+    "routes.r.retries.on has \"404\", which meshgate does not retry on"
+);
+
+bad!(
+    retries_per_try_not_below_timeout,
+    forward_route("timeout = \"1s\"\nretries = { per_try_timeout = \"2s\" }\n"),
+    9,
+    "routes.r.retries.per_try_timeout (2s) is not shorter than the route's timeout (1s)"
+);
+
+bad!(
+    retries_body_limit_over_replay,
+    forward_route("retries = { body_limit = \"1MiB\" }\n"),
+    8,
+    "routes.r.retries.body_limit = \"1MiB\" is over 64 KiB"
+);
+
+bad!(
+    retries_max_backoff_below_backoff,
+    forward_route("retries = { backoff = \"1s\", max_backoff = \"10ms\" }\n"),
+    8,
+    "routes.r.retries.max_backoff is shorter than backoff"
+);
+
+bad!(
+    retries_wrong_type,
+    forward_route("retries = 3\n"),
+    8,
+    "retries"
+);
+
+#[test]
+fn retries_default_off_and_set() {
+    use crate::config::model::RetryPolicy;
+    use std::time::Duration;
+    let route = |extra: &str| {
+        parse(Path::new("t.toml"), &forward_route(extra))
+            .expect("valid")
+            .config
+            .routes[0]
+            .retries
+            .clone()
+    };
+    assert_eq!(route(""), Some(RetryPolicy::default()));
+    assert_eq!(route("retries = false\n"), None);
+    let p = route("retries = { attempts = 3, on = [\"5xx\", \"timeout\"], per_try_timeout = \"300ms\", methods = [\"GET\", \"POST\"] }\n")
+        .expect("on");
+    assert_eq!(p.attempts, 3);
+    assert!(p.on.timeout && !p.on.reset && !p.on.connect_failure);
+    assert_eq!(p.on.statuses.len(), 100);
+    assert_eq!(p.per_try_timeout, Some(Duration::from_millis(300)));
+    assert_eq!(p.methods, vec![http::Method::GET, http::Method::POST]);
+}

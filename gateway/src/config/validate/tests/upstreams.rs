@@ -429,3 +429,32 @@ fn static_names_become_every_address() {
         "{sockets:?}"
     );
 }
+
+bad!(
+    retry_budget_ratio_range,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nretry_budget = { ratio = 50.0 }\n"),
+    5,
+    "upstreams.x.retry_budget.ratio = 50 is out of range"
+);
+
+#[test]
+fn retry_budget_on_by_default() {
+    use crate::config::model::RetryBudget;
+    let budget = |body: &str| {
+        let src = with_upstream(&format!("endpoints = [\"127.0.0.1:9\"]\n{body}"));
+        parse(Path::new("t.toml"), &src)
+            .expect("valid")
+            .config
+            .upstreams[0]
+            .retry_budget
+    };
+    assert_eq!(budget(""), Some(RetryBudget::default()));
+    assert_eq!(budget("retry_budget = false\n"), None);
+    assert_eq!(
+        budget("retry_budget = { min_per_second = 0 }\n"),
+        Some(RetryBudget {
+            ratio: 0.2,
+            min_per_second: 0
+        })
+    );
+}

@@ -1,0 +1,175 @@
+//! Requests that survive a failed attempt: retries on another endpoint,
+//! per-try timeouts, the upstream's retry budget, and what is never
+//! retried.
+
+use std::time::{Duration, Instant};
+
+use crate::support::client::get;
+use crate::support::upstream::{close_mid_response, faulty, Fault, Faulty};
+use crate::support::{metric, Gateway, HEAD};
+
+fn config(endpoints: &[&Faulty], route: &str, upstream: &str) -> String {
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|f| format!("\"{}\"", f.upstream.addr))
+        .collect();
+    format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+timeout = "5s"
+{route}
+[upstreams.api]
+endpoints = [{}]
+outlier = false
+{upstream}
+"#,
+        list.join(", ")
+    )
+}
+
+/// `n` requests with `method`, `concurrency` at a time: the statuses (0:
+/// no answer) and the longest wait.
+async fn send(gw: &Gateway, method: &str, n: usize, concurrency: usize) -> (Vec<u16>, Duration) {
+    let mut statuses = Vec::new();
+    let mut longest = Duration::ZERO;
+    for _ in 0..n.div_ceil(concurrency) {
+        let batch: Vec<_> = (0..concurrency)
+            .map(|_| async {
+                let start = Instant::now();
+                let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+                let r = crate::support::client::send(
+                    gw.listen,
+                    method,
+                    "/",
+                    &[],
+                    bytes::Bytes::new(),
+                    false,
+                )
+                .await;
+                (r.map_or(0, |r| r.status), start.elapsed())
+            })
+            .collect();
+        for (s, t) in futures_util::future::join_all(batch).await {
+            statuses.push(s);
+            longest = longest.max(t);
+        }
+    }
+    statuses.truncate(n);
+    (statuses, longest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_on_another_endpoint_for_get_but_not_for_post() {
+    let good = faulty("good", Fault::Good).await;
+    let busy = faulty("busy", Fault::Unavailable).await;
+    let gw = Gateway::start(&config(&[&good, &busy], "", "")).await;
+    let (statuses, _) = send(&gw, "GET", 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        busy.requests() > 20,
+        "the 503 endpoint got no requests to retry"
+    );
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_upstream_retries_total{reason=\"503\",upstream=\"api\"}"
+        ) as usize,
+        busy.requests(),
+        "{m}"
+    );
+
+    // POST is not in the default methods: the 503s reach the client.
+    let before = busy.requests();
+    let (statuses, _) = send(&gw, "POST", 40, 4).await;
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(refused, busy.requests() - before, "{statuses:?}");
+    assert!(refused > 5, "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_retried_and_a_hang_is_cut_by_per_try_timeout() {
+    let good = faulty("good", Fault::Good).await;
+    let resetting = faulty("resetting", Fault::Reset).await;
+    let gw = Gateway::start(&config(&[&good, &resetting], "", "")).await;
+    let (statuses, _) = send(&gw, "GET", 100, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(resetting.requests() > 10);
+    drop(gw);
+
+    let hung = faulty("hung", Fault::Hang).await;
+    let gw = Gateway::start(&config(
+        &[&good, &hung],
+        r#"retries = { attempts = 2, on = ["timeout", "reset", "connect-failure"], per_try_timeout = "200ms" }"#,
+        "",
+    ))
+    .await;
+    let (statuses, longest) = send(&gw, "GET", 40, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(hung.requests() > 5);
+    // Each hang cost one per-try timeout, not the route's 5 s.
+    assert!(longest < Duration::from_millis(1500), "{longest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_bounds_what_a_failing_upstream_sees() {
+    let a = faulty("a", Fault::Unavailable).await;
+    let b = faulty("b", Fault::Unavailable).await;
+    let gw = Gateway::start(&config(
+        &[&a, &b],
+        r#"retries = { attempts = 5, on = ["503"], backoff = "0s", max_backoff = "0s" }"#,
+        "retry_budget = { ratio = 0.2, min_per_second = 1 }",
+    ))
+    .await;
+    let (statuses, _) = send(&gw, "GET", 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    let seen = a.requests() + b.requests();
+    // 200 requests, 20% of them and 10 (1/s over the 10 s window) more.
+    assert!(seen <= 200 + 40 + 10, "{seen} attempts for 200 requests");
+    assert!(seen > 200, "nothing was retried");
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &m,
+            "meshgate_upstream_retry_budget_exhausted_total{upstream=\"api\"}"
+        ) >= 100.0,
+        "{m}"
+    );
+
+    // Without a budget, every request takes all its attempts.
+    gw.reload(&config(
+        &[&a, &b],
+        r#"retries = { attempts = 5, on = ["503"], backoff = "0s", max_backoff = "0s" }"#,
+        "retry_budget = false",
+    ));
+    gw.wait_for_generation(2).await;
+    let before = a.requests() + b.requests();
+    send(&gw, "GET", 20, 2).await;
+    assert_eq!(a.requests() + b.requests() - before, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_already_streaming_is_never_retried() {
+    let cut = close_mid_response().await;
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+retries = {{ attempts = 3, on = ["reset", "connect-failure", "5xx"] }}
+[upstreams.api]
+endpoints = ["{}"]
+"#,
+        cut.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let r = get(gw.listen, "/", &[]).await;
+    // The head came, the body was cut: the client sees the cut.
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.body.len() < 100),
+        "{r:?}"
+    );
+    assert_eq!(cut.connections(), 1, "retried after the response began");
+}
