@@ -107,6 +107,7 @@ impl ServeHttp for AdminApp {
                 // so they are counted when asked for.
                 for pool in &self.runtime.load().upstreams {
                     pool.series.set_endpoints(pool.state_counts());
+                    pool.series.set_pending(pool.gate.pending());
                 }
                 let body = crate::telemetry::metrics::metrics().render();
                 Response::builder()
@@ -345,6 +346,12 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "healthy": h.healthy,
                 "unhealthy": h.unhealthy,
             })),
+            "limits": json!({
+                "max_requests": u.limits.max_requests,
+                "max_pending": u.limits.max_pending,
+                "queue_timeout_seconds": secs(u.limits.queue_timeout),
+            }),
+            "retry_budget": u.retry_budget.map(|b| json!({ "ratio": b.ratio, "min_per_second": b.min_per_second })),
             "outlier": u.outlier.map(|o| json!({
                 "consecutive_failures": o.consecutive_failures,
                 "base_ejection_seconds": secs(o.base_ejection),

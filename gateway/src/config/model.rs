@@ -698,6 +698,27 @@ pub struct Upstream {
     pub discovery: Discovery,
     /// `None`: `retry_budget = false` (retries are limited only by their policy).
     pub retry_budget: Option<RetryBudget>,
+    pub limits: UpstreamLimits,
+}
+
+/// An upstream's `limits`: at most `max_requests` in flight; past it a
+/// request waits (first come, first served) among at most `max_pending`
+/// for at most `queue_timeout`, else gets 503 `upstream_overloaded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    pub max_requests: u32,
+    pub max_pending: u32,
+    pub queue_timeout: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_requests: 10_000,
+            max_pending: 1_000,
+            queue_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `discovery`: where an upstream's endpoints come from.

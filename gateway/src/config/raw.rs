@@ -281,6 +281,16 @@ pub struct RawUpstream {
     pub health_check: Option<Spanned<RawHealthCheck>>,
     pub discovery: Option<Spanned<String>>,
     pub retry_budget: Option<Spanned<RawToggle<RawRetryBudget>>>,
+    pub limits: Option<Spanned<RawUpstreamLimits>>,
+}
+
+/// An upstream's `limits = { ... }` (circuit breaking).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamLimits {
+    pub max_requests: Option<Spanned<i64>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// An upstream's `retry_budget = { ... }`.

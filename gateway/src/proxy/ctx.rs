@@ -32,6 +32,8 @@ pub enum Failure {
     EgressDenied,
     /// The upstream has no endpoint to send to (discovery found none yet).
     NoEndpoints,
+    /// An upstream's `limits` refused the request (`overflow` says which).
+    UpstreamOverloaded,
 }
 
 impl Failure {
@@ -49,7 +51,7 @@ impl Failure {
             Failure::UriTooLong => 414,
             Failure::BodyTooLarge => 413,
             Failure::BodyTimeout => 408,
-            Failure::Overloaded | Failure::NoEndpoints => 503,
+            Failure::Overloaded | Failure::NoEndpoints | Failure::UpstreamOverloaded => 503,
         }
     }
 
@@ -74,6 +76,7 @@ impl Failure {
             Failure::Overloaded => "overloaded",
             Failure::EgressDenied => "egress_denied",
             Failure::NoEndpoints => "no_endpoints",
+            Failure::UpstreamOverloaded => "upstream_overloaded",
         }
     }
 
@@ -99,6 +102,7 @@ impl Failure {
             Failure::EgressDenied => "egress destination not allowed",
             Failure::Internal => "internal gateway error",
             Failure::NoEndpoints => "the upstream has no endpoints (yet)",
+            Failure::UpstreamOverloaded => "the upstream has as many requests as its limits allow",
         }
     }
 }
@@ -131,6 +135,10 @@ pub struct RequestCtx {
     /// Counts this request in its endpoint's in-flight requests (the
     /// balancer's load) until the next attempt or the request's end.
     pub at_endpoint: Option<crate::endpoints::set::InFlight>,
+    /// The request's place among its upstream's `max_requests`.
+    pub upstream_permit: Option<crate::resilience::limit::Permit>,
+    /// The limit that refused it (`upstream_overloaded`).
+    pub overflow: Option<crate::resilience::limit::Overflow>,
     /// Retries the route's `retries` policy granted so far.
     pub policy_retries: u32,
     /// The wait before the next attempt (`retries.backoff`).
@@ -193,6 +201,8 @@ impl RequestCtx {
             outcome_reported: false,
             at_endpoint: None,
             members: None,
+            upstream_permit: None,
+            overflow: None,
             policy_retries: 0,
             backoff: Duration::ZERO,
             next_attempt_reason: "stale_connection",

@@ -341,6 +341,15 @@ impl ProxyHttp for Proxy {
         if let Some(budget) = &pool.budget {
             budget.deposit(ctx.started);
         }
+        // Circuit breaking: a place among the upstream's max_requests.
+        match pool.gate.enter().await {
+            Ok(permit) => ctx.upstream_permit = Some(permit),
+            Err(limit) => {
+                pool.series.overflow(limit.as_str()).inc();
+                ctx.overflow = Some(limit);
+                return refuse(session, ctx, Failure::UpstreamOverloaded.into()).await;
+            }
+        }
         if !ctx.websocket {
             ctx.body_read_timeout = limits.body_read_timeout;
             body::set_read_deadline(session, ctx);

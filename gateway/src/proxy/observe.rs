@@ -381,12 +381,17 @@ pub fn process_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     // A client that hung up is its own business; log what failed on the
     // gateway's or the upstream's side.
     // A Redis outage under on_error = "deny" is logged once by the rate
-    // limiter, not once per refused request.
+    // limiter, not once per refused request; an upstream's limits refuse
+    // at the request rate too (counted in meshgate_upstream_overflow_total).
     // A failure meshgate classified decides by its status (a 413 the
     // body filter raised is the client's); an unclassified error by
     // where it came from.
     let log_it = match ctx.failure {
-        Some(f) => f.status() >= 500 && f != Failure::RateLimitUnavailable,
+        Some(f) => {
+            f.status() >= 500
+                && f != Failure::RateLimitUnavailable
+                && f != Failure::UpstreamOverloaded
+        }
         None => e.is_some_and(|e| *e.esource() != pingora::ErrorSource::Downstream),
     };
     if log_it {

@@ -77,13 +77,17 @@ async fn discard_small_body(session: &mut Session) {
 
 /// `{"error": "...", "kind": "...", "status": N, "route": "...", "request_id": "..."}`
 pub fn error_body(failure: Failure, ctx: &RequestCtx) -> Bytes {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "error": failure.message(),
         "kind": failure.kind(),
         "status": failure.status(),
         "route": ctx.route_name(),
         "request_id": ctx.request_id,
     });
+    if let (Failure::UpstreamOverloaded, Some(limit)) = (failure, ctx.overflow) {
+        body["limit"] = limit.as_str().into();
+        body["upstream"] = ctx.upstream_name().into();
+    }
     Bytes::from(body.to_string())
 }
 

@@ -91,6 +91,8 @@ pub struct UpstreamPool {
     prober: Option<super::health::Prober>,
     /// `retry_budget`; kept over a reload while its settings stay.
     pub budget: Option<Arc<crate::resilience::budget::Budget>>,
+    /// `limits`; kept over a reload while its settings stay.
+    pub gate: Arc<crate::resilience::limit::Gate>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -177,6 +179,9 @@ impl UpstreamPool {
         // Series that exist from the start: dashboards see 0, not no data.
         series.ejections();
         series.budget_exhausted();
+        for limit in crate::telemetry::names::OVERFLOW_LIMITS {
+            series.overflow(limit);
+        }
         if u.health_check.is_some() {
             series.health_check(true);
             series.health_check(false);
@@ -209,6 +214,10 @@ impl UpstreamPool {
                     .filter(|b| b.settings == settings)
                     .unwrap_or_else(|| Arc::new(crate::resilience::budget::Budget::new(settings)))
             }),
+            gate: previous
+                .map(|p| p.gate.clone())
+                .filter(|g| g.settings == u.limits)
+                .unwrap_or_else(|| Arc::new(crate::resilience::limit::Gate::new(u.limits))),
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     pub upstream_ejections: IntCounterVec,
     pub upstream_budget_exhausted: IntCounterVec,
+    pub upstream_overflow: IntCounterVec,
+    pub upstream_pending: IntGaugeVec,
     pub upstream_endpoints: IntGaugeVec,
     pub upstream_health_checks: IntCounterVec,
     pub discovery_refreshes: IntCounterVec,
@@ -135,6 +137,8 @@ impl Metrics {
             upstream_connections: counter(&r, names::UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections used per request: reused from the pool or newly opened.", &[UPSTREAM, REUSED]),
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Attempts after a request's first, by why the one before failed: connect_failure, reset, timeout, a status (500, 502, 503, 504, 5xx), or stale_connection (a pooled connection the endpoint had closed).", &[UPSTREAM, REASON]),
+            upstream_overflow: counter(&r, names::UPSTREAM_OVERFLOW_TOTAL, "Requests refused with 503 upstream_overloaded by an upstream's limits: max_requests (waited queue_timeout in vain) or max_pending (the line was full).", &[UPSTREAM, LIMIT]),
+            upstream_pending: gauge(&r, names::UPSTREAM_PENDING, "Requests waiting for one of an upstream's max_requests, counted at each scrape.", &[UPSTREAM]),
             upstream_budget_exhausted: counter(&r, names::UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL, "Failed attempts that retries would have tried again, but the upstream's retry_budget was spent: the failure went to the client.", &[UPSTREAM]),
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
             upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy, ejected (outlier detection), slow_start, unhealthy (health checks).", &[UPSTREAM, STATE]),
@@ -350,6 +354,20 @@ impl UpstreamSeries {
         })
     }
 
+    /// `meshgate_upstream_overflow_total` for `limit`.
+    pub fn overflow(&self, limit: &str) -> IntCounter {
+        metrics()
+            .upstream_overflow
+            .with_label_values(&[&*self.upstream, limit])
+    }
+
+    pub fn set_pending(&self, n: usize) {
+        metrics()
+            .upstream_pending
+            .with_label_values(&[&self.upstream])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// `meshgate_upstream_retries_total` for `reason`.
     pub fn retries(&self, reason: &str) -> IntCounter {
         metrics()
@@ -378,6 +396,7 @@ impl UpstreamSeries {
 
     /// Drop the series of an upstream the config no longer has.
     pub fn forget(upstream: &str) {
+        let _ = metrics().upstream_pending.remove_label_values(&[upstream]);
         for state in names::ENDPOINT_STATES {
             let _ = metrics()
                 .upstream_endpoints

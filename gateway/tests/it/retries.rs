@@ -173,3 +173,79 @@ endpoints = ["{}"]
     );
     assert_eq!(cut.connections(), 1, "retried after the response began");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_queue_then_refuse_with_upstream_overloaded() {
+    let slow = faulty("slow", Fault::Slow).await;
+    let gw = Gateway::start(&config(
+        &[&slow],
+        "",
+        r#"limits = { max_requests = 10, max_pending = 5, queue_timeout = "3s" }"#,
+    ))
+    .await;
+    // 30 at once to an endpoint that takes 800 ms each.
+    let requests: Vec<_> = (0..30)
+        .map(|_| async {
+            let start = Instant::now();
+            let r = get(gw.listen, "/", &[]).await.unwrap();
+            (r, start.elapsed())
+        })
+        .collect();
+    let results = futures_util::future::join_all(requests).await;
+    let served: Vec<Duration> = results
+        .iter()
+        .filter(|(r, _)| r.status == 200)
+        .map(|(_, t)| *t)
+        .collect();
+    let refused: Vec<&(crate::support::client::Resp, Duration)> =
+        results.iter().filter(|(r, _)| r.status == 503).collect();
+    assert_eq!(served.len(), 15, "10 at once and 5 after waiting");
+    assert_eq!(refused.len(), 15);
+    // 5 of the served waited for a place: about two endpoint times.
+    assert_eq!(
+        served
+            .iter()
+            .filter(|t| **t > Duration::from_millis(1500))
+            .count(),
+        5
+    );
+    for (r, t) in refused {
+        let j = r.json();
+        assert_eq!(j["kind"], "upstream_overloaded", "{j}");
+        assert_eq!(j["limit"], "max_pending", "{j}");
+        assert_eq!(j["upstream"], "api", "{j}");
+        // Refused at once, not after waiting.
+        assert!(*t < Duration::from_millis(700), "{t:?}");
+    }
+    assert_eq!(slow.requests(), 15);
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_upstream_overflow_total{limit=\"max_pending\",upstream=\"api\"}"
+        ),
+        15.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meshgate_upstream_pending{upstream=\"api\"}"),
+        0.0
+    );
+
+    // A short queue_timeout: waiting in vain ends in max_requests.
+    gw.reload(&config(
+        &[&slow],
+        "",
+        r#"limits = { max_requests = 1, max_pending = 5, queue_timeout = "100ms" }"#,
+    ));
+    gw.wait_for_generation(2).await;
+    let (a, b) = tokio::join!(get(gw.listen, "/", &[]), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get(gw.listen, "/", &[]).await
+    });
+    let mut statuses = [a.unwrap(), b.unwrap()];
+    statuses.sort_by_key(|r| r.status);
+    assert_eq!(statuses[0].status, 200);
+    assert_eq!(statuses[1].status, 503);
+    assert_eq!(statuses[1].json()["limit"], "max_requests");
+}

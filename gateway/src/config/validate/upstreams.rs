@@ -139,7 +139,9 @@ impl Validator {
             .as_ref()
             .and_then(|h| self.health_check(&n, h, protocol));
         let retry_budget = self.retry_budget(&n, u.retry_budget.as_ref());
+        let limits = self.upstream_limits(&n, u.limits.as_ref());
         Some(Upstream {
+            limits,
             retry_budget,
             name: n,
             endpoints,
@@ -157,6 +159,65 @@ impl Validator {
             health_check,
             discovery,
         })
+    }
+
+    /// `limits = { ... }`.
+    fn upstream_limits(
+        &mut self,
+        upstream: &str,
+        l: Option<&Spanned<RawUpstreamLimits>>,
+    ) -> UpstreamLimits {
+        let defaults = UpstreamLimits::default();
+        let Some(l) = l.map(Spanned::get_ref) else {
+            return defaults;
+        };
+        let key = |k: &str| format!("upstreams.{upstream}.limits.{k}");
+        let count =
+            |this: &mut Self, v: Option<&Spanned<i64>>, name: &str, min: i64, default: u32| match v
+            {
+                None => default,
+                Some(v) if (min..=1_000_000).contains(v.get_ref()) => *v.get_ref() as u32,
+                Some(v) => {
+                    this.error(
+                        v.span(),
+                        format!("{} = {} is out of range", key(name), v.get_ref()),
+                        format!("use {min}..=1000000"),
+                    );
+                    default
+                }
+            };
+        let max_requests = count(
+            self,
+            l.max_requests.as_ref(),
+            "max_requests",
+            1,
+            defaults.max_requests,
+        );
+        let max_pending = count(
+            self,
+            l.max_pending.as_ref(),
+            "max_pending",
+            0,
+            defaults.max_pending,
+        );
+        if let (Some(p), None) = (&l.max_pending, &l.max_requests) {
+            self.error(
+                p.span(),
+                format!("{} is set without max_requests", key("max_pending")),
+                "set max_requests too: requests wait only once max_requests are in flight",
+            );
+        }
+        let queue_timeout = self.duration_or(
+            l.queue_timeout.as_ref(),
+            &key("queue_timeout"),
+            defaults.queue_timeout,
+            true,
+        );
+        UpstreamLimits {
+            max_requests,
+            max_pending,
+            queue_timeout,
+        }
     }
 
     /// `retry_budget`: on with its defaults unless `false`.

@@ -458,3 +458,17 @@ fn retry_budget_on_by_default() {
         })
     );
 }
+
+bad!(
+    limits_pending_without_requests,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nlimits = { max_pending = 5 }\n"),
+    5,
+    "upstreams.x.limits.max_pending is set without max_requests"
+);
+
+bad!(
+    limits_requests_zero,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nlimits = { max_requests = 0 }\n"),
+    5,
+    "upstreams.x.limits.max_requests = 0 is out of range"
+);
