@@ -22,7 +22,7 @@ BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-li
 BENCH_ARGS ?=
 ABUSE_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint lint-code check-configs image fuzz bench abuse bench-instructions clean
+.PHONY: help deps test-deps bench-deps build run test lint lint-code check-configs image fuzz bench abuse bench-instructions chaos clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
 	@echo "make abuse  abuse probes (slowloris, partial TLS, Rapid Reset, floods, ...) vs NGINX (~4 min; ABUSE_ARGS=--quick: ~1 min)"
 	@echo "make bench-instructions  instructions per request, meshgate vs bare Pingora (callgrind, ~5 min)"
+	@echo "make chaos  the 60 s chaos run: failing endpoints under load, client failures and upstream load"
 
 deps:
 	@scripts/install-deps.sh $(BUILD_PKGS)
@@ -94,6 +95,12 @@ bench: bench-deps
 	$(CARGO) build --release --locked -p meshgate -p bare-pingora
 	python3 loadtest/bench.py $(BENCH_ARGS)
 	$(CARGO) bench --locked -p meshgate --bench router --bench ratelimit
+
+# The chaos run at full length: three endpoints cycled through hanging, 503, reset and refusing
+# (one always good), 100 req/s for 60 s on 127.0.0.1 (gateway/tests/it/chaos.rs; `make test`
+# runs it for 20 s). Prints the failures and the upstream/client ratio.
+chaos: test-deps
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-60} $(CARGO) test --locked -p meshgate --test it chaos -- --nocapture
 
 # Abuse probes, meshgate and NGINX side by side: unfinished heads, partial ClientHellos, idle
 # and dribbling connections, slow bodies, a full listener, HTTP/2 Rapid Reset and frame floods

@@ -12,6 +12,7 @@
 mod support;
 
 mod authz;
+mod chaos;
 mod cli;
 mod deploy;
 mod egress;

@@ -215,13 +215,50 @@ where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    serve_gated(at, None, handle).await
+}
+
+/// [`serve_at`], closing its listening socket while `refusing()` holds
+/// (connections are then refused by the kernel) and binding the same
+/// address again when it stops.
+async fn serve_gated<F, Fut>(
+    at: SocketAddr,
+    refusing: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    handle: F,
+) -> std::io::Result<Upstream>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(at).await?;
-    let addr = listener.local_addr().unwrap();
+    let addr = listener.local_addr()?;
     let connections = Arc::new(AtomicUsize::new(0));
     let counter = connections.clone();
     let task = tokio::spawn(async move {
+        let mut listener = Some(listener);
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            if refusing.as_ref().is_some_and(|r| r()) {
+                listener = None;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let Some(l) = &listener else {
+                listener = TcpListener::bind(addr).await.ok();
+                if listener.is_none() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            };
+            let accepted = if refusing.is_some() {
+                // Look at the flag again now and then.
+                match tokio::time::timeout(Duration::from_millis(20), l.accept()).await {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            } else {
+                l.accept().await
+            };
+            let Ok((stream, _)) = accepted else {
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
@@ -315,6 +352,8 @@ pub enum Fault {
     Reset = 3,
     /// 200 like `Good`, after 800 ms.
     Slow = 4,
+    /// The listening socket is closed: connections are refused.
+    Refuse = 5,
 }
 
 /// An HTTP/1.1 upstream whose behaviour the test changes while it runs,
@@ -371,7 +410,10 @@ pub async fn faulty_at(
         checks.clone(),
         last_check.clone(),
     );
-    let upstream = serve_at(at, move |mut stream| {
+    let gate = mode.clone();
+    let refusing: Arc<dyn Fn() -> bool + Send + Sync> =
+        Arc::new(move || gate.load(Ordering::SeqCst) == Fault::Refuse as u8);
+    let upstream = serve_gated(at, Some(refusing), move |mut stream| {
         let (mode, requests, checks, last_check) = (m.clone(), r.clone(), c.clone(), l.clone());
         async move {
             let mut buf = [0u8; 4096];
