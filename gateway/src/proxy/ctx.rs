@@ -145,6 +145,8 @@ pub struct RequestCtx {
     pub backoff: Duration,
     /// Why the next attempt is made (`meshgate_upstream_retries_total`).
     pub next_attempt_reason: &'static str,
+    /// Each attempt that was tried again: its endpoint and why (access log).
+    pub retried: Vec<(Option<std::net::SocketAddr>, &'static str)>,
     /// An answer's status was retried (decided when it arrived).
     pub retry_reason: Option<crate::resilience::Reason>,
     /// The upstream's endpoints as they were at the first attempt: every
@@ -206,6 +208,7 @@ impl RequestCtx {
             policy_retries: 0,
             backoff: Duration::ZERO,
             next_attempt_reason: "stale_connection",
+            retried: Vec::new(),
             retry_reason: None,
             websocket: false,
             client_cancelled: false,

@@ -248,8 +248,11 @@ impl Proxy {
         let now = Instant::now();
         if ctx.tried.is_empty() {
             ctx.upstream_started = Some(now);
-        } else if let Some(series) = ctx.upstream_series() {
-            series.retries(ctx.next_attempt_reason).inc();
+        } else {
+            if let Some(series) = ctx.upstream_series() {
+                series.retries(ctx.next_attempt_reason).inc();
+            }
+            ctx.retried.push((ctx.endpoint, ctx.next_attempt_reason));
         }
         // Unless a decision says otherwise, a further attempt is Pingora's
         // retry of a pooled connection the endpoint had closed.
@@ -319,6 +322,18 @@ impl ProxyHttp for Proxy {
         };
         let route = rt.route(route_idx);
         ctx.deadline = ctx.started.checked_add(route.timeout);
+        // A gRPC client's own deadline caps the route's.
+        if let Some(t) = session
+            .req_header()
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| crate::resilience::grpc_timeout(v.as_bytes()))
+        {
+            ctx.deadline = match (ctx.deadline, ctx.started.checked_add(t)) {
+                (Some(route), Some(grpc)) => Some(route.min(grpc)),
+                (route, grpc) => route.or(grpc),
+            };
+        }
         ctx.websocket = headers::is_websocket_upgrade(session.req_header());
         let declared = headers::declared_length(session.req_header());
         if declared.is_some_and(|len| len > route.max_body_bytes) {
@@ -571,8 +586,14 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let status = resp.status.as_u16();
-        ctx.upstream_status = Some(status);
+        ctx.upstream_status = Some(resp.status.as_u16());
+        // A gRPC error answered in the head (trailers-only) counts as the
+        // HTTP status it stands for (UNAVAILABLE: 503).
+        let status = resp
+            .headers
+            .get("grpc-status")
+            .and_then(|s| crate::resilience::grpc_status_as_http(s.as_bytes()))
+            .unwrap_or(resp.status.as_u16());
         observe::attempt_outcome(ctx, Outcome::of_status(status));
         // A status the route retries: this answer goes nowhere, another
         // attempt is made (the retry buffer replays the body).

@@ -165,6 +165,13 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         route,
         upstream: upstream.map_or("", |(u, _)| u),
         endpoint: ctx.endpoint.map(|a| a.to_string()).unwrap_or_default(),
+        attempts: ctx.tried.len(),
+        retries: ctx
+            .retried
+            .iter()
+            .map(|(at, why)| format!("{}/{why}", at.map_or("-".to_string(), |a| a.to_string())))
+            .collect::<Vec<_>>()
+            .join(","),
         method: req.method.as_str(),
         host,
         path: req.uri.path(),
@@ -307,6 +314,8 @@ pub fn refused(
         route: NO_ROUTE,
         upstream: "",
         endpoint: String::new(),
+        attempts: 0,
+        retries: String::new(),
         method: &method,
         host: "",
         path: &target,

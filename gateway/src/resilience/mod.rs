@@ -115,6 +115,32 @@ pub fn decide(
     Verdict::Retry { wait }
 }
 
+/// A gRPC request's `grpc-timeout` (`1..=8` digits and a unit: `H`, `M`,
+/// `S`, `m`, `u`, `n`), which caps its deadline.
+pub fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.checked_mul(3600)?),
+        b"M" => Duration::from_secs(n.checked_mul(60)?),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The HTTP status a gRPC answer's `grpc-status` stands for, where a
+/// retry or outlier detection should see it: `UNAVAILABLE` (14) is a
+/// `503`.
+pub fn grpc_status_as_http(grpc_status: &[u8]) -> Option<u16> {
+    (grpc_status == b"14").then_some(503)
+}
+
 /// The wait before retry number `retries + 1`: exponential from `backoff`,
 /// capped at `max_backoff`, with full jitter down to `backoff`.
 pub fn backoff(p: &RetryPolicy, retries: u32) -> Duration {
@@ -217,6 +243,20 @@ mod tests {
             decide(Some(&p), None, Reason::Reset, 0, &r, now),
             Verdict::GiveUp("the route's timeout comes first")
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_and_statuses() {
+        assert_eq!(grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_status_as_http(b"14"), Some(503));
+        assert_eq!(grpc_status_as_http(b"0"), None);
+        assert_eq!(grpc_status_as_http(b"2"), None);
     }
 
     #[test]

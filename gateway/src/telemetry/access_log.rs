@@ -50,6 +50,12 @@ pub struct Entry<'a> {
     pub route: &'a str,
     pub upstream: &'a str,
     pub endpoint: String,
+    /// Attempts made at endpoints (0: none, e.g. a direct response).
+    pub attempts: usize,
+    /// Each attempt before the last, as `ENDPOINT/REASON` (why it was
+    /// tried again: `connect_failure`, `reset`, `timeout`, a status,
+    /// `stale_connection`), joined by `,`.
+    pub retries: String,
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
@@ -99,7 +105,7 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az} tls_version={tv} tls_cipher={tc} sni={sni}",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} attempts={attempts} retries={retries} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az} tls_version={tv} tls_cipher={tc} sni={sni}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = clean(self.method),
@@ -114,6 +120,8 @@ impl Entry<'_> {
             route = dash(self.route),
             upstream = dash(self.upstream),
             endpoint = dash(&self.endpoint),
+            attempts = self.attempts,
+            retries = dash(&self.retries),
             ums = self.upstream_duration_ms.map_or("-".to_string(), |d| format!("{d:.3}")),
             bytes_in = self.bytes_in,
             rid = dash(self.request_id),
@@ -260,6 +268,8 @@ mod tests {
             route: "api",
             upstream: "api",
             endpoint: "127.0.0.1:9001".into(),
+            attempts: 2,
+            retries: "127.0.0.1:9002/503".into(),
             method: "GET",
             host: "api.example.com",
             path: "/v1/x",
@@ -311,6 +321,8 @@ mod tests {
             "route",
             "upstream",
             "endpoint",
+            "attempts",
+            "retries",
             "method",
             "host",
             "path",

@@ -249,3 +249,101 @@ async fn limits_queue_then_refuse_with_upstream_overloaded() {
     assert_eq!(statuses[1].status, 503);
     assert_eq!(statuses[1].json()["limit"], "max_requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_shows_each_attempt_and_why_it_was_retried() {
+    let good = faulty("good", Fault::Good).await;
+    let busy = faulty("busy", Fault::Unavailable).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"\n{}",
+        log.display(),
+        config(&[&good, &busy], "", "")
+    ))
+    .await;
+    let (statuses, _) = send(&gw, "GET", 10, 1).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let start = Instant::now();
+    let lines = loop {
+        let lines = crate::support::json_lines(&std::fs::read_to_string(&log).unwrap_or_default());
+        if lines.len() >= 10 {
+            break lines;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{lines:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let retried: Vec<&serde_json::Value> = lines.iter().filter(|l| l["attempts"] == 2).collect();
+    assert!(!retried.is_empty(), "{lines:?}");
+    for l in &retried {
+        assert_eq!(l["retries"], format!("{}/503", busy.upstream.addr), "{l}");
+        assert_eq!(l["endpoint"], good.upstream.addr.to_string(), "{l}");
+        assert_eq!(l["status"], 200);
+    }
+    for l in lines.iter().filter(|l| l["attempts"] == 1) {
+        assert_eq!(l["retries"], "", "{l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_as_a_503_and_grpc_timeout_caps_the_deadline() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let down = crate::support::upstream::grpc_health(Arc::new(AtomicBool::new(false))).await;
+    let up = crate::support::upstream::grpc_health(Arc::new(AtomicBool::new(true))).await;
+    let slow = faulty("slow", Fault::Slow).await;
+    let config = format!(
+        r#"{HEAD}
+[routes.grpc]
+path_prefix = "/test."
+upstream = "grpc"
+retries = {{ on = ["503"], methods = ["POST"] }}
+[routes.slow]
+path_prefix = "/"
+upstream = "slow"
+timeout = "5s"
+[upstreams.grpc]
+endpoints = ["{}", "{}"]
+protocol = "h2c"
+outlier = false
+[upstreams.slow]
+endpoints = ["{}"]
+"#,
+        down.addr, up.addr, slow.upstream.addr
+    );
+    let gw = Gateway::start(&config).await;
+    for _ in 0..20 {
+        let r = crate::support::client::send(
+            gw.listen,
+            http::Method::POST,
+            "/test.Svc/Call",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("grpc-status"), Some("0"), "{r:?}");
+    }
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metric(
+            &m,
+            "meshgate_upstream_retries_total{reason=\"503\",upstream=\"grpc\"}"
+        ) >= 5.0,
+        "{m}"
+    );
+
+    // The client's grpc-timeout (100 ms) comes before the route's 5 s.
+    let start = Instant::now();
+    let r = get(gw.listen, "/", &[("grpc-timeout", "100m")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        start.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        start.elapsed()
+    );
+}

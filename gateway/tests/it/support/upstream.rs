@@ -471,7 +471,7 @@ pub async fn faulty_at(
 
 /// An h2c gRPC server answering `grpc.health.v1.Health/Check` with
 /// SERVING while `serving` holds (NOT_SERVING otherwise), and any other
-/// request with 200 `ok`.
+/// call with `grpc-status` 0 (14, UNAVAILABLE, while not serving).
 pub async fn grpc_health(serving: Arc<std::sync::atomic::AtomicBool>) -> Upstream {
     serve(move |stream| {
         let serving = serving.clone();
@@ -480,7 +480,20 @@ pub async fn grpc_health(serving: Arc<std::sync::atomic::AtomicBool>) -> Upstrea
                 let serving = serving.clone();
                 async move {
                     if req.uri().path() != "/grpc.health.v1.Health/Check" {
-                        return Ok::<_, Infallible>(Response::new(full("ok")));
+                        // Any other call: OK while serving, else UNAVAILABLE
+                        // in a trailers-only answer.
+                        let code = if serving.load(Ordering::SeqCst) {
+                            "0"
+                        } else {
+                            "14"
+                        };
+                        return Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", code)
+                                .body(full(""))
+                                .unwrap(),
+                        );
                     }
                     let _ = req.into_body().collect().await;
                     let status = if serving.load(Ordering::SeqCst) { 1 } else { 2 };
