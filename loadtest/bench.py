@@ -399,6 +399,8 @@ def meshgate_variant(variant, otlp_port):
         return f"work_stealing = {str(variant == 'steal').lower()}", "", ""
     if variant == "lowercase":
         return 'header_case = "lowercase"', "", ""
+    if variant == "resilienceoff":
+        return "", "retries = false", ""
     return "", "", ""
 
 
@@ -413,6 +415,9 @@ def meshgate_endpoints(variant, origin):
         return three, "outlier = false"
     if variant == "resilience3":
         return three, 'health_check = { kind = "http", path = "/", interval = "2s", timeout = "1s" }'
+    if variant == "resilienceoff":
+        # The defaults that watch every request, off: what they cost.
+        return one, "outlier = false\nretry_budget = false"
     return one, ""
 
 
@@ -487,6 +492,8 @@ def scenarios(b):
         "6-routes": ("1,000 routes (100 hosts x 10 prefixes) vs 1 route, request for the last one",
                      [("meshgate", "default"), ("meshgate", "routes1000"), ("nginx", "default"), ("nginx", "routes1000")], routed),
         "7-ratelimit": ("a local rate limit on every request", [("meshgate", "default"), ("meshgate", "ratelimit")], h1),
+        "11-resilience": ("the defaults that watch every request (retries, retry budget, outlier detection) off vs on",
+                          [("meshgate", "resilienceoff"), ("meshgate", "default")], h1),
         "10-endpoints": ("3 endpoints: nothing watching them vs health checks and outlier detection",
                         [("meshgate", "endpoints3"), ("meshgate", "resilience3")], h1),
         "8-telemetry": ("metrics + tracing at 1% (OTLP to a local sink)", [("meshgate", "default"), ("meshgate", "tracing")], h1),

@@ -815,3 +815,55 @@ slow_start = "30s"
     // Round robin would send it 100 of the 200; ramping from 10% of that.
     assert!(share > 0 && share < 60, "{share} of 200 while ramping up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_use_the_upstreams_tls() {
+    use crate::support::tls::{Ca, Leaf};
+    let ca = Ca::new("health test root");
+    let other = Ca::new("someone else's root");
+    let leaf = |ca: &Ca| {
+        ca.issue(Leaf {
+            dns: &["api.test"],
+            ..Leaf::default()
+        })
+    };
+    let trusted = crate::support::upstream::https_echo("trusted", &leaf(&ca)).await;
+    let stranger = crate::support::upstream::https_echo("stranger", &leaf(&other)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{}"]
+tls = {{ ca = "{}", sni = "api.test" }}
+outlier = false
+health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
+"#,
+        trusted.addr,
+        stranger.addr,
+        ca.write(dir.path(), "ca.pem").display()
+    );
+    let gw = Gateway::start(&config).await;
+    wait_log(
+        &gw,
+        &format!("upstream `api` endpoint {} is unhealthy", stranger.addr),
+        Duration::from_secs(5),
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+        let first = &view["upstreams"][0]["endpoints"][0];
+        if !first["last_health_check"].is_null() {
+            assert_eq!(first["state"], "healthy", "{view}");
+            assert_eq!(first["last_health_check"]["result"], "200", "{view}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
