@@ -108,6 +108,9 @@ impl ServeHttp for AdminApp {
                 for pool in &self.runtime.load().upstreams {
                     pool.series.set_endpoints(pool.state_counts());
                     pool.series.set_pending(pool.gate.pending());
+                    if let Some(a) = &pool.adaptive {
+                        pool.series.set_concurrency_limit(a.limit());
+                    }
                 }
                 let body = crate::telemetry::metrics::metrics().render();
                 Response::builder()
@@ -351,6 +354,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "max_pending": u.limits.max_pending,
                 "queue_timeout_seconds": secs(u.limits.queue_timeout),
             }),
+            "concurrency": if u.adaptive_concurrency { "adaptive" } else { "off" },
             "retry_budget": u.retry_budget.map(|b| json!({ "ratio": b.ratio, "min_per_second": b.min_per_second })),
             "outlier": u.outlier.map(|o| json!({
                 "consecutive_failures": o.consecutive_failures,

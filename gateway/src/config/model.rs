@@ -699,6 +699,8 @@ pub struct Upstream {
     /// `None`: `retry_budget = false` (retries are limited only by their policy).
     pub retry_budget: Option<RetryBudget>,
     pub limits: UpstreamLimits,
+    /// `concurrency = "adaptive"`: the in-flight limit follows latency.
+    pub adaptive_concurrency: bool,
 }
 
 /// An upstream's `limits`: at most `max_requests` in flight; past it a

@@ -282,6 +282,7 @@ pub struct RawUpstream {
     pub discovery: Option<Spanned<String>>,
     pub retry_budget: Option<Spanned<RawToggle<RawRetryBudget>>>,
     pub limits: Option<Spanned<RawUpstreamLimits>>,
+    pub concurrency: Option<Spanned<String>>,
 }
 
 /// An upstream's `limits = { ... }` (circuit breaking).

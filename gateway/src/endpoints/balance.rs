@@ -213,6 +213,22 @@ impl Balancer {
         }
     }
 
+    /// Another pick that leaves the round-robin order as it is (for a
+    /// pick the caller turned down): weighted random, or two choices.
+    pub fn pick_again(
+        &self,
+        accept: &dyn Fn(usize) -> bool,
+        cost: &dyn Fn(usize) -> f64,
+    ) -> Option<usize> {
+        if self.total == 0 {
+            return None;
+        }
+        match self.kind {
+            Kind::LeastRequest | Kind::Ewma => self.two_choices(accept, cost),
+            _ => self.random(accept),
+        }
+    }
+
     fn random(&self, accept: &dyn Fn(usize) -> bool) -> Option<usize> {
         (0..self.tries())
             .map(|_| self.at(fastrand::u64(0..self.total)))

@@ -137,6 +137,8 @@ pub struct RequestCtx {
     pub at_endpoint: Option<crate::endpoints::set::InFlight>,
     /// The request's place among its upstream's `max_requests`.
     pub upstream_permit: Option<crate::resilience::limit::Permit>,
+    /// Its place under the upstream's adaptive concurrency limit.
+    pub adaptive_slot: Option<crate::resilience::adaptive::Slot>,
     /// The limit that refused it (`upstream_overloaded`).
     pub overflow: Option<crate::resilience::limit::Overflow>,
     /// Retries the route's `retries` policy granted so far.
@@ -204,6 +206,7 @@ impl RequestCtx {
             at_endpoint: None,
             members: None,
             upstream_permit: None,
+            adaptive_slot: None,
             overflow: None,
             policy_retries: 0,
             backoff: Duration::ZERO,

@@ -365,6 +365,15 @@ impl ProxyHttp for Proxy {
                 return refuse(session, ctx, Failure::UpstreamOverloaded.into()).await;
             }
         }
+        if let Some(adaptive) = &pool.adaptive {
+            let Some(slot) = adaptive.try_enter() else {
+                let limit = crate::resilience::limit::Overflow::Concurrency;
+                pool.series.overflow(limit.as_str()).inc();
+                ctx.overflow = Some(limit);
+                return refuse(session, ctx, Failure::UpstreamOverloaded.into()).await;
+            };
+            ctx.adaptive_slot = Some(slot);
+        }
         if !ctx.websocket {
             ctx.body_read_timeout = limits.body_read_timeout;
             body::set_read_deadline(session, ctx);

@@ -59,6 +59,11 @@ pub fn attempt_outcome(ctx: &mut RequestCtx, outcome: Outcome) {
     let rtt = ctx.connect_started.map(|t| t.elapsed()).unwrap_or_default();
     if let (Some(pool), Some(members), Some(&endpoint)) = (pool, &ctx.members, ctx.tried.last()) {
         pool.report(members, endpoint, outcome, rtt);
+        // Adaptive concurrency learns from the time of every exchange (a
+        // refused connection's instant failure says nothing of load).
+        if let Some(adaptive) = pool.adaptive.as_ref().filter(|_| ctx.connected) {
+            adaptive.sample(rtt, Instant::now());
+        }
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Overflow {
     MaxRequests,
     /// `max_pending` were waiting already.
     MaxPending,
+    /// The adaptive concurrency limit was reached.
+    Concurrency,
 }
 
 impl Overflow {
@@ -26,6 +28,7 @@ impl Overflow {
         match self {
             Overflow::MaxRequests => "max_requests",
             Overflow::MaxPending => "max_pending",
+            Overflow::Concurrency => "concurrency",
         }
     }
 }

@@ -1,9 +1,11 @@
 //! What a failed attempt means for its request: whether to try again,
 //! after how long, and whether the upstream can afford it ([`budget`]);
-//! and whether the upstream takes a request at all now ([`limit`]).
+//! and whether the upstream takes a request at all now ([`limit`],
+//! [`adaptive`]).
 //! Every HTTP driver runs its own attempt loop and asks here; nothing is
 //! decided in a driver's callbacks.
 
+pub mod adaptive;
 pub mod budget;
 pub mod limit;
 

@@ -93,6 +93,8 @@ pub struct UpstreamPool {
     pub budget: Option<Arc<crate::resilience::budget::Budget>>,
     /// `limits`; kept over a reload while its settings stay.
     pub gate: Arc<crate::resilience::limit::Gate>,
+    /// `concurrency = "adaptive"`; kept over a reload while it stays on.
+    pub adaptive: Option<Arc<crate::resilience::adaptive::Adaptive>>,
     pub connect_retries: u32,
     read_timeout: Duration,
     /// What the upstream's certificate must carry (`tls.verify`).
@@ -213,6 +215,16 @@ impl UpstreamPool {
                     .and_then(|p| p.budget.clone())
                     .filter(|b| b.settings == settings)
                     .unwrap_or_else(|| Arc::new(crate::resilience::budget::Budget::new(settings)))
+            }),
+            adaptive: u.adaptive_concurrency.then(|| {
+                previous
+                    .and_then(|p| p.adaptive.clone())
+                    .filter(|_| previous.is_some_and(|p| p.gate.settings == u.limits))
+                    .unwrap_or_else(|| {
+                        Arc::new(crate::resilience::adaptive::Adaptive::new(
+                            u.limits.max_requests,
+                        ))
+                    })
             }),
             gate: previous
                 .map(|p| p.gate.clone())

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub upstream_budget_exhausted: IntCounterVec,
     pub upstream_overflow: IntCounterVec,
     pub upstream_pending: IntGaugeVec,
+    pub upstream_concurrency_limit: IntGaugeVec,
     pub upstream_endpoints: IntGaugeVec,
     pub upstream_health_checks: IntCounterVec,
     pub discovery_refreshes: IntCounterVec,
@@ -138,6 +139,7 @@ impl Metrics {
             upstream_errors: counter(&r, names::UPSTREAM_ERRORS_TOTAL, "Upstream failures by kind: connect, timeout, reset, tls, protocol, other.", &[UPSTREAM, KIND]),
             upstream_retries: counter(&r, names::UPSTREAM_RETRIES_TOTAL, "Attempts after a request's first, by why the one before failed: connect_failure, reset, timeout, a status (500, 502, 503, 504, 5xx), or stale_connection (a pooled connection the endpoint had closed).", &[UPSTREAM, REASON]),
             upstream_overflow: counter(&r, names::UPSTREAM_OVERFLOW_TOTAL, "Requests refused with 503 upstream_overloaded by an upstream's limits: max_requests (waited queue_timeout in vain) or max_pending (the line was full).", &[UPSTREAM, LIMIT]),
+            upstream_concurrency_limit: gauge(&r, names::UPSTREAM_CONCURRENCY_LIMIT, "The in-flight limit of an upstream with concurrency = \"adaptive\", counted at each scrape.", &[UPSTREAM]),
             upstream_pending: gauge(&r, names::UPSTREAM_PENDING, "Requests waiting for one of an upstream's max_requests, counted at each scrape.", &[UPSTREAM]),
             upstream_budget_exhausted: counter(&r, names::UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL, "Failed attempts that retries would have tried again, but the upstream's retry_budget was spent: the failure went to the client.", &[UPSTREAM]),
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
@@ -361,6 +363,13 @@ impl UpstreamSeries {
             .with_label_values(&[&*self.upstream, limit])
     }
 
+    pub fn set_concurrency_limit(&self, n: u32) {
+        metrics()
+            .upstream_concurrency_limit
+            .with_label_values(&[&self.upstream])
+            .set(i64::from(n));
+    }
+
     pub fn set_pending(&self, n: usize) {
         metrics()
             .upstream_pending
@@ -397,6 +406,9 @@ impl UpstreamSeries {
     /// Drop the series of an upstream the config no longer has.
     pub fn forget(upstream: &str) {
         let _ = metrics().upstream_pending.remove_label_values(&[upstream]);
+        let _ = metrics()
+            .upstream_concurrency_limit
+            .remove_label_values(&[upstream]);
         for state in names::ENDPOINT_STATES {
             let _ = metrics()
                 .upstream_endpoints

@@ -28,6 +28,7 @@ pub const UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
     "meshgate_upstream_retry_budget_exhausted_total";
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "meshgate_upstream_overflow_total";
 pub const UPSTREAM_PENDING: &str = "meshgate_upstream_pending";
+pub const UPSTREAM_CONCURRENCY_LIMIT: &str = "meshgate_upstream_concurrency_limit";
 pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
 pub const UPSTREAM_ENDPOINTS: &str = "meshgate_upstream_endpoints";
 pub const UPSTREAM_HEALTH_CHECKS_TOTAL: &str = "meshgate_upstream_health_checks_total";
@@ -61,7 +62,7 @@ pub const BUILD_INFO: &str = "meshgate_build_info";
 /// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
 pub const EGRESS_UPSTREAM: &str = "(egress)";
 /// The `limit` label values of `meshgate_upstream_overflow_total`.
-pub const OVERFLOW_LIMITS: [&str; 2] = ["max_requests", "max_pending"];
+pub const OVERFLOW_LIMITS: [&str; 3] = ["max_requests", "max_pending", "concurrency"];
 /// The `state` label values of `meshgate_upstream_endpoints`.
 pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "ejected", "slow_start", "unhealthy"];
 /// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.

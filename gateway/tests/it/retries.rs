@@ -347,3 +347,119 @@ endpoints = ["{}"]
         start.elapsed()
     );
 }
+
+/// An upstream that serves one request at a time, 20 ms each: latency
+/// grows with the requests waiting in it.
+async fn serial_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let one_at_a_time = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let lock = one_at_a_time.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut pending = Vec::new();
+                loop {
+                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    pending.drain(..end + 4);
+                    {
+                        let _serving = lock.lock().await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// 30 clients, each sending requests back to back for `run`: the
+/// latencies of the answers served (200) and how many were refused.
+async fn closed_loop(gw: &Gateway, run: Duration) -> (Vec<Duration>, usize) {
+    let until = Instant::now() + run;
+    let clients: Vec<_> = (0..30)
+        .map(|_| async move {
+            let (mut served, mut refused) = (Vec::new(), 0);
+            while Instant::now() < until {
+                let start = Instant::now();
+                match get(gw.listen, "/", &[]).await {
+                    Ok(r) if r.status == 200 => served.push(start.elapsed()),
+                    Ok(r) if r.status == 503 => {
+                        assert_eq!(r.json()["limit"], "concurrency", "{}", r.text());
+                        refused += 1;
+                        // A refused client backs off a little, as real ones do.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            (served, refused)
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut refused = 0;
+    for (s, r) in futures_util::future::join_all(clients).await {
+        all.extend(s);
+        refused += r;
+    }
+    all.sort();
+    (all, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_concurrency_keeps_served_latency_near_the_unloaded_one() {
+    let (addr, _server) = serial_upstream().await;
+    let config = |extra: &str| {
+        format!(
+            "{HEAD}\n[routes.api]\npath_prefix = \"/\"\nupstream = \"api\"\ntimeout = \"10s\"\nretries = false\n[upstreams.api]\nendpoints = [\"{addr}\"]\n{extra}\n"
+        )
+    };
+    let gw = Gateway::start(&config("")).await;
+    let p90 = |v: &[Duration]| v[v.len() * 9 / 10];
+    // Without a limit every request waits behind all the others.
+    let (plain, _) = closed_loop(&gw, Duration::from_secs(3)).await;
+    gw.reload(&config("concurrency = \"adaptive\""));
+    gw.wait_for_generation(2).await;
+    // The limit learns for a while, then is measured.
+    closed_loop(&gw, Duration::from_secs(2)).await;
+    let (adaptive, refused) = closed_loop(&gw, Duration::from_secs(3)).await;
+    eprintln!(
+        "unlimited: {} served, p90 {:?}; adaptive: {} served, p90 {:?}, {refused} refused",
+        plain.len(),
+        p90(&plain),
+        adaptive.len(),
+        p90(&adaptive)
+    );
+    assert!(refused > 0, "nothing was refused");
+    assert!(
+        p90(&adaptive) * 3 < p90(&plain),
+        "p90 {:?} with the adaptive limit, {:?} without",
+        p90(&adaptive),
+        p90(&plain)
+    );
+    // The serial upstream stays busy: throughput holds, within 20% of
+    // what it can serve at all (one per 20 ms, 150 in 3 s).
+    assert!(
+        adaptive.len() >= 120,
+        "{} served with the adaptive limit ({} without)",
+        adaptive.len(),
+        plain.len()
+    );
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let limit = metric(&m, "meshgate_upstream_concurrency_limit{upstream=\"api\"}");
+    assert!((2.0..=8.0).contains(&limit), "limit {limit}\n{m}");
+}

@@ -140,7 +140,20 @@ impl Validator {
             .and_then(|h| self.health_check(&n, h, protocol));
         let retry_budget = self.retry_budget(&n, u.retry_budget.as_ref());
         let limits = self.upstream_limits(&n, u.limits.as_ref());
+        let adaptive_concurrency = match u.concurrency.as_ref().map(|c| (c, c.get_ref().as_str())) {
+            None | Some((_, "off")) => false,
+            Some((_, "adaptive")) => true,
+            Some((c, other)) => {
+                self.error(
+                    c.span(),
+                    format!("unknown upstreams.{n}.concurrency \"{other}\""),
+                    "use \"adaptive\" (the in-flight limit follows latency) or \"off\" (the default; limits.max_requests still holds)",
+                );
+                false
+            }
+        };
         Some(Upstream {
+            adaptive_concurrency,
             limits,
             retry_budget,
             name: n,

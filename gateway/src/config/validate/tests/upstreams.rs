@@ -472,3 +472,10 @@ bad!(
     5,
     "upstreams.x.limits.max_requests = 0 is out of range"
 );
+
+bad!(
+    concurrency_unknown,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nconcurrency = \"gradient\"\n"),
+    5,
+    "unknown upstreams.x.concurrency \"gradient\""
+);
