@@ -1,7 +1,7 @@
 //! The process's background services, each a Pingora background service
 //! over the running config: idle rate-limit keys evicted, certificate
-//! files watched for changes, memory sampled for overload, endpoints'
-//! health checked.
+//! files watched for changes, memory sampled for overload, endpoints
+//! health-checked and discovered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,79 +37,49 @@ impl BackgroundService for EvictIdleKeys {
     }
 }
 
-/// How often due health checks are looked for; each endpoint's own
-/// interval decides when it is checked.
-const HEALTH_TICK: Duration = Duration::from_millis(100);
+/// How often due health checks and discovery refreshes are looked for;
+/// each endpoint's interval and each answer's TTL decide when they run.
+const ENDPOINTS_TICK: Duration = Duration::from_millis(100);
 
-/// Runs the running config's health checks, each when it is due, off the
-/// request path. A check started under a config that a reload replaced
-/// still reports to the endpoint's record, which the new config shares
-/// when the endpoint stays.
-pub struct HealthChecks {
+/// Watches the running config's endpoints, off the request path: runs
+/// each health check when it is due, and looks up the names of `dns` and
+/// `srv` upstreams again when their answers' TTL runs out. Work started
+/// under a config that a reload replaced still reports to that config's
+/// pool and to the endpoint records the next config shares.
+pub struct WatchEndpoints {
     pub runtime: Arc<ArcSwap<Runtime>>,
 }
 
 #[async_trait]
-impl BackgroundService for HealthChecks {
+impl BackgroundService for WatchEndpoints {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(HEALTH_TICK);
+        let mut tick = tokio::time::interval(ENDPOINTS_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     let rt = self.runtime.load_full();
-                    for (u, pool) in rt.upstreams.iter().enumerate() {
-                        let Some((members, due)) = pool.due_checks() else {
-                            continue;
-                        };
-                        for i in due {
-                            let (rt, members) = (rt.clone(), members.clone());
-                            tokio::spawn(async move {
-                                if let Some(pool) = rt.upstreams.get(u) {
-                                    pool.check(&members, i, &rt.certs).await;
-                                }
-                            });
-                        }
-                    }
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-}
-
-/// Looks up the names of `dns` and `srv` upstreams, each again when its
-/// answers' TTL runs out. A refresh started under a config that a reload
-/// replaced still updates that config's pool, which the next config
-/// starts from.
-pub struct Discovery {
-    pub runtime: Arc<ArcSwap<Runtime>>,
-}
-
-#[async_trait]
-impl BackgroundService for Discovery {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(HEALTH_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let rt = self.runtime.load_full();
-                    let Some(discoverer) = rt.discoverer.clone() else {
-                        continue;
-                    };
                     let now = std::time::Instant::now();
                     for (u, pool) in rt.upstreams.iter().enumerate() {
-                        if !pool.refresh_due(now) {
-                            continue;
+                        if let Some((members, due)) = pool.due_checks() {
+                            for i in due {
+                                let (rt, members) = (rt.clone(), members.clone());
+                                tokio::spawn(async move {
+                                    if let Some(pool) = rt.upstreams.get(u) {
+                                        pool.check(&members, i, &rt.certs).await;
+                                    }
+                                });
+                            }
                         }
-                        let (rt, discoverer) = (rt.clone(), discoverer.clone());
+                        let Some(discoverer) = rt.discoverer.clone().filter(|_| pool.refresh_due(now)) else {
+                            continue;
+                        };
+                        let rt = rt.clone();
                         tokio::spawn(async move {
-                            let Some(pool) = rt.upstreams.get(u) else {
-                                return;
-                            };
-                            let (answers, ttl) = discoverer.look_up(pool.discovery, &pool.entries).await;
-                            pool.refreshed(answers, ttl, discoverer.settings.min_ttl);
+                            if let Some(pool) = rt.upstreams.get(u) {
+                                let (answers, ttl) = discoverer.look_up(pool.discovery, &pool.entries).await;
+                                pool.refreshed(answers, ttl, discoverer.settings.min_ttl);
+                            }
                         });
                     }
                 }

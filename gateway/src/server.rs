@@ -246,15 +246,9 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
-    let health_checks = background_service(
-        "health checks",
-        crate::background::HealthChecks {
-            runtime: runtime.clone(),
-        },
-    );
-    let discovery = background_service(
-        "discovery",
-        crate::background::Discovery {
+    let endpoints = background_service(
+        "endpoints",
+        crate::background::WatchEndpoints {
             runtime: runtime.clone(),
         },
     );
@@ -270,8 +264,7 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     server.add_service(admin);
     server.add_service(reloader);
     server.add_service(evictor);
-    server.add_service(health_checks);
-    server.add_service(discovery);
+    server.add_service(endpoints);
     server.add_service(cert_watcher);
     ignore_sighup_until_handled();
     server.run(RunArgs {

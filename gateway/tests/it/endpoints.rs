@@ -4,28 +4,15 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client::get;
-use crate::support::upstream::{faulty, faulty_at, Fault, Faulty};
+use crate::support::upstream::{api_config, faulty, faulty_at, Fault, Faulty};
 use crate::support::{metric, Gateway, HEAD};
 
 fn config(good: &[&Faulty], bad: &[&Faulty], extra_route: &str) -> String {
-    let endpoints: Vec<String> = good
-        .iter()
-        .chain(bad)
-        .map(|f| format!("\"{}\"", f.upstream.addr))
-        .collect();
-    format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-timeout = "400ms"
-{extra_route}
-[upstreams.api]
-endpoints = [{}]
-connect_retries = 0
-outlier = {{ consecutive_failures = 3, base_ejection = "6s", max_ejection = "30s" }}
-"#,
-        endpoints.join(", ")
+    let all: Vec<&Faulty> = good.iter().chain(bad).copied().collect();
+    api_config(
+        &all,
+        &format!("timeout = \"400ms\"\n{extra_route}"),
+        "connect_retries = 0\noutlier = { consecutive_failures = 3, base_ejection = \"6s\", max_ejection = \"30s\" }",
     )
 }
 
@@ -66,21 +53,8 @@ async fn failing_endpoints_are_ejected_routed_around_and_let_back() {
         load(&gw, 8, 8).await;
     }
     let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert_eq!(
-        metric(
-            &m,
-            "meshgate_upstream_endpoints{state=\"ejected\",upstream=\"api\"}"
-        ),
-        2.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "meshgate_upstream_endpoints{state=\"healthy\",upstream=\"api\"}"
-        ),
-        2.0
-    );
+    assert_eq!(state_count(&m, "ejected"), 2.0, "{m}");
+    assert_eq!(state_count(&m, "healthy"), 2.0);
     let log = gw.log();
     for bad in [&unavailable, &hung] {
         assert!(
@@ -151,14 +125,7 @@ async fn at_most_max_ejected_percent_are_out_and_off_means_never() {
         load(&gw, 8, 4).await;
     }
     let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert_eq!(
-        metric(
-            &m,
-            "meshgate_upstream_endpoints{state=\"ejected\",upstream=\"api\"}"
-        ),
-        2.0,
-        "{m}"
-    );
+    assert_eq!(state_count(&m, "ejected"), 2.0, "{m}");
 
     // `outlier = false`: the failing endpoints keep their share.
     gw.reload(&text.replace(
@@ -178,13 +145,7 @@ async fn at_most_max_ejected_percent_are_out_and_off_means_never() {
         "round robin over 3 of 4 failing: {statuses:?}"
     );
     let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert_eq!(
-        metric(
-            &m,
-            "meshgate_upstream_endpoints{state=\"ejected\",upstream=\"api\"}"
-        ),
-        0.0
-    );
+    assert_eq!(state_count(&m, "ejected"), 0.0);
 }
 
 /// `n` requests from `clients` clients, each waiting for its answer before
@@ -215,22 +176,7 @@ async fn clients(
 }
 
 fn balanced(endpoints: &[&Faulty], settings: &str) -> String {
-    let endpoints: Vec<String> = endpoints
-        .iter()
-        .map(|f| format!("\"{}\"", f.upstream.addr))
-        .collect();
-    format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-timeout = "10s"
-[upstreams.api]
-endpoints = [{}]
-{settings}
-"#,
-        endpoints.join(", ")
-    )
+    api_config(endpoints, "timeout = \"10s\"", settings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,6 +273,29 @@ async fn upstreams_endpoint_shows_each_endpoint_state() {
     }
 }
 
+/// `meshgate_upstream_endpoints` of upstream `api` in `state`.
+fn state_count(metrics: &str, state: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("meshgate_upstream_endpoints{{state=\"{state}\",upstream=\"api\"}}"),
+    )
+}
+
+/// The first endpoint of the first upstream in `/upstreams`, once its
+/// first health check (at its own point of the interval) has run.
+async fn first_checked(gw: &Gateway) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+        let first = &view["upstreams"][0]["endpoints"][0];
+        if !first["last_health_check"].is_null() {
+            return first.clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Wait until the gateway's log has `needle`.
 async fn wait_log(gw: &Gateway, needle: &str, within: Duration) {
     let start = Instant::now();
@@ -389,14 +358,7 @@ health_check = {{ path = "/healthz", host = "api.internal", interval = "200ms", 
     assert_eq!(eps[1]["last_health_check"]["passed"], false, "{view}");
     assert_eq!(eps[0]["state"], "healthy", "{view}");
     let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert_eq!(
-        metric(
-            &m,
-            "meshgate_upstream_endpoints{state=\"unhealthy\",upstream=\"api\"}"
-        ),
-        3.0,
-        "{m}"
-    );
+    assert_eq!(state_count(&m, "unhealthy"), 3.0, "{m}");
     assert!(
         metric(
             &m,
@@ -481,18 +443,9 @@ health_check = {{ kind = "grpc", interval = "200ms", timeout = "150ms", healthy 
     )
     .await;
     // The other's first check comes at its own time in the interval.
-    let start = Instant::now();
-    loop {
-        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
-        let first = &view["upstreams"][0]["endpoints"][0];
-        if !first["last_health_check"].is_null() {
-            assert_eq!(first["state"], "healthy", "{view}");
-            assert_eq!(first["last_health_check"]["result"], "SERVING", "{view}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = first_checked(&gw).await;
+    assert_eq!(first["state"], "healthy", "{first}");
+    assert_eq!(first["last_health_check"]["result"], "SERVING", "{first}");
     b_serving.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_log(
         &gw,
@@ -852,18 +805,9 @@ health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
         Duration::from_secs(5),
     )
     .await;
-    let start = Instant::now();
-    loop {
-        let view = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
-        let first = &view["upstreams"][0]["endpoints"][0];
-        if !first["last_health_check"].is_null() {
-            assert_eq!(first["state"], "healthy", "{view}");
-            assert_eq!(first["last_health_check"]["result"], "200", "{view}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{view}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = first_checked(&gw).await;
+    assert_eq!(first["state"], "healthy", "{first}");
+    assert_eq!(first["last_health_check"]["result"], "200", "{first}");
     let statuses = load(&gw, 20, 4).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }

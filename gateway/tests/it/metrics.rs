@@ -94,6 +94,7 @@ health_check = {{ kind = "tcp", interval = "1s", timeout = "500ms" }}
 [upstreams.found]
 endpoints = ["{dead}"]
 discovery = "dns"
+concurrency = "adaptive"
 [routes.flaky]
 path = "/flaky"
 upstream = "flaky"

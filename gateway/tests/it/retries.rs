@@ -5,27 +5,14 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client::get;
-use crate::support::upstream::{close_mid_response, faulty, Fault, Faulty};
+use crate::support::upstream::{api_config, close_mid_response, faulty, Fault, Faulty};
 use crate::support::{metric, Gateway, HEAD};
 
 fn config(endpoints: &[&Faulty], route: &str, upstream: &str) -> String {
-    let list: Vec<String> = endpoints
-        .iter()
-        .map(|f| format!("\"{}\"", f.upstream.addr))
-        .collect();
-    format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-timeout = "5s"
-{route}
-[upstreams.api]
-endpoints = [{}]
-outlier = false
-{upstream}
-"#,
-        list.join(", ")
+    api_config(
+        endpoints,
+        &format!("timeout = \"5s\"\n{route}"),
+        &format!("outlier = false\n{upstream}"),
     )
 }
 

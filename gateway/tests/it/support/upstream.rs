@@ -387,6 +387,20 @@ impl Faulty {
     }
 }
 
+/// A gateway config with one route, `api` (every path), to the upstream
+/// `api` over `endpoints`; `route` and `upstream` add keys to each.
+pub fn api_config(endpoints: &[&Faulty], route: &str, upstream: &str) -> String {
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|f| format!("\"{}\"", f.upstream.addr))
+        .collect();
+    format!(
+        "{}\n[routes.api]\npath_prefix = \"/\"\nupstream = \"api\"\n{route}\n[upstreams.api]\nendpoints = [{}]\n{upstream}\n",
+        super::HEAD,
+        list.join(", ")
+    )
+}
+
 pub async fn faulty(name: &'static str, fault: Fault) -> Faulty {
     faulty_at(name, fault, "127.0.0.1:0".parse().unwrap())
         .await
