@@ -19,15 +19,59 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct AdminApp {
     runtime: Arc<ArcSwap<Runtime>>,
+    /// The file the gateway runs from, read again by `POST /reload`.
+    config_path: std::path::PathBuf,
     /// Set once every listener has accepted a probe connection.
     listeners_up: AtomicBool,
 }
 
 impl AdminApp {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, config_path: std::path::PathBuf) -> Self {
         AdminApp {
             runtime,
+            config_path,
             listeners_up: AtomicBool::new(false),
+        }
+    }
+
+    /// `POST /reload`, from loopback only: reload the config file as
+    /// SIGHUP does, and answer with the outcome (200 with the generation,
+    /// or 422 with every error), so `meshgate reload` can report it.
+    async fn reload(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if session.req_header().method != http::Method::POST {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "only POST" }),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+            return r;
+        }
+        let local = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+        if !local {
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({ "error": "reload is accepted only from loopback" }),
+            );
+        }
+        let reloaded =
+            crate::reload::reload_and_log(self.config_path.clone(), self.runtime.clone()).await;
+        match reloaded {
+            Ok(generation) => json(
+                StatusCode::OK,
+                serde_json::json!({ "status": "reloaded", "generation": generation }),
+            ),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({
+                    "status": "rejected",
+                    "generation": self.runtime.load().generation,
+                    "errors": e.to_string().lines().collect::<Vec<_>>(),
+                }),
+            ),
         }
     }
 
@@ -84,6 +128,9 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let method = &session.req_header().method;
+        if path == "/reload" {
+            return self.reload(session).await;
+        }
         if method != http::Method::GET && method != http::Method::HEAD {
             let mut r = json(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -132,7 +179,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/upstreams", "/metrics"] }),
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/upstreams", "/metrics", "POST /reload"] }),
             ),
         }
     }

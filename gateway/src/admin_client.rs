@@ -1,6 +1,7 @@
-//! The command line's side of the admin endpoint: `meshgate health` asks a
-//! running gateway whether it is ready, with nothing but the binary (a
-//! container image's `HEALTHCHECK` has no curl).
+//! The command line's side of the admin endpoint, with nothing but the
+//! binary (a container image's `HEALTHCHECK` has no curl): `meshgate
+//! health` asks a running gateway whether it is ready, `meshgate reload`
+//! makes it reload and reports the outcome.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -52,19 +53,67 @@ pub fn parse_admin(addr: &str) -> Result<SocketAddr, HealthError> {
 
 /// `GET /readyz` on `addr`: `Ok` with the body when it answers 200.
 pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, HealthError> {
+    let (status, body) = exchange(addr, "GET", "/readyz", timeout)?;
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(HealthError::NotReady { addr, status, body })
+    }
+}
+
+/// What `POST /reload` said.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// The new config serves, as this generation.
+    Yes { generation: u64 },
+    /// The new config was refused; the old one keeps serving. Each error
+    /// as the gateway rendered it (`file:line:col`, the fix).
+    Refused { errors: Vec<String> },
+}
+
+/// `POST /reload` on `addr`: the gateway reads its config file again.
+pub fn reload(addr: SocketAddr, timeout: Duration) -> Result<Reloaded, HealthError> {
+    let (status, body) = exchange(addr, "POST", "/reload", timeout)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&body).map_err(|_| HealthError::Garbled { addr })?;
+    match status {
+        200 => Ok(Reloaded::Yes {
+            generation: json["generation"].as_u64().unwrap_or(0),
+        }),
+        422 => Ok(Reloaded::Refused {
+            errors: json["errors"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .filter_map(|l| l.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
+        _ => Err(HealthError::NotReady { addr, status, body }),
+    }
+}
+
+/// One request with an empty body; the status and the body of the answer.
+fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), HealthError> {
     let connect = |source| HealthError::Connect { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
     stream.set_read_timeout(Some(timeout)).map_err(connect)?;
     stream.set_write_timeout(Some(timeout)).map_err(connect)?;
     write!(
         stream,
-        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(connect)?;
-    // The answer is a few dozen bytes of JSON; more is not an admin endpoint.
+    // The answers are small JSON; more than this is not an admin endpoint.
     let mut answer = Vec::new();
     stream
-        .take(64 * 1024)
+        .take(1024 * 1024)
         .read_to_end(&mut answer)
         .map_err(connect)?;
     let text = String::from_utf8_lossy(&answer);
@@ -79,11 +128,20 @@ pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, HealthError>
         .map_or("", |(_, b)| b)
         .trim()
         .to_string();
-    if status == 200 {
-        Ok(body)
-    } else {
-        Err(HealthError::NotReady { addr, status, body })
-    }
+    Ok((status, body))
+}
+
+/// `[admin] listen` of a config file that may not be valid (that is when
+/// `meshgate reload` is needed most): read from its TOML alone, the
+/// default when it names none.
+pub fn admin_of(text: &str) -> Option<SocketAddr> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let listen = table
+        .get("admin")
+        .and_then(|a| a.get("listen"))
+        .and_then(|l| l.as_str())
+        .unwrap_or(DEFAULT_ADMIN);
+    listen.parse().ok().map(reachable)
 }
 
 #[cfg(test)]
@@ -104,6 +162,19 @@ mod tests {
             parse_admin("nonsense"),
             Err(HealthError::Address(_))
         ));
+    }
+
+    #[test]
+    fn the_admin_address_is_read_from_any_toml() {
+        assert_eq!(
+            admin_of("[admin]\nlisten = \"0.0.0.0:19901\"\n[routes.x]\nbogus = 1\n"),
+            Some("127.0.0.1:19901".parse().unwrap())
+        );
+        assert_eq!(
+            admin_of("[listeners.a]\nbind = \"127.0.0.1:1\"\n"),
+            Some(DEFAULT_ADMIN.parse().unwrap())
+        );
+        assert_eq!(admin_of("not [toml"), None);
     }
 
     #[test]

@@ -53,6 +53,27 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Make a running gateway read its config file again (`POST /reload` on
+    /// its admin endpoint, which accepts it from loopback only), wait for
+    /// the outcome, and print it: exit 0 when the new config serves, 64
+    /// with every error when it was rejected (the old one keeps serving),
+    /// 1 when the gateway cannot be reached.
+    ///
+    /// For `ExecReload` in the systemd unit: `systemctl reload` then fails
+    /// visibly. SIGHUP keeps working as before.
+    Reload {
+        /// The config file: its `[admin] listen` says where to ask, even
+        /// when the rest of the file is invalid. The gateway reloads the
+        /// file it was started with.
+        #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// The admin endpoint's address instead.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print the version.
     Version,
     /// Run the bundled demo upstream (echoes each request as JSON), for trying meshgate out.
@@ -116,6 +137,11 @@ fn main() -> ExitCode {
             config,
             timeout,
         } => health(admin, config, timeout),
+        Command::Reload {
+            config,
+            admin,
+            timeout,
+        } => reload(config, admin, timeout),
         Command::DemoUpstream { listen, name } => {
             meshgate::demo::run(&listen, &name);
             ExitCode::SUCCESS
@@ -147,6 +173,41 @@ fn health(
         }
         Err(e) => {
             eprintln!("meshgate health: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
+    use meshgate::admin_client::{self, Reloaded};
+    let addr = match admin {
+        Some(a) => admin_client::parse_admin(&a).map_err(|e| e.to_string()),
+        None => std::fs::read_to_string(&config)
+            .map_err(|e| format!("cannot read {}: {e}", config.display()))
+            .and_then(|text| {
+                admin_client::admin_of(&text).ok_or_else(|| {
+                    format!(
+                        "{}: no [admin] listen can be read from it (not TOML?); give --admin ADDR",
+                        config.display()
+                    )
+                })
+            }),
+    };
+    let outcome = addr.and_then(|a| admin_client::reload(a, timeout).map_err(|e| e.to_string()));
+    match outcome {
+        Ok(Reloaded::Yes { generation }) => {
+            println!("reloaded: generation {generation}");
+            ExitCode::SUCCESS
+        }
+        Ok(Reloaded::Refused { errors }) => {
+            eprintln!("reload rejected, the old config keeps serving:");
+            for e in errors {
+                eprintln!("{e}");
+            }
+            ExitCode::from(meshgate::EXIT_CONFIG as u8)
+        }
+        Err(e) => {
+            eprintln!("meshgate reload: {e}");
             ExitCode::FAILURE
         }
     }

@@ -28,8 +28,12 @@ pub enum ReloadError {
     Failed(String),
 }
 
+/// One reload at a time: SIGHUP and `POST /reload` may come together.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Validate `path` and, when it can be applied live, swap it in.
 pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64, ReloadError> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let new = config::load(path)?;
     let current = runtime.load();
     bound_addresses_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
@@ -137,6 +141,35 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     }
 }
 
+/// Reload off the async workers (reading files and looking up names
+/// block), count it and log it: what SIGHUP and `POST /reload` both do.
+pub async fn reload_and_log(
+    path: PathBuf,
+    runtime: Arc<ArcSwap<Runtime>>,
+) -> Result<u64, ReloadError> {
+    let shown = path.display().to_string();
+    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &runtime))
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
+    match &reloaded {
+        Ok(generation) => {
+            metrics()
+                .config_reloads
+                .with_label_values(&["success"])
+                .inc();
+            log::info!("config reloaded from {shown} (generation {generation})");
+        }
+        Err(e) => {
+            metrics()
+                .config_reloads
+                .with_label_values(&["failure"])
+                .inc();
+            log::error!("config reload rejected, old config keeps serving:\n{e}");
+        }
+    }
+    reloaded
+}
+
 /// Waits for SIGHUP and reloads; runs as a pingora background service.
 pub struct ReloadOnSighup {
     pub path: PathBuf,
@@ -159,20 +192,7 @@ impl BackgroundService for ReloadOnSighup {
                 _ = hup.recv() => {
                     // Reading files and looking up names block: off the
                     // async workers.
-                    let (path, runtime) = (self.path.clone(), self.runtime.clone());
-                    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &runtime))
-                        .await
-                        .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
-                    match reloaded {
-                        Ok(generation) => {
-                            metrics().config_reloads.with_label_values(&["success"]).inc();
-                            log::info!("config reloaded from {} (generation {generation})", self.path.display());
-                        }
-                        Err(e) => {
-                            metrics().config_reloads.with_label_values(&["failure"]).inc();
-                            log::error!("config reload rejected, old config keeps serving:\n{e}");
-                        }
-                    }
+                    let _ = reload_and_log(self.path.clone(), self.runtime.clone()).await;
                 }
                 _ = shutdown.changed() => return,
             }

@@ -253,7 +253,10 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
         },
     );
     let shutdown_runtime = runtime.clone();
-    let mut admin = Service::new("meshgate admin".to_string(), AdminApp::new(runtime));
+    let mut admin = Service::new(
+        "meshgate admin".to_string(),
+        AdminApp::new(runtime, path.to_path_buf()),
+    );
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 

@@ -596,3 +596,58 @@ async fn health_start_up_lines_and_sigquit() {
     let (code, _, _) = meshgate(&["health", "--admin", &admin, "--timeout", "1s"]);
     assert_eq!(code, 1);
 }
+
+/// `meshgate reload` asks the running gateway to reload and reports the
+/// outcome: exit 64 with every error (the old config keeps serving), 0
+/// with the new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reports_what_happened() {
+    let first = format!("{HEAD}[routes.a]\npath = \"/a\"\nrespond = {{ body = \"a\" }}\n");
+    let gw = Gateway::start(&first).await;
+    let path = gw.config_path.display().to_string();
+    let reload = |path: String| async move {
+        tokio::task::spawn_blocking(move || meshgate(&["reload", "-c", &path]))
+            .await
+            .unwrap()
+    };
+
+    gw.write_config(&format!(
+        "{first}[routes.b]\npath = \"/b\"\nrespnd = {{ body = \"b\" }}\n"
+    ));
+    let (code, _, err) = reload(path.clone()).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("reload rejected, the old config keeps serving"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway.toml:") && err.contains("respnd"),
+        "{err}"
+    );
+    assert_eq!(get(gw.listen, "/a", &[]).await.unwrap().text(), "a");
+
+    gw.write_config(&format!(
+        "{first}[routes.b]\npath = \"/b\"\nrespond = {{ body = \"b\" }}\n"
+    ));
+    let (code, out, err) = reload(path.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("reloaded: generation 2"), "{out}");
+    assert_eq!(get(gw.listen, "/b", &[]).await.unwrap().text(), "b");
+
+    // Only POST; and nothing listening: exit 1.
+    let r = get(gw.admin, "/reload", &[]).await.unwrap();
+    assert_eq!(r.status, 405);
+    let (code, _, err) = tokio::task::spawn_blocking(|| {
+        meshgate(&[
+            "reload",
+            "--admin",
+            &crate::support::upstream::dead_addr().to_string(),
+            "--timeout",
+            "2s",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the admin endpoint"), "{err}");
+}

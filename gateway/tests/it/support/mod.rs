@@ -307,13 +307,19 @@ impl Gateway {
     /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) and
     /// send SIGHUP.
     pub fn reload(&self, config: &str) {
+        self.write_config(config);
+        signal(self.pid(), "HUP");
+    }
+
+    /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) to
+    /// the file the gateway runs from.
+    pub fn write_config(&self, config: &str) {
         let text = one_worker(
             &config
                 .replace("@LISTEN@", &self.listen.to_string())
                 .replace("@ADMIN@", &self.admin.to_string()),
         );
         std::fs::write(&self.config_path, text).unwrap();
-        signal(self.pid(), "HUP");
     }
 
     /// Wait up to `limit` for the process to exit; its status if it did.
