@@ -50,6 +50,7 @@ LAYERS = {
     "admin": 5,
     "admin_client": 5,
     "shutdown": 5,
+    "notify": 5,
     "demo": 5,
     "background": 5,
     "lib": 5,

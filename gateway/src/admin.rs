@@ -15,8 +15,6 @@ use pingora::protocols::http::ServerSession;
 use crate::config::model::Config;
 use crate::runtime::Runtime;
 
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-
 pub struct AdminApp {
     runtime: Arc<ArcSwap<Runtime>>,
     /// The file the gateway runs from, read again by `POST /reload`.
@@ -83,31 +81,7 @@ impl AdminApp {
         if self.listeners_up.load(Ordering::Acquire) {
             return Ok(());
         }
-        let rt = self.runtime.load_full();
-        for l in &rt.listeners {
-            let mut addr = l.bind;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(match addr {
-                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    return Err(format!(
-                        "listener {} ({}) not accepting: {e}",
-                        l.name, l.bind
-                    ))
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "listener {} ({}) did not accept within {PROBE_TIMEOUT:?}",
-                        l.name, l.bind
-                    ))
-                }
-            }
-        }
+        self.runtime.load_full().probe_listeners().await?;
         self.listeners_up.store(true, Ordering::Release);
         Ok(())
     }

@@ -31,7 +31,8 @@
 //!   workers, swap the runtime whole or keep the old one), [`admin`]
 //!   (`/healthz`, `/readyz`, `/config`, `/upstreams`, `/metrics`) and [`admin_client`]
 //!   (`meshgate health`), [`shutdown`] (signals, SIGTERM's drain),
-//!   [`background`] (key eviction, certificate watch, overload), [`demo`]
+//!   [`background`] (key eviction, certificate watch, overload, endpoints),
+//!   [`notify`] (systemd's READY/RELOADING/STOPPING/WATCHDOG), [`demo`]
 //!   (the echo upstream of `make run`).
 
 pub mod admin;
@@ -44,6 +45,7 @@ pub mod downstream;
 pub mod egress;
 pub mod endpoints;
 pub mod lifecycle;
+pub mod notify;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -148,9 +148,16 @@ pub async fn reload_and_log(
     runtime: Arc<ArcSwap<Runtime>>,
 ) -> Result<u64, ReloadError> {
     let shown = path.display().to_string();
-    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &runtime))
+    crate::notify::reloading();
+    let rt = runtime.clone();
+    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &rt))
         .await
         .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
+    let first_error = reloaded
+        .as_ref()
+        .err()
+        .map(|e| e.to_string().lines().next().unwrap_or_default().to_string());
+    crate::notify::reloaded(&runtime.load(), first_error.as_deref());
     match &reloaded {
         Ok(generation) => {
             metrics()

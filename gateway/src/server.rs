@@ -252,6 +252,12 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
             runtime: runtime.clone(),
         },
     );
+    let notify = background_service(
+        "systemd notify",
+        crate::notify::Notify {
+            runtime: runtime.clone(),
+        },
+    );
     let shutdown_runtime = runtime.clone();
     let mut admin = Service::new(
         "meshgate admin".to_string(),
@@ -268,6 +274,7 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
     server.add_service(reloader);
     server.add_service(evictor);
     server.add_service(endpoints);
+    server.add_service(notify);
     server.add_service(cert_watcher);
     ignore_sighup_until_handled();
     server.run(RunArgs {

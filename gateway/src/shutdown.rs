@@ -59,6 +59,7 @@ impl ShutdownSignalWatch for DelayedTerminate {
             }
         };
         crate::lifecycle::begin_drain();
+        crate::notify::stopping();
         if !matches!(signal, ShutdownSignal::GracefulTerminate) {
             return signal;
         }

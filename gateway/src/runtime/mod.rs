@@ -210,6 +210,37 @@ impl Runtime {
         }
     }
 
+    /// Whether every listener accepts a connection now (a wildcard bind
+    /// is tried on loopback); the first that does not, and why.
+    pub async fn probe_listeners(&self) -> Result<(), String> {
+        const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+        for l in &self.listeners {
+            let mut addr = l.bind;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "listener {} ({}) not accepting: {e}",
+                        l.name, l.bind
+                    ))
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "listener {} ({}) did not accept within {PROBE_TIMEOUT:?}",
+                        l.name, l.bind
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The listener a connection arrived on, by its local address: an exact
     /// bind first, then a wildcard bind on the same port.
     pub fn listener_for(&self, local: Option<SocketAddr>) -> Option<usize> {

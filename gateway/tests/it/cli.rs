@@ -651,3 +651,57 @@ async fn reload_reports_what_happened() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the admin endpoint"), "{err}");
 }
+
+/// Read datagrams from `socket` into `heard` until it contains `want`.
+async fn hear(socket: &tokio::net::UnixDatagram, heard: &mut String, want: &str) {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while !heard.contains(want) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no {want} in {heard}"
+        );
+        let wait = std::time::Duration::from_millis(200);
+        if let Ok(Ok(n)) = tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+            heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+            heard.push('\n');
+        }
+    }
+}
+
+/// Under systemd (`Type=notify`): READY=1 once the listeners accept,
+/// RELOADING=1 with MONOTONIC_USEC then READY=1 around a reload, the
+/// watchdog fed, STOPPING=1 at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let config = format!("{HEAD}[routes.a]\npath = \"/a\"\nrespond = {{ body = \"a\" }}\n");
+    let mut gw = Gateway::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )
+    .await;
+    let mut heard = String::new();
+    for want in ["READY=1", "STATUS=serving config", "WATCHDOG=1"] {
+        hear(&socket, &mut heard, want).await;
+    }
+    heard.clear();
+    crate::support::signal(gw.pid(), "HUP");
+    for want in [
+        "RELOADING=1",
+        "MONOTONIC_USEC=",
+        "READY=1",
+        "(generation 2)",
+    ] {
+        hear(&socket, &mut heard, want).await;
+    }
+    heard.clear();
+    crate::support::signal(gw.pid(), "TERM");
+    hear(&socket, &mut heard, "STOPPING=1").await;
+    gw.wait_exit(std::time::Duration::from_secs(10)).await;
+}
