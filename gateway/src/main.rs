@@ -28,6 +28,12 @@ enum Command {
         /// Config file (TOML); see docs/config.md.
         #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
+        /// Take the listening sockets over from the running meshgate (a
+        /// binary upgrade): wait on `[gateway] upgrade_socket` until the
+        /// old process gets SIGQUIT and hands them over, then serve; the
+        /// old one drains and exits (docs/operations.md).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate the config: exit 0 when valid, else print every error and exit 64.
     Check {
@@ -114,7 +120,7 @@ fn main() -> ExitCode {
                 ExitCode::from(meshgate::EXIT_CONFIG as u8)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             let cfg = match meshgate::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -122,7 +128,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(meshgate::EXIT_CONFIG as u8);
                 }
             };
-            match meshgate::server::run(cfg, &config) {
+            match meshgate::server::run(cfg, &config, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Each error's message names its cause already (the

@@ -107,9 +107,13 @@ fn exit_when_a_listener_fails() {
 
 /// Start every listener and serve until a shutdown signal: SIGTERM drains
 /// (graceful), SIGINT stops at once.
-pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
+/// `upgrade`: take the listening sockets over from a running meshgate
+/// (they are in use, so they are not tried first).
+pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError> {
     let config = &loaded.config;
-    check_binds(config)?;
+    if !upgrade {
+        check_binds(config)?;
+    }
     exit_when_a_listener_fails();
     start_access_log(config)?;
     // Before any runtime exists: the exporter's blocking HTTP client needs that.
@@ -126,9 +130,22 @@ pub fn run(loaded: Loaded, path: &Path) -> Result<(), ServerError> {
         work_stealing: config.gateway.work_stealing,
         grace_period_seconds: Some(config.gateway.shutdown_grace_period.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
+        // Where SIGQUIT hands the listening sockets to a new process, and
+        // where `run --upgrade` waits for them.
+        upgrade_sock: config.gateway.upgrade_socket.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    if upgrade {
+        log::info!(
+            "waiting for the running meshgate's listening sockets on {} (send it SIGQUIT)",
+            config.gateway.upgrade_socket.display()
+        );
+    }
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let admin_addr = config.admin.listen;

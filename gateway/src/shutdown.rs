@@ -8,10 +8,11 @@
 //! streams in flight finish; the client opens a new connection for more),
 //! while the listeners keep accepting.
 //! Once the delay has passed (or at a second SIGTERM) Pingora's graceful
-//! shutdown runs as before. SIGINT still stops at once. SIGQUIT, Pingora's
-//! graceful upgrade, is ignored with a log line: no new process can take
-//! the sockets over yet, and Pingora would shut down after failing to hand
-//! them over.
+//! shutdown runs as before. SIGINT still stops at once. SIGQUIT is
+//! Pingora's graceful upgrade: the listening sockets go to the new process
+//! waiting on `gateway.upgrade_socket` (`meshgate run --upgrade`), and this
+//! one drains as for SIGTERM (kept-alive connections close after their
+//! next response, so clients move over) and exits.
 
 use std::sync::Arc;
 
@@ -51,12 +52,17 @@ impl ShutdownSignalWatch for DelayedTerminate {
         let mut quit = listen(SignalKind::quit(), "SIGQUIT");
         let mut term = listen(SignalKind::terminate(), "SIGTERM");
         let mut int = listen(SignalKind::interrupt(), "SIGINT");
-        let signal = loop {
-            tokio::select! {
-                () = next(&mut quit) => ignore_quit(),
-                () = next(&mut int) => break ShutdownSignal::FastShutdown,
-                () = next(&mut term) => break ShutdownSignal::GracefulTerminate,
+        let signal = tokio::select! {
+            () = next(&mut quit) => {
+                // A new process (`run --upgrade`) takes the sockets over;
+                // this one drains and exits.
+                log::info!("SIGQUIT: handing the listening sockets to the new meshgate, then draining");
+                crate::lifecycle::begin_drain();
+                crate::notify::stopping();
+                return ShutdownSignal::GracefulUpgrade;
             }
+            () = next(&mut int) => ShutdownSignal::FastShutdown,
+            () = next(&mut term) => ShutdownSignal::GracefulTerminate,
         };
         crate::lifecycle::begin_drain();
         crate::notify::stopping();
@@ -81,14 +87,8 @@ impl ShutdownSignalWatch for DelayedTerminate {
                     break ShutdownSignal::GracefulTerminate;
                 }
                 () = next(&mut int) => break ShutdownSignal::FastShutdown,
-                () = next(&mut quit) => ignore_quit(),
+                () = next(&mut quit) => {}
             }
         }
     }
-}
-
-fn ignore_quit() {
-    log::warn!(
-        "SIGQUIT ignored: handing the listening sockets to a new meshgate process (binary upgrade) is not available in this version; stop with SIGTERM (graceful) or SIGINT (at once)"
-    );
 }

@@ -119,7 +119,12 @@ pub struct GatewaySettings {
     pub max_pending_head_bytes: usize,
     /// Resident memory over which load is shed; `None`: never.
     pub overload_memory: Option<u64>,
+    /// Where a new process (`run --upgrade`) takes the listening sockets
+    /// over from this one.
+    pub upgrade_socket: PathBuf,
 }
+
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/meshgate/upgrade.sock";
 
 /// How field names of forwarded HTTP/1 messages are written
 /// (`gateway.header_case`). Names are case-insensitive (RFC 9110 §5.1);

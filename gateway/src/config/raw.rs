@@ -61,6 +61,7 @@ pub struct RawGateway {
     pub header_case: Option<Spanned<String>>,
     pub max_pending_head_bytes: Option<Spanned<i64>>,
     pub overload: Option<Spanned<RawOverload>>,
+    pub upgrade_socket: Option<Spanned<String>>,
 }
 
 /// `[gateway] overload = { memory = "..." }`

@@ -532,6 +532,8 @@ impl ProxyHttp for Proxy {
         if ctx.tried.len() <= retries && !ctx.remaining().is_zero() {
             e.set_retry(true);
             ctx.next_attempt_reason = crate::resilience::Reason::ConnectFailure.label();
+            // It counts toward the route's `retries.attempts`.
+            ctx.policy_retries += 1;
         } else if retry::decide(session, ctx, crate::resilience::Reason::ConnectFailure) {
             e.set_retry(true);
         }

@@ -543,7 +543,7 @@ fn a_relative_access_log_file_starts_at_the_config_directory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_start_up_lines_and_sigquit() {
+async fn health_and_start_up_lines() {
     let mut gw = Gateway::start(&format!(
         "{HEAD}[routes.ping]\nrespond = {{ body = \"pong\" }}\n"
     ))
@@ -569,22 +569,6 @@ async fn health_start_up_lines_and_sigquit() {
     let (code, _, err) = meshgate(&["health", "--admin", &closed, "--timeout", "1s"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the admin endpoint"), "{err}");
-
-    // SIGQUIT (a binary upgrade, which no process can take over yet) is
-    // ignored with a log line, not a shutdown.
-    crate::support::signal(gw.pid(), "QUIT");
-    let start = std::time::Instant::now();
-    while !gw.log().contains("SIGQUIT ignored") {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "{}",
-            gw.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(gw.alive(), "{}", gw.log());
-    assert_eq!(get(gw.listen, "/ping", &[]).await.unwrap().status, 200);
-    assert!(!gw.log().contains("upgrade.sock"), "{}", gw.log());
 
     // Draining: `health` says not ready, and exits 1.
     crate::support::signal(gw.pid(), "TERM");
@@ -704,4 +688,92 @@ async fn systemd_hears_ready_reloading_watchdog_and_stopping() {
     crate::support::signal(gw.pid(), "TERM");
     hear(&socket, &mut heard, "STOPPING=1").await;
     gw.wait_exit(std::time::Duration::from_secs(10)).await;
+}
+
+/// A binary upgrade: a new process started with `--upgrade` takes the
+/// listening sockets over when the old one gets SIGQUIT; the old one
+/// drains and exits; no client connection is refused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let config = |body: &str| {
+        format!(
+            "[gateway]\nupgrade_socket = \"{}\"\n{HEAD}[routes.ping]\nrespond = {{ body = \"{body}\" }}\n",
+            sock.display()
+        )
+    };
+    let mut old = Gateway::start(&config("old")).await;
+    let listen = old.listen;
+    old.write_config(&config("new"));
+    let log_path = dir.path().join("new.log");
+    let mut new = Command::new(BIN)
+        .args(["run", "-c", old.config_path.to_str().unwrap(), "--upgrade"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let new_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let start = std::time::Instant::now();
+    while !new_log().contains("waiting for the running meshgate's listening sockets")
+        || !sock.exists()
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            new_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A client that keeps opening connections through the handover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let answer = match get(listen, "/ping", &[]).await {
+                    Ok(r) if r.status == 200 => r.text(),
+                    other => format!("failed: {other:?}"),
+                };
+                seen.lock().unwrap().push(answer);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    crate::support::signal(old.pid(), "QUIT");
+    let exited = old.wait_exit(std::time::Duration::from_secs(30)).await;
+    assert!(
+        exited.is_some(),
+        "the old process did not exit: {}",
+        old.log()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    client.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let failed: Vec<&String> = seen.iter().filter(|s| s.starts_with("failed")).collect();
+    assert!(
+        failed.is_empty(),
+        "{failed:?}\nold: {}\nnew: {}",
+        old.log(),
+        new_log()
+    );
+    assert_eq!(seen.first().map(String::as_str), Some("old"));
+    assert_eq!(seen.last().map(String::as_str), Some("new"), "{seen:?}");
+    assert!(
+        old.log().contains("SIGQUIT: handing the listening sockets"),
+        "{}",
+        old.log()
+    );
+    // The new process serves on its own, admin included.
+    assert_eq!(get(listen, "/ping", &[]).await.unwrap().text(), "new");
+    assert_eq!(get(old.admin, "/healthz", &[]).await.unwrap().status, 200);
+    let _ = new.kill();
+    let _ = new.wait();
 }

@@ -173,7 +173,7 @@ fn tracing_section_logging(
 
 fn gateway_config(tracing: &str, route: &str, upstream: &str, upstream_addr: SocketAddr) -> String {
     format!(
-        "{tracing}[admin]\nlisten = \"@ADMIN@\"\n[listeners.public]\nbind = \"@LISTEN@\"\ndirection = \"mesh\"\n[routes.{route}]\nupstream = \"{upstream}\"\n[upstreams.{upstream}]\nendpoints = [\"{upstream_addr}\"]\nconnect_retries = 0\n"
+        "{tracing}[admin]\nlisten = \"@ADMIN@\"\n[listeners.public]\nbind = \"@LISTEN@\"\ndirection = \"mesh\"\n[routes.{route}]\nupstream = \"{upstream}\"\nretries = false\n[upstreams.{upstream}]\nendpoints = [\"{upstream_addr}\"]\nconnect_retries = 0\n"
     )
 }
 

@@ -109,6 +109,10 @@ impl Validator {
             header_case,
             max_pending_head_bytes,
             overload_memory,
+            upgrade_socket: raw
+                .upgrade_socket
+                .as_ref()
+                .map_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET), |p| self.path(p)),
         }
     }
 
