@@ -777,3 +777,14 @@ async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
     let _ = new.kill();
     let _ = new.wait();
 }
+
+/// `${VAR}` in a config's strings comes from the gateway's environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_variables_fill_in_the_config() {
+    let config = "[admin]\nlisten = \"@ADMIN@\"\n[listeners.public]\nbind = \"${MESHGATE_TEST_BIND:-@LISTEN@}\"\n[routes.r]\nrespond = { body = \"node ${MESHGATE_TEST_NODE}\" }\n";
+    let gw = Gateway::start_with_env(config, &[("MESHGATE_TEST_NODE", "edge-7")]).await;
+    assert_eq!(
+        get(gw.listen, "/", &[]).await.unwrap().text(),
+        "node edge-7"
+    );
+}

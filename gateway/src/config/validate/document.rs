@@ -19,6 +19,34 @@ const SECTIONS: &[&str] = &[
 ];
 
 impl Validator {
+    /// Replace `${VAR}` and `${VAR:-default}` in every string value with
+    /// the environment's; an unset variable without a default is an error
+    /// at the value. `$${` stands for a literal `${`.
+    pub(super) fn substitute_env(&mut self, table: &mut DeTable<'_>) {
+        for (_, value) in table.iter_mut() {
+            self.substitute_value(value);
+        }
+    }
+
+    fn substitute_value(&mut self, value: &mut Spanned<DeValue<'_>>) {
+        let span = value.span();
+        match value.get_mut() {
+            DeValue::String(s) if s.contains('$') => {
+                match expand_env(s, |name| std::env::var(name).ok()) {
+                    Ok(out) => *s = std::borrow::Cow::Owned(out),
+                    Err((message, fix)) => self.error(span, message, fix),
+                }
+            }
+            DeValue::Array(items) => {
+                for item in items.iter_mut() {
+                    self.substitute_value(item);
+                }
+            }
+            DeValue::Table(t) => self.substitute_env(t),
+            _ => {}
+        }
+    }
+
     pub(super) fn read_sections(&mut self, root: &DeTable<'_>) -> RawFile {
         let mut raw = RawFile::default();
         for (key, value) in root {
@@ -323,4 +351,99 @@ pub(super) fn explain_type(key: Option<&str>, found: &str, expected: &str) -> (S
         ),
     };
     (format!("`{k}` must be {wanted}, not {got}"), fix)
+}
+
+/// `text` with `${NAME}` and `${NAME:-default}` replaced through `lookup`
+/// (a default also stands in for an empty value, as in a shell), and `$${`
+/// kept as `${`. An error with its fix otherwise.
+pub(super) fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, (String, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        if let Some(escaped) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = escaped;
+            continue;
+        }
+        let Some(inner) = after.strip_prefix("${") else {
+            out.push('$');
+            rest = &after[1..];
+            continue;
+        };
+        let Some(end) = inner.find('}') else {
+            return Err((
+                format!("`{after}` has no closing `}}`"),
+                "write ${NAME} or ${NAME:-default}; $${ for a literal ${".into(),
+            ));
+        };
+        let reference = &inner[..end];
+        let (name, default) = match reference.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (reference, None),
+        };
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err((
+                format!("`${{{reference}}}` does not name an environment variable"),
+                "a name is letters, digits and _, not starting with a digit: ${REDIS_URL}".into(),
+            ));
+        }
+        match (lookup(name).filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err((
+                    format!("environment variable {name} (in `${{{name}}}`) is not set"),
+                    format!(
+                        "set {name} for the process (systemd: Environment= or EnvironmentFile=; a container: -e), or give a default: ${{{name}:-...}}"
+                    ),
+                ))
+            }
+        }
+        rest = &inner[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::expand_env;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "NODE" => Some("edge-7".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn references_defaults_and_escapes() {
+        assert_eq!(expand_env("gw-${NODE}", env).unwrap(), "gw-edge-7");
+        assert_eq!(expand_env("${NODE}${NODE}", env).unwrap(), "edge-7edge-7");
+        assert_eq!(
+            expand_env("${NONE:-10.0.0.1:8080}", env).unwrap(),
+            "10.0.0.1:8080"
+        );
+        assert_eq!(expand_env("${EMPTY:-x}", env).unwrap(), "x");
+        assert_eq!(expand_env("${NODE:-x}", env).unwrap(), "edge-7");
+        assert_eq!(
+            expand_env("cost: $5, $${NODE}", env).unwrap(),
+            "cost: $5, ${NODE}"
+        );
+        assert!(expand_env("${NONE}", env).unwrap_err().0.contains("NONE"));
+        assert!(expand_env("${NODE", env).is_err());
+        assert!(expand_env("${1X}", env).is_err());
+        assert!(expand_env("${}", env).is_err());
+    }
 }

@@ -77,7 +77,7 @@ pub fn validate(src: &str, base_dir: &Path) -> Outcome {
         base_dir: base_dir.to_path_buf(),
         ..Validator::default()
     };
-    let (root, syntax) = DeTable::parse_recoverable(src);
+    let (mut root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
         let errors = syntax
             .into_iter()
@@ -86,6 +86,8 @@ pub fn validate(src: &str, base_dir: &Path) -> Outcome {
         v.diags = super::syntax::diagnostics(src, errors);
         return v.outcome(None);
     }
+    // `${VAR}` and `${VAR:-default}` in strings, before anything reads them.
+    v.substitute_env(root.get_mut());
     let raw = v.read_sections(root.get_ref());
     let mut config = v.build(raw);
     config.source_hash = hash_text(src);

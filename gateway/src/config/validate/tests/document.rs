@@ -266,3 +266,19 @@ fn sizes_are_bytes_or_binary_units() {
     assert_eq!(parse_size("-1"), None);
     assert_eq!(parse_size("99999999999999999999GiB"), None);
 }
+
+bad!(
+    env_variable_unset,
+    format!("{OK_LISTENER}[routes.r]\npath_prefix = \"/\"\nrespond = {{ body = \"${{MESHGATE_TEST_SURELY_UNSET}}\" }}\n"),
+    5,
+    "environment variable MESHGATE_TEST_SURELY_UNSET (in `${MESHGATE_TEST_SURELY_UNSET}`) is not set"
+);
+
+#[test]
+fn env_defaults_fill_in_at_load() {
+    let src = format!(
+        "[gateway]\nname = \"${{MESHGATE_TEST_SURELY_UNSET:-edge-1}}\"\n{OK_LISTENER}[routes.r]\nrespond = {{ body = \"ok\" }}\n"
+    );
+    let c = parse(Path::new("t.toml"), &src).expect("valid").config;
+    assert_eq!(c.gateway.name, "edge-1");
+}
