@@ -23,6 +23,8 @@ pub struct Record {
     failures: AtomicU32,
     /// Set while ejected; `ejection.until` says until when.
     out: AtomicBool,
+    /// Held in by `max_ejected_percent` since its last success (said once).
+    held_in: AtomicBool,
     ejection: Mutex<Ejection>,
 }
 
@@ -92,6 +94,7 @@ impl Record {
             Outcome::Success => {
                 if self.failures.load(Ordering::Relaxed) != 0 {
                     self.failures.store(0, Ordering::Relaxed);
+                    self.held_in.store(false, Ordering::Relaxed);
                 }
                 false
             }
@@ -100,6 +103,12 @@ impl Record {
                 failures >= policy.consecutive_failures && !self.out.load(Ordering::Acquire)
             }
         }
+    }
+
+    /// Whether this is the first time the limit holds it in since its last
+    /// success or ejection (so the log says it once, not at every run).
+    pub fn first_held_in(&self) -> bool {
+        !self.held_in.swap(true, Ordering::Relaxed)
     }
 
     /// Start counting failures from zero again.
@@ -129,6 +138,7 @@ impl Record {
             back_at: None,
         };
         self.failures.store(0, Ordering::Release);
+        self.held_in.store(false, Ordering::Relaxed);
         self.out.store(true, Ordering::Release);
         Some(Change::Ejected { until, times })
     }

@@ -273,7 +273,7 @@ impl EndpointSet {
         // comes after another run of failures, not at every one.
         m.record.outlier.forgive();
         if self.ejected(now.get()) >= self.max_out(policy) {
-            return Some(Change::AtLimit);
+            return m.record.outlier.first_held_in().then_some(Change::AtLimit);
         }
         m.record.outlier.eject(policy, now.get())
     }
