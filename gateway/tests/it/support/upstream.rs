@@ -16,7 +16,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub struct Upstream {
@@ -218,9 +217,10 @@ where
     serve_gated(at, None, handle).await
 }
 
-/// [`serve_at`], closing its listening socket while `refusing()` holds
-/// (connections are then refused by the kernel) and binding the same
-/// address again when it stops.
+/// [`serve_at`], refusing connections while `refusing()` holds: the
+/// listening socket closes, and a socket bound to the same address (not
+/// listening) keeps the port, so that no other test's server can take it
+/// meanwhile (both use SO_REUSEPORT, which nothing else here does).
 async fn serve_gated<F, Fut>(
     at: SocketAddr,
     refusing: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
@@ -230,21 +230,38 @@ where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind(at).await?;
+    fn bound(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseport(true)?;
+        s.bind(addr)?;
+        Ok(s)
+    }
+    let listener = bound(at)?.listen(1024)?;
     let addr = listener.local_addr()?;
     let connections = Arc::new(AtomicUsize::new(0));
     let counter = connections.clone();
     let task = tokio::spawn(async move {
         let mut listener = Some(listener);
+        let mut _held: Option<tokio::net::TcpSocket> = None;
         loop {
             if refusing.as_ref().is_some_and(|r| r()) {
-                listener = None;
+                if listener.is_some() {
+                    // The port stays ours; SYNs get a reset (refused).
+                    _held = bound(addr).ok();
+                    listener = None;
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
             let Some(l) = &listener else {
-                listener = TcpListener::bind(addr).await.ok();
-                if listener.is_none() {
+                listener = bound(addr).and_then(|s| s.listen(1024)).ok();
+                if listener.is_some() {
+                    _held = None;
+                } else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 continue;
