@@ -189,18 +189,14 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
                             "result": last.detail,
                         });
                     }
-                    match set.state(i, &now) {
-                        Some(State::Ejected { until }) => {
-                            let left = until.saturating_duration_since(now.get());
-                            e["state"] = "ejected".into();
-                            e["ejected_for_seconds"] = left.as_secs_f64().into();
-                            e["ejected_until"] = humantime::format_rfc3339_seconds(wall + left)
-                                .to_string()
-                                .into();
-                        }
-                        Some(State::SlowStart) => e["state"] = "slow_start".into(),
-                        Some(State::Unhealthy) => e["state"] = "unhealthy".into(),
-                        Some(State::Healthy) | None => e["state"] = "healthy".into(),
+                    let state = set.state(i, &now).unwrap_or(State::Healthy);
+                    e["state"] = state.name().into();
+                    if let State::Ejected { until } = state {
+                        let left = until.saturating_duration_since(now.get());
+                        e["ejected_for_seconds"] = left.as_secs_f64().into();
+                        e["ejected_until"] = humantime::format_rfc3339_seconds(wall + left)
+                            .to_string()
+                            .into();
                     }
                     e
                 })

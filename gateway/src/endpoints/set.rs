@@ -106,6 +106,19 @@ pub enum State {
     SlowStart,
 }
 
+impl State {
+    /// Its name in `/upstreams` and in `meshgate_upstream_endpoints{state}`
+    /// (one of `names::ENDPOINT_STATES`).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Unhealthy => "unhealthy",
+            State::Ejected { .. } => "ejected",
+            State::SlowStart => "slow_start",
+        }
+    }
+}
+
 /// The endpoint chosen for an attempt, and the endpoints found back from
 /// ejection while choosing (for the log).
 #[derive(Debug)]
@@ -475,6 +488,25 @@ mod tests {
         assert!(s.due_checks(t0).is_empty());
         assert_eq!(s.due_checks(t0 + Duration::from_secs(1)), vec![0, 1, 2]);
         assert!(s.due_checks(t0 + Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn every_state_has_its_metric_label() {
+        let states = [
+            State::Healthy,
+            State::Unhealthy,
+            State::Ejected {
+                until: Instant::now(),
+            },
+            State::SlowStart,
+        ];
+        for s in states {
+            assert!(
+                crate::telemetry::names::ENDPOINT_STATES.contains(&s.name()),
+                "{s:?}"
+            );
+        }
+        assert_eq!(states.len(), crate::telemetry::names::ENDPOINT_STATES.len());
     }
 
     #[test]

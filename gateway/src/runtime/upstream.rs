@@ -344,13 +344,13 @@ impl UpstreamPool {
         let members = self.members.load();
         let mut counts = [0; crate::telemetry::names::ENDPOINT_STATES.len()];
         for i in 0..members.set.len() {
-            let slot = match members.set.state(i, &now) {
-                Some(State::Healthy) | None => 0,
-                Some(State::Ejected { .. }) => 1,
-                Some(State::SlowStart) => 2,
-                Some(State::Unhealthy) => 3,
-            };
-            counts[slot] += 1;
+            let name = members.set.state(i, &now).unwrap_or(State::Healthy).name();
+            if let Some(slot) = crate::telemetry::names::ENDPOINT_STATES
+                .iter()
+                .position(|s| *s == name)
+            {
+                counts[slot] += 1;
+            }
         }
         counts
     }
