@@ -37,9 +37,18 @@ impl Drop for Upstream {
     }
 }
 
-/// An address where nothing listens.
+/// An address where nothing listens, and nothing will: the port stays
+/// bound (never listening, so connections to it are refused) for the rest
+/// of the test run, where a port merely found free could be handed to
+/// another test's server.
 pub fn dead_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", super::free_port()).parse().unwrap()
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind an ephemeral port");
+    let addr = socket.local_addr().expect("its address");
+    std::mem::forget(socket);
+    addr
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -371,6 +380,9 @@ pub enum Fault {
     Slow = 4,
     /// The listening socket is closed: connections are refused.
     Refuse = 5,
+    /// Like `Good`, but every fifth request (the 1st, 6th, ...) after
+    /// 800 ms: a long tail.
+    SlowSometimes = 6,
 }
 
 /// An HTTP/1.1 upstream whose behaviour the test changes while it runs,
@@ -458,18 +470,20 @@ pub async fn faulty_at(
                     continue;
                 };
                 let head: Vec<u8> = pending.drain(..end + 4).collect();
+                let mut nth = 0;
                 if head.starts_with(b"GET /healthz ") {
                     checks.fetch_add(1, Ordering::SeqCst);
                     *last_check.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
                 } else {
-                    requests.fetch_add(1, Ordering::SeqCst);
+                    nth = requests.fetch_add(1, Ordering::SeqCst);
                 }
                 let mode = mode.load(Ordering::SeqCst);
-                if mode == Fault::Slow as u8 {
+                if mode == Fault::Slow as u8 || (mode == Fault::SlowSometimes as u8 && nth % 5 == 0)
+                {
                     tokio::time::sleep(Duration::from_millis(800)).await;
                 }
                 let answer = match mode {
-                    0 | 4 => format!(
+                    0 | 4 | 6 => format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-upstream: {name}\r\n\r\n{name}",
                         name.len()
                     ),
