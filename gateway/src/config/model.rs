@@ -519,6 +519,17 @@ pub struct Route {
     pub buffer_request_body: u64,
     /// `None`: `retries = false`.
     pub retries: Option<RetryPolicy>,
+    /// `None`: no hedging (the default).
+    pub hedge: Option<HedgePolicy>,
+}
+
+/// A route's `hedge`: a bodyless idempotent request with no response head
+/// after `after` is sent to another endpoint too, up to `max` times; the
+/// first response wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgePolicy {
+    pub after: Duration,
+    pub max: u32,
 }
 
 /// A route's `retries`: which failed attempts are tried again, and how.

@@ -232,6 +232,15 @@ pub struct RawRoute {
     pub max_body_bytes: Option<Spanned<i64>>,
     pub buffer_request_body: Option<Spanned<String>>,
     pub retries: Option<Spanned<RawToggle<RawRetries>>>,
+    pub hedge: Option<Spanned<RawHedge>>,
+}
+
+/// A route's `hedge = { after, max }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHedge {
+    pub after: Option<Spanned<RawDuration>>,
+    pub max: Option<Spanned<i64>>,
 }
 
 /// `respond = { status, body, content_type }`

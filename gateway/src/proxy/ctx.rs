@@ -149,6 +149,8 @@ pub struct RequestCtx {
     pub next_attempt_reason: &'static str,
     /// Each attempt that was tried again: its endpoint and why (access log).
     pub retried: Vec<(Option<std::net::SocketAddr>, &'static str)>,
+    /// Hedges sent for this request (a route's `hedge`).
+    pub hedges: u32,
     /// An answer's status was retried (decided when it arrived).
     pub retry_reason: Option<crate::resilience::Reason>,
     /// The upstream's endpoints as they were at the first attempt: every
@@ -213,6 +215,7 @@ impl RequestCtx {
             next_attempt_reason: "stale_connection",
             retried: Vec::new(),
             retry_reason: None,
+            hedges: 0,
             websocket: false,
             client_cancelled: false,
             body_read_timeout: crate::config::model::DEFAULT_BODY_READ_TIMEOUT,

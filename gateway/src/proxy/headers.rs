@@ -494,6 +494,22 @@ pub fn strip_response_hop_by_hop(resp: &mut impl Fields, status: http::StatusCod
     }
 }
 
+/// The request side of RFC 9110 §7.6.1, as Pingora's upstream request
+/// policy strips it, for requests meshgate sends itself (hedging): the
+/// fields `Connection` names, then the hop-by-hop ones.
+pub fn strip_request_hop_by_hop(req: &mut RequestHeader) {
+    strip_response_hop_by_hop(req, http::StatusCode::OK);
+    for name in [
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("http2-settings"),
+    ] {
+        req.remove_header(&name);
+    }
+}
+
 const HOP_BY_HOP_FIELDS: usize = 5;
 static RESPONSE_HOP_BY_HOP: [HeaderName; HOP_BY_HOP_FIELDS] = [
     header::CONNECTION,

@@ -10,6 +10,7 @@ pub mod egress;
 mod forward;
 mod framing;
 pub mod headers;
+mod hedge;
 pub(crate) mod observe;
 mod policy;
 pub mod respond;
@@ -42,11 +43,17 @@ pub struct Proxy {
     runtime: Arc<ArcSwap<Runtime>>,
     /// `None` when tracing is off: then no span work happens at all.
     tracing: Option<Arc<Tracing>>,
+    /// Runs the requests of routes with `hedge`.
+    hedger: hedge::Hedger,
 }
 
 impl Proxy {
     pub fn new(runtime: Arc<ArcSwap<Runtime>>, tracing: Option<Arc<Tracing>>) -> Self {
-        Proxy { runtime, tracing }
+        Proxy {
+            runtime,
+            tracing,
+            hedger: hedge::Hedger::default(),
+        }
     }
 }
 
@@ -212,6 +219,76 @@ async fn answer(
     Ok(true)
 }
 
+/// The endpoint for the next attempt of `ctx`'s request (one not tried
+/// yet where it can, keyed by the upstream's `hash_key`), its peer with
+/// the attempt's time (`per_try_timeout` within `remaining`), and the
+/// attempt's place in the endpoint's load.
+fn choose(
+    session: &Session,
+    ctx: &RequestCtx,
+    rt: &Runtime,
+    pool: &crate::runtime::upstream::UpstreamPool,
+    members: &crate::runtime::upstream::Members,
+    remaining: std::time::Duration,
+) -> Option<(usize, HttpPeer, Option<crate::endpoints::set::InFlight>)> {
+    let req = session.req_header();
+    let key = pool.hash_key.as_ref().and_then(|k| {
+        let client = ctx
+            .listener
+            .and_then(|l| policy::effective_client_ip(rt, l, req, client_ip(session)));
+        crate::endpoints::key::of(k, &req.headers, req.uri.path(), client)
+    });
+    let per_try = ctx
+        .route
+        .and_then(|r| rt.route(r).retries.as_ref())
+        .and_then(|p| p.per_try_timeout);
+    let remaining = per_try.map_or(remaining, |t| t.min(remaining));
+    let (endpoint, mut peer) = pool.select(members, &ctx.tried, key.as_deref(), remaining)?;
+    // The client certificate as its files hold it now (rotated
+    // certificates are picked up by the watcher); a new pair also means
+    // new pooled connections.
+    if let Some(current) = pool.client_cert_slot.as_ref().and_then(|s| rt.certs.get(s)) {
+        peer.client_cert_key = Some(current.get().cert_key());
+    }
+    Some((endpoint, peer, members.set.in_flight(endpoint)))
+}
+
+/// The response stage for an upstream's answer, whichever driver got it:
+/// the connection's keep-alive, the route's `response_headers`, the
+/// request id and rate-limit fields, hop-by-hop fields dropped.
+fn response_head(session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) {
+    ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    // A response written after SIGTERM closes its connection, even for a
+    // request that came before it.
+    if crate::lifecycle::draining() {
+        session.set_keepalive(None);
+    }
+    // A body of unknown length reaches an HTTP/1.0 client delimited by
+    // the connection's close (`framing`), so the connection ends with it.
+    if session.req_header().version == http::Version::HTTP_10
+        && !resp.status.is_informational()
+        && !matches!(resp.status.as_u16(), 204 | 304)
+        && session.req_header().method != http::Method::HEAD
+        && !resp.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        session.set_keepalive(None);
+    }
+    let edits = headers::Answer {
+        status: resp.status,
+        rate_limit: respond::rate_limit_headers(ctx),
+        request_id: ctx.request_id.header_value(),
+        rewrite: ctx.response_rewrite(),
+    };
+    // Egress goes to the outside, where names are left as they are.
+    let case = ctx.runtime.as_ref().map(|rt| rt.config.gateway.header_case);
+    match case.filter(|_| ctx.egress.is_none()) {
+        Some(HeaderCase::Lowercase) => {
+            headers::edit_plain_response(resp, edits.room(), |fields| edits.apply(fields))
+        }
+        _ => edits.apply(resp),
+    }
+}
+
 impl Proxy {
     /// Take a snapshot of the runtime for this request, and note what the
     /// connection says about it: its listener, its TLS identity.
@@ -374,6 +451,19 @@ impl ProxyHttp for Proxy {
             };
             ctx.adaptive_slot = Some(slot);
         }
+        let has_body = !session.as_mut().is_body_empty();
+        if let Some(h) = crate::resilience::hedge::applies(
+            route.hedge.as_ref(),
+            &session.req_header().method,
+            has_body,
+            ctx.websocket,
+        ) {
+            let client = client_ip(session);
+            return self
+                .hedger
+                .serve(self.tracing.as_deref(), session, ctx, *h, client)
+                .await;
+        }
         if !ctx.websocket {
             ctx.body_read_timeout = limits.body_read_timeout;
             body::set_read_deadline(session, ctx);
@@ -431,22 +521,8 @@ impl ProxyHttp for Proxy {
         } else {
             remaining
         };
-        let req = session.req_header();
-        let key = pool.hash_key.as_ref().and_then(|k| {
-            let client = ctx
-                .listener
-                .and_then(|l| policy::effective_client_ip(rt, l, req, client_ip(session)));
-            crate::endpoints::key::of(k, &req.headers, req.uri.path(), client)
-        });
         let members = ctx.members.get_or_insert_with(|| pool.members()).clone();
-        // `per_try_timeout` bounds each attempt within the route's deadline.
-        let per_try = ctx
-            .route
-            .and_then(|r| rt.route(r).retries.as_ref())
-            .and_then(|p| p.per_try_timeout);
-        let remaining = per_try.map_or(remaining, |t| t.min(remaining));
-        let Some((endpoint, mut peer)) =
-            pool.select(&members, &ctx.tried, key.as_deref(), remaining)
+        let Some((endpoint, peer, in_flight)) = choose(session, ctx, rt, pool, &members, remaining)
         else {
             ctx.failure = Some(Failure::NoEndpoints);
             return Err(Error::explain(
@@ -454,13 +530,6 @@ impl ProxyHttp for Proxy {
                 "upstream has no endpoints",
             ));
         };
-        let in_flight = members.set.in_flight(endpoint);
-        // The client certificate as its files hold it now (rotated
-        // certificates are picked up by the watcher); a new pair also means
-        // new pooled connections.
-        if let Some(current) = pool.client_cert_slot.as_ref().and_then(|s| rt.certs.get(s)) {
-            peer.client_cert_key = Some(current.get().cert_key());
-        }
         self.attempt_started(session, ctx, endpoint, &peer);
         ctx.at_endpoint = in_flight;
         Ok(Box::new(peer))
@@ -527,14 +596,7 @@ impl ProxyHttp for Proxy {
                 .and_then(|(rt, u)| rt.upstreams.get(u))
                 .map_or(0, |p| p.connect_retries as usize),
         };
-        // `connect_retries` first, as many as it says and outside any
-        // budget; then the route's `retries` (with `connect-failure`).
-        if ctx.tried.len() <= retries && !ctx.remaining().is_zero() {
-            e.set_retry(true);
-            ctx.next_attempt_reason = crate::resilience::Reason::ConnectFailure.label();
-            // It counts toward the route's `retries.attempts`.
-            ctx.policy_retries += 1;
-        } else if retry::decide(session, ctx, crate::resilience::Reason::ConnectFailure) {
+        if retry::after_connect_failure(session, ctx, retries) {
             e.set_retry(true);
         }
         e
@@ -637,36 +699,7 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upgraded = ctx.websocket && resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        // A response written after SIGTERM closes its connection, even for a
-        // request that came before it.
-        if crate::lifecycle::draining() {
-            session.set_keepalive(None);
-        }
-        // A body of unknown length reaches an HTTP/1.0 client delimited by
-        // the connection's close (`framing`), so the connection ends with it.
-        if session.req_header().version == http::Version::HTTP_10
-            && !resp.status.is_informational()
-            && !matches!(resp.status.as_u16(), 204 | 304)
-            && session.req_header().method != http::Method::HEAD
-            && !resp.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            session.set_keepalive(None);
-        }
-        let edits = headers::Answer {
-            status: resp.status,
-            rate_limit: respond::rate_limit_headers(ctx),
-            request_id: ctx.request_id.header_value(),
-            rewrite: ctx.response_rewrite(),
-        };
-        // Egress goes to the outside, where names are left as they are.
-        let case = ctx.runtime.as_ref().map(|rt| rt.config.gateway.header_case);
-        match case.filter(|_| ctx.egress.is_none()) {
-            Some(HeaderCase::Lowercase) => {
-                headers::edit_plain_response(resp, edits.room(), |fields| edits.apply(fields))
-            }
-            _ => edits.apply(resp),
-        }
+        response_head(session, resp, ctx);
         Ok(())
     }
 

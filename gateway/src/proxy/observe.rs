@@ -177,6 +177,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
             .map(|(at, why)| format!("{}/{why}", at.map_or("-".to_string(), |a| a.to_string())))
             .collect::<Vec<_>>()
             .join(","),
+        hedged: ctx.hedges,
         method: req.method.as_str(),
         host,
         path: req.uri.path(),
@@ -321,6 +322,7 @@ pub fn refused(
         endpoint: String::new(),
         attempts: 0,
         retries: String::new(),
+        hedged: 0,
         method: &method,
         host: "",
         path: &target,

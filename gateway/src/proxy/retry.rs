@@ -22,6 +22,23 @@ pub fn reason_of(e: &Error) -> Option<Reason> {
     }
 }
 
+/// Whether an attempt that could not connect is tried again:
+/// `connect_retries` first, as many as it says and outside any budget;
+/// then the route's `retries` (with `connect-failure`).
+pub fn after_connect_failure(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    connect_retries: usize,
+) -> bool {
+    if ctx.tried.len() <= connect_retries && !ctx.remaining().is_zero() {
+        ctx.next_attempt_reason = Reason::ConnectFailure.label();
+        // It counts toward the route's `retries.attempts`.
+        ctx.policy_retries += 1;
+        return true;
+    }
+    decide(session, ctx, Reason::ConnectFailure)
+}
+
 /// Whether the attempt that failed for `reason` is tried again. Counts an
 /// exhausted budget; on a retry, leaves its wait in `ctx.backoff`.
 pub fn decide(session: &Session, ctx: &mut RequestCtx, reason: Reason) -> bool {

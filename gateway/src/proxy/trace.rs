@@ -101,6 +101,24 @@ pub fn start_attempt(t: &Tracing, req: &RequestHeader, ctx: &mut RequestCtx) {
     ctx.client_cx = Some(cx);
 }
 
+/// A client span for one of several attempts in flight at once (a hedged
+/// request): nothing else is ended, the caller ends it ([`end_attempt`]).
+pub fn attempt_span(
+    t: &Tracing,
+    req: &RequestHeader,
+    ctx: &RequestCtx,
+) -> Option<opentelemetry::Context> {
+    let server = ctx.server_cx.as_ref()?;
+    Some(t.client_span(server, &req.method, || client_attributes(req, ctx)))
+}
+
+/// End an attempt's span: with the status it got, or why it ended.
+pub fn end_attempt(cx: Option<opentelemetry::Context>, status: Option<u16>, why: Option<&str>) {
+    if let Some(cx) = cx {
+        tracing::end(&cx, status, why, 400);
+    }
+}
+
 fn client_attributes(req: &RequestHeader, ctx: &RequestCtx) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("http.request.method", req.method.as_str().to_string()),

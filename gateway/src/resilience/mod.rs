@@ -1,12 +1,13 @@
 //! What a failed attempt means for its request: whether to try again,
 //! after how long, and whether the upstream can afford it ([`budget`]);
-//! and whether the upstream takes a request at all now ([`limit`],
-//! [`adaptive`]).
+//! whether to hedge it ([`hedge`]); and whether the upstream takes a
+//! request at all now ([`limit`], [`adaptive`]).
 //! Every HTTP driver runs its own attempt loop and asks here; nothing is
 //! decided in a driver's callbacks.
 
 pub mod adaptive;
 pub mod budget;
+pub mod hedge;
 pub mod limit;
 
 use std::time::{Duration, Instant};
@@ -70,6 +71,19 @@ pub enum Verdict {
     BudgetExhausted,
 }
 
+/// Whether `retries.on` lists `reason` (`false` with `retries = false`).
+pub fn retried_on(policy: Option<&RetryPolicy>, reason: Reason) -> bool {
+    let Some(p) = policy else {
+        return false;
+    };
+    match reason {
+        Reason::ConnectFailure => p.on.connect_failure,
+        Reason::Reset => p.on.reset,
+        Reason::Timeout => p.on.timeout,
+        Reason::Status(s) => p.on.statuses.contains(&s),
+    }
+}
+
 /// Decide on a failed attempt: `retries` of the policy's retries were
 /// made before it.
 pub fn decide(
@@ -83,13 +97,7 @@ pub fn decide(
     let Some(p) = policy else {
         return Verdict::GiveUp("retries = false");
     };
-    let listed = match reason {
-        Reason::ConnectFailure => p.on.connect_failure,
-        Reason::Reset => p.on.reset,
-        Reason::Timeout => p.on.timeout,
-        Reason::Status(s) => p.on.statuses.contains(&s),
-    };
-    if !listed {
+    if !retried_on(Some(p), reason) {
         return Verdict::GiveUp("not in retries.on");
     }
     if req.response_started {

@@ -56,6 +56,8 @@ pub struct Entry<'a> {
     /// tried again: `connect_failure`, `reset`, `timeout`, a status,
     /// `stale_connection`), joined by `,`.
     pub retries: String,
+    /// Hedges sent (a route's `hedge`): attempts that raced the first.
+    pub hedged: u32,
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
@@ -105,7 +107,7 @@ impl Entry<'_> {
             }
         };
         format!(
-            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} attempts={attempts} retries={retries} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az} tls_version={tv} tls_cipher={tc} sni={sni}",
+            "{ts} {client} \"{method} {path} {proto}\" {status} {bytes_out} {dur:.3}ms host={host} listener={listener} direction={direction} route={route} upstream={upstream} endpoint={endpoint} attempts={attempts} retries={retries} hedged={hedged} upstream_ms={ums} bytes_in={bytes_in} request_id={rid} trace_id={tid} ua=\"{ua}\" error=\"{err}\" rate_limit={rl} peer_identity={pid} authz={az} tls_version={tv} tls_cipher={tc} sni={sni}",
             ts = self.timestamp,
             client = dash(&self.client),
             method = clean(self.method),
@@ -122,6 +124,7 @@ impl Entry<'_> {
             endpoint = dash(&self.endpoint),
             attempts = self.attempts,
             retries = dash(&self.retries),
+            hedged = self.hedged,
             ums = self.upstream_duration_ms.map_or("-".to_string(), |d| format!("{d:.3}")),
             bytes_in = self.bytes_in,
             rid = dash(self.request_id),
@@ -270,6 +273,7 @@ mod tests {
             endpoint: "127.0.0.1:9001".into(),
             attempts: 2,
             retries: "127.0.0.1:9002/503".into(),
+            hedged: 0,
             method: "GET",
             host: "api.example.com",
             path: "/v1/x",
@@ -323,6 +327,7 @@ mod tests {
             "endpoint",
             "attempts",
             "retries",
+            "hedged",
             "method",
             "host",
             "path",

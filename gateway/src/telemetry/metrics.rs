@@ -35,6 +35,7 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     pub upstream_budget_exhausted: IntCounterVec,
     pub upstream_overflow: IntCounterVec,
+    pub upstream_hedges: IntCounterVec,
     pub upstream_pending: IntGaugeVec,
     pub upstream_concurrency_limit: IntGaugeVec,
     pub upstream_endpoints: IntGaugeVec,
@@ -141,6 +142,7 @@ impl Metrics {
             upstream_overflow: counter(&r, names::UPSTREAM_OVERFLOW_TOTAL, "Requests refused with 503 upstream_overloaded by an upstream's limits: max_requests (waited queue_timeout in vain) or max_pending (the line was full).", &[UPSTREAM, LIMIT]),
             upstream_concurrency_limit: gauge(&r, names::UPSTREAM_CONCURRENCY_LIMIT, "The in-flight limit of an upstream with concurrency = \"adaptive\", counted at each scrape.", &[UPSTREAM]),
             upstream_pending: gauge(&r, names::UPSTREAM_PENDING, "Requests waiting for one of an upstream's max_requests, counted at each scrape.", &[UPSTREAM]),
+            upstream_hedges: counter(&r, names::UPSTREAM_HEDGES_TOTAL, "Hedges sent (a route's `hedge`: the request also went to another endpoint when the first had no response head in time), by whether the hedge's response was the one the client got (won=true) or not.", &[UPSTREAM, WON]),
             upstream_budget_exhausted: counter(&r, names::UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL, "Failed attempts that retries would have tried again, but the upstream's retry_budget was spent: the failure went to the client.", &[UPSTREAM]),
             upstream_ejections: counter(&r, names::UPSTREAM_EJECTIONS_TOTAL, "Endpoints ejected by outlier detection after failing again and again.", &[UPSTREAM]),
             upstream_endpoints: gauge(&r, names::UPSTREAM_ENDPOINTS, "Endpoints of each upstream by state: healthy, ejected (outlier detection), slow_start, unhealthy (health checks).", &[UPSTREAM, STATE]),
@@ -375,6 +377,13 @@ impl UpstreamSeries {
             .upstream_pending
             .with_label_values(&[&self.upstream])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `meshgate_upstream_hedges_total`: a hedge that `won` or not.
+    pub fn hedges(&self, won: bool) -> IntCounter {
+        metrics()
+            .upstream_hedges
+            .with_label_values(&[&*self.upstream, if won { "true" } else { "false" }])
     }
 
     /// `meshgate_upstream_retries_total` for `reason`.

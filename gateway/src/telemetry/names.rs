@@ -27,6 +27,7 @@ pub const UPSTREAM_RETRIES_TOTAL: &str = "meshgate_upstream_retries_total";
 pub const UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
     "meshgate_upstream_retry_budget_exhausted_total";
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "meshgate_upstream_overflow_total";
+pub const UPSTREAM_HEDGES_TOTAL: &str = "meshgate_upstream_hedges_total";
 pub const UPSTREAM_PENDING: &str = "meshgate_upstream_pending";
 pub const UPSTREAM_CONCURRENCY_LIMIT: &str = "meshgate_upstream_concurrency_limit";
 pub const UPSTREAM_EJECTIONS_TOTAL: &str = "meshgate_upstream_ejections_total";
@@ -89,6 +90,7 @@ pub mod label {
     pub const REASON: &str = "reason";
     pub const MODE: &str = "mode";
     pub const DESTINATION: &str = "destination";
+    pub const WON: &str = "won";
 }
 
 /// Distinct `destination` label values kept before new ones read `other`:

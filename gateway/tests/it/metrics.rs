@@ -98,6 +98,11 @@ concurrency = "adaptive"
 [routes.flaky]
 path = "/flaky"
 upstream = "flaky"
+[routes.hedged]
+path_prefix = "/hedged/"
+strip_prefix = "/hedged"
+upstream = "api"
+hedge = {{ after = "10ms" }}
 [upstreams.flaky]
 endpoints = ["{dead}", "{up}"]
 connect_retries = 1
@@ -468,14 +473,27 @@ async fn dashboards_only_use_exported_metrics() {
     let gw = Gateway::start(&config(&up.addr.to_string(), &dead_addr().to_string(), "")).await;
     exercise(&gw).await;
     settled(&gw, EXERCISED).await;
+    // A hedge: the answer takes 100 ms, the hedge goes after 10.
+    assert_eq!(
+        get(gw.listen, "/hedged/delay/100", &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let exported: std::collections::HashSet<String> = scrape(&metrics_text(&gw).await)
         .keys()
         .map(|series| series.split(['{', ' ']).next().unwrap().to_string())
         .collect();
-    assert!(
-        exported.contains("meshgate_upstream_retries_total"),
-        "retries not exercised: {exported:?}"
-    );
+    for exercised in [
+        "meshgate_upstream_retries_total",
+        "meshgate_upstream_hedges_total",
+    ] {
+        assert!(
+            exported.contains(exercised),
+            "{exercised} not exercised: {exported:?}"
+        );
+    }
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana");
     let mut dashboards = 0;

@@ -272,6 +272,82 @@ async fn the_access_log_shows_each_attempt_and_why_it_was_retried() {
     }
 }
 
+/// One endpoint answers one request in five after 800 ms: with `hedge`,
+/// each of those is also sent to the other endpoint after 100 ms, whose
+/// answer wins; the slow attempt is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_cuts_the_tail_of_a_sometimes_slow_endpoint() {
+    let tail = faulty("tail", Fault::SlowSometimes).await;
+    let good = faulty("good", Fault::Good).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "[telemetry]\naccess_log = \"json\"\naccess_log_file = \"{}\"\n{}",
+        log.display(),
+        config(&[&tail, &good], "hedge = { after = \"100ms\" }", "")
+    ))
+    .await;
+    let mut took = Vec::new();
+    for _ in 0..50 {
+        let batch: Vec<_> = (0..4)
+            .map(|_| async {
+                let start = Instant::now();
+                let r = get(gw.listen, "/", &[]).await;
+                (r.map_or(0, |r| r.status), start.elapsed())
+            })
+            .collect();
+        for (status, t) in futures_util::future::join_all(batch).await {
+            assert_eq!(status, 200);
+            took.push(t);
+        }
+    }
+    took.sort();
+    let p99 = took[took.len() * 99 / 100 - 1];
+    assert!(p99 < Duration::from_millis(250), "p99 {p99:?}: {took:?}");
+    // The slow answers the tail endpoint began: each one was hedged, and
+    // the hedge won.
+    let slow = tail.requests().div_ceil(5);
+    assert!(
+        slow >= 15,
+        "only {} requests reached the tail endpoint",
+        tail.requests()
+    );
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    let won = metric(
+        &m,
+        "meshgate_upstream_hedges_total{upstream=\"api\",won=\"true\"}",
+    ) as usize;
+    let lost = metric(
+        &m,
+        "meshgate_upstream_hedges_total{upstream=\"api\",won=\"false\"}",
+    ) as usize;
+    assert!(
+        won >= slow,
+        "{won} hedges won, {slow} slow answers begun\n{m}"
+    );
+    // A fast attempt is hedged only when this machine stalls it 100 ms.
+    assert!(
+        won + lost <= slow + 10,
+        "{won} + {lost} hedges for {slow} slow answers"
+    );
+
+    let start = Instant::now();
+    let lines = loop {
+        let lines = crate::support::json_lines(&std::fs::read_to_string(&log).unwrap_or_default());
+        if lines.len() >= 200 {
+            break lines;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", lines.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let hedged: Vec<_> = lines.iter().filter(|l| l["hedged"] == 1).collect();
+    assert_eq!(hedged.len(), won + lost);
+    for l in hedged {
+        assert_eq!(l["attempts"], 2, "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unavailable_is_retried_as_a_503_and_grpc_timeout_caps_the_deadline() {
     use std::sync::atomic::AtomicBool;

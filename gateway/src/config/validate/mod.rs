@@ -200,6 +200,11 @@ impl Validator {
             policies: policies.iter().map(|p| p.name.as_str()).collect(),
             listeners: listeners.iter().map(|l| l.name.as_str()).collect(),
             upstreams: upstream_names,
+            h2_upstreams: upstreams
+                .iter()
+                .filter(|u| u.protocol != UpstreamProtocol::Http1)
+                .map(|u| u.name.as_str())
+                .collect(),
             rate_limits: rate_limits.iter().map(|r| r.name.as_str()).collect(),
         };
         let mut routes = Vec::new();
@@ -328,6 +333,8 @@ impl Validator {
 struct Names<'a> {
     listeners: Vec<&'a str>,
     upstreams: Vec<&'a str>,
+    /// Upstreams that speak HTTP/2 (`h2`, `h2c`).
+    h2_upstreams: Vec<&'a str>,
     rate_limits: Vec<&'a str>,
     policies: Vec<&'a str>,
 }

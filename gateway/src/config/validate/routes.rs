@@ -118,8 +118,13 @@ impl Validator {
             },
         };
         let retries = self.retries(&n, r.retries.as_ref(), timeout)?;
+        let hedge = match r.hedge.as_ref() {
+            None => None,
+            Some(h) => Some(self.hedge(&n, h, &r, timeout, retries.as_ref(), names)?),
+        };
         Some(Route {
             retries,
+            hedge,
             policies,
             max_body_bytes,
             buffer_request_body,
@@ -438,6 +443,115 @@ impl Validator {
             methods,
             body_limit,
         }))
+    }
+
+    /// `hedge = { after, max }`; `None` when it has errors.
+    fn hedge(
+        &mut self,
+        route: &str,
+        h: &Spanned<RawHedge>,
+        r: &RawRoute,
+        timeout: Duration,
+        retries: Option<&RetryPolicy>,
+        names: &Names<'_>,
+    ) -> Option<HedgePolicy> {
+        let before = self.diags.len();
+        let key = |k: &str| format!("routes.{route}.hedge.{k}");
+        let t = h.get_ref();
+        let after = match &t.after {
+            None => {
+                self.error(
+                    h.span(),
+                    format!("routes.{route}.hedge has no `after`"),
+                    "say how long the first attempt may go without a response head before a hedge is sent, e.g. hedge = { after = \"150ms\" }",
+                );
+                Duration::ZERO
+            }
+            Some(a) => {
+                let d = self.duration_or(Some(a), &key("after"), timeout, false);
+                if d >= timeout {
+                    self.error(
+                        a.span(),
+                        format!(
+                            "{} ({}) is not shorter than the route's timeout ({})",
+                            key("after"),
+                            humantime::format_duration(d),
+                            humantime::format_duration(timeout)
+                        ),
+                        "make hedge.after shorter than timeout, e.g. the upstream's p95 latency",
+                    );
+                }
+                if let Some(p) = retries.and_then(|p| p.per_try_timeout).filter(|p| d >= *p) {
+                    self.error(
+                        a.span(),
+                        format!(
+                            "{} ({}) is not shorter than retries.per_try_timeout ({})",
+                            key("after"),
+                            humantime::format_duration(d),
+                            humantime::format_duration(p)
+                        ),
+                        "make hedge.after shorter than per_try_timeout: an attempt times out before a hedge would be sent",
+                    );
+                }
+                d
+            }
+        };
+        let max = match &t.max {
+            None => 1,
+            Some(m) if (1..MAX_ATTEMPTS).contains(m.get_ref()) => *m.get_ref() as u32,
+            Some(m) => {
+                self.error(
+                    m.span(),
+                    format!("{} = {} is out of range", key("max"), m.get_ref()),
+                    format!(
+                        "use 1..={} (hedges sent besides the first attempt)",
+                        MAX_ATTEMPTS - 1
+                    ),
+                );
+                1
+            }
+        };
+        // A hedge sends the request twice: only methods safe to repeat.
+        let unsafe_methods: Vec<&str> = r
+            .methods
+            .iter()
+            .flat_map(|ms| ms.get_ref())
+            .map(|m| m.get_ref().as_str())
+            .filter(|m| {
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .is_ok_and(|m| !m.is_idempotent())
+            })
+            .collect();
+        if !unsafe_methods.is_empty() {
+            self.error(
+                h.span(),
+                format!(
+                    "routes.{route}.hedge on a route whose methods include {}",
+                    unsafe_methods.join(", ")
+                ),
+                "hedging sends a request twice: give non-idempotent methods (POST, PATCH) a route of their own without hedge",
+            );
+        }
+        if r.respond.is_some() || r.redirect.is_some() {
+            self.error(
+                h.span(),
+                format!("routes.{route}.hedge on a route that answers by itself"),
+                "remove hedge: only a route with an upstream sends attempts",
+            );
+        }
+        let targets = r.upstream.iter().map(|u| u.get_ref().as_str()).chain(
+            r.split
+                .iter()
+                .flat_map(|s| s.get_ref().keys().map(|k| k.get_ref().as_str())),
+        );
+        for u in targets.filter(|u| names.h2_upstreams.contains(u)) {
+            self.error(
+                h.span(),
+                format!("routes.{route}.hedge: upstream `{u}` speaks HTTP/2, and hedging is for HTTP/1.1 upstreams"),
+                "remove hedge from this route (an HTTP/2 upstream's per-try timeout and retries still apply)",
+            );
+        }
+        (self.diags.len() == before).then_some(HedgePolicy { after, max })
     }
 
     pub(super) fn methods(&mut self, r: &RawRoute) -> Vec<Method> {

@@ -264,3 +264,62 @@ fn retries_default_off_and_set() {
     assert_eq!(p.per_try_timeout, Some(Duration::from_millis(300)));
     assert_eq!(p.methods, vec![http::Method::GET, http::Method::POST]);
 }
+
+bad!(
+    hedge_without_after,
+    forward_route("hedge = { max = 1 }\n"),
+    8,
+    "routes.r.hedge has no `after`"
+);
+
+bad!(
+    hedge_on_post,
+    forward_route("methods = [\"GET\", \"POST\"]\nhedge = { after = \"100ms\" }\n"),
+    9,
+    "routes.r.hedge on a route whose methods include POST"
+);
+
+bad!(
+    hedge_not_before_per_try_timeout,
+    forward_route("retries = { per_try_timeout = \"100ms\" }\nhedge = { after = \"150ms\" }\n"),
+    9,
+    "routes.r.hedge.after (150ms) is not shorter than retries.per_try_timeout (100ms)"
+);
+
+bad!(
+    hedge_max_zero,
+    forward_route("hedge = { after = \"100ms\", max = 0 }\n"),
+    8,
+    "routes.r.hedge.max = 0 is out of range"
+);
+
+bad!(
+    hedge_to_an_h2_upstream,
+    format!(
+        "{}[upstreams.g]\nendpoints = [\"127.0.0.1:9000\"]\nprotocol = \"h2c\"\n[routes.r]\npath_prefix = \"/\"\nupstream = \"g\"\nhedge = {{ after = \"100ms\" }}\n",
+        super::OK_LISTENER
+    ),
+    9,
+    "routes.r.hedge: upstream `g` speaks HTTP/2, and hedging is for HTTP/1.1 upstreams"
+);
+
+#[test]
+fn hedge_is_off_by_default_and_max_defaults_to_one() {
+    use crate::config::model::HedgePolicy;
+    use std::time::Duration;
+    let route = |extra: &str| {
+        parse(Path::new("t.toml"), &forward_route(extra))
+            .expect("valid")
+            .config
+            .routes[0]
+            .hedge
+    };
+    assert_eq!(route(""), None);
+    assert_eq!(
+        route("hedge = { after = \"150ms\" }\n"),
+        Some(HedgePolicy {
+            after: Duration::from_millis(150),
+            max: 1
+        })
+    );
+}

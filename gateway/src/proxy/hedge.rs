@@ -1,0 +1,539 @@
+//! The hedge stage: on a route with `hedge`, a bodyless idempotent request
+//! whose attempt has no response head after `after` is sent to another
+//! endpoint too; the first head wins and the other attempts are cancelled.
+//!
+//! Pingora's proxy runs one attempt at a time, so for these requests this
+//! stage runs the attempt loop itself, over Pingora's upstream connector
+//! (its own pool). What to do with each failure and whether a hedge may
+//! go is asked of `resilience`, as the Pingora path asks; the request is
+//! built by the forward stage and the winner's head by the response stage,
+//! so a hedged request looks the same upstream, to the client and in the
+//! access log and metrics.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::header;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use super::ctx::{Failure, RequestCtx};
+use super::{forward, headers, observe, retry, trace};
+use crate::config::model::HedgePolicy;
+use crate::endpoints::set::InFlight;
+use crate::endpoints::Outcome;
+use crate::resilience::{self, Reason};
+use crate::runtime::upstream::{Members, UpstreamPool};
+use crate::runtime::Runtime;
+use crate::telemetry::tracing::Tracing;
+
+/// Response heads read before the final one (1xx answers are skipped).
+const MAX_INFORMATIONAL: usize = 8;
+
+/// Runs hedged exchanges; one per process, with its own connection pool.
+pub struct Hedger {
+    connector: Connector,
+}
+
+impl Default for Hedger {
+    fn default() -> Self {
+        Hedger {
+            connector: Connector::new(None),
+        }
+    }
+}
+
+/// One attempt of the request.
+struct Attempt {
+    endpoint: usize,
+    addr: Option<std::net::SocketAddr>,
+    hedge: bool,
+    started: Instant,
+    /// Still waiting for its head.
+    running: bool,
+    /// Its place in the endpoint's load, until it ends.
+    load: Option<InFlight>,
+    span: Option<opentelemetry::Context>,
+}
+
+/// An attempt that got its final response head.
+struct Answered {
+    session: HttpSession,
+    reused: bool,
+    peer: HttpPeer,
+    /// How long a new connection took to open.
+    connect: Duration,
+    /// 1xx heads before the final one (passed on with it: which attempt
+    /// wins is not known while they arrive).
+    informational: Vec<ResponseHeader>,
+}
+
+impl Answered {
+    fn head(&self) -> Option<&ResponseHeader> {
+        self.session.response_header()
+    }
+}
+
+type Running<'a> = Pin<Box<dyn Future<Output = (usize, Result<Answered>)> + Send + 'a>>;
+
+/// The race: attempts in flight, and when the next hedge or retry goes.
+struct Race<'a> {
+    running: FuturesUnordered<Running<'a>>,
+    attempts: Vec<Attempt>,
+    hedges: u32,
+    next_hedge: Option<Instant>,
+    retry_at: Option<Instant>,
+}
+
+/// Send `req` to `peer` and read its final response head, within `within`.
+async fn exchange(
+    connector: &Connector,
+    pool: &UpstreamPool,
+    peer: HttpPeer,
+    req: RequestHeader,
+    within: Duration,
+    request_id: String,
+) -> Result<Answered> {
+    let work = async {
+        let begun = Instant::now();
+        let (mut session, reused) = connector.get_http_session(&peer).await?;
+        let connect = begun.elapsed();
+        if let Err(why) = pool.check_identity(session.digest()) {
+            log::warn!("request_id={request_id} {why}");
+            return Err(Error::create(
+                ErrorType::InvalidCert,
+                ErrorSource::Upstream,
+                Some(why.into()),
+                None,
+            ));
+        }
+        session.set_read_timeout(peer.options.read_timeout);
+        session.set_write_timeout(peer.options.write_timeout);
+        session.write_request_header(Box::new(req)).await?;
+        session.finish_request_body().await?;
+        let mut informational = Vec::new();
+        for _ in 0..=MAX_INFORMATIONAL {
+            session.read_response_header().await?;
+            match session.response_header() {
+                Some(h) if h.status.is_informational() => informational.push(h.clone()),
+                _ => {
+                    return Ok(Answered {
+                        session,
+                        reused,
+                        peer,
+                        connect,
+                        informational,
+                    })
+                }
+            }
+        }
+        Error::e_explain(ErrorType::InvalidHTTPHeader, "too many 1xx responses")
+    };
+    match tokio::time::timeout(within, work).await {
+        Ok(r) => r.map_err(Error::into_up),
+        Err(_) => Err(Error::explain(
+            ErrorType::ReadTimedout,
+            "no response head within the attempt's time",
+        )
+        .into_up()),
+    }
+}
+
+/// The request an attempt sends: the client's, made an HTTP/1.1 request
+/// as Pingora makes it (`Host` from an HTTP/2 authority, hop-by-hop
+/// fields dropped), then edited by the forward stage.
+fn upstream_request(
+    session: &Session,
+    ctx: &RequestCtx,
+    client: Option<IpAddr>,
+) -> Result<RequestHeader> {
+    let client_req = session.req_header();
+    let mut req = client_req.clone();
+    req.set_version(http::Version::HTTP_11);
+    if !req.headers.contains_key(header::HOST) {
+        if let Some(authority) = client_req.uri.authority() {
+            let host = http::HeaderValue::from_str(authority.as_str())
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "authority", e))?;
+            req.insert_header(header::HOST, host)?;
+        }
+    }
+    headers::strip_request_hop_by_hop(&mut req);
+    forward::upstream_request(ctx, client_req, client, &mut req)?;
+    Ok(req)
+}
+
+/// Whether an error happened before anything reached the endpoint.
+fn before_connected(e: &Error) -> bool {
+    use ErrorType::*;
+    matches!(
+        e.etype(),
+        ConnectTimedout
+            | ConnectRefused
+            | ConnectNoRoute
+            | ConnectError
+            | BindError
+            | SocketError
+            | TLSHandshakeFailure
+            | TLSHandshakeTimedout
+            | InvalidCert
+            | HandshakeError
+    )
+}
+
+/// The status an answer counts as for retries and outlier detection (a
+/// gRPC `UNAVAILABLE` in the head is a 503).
+fn counted_status(resp: &ResponseHeader) -> u16 {
+    resp.headers
+        .get("grpc-status")
+        .and_then(|s| resilience::grpc_status_as_http(s.as_bytes()))
+        .unwrap_or(resp.status.as_u16())
+}
+
+impl Hedger {
+    /// Serve the request through a hedged race; `Ok(true)`: the response
+    /// was written. An error goes to `fail_to_proxy` as any other.
+    pub async fn serve(
+        &self,
+        tracing: Option<&Tracing>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        policy: HedgePolicy,
+        client: Option<IpAddr>,
+    ) -> Result<bool> {
+        let rt: Arc<Runtime> = ctx
+            .runtime
+            .clone()
+            .ok_or_else(|| Error::new_in(ErrorType::InternalError))?;
+        let pool = ctx
+            .upstream
+            .and_then(|u| rt.upstreams.get(u))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
+        let members = ctx.members.get_or_insert_with(|| pool.members()).clone();
+        let mut race = Race {
+            running: FuturesUnordered::new(),
+            attempts: Vec::new(),
+            hedges: 0,
+            next_hedge: None,
+            retry_at: None,
+        };
+        ctx.upstream_started = Some(Instant::now());
+        super::client_still_there(session, ctx)?;
+        self.start(
+            &mut race, tracing, session, ctx, &rt, pool, &members, client, false,
+        )?;
+        race.next_hedge = resilience::hedge::next_due(&policy, 0, Instant::now(), ctx.deadline);
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let at = |t: Option<Instant>| t.map_or_else(far, tokio::time::Instant::from_std);
+        let winner = loop {
+            let (hedge_at, retry_at, deadline) =
+                (at(race.next_hedge), at(race.retry_at), at(ctx.deadline));
+            tokio::select! {
+                Some((id, result)) = race.running.next(), if !race.running.is_empty() => {
+                    if let Some(won) = self.settle(&mut race, session, ctx, pool, &members, id, result)? {
+                        break won;
+                    }
+                }
+                _ = tokio::time::sleep_until(hedge_at), if race.next_hedge.is_some() => {
+                    let now = Instant::now();
+                    if resilience::hedge::afford(pool.budget.as_deref(), now) {
+                        race.hedges += 1;
+                        ctx.hedges = race.hedges;
+                        self.start(&mut race, tracing, session, ctx, &rt, pool, &members, client, true)?;
+                        race.next_hedge =
+                            resilience::hedge::next_due(&policy, race.hedges, now, ctx.deadline);
+                    } else {
+                        pool.series.budget_exhausted().inc();
+                        race.next_hedge = None;
+                    }
+                }
+                _ = tokio::time::sleep_until(retry_at), if race.retry_at.is_some() => {
+                    race.retry_at = None;
+                    super::client_still_there(session, ctx)?;
+                    if let Some(series) = ctx.upstream_series() {
+                        series.retries(ctx.next_attempt_reason).inc();
+                    }
+                    self.start(&mut race, tracing, session, ctx, &rt, pool, &members, client, false)?;
+                    race.next_hedge = resilience::hedge::next_due(
+                        &policy,
+                        race.hedges,
+                        Instant::now(),
+                        ctx.deadline,
+                    );
+                }
+                // The client hung up (or reset its stream) while it waited:
+                // the attempts are dropped, and say nothing of their endpoints.
+                gone = session.as_mut().read_body_or_idle(true) => {
+                    for a in race.attempts.iter_mut().filter(|a| a.running) {
+                        trace::end_attempt(a.span.take(), None, Some("cancelled"));
+                    }
+                    let e = match gone {
+                        Err(e) => e,
+                        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client left"),
+                    };
+                    return Err(e.into_down());
+                }
+                _ = tokio::time::sleep_until(deadline), if ctx.deadline.is_some() => {
+                    for a in race.attempts.iter_mut().filter(|a| a.running) {
+                        pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
+                        trace::end_attempt(a.span.take(), None, Some("timeout"));
+                    }
+                    ctx.failure = Some(Failure::Timeout);
+                    return Err(Error::explain(
+                        ErrorType::ReadTimedout,
+                        "route timeout passed before a response head",
+                    )
+                    .into_up());
+                }
+            }
+        };
+        let (id, answered) = winner;
+        drop(race.running);
+        let won_at = race.attempts[id].started;
+        for (i, a) in race.attempts.iter_mut().enumerate() {
+            if a.running && i != id {
+                // The attempt a hedge beat waited longer than the winner
+                // took: its endpoint hears of it as of a timeout, so one
+                // that hangs is ejected though hedges hide it from clients.
+                // A hedge that lost says nothing of its endpoint.
+                if a.started < won_at {
+                    pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
+                }
+                trace::end_attempt(a.span.take(), None, Some("cancelled"));
+            }
+            if a.hedge {
+                pool.series.hedges(i == id).inc();
+            }
+        }
+        let won = &mut race.attempts[id];
+        ctx.endpoint = won.addr;
+        ctx.client_cx = won.span.take();
+        ctx.connected = true;
+        pool.series.connections(answered.reused).inc();
+        if !answered.reused {
+            crate::telemetry::metrics::metrics()
+                .upstream_connect_duration
+                .with_label_values(&[pool.name.as_str()])
+                .observe(answered.connect.as_secs_f64());
+        }
+        self.respond(session, ctx, answered).await
+    }
+
+    /// Start an attempt (a hedge when `hedge`) at an endpoint not tried yet
+    /// where there is one.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the race's parts, borrowed apart"
+    )]
+    fn start<'a>(
+        &'a self,
+        race: &mut Race<'a>,
+        tracing: Option<&Tracing>,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        rt: &Runtime,
+        pool: &'a UpstreamPool,
+        members: &Members,
+        client: Option<IpAddr>,
+        hedge: bool,
+    ) -> Result<()> {
+        let remaining = ctx.remaining();
+        let Some((endpoint, peer, load)) =
+            super::choose(session, ctx, rt, pool, members, remaining)
+        else {
+            ctx.failure = Some(Failure::NoEndpoints);
+            return Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "upstream has no endpoints",
+            ));
+        };
+        let addr = peer._address.as_inet().copied();
+        ctx.tried.push(endpoint);
+        ctx.endpoint = addr;
+        let span = tracing.and_then(|t| trace::attempt_span(t, session.req_header(), ctx));
+        // The forward stage puts the attempt's trace context on its request.
+        ctx.client_cx = span.clone();
+        let req = upstream_request(session, ctx, client);
+        ctx.client_cx = None;
+        let req = req?;
+        let within = peer.options.read_timeout.unwrap_or(remaining);
+        let id = race.attempts.len();
+        race.attempts.push(Attempt {
+            endpoint,
+            addr,
+            hedge,
+            started: Instant::now(),
+            running: true,
+            load,
+            span,
+        });
+        let connector = &self.connector;
+        let request_id = ctx.request_id.to_string();
+        race.running.push(Box::pin(async move {
+            (
+                id,
+                exchange(connector, pool, peer, req, within, request_id).await,
+            )
+        }));
+        Ok(())
+    }
+
+    /// An attempt ended: its answer wins, or it failed and the race goes on
+    /// (others still run, or a retry is due), or the failure is the
+    /// request's.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the race's parts, borrowed apart"
+    )]
+    fn settle(
+        &self,
+        race: &mut Race<'_>,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        pool: &UpstreamPool,
+        members: &Members,
+        id: usize,
+        result: Result<Answered>,
+    ) -> Result<Option<(usize, Answered)>> {
+        let a = &mut race.attempts[id];
+        a.running = false;
+        a.load = None;
+        let rtt = a.started.elapsed();
+        let others_running = !race.running.is_empty();
+        let policy = ctx
+            .runtime
+            .as_ref()
+            .zip(ctx.route)
+            .and_then(|(rt, r)| rt.route(r).retries.clone());
+        match result {
+            Ok(answered) => {
+                let status = answered.head().map_or(0, counted_status);
+                pool.report(members, a.endpoint, Outcome::of_status(status), rtt);
+                if let Some(adaptive) = &pool.adaptive {
+                    adaptive.sample(rtt, Instant::now());
+                }
+                let reason = Reason::Status(status);
+                if status < 500 || !resilience::retried_on(policy.as_ref(), reason) {
+                    return Ok(Some((id, answered)));
+                }
+                let addr = a.addr;
+                if others_running {
+                    trace::end_attempt(a.span.take(), Some(status), None);
+                    return Ok(None);
+                }
+                if retry::decide(session, ctx, reason) {
+                    trace::end_attempt(a.span.take(), Some(status), None);
+                    self.retry_later(race, ctx, addr);
+                    return Ok(None);
+                }
+                Ok(Some((id, answered)))
+            }
+            Err(e) => {
+                observe::attempt_failed(ctx, &e);
+                let connected = !before_connected(&e);
+                pool.report(members, a.endpoint, Outcome::Failure, rtt);
+                if connected {
+                    if let Some(adaptive) = &pool.adaptive {
+                        adaptive.sample(rtt, Instant::now());
+                    }
+                }
+                trace::end_attempt(a.span.take(), None, Some(observe::upstream_error_kind(&e)));
+                let addr = a.addr;
+                if others_running {
+                    return Ok(None);
+                }
+                let again = if connected {
+                    retry::reason_of(&e).is_some_and(|r| retry::decide(session, ctx, r))
+                } else {
+                    retry::after_connect_failure(session, ctx, pool.connect_retries as usize)
+                };
+                if again {
+                    self.retry_later(race, ctx, addr);
+                    return Ok(None);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A retry decided: it goes after its backoff; no hedge is due meanwhile.
+    fn retry_later(
+        &self,
+        race: &mut Race<'_>,
+        ctx: &mut RequestCtx,
+        failed: Option<std::net::SocketAddr>,
+    ) {
+        ctx.retried.push((failed, ctx.next_attempt_reason));
+        race.retry_at = Some(Instant::now() + std::mem::take(&mut ctx.backoff));
+        race.next_hedge = None;
+    }
+
+    /// Write the winner's answer to the client through the response stage,
+    /// streaming its body; its connection goes back to the pool when whole.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut answered: Answered,
+    ) -> Result<bool> {
+        let Some(head) = answered.head() else {
+            return Error::e_explain(ErrorType::InternalError, "no response head");
+        };
+        let mut resp = head.clone();
+        ctx.upstream_status = Some(resp.status.as_u16());
+        for mut info in std::mem::take(&mut answered.informational) {
+            super::response_head(session, &mut info, ctx);
+            session.write_response_header(Box::new(info), false).await?;
+        }
+        let no_body = session.req_header().method == http::Method::HEAD
+            || matches!(resp.status.as_u16(), 204 | 304);
+        let length = resp
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let end = no_body || length == Some(0);
+        // As Pingora does: a body delimited by the upstream's close goes
+        // to the client chunked, so the client's connection stays.
+        if !end && length.is_none() && !resp.headers.contains_key(header::TRANSFER_ENCODING) {
+            resp.set_version(http::Version::HTTP_11);
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
+        super::response_head(session, &mut resp, ctx);
+        session.write_response_header(Box::new(resp), end).await?;
+        if !end {
+            loop {
+                let chunk = answered
+                    .session
+                    .read_response_body()
+                    .await
+                    .map_err(Error::into_up)?;
+                if ctx.deadline.is_some_and(|d| Instant::now() > d) {
+                    ctx.failure = Some(Failure::Timeout);
+                    return Err(Error::explain(
+                        ErrorType::ReadTimedout,
+                        "route timeout passed while reading the response body",
+                    )
+                    .into_up());
+                }
+                let done = chunk.is_none() || answered.session.response_done();
+                session.write_response_body(chunk, done).await?;
+                if done {
+                    break;
+                }
+            }
+        }
+        let idle = answered.peer.idle_timeout();
+        self.connector
+            .release_http_session(answered.session, &answered.peer, idle)
+            .await;
+        Ok(true)
+    }
+}
