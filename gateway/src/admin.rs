@@ -208,13 +208,18 @@ pub fn upstreams_json(rt: &crate::runtime::Runtime) -> serde_json::Value {
                     "error": r.failed,
                 })
             });
-            serde_json::json!({
+            let mut u = serde_json::json!({
                 "name": pool.name,
                 "discovery": pool.discovery.as_str(),
                 "last_refresh": refresh,
                 "load_balancing": set.policy().load_balancing.as_str(),
                 "endpoints": endpoints,
-            })
+            });
+            // Counted only where `limits.max_connections` asks for it.
+            if let Some(c) = &pool.gate.connections {
+                u["open_connections"] = c.open().into();
+            }
+            u
         })
         .collect();
     serde_json::json!({ "generation": rt.generation, "upstreams": upstreams })
@@ -367,6 +372,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
                 "unhealthy": h.unhealthy,
             })),
             "limits": json!({
+                "max_connections": u.limits.max_connections,
                 "max_requests": u.limits.max_requests,
                 "max_pending": u.limits.max_pending,
                 "queue_timeout_seconds": secs(u.limits.queue_timeout),

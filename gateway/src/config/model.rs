@@ -724,6 +724,9 @@ pub struct Upstream {
 /// for at most `queue_timeout`, else gets 503 `upstream_overloaded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamLimits {
+    /// Connections open to the upstream at once, in use or idle in the
+    /// pool; `None`: no limit (HTTP/1.1 upstreams only).
+    pub max_connections: Option<u32>,
     pub max_requests: u32,
     pub max_pending: u32,
     pub queue_timeout: Duration,
@@ -732,6 +735,7 @@ pub struct UpstreamLimits {
 impl Default for UpstreamLimits {
     fn default() -> Self {
         UpstreamLimits {
+            max_connections: None,
             max_requests: 10_000,
             max_pending: 1_000,
             queue_timeout: Duration::from_secs(1),

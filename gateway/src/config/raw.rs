@@ -299,6 +299,7 @@ pub struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstreamLimits {
+    pub max_connections: Option<Spanned<i64>>,
     pub max_requests: Option<Spanned<i64>>,
     pub max_pending: Option<Spanned<i64>>,
     pub queue_timeout: Option<Spanned<RawDuration>>,

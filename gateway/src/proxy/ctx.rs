@@ -137,6 +137,8 @@ pub struct RequestCtx {
     pub at_endpoint: Option<crate::endpoints::set::InFlight>,
     /// The request's place among its upstream's `max_requests`.
     pub upstream_permit: Option<crate::resilience::limit::Permit>,
+    /// The current attempt's connection under `max_connections`.
+    pub connection_claim: Option<crate::resilience::limit::Claim>,
     /// Its place under the upstream's adaptive concurrency limit.
     pub adaptive_slot: Option<crate::resilience::adaptive::Slot>,
     /// The limit that refused it (`upstream_overloaded`).
@@ -209,6 +211,7 @@ impl RequestCtx {
             members: None,
             upstream_permit: None,
             adaptive_slot: None,
+            connection_claim: None,
             overflow: None,
             policy_retries: 0,
             backoff: Duration::ZERO,

@@ -30,6 +30,7 @@ use super::{forward, headers, observe, retry, trace};
 use crate::config::model::HedgePolicy;
 use crate::endpoints::set::InFlight;
 use crate::endpoints::Outcome;
+use crate::resilience::limit::{Claim, Overflow};
 use crate::resilience::{self, Reason};
 use crate::runtime::upstream::{Members, UpstreamPool};
 use crate::runtime::Runtime;
@@ -74,6 +75,8 @@ struct Answered {
     /// 1xx heads before the final one (passed on with it: which attempt
     /// wins is not known while they arrive).
     informational: Vec<ResponseHeader>,
+    /// Its connection under `max_connections`, until the answer is sent.
+    _claim: Option<Claim>,
 }
 
 impl Answered {
@@ -103,6 +106,13 @@ async fn exchange(
     request_id: String,
 ) -> Result<Answered> {
     let work = async {
+        let claim = match peer._address.as_inet() {
+            Some(addr) => pool.gate.connection(*addr).await.map_err(|limit| {
+                // `settle` reads the limit back from the error's type.
+                Error::explain(ErrorType::Custom(limit.as_str()), "upstream limits")
+            })?,
+            None => None,
+        };
         let begun = Instant::now();
         let (mut session, reused) = connector.get_http_session(&peer).await?;
         let connect = begun.elapsed();
@@ -131,6 +141,7 @@ async fn exchange(
                         peer,
                         connect,
                         informational,
+                        _claim: claim,
                     })
                 }
             }
@@ -436,6 +447,18 @@ impl Hedger {
                 Ok(Some((id, answered)))
             }
             Err(e) => {
+                if let ErrorType::Custom(label) = e.etype() {
+                    if let Some(limit) = Overflow::from_label(label) {
+                        // Refused by the upstream's limits: nothing was sent.
+                        trace::end_attempt(a.span.take(), None, Some("upstream_overloaded"));
+                        if others_running {
+                            return Ok(None);
+                        }
+                        ctx.overflow = Some(limit);
+                        ctx.failure = Some(Failure::UpstreamOverloaded);
+                        return Err(super::overflowed(pool, limit));
+                    }
+                }
                 observe::attempt_failed(ctx, &e);
                 let connected = !before_connected(&e);
                 pool.report(members, a.endpoint, Outcome::Failure, rtt);

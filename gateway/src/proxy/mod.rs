@@ -219,6 +219,20 @@ async fn answer(
     Ok(true)
 }
 
+/// A request an upstream's `limits` refused at an attempt: counted, and
+/// the error (the caller notes `limit` and `Failure::UpstreamOverloaded`
+/// on the request, so the answer is 503 `upstream_overloaded` naming it).
+fn overflowed(
+    pool: &crate::runtime::upstream::UpstreamPool,
+    limit: crate::resilience::limit::Overflow,
+) -> Box<Error> {
+    pool.series.overflow(limit.as_str()).inc();
+    Error::explain(
+        ErrorType::Custom("upstream_overloaded"),
+        format!("upstream `{}` is at {}", pool.name, limit.as_str()),
+    )
+}
+
 /// The endpoint for the next attempt of `ctx`'s request (one not tried
 /// yet where it can, keyed by the upstream's `hash_key`), its peer with
 /// the attempt's time (`per_try_timeout` within `remaining`), and the
@@ -530,6 +544,20 @@ impl ProxyHttp for Proxy {
                 "upstream has no endpoints",
             ));
         };
+        if pool.gate.connections.is_some() {
+            // The previous attempt's connection is closed or pooled by now.
+            ctx.connection_claim = None;
+            if let Some(addr) = peer._address.as_inet().copied() {
+                match pool.gate.connection(addr).await {
+                    Ok(claim) => ctx.connection_claim = claim,
+                    Err(limit) => {
+                        ctx.overflow = Some(limit);
+                        ctx.failure = Some(Failure::UpstreamOverloaded);
+                        return Err(overflowed(pool, limit));
+                    }
+                }
+            }
+        }
         self.attempt_started(session, ctx, endpoint, &peer);
         ctx.at_endpoint = in_flight;
         Ok(Box::new(peer))

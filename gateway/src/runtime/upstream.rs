@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::ALPN;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Tracer, Tracing};
 
 use crate::config::model::{Discovery, HashKey, Upstream, UpstreamProtocol, UpstreamTls};
 use crate::endpoints::balance::nanos;
@@ -20,6 +20,7 @@ use crate::endpoints::health::Turned;
 use crate::endpoints::outlier::Change;
 use crate::endpoints::set::{Endpoint, EndpointSet, Member, Policy, State};
 use crate::endpoints::{Now, Outcome};
+use crate::resilience::limit::{Connections, Gate};
 use crate::types::identity::IdentityPattern;
 
 /// The identities (URI and DNS SANs) an upstream's certificate carries,
@@ -165,6 +166,13 @@ impl UpstreamPool {
                     .map(|t| t.sni.clone())
                     .filter(|s| !s.is_empty())
             });
+        let gate = previous
+            .map(|p| p.gate.clone())
+            .filter(|g| g.settings == u.limits)
+            .unwrap_or_else(|| {
+                let counted = previous.and_then(|p| p.gate.connections.clone());
+                Arc::new(Gate::new(u.limits, counted))
+            });
         let members = members(
             &policy,
             &template,
@@ -172,6 +180,7 @@ impl UpstreamPool {
             found,
             previous.map(|p| p.members.load_full()).as_deref(),
             pool_before,
+            gate.connections.as_ref(),
         );
         let next_refresh = match same_names {
             Some(p) => p.next_refresh.load(Ordering::Relaxed),
@@ -226,10 +235,7 @@ impl UpstreamPool {
                         ))
                     })
             }),
-            gate: previous
-                .map(|p| p.gate.clone())
-                .filter(|g| g.settings == u.limits)
-                .unwrap_or_else(|| Arc::new(crate::resilience::limit::Gate::new(u.limits))),
+            gate,
             connect_retries: u.connect_retries,
             read_timeout: u.read_timeout,
             verify: u.tls.as_ref().and_then(|t| t.verify.clone()),
@@ -375,6 +381,8 @@ impl UpstreamPool {
             return;
         };
         let mut peer = peer.clone();
+        // A check's own connection is not traffic: `max_connections` leaves it out.
+        peer.options.tracer = None;
         // The client certificate as its files hold it now, as for requests.
         if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
             peer.client_cert_key = Some(current.get().cert_key());
@@ -486,6 +494,7 @@ impl UpstreamPool {
                 unique,
                 Some(&current),
                 true,
+                self.gate.connections.as_ref(),
             );
             self.members.store(Arc::new(next));
         }
@@ -509,6 +518,7 @@ fn members(
     found: Vec<Found>,
     before: Option<&Members>,
     ramp: bool,
+    connections: Option<&Arc<Connections>>,
 ) -> Members {
     let now = Instant::now();
     let mut taken = vec![false; before.map_or(0, |b| b.set.len())];
@@ -532,6 +542,12 @@ fn members(
         });
         let mut peer = template.clone();
         peer._address = PeerAddr::Inet(f.addr);
+        if let Some(c) = connections {
+            peer.options.tracer = Some(Tracer(Box::new(Counted {
+                connections: c.clone(),
+                addr: f.addr,
+            })));
+        }
         peers.push(peer);
         check_hosts.push(check_host.map_or_else(|| f.name.clone(), str::to_string));
     }
@@ -540,6 +556,31 @@ fn members(
         peers,
         found,
         check_hosts,
+    }
+}
+
+/// Tells `limits.max_connections` of each connection to an endpoint as it
+/// opens and closes (Pingora calls it from the connection itself).
+#[derive(Debug)]
+struct Counted {
+    connections: Arc<Connections>,
+    addr: SocketAddr,
+}
+
+impl Tracing for Counted {
+    fn on_connected(&self) {
+        self.connections.opened(self.addr);
+    }
+
+    fn on_disconnected(&self) {
+        self.connections.closed(self.addr);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        Box::new(Counted {
+            connections: self.connections.clone(),
+            addr: self.addr,
+        })
     }
 }
 

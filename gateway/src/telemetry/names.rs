@@ -63,7 +63,12 @@ pub const BUILD_INFO: &str = "meshgate_build_info";
 /// The `upstream` label of plain-HTTP egress requests (no `[upstreams]`).
 pub const EGRESS_UPSTREAM: &str = "(egress)";
 /// The `limit` label values of `meshgate_upstream_overflow_total`.
-pub const OVERFLOW_LIMITS: [&str; 3] = ["max_requests", "max_pending", "concurrency"];
+pub const OVERFLOW_LIMITS: [&str; 4] = [
+    "max_requests",
+    "max_pending",
+    "concurrency",
+    "max_connections",
+];
 /// The `state` label values of `meshgate_upstream_endpoints`.
 pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "ejected", "slow_start", "unhealthy"];
 /// The `kind` label values of `meshgate_rate_limit_backend_errors_total`.

@@ -272,6 +272,72 @@ async fn the_access_log_shows_each_attempt_and_why_it_was_retried() {
     }
 }
 
+/// `max_connections` bounds the connections the upstream ever sees: past
+/// it requests wait for a pooled connection, then are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_bounds_upstream_connections_and_requests_wait_for_one() {
+    let slow = faulty("slow", Fault::Slow).await;
+    let gw = Gateway::start(&config(
+        &[&slow],
+        "",
+        r#"limits = { max_connections = 2, max_pending = 10, queue_timeout = "3s" }"#,
+    ))
+    .await;
+    // Six at once to an endpoint that takes 800 ms each, over two
+    // connections: two rounds of waiting, every one served.
+    let requests: Vec<_> = (0..6)
+        .map(|_| async {
+            let start = Instant::now();
+            let r = get(gw.listen, "/", &[]).await.unwrap();
+            (r.status, start.elapsed())
+        })
+        .collect();
+    let results = futures_util::future::join_all(requests).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    let waited = |rounds: u64| {
+        results
+            .iter()
+            .filter(|(_, t)| *t > Duration::from_millis(800 * rounds - 100))
+            .count()
+    };
+    assert_eq!((waited(2), waited(3)), (4, 2), "{results:?}");
+    assert_eq!(
+        slow.upstream.connections(),
+        2,
+        "the upstream saw more connections"
+    );
+    let u = get(gw.admin, "/upstreams", &[]).await.unwrap().json();
+    assert_eq!(u["upstreams"][0]["open_connections"], 2, "{u}");
+
+    // A short wait: one served, the other refused naming the limit.
+    gw.reload(&config(
+        &[&slow],
+        "",
+        r#"limits = { max_connections = 1, max_pending = 10, queue_timeout = "200ms" }"#,
+    ));
+    gw.wait_for_generation(2).await;
+    let (a, b) = tokio::join!(get(gw.listen, "/", &[]), get(gw.listen, "/", &[]));
+    let mut answers = [a.unwrap(), b.unwrap()];
+    answers.sort_by_key(|r| r.status);
+    assert_eq!(answers[0].status, 200);
+    assert_eq!(answers[1].status, 503);
+    let j = answers[1].json();
+    assert_eq!(
+        (&j["kind"], &j["limit"]),
+        (&"upstream_overloaded".into(), &"max_connections".into()),
+        "{j}"
+    );
+    let m = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_upstream_overflow_total{limit=\"max_connections\",upstream=\"api\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
 /// One endpoint answers one request in five after 800 ms: with `hedge`,
 /// each of those is also sent to the other endpoint after 100 ms, whose
 /// answer wins; the slow attempt is cancelled.

@@ -139,7 +139,7 @@ impl Validator {
             .as_ref()
             .and_then(|h| self.health_check(&n, h, protocol));
         let retry_budget = self.retry_budget(&n, u.retry_budget.as_ref());
-        let limits = self.upstream_limits(&n, u.limits.as_ref());
+        let limits = self.upstream_limits(&n, u.limits.as_ref(), protocol);
         let adaptive_concurrency = match u.concurrency.as_ref().map(|c| (c, c.get_ref().as_str())) {
             None | Some((_, "off")) => false,
             Some((_, "adaptive")) => true,
@@ -179,6 +179,7 @@ impl Validator {
         &mut self,
         upstream: &str,
         l: Option<&Spanned<RawUpstreamLimits>>,
+        protocol: UpstreamProtocol,
     ) -> UpstreamLimits {
         let defaults = UpstreamLimits::default();
         let Some(l) = l.map(Spanned::get_ref) else {
@@ -213,11 +214,22 @@ impl Validator {
             0,
             defaults.max_pending,
         );
-        if let (Some(p), None) = (&l.max_pending, &l.max_requests) {
+        let max_connections = l
+            .max_connections
+            .as_ref()
+            .map(|c| count(self, Some(c), "max_connections", 1, 1));
+        if let (Some(c), true) = (&l.max_connections, protocol != UpstreamProtocol::Http1) {
+            self.error(
+                c.span(),
+                format!("{} is for HTTP/1.1 upstreams, and this one speaks HTTP/2", key("max_connections")),
+                "remove it: an HTTP/2 upstream carries up to 128 requests on each connection; bound them with max_requests",
+            );
+        }
+        if let (Some(p), None, None) = (&l.max_pending, &l.max_requests, &l.max_connections) {
             self.error(
                 p.span(),
-                format!("{} is set without max_requests", key("max_pending")),
-                "set max_requests too: requests wait only once max_requests are in flight",
+                format!("{} is set without max_requests or max_connections", key("max_pending")),
+                "set max_requests (or max_connections) too: requests wait only once one of them is reached",
             );
         }
         let queue_timeout = self.duration_or(
@@ -227,6 +239,7 @@ impl Validator {
             true,
         );
         UpstreamLimits {
+            max_connections,
             max_requests,
             max_pending,
             queue_timeout,

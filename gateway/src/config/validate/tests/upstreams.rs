@@ -463,7 +463,7 @@ bad!(
     limits_pending_without_requests,
     with_upstream("endpoints = [\"127.0.0.1:9\"]\nlimits = { max_pending = 5 }\n"),
     5,
-    "upstreams.x.limits.max_pending is set without max_requests"
+    "upstreams.x.limits.max_pending is set without max_requests or max_connections"
 );
 
 bad!(
@@ -479,3 +479,33 @@ bad!(
     5,
     "unknown upstreams.x.concurrency \"gradient\""
 );
+
+bad!(
+    max_connections_on_an_h2_upstream,
+    with_upstream(
+        "endpoints = [\"127.0.0.1:9\"]\nprotocol = \"h2c\"\nlimits = { max_connections = 4 }\n"
+    ),
+    6,
+    "upstreams.x.limits.max_connections is for HTTP/1.1 upstreams, and this one speaks HTTP/2"
+);
+
+bad!(
+    max_connections_zero,
+    with_upstream("endpoints = [\"127.0.0.1:9\"]\nlimits = { max_connections = 0 }\n"),
+    5,
+    "upstreams.x.limits.max_connections = 0 is out of range"
+);
+
+#[test]
+fn max_connections_alone_lets_requests_wait() {
+    let c = parse(
+        Path::new("t.toml"),
+        &with_upstream(
+            "endpoints = [\"127.0.0.1:9\"]\nlimits = { max_connections = 4, max_pending = 2 }\n",
+        ),
+    )
+    .expect("valid")
+    .config;
+    assert_eq!(c.upstreams[0].limits.max_connections, Some(4));
+    assert_eq!(c.upstreams[0].limits.max_pending, 2);
+}
