@@ -69,7 +69,7 @@ struct Attempt {
 struct Answered {
     session: HttpSession,
     reused: bool,
-    peer: HttpPeer,
+    peer: Box<HttpPeer>,
     /// How long a new connection took to open.
     connect: Duration,
     /// 1xx heads before the final one (passed on with it: which attempt
@@ -100,7 +100,7 @@ struct Race<'a> {
 async fn exchange(
     connector: &Connector,
     pool: &UpstreamPool,
-    peer: HttpPeer,
+    peer: Box<HttpPeer>,
     req: RequestHeader,
     within: Duration,
     request_id: String,
@@ -114,7 +114,7 @@ async fn exchange(
             None => None,
         };
         let begun = Instant::now();
-        let (mut session, reused) = connector.get_http_session(&peer).await?;
+        let (mut session, reused) = connector.get_http_session(&*peer).await?;
         let connect = begun.elapsed();
         if let Err(why) = pool.check_identity(session.digest()) {
             log::warn!("request_id={request_id} {why}");
@@ -555,7 +555,7 @@ impl Hedger {
         }
         let idle = answered.peer.idle_timeout();
         self.connector
-            .release_http_session(answered.session, &answered.peer, idle)
+            .release_http_session(answered.session, &*answered.peer, idle)
             .await;
         Ok(true)
     }

@@ -244,7 +244,11 @@ fn choose(
     pool: &crate::runtime::upstream::UpstreamPool,
     members: &crate::runtime::upstream::Members,
     remaining: std::time::Duration,
-) -> Option<(usize, HttpPeer, Option<crate::endpoints::set::InFlight>)> {
+) -> Option<(
+    usize,
+    Box<HttpPeer>,
+    Option<crate::endpoints::set::InFlight>,
+)> {
     let req = session.req_header();
     let key = pool.hash_key.as_ref().and_then(|k| {
         let client = ctx
@@ -473,10 +477,12 @@ impl ProxyHttp for Proxy {
             ctx.websocket,
         ) {
             let client = client_ip(session);
-            return self
-                .hedger
-                .serve(self.tracing.as_deref(), session, ctx, *h, client)
-                .await;
+            // Boxed: its state would otherwise enlarge every request's future.
+            return Box::pin(
+                self.hedger
+                    .serve(self.tracing.as_deref(), session, ctx, *h, client),
+            )
+            .await;
         }
         if !ctx.websocket {
             ctx.body_read_timeout = limits.body_read_timeout;
@@ -548,7 +554,8 @@ impl ProxyHttp for Proxy {
             // The previous attempt's connection is closed or pooled by now.
             ctx.connection_claim = None;
             if let Some(addr) = peer._address.as_inet().copied() {
-                match pool.gate.connection(addr).await {
+                // Boxed, as it is rare: it would enlarge every attempt's future.
+                match Box::pin(pool.gate.connection(addr)).await {
                     Ok(claim) => ctx.connection_claim = claim,
                     Err(limit) => {
                         ctx.overflow = Some(limit);
@@ -560,7 +567,7 @@ impl ProxyHttp for Proxy {
         }
         self.attempt_started(session, ctx, endpoint, &peer);
         ctx.at_endpoint = in_flight;
-        Ok(Box::new(peer))
+        Ok(peer)
     }
 
     /// An attempt failed after connecting. Retry policy is pingora's default

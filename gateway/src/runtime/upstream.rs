@@ -297,7 +297,7 @@ impl UpstreamPool {
         tried: &[usize],
         key: Option<&[u8]>,
         remaining: Duration,
-    ) -> Option<(usize, HttpPeer)> {
+    ) -> Option<(usize, Box<HttpPeer>)> {
         let chosen = members.set.select(tried, key);
         for i in chosen.back {
             log::info!(
@@ -307,7 +307,8 @@ impl UpstreamPool {
             );
         }
         let idx = chosen.index?;
-        let mut peer = members.peers.get(idx)?.clone();
+        // Boxed once here: Pingora takes it boxed, and it is large to move.
+        let mut peer = Box::new(members.peers.get(idx)?.clone());
         peer.options.read_timeout = Some(self.read_timeout.min(remaining));
         peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
         Some((idx, peer))
