@@ -5,12 +5,12 @@
 //! refused (503 `upstream_overloaded`) naming the limit, so an overloaded
 //! upstream gets no more than it can take and clients learn at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::model::UpstreamLimits;
 
@@ -67,19 +67,68 @@ pub struct Gate {
 /// opens and closes), and the attempts that hold or are about to open
 /// one ("claimed"), in all and per endpoint. An HTTP/1.1 attempt holds
 /// one connection: an idle one of its endpoint from the pool, else a new
-/// one, which only room under `max_connections` allows.
+/// one, which only room under `max_connections` allows. Attempts that
+/// find none wait in line; each change hands what it freed to the first
+/// in line that can use it.
 #[derive(Debug)]
 pub struct Connections {
     max: AtomicUsize,
     counts: Mutex<Counts>,
-    changed: Notify,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
     open: usize,
     claimed: usize,
+    /// Per endpoint: open, claimed.
     at: HashMap<SocketAddr, (usize, usize)>,
+    /// Waiting attempts, first come first: told when a connection was
+    /// claimed for them.
+    line: VecDeque<(SocketAddr, oneshot::Sender<()>)>,
+}
+
+impl Counts {
+    /// Whether an attempt at `addr` can have a connection now: an idle
+    /// one there (open, not claimed), or room for a new one.
+    fn free_for(&self, addr: SocketAddr, max: usize) -> bool {
+        let (open_here, claimed_here) = self.at.get(&addr).copied().unwrap_or_default();
+        self.claimed < max && (open_here > claimed_here || self.open < max)
+    }
+
+    fn claim(&mut self, addr: SocketAddr) {
+        self.claimed += 1;
+        self.at.entry(addr).or_default().1 += 1;
+    }
+
+    fn unclaim(&mut self, addr: SocketAddr) {
+        self.claimed = self.claimed.saturating_sub(1);
+        if let Some(at) = self.at.get_mut(&addr) {
+            at.1 = at.1.saturating_sub(1);
+            if *at == (0, 0) {
+                self.at.remove(&addr);
+            }
+        }
+    }
+
+    /// Hand what is free to the waiting attempts, in their order.
+    fn serve_line(&mut self, max: usize) {
+        let mut i = 0;
+        while i < self.line.len() {
+            let addr = self.line[i].0;
+            if !self.free_for(addr, max) {
+                i += 1;
+                continue;
+            }
+            let Some((_, tell)) = self.line.remove(i) else {
+                break;
+            };
+            self.claim(addr);
+            if tell.send(()).is_err() {
+                // It stopped waiting meanwhile.
+                self.unclaim(addr);
+            }
+        }
+    }
 }
 
 impl Connections {
@@ -87,12 +136,15 @@ impl Connections {
         Connections {
             max: AtomicUsize::new(max as usize),
             counts: Mutex::default(),
-            changed: Notify::new(),
         }
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
     }
 
     /// Connections open now, in use or idle.
@@ -107,36 +159,47 @@ impl Connections {
         c.at.entry(addr).or_default().0 += 1;
     }
 
-    /// A connection to `addr` closed.
+    /// A connection to `addr` closed: room for a waiting attempt.
     pub fn closed(&self, addr: SocketAddr) {
-        {
-            let mut c = self.counts();
-            c.open = c.open.saturating_sub(1);
-            if let Some(at) = c.at.get_mut(&addr) {
-                at.0 = at.0.saturating_sub(1);
-                if *at == (0, 0) {
-                    c.at.remove(&addr);
-                }
+        let mut c = self.counts();
+        c.open = c.open.saturating_sub(1);
+        if let Some(at) = c.at.get_mut(&addr) {
+            at.0 = at.0.saturating_sub(1);
+            if *at == (0, 0) {
+                c.at.remove(&addr);
             }
         }
-        self.changed.notify_waiters();
+        c.serve_line(self.max());
     }
 
-    /// A connection for an attempt at `addr`, if one is free for it: an
-    /// idle one there (open, not claimed), or room for a new one.
-    fn try_claim(self: &Arc<Self>, addr: SocketAddr) -> Option<Claim> {
-        let max = self.max.load(Ordering::Relaxed);
+    /// A new `max_connections` (a reload): more room may serve the line.
+    fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.counts().serve_line(max);
+    }
+
+    /// A connection for an attempt at `addr` at once, when one is free and
+    /// nobody waits; else a place in line.
+    fn claim_or_wait(self: &Arc<Self>, addr: SocketAddr) -> Result<Claim, Waiting> {
         let mut c = self.counts();
-        let (open_here, claimed_here) = c.at.get(&addr).copied().unwrap_or_default();
-        if c.claimed >= max || (open_here <= claimed_here && c.open >= max) {
-            return None;
+        if c.line.is_empty() && c.free_for(addr, self.max()) {
+            c.claim(addr);
+            return Ok(self.claim_made(addr));
         }
-        c.claimed += 1;
-        c.at.entry(addr).or_default().1 += 1;
-        Some(Claim {
+        let (tell, told) = oneshot::channel();
+        c.line.push_back((addr, tell));
+        Err(Waiting {
             connections: self.clone(),
             addr,
+            told: Some(told),
         })
+    }
+
+    fn claim_made(self: &Arc<Self>, addr: SocketAddr) -> Claim {
+        Claim {
+            connections: self.clone(),
+            addr,
+        }
     }
 }
 
@@ -150,25 +213,56 @@ pub struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        {
-            let mut c = self.connections.counts();
-            c.claimed = c.claimed.saturating_sub(1);
-            if let Some(at) = c.at.get_mut(&self.addr) {
-                at.1 = at.1.saturating_sub(1);
-                if *at == (0, 0) {
-                    c.at.remove(&self.addr);
-                }
-            }
+        let max = self.connections.max();
+        let mut c = self.connections.counts();
+        c.unclaim(self.addr);
+        c.serve_line(max);
+    }
+}
+
+/// An attempt waiting in line for a connection. Dropped (it waited in
+/// vain, or its client left) after a connection was claimed for it, it
+/// gives that back.
+struct Waiting {
+    connections: Arc<Connections>,
+    addr: SocketAddr,
+    told: Option<oneshot::Receiver<()>>,
+}
+
+impl Waiting {
+    async fn claimed(&mut self) -> Claim {
+        if let Some(told) = self.told.as_mut() {
+            // The sender lives in the line until it sends.
+            let _ = told.await;
         }
-        self.connections.changed.notify_waiters();
+        self.told = None;
+        self.connections.claim_made(self.addr)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let Some(mut told) = self.told.take() else {
+            return;
+        };
+        let max = self.connections.max();
+        let mut c = self.connections.counts();
+        if told.try_recv().is_ok() {
+            c.unclaim(self.addr);
+            c.serve_line(max);
+        } else {
+            // Still in line: leave it.
+            drop(told);
+            c.line.retain(|(_, tell)| !tell.is_closed());
+        }
     }
 }
 
 /// Counts a waiting request until it stops waiting (also when its client
 /// leaves and the wait is dropped).
-struct Waiting<'a>(&'a AtomicUsize);
+struct Pending<'a>(&'a AtomicUsize);
 
-impl Drop for Waiting<'_> {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -185,8 +279,7 @@ impl Gate {
             pending: AtomicUsize::new(0),
             connections: settings.max_connections.map(|max| match counted {
                 Some(c) => {
-                    c.max.store(max as usize, Ordering::Relaxed);
-                    c.changed.notify_waiters();
+                    c.set_max(max as usize);
                     c
                 }
                 None => Arc::new(Connections::new(max)),
@@ -211,7 +304,7 @@ impl Gate {
             return Ok(Permit(p));
         }
         let before = self.pending.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.pending);
+        let _pending = Pending(&self.pending);
         if before >= self.settings.max_pending as usize {
             return Err(Overflow::MaxPending);
         }
@@ -236,26 +329,18 @@ impl Gate {
         let Some(conns) = &self.connections else {
             return Ok(None);
         };
-        if let Some(claim) = conns.try_claim(addr) {
-            return Ok(Some(claim));
-        }
+        let mut waiting = match conns.claim_or_wait(addr) {
+            Ok(claim) => return Ok(Some(claim)),
+            Err(waiting) => waiting,
+        };
         let before = self.pending.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.pending);
+        let _pending = Pending(&self.pending);
         if before >= self.settings.max_pending as usize {
             return Err(Overflow::MaxPending);
         }
-        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
-        loop {
-            // Registered before the check, so a change between the two wakes it.
-            let changed = conns.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if let Some(claim) = conns.try_claim(addr) {
-                return Ok(Some(claim));
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(Overflow::MaxConnections);
-            }
+        match tokio::time::timeout(self.settings.queue_timeout, waiting.claimed()).await {
+            Ok(claim) => Ok(Some(claim)),
+            Err(_) => Err(Overflow::MaxConnections),
         }
     }
 }
@@ -342,6 +427,43 @@ mod tests {
         let _b = gate.connection(b).await.unwrap().unwrap();
         drop(third);
         assert_eq!(gate.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_attempts_get_connections_first_come_first_served() {
+        let gate = Gate::new(
+            UpstreamLimits {
+                max_connections: Some(1),
+                max_requests: 100,
+                max_pending: 10,
+                queue_timeout: Duration::from_secs(1),
+            },
+            None,
+        );
+        let conns = gate.connections.clone().unwrap();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let held = gate.connection(a).await.unwrap().unwrap();
+        conns.opened(a);
+        let (first, second) = (gate.connection(a), gate.connection(a));
+        tokio::pin!(first, second);
+        assert!(futures_poll_once(first.as_mut()).is_none());
+        assert!(futures_poll_once(second.as_mut()).is_none());
+        // A third joins the line after them.
+        let third = gate.connection(a);
+        tokio::pin!(third);
+        assert!(futures_poll_once(third.as_mut()).is_none());
+        drop(held);
+        assert!(futures_poll_once(second.as_mut()).is_none());
+        assert!(futures_poll_once(third.as_mut()).is_none());
+        let first = first.await.unwrap().unwrap();
+        assert!(futures_poll_once(third.as_mut()).is_none());
+        drop(first);
+        let _second = second.await.unwrap().unwrap();
+        // The third gives up in vain; nothing stays claimed for it.
+        assert_eq!(third.await.unwrap_err(), Overflow::MaxConnections);
+        assert_eq!(gate.pending(), 0);
+        assert_eq!(conns.counts().claimed, 1);
+        assert!(conns.counts().line.is_empty());
     }
 
     fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
