@@ -40,6 +40,10 @@ enum Command {
         /// Config file (TOML); see docs/config.md.
         #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
+        /// Also print the merged config (included files and `${VAR}`
+        /// values in it), each table under a comment naming where it came from.
+        #[arg(long)]
+        print: bool,
     },
     /// Ask a running gateway whether it is ready (`GET /readyz` on its admin
     /// endpoint): exit 0 when it is, 1 when it is not or cannot be reached.
@@ -101,15 +105,22 @@ fn main() -> ExitCode {
             println!("meshgate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match meshgate::config::load(&config) {
+        Command::Check { config, print } => match meshgate::config::load(&config) {
             Ok(c) => {
-                println!(
+                let summary = format!(
                     "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
                     config.display(),
                     c.listeners.len(),
                     c.routes.len(),
                     c.upstreams.len()
                 );
+                if print {
+                    // The config alone on stdout, so it can be saved or diffed.
+                    print!("{}", c.print());
+                    eprintln!("{summary}");
+                } else {
+                    println!("{summary}");
+                }
                 for warning in c.warnings(std::time::SystemTime::now()) {
                     eprintln!("{warning}");
                 }

@@ -29,6 +29,78 @@ impl Diagnostic {
     }
 }
 
+/// The text a config was validated from: its file, then each file it
+/// includes, one after the other; a byte offset in `text` belongs to one
+/// of them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub text: String,
+    /// In order of `start`; the first is the main file.
+    pub files: Vec<SourceFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    /// Where its text begins in [`Sources::text`].
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The text may hold passwords (Redis URLs): debug output shows its size.
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("text", &format_args!("<{} bytes>", self.text.len()))
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl Sources {
+    /// One file's text.
+    pub fn single(path: &Path, text: &str) -> Self {
+        Sources {
+            text: text.to_string(),
+            files: vec![SourceFile {
+                path: path.to_path_buf(),
+                start: 0,
+                len: text.len(),
+            }],
+        }
+    }
+
+    /// The file an offset of `text` is in, that file's text, and the
+    /// offset in it.
+    pub fn locate(&self, offset: usize) -> (&Path, &str, usize) {
+        let file = self
+            .files
+            .iter()
+            .rev()
+            .find(|f| f.start <= offset)
+            .or(self.files.first());
+        match file {
+            Some(f) => {
+                let end = (f.start + f.len).min(self.text.len());
+                let text = self.text.get(f.start..end).unwrap_or("");
+                (
+                    &f.path,
+                    text,
+                    offset.saturating_sub(f.start).min(text.len()),
+                )
+            }
+            None => (Path::new(""), &self.text, offset),
+        }
+    }
+
+    /// `file:line:col` of an offset.
+    pub fn place(&self, offset: usize) -> String {
+        let (path, text, local) = self.locate(offset);
+        let (line, col) = line_col(text, local);
+        format!("{}:{line}:{col}", path.display())
+    }
+}
+
 /// Why a config could not be loaded: the file could not be read, or it holds
 /// one or more problems. Rendered with file:line:col for each.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +111,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}", render(.path, .source_text, .diagnostics))]
+    #[error("{}", render(.path, .sources, .diagnostics))]
     Invalid {
         path: PathBuf,
-        source_text: String,
+        sources: Sources,
         diagnostics: Vec<Diagnostic>,
     },
 }
@@ -81,22 +153,22 @@ pub enum Severity {
     Warning,
 }
 
-/// One diagnostic with its place (`file:line:col: warning: ...`), the line
-/// it points at and its fix.
-pub fn render_one(path: &Path, src: &str, diag: &Diagnostic, severity: Severity) -> String {
+/// One diagnostic with its place (`file:line:col: warning: ...`, in the
+/// file of `sources` it is in; the main file when it has no place), the
+/// line it points at and its fix.
+pub fn render_one(sources: &Sources, diag: &Diagnostic, severity: Severity) -> String {
     DiagnosticDisplay {
-        path,
-        src,
+        sources,
         diag,
         severity,
     }
     .to_string()
 }
 
-fn render(path: &Path, src: &str, diags: &[Diagnostic]) -> String {
+fn render(path: &Path, sources: &Sources, diags: &[Diagnostic]) -> String {
     let mut out = String::new();
     for d in diags {
-        out.push_str(&render_one(path, src, d, Severity::Error));
+        out.push_str(&render_one(sources, d, Severity::Error));
         out.push('\n');
     }
     let n = diags.len();
@@ -110,8 +182,7 @@ fn render(path: &Path, src: &str, diags: &[Diagnostic]) -> String {
 }
 
 struct DiagnosticDisplay<'a> {
-    path: &'a Path,
-    src: &'a str,
+    sources: &'a Sources,
     diag: &'a Diagnostic,
     severity: Severity,
 }
@@ -124,16 +195,17 @@ impl fmt::Display for DiagnosticDisplay<'_> {
         };
         match &self.diag.span {
             Some(span) => {
-                let (line, col) = line_col(self.src, span.start);
+                let (path, src, local) = self.sources.locate(span.start);
+                let (line, col) = line_col(src, local);
                 write!(
                     f,
                     "{}:{}:{}: {severity}: {}",
-                    self.path.display(),
+                    path.display(),
                     line,
                     col,
                     self.diag.message
                 )?;
-                if let Some(text) = self.src.lines().nth(line - 1) {
+                if let Some(text) = src.lines().nth(line - 1) {
                     // Error output ends up in logs: no passwords in it.
                     write!(f, "\n    | {}", super::model::redact_secrets(text))?;
                 }
@@ -141,7 +213,7 @@ impl fmt::Display for DiagnosticDisplay<'_> {
             None => write!(
                 f,
                 "{}: {severity}: {}",
-                self.path.display(),
+                self.sources.locate(0).0.display(),
                 self.diag.message
             )?,
         }
@@ -170,7 +242,7 @@ mod tests {
     fn render_names_file_line_col_and_fix() {
         let err = ConfigError::Invalid {
             path: "gw.toml".into(),
-            source_text: "x = 1\ny = 2\n".into(),
+            sources: Sources::single(Path::new("gw.toml"), "x = 1\ny = 2\n"),
             diagnostics: vec![Diagnostic::new(6..7, "bad y").fix("remove y")],
         };
         let text = err.to_string();
@@ -178,5 +250,26 @@ mod tests {
         assert!(text.contains("| y = 2"), "{text}");
         assert!(text.contains("= fix: remove y"), "{text}");
         assert!(text.ends_with("1 error found"), "{text}");
+    }
+
+    #[test]
+    fn an_offset_in_an_included_file_is_placed_there() {
+        let mut sources = Sources::single(Path::new("gw.toml"), "x = 1\n");
+        sources.text.push_str("\n[a]\ny = 2\n");
+        sources.files.push(SourceFile {
+            path: "conf.d/a.toml".into(),
+            start: 7,
+            len: 10,
+        });
+        assert_eq!(sources.place(0), "gw.toml:1:1");
+        assert_eq!(sources.place(11), "conf.d/a.toml:2:1");
+        let err = ConfigError::Invalid {
+            path: "gw.toml".into(),
+            sources,
+            diagnostics: vec![Diagnostic::new(11..12, "bad y")],
+        };
+        let text = err.to_string();
+        assert!(text.contains("conf.d/a.toml:2:1: error: bad y"), "{text}");
+        assert!(text.contains("| y = 2"), "{text}");
     }
 }

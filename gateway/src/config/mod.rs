@@ -2,6 +2,7 @@
 //! what the files it names held beside it ([`Material`]).
 
 pub mod error;
+mod include;
 pub mod material;
 pub mod model;
 mod raw;
@@ -11,7 +12,7 @@ mod validate;
 
 use std::path::Path;
 
-pub use error::{ConfigError, Diagnostic};
+pub use error::{ConfigError, Diagnostic, Sources};
 pub use material::Material;
 pub use model::Config;
 
@@ -20,6 +21,8 @@ pub use model::Config;
 pub struct Loaded {
     pub config: Config,
     pub material: Material,
+    /// The text it came from, with the included files in it.
+    pub sources: Sources,
 }
 
 impl std::ops::Deref for Loaded {
@@ -30,6 +33,12 @@ impl std::ops::Deref for Loaded {
 }
 
 impl Loaded {
+    /// The merged config as TOML with the file each table came from
+    /// (`meshgate check --print`).
+    pub fn print(&self) -> String {
+        include::print(&self.sources)
+    }
+
     /// Everything `check` warns about and `run`/reload log: the file's own
     /// warnings, then the certificates'.
     pub fn warnings(&self, now: std::time::SystemTime) -> Vec<String> {
@@ -62,14 +71,16 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     parse(path, &text)
 }
 
-/// Validate config text; `path` names it in messages, and relative file
-/// paths in it start at its directory.
+/// Validate config text, with the files its `include` names; `path`
+/// names it in messages, and relative paths in it (and `include`
+/// patterns) start at its directory.
 pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let sources = include::assemble(path, text)?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let outcome = validate::validate(text, base);
+    let outcome = validate::validate(&sources.text, base);
     let mut config = outcome.config;
     let mut diagnostics = outcome.errors;
     diagnostics.extend(resolve::endpoints(config.as_mut(), &outcome.lookups));
@@ -79,18 +90,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             warnings.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
             config.warnings = warnings
                 .iter()
-                .map(|w| error::render_one(path, text, w, error::Severity::Warning))
+                .map(|w| error::render_one(&sources, w, error::Severity::Warning))
                 .collect();
             Ok(Loaded {
                 config,
                 material: outcome.material,
+                sources,
             })
         }
         _ => {
             diagnostics.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
             Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
-                source_text: text.to_string(),
+                sources,
                 diagnostics,
             })
         }

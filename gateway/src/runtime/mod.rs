@@ -78,7 +78,9 @@ impl Runtime {
     /// Build, keeping the limiter state of every policy whose settings did not
     /// change, so a reload does not hand out a fresh budget.
     pub fn build_after(loaded: Loaded, generation: u64, previous: Option<&Runtime>) -> Self {
-        let Loaded { config, material } = loaded;
+        let Loaded {
+            config, material, ..
+        } = loaded;
         // What a global policy cached came from the old Redis.
         let same_redis = previous.is_some_and(|p| p.config.redis == config.redis);
         let policies: Vec<Arc<Policy>> = config

@@ -788,3 +788,59 @@ async fn environment_variables_fill_in_the_config() {
         "node edge-7"
     );
 }
+
+/// A fleet's file: the node's own values, and the shared policy included;
+/// `check --print` shows the merged config and where each table came from.
+#[test]
+fn check_print_shows_included_tables_and_where_they_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+    std::fs::write(
+        dir.path().join("conf.d/routes.toml"),
+        "[routes.api]\npath_prefix = \"/\"\nupstream = \"api\"\n\n[upstreams.api]\nendpoints = [\"${MESHGATE_TEST_API_ADDR}\"]\n",
+    )
+    .unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        "include = [\"conf.d/*.toml\"]\n[gateway]\nname = \"${NODE:-edge-0}\"\n[listeners.public]\nbind = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--print", "-c", path])
+        .env("MESHGATE_TEST_API_ADDR", "127.0.0.1:9001")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ok (1 listener(s), 1 route(s), 1 upstream(s))"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("gw.toml:2\n[gateway]\nname = \"edge-0\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("conf.d/routes.toml:1\n[routes.api]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("conf.d/routes.toml:5\n[upstreams.api]\nendpoints = [\"127.0.0.1:9001\"]"),
+        "{stdout}"
+    );
+    // What it prints is a config that checks the same.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, stdout.as_bytes()).unwrap();
+    let (code, _, err) = meshgate(&["check", "-c", printed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    // Without the variable, the error is in the included file.
+    let (code, _, err) = meshgate(&["check", "-c", path]);
+    assert_eq!(code, 64);
+    assert!(err.contains("conf.d/routes.toml:6:14: error:"), "{err}");
+}

@@ -66,6 +66,8 @@ impl Validator {
                 "policies" => raw.policies = self.de_named(key, value),
                 "egress" => raw.egress = Some((key.span(), self.de(value))),
                 "resolver" => raw.resolver = self.de(value),
+                // Read by the loader, which put the files it names in this text.
+                "include" => {}
                 other => {
                     let fix = match suggest(other, SECTIONS) {
                         Some(s) => format!(

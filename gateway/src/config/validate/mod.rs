@@ -94,6 +94,17 @@ pub fn validate(src: &str, base_dir: &Path) -> Outcome {
     v.outcome(Some(config))
 }
 
+/// The document of `src` (known to be valid) with `${VAR}` replaced, for
+/// showing the effective config.
+pub fn substituted(src: &str) -> Option<DeTable<'_>> {
+    let (mut root, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        return None;
+    }
+    Validator::default().substitute_env(root.get_mut());
+    Some(root.into_inner())
+}
+
 /// The raw file, split into sections, each entry keeping its key's span.
 #[derive(Default)]
 struct RawFile {
