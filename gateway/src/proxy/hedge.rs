@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,9 +61,18 @@ struct Attempt {
     started: Instant,
     /// Still waiting for its head.
     running: bool,
-    /// Its place in the endpoint's load, until it ends.
+    /// Its place in the endpoint's load, until it ends (the winner's, until
+    /// the request ends).
     load: Option<InFlight>,
     span: Option<opentelemetry::Context>,
+    /// The request went out (it was not still waiting or connecting).
+    sent: Arc<AtomicBool>,
+}
+
+impl Attempt {
+    fn sent(&self) -> bool {
+        self.sent.load(Ordering::Relaxed)
+    }
 }
 
 /// An attempt that got its final response head.
@@ -94,9 +104,20 @@ struct Race<'a> {
     hedges: u32,
     next_hedge: Option<Instant>,
     retry_at: Option<Instant>,
+    /// A retried status (a 503) set aside while other attempts ran: the
+    /// answer when they fail too, as the Pingora path would have passed it.
+    fallback: Option<(usize, Answered)>,
 }
 
-/// Send `req` to `peer` and read its final response head, within `within`.
+/// Pooled connections found closed, retried at once, at most.
+const MAX_STALE_RETRIES: usize = 8;
+
+/// Send `req` to `peer` and read its final response head. As on
+/// Pingora's path, each phase has its own bound: the wait for a connection
+/// under `max_connections` (`queue_timeout`), connecting (the peer's
+/// connect timeout), then writing and reading the head (`within`). `sent`
+/// is set once the request went out. An error on a pooled connection is
+/// marked to retry at once (its endpoint had closed it).
 async fn exchange(
     connector: &Connector,
     pool: &UpstreamPool,
@@ -104,63 +125,81 @@ async fn exchange(
     req: RequestHeader,
     within: Duration,
     request_id: String,
+    sent: Arc<AtomicBool>,
 ) -> Result<Answered> {
+    let claim = match peer._address.as_inet() {
+        Some(addr) => pool.gate.connection(*addr).await.map_err(|limit| {
+            // `settle` reads the limit back from the error's type.
+            Error::explain(ErrorType::Custom(limit.as_str()), "upstream limits")
+        })?,
+        None => None,
+    };
+    let begun = Instant::now();
+    let (mut session, reused) = connector
+        .get_http_session(&*peer)
+        .await
+        .map_err(Error::into_up)?;
+    let connect = begun.elapsed();
+    if let Err(why) = pool.check_identity(session.digest()) {
+        log::warn!("request_id={request_id} {why}");
+        return Err(Error::create(
+            ErrorType::InvalidCert,
+            ErrorSource::Upstream,
+            Some(why.into()),
+            None,
+        ));
+    }
+    session.set_read_timeout(peer.options.read_timeout);
+    session.set_write_timeout(peer.options.write_timeout);
     let work = async {
-        let claim = match peer._address.as_inet() {
-            Some(addr) => pool.gate.connection(*addr).await.map_err(|limit| {
-                // `settle` reads the limit back from the error's type.
-                Error::explain(ErrorType::Custom(limit.as_str()), "upstream limits")
-            })?,
-            None => None,
-        };
-        let begun = Instant::now();
-        let (mut session, reused) = connector.get_http_session(&*peer).await?;
-        let connect = begun.elapsed();
-        if let Err(why) = pool.check_identity(session.digest()) {
-            log::warn!("request_id={request_id} {why}");
-            return Err(Error::create(
-                ErrorType::InvalidCert,
-                ErrorSource::Upstream,
-                Some(why.into()),
-                None,
-            ));
-        }
-        session.set_read_timeout(peer.options.read_timeout);
-        session.set_write_timeout(peer.options.write_timeout);
         session.write_request_header(Box::new(req)).await?;
+        sent.store(true, Ordering::Relaxed);
         session.finish_request_body().await?;
         let mut informational = Vec::new();
         for _ in 0..=MAX_INFORMATIONAL {
             session.read_response_header().await?;
-            match session.response_header() {
-                Some(h) if h.status.is_informational() => informational.push(h.clone()),
-                _ => {
-                    return Ok(Answered {
-                        session,
-                        reused,
-                        peer,
-                        connect,
-                        informational,
-                        _claim: claim,
-                    })
+            match session.response_header().map(|h| h.status) {
+                Some(s) if s == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    // RFC 9110 §7.8: no upgrade was asked for.
+                    return Error::e_explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "101 Switching Protocols to a request that asked for no upgrade",
+                    );
                 }
+                Some(s) if s.is_informational() => {
+                    informational.extend(session.response_header().cloned())
+                }
+                _ => return Ok(informational),
             }
         }
         Error::e_explain(ErrorType::InvalidHTTPHeader, "too many 1xx responses")
     };
-    match tokio::time::timeout(within, work).await {
-        Ok(r) => r.map_err(Error::into_up),
+    let head = match tokio::time::timeout(within, work).await {
+        Ok(r) => r,
         Err(_) => Err(Error::explain(
             ErrorType::ReadTimedout,
             "no response head within the attempt's time",
-        )
-        .into_up()),
+        )),
+    };
+    match head {
+        Ok(informational) => Ok(Answered {
+            session,
+            reused,
+            peer,
+            connect,
+            informational,
+            _claim: claim,
+        }),
+        Err(mut e) => {
+            e.retry.decide_reuse(reused);
+            Err(e.into_up())
+        }
     }
 }
 
 /// The request an attempt sends: the client's, made an HTTP/1.1 request
-/// as Pingora makes it (`Host` from an HTTP/2 authority, hop-by-hop
-/// fields dropped), then edited by the forward stage.
+/// as Pingora makes it (`Host` from the authority, hop-by-hop fields
+/// dropped), then edited by the forward stage.
 fn upstream_request(
     session: &Session,
     ctx: &RequestCtx,
@@ -169,12 +208,12 @@ fn upstream_request(
     let client_req = session.req_header();
     let mut req = client_req.clone();
     req.set_version(http::Version::HTTP_11);
-    if !req.headers.contains_key(header::HOST) {
-        if let Some(authority) = client_req.uri.authority() {
-            let host = http::HeaderValue::from_str(authority.as_str())
-                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "authority", e))?;
-            req.insert_header(header::HOST, host)?;
-        }
+    // The authority the request was routed by (an HTTP/2 `:authority`, an
+    // absolute-form target) is its Host, as Pingora sends it.
+    if let Some(authority) = client_req.uri.authority() {
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "authority", e))?;
+        req.insert_header(header::HOST, host)?;
     }
     headers::strip_request_hop_by_hop(&mut req);
     forward::upstream_request(ctx, client_req, client, &mut req)?;
@@ -234,6 +273,7 @@ impl Hedger {
             hedges: 0,
             next_hedge: None,
             retry_at: None,
+            fallback: None,
         };
         ctx.upstream_started = Some(Instant::now());
         super::client_still_there(session, ctx)?;
@@ -292,8 +332,17 @@ impl Hedger {
                     return Err(e.into_down());
                 }
                 _ = tokio::time::sleep_until(deadline), if ctx.deadline.is_some() => {
+                    if let Some(answer) = race.fallback.take() {
+                        break answer;
+                    }
+                    // The first attempt sent timed out, as on Pingora's path;
+                    // the hedges raced it and say nothing.
+                    let mut reported = false;
                     for a in race.attempts.iter_mut().filter(|a| a.running) {
-                        pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
+                        if !reported && a.sent() {
+                            pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
+                            reported = true;
+                        }
                         trace::end_attempt(a.span.take(), None, Some("timeout"));
                     }
                     ctx.failure = Some(Failure::Timeout);
@@ -307,16 +356,17 @@ impl Hedger {
         };
         let (id, answered) = winner;
         drop(race.running);
+        drop(race.fallback);
         let won_at = race.attempts[id].started;
         for (i, a) in race.attempts.iter_mut().enumerate() {
-            if a.running && i != id {
-                // The attempt a hedge beat waited longer than the winner
-                // took: its endpoint hears of it as of a timeout, so one
-                // that hangs is ejected though hedges hide it from clients.
-                // A hedge that lost says nothing of its endpoint.
-                if a.started < won_at {
-                    pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
-                }
+            // The attempt a hedge beat waited longer than the winner took:
+            // its endpoint hears of it as of a timeout, so one that hangs is
+            // ejected though hedges hide it from clients. A hedge that lost,
+            // or an attempt never sent, says nothing of its endpoint.
+            if a.running && i != id && a.started < won_at && a.sent() {
+                pool.report(&members, a.endpoint, Outcome::Failure, a.started.elapsed());
+            }
+            if i != id {
                 trace::end_attempt(a.span.take(), None, Some("cancelled"));
             }
             if a.hedge {
@@ -326,6 +376,8 @@ impl Hedger {
         let won = &mut race.attempts[id];
         ctx.endpoint = won.addr;
         ctx.client_cx = won.span.take();
+        // It counts in its endpoint's load until the request ends.
+        ctx.at_endpoint = won.load.take();
         ctx.connected = true;
         pool.series.connections(answered.reused).inc();
         if !answered.reused {
@@ -373,9 +425,16 @@ impl Hedger {
         ctx.client_cx = span.clone();
         let req = upstream_request(session, ctx, client);
         ctx.client_cx = None;
-        let req = req?;
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => {
+                trace::end_attempt(span, None, Some("internal"));
+                return Err(e);
+            }
+        };
         let within = peer.options.read_timeout.unwrap_or(remaining);
         let id = race.attempts.len();
+        let sent = Arc::new(AtomicBool::new(false));
         race.attempts.push(Attempt {
             endpoint,
             addr,
@@ -384,13 +443,14 @@ impl Hedger {
             running: true,
             load,
             span,
+            sent: sent.clone(),
         });
         let connector = &self.connector;
         let request_id = ctx.request_id.to_string();
         race.running.push(Box::pin(async move {
             (
                 id,
-                exchange(connector, pool, peer, req, within, request_id).await,
+                exchange(connector, pool, peer, req, within, request_id, sent).await,
             )
         }));
         Ok(())
@@ -415,7 +475,9 @@ impl Hedger {
     ) -> Result<Option<(usize, Answered)>> {
         let a = &mut race.attempts[id];
         a.running = false;
-        a.load = None;
+        if result.is_err() {
+            a.load = None;
+        }
         let rtt = a.started.elapsed();
         let others_running = !race.running.is_empty();
         let policy = ctx
@@ -436,11 +498,13 @@ impl Hedger {
                 }
                 let addr = a.addr;
                 if others_running {
-                    trace::end_attempt(a.span.take(), Some(status), None);
+                    // Set aside: the answer if the others fail too.
+                    race.fallback = Some((id, answered));
                     return Ok(None);
                 }
                 if retry::decide(session, ctx, reason) {
                     trace::end_attempt(a.span.take(), Some(status), None);
+                    a.load = None;
                     self.retry_later(race, ctx, addr);
                     return Ok(None);
                 }
@@ -454,13 +518,28 @@ impl Hedger {
                         if others_running {
                             return Ok(None);
                         }
+                        if let Some(answer) = race.fallback.take() {
+                            return Ok(Some(answer));
+                        }
                         ctx.overflow = Some(limit);
                         ctx.failure = Some(Failure::UpstreamOverloaded);
                         return Err(super::overflowed(pool, limit));
                     }
                 }
-                observe::attempt_failed(ctx, &e);
                 let connected = !before_connected(&e);
+                // A pooled connection the endpoint had closed: tried again
+                // at once, and no failure of the endpoint (as on Pingora's path).
+                if connected && e.retry() && ctx.tried.len() < MAX_STALE_RETRIES {
+                    trace::end_attempt(a.span.take(), None, Some("retried"));
+                    if others_running {
+                        return Ok(None);
+                    }
+                    ctx.next_attempt_reason = "stale_connection";
+                    let addr = a.addr;
+                    self.retry_later(race, ctx, addr);
+                    return Ok(None);
+                }
+                observe::attempt_failed(ctx, &e);
                 pool.report(members, a.endpoint, Outcome::Failure, rtt);
                 if connected {
                     if let Some(adaptive) = &pool.adaptive {
@@ -481,7 +560,10 @@ impl Hedger {
                     self.retry_later(race, ctx, addr);
                     return Ok(None);
                 }
-                Err(e)
+                match race.fallback.take() {
+                    Some(answer) => Ok(Some(answer)),
+                    None => Err(e),
+                }
             }
         }
     }
@@ -533,11 +615,20 @@ impl Hedger {
         session.write_response_header(Box::new(resp), end).await?;
         if !end {
             loop {
-                let chunk = answered
-                    .session
-                    .read_response_body()
-                    .await
-                    .map_err(Error::into_up)?;
+                // As Pingora's proxy does, a client that leaves while the
+                // upstream is slow to send ends the exchange.
+                let chunk = tokio::select! {
+                    chunk = answered.session.read_response_body() => {
+                        chunk.map_err(Error::into_up)?
+                    }
+                    gone = session.as_mut().read_body_or_idle(true) => {
+                        let e = match gone {
+                            Err(e) => e,
+                            Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client left"),
+                        };
+                        return Err(e.into_down());
+                    }
+                };
                 if ctx.deadline.is_some_and(|d| Instant::now() > d) {
                     ctx.failure = Some(Failure::Timeout);
                     return Err(Error::explain(

@@ -92,7 +92,14 @@ impl Counts {
     /// one there (open, not claimed), or room for a new one.
     fn free_for(&self, addr: SocketAddr, max: usize) -> bool {
         let (open_here, claimed_here) = self.at.get(&addr).copied().unwrap_or_default();
-        self.claimed < max && (open_here > claimed_here || self.open < max)
+        // Claims past an endpoint's open connections are connections about
+        // to open: they take room as the open ones do.
+        let committed: usize = self
+            .at
+            .values()
+            .map(|(open, claimed)| *open.max(claimed))
+            .sum();
+        self.claimed < max && (open_here > claimed_here || committed < max)
     }
 
     fn claim(&mut self, addr: SocketAddr) {
@@ -188,6 +195,9 @@ impl Connections {
         }
         let (tell, told) = oneshot::channel();
         c.line.push_back((addr, tell));
+        // Those ahead may wait for what this one can use (another endpoint's
+        // idle connection): it need not wait behind them.
+        c.serve_line(self.max());
         Err(Waiting {
             connections: self.clone(),
             addr,
@@ -230,13 +240,12 @@ struct Waiting {
 }
 
 impl Waiting {
-    async fn claimed(&mut self) -> Claim {
-        if let Some(told) = self.told.as_mut() {
-            // The sender lives in the line until it sends.
-            let _ = told.await;
-        }
+    /// `None` if the line dropped it without a claim (it does not).
+    async fn claimed(&mut self) -> Option<Claim> {
+        let told = self.told.as_mut()?;
+        let sent = told.await.is_ok();
         self.told = None;
-        self.connections.claim_made(self.addr)
+        sent.then(|| self.connections.claim_made(self.addr))
     }
 }
 
@@ -339,8 +348,8 @@ impl Gate {
             return Err(Overflow::MaxPending);
         }
         match tokio::time::timeout(self.settings.queue_timeout, waiting.claimed()).await {
-            Ok(claim) => Ok(Some(claim)),
-            Err(_) => Err(Overflow::MaxConnections),
+            Ok(Some(claim)) => Ok(Some(claim)),
+            Ok(None) | Err(_) => Err(Overflow::MaxConnections),
         }
     }
 }
@@ -464,6 +473,38 @@ mod tests {
         assert_eq!(gate.pending(), 0);
         assert_eq!(conns.counts().claimed, 1);
         assert!(conns.counts().line.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_about_to_open_count_against_the_limit() {
+        let gate = Gate::new(
+            UpstreamLimits {
+                max_connections: Some(2),
+                max_requests: 100,
+                max_pending: 10,
+                queue_timeout: Duration::from_secs(1),
+            },
+            None,
+        );
+        let conns = gate.connections.clone().unwrap();
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "127.0.0.1:3".parse().unwrap(),
+        );
+        // One idle connection at `a`; an attempt at `b` is opening one.
+        conns.opened(a);
+        let _b = gate.connection(b).await.unwrap().unwrap();
+        // `c` would be a third.
+        assert_eq!(
+            gate.connection(c).await.unwrap_err(),
+            Overflow::MaxConnections
+        );
+        // `a`'s idle one is free, even with `c` waiting in line ahead.
+        let waiting_c = gate.connection(c);
+        tokio::pin!(waiting_c);
+        assert!(futures_poll_once(waiting_c.as_mut()).is_none());
+        let _a = gate.connection(a).await.unwrap().unwrap();
     }
 
     fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
