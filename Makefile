@@ -11,11 +11,11 @@ BIN := target/release/meshgate
 # Debian packages the build needs (BoringSSL: cmake, clang headers for bindgen, git for its patches).
 BUILD_PKGS := build-essential cmake libclang-dev git pkg-config ca-certificates curl
 # What the test suite needs beyond the build: systemd-analyze for the unit file, pip for hadolint,
-# lintian for the Debian package,
+# lintian for the Debian package, python3-jsonschema to check the example configs against the schema,
 # prometheus for promtool and a real Prometheus server that scrapes the gateway, redis-server for
 # global rate limits, testssl.sh to scan a TLS listener for weak protocols and ciphers.
 # podman and debootstrap build the container image and start it (tests/deploy.rs).
-TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap dnsmasq-base lintian
+TEST_PKGS := systemd python3-pip prometheus redis-server testssl.sh podman debootstrap dnsmasq-base lintian python3-jsonschema
 
 # What `make bench` needs: the competitors and load generators (Envoy from PyPI); valgrind
 # for `make bench-instructions`.

@@ -88,6 +88,9 @@ enum Command {
     Version,
     /// Print the manual page (roff), e.g. `meshgate man | gzip > meshgate.1.gz`.
     Man,
+    /// Print the config file's JSON Schema (docs/meshgate.schema.json), for
+    /// editors and TOML tools that complete and check keys.
+    Schema,
     /// Print completions for a shell, e.g. `meshgate completions bash > /etc/bash_completion.d/meshgate`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -122,6 +125,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Schema => {
+            print!("{}", meshgate::config::schema());
+            ExitCode::SUCCESS
         }
         Command::Completions { shell } => {
             clap_complete::generate(

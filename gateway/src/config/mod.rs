@@ -48,6 +48,13 @@ impl Loaded {
     }
 }
 
+/// The config file's JSON Schema (`meshgate schema`), made from the file
+/// format's own types.
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(raw::RawRoot);
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}
+
 /// Read and validate a config file, and look up the host names it names.
 /// This does blocking I/O (files, the system resolver): an async caller
 /// runs it with `spawn_blocking`.

@@ -844,3 +844,68 @@ fn check_print_shows_included_tables_and_where_they_came_from() {
     assert_eq!(code, 64);
     assert!(err.contains("conf.d/routes.toml:6:14: error:"), "{err}");
 }
+
+/// `meshgate schema` prints the JSON Schema checked in as
+/// docs/meshgate.schema.json (regenerate it with
+/// `meshgate schema > docs/meshgate.schema.json` when the format changes),
+/// and every example config conforms to it under a real validator, while a
+/// typo does not.
+#[test]
+fn the_checked_in_schema_is_current_and_every_example_config_conforms() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (code, schema, err) = meshgate(&["schema"]);
+    assert_eq!(code, 0, "{err}");
+    let checked_in = std::fs::read_to_string(root.join("docs/meshgate.schema.json")).unwrap();
+    assert!(
+        schema == checked_in,
+        "docs/meshgate.schema.json is stale: run `meshgate schema > docs/meshgate.schema.json`"
+    );
+    let have_validator = Command::new("python3")
+        .args(["-c", "import jsonschema, tomllib"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_validator {
+        crate::support::skip(
+            "the schema check needs python3-jsonschema (make test-deps installs it)",
+        );
+        return;
+    }
+    let mut configs: Vec<String> = std::fs::read_dir(root.join("config"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 3, "{configs:?}");
+    let check = |files: &[String]| {
+        let out = Command::new("python3")
+            .arg(root.join("scripts/check-schema.py"))
+            .arg(root.join("docs/meshgate.schema.json"))
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = check(&configs);
+    assert!(ok, "{out}");
+    // The validator does refuse: a key misspelt, a duration as a number.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[listeners.public]\nbind = \"127.0.0.1:8080\"\n[upstreams.api]\nendpoints = [\"127.0.0.1:9001\"]\nconect_timeout = \"1s\"\n[routes.api]\nupstream = \"api\"\ntimeout = 5\n",
+    )
+    .unwrap();
+    let (ok, out) = check(&[bad.to_string_lossy().into_owned()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("upstreams.api") && out.contains("conect_timeout"),
+        "{out}"
+    );
+    assert!(out.contains("routes.api.timeout"), "{out}");
+}
