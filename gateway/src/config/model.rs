@@ -357,8 +357,12 @@ pub const DEFAULT_REDIS_KEY_PREFIX: &str = "meshgate:rl:";
 
 #[derive(Clone, PartialEq)]
 pub struct Redis {
-    /// `redis://[user:password@]host:port/db` or `unix:///path`.
+    /// `redis://[user:password@]host:port/db` or `unix:///path`; empty
+    /// with `cluster`.
     pub url: String,
+    /// A Redis Cluster's nodes (`redis://host:port`), any of which tells
+    /// the others; empty for one server at `url`.
+    pub cluster: Vec<String>,
     pub on_error: OnError,
     /// Longest a request waits for Redis, connecting included.
     pub timeout: Duration,
@@ -369,7 +373,11 @@ pub struct Redis {
 impl Redis {
     /// The URL with any password replaced, for logs and the admin API.
     pub fn redacted_url(&self) -> String {
-        redact_secrets(&self.url)
+        if self.cluster.is_empty() {
+            redact_secrets(&self.url)
+        } else {
+            format!("cluster {}", redact_secrets(&self.cluster.join(", ")))
+        }
     }
 }
 

@@ -280,8 +280,11 @@ pub struct RawRateLimit {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    #[schemars(with = "String")]
-    pub url: Spanned<String>,
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// A Redis Cluster's nodes, instead of `url`.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
     #[schemars(with = "Option<String>")]
     pub on_error: Option<Spanned<String>>,
     #[schemars(with = "Option<RawDuration>")]

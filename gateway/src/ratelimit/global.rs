@@ -118,12 +118,12 @@ pub struct Grant {
 /// The connection to `[redis]`, shared by every global policy.
 pub struct RedisBackend {
     pub model: Redis,
-    client: redis::Client,
+    client: Client,
     /// Made on first use, from inside a request, because the connection's
     /// tasks need a tokio runtime and the first config is built before any.
     /// Dropped after repeated timeouts, so a connection that went silent
     /// (host gone, no reset) is replaced rather than waited on.
-    manager: Mutex<Option<ConnectionManager>>,
+    manager: Mutex<Option<Conn>>,
     script: redis::Script,
     failures: AtomicU32,
     /// Milliseconds since `epoch` until which calls are skipped.
@@ -131,6 +131,52 @@ pub struct RedisBackend {
     /// A call is finding out whether Redis is back; others skip meanwhile.
     probing: AtomicBool,
     epoch: Instant,
+}
+
+/// One Redis server, or a Redis Cluster (`[redis] cluster`).
+enum Client {
+    Single(redis::Client),
+    // Boxed: made once per config, and much larger than the other.
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection to either; one budget's key hashes to one slot, so a
+/// cluster keeps each budget on one shard and the script runs there.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// Clears `probing` when the probe ends, however it ends.
@@ -146,24 +192,43 @@ impl RedisBackend {
     pub fn new(model: &Redis) -> Result<Self, BackendError> {
         use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
         use redis::IntoConnectionInfo;
-        let info = model
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| BackendError::Redis(e.to_string()))?
-            .set_tcp_settings(
-                TcpSettings::default()
-                    .set_nodelay(true)
-                    .set_keepalive(
-                        TcpKeepalive::new()
-                            .with_time(TCP_KEEPALIVE)
-                            .with_interval(TCP_KEEPALIVE),
-                    )
-                    // Unanswered writes end the connection instead of
-                    // retransmitting for many minutes.
-                    .set_user_timeout(TCP_USER_TIMEOUT),
-            );
-        let client = redis::Client::open(info).map_err(|e| BackendError::Redis(e.to_string()))?;
+        let tcp = || {
+            TcpSettings::default()
+                .set_nodelay(true)
+                .set_keepalive(
+                    TcpKeepalive::new()
+                        .with_time(TCP_KEEPALIVE)
+                        .with_interval(TCP_KEEPALIVE),
+                )
+                // Unanswered writes end the connection instead of
+                // retransmitting for many minutes.
+                .set_user_timeout(TCP_USER_TIMEOUT)
+        };
+        let client = if model.cluster.is_empty() {
+            let info = model
+                .url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| BackendError::Redis(e.to_string()))?
+                .set_tcp_settings(tcp());
+            Client::Single(
+                redis::Client::open(info).map_err(|e| BackendError::Redis(e.to_string()))?,
+            )
+        } else {
+            // Every call is bounded by `[redis] timeout` (as for one server);
+            // one retry follows a slot that moved (MOVED, ASK).
+            let cluster =
+                redis::cluster::ClusterClientBuilder::new(model.cluster.iter().map(String::as_str))
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(model.timeout.max(CONNECT_TIMEOUT))
+                    .retries(1)
+                    .min_retry_wait(50)
+                    .max_retry_wait(500)
+                    .tcp_settings(tcp())
+                    .build()
+                    .map_err(|e| BackendError::Redis(e.to_string()))?;
+            Client::Cluster(Box::new(cluster))
+        };
         Ok(RedisBackend {
             model: model.clone(),
             client,
@@ -176,24 +241,42 @@ impl RedisBackend {
         })
     }
 
-    fn connection(&self) -> Result<ConnectionManager, BackendError> {
-        let mut slot = self.manager.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = slot.as_ref() {
-            return Ok(m.clone());
+    async fn connection(&self) -> Result<Conn, BackendError> {
+        if let Some(c) = self
+            .manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
         }
-        // Every call is bounded by `[redis] timeout` here; the crate's own
-        // response timeout (500 ms) would race it and report a timeout as
-        // an error.
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| BackendError::Redis(e.to_string()))?;
-        *slot = Some(m.clone());
-        Ok(m)
+        let conn = match &self.client {
+            Client::Single(client) => {
+                // Every call is bounded by `[redis] timeout` here; the
+                // crate's own response timeout (500 ms) would race it and
+                // report a timeout as an error.
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client.clone(), config)
+                        .map_err(|e| BackendError::Redis(e.to_string()))?,
+                )
+            }
+            // A cluster connection learns the slots from a node first: made
+            // here, within the call's time (the caller's timeout).
+            Client::Cluster(client) => Conn::Cluster(
+                client
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| BackendError::Redis(e.to_string()))?,
+            ),
+        };
+        let mut slot = self.manager.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(slot.get_or_insert(conn).clone())
     }
 
     fn now_ms(&self) -> u64 {
@@ -272,7 +355,12 @@ impl RedisBackend {
         want: u32,
         wait: Duration,
     ) -> Result<Grant, BackendError> {
-        let mut conn = self.connection()?;
+        let started = Instant::now();
+        let mut conn = match tokio::time::timeout(wait, self.connection()).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err(BackendError::Timeout),
+        };
+        let wait = wait.saturating_sub(started.elapsed());
         // Fractional microseconds: whole ones would round 1s/300000 (3.33µs)
         // down to 3µs, 11% more than the limit.
         let interval_us = format!("{:.3}", interval.as_nanos() as f64 / 1000.0);

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client::{get, Resp};
-use crate::support::redis::RedisServer;
+use crate::support::redis::{RedisCluster, RedisServer};
 use crate::support::{metric, Gateway, HEAD};
 use meshgate::config::model::{OnError, Redis};
 use meshgate::ratelimit::global::RedisBackend;
@@ -37,6 +37,7 @@ async fn timed_get(gw: &Gateway, headers: &[(&str, &str)]) -> (Resp, Duration) {
 fn backend(redis: &RedisServer) -> RedisBackend {
     RedisBackend::new(&Redis {
         url: redis.url(),
+        cluster: Vec::new(),
         on_error: OnError::Allow,
         timeout: Duration::from_secs(1),
         key_prefix: "t:".into(),
@@ -549,5 +550,71 @@ async fn a_hot_key_above_its_rate_is_limited_not_waved_through() {
         ),
         0.0,
         "a healthy Redis is never a backend error"
+    );
+}
+
+/// A fleet outgrows one Redis: `[redis] cluster` names a Redis Cluster's
+/// nodes. Two gateways share each client's budget through it (each budget
+/// is one key, so one slot on one shard), and a node stopping mid-test
+/// leaves the budgets on it to `on_error` while the others hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_budgets_through_a_redis_cluster_and_a_lost_node_follows_on_error() {
+    let mut cluster = RedisCluster::start(3).await;
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let cfg = format!(
+        "{}\n[redis]\ncluster = [{}]\ntimeout = \"500ms\"\non_error = \"deny\"\n[rate_limits.per_user]\nscope = \"global\"\nkey = \"header:x-user\"\nrate = 3\nper = \"1h\"\n[routes.api]\npath_prefix = \"/\"\nrate_limits = [\"per_user\"]\nrespond = {{ body = \"ok\" }}\n",
+        HEAD.trim_end(),
+        nodes.join(", ")
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    // 30 clients, so every shard holds some of their budgets.
+    let users: Vec<String> = (0..30).map(|i| format!("user-{i}")).collect();
+    for user in &users {
+        let mut allowed = 0;
+        for i in 0..5 {
+            let gw = if i % 2 == 0 { &a } else { &b };
+            match get(gw.listen, "/", &[("x-user", user)])
+                .await
+                .unwrap()
+                .status
+            {
+                200 => allowed += 1,
+                429 => {}
+                s => panic!("{user}: unexpected status {s}"),
+            }
+        }
+        assert_eq!(allowed, 3, "{user}: one budget of 3 across both gateways");
+    }
+    let counted: usize = {
+        let mut keys = 0;
+        for n in &cluster.nodes {
+            let reply = n.command("DBSIZE").await.unwrap();
+            let size: usize = reply.trim_start_matches(':').parse().unwrap();
+            assert!(size > 0, "a shard holds no budget: {reply}");
+            keys += size;
+        }
+        keys
+    };
+    assert_eq!(counted, users.len(), "one key per budget");
+
+    // A node stops: budgets on it fail closed (on_error = "deny"), at once
+    // and within the timeout; budgets on the others are still kept. (New
+    // clients: a spent budget's refusal is remembered by each gateway.)
+    cluster.nodes[0].stop();
+    let mut denied = 0;
+    let mut counted = 0;
+    for user in (0..30).map(|i| format!("late-{i}")) {
+        let (r, took) = timed_get(&a, &[("x-user", &user)]).await;
+        assert!(took < NO_HANG, "{user} waited {took:?}");
+        match r.status {
+            503 => denied += 1,
+            200 => counted += 1,
+            s => panic!("{user}: unexpected status {s}"),
+        }
+    }
+    assert!(
+        denied > 0 && counted > 0,
+        "{denied} denied, {counted} counted"
     );
 }

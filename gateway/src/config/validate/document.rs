@@ -60,6 +60,7 @@ impl Validator {
                 "rate_limits" => raw.rate_limits = self.de_named(key, value),
                 "redis" => {
                     raw.redis_section = true;
+                    raw.redis_at = key.span();
                     raw.redis = self.de(value);
                 }
                 "certs" => raw.certs = self.de_named(key, value),

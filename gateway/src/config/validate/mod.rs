@@ -118,6 +118,8 @@ struct RawFile {
     redis: Option<RawRedis>,
     /// The file has a [redis] table, valid or not.
     redis_section: bool,
+    /// Where `[redis]` is named.
+    redis_at: Range<usize>,
     certs: Vec<(Spanned<String>, RawCert)>,
     policies: Vec<(Spanned<String>, RawPolicy)>,
     /// `[egress]` and the span of its key.
@@ -189,7 +191,8 @@ impl Validator {
             .into_iter()
             .filter_map(|(name, u)| self.upstream(name, u))
             .collect();
-        let redis = raw.redis.and_then(|r| self.redis(r));
+        let redis_at = raw.redis_at.clone();
+        let redis = raw.redis.and_then(|r| self.redis(r, redis_at));
         let resolver = raw.resolver.map(|r| self.resolver(r)).unwrap_or_default();
         let rate_limits: Vec<RateLimit> = raw
             .rate_limits

@@ -22,25 +22,68 @@ impl Validator {
         }
     }
 
-    pub(super) fn redis(&mut self, r: RawRedis) -> Option<Redis> {
-        let before = self.diags.len();
-        let url = r.url.get_ref().trim().to_string();
+    /// A Redis URL meshgate can use (`what` names the key in messages).
+    fn redis_url(&mut self, span: Range<usize>, url: &str, what: &str) {
         if url.starts_with("rediss://") || url.starts_with("valkeys://") {
             self.error(
-                r.url.span(),
-                "redis.url: Redis over TLS (rediss://) is not supported in this version",
+                span,
+                format!("{what}: Redis over TLS (rediss://) is not supported in this version"),
                 "use redis:// to a Redis reachable over a trusted network (or through a local TLS tunnel such as stunnel), or a unix:// socket",
             );
-        } else if let Err(e) = redis::Client::open(url.as_str()) {
+        } else if let Err(e) = redis::Client::open(url) {
             self.error(
-                r.url.span(),
+                span,
                 format!(
-                    "redis.url = \"{}\" is not usable: {}",
-                    redact_secrets(&url),
+                    "{what} = \"{}\" is not usable: {}",
+                    redact_secrets(url),
                     redact_secrets(&e.to_string())
                 ),
                 "write url = \"redis://127.0.0.1:6379/0\" (or redis://:PASSWORD@host:port/db, unix:///path/redis.sock)",
             );
+        }
+    }
+
+    pub(super) fn redis(&mut self, r: RawRedis, at: Range<usize>) -> Option<Redis> {
+        let before = self.diags.len();
+        let mut url = String::new();
+        let mut cluster = Vec::new();
+        match (&r.url, &r.cluster) {
+            (Some(u), None) => {
+                url = u.get_ref().trim().to_string();
+                self.redis_url(u.span(), &url, "redis.url");
+            }
+            (None, Some(nodes)) => {
+                if nodes.get_ref().is_empty() {
+                    self.error(
+                        nodes.span(),
+                        "redis.cluster = [] names no node",
+                        "list the cluster's nodes (any one will do; more survive one being down), e.g. cluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]",
+                    );
+                }
+                for n in nodes.get_ref() {
+                    let node = n.get_ref().trim().to_string();
+                    if node.starts_with("unix:") {
+                        self.error(
+                            n.span(),
+                            "redis.cluster has a unix:// socket",
+                            "name each node as redis://host:port: cluster nodes tell each other apart by address",
+                        );
+                    } else {
+                        self.redis_url(n.span(), &node, "redis.cluster");
+                    }
+                    cluster.push(node);
+                }
+            }
+            (Some(u), Some(_)) => self.error(
+                u.span(),
+                "[redis] has both url and cluster",
+                "keep url for one Redis server, or cluster for the nodes of a Redis Cluster",
+            ),
+            (None, None) => self.error(
+                at,
+                "[redis] is missing url (or cluster)",
+                "add url = \"redis://127.0.0.1:6379/0\" for one Redis server, or cluster = [\"redis://host:7000\", ...] for a Redis Cluster",
+            ),
         }
         let on_error = match r.on_error.as_ref().map(|o| o.get_ref().as_str()) {
             None | Some("allow") => OnError::Allow,
@@ -71,6 +114,7 @@ impl Validator {
         }
         Some(Redis {
             url,
+            cluster,
             on_error,
             timeout,
             key_prefix,

@@ -34,12 +34,17 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) -> Result<(), String> {
+        self.spawn_with(&[]).await
+    }
+
+    async fn spawn_with(&mut self, extra: &[&str]) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &self.addr.port().to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--dir"])
             .arg(self.dir.path())
+            .args(extra)
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
@@ -91,6 +96,22 @@ impl RedisServer {
         }
     }
 
+    /// One inline command; the whole reply as text.
+    pub async fn command_text(&self, cmd: &str) -> Result<String, String> {
+        let io = async {
+            let mut s = tokio::net::TcpStream::connect(self.addr).await?;
+            s.write_all(format!("{cmd}\r\n").as_bytes()).await?;
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), io).await {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis-server is running").id()
     }
@@ -130,5 +151,89 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster of `redis-server`s on loopback ports (each with its own
+/// cluster bus port), made with `redis-cli --cluster create`, no replicas.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(n: usize) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let mut last = String::new();
+            let mut started = None;
+            for _ in 0..3 {
+                let mut server = RedisServer {
+                    child: None,
+                    addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
+                    dir: tempfile::tempdir().unwrap(),
+                };
+                let bus = super::free_port().to_string();
+                match server
+                    .spawn_with(&[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus,
+                        "--cluster-node-timeout",
+                        "1000",
+                    ])
+                    .await
+                {
+                    Ok(()) => {
+                        started = Some(server);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            nodes.push(started.unwrap_or_else(|| panic!("redis-server did not start: {last}")));
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli (Debian package redis-tools, with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        let start = Instant::now();
+        while !cluster.ok().await {
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "the cluster did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster
+    }
+
+    /// Every node says the cluster is up.
+    async fn ok(&self) -> bool {
+        for n in &self.nodes {
+            let info = n.command_text("CLUSTER INFO").await.unwrap_or_default();
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The nodes' URLs, for `[redis] cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://{}", n.addr))
+            .collect()
     }
 }

@@ -209,3 +209,46 @@ fn an_invalid_redis_table_is_not_reported_as_missing() {
     assert!(all.iter().any(|d| d.message.contains("missing")), "{all:?}");
     assert!(!all.iter().any(|d| d.message.contains("no [redis] table")));
 }
+
+#[test]
+fn redis_is_one_server_or_a_cluster() {
+    let cfg = parse(
+        Path::new("t.toml"),
+        &format!("{OK_LISTENER}[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"redis://:pw@127.0.0.1:7001\"]\n"),
+    )
+    .expect("valid")
+    .config;
+    let r = cfg.redis.unwrap();
+    assert_eq!(r.cluster.len(), 2);
+    assert_eq!(
+        r.redacted_url(),
+        "cluster redis://127.0.0.1:7000, redis://:***@127.0.0.1:7001"
+    );
+    for (redis, says) in [
+        (
+            "url = \"redis://h:1\"\ncluster = [\"redis://h:2\"]",
+            "[redis] has both url and cluster",
+        ),
+        ("cluster = []", "redis.cluster = [] names no node"),
+        (
+            "cluster = [\"unix:///tmp/r.sock\"]",
+            "redis.cluster has a unix:// socket",
+        ),
+        (
+            "timeout = \"1s\"",
+            "t.toml:3:2: error: [redis] is missing url (or cluster)",
+        ),
+        (
+            "cluster = [\"rediss://h:1\"]",
+            "redis.cluster: Redis over TLS (rediss://) is not supported",
+        ),
+    ] {
+        let err = parse(
+            Path::new("t.toml"),
+            &format!("{OK_LISTENER}[redis]\n{redis}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(says), "{redis}: {err}");
+    }
+}
