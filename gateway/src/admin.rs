@@ -429,6 +429,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
         // The password never leaves the process.
         "redis": c.redis.as_ref().map(|r| json!({
             "url": r.redacted_url(),
+            "ca": r.ca.as_ref().map(|(path, _)| path.display().to_string()),
             "on_error": r.on_error.as_str(),
             "timeout_seconds": secs(r.timeout),
             "key_prefix": r.key_prefix,

@@ -363,6 +363,9 @@ pub struct Redis {
     /// A Redis Cluster's nodes (`redis://host:port`), any of which tells
     /// the others; empty for one server at `url`.
     pub cluster: Vec<String>,
+    /// `ca`: the file, and the certificates it held at load, that a
+    /// `rediss://` server's certificate must chain to (else the system's).
+    pub ca: Option<(std::path::PathBuf, std::sync::Arc<Vec<u8>>)>,
     pub on_error: OnError,
     /// Longest a request waits for Redis, connecting included.
     pub timeout: Duration,
@@ -386,6 +389,7 @@ impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redis")
             .field("url", &self.redacted_url())
+            .field("ca", &self.ca.as_ref().map(|(path, _)| path))
             .field("on_error", &self.on_error)
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)

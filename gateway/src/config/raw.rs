@@ -285,6 +285,9 @@ pub struct RawRedis {
     /// A Redis Cluster's nodes, instead of `url`.
     #[schemars(with = "Option<Vec<String>>")]
     pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The CA (PEM) that signs the Redis server's certificate (rediss://).
+    #[schemars(with = "Option<String>")]
+    pub ca: Option<Spanned<String>>,
     #[schemars(with = "Option<String>")]
     pub on_error: Option<Spanned<String>>,
     #[schemars(with = "Option<RawDuration>")]

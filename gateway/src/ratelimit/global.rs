@@ -133,10 +133,18 @@ pub struct RedisBackend {
     epoch: Instant,
 }
 
+/// `[redis] ca` as the trust anchors of a `rediss://` connection.
+fn certs(pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    }
+}
+
 /// One Redis server, or a Redis Cluster (`[redis] cluster`).
+/// Both boxed: made once per config, and of very different sizes.
 enum Client {
-    Single(redis::Client),
-    // Boxed: made once per config, and much larger than the other.
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -211,9 +219,13 @@ impl RedisBackend {
                 .into_connection_info()
                 .map_err(|e| BackendError::Redis(e.to_string()))?
                 .set_tcp_settings(tcp());
-            Client::Single(
-                redis::Client::open(info).map_err(|e| BackendError::Redis(e.to_string()))?,
-            )
+            let client = match &model.ca {
+                Some((_, pem)) => redis::Client::build_with_tls(info, certs(pem)),
+                None => redis::Client::open(info),
+            };
+            Client::Single(Box::new(
+                client.map_err(|e| BackendError::Redis(e.to_string()))?,
+            ))
         } else {
             // Every call is bounded by `[redis] timeout` (as for one server);
             // one retry follows a slot that moved (MOVED, ASK).
@@ -224,9 +236,14 @@ impl RedisBackend {
                     .retries(1)
                     .min_retry_wait(50)
                     .max_retry_wait(500)
-                    .tcp_settings(tcp())
-                    .build()
-                    .map_err(|e| BackendError::Redis(e.to_string()))?;
+                    .tcp_settings(tcp());
+            let cluster = match &model.ca {
+                Some((_, pem)) => cluster.certs(certs(pem)),
+                None => cluster,
+            };
+            let cluster = cluster
+                .build()
+                .map_err(|e| BackendError::Redis(e.to_string()))?;
             Client::Cluster(Box::new(cluster))
         };
         Ok(RedisBackend {
@@ -262,7 +279,7 @@ impl RedisBackend {
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_millis(500));
                 Conn::Single(
-                    ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    ConnectionManager::new_lazy_with_config((**client).clone(), config)
                         .map_err(|e| BackendError::Redis(e.to_string()))?,
                 )
             }

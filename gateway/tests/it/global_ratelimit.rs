@@ -38,6 +38,7 @@ fn backend(redis: &RedisServer) -> RedisBackend {
     RedisBackend::new(&Redis {
         url: redis.url(),
         cluster: Vec::new(),
+        ca: None,
         on_error: OnError::Allow,
         timeout: Duration::from_secs(1),
         key_prefix: "t:".into(),
@@ -617,4 +618,46 @@ async fn two_gateways_share_budgets_through_a_redis_cluster_and_a_lost_node_foll
         denied > 0 && counted > 0,
         "{denied} denied, {counted} counted"
     );
+}
+
+/// `rediss://` with `[redis] ca`: a global limit over TLS to a real
+/// redis-server (its certificate made here); a gateway trusting another CA
+/// cannot connect, and its requests follow `on_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_limits_over_tls_to_redis_trust_the_configured_ca() {
+    use crate::support::tls::{Ca, Leaf};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("redis test CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let (cert, key) = ca
+        .issue(Leaf {
+            dns: &["localhost"],
+            ..Leaf::default()
+        })
+        .write(dir.path(), "redis");
+    // The server wants a CA file even when it asks for no client certificate.
+    let redis = RedisServer::start_tls(&cert, &key).await;
+    let other_ca = Ca::new("someone else").write(dir.path(), "other.pem");
+    let cfg = |ca: &std::path::Path| {
+        format!(
+            "{}\n[redis]\nurl = \"rediss://localhost:{}/0\"\nca = \"{}\"\ntimeout = \"1s\"\non_error = \"deny\"\n[rate_limits.shared]\nscope = \"global\"\nkey = \"route\"\nrate = 2\nper = \"1h\"\n[routes.api]\npath_prefix = \"/\"\nrate_limits = [\"shared\"]\nrespond = {{ body = \"ok\" }}\n",
+            HEAD.trim_end(),
+            redis.addr.port(),
+            ca.display()
+        )
+    };
+    let a = Gateway::start(&cfg(&ca_file)).await;
+    let b = Gateway::start(&cfg(&ca_file)).await;
+    let statuses = [
+        get(a.listen, "/", &[]).await.unwrap().status,
+        get(b.listen, "/", &[]).await.unwrap().status,
+        get(a.listen, "/", &[]).await.unwrap().status,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "one budget of 2 over TLS");
+    // The server's certificate does not chain to this CA: no connection,
+    // so the policy fails closed.
+    let c = Gateway::start(&cfg(&other_ca)).await;
+    let (r, took) = timed_get(&c, &[]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(took < NO_HANG, "{took:?}");
 }

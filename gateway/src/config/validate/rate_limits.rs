@@ -24,13 +24,7 @@ impl Validator {
 
     /// A Redis URL meshgate can use (`what` names the key in messages).
     fn redis_url(&mut self, span: Range<usize>, url: &str, what: &str) {
-        if url.starts_with("rediss://") || url.starts_with("valkeys://") {
-            self.error(
-                span,
-                format!("{what}: Redis over TLS (rediss://) is not supported in this version"),
-                "use redis:// to a Redis reachable over a trusted network (or through a local TLS tunnel such as stunnel), or a unix:// socket",
-            );
-        } else if let Err(e) = redis::Client::open(url) {
+        if let Err(e) = redis::Client::open(url) {
             self.error(
                 span,
                 format!(
@@ -38,9 +32,42 @@ impl Validator {
                     redact_secrets(url),
                     redact_secrets(&e.to_string())
                 ),
-                "write url = \"redis://127.0.0.1:6379/0\" (or redis://:PASSWORD@host:port/db, unix:///path/redis.sock)",
+                "write url = \"redis://127.0.0.1:6379/0\" (or redis://:PASSWORD@host:port/db, rediss:// for TLS, unix:///path/redis.sock)",
             );
         }
+    }
+
+    /// `[redis] ca`: a PEM file of CA certificates, read now.
+    fn redis_ca(&mut self, ca: &Spanned<String>, tls: bool) -> Option<(PathBuf, Arc<Vec<u8>>)> {
+        if !tls {
+            self.error(
+                ca.span(),
+                "redis.ca is set, but Redis is not reached over TLS",
+                "use rediss://host:port (TLS) in url or cluster, or remove ca",
+            );
+            return None;
+        }
+        let path = self.path(ca);
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                self.error(
+                    ca.span(),
+                    format!("redis.ca: cannot read {}: {e}", path.display()),
+                    "name a PEM file of the CA certificates that sign the Redis server's certificate",
+                );
+                return None;
+            }
+        };
+        if boring::x509::X509::stack_from_pem(&pem).map_or(true, |certs| certs.is_empty()) {
+            self.error(
+                ca.span(),
+                format!("redis.ca: {} holds no PEM certificate", path.display()),
+                "name a PEM file (-----BEGIN CERTIFICATE-----) of the CA certificates",
+            );
+            return None;
+        }
+        Some((path, Arc::new(pem)))
     }
 
     pub(super) fn redis(&mut self, r: RawRedis, at: Range<usize>) -> Option<Redis> {
@@ -85,6 +112,11 @@ impl Validator {
                 "add url = \"redis://127.0.0.1:6379/0\" for one Redis server, or cluster = [\"redis://host:7000\", ...] for a Redis Cluster",
             ),
         }
+        let tls = [&url]
+            .into_iter()
+            .chain(&cluster)
+            .any(|u| u.starts_with("rediss://") || u.starts_with("valkeys://"));
+        let ca = r.ca.as_ref().and_then(|c| self.redis_ca(c, tls));
         let on_error = match r.on_error.as_ref().map(|o| o.get_ref().as_str()) {
             None | Some("allow") => OnError::Allow,
             Some("deny") => OnError::Deny,
@@ -115,6 +147,7 @@ impl Validator {
         Some(Redis {
             url,
             cluster,
+            ca,
             on_error,
             timeout,
             key_prefix,

@@ -96,6 +96,55 @@ impl RedisServer {
         }
     }
 
+    /// A `redis-server` taking only TLS connections (`rediss://`) with the
+    /// certificate and key at `cert`, `key` (no client certificates asked).
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut server = RedisServer {
+                child: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            let log = std::fs::File::create(server.dir.path().join("redis.log")).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &server.addr.port().to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--daemonize", "no", "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(cert)
+                .arg("--dir")
+                .arg(server.dir.path())
+                .stdout(log)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run redis-server");
+            server.child = Some(child);
+            let start = Instant::now();
+            loop {
+                if let Some(Ok(Some(status))) = server.child.as_mut().map(|c| c.try_wait()) {
+                    server.child = None;
+                    last = format!("redis-server exited with {status}: {}", server.log());
+                    break;
+                }
+                // A TLS port answers no plain PING: its log says when it listens.
+                if server.log().contains("Ready to accept connections") {
+                    return server;
+                }
+                if start.elapsed() > READY_TIMEOUT {
+                    last = format!("redis-server (TLS) not ready: {}", server.log());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("redis-server with TLS did not start: {last}");
+    }
+
     /// One inline command; the whole reply as text.
     pub async fn command_text(&self, cmd: &str) -> Result<String, String> {
         let io = async {
