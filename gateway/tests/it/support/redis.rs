@@ -17,6 +17,12 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// A server with `extra(port)` options after the usual ones (later
+    /// options win, so they may change the port's use).
+    async fn start_with(extra: impl Fn(u16) -> Vec<String>) -> RedisServer {
         let mut last = String::new();
         // A released port can be taken before redis binds it.
         for _ in 0..3 {
@@ -25,7 +31,9 @@ impl RedisServer {
                 addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
                 dir: tempfile::tempdir().unwrap(),
             };
-            match server.spawn().await {
+            let extra = extra(server.addr.port());
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            match server.spawn_with(&extra).await {
                 Ok(()) => return server,
                 Err(e) => last = e,
             }
@@ -56,7 +64,11 @@ impl RedisServer {
                 self.child = None;
                 return Err(format!("redis-server exited with {status}: {}", self.log()));
             }
-            if self.command("PING").await.as_deref() == Ok("+PONG") {
+            // A TLS port answers no plain PING: its log says when it listens.
+            let tls = extra.contains(&"--tls-port");
+            if (tls && self.log().contains("Ready to accept connections"))
+                || (!tls && self.command("PING").await.as_deref() == Ok("+PONG"))
+            {
                 return Ok(());
             }
             if start.elapsed() > READY_TIMEOUT {
@@ -97,52 +109,29 @@ impl RedisServer {
     }
 
     /// A `redis-server` taking only TLS connections (`rediss://`) with the
-    /// certificate and key at `cert`, `key` (no client certificates asked).
+    /// certificate and key at `cert`, `key` (no client certificates asked;
+    /// it wants a CA file all the same: its own certificate will do).
     pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
-        let mut last = String::new();
-        for _ in 0..3 {
-            let mut server = RedisServer {
-                child: None,
-                addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
-                dir: tempfile::tempdir().unwrap(),
-            };
-            let log = std::fs::File::create(server.dir.path().join("redis.log")).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", "0", "--tls-port", &server.addr.port().to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--daemonize", "no", "--tls-auth-clients", "no"])
-                .arg("--tls-cert-file")
-                .arg(cert)
-                .arg("--tls-key-file")
-                .arg(key)
-                .arg("--tls-ca-cert-file")
-                .arg(cert)
-                .arg("--dir")
-                .arg(server.dir.path())
-                .stdout(log)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run redis-server");
-            server.child = Some(child);
-            let start = Instant::now();
-            loop {
-                if let Some(Ok(Some(status))) = server.child.as_mut().map(|c| c.try_wait()) {
-                    server.child = None;
-                    last = format!("redis-server exited with {status}: {}", server.log());
-                    break;
-                }
-                // A TLS port answers no plain PING: its log says when it listens.
-                if server.log().contains("Ready to accept connections") {
-                    return server;
-                }
-                if start.elapsed() > READY_TIMEOUT {
-                    last = format!("redis-server (TLS) not ready: {}", server.log());
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        panic!("redis-server with TLS did not start: {last}");
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start_with(|port| {
+            [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &cert,
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .await
     }
 
     /// One inline command; the whole reply as text.
@@ -213,34 +202,22 @@ impl RedisCluster {
     pub async fn start(n: usize) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..n {
-            let mut last = String::new();
-            let mut started = None;
-            for _ in 0..3 {
-                let mut server = RedisServer {
-                    child: None,
-                    addr: SocketAddr::from(([127, 0, 0, 1], super::free_port())),
-                    dir: tempfile::tempdir().unwrap(),
-                };
-                let bus = super::free_port().to_string();
-                match server
-                    .spawn_with(&[
+            let bus = super::free_port().to_string();
+            nodes.push(
+                RedisServer::start_with(|_| {
+                    [
                         "--cluster-enabled",
                         "yes",
                         "--cluster-port",
                         &bus,
                         "--cluster-node-timeout",
                         "1000",
-                    ])
-                    .await
-                {
-                    Ok(()) => {
-                        started = Some(server);
-                        break;
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            nodes.push(started.unwrap_or_else(|| panic!("redis-server did not start: {last}")));
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                })
+                .await,
+            );
         }
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
         let out = Command::new("redis-cli")
