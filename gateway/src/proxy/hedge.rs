@@ -220,6 +220,16 @@ fn upstream_request(
     Ok(req)
 }
 
+/// The error of a client that hung up (or reset its stream) while its
+/// answer was awaited or sent: what watching its connection returned.
+fn client_left(watched: Result<Option<bytes::Bytes>>) -> Box<Error> {
+    match watched {
+        Err(e) => e,
+        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client left"),
+    }
+    .into_down()
+}
+
 /// Whether an error happened before anything reached the endpoint.
 fn before_connected(e: &Error) -> bool {
     use ErrorType::*;
@@ -325,11 +335,7 @@ impl Hedger {
                     for a in race.attempts.iter_mut().filter(|a| a.running) {
                         trace::end_attempt(a.span.take(), None, Some("cancelled"));
                     }
-                    let e = match gone {
-                        Err(e) => e,
-                        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client left"),
-                    };
-                    return Err(e.into_down());
+                    return Err(client_left(gone));
                 }
                 _ = tokio::time::sleep_until(deadline), if ctx.deadline.is_some() => {
                     if let Some(answer) = race.fallback.take() {
@@ -480,11 +486,11 @@ impl Hedger {
         }
         let rtt = a.started.elapsed();
         let others_running = !race.running.is_empty();
-        let policy = ctx
-            .runtime
-            .as_ref()
+        let rt = ctx.runtime.clone();
+        let policy = rt
+            .as_deref()
             .zip(ctx.route)
-            .and_then(|(rt, r)| rt.route(r).retries.clone());
+            .and_then(|(rt, r)| rt.route(r).retries.as_ref());
         match result {
             Ok(answered) => {
                 let status = answered.head().map_or(0, counted_status);
@@ -493,7 +499,7 @@ impl Hedger {
                     adaptive.sample(rtt, Instant::now());
                 }
                 let reason = Reason::Status(status);
-                if status < 500 || !resilience::retried_on(policy.as_ref(), reason) {
+                if status < 500 || !resilience::retried_on(policy, reason) {
                     return Ok(Some((id, answered)));
                 }
                 let addr = a.addr;
@@ -622,11 +628,7 @@ impl Hedger {
                         chunk.map_err(Error::into_up)?
                     }
                     gone = session.as_mut().read_body_or_idle(true) => {
-                        let e = match gone {
-                            Err(e) => e,
-                            Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client left"),
-                        };
-                        return Err(e.into_down());
+                        return Err(client_left(gone));
                     }
                 };
                 if ctx.deadline.is_some_and(|d| Instant::now() > d) {

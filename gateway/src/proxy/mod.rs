@@ -469,13 +469,17 @@ impl ProxyHttp for Proxy {
             };
             ctx.adaptive_slot = Some(slot);
         }
-        let has_body = !session.as_mut().is_body_empty();
-        if let Some(h) = crate::resilience::hedge::applies(
-            route.hedge.as_ref(),
-            &session.req_header().method,
-            has_body,
-            ctx.websocket,
-        ) {
+        // Only a hedged route asks whether the request has a body.
+        let hedge = route.hedge.as_ref().and_then(|policy| {
+            let has_body = !session.as_mut().is_body_empty();
+            crate::resilience::hedge::applies(
+                Some(policy),
+                &session.req_header().method,
+                has_body,
+                ctx.websocket,
+            )
+        });
+        if let Some(h) = hedge {
             let client = client_ip(session);
             // Boxed: its state would otherwise enlarge every request's future.
             return Box::pin(
