@@ -719,17 +719,10 @@ async fn srv_discovery_takes_targets_ports_and_weights_from_the_records() {
 async fn a_flapping_endpoint_is_ejected_for_longer_each_time_and_ramps_up_when_back() {
     let good = faulty("good", Fault::Good).await;
     let flappy = faulty("flappy", Fault::Unavailable).await;
-    let config = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{}", "{}"]
-outlier = {{ consecutive_failures = 3, base_ejection = "300ms", max_ejection = "5s" }}
-slow_start = "30s"
-"#,
-        good.upstream.addr, flappy.upstream.addr
+    let config = api_config(
+        &[&good, &flappy],
+        "",
+        "outlier = { consecutive_failures = 3, base_ejection = \"300ms\", max_ejection = \"5s\" }\nslow_start = \"30s\"",
     );
     let gw = Gateway::start(&config).await;
     let ejected_again = format!(

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client::get;
-use crate::support::upstream::{api_config, close_mid_response, faulty, Fault, Faulty};
+use crate::support::upstream::{api_config, close_mid_response, faulty, next_head, Fault, Faulty};
 use crate::support::{metric, Gateway, HEAD};
 
 fn config(endpoints: &[&Faulty], route: &str, upstream: &str) -> String {
@@ -480,7 +480,7 @@ endpoints = ["{}"]
 /// An upstream that serves one request at a time, 20 ms each: latency
 /// grows with the requests waiting in it.
 async fn serial_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let one_at_a_time = std::sync::Arc::new(tokio::sync::Mutex::new(()));
@@ -488,17 +488,8 @@ async fn serial_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
         while let Ok((mut s, _)) = listener.accept().await {
             let lock = one_at_a_time.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
                 let mut pending = Vec::new();
-                loop {
-                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    pending.drain(..end + 4);
+                while next_head(&mut s, &mut pending).await.is_some() {
                     {
                         let _serving = lock.lock().await;
                         tokio::time::sleep(Duration::from_millis(20)).await;

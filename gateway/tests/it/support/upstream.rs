@@ -416,6 +416,24 @@ impl Faulty {
     }
 }
 
+/// The next request head from `stream` (bodies are not expected), with
+/// what came after it left in `pending`; `None` once the client is gone.
+pub async fn next_head(
+    stream: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(pending.drain(..end + 4).collect());
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// A gateway config with one route, `api` (every path), to the upstream
 /// `api` over `endpoints`; `route` and `upstream` add keys to each.
 pub fn api_config(endpoints: &[&Faulty], route: &str, upstream: &str) -> String {
@@ -462,14 +480,9 @@ pub async fn faulty_at(
             let mut buf = [0u8; 4096];
             let mut pending = Vec::new();
             loop {
-                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
-                    }
-                    continue;
+                let Some(head) = next_head(&mut stream, &mut pending).await else {
+                    return;
                 };
-                let head: Vec<u8> = pending.drain(..end + 4).collect();
                 let mut nth = 0;
                 if head.starts_with(b"GET /healthz ") {
                     checks.fetch_add(1, Ordering::SeqCst);
