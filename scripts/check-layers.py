@@ -47,6 +47,7 @@ LAYERS = {
     # L5: the process.
     "server": 5,
     "reload": 5,
+    "listening": 5,
     "admin": 5,
     "admin_client": 5,
     "shutdown": 5,

@@ -19,15 +19,22 @@ pub struct AdminApp {
     runtime: Arc<ArcSwap<Runtime>>,
     /// The file the gateway runs from, read again by `POST /reload`.
     config_path: std::path::PathBuf,
+    /// What a reload starts and stops.
+    listeners: Arc<crate::listening::Listeners>,
     /// Set once every listener has accepted a probe connection.
     listeners_up: AtomicBool,
 }
 
 impl AdminApp {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, config_path: std::path::PathBuf) -> Self {
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        config_path: std::path::PathBuf,
+        listeners: Arc<crate::listening::Listeners>,
+    ) -> Self {
         AdminApp {
             runtime,
             config_path,
+            listeners,
             listeners_up: AtomicBool::new(false),
         }
     }
@@ -55,8 +62,12 @@ impl AdminApp {
                 serde_json::json!({ "error": "reload is accepted only from loopback" }),
             );
         }
-        let reloaded =
-            crate::reload::reload_and_log(self.config_path.clone(), self.runtime.clone()).await;
+        let reloaded = crate::reload::reload_and_log(
+            self.config_path.clone(),
+            self.runtime.clone(),
+            self.listeners.clone(),
+        )
+        .await;
         match reloaded {
             Ok(generation) => json(
                 StatusCode::OK,

@@ -27,8 +27,10 @@
 //!   dispatcher; [`downstream`], the connection drivers (a listener's
 //!   slots, TLS, whole request heads and their memory budget, HTTP/1
 //!   keep-alive outside Pingora, HTTP/2, egress tunnels).
-//! - L5 process: [`server`] (assembly), [`reload`] (SIGHUP: load off the
-//!   workers, swap the runtime whole or keep the old one), [`admin`]
+//! - L5 process: [`server`] (assembly), [`listening`] (the listeners as
+//!   one service: started, stopped and moved by reloads), [`reload`]
+//!   (SIGHUP: load off the workers, swap the runtime whole or keep the old
+//!   one), [`admin`]
 //!   (`/healthz`, `/readyz`, `/config`, `/upstreams`, `/metrics`) and [`admin_client`]
 //!   (`meshgate health`), [`shutdown`] (signals, SIGTERM's drain),
 //!   [`background`] (key eviction, certificate watch, overload, endpoints),
@@ -45,6 +47,7 @@ pub mod downstream;
 pub mod egress;
 pub mod endpoints;
 pub mod lifecycle;
+pub mod listening;
 pub mod notify;
 pub mod proxy;
 pub mod ratelimit;

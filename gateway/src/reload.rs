@@ -1,6 +1,8 @@
 //! Config reload on SIGHUP: read and validate the file again, and swap the
-//! compiled runtime whole. A file that fails validation, or that changes what
-//! is bound (listeners, admin), is rejected and the old config keeps serving.
+//! compiled runtime whole; listeners the file adds, removes or moves start
+//! and stop ([`crate::listening`]). A file that fails validation, binds a
+//! port in use, or changes what only a restart can (the admin listener,
+//! the worker threads, ...), is rejected and the old config keeps serving.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::config;
 use crate::config::model::{AccessLogFormat, Config};
+use crate::listening::Listeners;
 use crate::runtime::Runtime;
 use crate::telemetry::access_log;
 use crate::telemetry::metrics::metrics;
@@ -24,6 +27,8 @@ pub enum ReloadError {
         "{0}: these change only on restart (docs/operations.md); the old config keeps serving"
     )]
     NeedsRestart(String),
+    #[error("{}; the old config keeps serving", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Listeners(Vec<crate::listening::ListenersError>),
     #[error("the reload did not finish: {0}")]
     Failed(String),
 }
@@ -31,34 +36,46 @@ pub enum ReloadError {
 /// One reload at a time: SIGHUP and `POST /reload` may come together.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Validate `path` and, when it can be applied live, swap it in.
-pub fn reload(path: &std::path::Path, runtime: &ArcSwap<Runtime>) -> Result<u64, ReloadError> {
+/// Validate `path` and, when it can be applied live, swap it in and start
+/// and stop the listeners it changes.
+pub fn reload(
+    path: &std::path::Path,
+    runtime: &ArcSwap<Runtime>,
+    listeners: &Listeners,
+) -> Result<u64, ReloadError> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let new = config::load(path)?;
     let current = runtime.load();
-    bound_addresses_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
-    if new.telemetry.access_log != AccessLogFormat::Off {
+    restart_only_unchanged(&current.config, &new).map_err(ReloadError::NeedsRestart)?;
+    let warnings = new.warnings(std::time::SystemTime::now());
+    let generation = current.generation + 1;
+    let next = Runtime::build_after(new, generation, Some(&current));
+    // Sockets bound (or a port in use found) before anything changes; the
+    // plan closes them when dropped.
+    let plan = listeners
+        .plan(&next.config, &next)
+        .map_err(ReloadError::Listeners)?;
+    let telemetry = &next.config.telemetry;
+    if telemetry.access_log != AccessLogFormat::Off {
         // Starts the writer if logging was off; refuses a new destination.
-        access_log::init(&access_log::Sink::of(&new.telemetry))
+        access_log::init(&access_log::Sink::of(telemetry))
             .map_err(|e| ReloadError::NeedsRestart(e.to_string()))?;
     }
-    for warning in new.warnings(std::time::SystemTime::now()) {
+    for warning in warnings {
         log::warn!("{warning}");
     }
-    crate::downstream::keepalive::PENDING_HEADS.set_budget(new.gateway.max_pending_head_bytes);
-    let generation = current.generation + 1;
-    metrics().config_loaded(generation, &new.source_hash);
-    runtime.store(Arc::new(Runtime::build_after(
-        new,
-        generation,
-        Some(&current),
-    )));
+    crate::downstream::keepalive::PENDING_HEADS
+        .set_budget(next.config.gateway.max_pending_head_bytes);
+    metrics().config_loaded(generation, &next.config.source_hash);
+    runtime.store(Arc::new(next));
+    listeners.apply(plan);
     Ok(generation)
 }
 
-fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
-    // All of them are named, so one restart covers every change the
-    // operator made rather than one rejected reload per key.
+/// What only a restart changes. All of them are named, so one restart
+/// covers every change the operator made rather than one rejected reload
+/// per key.
+fn restart_only_unchanged(old: &Config, new: &Config) -> Result<(), String> {
     let mut changed = Vec::new();
     if old.gateway.workers != new.gateway.workers {
         changed.push("gateway.workers changed".to_string());
@@ -81,59 +98,6 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
             old.admin.listen, new.admin.listen
         ));
     }
-    for o in &old.listeners {
-        match new.listeners.iter().find(|n| n.name == o.name) {
-            None => changed.push(format!("listener `{}` removed", o.name)),
-            Some(n) if n.bind != o.bind => changed.push(format!(
-                "listeners.{}.bind changed from {} to {}",
-                o.name, o.bind, n.bind
-            )),
-            Some(_) => {}
-        }
-    }
-    for n in &new.listeners {
-        if !old.listeners.iter().any(|o| o.name == n.name) {
-            changed.push(format!("listener `{}` added", n.name));
-        }
-    }
-    // The TLS context is built when a listener starts; its certificate
-    // list, client CAs, client_auth and forward_identity are read per
-    // handshake or request. Whether it checks client certificates at all
-    // (its resumption settings follow from that) is the context's.
-    for n in &new.listeners {
-        let Some(o) = old.listeners.iter().find(|o| o.name == n.name) else {
-            continue;
-        };
-        let (ot, nt) = match (&o.tls, &n.tls) {
-            (Some(ot), Some(nt)) => (ot, nt),
-            (None, None) => continue,
-            (None, Some(_)) => {
-                changed.push(format!("listeners.{}.tls added", n.name));
-                continue;
-            }
-            (Some(_), None) => {
-                changed.push(format!("listeners.{}.tls removed", n.name));
-                continue;
-            }
-        };
-        let restart_only = [
-            ("min_version", ot.min_version != nt.min_version),
-            ("alpn", ot.alpn != nt.alpn),
-            ("session_tickets", ot.session_tickets != nt.session_tickets),
-        ];
-        for (key, differs) in restart_only {
-            if differs {
-                changed.push(format!("listeners.{}.tls.{key} changed", n.name));
-            }
-        }
-        // A changed client_ca file or path reloads; adding or removing one
-        // does not.
-        match (&ot.client_ca, &nt.client_ca) {
-            (None, Some(_)) => changed.push(format!("listeners.{}.tls.client_ca added", n.name)),
-            (Some(_), None) => changed.push(format!("listeners.{}.tls.client_ca removed", n.name)),
-            _ => {}
-        }
-    }
     if changed.is_empty() {
         Ok(())
     } else {
@@ -146,11 +110,12 @@ fn bound_addresses_unchanged(old: &Config, new: &Config) -> Result<(), String> {
 pub async fn reload_and_log(
     path: PathBuf,
     runtime: Arc<ArcSwap<Runtime>>,
+    listeners: Arc<Listeners>,
 ) -> Result<u64, ReloadError> {
     let shown = path.display().to_string();
     crate::notify::reloading();
     let rt = runtime.clone();
-    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &rt))
+    let reloaded = tokio::task::spawn_blocking(move || reload(&path, &rt, &listeners))
         .await
         .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
     let first_error = reloaded
@@ -181,6 +146,7 @@ pub async fn reload_and_log(
 pub struct ReloadOnSighup {
     pub path: PathBuf,
     pub runtime: Arc<ArcSwap<Runtime>>,
+    pub listeners: Arc<Listeners>,
 }
 
 #[async_trait]
@@ -199,7 +165,12 @@ impl BackgroundService for ReloadOnSighup {
                 _ = hup.recv() => {
                     // Reading files and looking up names block: off the
                     // async workers.
-                    let _ = reload_and_log(self.path.clone(), self.runtime.clone()).await;
+                    let _ = reload_and_log(
+                        self.path.clone(),
+                        self.runtime.clone(),
+                        self.listeners.clone(),
+                    )
+                    .await;
                 }
                 _ = shutdown.changed() => return,
             }
@@ -210,6 +181,7 @@ impl BackgroundService for ReloadOnSighup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listening::needs_start;
 
     fn parse(src: &str) -> Config {
         config::parse(std::path::Path::new("t.toml"), src)
@@ -222,24 +194,22 @@ mod tests {
         let base = "[listeners.public]\nbind = \"127.0.0.1:18080\"\n";
         let old = parse(&format!("[gateway]\nworkers = 2\n{base}"));
         let same = parse(&format!("[gateway]\nworkers = 2\n{base}"));
-        assert_eq!(bound_addresses_unchanged(&old, &same), Ok(()));
+        assert_eq!(restart_only_unchanged(&old, &same), Ok(()));
         let new = parse(
             "[gateway]\nworkers = 4\n[admin]\nlisten = \"127.0.0.1:19901\"\n[listeners.public]\nbind = \"127.0.0.1:18081\"\n",
         );
-        let why = bound_addresses_unchanged(&old, &new).unwrap_err();
+        let why = restart_only_unchanged(&old, &new).unwrap_err();
         for part in [
             "gateway.workers changed",
             "admin.listen changed from 127.0.0.1:9901 to 127.0.0.1:19901",
-            "listeners.public.bind changed from 127.0.0.1:18080 to 127.0.0.1:18081",
         ] {
             assert!(why.contains(part), "{part} missing from: {why}");
         }
+        // Listeners are the reload's to start and stop.
+        assert!(!why.contains("listeners"), "{why}");
         let renamed =
-            parse("[gateway]\nworkers = 2\n[listeners.edge]\nbind = \"127.0.0.1:18080\"\n");
-        assert_eq!(
-            bound_addresses_unchanged(&old, &renamed),
-            Err("listener `public` removed; listener `edge` added".to_string())
-        );
+            parse("[gateway]\nworkers = 2\n[listeners.edge]\nbind = \"127.0.0.1:18081\"\n");
+        assert_eq!(restart_only_unchanged(&old, &renamed), Ok(()));
     }
 
     /// A self-signed ECDSA certificate and its key, as PEM files in `dir`.
@@ -268,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_changes_that_need_a_restart_are_named_by_key() {
+    fn tls_changes_start_the_listener_again() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = cert_files(dir.path());
         let listener = |tls: &str| {
@@ -280,25 +250,25 @@ mod tests {
         };
         let plain = listener("");
         let tls = listener("tls = { certs = [\"edge\"] }\n");
-        assert_eq!(bound_addresses_unchanged(&tls, &tls), Ok(()));
-        assert_eq!(
-            bound_addresses_unchanged(&plain, &tls),
-            Err("listeners.public.tls added".to_string())
-        );
-        assert_eq!(
-            bound_addresses_unchanged(&tls, &plain),
-            Err("listeners.public.tls removed".to_string())
-        );
-        let changed = listener(
-            "tls = { certs = [\"edge\"], min_version = \"1.3\", alpn = [\"h2\"], session_tickets = 2 }\n",
-        );
-        let why = bound_addresses_unchanged(&tls, &changed).unwrap_err();
-        for key in ["min_version", "alpn", "session_tickets"] {
-            assert!(
-                why.contains(&format!("listeners.public.tls.{key} changed")),
-                "{key} missing from: {why}"
-            );
+        let only = |c: &Config| c.listeners[0].clone();
+        assert_eq!(restart_only_unchanged(&tls, &plain), Ok(()));
+        assert!(!needs_start(&only(&tls), &only(&tls)));
+        assert!(needs_start(&only(&plain), &only(&tls)));
+        assert!(needs_start(&only(&tls), &only(&plain)));
+        for changed in [
+            "min_version = \"1.3\"",
+            "alpn = [\"h2\"]",
+            "session_tickets = 2",
+        ] {
+            let changed = listener(&format!("tls = {{ certs = [\"edge\"], {changed} }}\n"));
+            assert!(needs_start(&only(&tls), &only(&changed)));
         }
-        assert!(!why.contains("client_ca"), "{why}");
+        // The certificates served are chosen per handshake: no new context.
+        let other = listener(&format!(
+            "tls = {{ certs = [\"other\"] }}\n[certs.other]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ));
+        assert!(!needs_start(&only(&tls), &only(&other)));
     }
 }

@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::ListenerConfig;
-use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -16,26 +14,12 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::model::{AccessLogFormat, Config};
 use crate::config::Loaded;
-use crate::downstream::admission::Admission;
 use crate::proxy::Proxy;
 use crate::reload::ReloadOnSighup;
 use crate::runtime::Runtime;
 use crate::telemetry::access_log::{self, Sink};
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::tracing::Tracing;
-
-/// Pingora's L4 read buffer in front of each client socket. Its default,
-/// 64 KiB, is allocated zero-filled per connection and stays resident for
-/// as long as the connection is open: ~96 KiB per idle keep-alive
-/// connection with it, ~36 KiB with 4 KiB (docs/performance.md, which also
-/// shows no CPU difference), ~15 KiB with 1 KiB once idle connections wait
-/// outside Pingora (`keepalive`). Plain HTTP reads go to larger buffers
-/// (the keep-alive loop's, Pingora's header and body buffers), which bypass
-/// this one; no buffer at all (0) breaks upgraded WebSocket connections in
-/// Pingora 0.9. BoringSSL reads a record header and then the record, so TLS
-/// keeps one record's worth.
-const PLAIN_READ_BUFFER: usize = 64;
-const TLS_READ_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -157,15 +141,6 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
         config.routes.len(),
         config.upstreams.len()
     );
-    for l in &listeners {
-        log::info!(
-            "listener `{}` ({}) on {}://{}",
-            l.name,
-            l.direction.as_str(),
-            if l.tls.is_some() { "https" } else { "http" },
-            l.bind
-        );
-    }
     for warning in loaded.warnings(std::time::SystemTime::now()) {
         log::warn!("{warning}");
     }
@@ -198,45 +173,14 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     // One proxy app (and so one upstream connection pool) for every
     // listener; each listener its own listening service, so that its
     // accept loop has its own filter (`max_connections`: a full listener
-    // accepts nothing until a connection ends).
-    let admissions: Vec<Arc<Admission>> = (0..listeners.len())
-        .map(|i| Admission::new(i, runtime.clone()))
-        .collect();
-    let proxy = Arc::new(proxy);
-    let mut services = Vec::new();
-    for (index, (l, admission)) in listeners.iter().zip(&admissions).enumerate() {
-        let mut service = Service::new(
-            format!("meshgate listener {}", l.name),
-            crate::downstream::Listener::new(
-                proxy.clone(),
-                runtime.clone(),
-                index,
-                admission.clone(),
-            ),
-        );
-        let endpoint = ListenerConfig::tcp(l.bind.to_string());
-        match &l.tls {
-            None => service.add_listener(
-                endpoint.l4_buffer(L4BufferSettings::default().read(PLAIN_READ_BUFFER)),
-            ),
-            Some(tls) => {
-                let settings = crate::downstream::tls::settings(l, tls, runtime.clone())?;
-                service.add_listener(
-                    endpoint
-                        .tls(settings)
-                        .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
-                );
-            }
-        }
-        service.set_connection_filter(admission.clone());
-        // The ClientHello within the listener's handshake_timeout.
-        service.endpoints().set_pre_tls_callback(Arc::new(
-            crate::downstream::hello::ClientHelloDeadline {
-                runtime: runtime.clone(),
-            },
-        ));
-        services.push(service);
-    }
+    // accepts nothing until a connection ends) and a reload can start and
+    // stop it; all of them on one runtime.
+    let listening = crate::listening::Listeners::new(Arc::new(proxy), runtime.clone());
+    let listener_service = crate::listening::ListenerService {
+        listeners: listening.clone(),
+        threads: server.configuration.threads,
+        also_bound: vec![admin_addr],
+    };
     let overload = background_service(
         "overload",
         crate::background::OverloadWatch {
@@ -249,6 +193,7 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
         ReloadOnSighup {
             path: path.to_path_buf(),
             runtime: runtime.clone(),
+            listeners: listening.clone(),
         },
     );
     let evictor = background_service(
@@ -278,14 +223,12 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     let shutdown_runtime = runtime.clone();
     let mut admin = Service::new(
         "meshgate admin".to_string(),
-        AdminApp::new(runtime, path.to_path_buf()),
+        AdminApp::new(runtime, path.to_path_buf(), listening),
     );
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
 
-    for service in services {
-        server.add_service(service);
-    }
+    server.add_service(listener_service);
     server.add_service(overload);
     server.add_service(admin);
     server.add_service(reloader);

@@ -33,7 +33,6 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// One listener's slots.
 pub struct Admission {
     pub listener: String,
-    index: usize,
     runtime: Arc<ArcSwap<Runtime>>,
     /// Connections open now.
     open: AtomicUsize,
@@ -55,17 +54,14 @@ impl std::fmt::Debug for Admission {
 }
 
 impl Admission {
-    pub fn new(index: usize, runtime: Arc<ArcSwap<Runtime>>) -> Arc<Self> {
-        let rt = runtime.load();
-        let listener = rt
-            .listeners
-            .get(index)
-            .map_or(String::new(), |l| l.name.clone());
-        let gauge = rt.connections_gauge(Some(index));
-        drop(rt);
+    /// The slots of the listener named `listener`; kept by name, so that a
+    /// listener moved or restarted by a reload keeps its count.
+    /// `rt`: the runtime that has the listener (a reload's, before it is
+    /// swapped in), for its gauge of open connections.
+    pub fn new(listener: &str, runtime: Arc<ArcSwap<Runtime>>, rt: &Runtime) -> Arc<Self> {
+        let gauge = rt.connections_gauge(rt.listener_named(listener));
         Arc::new(Admission {
-            listener,
-            index,
+            listener: listener.to_string(),
             runtime,
             open: AtomicUsize::new(0),
             freed: Notify::new(),
@@ -76,11 +72,9 @@ impl Admission {
     }
 
     fn max_connections(&self) -> Option<usize> {
-        self.runtime
-            .load()
-            .config
-            .listeners
-            .get(self.index)
+        let rt = self.runtime.load();
+        rt.listener_named(&self.listener)
+            .and_then(|i| rt.config.listeners.get(i))
             .and_then(|l| l.limits.max_connections)
     }
 

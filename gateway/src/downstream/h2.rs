@@ -115,6 +115,7 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
     stream: Stream,
     limits: H2Limits,
     shutdown: ShutdownWatch,
+    listener_stopped: ShutdownWatch,
 ) {
     let conn_state = H2Conn::new(limits.listener.clone());
     let digest = Arc::new(Digest {
@@ -145,6 +146,9 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
         }
     };
     let mut shutdown_watch = shutdown.clone();
+    // A reload that removes or moves the listener drains its connections.
+    let mut listener_watch = listener_stopped;
+    let mut listening = true;
     let mut served = 0usize;
     let mut rejected = 0usize;
     // Set once a GOAWAY went out: then the streams in flight finish, and
@@ -167,6 +171,19 @@ pub async fn serve<A: HttpServerApp + Send + Sync + 'static>(
                 goaway(&limits.listener, "shutdown");
                 conn.graceful_shutdown();
                 drain_until = Some(Instant::now() + DRAIN);
+                continue;
+            }
+            changed = listener_watch.changed(), if drain_until.is_none() && listening => {
+                match changed {
+                    Ok(()) if *listener_watch.borrow() => {
+                        goaway(&limits.listener, "shutdown");
+                        conn.graceful_shutdown();
+                        drain_until = Some(Instant::now() + DRAIN);
+                    }
+                    Ok(()) => {}
+                    // No one can stop the listener any more.
+                    Err(_) => listening = false,
+                }
                 continue;
             }
             () = conn_state.idle_for(limits.idle_timeout), if drain_until.is_none() => {

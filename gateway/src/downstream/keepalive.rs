@@ -90,9 +90,9 @@ pub struct Listener<A> {
     /// Pingora's proxy app, shared by every listener (one upstream pool).
     inner: Arc<A>,
     runtime: Arc<ArcSwap<Runtime>>,
-    /// This listener's index in the config (listeners change only on
-    /// restart).
-    index: usize,
+    /// This listener's name: its place among the listeners changes when a
+    /// reload adds or removes others, so each snapshot is asked for it.
+    name: String,
     admission: Arc<Admission>,
 }
 
@@ -100,15 +100,21 @@ impl<A> Listener<A> {
     pub fn new(
         inner: Arc<A>,
         runtime: Arc<ArcSwap<Runtime>>,
-        index: usize,
+        name: String,
         admission: Arc<Admission>,
     ) -> Self {
         Listener {
             inner,
             runtime,
-            index,
+            name,
             admission,
         }
+    }
+
+    /// This listener's index in `rt`; `None` once a reload removed it (its
+    /// connections drain).
+    fn at(&self, rt: &Runtime) -> Option<usize> {
+        rt.listener_named(&self.name)
     }
 }
 
@@ -120,7 +126,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.admission.opened();
-        let mut stream = super::tunnel::sniff(self.runtime.load_full(), self.index, stream).await?;
+        let rt = self.runtime.load_full();
+        // A connection accepted as a reload removed its listener: closed.
+        let index = self.at(&rt)?;
+        let mut stream = super::tunnel::sniff(rt, index, stream).await?;
         // The connection's idle deadline, from its first byte to its last
         // request.
         let mut idle = IdleTimer::default();
@@ -131,12 +140,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         if !self.speaks_http1(&mut stream, &mut idle, opened).await? {
             let limits = {
                 let rt = self.runtime.load();
-                let settings = HeadSettings::of(&rt, Some(self.index));
+                let settings = HeadSettings::of(&rt, self.at(&rt));
                 super::h2::H2Limits {
-                    listener: rt
-                        .listeners
-                        .get(self.index)
-                        .map_or(String::new(), |l| l.name.clone()),
+                    listener: self.name.clone(),
                     handshake_timeout: settings.handshake_timeout,
                     idle_timeout: settings.idle_timeout,
                     max_requests: settings.max_requests,
@@ -151,6 +157,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
                 stream,
                 limits,
                 crate::lifecycle::h2_watch(),
+                shutdown.clone(),
             ))
             .await;
             return None;
@@ -175,7 +182,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         // Where a refused head came from; one reference each per connection.
         let digest = stream.get_socket_digest();
         let tls = stream.get_ssl_digest();
-        let listener = Some(self.index);
         let admission = Some(self.admission.clone()).filter(|a| a.limited());
         // Shutdown closes a connection waiting for a request, as Pingora's
         // loop does; one wake-up registration for the connection's life,
@@ -220,7 +226,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     shutdown,
                     admission: admission.as_ref(),
                 };
-                match self.read_head(&mut stream, listener, started, waits).await {
+                match self.read_head(&mut stream, started, waits).await {
                     Head::Complete(head) => Some(head),
                     Head::Gone => return None,
                     Head::Unfinished(bytes, end) => {
@@ -228,9 +234,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                         // Boxed, as the rare path it is: its state would
                         // otherwise be held by every idle connection.
                         let request_id = Box::pin(answer(&mut stream, end)).await;
+                        let rt = self.runtime.load();
                         refused(
-                            &self.runtime.load(),
-                            listener,
+                            &rt,
+                            self.at(&rt),
                             digest.as_deref(),
                             tls.as_deref(),
                             line.bytes(),
@@ -254,7 +261,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                         Some(DEFAULT_IDLE.as_secs())
                     });
                     // The first request is this one; the rest are reuses.
-                    let max = HeadSettings::of(&self.runtime.load(), listener).max_requests;
+                    let rt = self.runtime.load();
+                    let max = HeadSettings::of(&rt, self.at(&rt)).max_requests;
                     session.set_keepalive_reuses_remaining(Some(
                         u32::try_from(max.saturating_sub(1)).unwrap_or(u32::MAX),
                     ));
@@ -277,9 +285,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 // Empty lines are no request (a CRLF some clients send after
                 // a body, RFC 9112 §2.2), even unfinished.
                 if !line.is_blank() {
+                    let rt = self.runtime.load();
                     refused(
-                        &self.runtime.load(),
-                        listener,
+                        &rt,
+                        self.at(&rt),
                         digest.as_deref(),
                         tls.as_deref(),
                         line.bytes(),
@@ -316,8 +325,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         // sends: the first byte tells most requests apart at once, and the
         // first three the rest (`PUT`, `POST`, `PATCH`, `PROPFIND`: `PRI` is
         // the preface's alone, RFC 9113 §3.4).
-        let listener = Some(self.index);
-        let settings = HeadSettings::of(&self.runtime.load(), listener);
+        let settings = {
+            let rt = self.runtime.load();
+            HeadSettings::of(&rt, self.at(&rt))
+        };
         let head_deadline = settings.header_read_timeout.map(|t| opened + t);
         let deadline = earliest(Instant::now() + settings.idle_timeout, head_deadline);
         let peek = async {
@@ -345,11 +356,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 if head_deadline.is_some_and(|d| d <= deadline) {
                     // Counted as the head's timeout it is.
                     let (_, _, reason) = HeadEnd::TimedOut.describe(b"");
-                    let rt = self.runtime.load();
-                    let name = listener.and_then(|i| rt.listeners.get(i)).map_or("", |l| l.name.as_str());
                     crate::telemetry::metrics::metrics()
                         .rejected
-                        .with_label_values(&[name, reason.unwrap_or_default()])
+                        .with_label_values(&[self.name.as_str(), reason.unwrap_or_default()])
                         .inc();
                 }
                 None
@@ -370,7 +379,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     async fn read_head<F>(
         &self,
         stream: &mut Stream,
-        listener: Option<usize>,
         started: Option<Instant>,
         waits: Waits<'_, F>,
     ) -> Head
@@ -378,7 +386,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         F: Future + Unpin,
     {
         // Read per head, so that a reload applies.
-        let settings = HeadSettings::of(&self.runtime.load(), listener);
+        let settings = {
+            let rt = self.runtime.load();
+            HeadSettings::of(&rt, self.at(&rt))
+        };
         let Waits {
             idle,
             shutting_down,

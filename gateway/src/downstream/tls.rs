@@ -171,13 +171,14 @@ impl Callbacks {
     }
 }
 
-/// The TLS settings for `listener` (which has `tls`).
+/// The TLS settings for `listener` (which has `tls`), with the client CAs
+/// `material` holds (a reload builds them before its config is swapped in).
 pub fn settings(
     listener: &Listener,
     tls: &ListenerTls,
     runtime: Arc<ArcSwap<Runtime>>,
+    material: &crate::config::Material,
 ) -> Result<TlsSettings, ListenerTlsError> {
-    let material = runtime.load().material.clone();
     let fail = |reason: String| ListenerTlsError {
         listener: listener.name.clone(),
         reason,

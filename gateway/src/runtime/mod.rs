@@ -257,6 +257,12 @@ impl Runtime {
             })
     }
 
+    /// The listener named `name`: a connection knows its listener by name,
+    /// which a reload keeps while the listeners around it come and go.
+    pub fn listener_named(&self, name: &str) -> Option<usize> {
+        self.listeners.iter().position(|l| l.name == name)
+    }
+
     /// `[egress]`, when `listener` is an `egress` listener and it is set.
     pub fn egress_for(&self, listener: usize) -> Option<&crate::config::model::Egress> {
         let l = self.listeners.get(listener)?;

@@ -20,6 +20,7 @@ mod endpoints;
 mod errors;
 mod global_ratelimit;
 mod limits;
+mod listeners;
 mod metrics;
 mod netns_mesh;
 mod protocols;

@@ -311,6 +311,23 @@ impl Gateway {
         signal(self.pid(), "HUP");
     }
 
+    /// Write `config` and reload through `POST /reload`, which answers once
+    /// the reload is done, listeners started and stopped included; the
+    /// answer (200, or 422 with the errors).
+    pub async fn reload_now(&self, config: &str) -> client::Resp {
+        self.write_config(config);
+        client::send(
+            self.admin,
+            http::Method::POST,
+            "/reload",
+            &[],
+            bytes::Bytes::new(),
+            false,
+        )
+        .await
+        .unwrap()
+    }
+
     /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) to
     /// the file the gateway runs from.
     pub fn write_config(&self, config: &str) {
