@@ -90,6 +90,9 @@ struct Live {
     /// Set once the service runs.
     started: Option<Started>,
     running: Vec<Running>,
+    /// Listeners told to stop whose accept loops may not have ended yet
+    /// (their sockets are open until they do), by address.
+    stopping: Vec<(SocketAddr, JoinHandle<()>)>,
 }
 
 struct Started {
@@ -157,12 +160,13 @@ impl Listeners {
                 ..Plan::default()
             });
         };
-        self.plan_from(&live.running, &started.fds, new, rt)
+        self.plan_from(&live.running, &live.stopping, &started.fds, new, rt)
     }
 
     fn plan_from(
         &self,
         running: &[Running],
+        stopping: &[(SocketAddr, JoinHandle<()>)],
         fds: &ListenFds,
         new: &Config,
         rt: &Runtime,
@@ -201,7 +205,7 @@ impl Listeners {
                     }
                 },
                 Some(_) => None,
-                None => match bind(n.bind) {
+                None => match bind_after(n.bind, stopping) {
                     Ok(s) => Some(s),
                     Err(source) => {
                         errors.push(ListenersError::Bind {
@@ -243,9 +247,9 @@ impl Listeners {
             // the reload was under way: what it changes is planned again.
             let rt = self.runtime.load();
             let started = live.started.as_ref().map(|s| s.fds.clone());
-            let planned = started
-                .ok_or_else(Vec::new)
-                .and_then(|fds| self.plan_from(&live.running, &fds, &rt.config, &rt));
+            let planned = started.ok_or_else(Vec::new).and_then(|fds| {
+                self.plan_from(&live.running, &live.stopping, &fds, &rt.config, &rt)
+            });
             match planned {
                 Ok(plan) => self.apply_to(&mut live, plan),
                 Err(errors) => {
@@ -260,7 +264,12 @@ impl Listeners {
     }
 
     fn apply_to(&self, live: &mut Live, plan: Plan) {
-        let Live { started, running } = live;
+        let Live {
+            started,
+            running,
+            stopping: stopped,
+        } = live;
+        stopped.retain(|(_, done)| !done.is_finished());
         let Some(started) = started else {
             return;
         };
@@ -287,8 +296,7 @@ impl Listeners {
                 forget(&mut started.fds.lock(), &old.config.bind.to_string());
             }
             old.stop.send_replace(true);
-            // The service ends by itself; no one waits for it.
-            drop(old.done);
+            stopped.push((old.config.bind, old.done));
         }
     }
 
@@ -415,6 +423,32 @@ fn bind(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(listener.into())
 }
 
+/// [`bind`], once a listener of ours that was told to stop has closed its
+/// socket on `addr` (a reload that adds back a listener the last one
+/// removed comes right after it).
+fn bind_after(
+    addr: SocketAddr,
+    stopping: &[(SocketAddr, JoinHandle<()>)],
+) -> std::io::Result<OwnedFd> {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    loop {
+        match bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let ours = stopping
+                    .iter()
+                    .any(|(a, done)| *a == addr && !done.is_finished());
+                if !ours || started.elapsed() > WAIT {
+                    return Err(e);
+                }
+                // Called off the async workers (a reload's blocking task).
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            bound => return bound,
+        }
+    }
+}
+
 /// A second descriptor of the listening socket `fd`, for a second service.
 ///
 /// Pingora's table holds raw descriptors (it hands them to another process
@@ -466,7 +500,7 @@ impl ServiceTrait for ListenerService {
         {
             let mut live = listeners.lock();
             let rt = listeners.runtime.load();
-            let plan = match listeners.plan_from(&[], &fds, &rt.config, &rt) {
+            let plan = match listeners.plan_from(&[], &[], &fds, &rt.config, &rt) {
                 Ok(plan) => plan,
                 Err(errors) => {
                     for e in errors {

@@ -64,6 +64,8 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// - `/status/CODE`: answers CODE
 /// - `/trailers`: a body followed by `grpc-status: 0` trailers (HTTP/2 only)
 /// - `/bytes/N`: N bytes, byte i = i mod 251
+/// - `/drip/N/MS`: N chunks of 64 KiB, one every MS milliseconds (a long
+///   download), with its `content-length`
 ///
 /// Request bodies are reported as `body` (up to 4 KiB), `body_len` and `body_sum`.
 pub async fn echo(name: &str) -> Upstream {
@@ -100,6 +102,24 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Body>
     {
         let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         return Ok(Response::builder().body(full(body)).unwrap());
+    }
+    if let Some((n, ms)) = path.strip_prefix("/drip/").and_then(|s| {
+        let (n, ms) = s.split_once('/')?;
+        Some((n.parse::<usize>().ok()?, ms.parse::<u64>().ok()?))
+    }) {
+        const CHUNK: usize = 64 * 1024;
+        let chunks = futures_util::stream::unfold(0usize, move |i| async move {
+            if i == n {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let frame = Frame::data(Bytes::from(vec![(i % 251) as u8; CHUNK]));
+            Some((Ok::<_, Infallible>(frame), i + 1))
+        });
+        return Ok(Response::builder()
+            .header("content-length", n * CHUNK)
+            .body(BodyExt::boxed(StreamBody::new(chunks)))
+            .unwrap());
     }
     if path == "/trailers" {
         let mut trailers = HeaderMap::new();
