@@ -48,6 +48,7 @@ LAYERS = {
     "server": 5,
     "reload": 5,
     "listening": 5,
+    "upgrade": 5,
     "admin": 5,
     "admin_client": 5,
     "shutdown": 5,

@@ -21,6 +21,8 @@ pub struct AdminApp {
     config_path: std::path::PathBuf,
     /// What a reload starts and stops.
     listeners: Arc<crate::listening::Listeners>,
+    /// Where a new process waits for the listening sockets (as at start).
+    upgrade_socket: std::path::PathBuf,
     /// Set once every listener has accepted a probe connection.
     listeners_up: AtomicBool,
 }
@@ -30,11 +32,13 @@ impl AdminApp {
         runtime: Arc<ArcSwap<Runtime>>,
         config_path: std::path::PathBuf,
         listeners: Arc<crate::listening::Listeners>,
+        upgrade_socket: std::path::PathBuf,
     ) -> Self {
         AdminApp {
             runtime,
             config_path,
             listeners,
+            upgrade_socket,
             listeners_up: AtomicBool::new(false),
         }
     }
@@ -43,24 +47,8 @@ impl AdminApp {
     /// SIGHUP does, and answer with the outcome (200 with the generation,
     /// or 422 with every error), so `meshgate reload` can report it.
     async fn reload(&self, session: &ServerSession) -> Response<Vec<u8>> {
-        if session.req_header().method != http::Method::POST {
-            let mut r = json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({ "error": "only POST" }),
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
-            return r;
-        }
-        let local = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .is_some_and(|a| a.ip().to_canonical().is_loopback());
-        if !local {
-            return json(
-                StatusCode::FORBIDDEN,
-                serde_json::json!({ "error": "reload is accepted only from loopback" }),
-            );
+        if let Some(refused) = loopback_post(session) {
+            return refused;
         }
         let reloaded = crate::reload::reload_and_log(
             self.config_path.clone(),
@@ -84,6 +72,32 @@ impl AdminApp {
         }
     }
 
+    /// `POST /upgrade`, from loopback only: start a binary upgrade
+    /// ([`crate::upgrade`]) and answer once the new process waits for the
+    /// sockets (202 with its id), or with why it did not start (500).
+    async fn upgrade(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if let Some(refused) = loopback_post(session) {
+            return refused;
+        }
+        let (config, socket) = (self.config_path.clone(), self.upgrade_socket.clone());
+        let started =
+            tokio::task::spawn_blocking(move || crate::upgrade::start(&config, &socket)).await;
+        match started {
+            Ok(Ok(pid)) => json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "status": "handing over", "from": std::process::id(), "to": pid }),
+            ),
+            Ok(Err(e)) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({ "status": "not upgraded", "error": e.to_string() }),
+            ),
+            Err(e) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({ "status": "not upgraded", "error": e.to_string() }),
+            ),
+        }
+    }
+
     /// Ready = a config is loaded and every listener accepts connections.
     async fn ready(&self) -> Result<(), String> {
         if crate::lifecycle::draining() {
@@ -96,6 +110,33 @@ impl AdminApp {
         self.listeners_up.store(true, Ordering::Release);
         Ok(())
     }
+}
+
+/// The refusal of a request to a `POST`-only endpoint that is not a
+/// `POST` from loopback (they change what the process runs); `None` for
+/// one that is.
+fn loopback_post(session: &ServerSession) -> Option<Response<Vec<u8>>> {
+    if session.req_header().method != http::Method::POST {
+        let mut r = json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "only POST" }),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return Some(r);
+    }
+    let local = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| a.ip().to_canonical().is_loopback());
+    if !local {
+        let path = session.req_header().uri.path();
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": format!("{path} is accepted only from loopback") }),
+        ));
+    }
+    None
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
@@ -115,6 +156,9 @@ impl ServeHttp for AdminApp {
         let method = &session.req_header().method;
         if path == "/reload" {
             return self.reload(session).await;
+        }
+        if path == "/upgrade" {
+            return self.upgrade(session).await;
         }
         if method != http::Method::GET && method != http::Method::HEAD {
             let mut r = json(
@@ -160,11 +204,13 @@ impl ServeHttp for AdminApp {
                 let rt = self.runtime.load();
                 let mut body = config_json(&rt.config);
                 body["generation"] = rt.generation.into();
+                // Which process answers: `meshgate upgrade` waits for the new one.
+                body["pid"] = std::process::id().into();
                 json(StatusCode::OK, body)
             }
             _ => json(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/upstreams", "/metrics", "POST /reload"] }),
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/config", "/upstreams", "/metrics", "POST /reload", "POST /upgrade"] }),
             ),
         }
     }

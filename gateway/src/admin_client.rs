@@ -1,7 +1,8 @@
 //! The command line's side of the admin endpoint, with nothing but the
 //! binary (a container image's `HEALTHCHECK` has no curl): `meshgate
 //! health` asks a running gateway whether it is ready, `meshgate reload`
-//! makes it reload and reports the outcome.
+//! makes it reload and reports the outcome, `meshgate upgrade` makes it
+//! hand over to a new process of the binary on disk.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -22,6 +23,8 @@ pub enum HealthError {
     },
     #[error("the admin endpoint at {addr} gave no HTTP answer")]
     Garbled { addr: SocketAddr },
+    #[error("not upgraded: {0}")]
+    Upgrade(String),
     #[error("not ready ({addr} answered {status}): {body}")]
     NotReady {
         addr: SocketAddr,
@@ -91,6 +94,40 @@ pub fn reload(addr: SocketAddr, timeout: Duration) -> Result<Reloaded, HealthErr
                 .unwrap_or_default(),
         }),
         _ => Err(HealthError::NotReady { addr, status, body }),
+    }
+}
+
+/// `POST /upgrade` on `addr`, then `GET /config` until the new process
+/// answers it: the old process's id and the new one's.
+pub fn upgrade(addr: SocketAddr, timeout: Duration) -> Result<(u32, u32), HealthError> {
+    let (status, body) = exchange(addr, "POST", "/upgrade", timeout)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&body).map_err(|_| HealthError::Garbled { addr })?;
+    let pid = |key: &str| json[key].as_u64().and_then(|p| u32::try_from(p).ok());
+    let (from, to) = match (status, pid("from"), pid("to")) {
+        (202, Some(from), Some(to)) => (from, to),
+        _ => {
+            let why = json["error"].as_str().map_or(body.clone(), str::to_string);
+            return Err(HealthError::Upgrade(why));
+        }
+    };
+    // Both processes accept on the admin socket until the old one drains:
+    // asked until the new one answers.
+    let start = std::time::Instant::now();
+    loop {
+        let answered = exchange(addr, "GET", "/config", timeout)
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|c| c["pid"].as_u64());
+        if answered == Some(u64::from(to)) {
+            return Ok((from, to));
+        }
+        if start.elapsed() > timeout {
+            return Err(HealthError::Upgrade(format!(
+                "process {to} took the sockets but did not answer within {timeout:?}; see its log"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -34,7 +34,8 @@
 //!   (`/healthz`, `/readyz`, `/config`, `/upstreams`, `/metrics`) and [`admin_client`]
 //!   (`meshgate health`), [`shutdown`] (signals, SIGTERM's drain),
 //!   [`background`] (key eviction, certificate watch, overload, endpoints),
-//!   [`notify`] (systemd's READY/RELOADING/STOPPING/WATCHDOG), [`demo`]
+//!   [`notify`] (systemd's READY/RELOADING/STOPPING/WATCHDOG), [`upgrade`]
+//!   (a binary upgrade the process starts itself), [`demo`]
 //!   (the echo upstream of `make run`).
 
 pub mod admin;
@@ -60,6 +61,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod types;
+pub mod upgrade;
 
 /// Exit status for an invalid config or command line (sysexits EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;

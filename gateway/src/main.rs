@@ -84,6 +84,26 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Replace the running gateway by a new process of the binary on disk
+    /// without refusing a connection (`POST /upgrade` on its admin endpoint,
+    /// from loopback only): the gateway starts `meshgate run --upgrade`
+    /// itself (so under systemd it runs in the unit), hands it the listening
+    /// sockets and drains. Exit 0 once the new process answers, 1 when the
+    /// upgrade did not start (the old process keeps serving) or the gateway
+    /// cannot be reached. SIGUSR2 to the gateway does the same, without the
+    /// report.
+    Upgrade {
+        /// The config file: its `[admin] listen` says where to ask. The new
+        /// process runs with the file the gateway was started with.
+        #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// The admin endpoint's address instead.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// How long to wait for the new process.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print the version.
     Version,
     /// Print the manual page (roff), e.g. `meshgate man | gzip > meshgate.1.gz`.
@@ -193,6 +213,11 @@ fn main() -> ExitCode {
             admin,
             timeout,
         } => reload(config, admin, timeout),
+        Command::Upgrade {
+            config,
+            admin,
+            timeout,
+        } => upgrade(config, admin, timeout),
         Command::DemoUpstream { listen, name } => {
             meshgate::demo::run(&listen, &name);
             ExitCode::SUCCESS
@@ -229,11 +254,16 @@ fn health(
     }
 }
 
-fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
-    use meshgate::admin_client::{self, Reloaded};
-    let addr = match admin {
+/// The admin endpoint: `--admin`, else `[admin] listen` read from `config`
+/// (valid or not).
+fn admin_addr(
+    config: &std::path::Path,
+    admin: Option<String>,
+) -> Result<std::net::SocketAddr, String> {
+    use meshgate::admin_client;
+    match admin {
         Some(a) => admin_client::parse_admin(&a).map_err(|e| e.to_string()),
-        None => std::fs::read_to_string(&config)
+        None => std::fs::read_to_string(config)
             .map_err(|e| format!("cannot read {}: {e}", config.display()))
             .and_then(|text| {
                 admin_client::admin_of(&text).ok_or_else(|| {
@@ -243,7 +273,12 @@ fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) 
                     )
                 })
             }),
-    };
+    }
+}
+
+fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
+    use meshgate::admin_client::{self, Reloaded};
+    let addr = admin_addr(&config, admin);
     let outcome = addr.and_then(|a| admin_client::reload(a, timeout).map_err(|e| e.to_string()));
     match outcome {
         Ok(Reloaded::Yes { generation }) => {
@@ -259,6 +294,21 @@ fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) 
         }
         Err(e) => {
             eprintln!("meshgate reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upgrade(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
+    let addr = admin_addr(&config, admin);
+    match addr.and_then(|a| meshgate::admin_client::upgrade(a, timeout).map_err(|e| e.to_string()))
+    {
+        Ok((from, to)) => {
+            println!("upgraded: process {to} serves; process {from} drains and exits");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshgate upgrade: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
 //! systemd's service protocol (`Type=notify`, the `sd-notify` crate):
-//! `READY=1` once every listener accepts, `RELOADING=1` (with
+//! `READY=1` once every listener accepts (with `MAINPID=` in a process an
+//! upgrade started, [`crate::upgrade`]), `RELOADING=1` (with
 //! `MONOTONIC_USEC`) then `READY=1` around each reload, `STOPPING=1` at
 //! shutdown, a `STATUS=` line for `systemctl status`, and `WATCHDOG=1`
 //! while the runtime runs when the unit sets `WatchdogSec`. Without
@@ -54,6 +55,14 @@ pub fn reloaded(rt: &Runtime, rejected: Option<&str>) {
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// The listening sockets go to a new process, which says `MAINPID=` and
+/// `READY=1` once it serves; this one drains.
+pub fn handing_over() {
+    send(&[NotifyState::Status(
+        "handing the listening sockets to a new process, then draining",
+    )]);
+}
+
 /// Shutdown begins.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
@@ -84,7 +93,18 @@ impl BackgroundService for Notify {
         loop {
             let rt = self.runtime.load_full();
             if rt.probe_listeners().await.is_ok() {
-                send(&[NotifyState::Ready, NotifyState::Status(&status(&rt))]);
+                let status = status(&rt);
+                if std::env::var_os(crate::upgrade::UPGRADE_FROM).is_some() {
+                    // Started by the unit's old main process for an
+                    // upgrade: this one is the main process now.
+                    send(&[
+                        NotifyState::MainPid(std::process::id()),
+                        NotifyState::Ready,
+                        NotifyState::Status(&status),
+                    ]);
+                } else {
+                    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                }
                 break;
             }
             tokio::select! {

@@ -133,6 +133,7 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     server.bootstrap();
 
     let admin_addr = config.admin.listen;
+    let upgrade_socket = config.gateway.upgrade_socket.clone();
     let listeners = config.listeners.clone();
     log::info!(
         "meshgate `{}` starting: {} listener(s), {} route(s), {} upstream(s); admin on http://{admin_addr}",
@@ -214,6 +215,14 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
             runtime: runtime.clone(),
         },
     );
+    crate::upgrade::remember_binary();
+    let upgrader = background_service(
+        "binary upgrade",
+        crate::upgrade::UpgradeOnSigusr2 {
+            config: path.to_path_buf(),
+            socket: upgrade_socket.clone(),
+        },
+    );
     let notify = background_service(
         "systemd notify",
         crate::notify::Notify {
@@ -223,7 +232,7 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     let shutdown_runtime = runtime.clone();
     let mut admin = Service::new(
         "meshgate admin".to_string(),
-        AdminApp::new(runtime, path.to_path_buf(), listening),
+        AdminApp::new(runtime, path.to_path_buf(), listening, upgrade_socket),
     );
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
@@ -235,6 +244,7 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     server.add_service(evictor);
     server.add_service(endpoints);
     server.add_service(notify);
+    server.add_service(upgrader);
     server.add_service(cert_watcher);
     ignore_sighup_until_handled();
     server.run(RunArgs {

@@ -12,7 +12,8 @@
 //! Pingora's graceful upgrade: the listening sockets go to the new process
 //! waiting on `gateway.upgrade_socket` (`meshgate run --upgrade`), and this
 //! one drains as for SIGTERM (kept-alive connections close after their
-//! next response, so clients move over) and exits.
+//! next response, so clients move over) and exits. An upgrade this process
+//! starts itself ([`crate::upgrade`]) hands over the same way.
 
 use std::sync::Arc;
 
@@ -46,6 +47,15 @@ async fn next(s: &mut Option<Signal>) {
     }
 }
 
+/// Drain while a new process takes the sockets over. The service is not
+/// stopping (no `STOPPING=1`): under systemd the new process becomes its
+/// main process.
+fn hand_over() -> ShutdownSignal {
+    crate::lifecycle::begin_drain();
+    crate::notify::handing_over();
+    ShutdownSignal::GracefulUpgrade
+}
+
 #[async_trait]
 impl ShutdownSignalWatch for DelayedTerminate {
     async fn recv(&self) -> ShutdownSignal {
@@ -57,9 +67,11 @@ impl ShutdownSignalWatch for DelayedTerminate {
                 // A new process (`run --upgrade`) takes the sockets over;
                 // this one drains and exits.
                 log::info!("SIGQUIT: handing the listening sockets to the new meshgate, then draining");
-                crate::lifecycle::begin_drain();
-                crate::notify::stopping();
-                return ShutdownSignal::GracefulUpgrade;
+                return hand_over();
+            }
+            () = crate::upgrade::hand_over_requested() => {
+                log::info!("upgrade: handing the listening sockets to the new meshgate, then draining");
+                return hand_over();
             }
             () = next(&mut int) => ShutdownSignal::FastShutdown,
             () = next(&mut term) => ShutdownSignal::GracefulTerminate,

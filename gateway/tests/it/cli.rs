@@ -908,3 +908,110 @@ fn the_checked_in_schema_is_current_and_every_example_config_conforms() {
     );
     assert!(out.contains("routes.api.timeout"), "{out}");
 }
+
+/// Kills a process the test did not start itself (the new process of an
+/// upgrade, a child of the gateway) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Under systemd a new process must run in the unit: the gateway starts it
+/// itself (`meshgate upgrade`, or SIGUSR2), and the new process says
+/// `MAINPID=` with `READY=1` once it serves. A new process that cannot
+/// start (an invalid config) aborts the upgrade: the old one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_the_gateway_starts_itself_reports_the_new_main_pid() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&notify).unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let config = |body: &str| {
+        format!(
+            "[gateway]\nupgrade_socket = \"{}\"\nshutdown_grace_period = \"2s\"\n{HEAD}[routes.ping]\nrespond = {{ body = \"{body}\" }}\n",
+            sock.display()
+        )
+    };
+    let mut old = Gateway::start_with_env(
+        &config("old"),
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    )
+    .await;
+    let listen = old.listen;
+    let mut heard = String::new();
+    hear(&socket, &mut heard, "READY=1").await;
+    assert!(!heard.contains("MAINPID="), "{heard}");
+
+    // A new process that cannot start: the upgrade is aborted.
+    old.write_config("[listeners.public]\nbind = 7\n");
+    crate::support::signal(old.pid(), "USR2");
+    let start = std::time::Instant::now();
+    while !old.log().contains("upgrade aborted") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            old.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(old.alive());
+    assert_eq!(get(listen, "/ping", &[]).await.unwrap().text(), "old");
+
+    old.write_config(&config("new"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let answer = match get(listen, "/ping", &[]).await {
+                    Ok(r) if r.status == 200 => r.text(),
+                    other => format!("failed: {other:?}"),
+                };
+                seen.lock().unwrap().push(answer);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let admin = old.admin.to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        meshgate(&["upgrade", "--admin", &admin, "--timeout", "30s"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}\n{}", old.log());
+    let new_pid: u32 = out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no process id in {out}"));
+    let _new = KillOnDrop(new_pid);
+    assert_ne!(new_pid, old.pid());
+    heard.clear();
+    hear(&socket, &mut heard, &format!("MAINPID={new_pid}")).await;
+    assert!(heard.contains("READY=1"), "{heard}");
+    assert!(
+        !heard.contains("STOPPING=1"),
+        "the service is not stopping: {heard}"
+    );
+    let exited = old.wait_exit(std::time::Duration::from_secs(30)).await;
+    assert!(
+        exited.is_some(),
+        "the old process did not exit: {}",
+        old.log()
+    );
+    stop.store(true, Ordering::SeqCst);
+    client.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let failed: Vec<&String> = seen.iter().filter(|s| s.starts_with("failed")).collect();
+    assert!(failed.is_empty(), "{failed:?}\n{}", old.log());
+    assert_eq!(seen.last().map(String::as_str), Some("new"), "{seen:?}");
+    assert_eq!(get(listen, "/ping", &[]).await.unwrap().text(), "new");
+}
