@@ -353,7 +353,7 @@ impl Listeners {
             crate::downstream::Listener::new(
                 self.proxy.clone(),
                 self.runtime.clone(),
-                l.name.clone(),
+                &l.name,
                 admission.clone(),
             ),
         );

@@ -92,7 +92,7 @@ pub struct Listener<A> {
     runtime: Arc<ArcSwap<Runtime>>,
     /// This listener's name: its place among the listeners changes when a
     /// reload adds or removes others, so each snapshot is asked for it.
-    name: String,
+    name: Arc<str>,
     admission: Arc<Admission>,
 }
 
@@ -100,13 +100,13 @@ impl<A> Listener<A> {
     pub fn new(
         inner: Arc<A>,
         runtime: Arc<ArcSwap<Runtime>>,
-        name: String,
+        name: &str,
         admission: Arc<Admission>,
     ) -> Self {
         Listener {
             inner,
             runtime,
-            name,
+            name: name.into(),
             admission,
         }
     }
@@ -142,7 +142,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
                 let rt = self.runtime.load();
                 let settings = HeadSettings::of(&rt, self.at(&rt));
                 super::h2::H2Limits {
-                    listener: self.name.clone(),
+                    listener: self.name.to_string(),
                     handshake_timeout: settings.handshake_timeout,
                     idle_timeout: settings.idle_timeout,
                     max_requests: settings.max_requests,
@@ -162,7 +162,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             .await;
             return None;
         }
-        with_fate(self.serve_http1(stream, shutdown, idle, opened)).await
+        with_fate(
+            self.name.clone(),
+            self.serve_http1(stream, shutdown, idle, opened),
+        )
+        .await
     }
 
     async fn cleanup(&self) {
@@ -358,7 +362,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     let (_, _, reason) = HeadEnd::TimedOut.describe(b"");
                     crate::telemetry::metrics::metrics()
                         .rejected
-                        .with_label_values(&[self.name.as_str(), reason.unwrap_or_default()])
+                        .with_label_values(&[&self.name, reason.unwrap_or_default()])
                         .inc();
                 }
                 None

@@ -103,12 +103,29 @@ impl CancelBudget {
 
 tokio::task_local! {
     static FATE: Cell<Fate>;
+    static LISTENER: Arc<str>;
     static BUDGET: Arc<CancelBudget>;
 }
 
-/// Run `fut` (a connection's HTTP/1 loop) with the fate of its requests.
-pub async fn with_fate<F: Future>(fut: F) -> F::Output {
-    FATE.scope(Cell::new(Fate::Handed), fut).await
+/// Run `fut` (a connection's HTTP/1 loop) with the fate of its requests
+/// and the name of the listener it arrived on.
+pub async fn with_fate<F: Future>(listener: Arc<str>, fut: F) -> F::Output {
+    LISTENER
+        .scope(listener, FATE.scope(Cell::new(Fate::Handed), fut))
+        .await
+}
+
+/// `f` of the name of the listener the current request's connection
+/// arrived on (`None` outside a connection's task): a reload that moves
+/// the listener keeps its name, not its address.
+pub fn with_listener<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
+    if let Ok(name) = LISTENER.try_with(Arc::clone) {
+        return f(Some(&name));
+    }
+    if let Ok(budget) = BUDGET.try_with(Arc::clone) {
+        return f(Some(&budget.listener));
+    }
+    f(None)
 }
 
 /// The keep-alive loop hands Pingora a head; what becomes of it is told by
@@ -152,4 +169,19 @@ pub fn client_cancelled(session: &mut ServerSession) -> bool {
 /// Count a cancel by the client against the current stream's connection.
 pub fn record_cancel() {
     let _ = BUDGET.try_with(|b| b.record_cancel());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_knows_its_connections_listener_by_name() {
+        let name = || with_listener(|n| n.map(str::to_string));
+        assert_eq!(name(), None);
+        let http1 = with_fate("public".into(), async { name() }).await;
+        assert_eq!(http1.as_deref(), Some("public"));
+        let h2 = with_budget(CancelBudget::new("edge".into()), async { name() }).await;
+        assert_eq!(h2.as_deref(), Some("edge"));
+    }
 }

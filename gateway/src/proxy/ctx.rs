@@ -40,7 +40,9 @@ impl Failure {
     pub fn status(self) -> u16 {
         match self {
             Failure::NoRoute => 404,
-            Failure::NoListener | Failure::Internal => 500,
+            // A connection whose listener a reload removed: it drains.
+            Failure::NoListener => 503,
+            Failure::Internal => 500,
             Failure::Timeout => 504,
             Failure::UpstreamUnreachable | Failure::UpstreamError => 502,
             Failure::BadRequest => 400,
@@ -83,7 +85,7 @@ impl Failure {
     pub fn message(self) -> &'static str {
         match self {
             Failure::NoRoute => "no route matches this request",
-            Failure::NoListener => "connection arrived on an unknown listener",
+            Failure::NoListener => "this connection's listener was removed by a reload; connect again",
             Failure::Timeout => "upstream timed out",
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamError => "upstream failed to answer",

@@ -316,7 +316,11 @@ impl Proxy {
             session.req_header().headers.get(headers::X_REQUEST_ID),
         );
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
-        ctx.listener = rt.listener_for(local);
+        // By the address the connection arrived on; a connection to an
+        // address a reload moved its listener from, by the listener's name.
+        ctx.listener = rt
+            .listener_for(local)
+            .or_else(|| conn::with_listener(|name| name.and_then(|n| rt.listener_named(n))));
         ctx.runtime = Some(rt.clone());
         if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
             ctx.tls = true;

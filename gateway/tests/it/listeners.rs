@@ -144,15 +144,24 @@ async fn reloads_add_remove_and_move_listeners() {
     assert_eq!(get(gw.listen, "/", &[]).await.unwrap().text(), "two");
     drop(taken);
 
-    // Removed: it accepts nothing more, and its idle connection is closed.
+    // Removed: it accepts nothing more, and its idle connection is closed,
+    // as is one whose next head was still arriving (as at shutdown).
+    let mut arriving = TcpStream::connect(extra).await.unwrap();
+    assert_eq!(
+        on_connection(&mut arriving, "/").await.as_deref(),
+        Some("two")
+    );
+    arriving.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     let r = gw
         .reload_now(&config(&[("public", "@LISTEN@")], "four"))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     closed(extra, &gw).await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), on_extra.read_to_end(&mut rest)).await;
-    assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+    for conn in [&mut on_extra, &mut arriving] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+    }
     assert_eq!(on_connection(&mut kept, "/").await.as_deref(), Some("four"));
 
     // Moved: the new address answers, the old one is closed, and a
