@@ -24,6 +24,7 @@ SRC = Path(__file__).resolve().parent.parent / "gateway" / "src"
 LAYERS = {
     # L0: leaf types and process-wide state; TLS material and primitives.
     "types": 0,
+    "http1": 0,
     "lifecycle": 0,
     "telemetry::names": 0,
     "telemetry::metrics": 0,

@@ -4,7 +4,9 @@
 //! In layers, each importing only from its own and those below it
 //! (`docs/architecture.md`; `make lint` checks it).
 //!
-//! - L0 leaf: [`types`] (host, identity and path types), [`lifecycle`]
+//! - L0 leaf: [`types`] (host, identity and path types), [`http1`] (the
+//!   HTTP/1.1 fast lane's framing: heads as slices, chunked bodies),
+//!   [`lifecycle`]
 //!   (draining and overload flags), `telemetry::{names, metrics}`, and
 //!   [`tls`] (certificate chains and keys, peer identities, BoringSSL hooks).
 //! - L1 [`config`]: the file. `raw` (serde, the only serde structs) ->
@@ -47,6 +49,7 @@ pub mod demo;
 pub mod downstream;
 pub mod egress;
 pub mod endpoints;
+pub mod http1;
 pub mod lifecycle;
 pub mod listening;
 pub mod notify;

@@ -1,0 +1,271 @@
+//! Differential test: random requests, read by the lane's parser and by
+//! Pingora's HTTP/1 server session from the same bytes. Whatever the lane
+//! accepts, Pingora must read the same way: method, target, version,
+//! fields, keep-alive, and the body (its bytes, or that it is malformed or
+//! cut short).
+
+use std::io::Cursor;
+
+use pingora::protocols::http::v1::server::HttpSession;
+
+use super::chunked::Decoder;
+use super::request::{parse, Framing, Parse, MAX_HEADERS};
+
+/// What a reader made of a request.
+#[derive(Debug, PartialEq, Eq)]
+struct Read {
+    method: String,
+    target: Vec<u8>,
+    minor: u8,
+    /// Lower-case names with their values, sorted (Pingora's map groups a
+    /// name's lines).
+    fields: Vec<(String, Vec<u8>)>,
+    keep_alive: bool,
+    /// The body, or that it was malformed or cut short.
+    body: Result<Vec<u8>, ()>,
+}
+
+async fn pingora_reads(wire: &[u8]) -> Option<Read> {
+    let mut s = HttpSession::new(Box::new(Cursor::new(wire.to_vec())));
+    if !matches!(s.read_request().await, Ok(Some(_))) {
+        return None;
+    }
+    let req = s.req_header();
+    let mut fields: Vec<(String, Vec<u8>)> = req
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    fields.sort();
+    let mut read = Read {
+        method: req.method.as_str().to_string(),
+        target: req.raw_path().to_vec(),
+        minor: match req.version {
+            http::Version::HTTP_10 => 0,
+            http::Version::HTTP_11 => 1,
+            _ => 9,
+        },
+        fields,
+        keep_alive: s.will_keepalive(),
+        body: Ok(Vec::new()),
+    };
+    let mut body = Vec::new();
+    read.body = loop {
+        match s.read_body_bytes().await {
+            Ok(Some(b)) => body.extend_from_slice(&b),
+            Ok(None) => break Ok(body),
+            Err(_) => break Err(()),
+        }
+    };
+    Some(read)
+}
+
+/// The lane's reading, or `None` when it leaves the head to Pingora.
+/// `step`: the body is fed to the decoder this many bytes at a time.
+fn lane_reads(wire: &[u8], step: usize) -> Option<Read> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Parse::Complete(head) = parse(wire, &mut storage) else {
+        return None;
+    };
+    let mut fields: Vec<(String, Vec<u8>)> = head
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect();
+    fields.sort();
+    let rest = &wire[head.len..];
+    let body = match head.framing {
+        Framing::Empty => Ok(Vec::new()),
+        Framing::Length(n) => usize::try_from(n)
+            .ok()
+            .and_then(|n| rest.get(..n))
+            .map(<[u8]>::to_vec)
+            .ok_or(()),
+        Framing::Chunked => {
+            let mut d = Decoder::default();
+            let mut body = Vec::new();
+            let mut at = 0;
+            let mut failed = false;
+            while at < rest.len() && !d.is_done() {
+                let end = (at + step).min(rest.len());
+                match d.decode(&rest[at..end], |b| body.extend_from_slice(b)) {
+                    Ok(n) => at += n,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed || !d.is_done() {
+                Err(())
+            } else {
+                Ok(body)
+            }
+        }
+    };
+    Some(Read {
+        method: head.method.to_string(),
+        target: head.target.as_bytes().to_vec(),
+        minor: head.minor,
+        fields,
+        keep_alive: head.keep_alive,
+        body,
+    })
+}
+
+/// Random requests, mostly plausible, with the forms smuggling and
+/// framing bugs live in.
+struct Gen(fastrand::Rng);
+
+impl Gen {
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[self.0.usize(..from.len())]
+    }
+
+    fn chance(&mut self, percent: u32) -> bool {
+        self.0.u32(..100) < percent
+    }
+
+    fn request(&mut self) -> Vec<u8> {
+        let eol = if self.chance(3) { "\n" } else { "\r\n" };
+        let method = self.pick(&[
+            "GET", "POST", "PUT", "HEAD", "DELETE", "PATCH", "get", "OPTIONS",
+        ]);
+        let target = if self.chance(70) {
+            self.pick(&["/", "/a/b?c=d&e=f", "/x%20y", "/a;b=c", "/~u/(x)"])
+        } else {
+            self.pick(&["/a|b", "http://h/x", "*", "/%zz", "/a\"b", "/{x}"])
+        };
+        let version = self.pick(&[
+            "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2",
+        ]);
+        let mut head = format!("{method} {target} {version}{eol}");
+        let mut chunked = false;
+        let mut length = None;
+        for _ in 0..self.0.usize(..6) {
+            let field = match self.0.u32(..12) {
+                0 => format!(
+                    "Host: {}",
+                    self.pick(&["a.test", "a.test:8080", "u@a.test", "[::1]:1", ""])
+                ),
+                1 => {
+                    let n = self.0.usize(..40);
+                    length = Some(n);
+                    let v = match self.0.u32(..16) {
+                        0 => format!("+{n}"),
+                        1 => format!("{n}, {n}"),
+                        2 => format!("0{n}"),
+                        3 => format!("{n}x"),
+                        4 => "-1".to_string(),
+                        _ => n.to_string(),
+                    };
+                    format!("Content-Length: {v}")
+                }
+                2 => {
+                    chunked = true;
+                    let v = if self.chance(75) {
+                        self.pick(&["chunked", "Chunked", "CHUNKED"])
+                    } else {
+                        self.pick(&["gzip, chunked", "chunked, gzip", "identity", "chunked,", ""])
+                    };
+                    format!("Transfer-Encoding: {v}")
+                }
+                3 if self.chance(50) => format!(
+                    "Connection: {}",
+                    self.pick(&[
+                        "close",
+                        "keep-alive",
+                        "Keep-Alive",
+                        "close, keep-alive",
+                        "upgrade",
+                        "x"
+                    ])
+                ),
+                4 if self.chance(20) => "Expect: 100-continue".to_string(),
+                5 if self.chance(20) => "Upgrade: websocket".to_string(),
+                6 => format!("X-Tab: a\tb{}", if self.chance(20) { "\u{e9}" } else { "" }),
+                7 => format!(
+                    "{}: v",
+                    self.pick(&["X-A", "x-a", "Bad Name", "X-B:", "Set-Cookie"])
+                ),
+                _ => format!("X-N{}: {}", self.0.u8(..), self.0.u32(..)),
+            };
+            head.push_str(&field);
+            head.push_str(eol);
+        }
+        head.push_str(eol);
+        let mut wire = head.into_bytes();
+        if chunked {
+            wire.extend(self.chunked_body());
+        } else if let Some(n) = length {
+            let n = if self.chance(10) { n / 2 } else { n };
+            wire.extend((0..n).map(|i| b'a' + (i % 26) as u8));
+        }
+        if self.chance(30) {
+            wire.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        }
+        wire
+    }
+
+    fn chunked_body(&mut self) -> Vec<u8> {
+        let mut b = Vec::new();
+        for _ in 0..self.0.usize(..4) {
+            let n = self.0.usize(1..300);
+            let size = match self.0.u32(..10) {
+                0 => format!("{n:X}"),
+                1 => format!("00{n:x}"),
+                2 => format!("{n:x};ext=\"v\""),
+                3 => format!("{n:x} "),
+                4 => "g".to_string(),
+                _ => format!("{n:x}"),
+            };
+            b.extend_from_slice(size.as_bytes());
+            b.extend_from_slice(if self.chance(5) { b"\n" } else { b"\r\n" });
+            b.extend((0..n).map(|i| b'0' + (i % 10) as u8));
+            b.extend_from_slice(match self.0.u32(..20) {
+                0 => b"\n",
+                1 => b"X\r\n",
+                _ => b"\r\n",
+            });
+        }
+        if self.chance(90) {
+            b.extend_from_slice(b"0\r\n");
+            match self.0.u32(..6) {
+                0 => b.extend_from_slice(b"X-Sum: 1\r\nX-More: 2\r\n\r\n"),
+                1 => b.extend_from_slice(b"X-Bad: 1\n\r\n"),
+                2 => {}
+                _ => b.extend_from_slice(b"\r\n"),
+            }
+        }
+        b
+    }
+}
+
+#[tokio::test]
+async fn the_lane_reads_what_it_accepts_as_pingora_does() {
+    let mut gen = Gen(fastrand::Rng::with_seed(0x6d65_7368));
+    let (mut accepted, mut with_body, mut malformed) = (0, 0, 0);
+    const CASES: usize = 50_000;
+    for case in 0..CASES {
+        let wire = gen.request();
+        let step = 1 + case % 17;
+        let Some(lane) = lane_reads(&wire, step) else {
+            continue;
+        };
+        accepted += 1;
+        with_body += usize::from(lane.body.as_ref().is_ok_and(|b| !b.is_empty()));
+        malformed += usize::from(lane.body.is_err());
+        let pingora = pingora_reads(&wire).await;
+        assert_eq!(
+            Some(&lane),
+            pingora.as_ref(),
+            "case {case}: {:?}",
+            String::from_utf8_lossy(&wire)
+        );
+    }
+    // Not vacuous: the lane takes a good share, bodies and broken bodies
+    // among them.
+    assert!(accepted > CASES / 5, "{accepted}");
+    assert!(with_body > CASES / 50, "{with_body}");
+    assert!(malformed > CASES / 100, "{malformed}");
+}
