@@ -1,7 +1,8 @@
 //! HTTP/1.1 framing for the fast lane (#24): request heads parsed with
 //! httparse into the caller's stack array of header slices and framed as
-//! RFC 9112 §6 says ([`request`]), and chunked bodies decoded as they
-//! arrive ([`chunked`]).
+//! RFC 9112 §6 says ([`request`]), upstream response heads framed as
+//! Pingora's client frames them ([`response`]), and chunked bodies decoded
+//! as they arrive ([`chunked`]).
 //!
 //! The lane serves plain heads only: anything unusual (an obsolete or
 //! ambiguous form, an upgrade, `Expect`, a `Content-Length` list,
@@ -16,6 +17,7 @@
 
 pub mod chunked;
 pub mod request;
+pub mod response;
 
 #[cfg(test)]
 mod tests;

@@ -269,3 +269,252 @@ async fn the_lane_reads_what_it_accepts_as_pingora_does() {
     assert!(with_body > CASES / 50, "{with_body}");
     assert!(malformed > CASES / 100, "{malformed}");
 }
+
+/// What a client made of an upstream's response (after any 1xx).
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    reason: Option<String>,
+    minor: u8,
+    fields: Vec<(String, Vec<u8>)>,
+    /// The body, or that it was malformed or cut short.
+    body: Result<Vec<u8>, ()>,
+    /// Whether the connection goes back to the pool (its body read whole).
+    reusable: Option<bool>,
+}
+
+/// Pingora's HTTP/1 client: it sends a `GET` (or `HEAD`), with
+/// `Connection: close` when `close`, and reads `wire` as the answer.
+async fn pingora_answer(wire: &[u8], head: bool, close: bool) -> Option<Answer> {
+    use pingora::protocols::http::v1::client::HttpSession as Client;
+    use tokio::io::AsyncWriteExt;
+    let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+    theirs.write_all(wire).await.ok()?;
+    let mut s = Client::new(Box::new(ours));
+    let mut req =
+        pingora::http::RequestHeader::build(if head { "HEAD" } else { "GET" }, b"/", None).ok()?;
+    if close {
+        req.insert_header("connection", "close").ok()?;
+    }
+    s.write_request_header(Box::new(req)).await.ok()?;
+    // The upstream is done: what it sent is read, then the end.
+    drop(theirs);
+    loop {
+        s.read_response().await.ok()?;
+        let status = s.resp_header()?.status.as_u16();
+        if !(100..200).contains(&status) || status == 101 {
+            break;
+        }
+    }
+    let resp = s.resp_header()?;
+    let mut fields: Vec<(String, Vec<u8>)> = resp
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    fields.sort();
+    let mut answer = Answer {
+        status: resp.status.as_u16(),
+        reason: resp.get_reason_phrase().map(str::to_string),
+        minor: match resp.version {
+            http::Version::HTTP_10 => 0,
+            _ => 1,
+        },
+        fields,
+        body: Ok(Vec::new()),
+        reusable: None,
+    };
+    let mut body = Vec::new();
+    answer.body = loop {
+        match s.read_body_bytes().await {
+            Ok(Some(b)) => body.extend_from_slice(&b),
+            Ok(None) => break Ok(body),
+            Err(_) => break Err(()),
+        }
+    };
+    if answer.body.is_ok() {
+        s.respect_keepalive();
+        answer.reusable = Some(s.will_keepalive());
+    }
+    Some(answer)
+}
+
+/// The lane's reading of the same answer; `None` where it is refused.
+fn lane_answer(wire: &[u8], head: bool, close: bool, step: usize) -> Option<Answer> {
+    use super::response::{parse as parse_response, Framing as R, Parse as P, MAX_FIELDS};
+    let mut at = 0;
+    loop {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let P::Complete(h) = parse_response(&wire[at..], &mut storage) else {
+            return None;
+        };
+        let framing = h.framing(head).ok()?;
+        if framing == R::Interim {
+            at += h.len;
+            continue;
+        }
+        // Content-Length is dropped when Transfer-Encoding is there.
+        let te = h.has_transfer_encoding();
+        let mut fields: Vec<(String, Vec<u8>)> = h
+            .headers
+            .iter()
+            .filter(|f| !(te && f.name.eq_ignore_ascii_case("content-length")))
+            .map(|f| {
+                let value = super::response::field_value(f.value).into_owned();
+                (f.name.to_ascii_lowercase(), value)
+            })
+            .collect();
+        fields.sort();
+        let rest = &wire[at + h.len..];
+        let (body, used) = match framing {
+            R::Interim | R::Empty => (Ok(Vec::new()), 0),
+            R::UntilClose => (Ok(rest.to_vec()), rest.len()),
+            R::Length(n) => match usize::try_from(n).ok().and_then(|n| rest.get(..n)) {
+                Some(b) => (Ok(b.to_vec()), b.len()),
+                None => (Err(()), rest.len()),
+            },
+            R::Chunked => {
+                let mut d = Decoder::default();
+                let mut body = Vec::new();
+                let mut used = 0;
+                let mut failed = false;
+                while used < rest.len() && !d.is_done() {
+                    let end = (used + step).min(rest.len());
+                    match d.decode(&rest[used..end], |b| body.extend_from_slice(b)) {
+                        Ok(n) => used += n,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed || !d.is_done() {
+                    (Err(()), used)
+                } else {
+                    (Ok(body), used)
+                }
+            }
+        };
+        let reusable = body
+            .is_ok()
+            .then(|| h.keep_alive(framing, close, used < rest.len()));
+        return Some(Answer {
+            status: h.status,
+            reason: h.reason_phrase().map(str::to_string),
+            minor: h.minor,
+            fields,
+            body,
+            reusable,
+        });
+    }
+}
+
+impl Gen {
+    fn response(&mut self, head: bool) -> Vec<u8> {
+        let eol = if self.chance(3) { "\n" } else { "\r\n" };
+        let mut wire = Vec::new();
+        if self.chance(10) {
+            wire.extend_from_slice(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n");
+        }
+        let version = self.pick(&["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/1.1"]);
+        let status = self.pick(&[
+            "200 OK",
+            "200 Fine",
+            "204 No Content",
+            "304 Not Modified",
+            "404 Not Found",
+            "101 Switching",
+            "500",
+            "200 ",
+            "099 Low",
+        ]);
+        let mut head_text = format!("{version} {status}{eol}");
+        let mut chunked = false;
+        let mut length = None;
+        for _ in 0..self.0.usize(..6) {
+            let field = match self.0.u32(..10) {
+                0 | 1 => {
+                    let n = self.0.usize(..40);
+                    length = Some(n);
+                    let v = match self.0.u32(..12) {
+                        0 => format!("{n}, {n}"),
+                        1 => format!("{n}, {}", n + 1),
+                        2 => format!("+{n}"),
+                        3 => format!(" {n} "),
+                        _ => n.to_string(),
+                    };
+                    format!("Content-Length: {v}")
+                }
+                2 => {
+                    chunked = true;
+                    format!(
+                        "Transfer-Encoding: {}",
+                        self.pick(&[
+                            "chunked",
+                            "Chunked",
+                            "gzip, chunked",
+                            "chunked, gzip",
+                            "identity"
+                        ])
+                    )
+                }
+                3 => format!(
+                    "Connection: {}",
+                    self.pick(&[
+                        "close",
+                        "keep-alive",
+                        "Keep-Alive",
+                        "keep-alive, x",
+                        "x, close",
+                        "upgrade"
+                    ])
+                ),
+                4 => format!("X-Fold: a{eol} b"),
+                5 => "X-Space : v".to_string(),
+                _ => format!("X-R{}: {}", self.0.u8(..), self.0.u32(..)),
+            };
+            head_text.push_str(&field);
+            head_text.push_str(eol);
+        }
+        head_text.push_str(eol);
+        wire.extend_from_slice(head_text.as_bytes());
+        if !head {
+            if chunked {
+                wire.extend(self.chunked_body());
+            } else if let Some(n) = length {
+                let n = if self.chance(10) { n / 2 } else { n };
+                wire.extend((0..n).map(|i| b'a' + (i % 26) as u8));
+            } else {
+                wire.extend_from_slice(b"until the end");
+            }
+        }
+        if self.chance(10) {
+            wire.extend_from_slice(b"extra");
+        }
+        wire
+    }
+}
+
+#[tokio::test]
+async fn the_lane_reads_every_upstream_answer_as_pingora_does() {
+    let mut gen = Gen(fastrand::Rng::with_seed(0x7570_7374));
+    let (mut read, mut reused) = (0, 0);
+    const CASES: usize = 20_000;
+    for case in 0..CASES {
+        let head = gen.chance(10);
+        let close = gen.chance(10);
+        let wire = gen.response(head);
+        let lane = lane_answer(&wire, head, close, 1 + case % 13);
+        let pingora = pingora_answer(&wire, head, close).await;
+        assert_eq!(
+            lane,
+            pingora,
+            "case {case} (HEAD: {head}, close: {close}): {:?}",
+            String::from_utf8_lossy(&wire)
+        );
+        read += usize::from(lane.is_some());
+        reused += usize::from(lane.is_some_and(|a| a.reusable == Some(true)));
+    }
+    assert!(read > CASES / 2, "{read}");
+    assert!(reused > CASES / 20, "{reused}");
+}
