@@ -1103,3 +1103,63 @@ async fn client_status(
         .map(|(r, _)| r.status)
         .ok()
 }
+
+/// A reload adds a TLS listener (its context built from the new config's
+/// certificates), makes it plain again (the listener starts again on its
+/// socket), and renames a listener on the same address (the new name's
+/// service takes the socket over): no restart, no refused connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_add_tls_listeners_and_rename_on_the_same_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let certs = edge_and_api(&ca, dir.path());
+    let secure = format!("127.0.0.1:{}", crate::support::free_port());
+    let config = |public: &str, extra: &str| {
+        format!(
+            "{certs}[admin]\nlisten = \"@ADMIN@\"\n[listeners.{public}]\nbind = \"@LISTEN@\"\n{extra}{RESPOND}"
+        )
+    };
+    let gw = Gateway::start(&config("public", "")).await;
+    assert_eq!(get(gw.listen, "/", &[]).await.unwrap().text(), "secure");
+
+    let with_tls =
+        format!("[listeners.tls]\nbind = \"{secure}\"\ntls = {{ certs = [\"edge\"] }}\n");
+    let r = gw.reload_now(&config("public", &with_tls)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ca_pem = ca.pem();
+    let (resp, info) = tls::get(
+        secure.parse().unwrap(),
+        &ClientTls::new(&ca_pem, Some("edge.example")),
+        "/",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.text(), "secure");
+    assert_eq!(info.server_names, ["edge.example"]);
+
+    // TLS off: the same address now speaks plain HTTP.
+    let plain = format!("[listeners.tls]\nbind = \"{secure}\"\n");
+    let r = gw.reload_now(&config("public", &plain)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let resp = get(secure.parse().unwrap(), "/", &[]).await.unwrap();
+    assert_eq!(resp.text(), "secure");
+
+    // Renamed on the same address: served, counted under the new name.
+    let r = gw.reload_now(&config("front", &plain)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut kept = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    kept.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let metrics = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+    assert!(
+        metrics.contains(
+            r#"meshgate_downstream_connections_active{direction="ingress",listener="front"} 1"#
+        ),
+        "{metrics}"
+    );
+}
