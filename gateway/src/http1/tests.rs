@@ -81,27 +81,7 @@ fn lane_reads(wire: &[u8], step: usize) -> Option<Read> {
             .and_then(|n| rest.get(..n))
             .map(<[u8]>::to_vec)
             .ok_or(()),
-        Framing::Chunked => {
-            let mut d = Decoder::default();
-            let mut body = Vec::new();
-            let mut at = 0;
-            let mut failed = false;
-            while at < rest.len() && !d.is_done() {
-                let end = (at + step).min(rest.len());
-                match d.decode(&rest[at..end], |b| body.extend_from_slice(b)) {
-                    Ok(n) => at += n,
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            if failed || !d.is_done() {
-                Err(())
-            } else {
-                Ok(body)
-            }
-        }
+        Framing::Chunked => decode_chunked(rest, step).0,
     };
     Some(Read {
         method: head.method.to_string(),
@@ -111,6 +91,27 @@ fn lane_reads(wire: &[u8], step: usize) -> Option<Read> {
         keep_alive: head.keep_alive,
         body,
     })
+}
+
+/// A chunked body at the start of `rest`, fed to the decoder `step` bytes
+/// at a time: the body (an error when malformed or cut short) and the
+/// bytes it took.
+fn decode_chunked(rest: &[u8], step: usize) -> (Result<Vec<u8>, ()>, usize) {
+    let mut d = Decoder::default();
+    let mut body = Vec::new();
+    let mut used = 0;
+    while used < rest.len() && !d.is_done() {
+        let end = (used + step).min(rest.len());
+        match d.decode(&rest[used..end], |b| body.extend_from_slice(b)) {
+            Ok(n) => used += n,
+            Err(_) => return (Err(()), used),
+        }
+    }
+    if d.is_done() {
+        (Ok(body), used)
+    } else {
+        (Err(()), used)
+    }
 }
 
 /// Random requests, mostly plausible, with the forms smuggling and
@@ -373,27 +374,7 @@ fn lane_answer(wire: &[u8], head: bool, close: bool, step: usize) -> Option<Answ
                 Some(b) => (Ok(b.to_vec()), b.len()),
                 None => (Err(()), rest.len()),
             },
-            R::Chunked => {
-                let mut d = Decoder::default();
-                let mut body = Vec::new();
-                let mut used = 0;
-                let mut failed = false;
-                while used < rest.len() && !d.is_done() {
-                    let end = (used + step).min(rest.len());
-                    match d.decode(&rest[used..end], |b| body.extend_from_slice(b)) {
-                        Ok(n) => used += n,
-                        Err(_) => {
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
-                if failed || !d.is_done() {
-                    (Err(()), used)
-                } else {
-                    (Ok(body), used)
-                }
-            }
+            R::Chunked => decode_chunked(rest, step),
         };
         let reusable = body
             .is_ok()

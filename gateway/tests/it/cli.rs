@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::support::client::get;
-use crate::support::{Gateway, BIN, HEAD};
+use crate::support::{Gateway, Prober, Upgrading, BIN, HEAD};
 
 fn meshgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run meshgate");
@@ -694,8 +694,6 @@ async fn systemd_hears_ready_reloading_watchdog_and_stopping() {
 /// drains and exits; no client connection is refused meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("upgrade.sock");
     let config = |body: &str| {
@@ -707,43 +705,10 @@ async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
     let mut old = Gateway::start(&config("old")).await;
     let listen = old.listen;
     old.write_config(&config("new"));
-    let log_path = dir.path().join("new.log");
-    let mut new = Command::new(BIN)
-        .args(["run", "-c", old.config_path.to_str().unwrap(), "--upgrade"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let new_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let start = std::time::Instant::now();
-    while !new_log().contains("waiting for the running meshgate's listening sockets")
-        || !sock.exists()
-    {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "{}",
-            new_log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let new = Upgrading::start(&old.config_path, &sock, dir.path().join("new.log")).await;
 
     // A client that keeps opening connections through the handover.
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let client = {
-        let (stop, seen) = (stop.clone(), seen.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let answer = match get(listen, "/ping", &[]).await {
-                    Ok(r) if r.status == 200 => r.text(),
-                    other => format!("failed: {other:?}"),
-                };
-                seen.lock().unwrap().push(answer);
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let client = Prober::start(listen, "/ping");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     crate::support::signal(old.pid(), "QUIT");
     let exited = old.wait_exit(std::time::Duration::from_secs(30)).await;
@@ -753,15 +718,13 @@ async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         old.log()
     );
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    stop.store(true, Ordering::SeqCst);
-    client.await.unwrap();
-    let seen = seen.lock().unwrap().clone();
+    let seen = client.finish().await;
     let failed: Vec<&String> = seen.iter().filter(|s| s.starts_with("failed")).collect();
     assert!(
         failed.is_empty(),
         "{failed:?}\nold: {}\nnew: {}",
         old.log(),
-        new_log()
+        new.log()
     );
     assert_eq!(seen.first().map(String::as_str), Some("old"));
     assert_eq!(seen.last().map(String::as_str), Some("new"), "{seen:?}");
@@ -773,8 +736,7 @@ async fn binary_upgrade_hands_the_sockets_over_without_refusing_a_connection() {
     // The new process serves on its own, admin included.
     assert_eq!(get(listen, "/ping", &[]).await.unwrap().text(), "new");
     assert_eq!(get(old.admin, "/healthz", &[]).await.unwrap().status, 200);
-    let _ = new.kill();
-    let _ = new.wait();
+    drop(new);
 }
 
 /// `${VAR}` in a config's strings comes from the gateway's environment.
@@ -927,8 +889,6 @@ impl Drop for KillOnDrop {
 /// start (an invalid config) aborts the upgrade: the old one serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_the_gateway_starts_itself_reports_the_new_main_pid() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&notify).unwrap();
@@ -965,21 +925,7 @@ async fn an_upgrade_the_gateway_starts_itself_reports_the_new_main_pid() {
     assert_eq!(get(listen, "/ping", &[]).await.unwrap().text(), "old");
 
     old.write_config(&config("new"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let client = {
-        let (stop, seen) = (stop.clone(), seen.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let answer = match get(listen, "/ping", &[]).await {
-                    Ok(r) if r.status == 200 => r.text(),
-                    other => format!("failed: {other:?}"),
-                };
-                seen.lock().unwrap().push(answer);
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let client = Prober::start(listen, "/ping");
     let admin = old.admin.to_string();
     let (code, out, err) = tokio::task::spawn_blocking(move || {
         meshgate(&["upgrade", "--admin", &admin, "--timeout", "30s"])
@@ -1007,9 +953,7 @@ async fn an_upgrade_the_gateway_starts_itself_reports_the_new_main_pid() {
         "the old process did not exit: {}",
         old.log()
     );
-    stop.store(true, Ordering::SeqCst);
-    client.await.unwrap();
-    let seen = seen.lock().unwrap().clone();
+    let seen = client.finish().await;
     let failed: Vec<&String> = seen.iter().filter(|s| s.starts_with("failed")).collect();
     assert!(failed.is_empty(), "{failed:?}\n{}", old.log());
     assert_eq!(seen.last().map(String::as_str), Some("new"), "{seen:?}");

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::support::client::get;
 use crate::support::upstream::{echo, websocket_echo};
-use crate::support::{free_port, signal, Gateway, BIN};
+use crate::support::{free_port, signal, Gateway, Upgrading};
 
 fn fresh_addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
@@ -467,22 +467,7 @@ async fn a_hundred_reloads_and_an_upgrade_under_load() {
 
     // The binary upgrade, with the last config (the side listener in it).
     old.write_config(&config(true, "C"));
-    let log_path = dir.path().join("new.log");
-    let mut new = std::process::Command::new(BIN)
-        .args(["run", "-c", old.config_path.to_str().unwrap(), "--upgrade"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let new_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let waiting = Instant::now();
-    while !new_log().contains("waiting for the running meshgate's listening sockets")
-        || !sock.exists()
-    {
-        assert!(waiting.elapsed() < Duration::from_secs(10), "{}", new_log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let new = Upgrading::start(&old.config_path, &sock, dir.path().join("new.log")).await;
     signal(old.pid(), "QUIT");
     // Both processes accept on the same sockets for 5 s; then the old one
     // stops and closes its connections, and every client goes on with the
@@ -495,7 +480,7 @@ async fn a_hundred_reloads_and_an_upgrade_under_load() {
             "last answers {:?}\nold: {}\nnew: {}",
             seen.last.lock().unwrap(),
             old.log(),
-            new_log()
+            new.log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -503,7 +488,7 @@ async fn a_hundred_reloads_and_an_upgrade_under_load() {
         get(side, "/v", &[]).await.unwrap().text(),
         "C",
         "{}",
-        new_log()
+        new.log()
     );
     let downloaded = tokio::time::timeout(Duration::from_secs(20), download)
         .await
@@ -514,8 +499,6 @@ async fn a_hundred_reloads_and_an_upgrade_under_load() {
         c.await.unwrap();
     }
     let exited = old.wait_exit(Duration::from_secs(20)).await;
-    let _ = new.kill();
-    let _ = new.wait();
     assert!(
         exited.is_some(),
         "the old process did not exit: {}",
@@ -527,7 +510,7 @@ async fn a_hundred_reloads_and_an_upgrade_under_load() {
         Vec::<String>::new(),
         "{}\n{}",
         old.log(),
-        new_log()
+        new.log()
     );
     let answered: Vec<usize> = seen
         .answered

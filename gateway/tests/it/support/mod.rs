@@ -373,3 +373,84 @@ fn listens_on_tells_a_process_its_own_listening_sockets() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+/// A new process started with `run -c CONFIG --upgrade`, waiting on
+/// `socket` for the running gateway's listening sockets; killed on drop.
+pub struct Upgrading {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Upgrading {
+    /// Start it (its log in `log`) and wait until it waits.
+    pub async fn start(config: &std::path::Path, socket: &std::path::Path, log: PathBuf) -> Self {
+        let child = Command::new(BIN)
+            .args(["run", "-c", config.to_str().unwrap(), "--upgrade"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let new = Upgrading { child, log };
+        let start = Instant::now();
+        while !new
+            .log()
+            .contains("waiting for the running meshgate's listening sockets")
+            || !socket.exists()
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "{}", new.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        new
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Upgrading {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that opens a new connection for each `GET path` to `addr`,
+/// every 10 ms, until [`Prober::finish`]: each answer's body, or
+/// `failed: …`.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Prober {
+    pub fn start(addr: SocketAddr, path: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let answer = match client::get(addr, path, &[]).await {
+                        Ok(r) if r.status == 200 => r.text(),
+                        other => format!("failed: {other:?}"),
+                    };
+                    seen.lock().unwrap().push(answer);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        Prober { stop, seen, task }
+    }
+
+    /// Stop; every answer seen, in order.
+    pub async fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap();
+        let seen = self.seen.lock().unwrap().clone();
+        seen
+    }
+}
