@@ -65,6 +65,13 @@ pub enum ListenersError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot bind listener `{name}` on {addr}: listener `{holder}` still accepts on {held}, which overlaps it (a wildcard and an address on one port); change it in two reloads, through another port, or restart")]
+    Overlaps {
+        name: String,
+        addr: SocketAddr,
+        holder: String,
+        held: SocketAddr,
+    },
     #[error("cannot take over the socket of listener `{name}` on {addr}: {source}")]
     Duplicate {
         name: String,
@@ -208,10 +215,25 @@ impl Listeners {
                 None => match bind_after(n.bind, stopping) {
                     Ok(s) => Some(s),
                     Err(source) => {
-                        errors.push(ListenersError::Bind {
-                            name: n.name.clone(),
-                            addr: n.bind,
-                            source,
+                        let overlapping = running.iter().find(|r| {
+                            r.config.bind.port() == n.bind.port()
+                                && (r.config.bind.ip().is_unspecified()
+                                    || n.bind.ip().is_unspecified())
+                        });
+                        errors.push(match overlapping {
+                            Some(r) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                                ListenersError::Overlaps {
+                                    name: n.name.clone(),
+                                    addr: n.bind,
+                                    holder: r.config.name.clone(),
+                                    held: r.config.bind,
+                                }
+                            }
+                            _ => ListenersError::Bind {
+                                name: n.name.clone(),
+                                addr: n.bind,
+                                source,
+                            },
                         });
                         continue;
                     }

@@ -120,6 +120,22 @@ async fn reloads_add_remove_and_move_listeners() {
         "{metrics}"
     );
 
+    // Moved to the wildcard address of its own port: the old socket still
+    // accepts while the new one binds, so the reload is refused, saying so.
+    let wildcard = format!("0.0.0.0:{}", gw.listen.port());
+    let r = gw
+        .reload_now(&config(
+            &[("public", &wildcard), ("extra", &extra.to_string())],
+            "x",
+        ))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text().contains("listener `public` still accepts on"),
+        "{}",
+        r.text()
+    );
+
     // A port in use: the reload is refused, naming the listener, and the
     // old config keeps serving.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
