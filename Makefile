@@ -92,7 +92,7 @@ fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && $(CARGO) +nightly fuzz run config_loader -- -max_total_time=60
 	cd fuzz && $(CARGO) +nightly fuzz run route_matcher -- -max_total_time=60
-	cd fuzz && $(CARGO) +nightly fuzz run http1_framing -- -max_total_time=60
+	cd fuzz && $(CARGO) +nightly fuzz run http1_framing corpus/http1_framing seeds/http1_framing -- -max_total_time=60
 
 bench-deps: deps
 	@scripts/install-deps.sh $(BENCH_PKGS)
