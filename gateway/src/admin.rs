@@ -57,9 +57,13 @@ impl AdminApp {
         )
         .await;
         match reloaded {
-            Ok(generation) => json(
+            Ok(reloaded) => json(
                 StatusCode::OK,
-                serde_json::json!({ "status": "reloaded", "generation": generation }),
+                serde_json::json!({
+                    "status": "reloaded",
+                    "generation": reloaded.generation,
+                    "listeners": reloaded.listeners,
+                }),
             ),
             Err(e) => json(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -67,8 +67,12 @@ pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, HealthError>
 /// What `POST /reload` said.
 #[derive(Debug)]
 pub enum Reloaded {
-    /// The new config serves, as this generation.
-    Yes { generation: u64 },
+    /// The new config serves, as this generation; a line per listener it
+    /// started, stopped or moved.
+    Yes {
+        generation: u64,
+        listeners: Vec<String>,
+    },
     /// The new config was refused; the old one keeps serving. Each error
     /// as the gateway rendered it (`file:line:col`, the fix).
     Refused { errors: Vec<String> },
@@ -82,16 +86,10 @@ pub fn reload(addr: SocketAddr, timeout: Duration) -> Result<Reloaded, HealthErr
     match status {
         200 => Ok(Reloaded::Yes {
             generation: json["generation"].as_u64().unwrap_or(0),
+            listeners: strings(&json["listeners"]),
         }),
         422 => Ok(Reloaded::Refused {
-            errors: json["errors"]
-                .as_array()
-                .map(|e| {
-                    e.iter()
-                        .filter_map(|l| l.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            errors: strings(&json["errors"]),
         }),
         _ => Err(HealthError::NotReady { addr, status, body }),
     }
@@ -129,6 +127,17 @@ pub fn upgrade(addr: SocketAddr, timeout: Duration) -> Result<(u32, u32), Health
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The strings of a JSON array (none when it is not one).
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One request with an empty body; the status and the body of the answer.

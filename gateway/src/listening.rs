@@ -122,8 +122,8 @@ struct Running {
 #[derive(Default)]
 pub struct Plan {
     start: Vec<Start>,
-    /// Names of running listeners to stop.
-    stop: Vec<String>,
+    /// Running listeners to stop: their names and addresses.
+    stop: Vec<(String, SocketAddr)>,
     /// Made before the service started: nothing to change then.
     before_start: bool,
 }
@@ -140,6 +140,29 @@ struct Start {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.start.is_empty() && self.stop.is_empty()
+    }
+
+    /// What the plan changes, a line per listener, for the reload's report.
+    pub fn changes(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for s in &self.start {
+            let (name, bind) = (&s.config.name, s.config.bind);
+            lines.push(match self.stop.iter().find(|(n, _)| n == name) {
+                Some((_, old)) if *old == bind => {
+                    format!("listener `{name}` restarted on {bind} (a new TLS context)")
+                }
+                Some((_, old)) => format!("listener `{name}` moved from {old} to {bind}"),
+                None => format!("listener `{name}` added on {bind}"),
+            });
+        }
+        for (name, bind) in &self.stop {
+            if !self.start.iter().any(|s| &s.config.name == name) {
+                lines.push(format!(
+                    "listener `{name}` removed from {bind}; its connections drain"
+                ));
+            }
+        }
+        lines
     }
 }
 
@@ -186,7 +209,7 @@ impl Listeners {
                 .iter()
                 .any(|n| n.name == r.config.name && !needs_start(&r.config, n));
             if !kept {
-                plan.stop.push(r.config.name.clone());
+                plan.stop.push((r.config.name.clone(), r.config.bind));
             }
         }
         for n in &new.listeners {
@@ -298,7 +321,7 @@ impl Listeners {
         // The new sockets accept before the old ones stop.
         let taken: Vec<SocketAddr> = plan.start.iter().map(|s| s.config.bind).collect();
         let mut stopping = Vec::new();
-        for name in &plan.stop {
+        for (name, _) in &plan.stop {
             if let Some(at) = running.iter().position(|r| &r.config.name == name) {
                 stopping.push(running.remove(at));
             }

@@ -281,8 +281,14 @@ fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) 
     let addr = admin_addr(&config, admin);
     let outcome = addr.and_then(|a| admin_client::reload(a, timeout).map_err(|e| e.to_string()));
     match outcome {
-        Ok(Reloaded::Yes { generation }) => {
+        Ok(Reloaded::Yes {
+            generation,
+            listeners,
+        }) => {
             println!("reloaded: generation {generation}");
+            for change in listeners {
+                println!("{change}");
+            }
             ExitCode::SUCCESS
         }
         Ok(Reloaded::Refused { errors }) => {

@@ -36,13 +36,21 @@ pub enum ReloadError {
 /// One reload at a time: SIGHUP and `POST /reload` may come together.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A reload that took: the new generation, and a line per listener it
+/// started, stopped or moved.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub listeners: Vec<String>,
+}
+
 /// Validate `path` and, when it can be applied live, swap it in and start
 /// and stop the listeners it changes.
 pub fn reload(
     path: &std::path::Path,
     runtime: &ArcSwap<Runtime>,
     listeners: &Listeners,
-) -> Result<u64, ReloadError> {
+) -> Result<Reloaded, ReloadError> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let new = config::load(path)?;
     let current = runtime.load();
@@ -68,8 +76,12 @@ pub fn reload(
         .set_budget(next.config.gateway.max_pending_head_bytes);
     metrics().config_loaded(generation, &next.config.source_hash);
     runtime.store(Arc::new(next));
+    let changes = plan.changes();
     listeners.apply(plan);
-    Ok(generation)
+    Ok(Reloaded {
+        generation,
+        listeners: changes,
+    })
 }
 
 /// What only a restart changes. All of them are named, so one restart
@@ -111,7 +123,7 @@ pub async fn reload_and_log(
     path: PathBuf,
     runtime: Arc<ArcSwap<Runtime>>,
     listeners: Arc<Listeners>,
-) -> Result<u64, ReloadError> {
+) -> Result<Reloaded, ReloadError> {
     let shown = path.display().to_string();
     crate::notify::reloading();
     let rt = runtime.clone();
@@ -124,7 +136,13 @@ pub async fn reload_and_log(
         .map(|e| e.to_string().lines().next().unwrap_or_default().to_string());
     crate::notify::reloaded(&runtime.load(), first_error.as_deref());
     match &reloaded {
-        Ok(generation) => {
+        Ok(Reloaded {
+            generation,
+            listeners,
+        }) => {
+            for change in listeners {
+                log::info!("{change}");
+            }
             metrics()
                 .config_reloads
                 .with_label_values(&["success"])

@@ -582,7 +582,7 @@ async fn health_and_start_up_lines() {
 
 /// `meshgate reload` asks the running gateway to reload and reports the
 /// outcome: exit 64 with every error (the old config keeps serving), 0
-/// with the new generation.
+/// with the new generation and the listeners it started or stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_reports_what_happened() {
     let first = format!("{HEAD}[routes.a]\npath = \"/a\"\nrespond = {{ body = \"a\" }}\n");
@@ -616,6 +616,16 @@ async fn reload_reports_what_happened() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("reloaded: generation 2"), "{out}");
     assert_eq!(get(gw.listen, "/b", &[]).await.unwrap().text(), "b");
+
+    // A listener added: the report says so.
+    let side = format!("127.0.0.1:{}", crate::support::free_port());
+    gw.write_config(&format!("{first}[listeners.side]\nbind = \"{side}\"\n"));
+    let (code, out, err) = reload(path.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("reloaded: generation 3\nlistener `side` added on {side}\n")
+    );
 
     // Only POST; and nothing listening: exit 1.
     let r = get(gw.admin, "/reload", &[]).await.unwrap();

@@ -104,6 +104,11 @@ async fn reloads_add_remove_and_move_listeners() {
     );
     let r = gw.reload_now(&two).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // The report names what changed.
+    assert_eq!(
+        r.json()["listeners"],
+        serde_json::json!([format!("listener `extra` added on {extra}")])
+    );
     assert_eq!(get(extra, "/", &[]).await.unwrap().text(), "two");
     // The connection to the listener that stays goes on.
     assert_eq!(on_connection(&mut kept, "/").await.as_deref(), Some("two"));
@@ -172,6 +177,12 @@ async fn reloads_add_remove_and_move_listeners() {
         .reload_now(&config(&[("public", "@LISTEN@")], "four"))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["listeners"],
+        serde_json::json!([format!(
+            "listener `extra` removed from {extra}; its connections drain"
+        )])
+    );
     closed(extra, &gw).await;
     for conn in [&mut on_extra, &mut arriving] {
         let mut rest = Vec::new();
@@ -187,6 +198,13 @@ async fn reloads_add_remove_and_move_listeners() {
         .reload_now(&config(&[("public", &moved.to_string())], "five"))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["listeners"],
+        serde_json::json!([format!(
+            "listener `public` moved from {} to {moved}",
+            gw.listen
+        )])
+    );
     assert_eq!(get(moved, "/", &[]).await.unwrap().text(), "five");
     closed(gw.listen, &gw).await;
     let mut rest = Vec::new();
