@@ -14,8 +14,10 @@
 //! - a listener whose TLS context is built at its start (TLS added or
 //!   removed, `min_version`, `alpn`, `session_tickets`, a client CA added or
 //!   removed) starts again on a duplicate of its own socket, so the kernel's
-//!   queue of new connections is never closed: no connection is refused
-//!   while the old context's connections drain.
+//!   queue of new connections is never closed: the old service stops
+//!   accepting, the new one takes over the queue once the old one's accept
+//!   loops have ended (the reload returns then), and no connection is
+//!   refused while the old context's connections drain.
 //!
 //! Every listening socket is in Pingora's table of them, which SIGQUIT
 //! hands to a new process (`meshgate run --upgrade`): listeners a reload
@@ -53,6 +55,10 @@ use crate::runtime::Runtime;
 /// keeps one record's worth.
 const PLAIN_READ_BUFFER: usize = 64;
 const TLS_READ_BUFFER: usize = 16 * 1024;
+
+/// Longest a listener starting again on its socket waits for the service
+/// before it to end.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenersError {
@@ -285,7 +291,18 @@ impl Listeners {
     }
 
     /// Start and stop what `plan` says; the new config is in by now.
+    /// Returns once every listener that starts again on its own socket
+    /// has it to itself (the old service's accept loops have ended), so
+    /// that a client connecting after the reload reaches the new one.
+    /// Blocks: called off the async workers.
     pub fn apply(&self, plan: Plan) {
+        let handovers = self.apply_locked(plan);
+        for ended in handovers {
+            let _ = ended.recv_timeout(HANDOVER_WAIT);
+        }
+    }
+
+    fn apply_locked(&self, plan: Plan) -> Vec<std::sync::mpsc::Receiver<()>> {
         let mut live = self.lock();
         if plan.before_start && live.started.is_some() {
             // The service started, with the config before this one, while
@@ -295,20 +312,22 @@ impl Listeners {
             let planned = started.ok_or_else(Vec::new).and_then(|fds| {
                 self.plan_from(&live.running, &live.stopping, &fds, &rt.config, &rt)
             });
-            match planned {
+            return match planned {
                 Ok(plan) => self.apply_to(&mut live, plan),
                 Err(errors) => {
                     for e in errors {
                         log::error!("listener not changed by the reload: {e}");
                     }
+                    Vec::new()
                 }
-            }
-            return;
+            };
         }
-        self.apply_to(&mut live, plan);
+        self.apply_to(&mut live, plan)
     }
 
-    fn apply_to(&self, live: &mut Live, plan: Plan) {
+    /// Start and stop; each listener that starts again on a socket
+    /// another service had says on its channel when that one has ended.
+    fn apply_to(&self, live: &mut Live, plan: Plan) -> Vec<std::sync::mpsc::Receiver<()>> {
         let Live {
             started,
             running,
@@ -316,9 +335,8 @@ impl Listeners {
         } = live;
         stopped.retain(|(_, done)| !done.is_finished());
         let Some(started) = started else {
-            return;
+            return Vec::new();
         };
-        // The new sockets accept before the old ones stop.
         let taken: Vec<SocketAddr> = plan.start.iter().map(|s| s.config.bind).collect();
         let mut stopping = Vec::new();
         for (name, _) in &plan.stop {
@@ -326,27 +344,51 @@ impl Listeners {
                 stopping.push(running.remove(at));
             }
         }
-        for start in plan.start {
-            running.push(self.start(started, start));
-        }
+        // The old services stop first. A listener that moves has its new
+        // address accepting at once; one that starts again on its own
+        // socket (or a new name on it) waits for the old service's accept
+        // loops to end, so that no connection is taken by the old one
+        // after the new one began (a plain client reaching a TLS service,
+        // say): meanwhile the kernel queues them.
+        let mut handed_over = Vec::new();
         for old in stopping {
             log::info!(
                 "listener `{}` on {} stops accepting; its connections drain",
                 old.config.name,
                 old.config.bind
             );
-            // Its service closes its socket once its accept loops end; the
-            // table forgets it unless a listener started now took it over.
-            if !taken.contains(&old.config.bind) {
-                forget(&mut started.fds.lock(), &old.config.bind.to_string());
-            }
             old.stop.send_replace(true);
-            stopped.push((old.config.bind, old.done));
+            if taken.contains(&old.config.bind) {
+                handed_over.push((old.config.bind, old.done));
+            } else {
+                // Its service closes its socket once its accept loops end.
+                forget(&mut started.fds.lock(), &old.config.bind.to_string());
+                stopped.push((old.config.bind, old.done));
+            }
         }
+        let mut handovers = Vec::new();
+        for start in plan.start {
+            let after = handed_over
+                .iter()
+                .position(|(bind, _)| *bind == start.config.bind)
+                .map(|at| {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    handovers.push(rx);
+                    (handed_over.swap_remove(at).1, tx)
+                });
+            running.push(self.start(started, start, after));
+        }
+        handovers
     }
 
-    /// Run `start`'s service on the listeners' runtime.
-    fn start(&self, started: &Started, start: Start) -> Running {
+    /// Run `start`'s service on the listeners' runtime, once `after` (the
+    /// service that had its socket) has ended.
+    fn start(
+        &self,
+        started: &Started,
+        start: Start,
+        after: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
+    ) -> Running {
         let Start {
             config,
             socket,
@@ -375,6 +417,11 @@ impl Listeners {
         let fds = started.fds.clone();
         let tasks = started.tasks_per_fd;
         let done = started.handle.spawn(async move {
+            if let Some((old, ended)) = after {
+                // Its accept loops end as soon as they see the stop.
+                let _ = tokio::time::timeout(HANDOVER_WAIT, old).await;
+                let _ = ended.send(());
+            }
             ServiceTrait::start_service(&mut service, Some(fds), stopped, tasks).await;
         });
         Running {
@@ -572,6 +619,7 @@ impl ServiceTrait for ListenerService {
                 handle: tokio::runtime::Handle::current(),
                 tasks_per_fd: listeners_per_fd.max(1),
             });
+            // Nothing runs yet, so nothing is handed over.
             listeners.apply_to(&mut live, plan);
         }
         while !*shutdown.borrow() {

@@ -406,25 +406,38 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             .zip(settings.header_read_timeout)
             .map(|(s, t)| s + t);
         let wait = earliest(Instant::now() + settings.idle_timeout, head_deadline);
-        let buf = tokio::select! {
-            // A request already sent is served, even at shutdown.
-            biased;
-            read = read_some(stream) => match read {
-                Ok(Some(buf)) => buf,
-                _ => return Head::Gone,
-            },
-            () = idle.until(wait) => {
-                // A new connection that sent nothing in time is a head
-                // that timed out; a kept-alive one that idled, no head.
-                return if head_deadline.is_some_and(|d| d <= wait) {
-                    Head::Unfinished(BytesMut::new(), HeadEnd::TimedOut)
-                } else {
-                    Head::Gone
-                };
+        // A new connection gets its first request served even when a
+        // reload stops its listener (moved or started again): it was
+        // accepted, so its client has sent, or is sending, a request.
+        // Kept-alive ones close instead, and every one when the process
+        // stops.
+        let first = started.is_some();
+        let buf = loop {
+            tokio::select! {
+                // A request already sent is served, even at shutdown.
+                biased;
+                read = read_some(stream) => match read {
+                    Ok(Some(buf)) => break buf,
+                    _ => return Head::Gone,
+                },
+                () = idle.until(wait) => {
+                    // A new connection that sent nothing in time is a head
+                    // that timed out; a kept-alive one that idled, no head.
+                    return if head_deadline.is_some_and(|d| d <= wait) {
+                        Head::Unfinished(BytesMut::new(), HeadEnd::TimedOut)
+                    } else {
+                        Head::Gone
+                    };
+                }
+                // Polled only until the stop shows (it is then done).
+                _ = &mut *shutting_down, if !*shutdown.borrow() => {
+                    if closes_at_stop(first) {
+                        return Head::Gone;
+                    }
+                }
+                () = std::future::ready(()), if *shutdown.borrow() && closes_at_stop(first) => return Head::Gone,
+                () = evicted(waiting.as_ref()), if waiting.is_some() => return Head::Gone,
             }
-            _ = &mut *shutting_down => return Head::Gone,
-            () = std::future::ready(()), if *shutdown.borrow() => return Head::Gone,
-            () = evicted(waiting.as_ref()), if waiting.is_some() => return Head::Gone,
         };
         drop(waiting);
         if head_deadline.is_none() {
@@ -445,7 +458,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             settings,
             head_deadline,
             idle,
-            shutting_down,
+            Stop {
+                first,
+                shutting_down,
+                shutdown,
+            },
         ))
         .await
     }
@@ -459,7 +476,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         settings: HeadSettings,
         head_deadline: Option<Instant>,
         idle: &mut IdleTimer,
-        shutting_down: &mut F,
+        stop: Stop<'_, F>,
     ) -> Head
     where
         F: Future + Unpin,
@@ -511,7 +528,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 read = stream.read_buf(last) => read,
                 () = ticket.cut() => return head(chunks, HeadEnd::Cut),
                 () = idle.until(wait) => return head(chunks, HeadEnd::TimedOut),
-                _ = &mut *shutting_down => return head(chunks, HeadEnd::Shutdown),
+                _ = &mut *stop.shutting_down, if !*stop.shutdown.borrow() => {
+                    if closes_at_stop(stop.first) {
+                        return head(chunks, HeadEnd::Shutdown);
+                    }
+                    continue;
+                }
+                () = std::future::ready(()), if *stop.shutdown.borrow() && closes_at_stop(stop.first) => return head(chunks, HeadEnd::Shutdown),
             };
             match read {
                 Ok(n) if n > 0 => {
@@ -524,6 +547,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             }
         }
     }
+}
+
+/// What a head's reads know of the listener stopping: the connection's
+/// shutdown watch, and its one wake-up future (done once the stop shows,
+/// so polled only until then).
+struct Stop<'a, F> {
+    /// The head is the connection's first.
+    first: bool,
+    shutting_down: &'a mut F,
+    shutdown: &'a ShutdownWatch,
+}
+
+/// Whether a head still coming is cut when its listener stops: a kept-alive
+/// connection's next one is; a new connection's first is served, unless
+/// the process itself is stopping.
+fn closes_at_stop(first: bool) -> bool {
+    !first || crate::lifecycle::draining()
 }
 
 /// What a slow head's later reads go into: one size for all, so that the

@@ -192,7 +192,16 @@ async fn reloads_add_remove_and_move_listeners() {
     assert_eq!(on_connection(&mut kept, "/").await.as_deref(), Some("four"));
 
     // Moved: the new address answers, the old one is closed, and a
-    // connection made to the old one drains.
+    // connection made to the old one drains. One accepted there that had
+    // not sent its request yet is served it (by the moved listener, found
+    // by name), then closed.
+    let mut fresh = TcpStream::connect(gw.listen).await.unwrap();
+    gw.wait_for_metric(
+        r#"meshgate_downstream_connections_active{direction="ingress",listener="public"}"#,
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let moved = fresh_addr();
     let r = gw
         .reload_now(&config(&[("public", &moved.to_string())], "five"))
@@ -210,6 +219,12 @@ async fn reloads_add_remove_and_move_listeners() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), kept.read_to_end(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+    assert_eq!(
+        request(&mut fresh, "/").await,
+        Some(("five".to_string(), true)),
+        "{}",
+        gw.log()
+    );
     assert!(gw.log().contains("listener `public` on"), "{}", gw.log());
 }
 

@@ -1138,6 +1138,37 @@ async fn reloads_add_tls_listeners_and_rename_on_the_same_socket() {
     assert_eq!(resp.text(), "secure");
     assert_eq!(info.server_names, ["edge.example"]);
 
+    // A connection whose handshake is done but whose request has not come
+    // when the listener starts again (a new TLS context) is served its
+    // request by the old one, then closed.
+    let opts = ClientTls::new(&ca_pem, Some("edge.example"));
+    let (mut waiting, _) = tls::connect(secure.parse().unwrap(), &opts).await.unwrap();
+    gw.wait_for_metric(
+        r#"meshgate_downstream_connections_active{direction="ingress",listener="tls"}"#,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    let tickets = format!("[listeners.tls]\nbind = \"{secure}\"\ntls = {{ certs = [\"edge\"], session_tickets = 2 }}\n");
+    let r = gw.reload_now(&config("public", &tickets)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["listeners"],
+        serde_json::json!([format!(
+            "listener `tls` restarted on {secure} (a new TLS context)"
+        )])
+    );
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nhost: edge.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", gw.log());
+    assert!(answer.ends_with("secure"), "{answer}");
+
     // TLS off: the same address now speaks plain HTTP.
     let plain = format!("[listeners.tls]\nbind = \"{secure}\"\n");
     let r = gw.reload_now(&config("public", &plain)).await;
