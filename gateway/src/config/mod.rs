@@ -52,7 +52,47 @@ impl Loaded {
 /// format's own types.
 pub fn schema() -> String {
     let schema = schemars::schema_for!(raw::RawRoot);
-    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+    let mut value = schema.to_value();
+    drop_null(&mut value);
+    serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+}
+
+/// TOML has no null: an optional key is one that is left out, so the
+/// `null` alternatives the schema generator gives every `Option` would
+/// only have editors offer a value no file can hold.
+fn drop_null(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if let [only] = types.as_slice() {
+                    let only = only.clone();
+                    map.insert("type".into(), only);
+                }
+            }
+            for key in ["anyOf", "oneOf"] {
+                if let Some(Value::Array(alternatives)) = map.get_mut(key) {
+                    alternatives.retain(|a| a.get("type").is_none_or(|t| t != "null"));
+                    if let [only] = alternatives.as_slice() {
+                        let only = only.clone();
+                        map.remove(key);
+                        if let Value::Object(inner) = only {
+                            for (k, v) in inner {
+                                map.entry(k).or_insert(v);
+                            }
+                        }
+                    }
+                }
+            }
+            if map.get("default").is_some_and(Value::is_null) {
+                map.remove("default");
+            }
+            map.values_mut().for_each(drop_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null),
+        _ => {}
+    }
 }
 
 /// Read and validate a config file, and look up the host names it names.
