@@ -10,6 +10,7 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::Digest;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::model::{HealthCheck, HealthCheckKind};
@@ -31,6 +32,9 @@ pub struct Prober {
 /// A check's result: passed or not, and what it saw.
 pub type Verdict = (bool, String);
 
+/// Whether a connection's peer is who the upstream's `tls.verify` asks for.
+pub type Identity<'a> = dyn Fn(Option<&Digest>) -> Result<(), String> + Send + Sync + 'a;
+
 impl Prober {
     pub fn new(policy: HealthCheck) -> Self {
         Prober {
@@ -41,8 +45,9 @@ impl Prober {
     }
 
     /// Check the endpoint `peer` connects to; `host` is the Host (or
-    /// `:authority`) to send.
-    pub async fn probe(&self, peer: &HttpPeer, host: &str) -> Verdict {
+    /// `:authority`) to send; `identity` checks the connection's peer as
+    /// requests do (`tls.verify`).
+    pub async fn probe(&self, peer: &HttpPeer, host: &str, identity: &Identity<'_>) -> Verdict {
         let mut peer = peer.clone();
         let t = self.policy.timeout;
         peer.options.connection_timeout =
@@ -51,7 +56,7 @@ impl Prober {
         peer.options.write_timeout = Some(t);
         // Checks never take a connection from, or leave one in, a pool.
         peer.options.idle_timeout = None;
-        match tokio::time::timeout(t, self.run(&peer, host)).await {
+        match tokio::time::timeout(t, self.run(&peer, host, identity)).await {
             Err(_) => (
                 false,
                 format!("no answer within {}", humantime::format_duration(t)),
@@ -61,14 +66,24 @@ impl Prober {
         }
     }
 
-    async fn run(&self, peer: &HttpPeer, host: &str) -> Result<String, String> {
+    async fn run(
+        &self,
+        peer: &HttpPeer,
+        host: &str,
+        identity: &Identity<'_>,
+    ) -> Result<String, String> {
         match self.policy.kind {
             HealthCheckKind::Tcp => {
-                self.tcp.get_stream(peer).await.map_err(short)?;
+                let (stream, _) = self.tcp.get_stream(peer).await.map_err(short)?;
+                identity(Some(&Digest {
+                    ssl_digest: stream.get_ssl_digest(),
+                    ..Digest::default()
+                }))?;
                 Ok("connected".into())
             }
             HealthCheckKind::Http => {
                 let (mut session, _) = self.http.get_http_session(peer).await.map_err(short)?;
+                identity(session.digest())?;
                 let req = request("GET", &self.policy.path, host)?;
                 session.write_request_header(req).await.map_err(short)?;
                 session.finish_request_body().await.map_err(short)?;
@@ -85,6 +100,7 @@ impl Prober {
             }
             HealthCheckKind::Grpc => {
                 let (session, _) = self.http.get_http_session(peer).await.map_err(short)?;
+                identity(session.digest())?;
                 let HttpSession::H2(mut h2) = session else {
                     return Err("the endpoint did not speak HTTP/2".into());
                 };

@@ -388,7 +388,8 @@ impl UpstreamPool {
         if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
             peer.client_cert_key = Some(current.get().cert_key());
         }
-        let (passed, seen) = prober.probe(&peer, host).await;
+        let identity = |digest: Option<&pingora::protocols::Digest>| self.check_identity(digest);
+        let (passed, seen) = prober.probe(&peer, host, &identity).await;
         self.series.health_check(passed).inc();
         let addr = addr_of(members, i);
         match members.set.health_result(i, passed, seen.clone()) {

@@ -804,3 +804,47 @@ health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
     let statuses = load(&gw, 20, 4).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
+
+/// With `tls.verify`, a health check holds the endpoint to the identity
+/// requests are held to: a certificate from the right CA for another
+/// workload fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_check_the_upstreams_identity() {
+    use crate::support::tls::{Ca, Leaf};
+    let ca = Ca::new("mesh root");
+    let leaf = |uri: &'static [&'static str]| {
+        ca.issue(Leaf {
+            uris: uri,
+            ..Leaf::default()
+        })
+    };
+    let api = crate::support::upstream::https_echo("api", &leaf(&["spiffe://test/api"])).await;
+    let other =
+        crate::support::upstream::https_echo("other", &leaf(&["spiffe://test/other"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{}", "{}"]
+tls = {{ ca = "{}", sni = "api.mesh", verify = "spiffe://test/api" }}
+outlier = false
+health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
+"#,
+        api.addr,
+        other.addr,
+        ca.write(dir.path(), "ca.pem").display()
+    );
+    let gw = Gateway::start(&config).await;
+    wait_log(
+        &gw,
+        &format!("upstream `api` endpoint {} is unhealthy", other.addr),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(gw.log().contains("does not match verify"), "{}", gw.log());
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
