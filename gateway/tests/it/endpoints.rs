@@ -762,6 +762,38 @@ async fn a_flapping_endpoint_is_ejected_for_longer_each_time_and_ramps_up_when_b
     assert!(share > 0 && share < 60, "{share} of 200 while ramping up");
 }
 
+/// A gateway whose upstream `api` is `good` and `bad` over TLS (`tls`, its
+/// CA already named), health-checked every 200 ms; returns once `bad` is
+/// unhealthy, after checking that requests still all succeed.
+async fn tls_health_checked(
+    good: std::net::SocketAddr,
+    bad: std::net::SocketAddr,
+    tls: &str,
+) -> Gateway {
+    let config = format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{good}", "{bad}"]
+tls = {{ {tls} }}
+outlier = false
+health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
+"#
+    );
+    let gw = Gateway::start(&config).await;
+    wait_log(
+        &gw,
+        &format!("upstream `api` endpoint {bad} is unhealthy"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let statuses = load(&gw, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    gw
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_use_the_upstreams_tls() {
     use crate::support::tls::{Ca, Leaf};
@@ -776,33 +808,14 @@ async fn health_checks_use_the_upstreams_tls() {
     let trusted = crate::support::upstream::https_echo("trusted", &leaf(&ca)).await;
     let stranger = crate::support::upstream::https_echo("stranger", &leaf(&other)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{}", "{}"]
-tls = {{ ca = "{}", sni = "api.test" }}
-outlier = false
-health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
-"#,
-        trusted.addr,
-        stranger.addr,
+    let tls = format!(
+        "ca = \"{}\", sni = \"api.test\"",
         ca.write(dir.path(), "ca.pem").display()
     );
-    let gw = Gateway::start(&config).await;
-    wait_log(
-        &gw,
-        &format!("upstream `api` endpoint {} is unhealthy", stranger.addr),
-        Duration::from_secs(5),
-    )
-    .await;
+    let gw = tls_health_checked(trusted.addr, stranger.addr, &tls).await;
     let first = first_checked(&gw).await;
     assert_eq!(first["state"], "healthy", "{first}");
     assert_eq!(first["last_health_check"]["result"], "200", "{first}");
-    let statuses = load(&gw, 20, 4).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
 
 /// With `tls.verify`, a health check holds the endpoint to the identity
@@ -822,29 +835,10 @@ async fn health_checks_check_the_upstreams_identity() {
     let other =
         crate::support::upstream::https_echo("other", &leaf(&["spiffe://test/other"])).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{}", "{}"]
-tls = {{ ca = "{}", sni = "api.mesh", verify = "spiffe://test/api" }}
-outlier = false
-health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
-"#,
-        api.addr,
-        other.addr,
+    let tls = format!(
+        "ca = \"{}\", sni = \"api.mesh\", verify = \"spiffe://test/api\"",
         ca.write(dir.path(), "ca.pem").display()
     );
-    let gw = Gateway::start(&config).await;
-    wait_log(
-        &gw,
-        &format!("upstream `api` endpoint {} is unhealthy", other.addr),
-        Duration::from_secs(5),
-    )
-    .await;
+    let gw = tls_health_checked(api.addr, other.addr, &tls).await;
     assert!(gw.log().contains("does not match verify"), "{}", gw.log());
-    let statuses = load(&gw, 20, 4).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
