@@ -38,6 +38,21 @@ pub fn begin_drain() {
     DRAIN.0.send_replace(true);
 }
 
+/// Set when the draining is a handover to a new process (a binary
+/// upgrade), whose clients are served on there.
+static HANDING_OVER: AtomicBool = AtomicBool::new(false);
+
+/// A new process takes the listening sockets over: drain.
+pub fn begin_handover() {
+    HANDING_OVER.store(true, Ordering::Relaxed);
+    begin_drain();
+}
+
+/// Whether the process is draining for a handover (not a stop).
+pub fn handing_over() -> bool {
+    HANDING_OVER.load(Ordering::Relaxed)
+}
+
 /// Whether the gateway is shedding load now.
 pub fn overloaded() -> bool {
     OVERLOADED.load(Ordering::Relaxed)

@@ -51,7 +51,7 @@ async fn next(s: &mut Option<Signal>) {
 /// stopping (no `STOPPING=1`): under systemd the new process becomes its
 /// main process.
 fn hand_over() -> ShutdownSignal {
-    crate::lifecycle::begin_drain();
+    crate::lifecycle::begin_handover();
     crate::notify::handing_over();
     ShutdownSignal::GracefulUpgrade
 }

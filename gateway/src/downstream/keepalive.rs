@@ -561,9 +561,10 @@ struct Stop<'a, F> {
 
 /// Whether a head still coming is cut when its listener stops: a kept-alive
 /// connection's next one is; a new connection's first is served, unless
-/// the process itself is stopping.
+/// the process itself is stopping (not handing over to a new one).
 fn closes_at_stop(first: bool) -> bool {
-    !first || crate::lifecycle::draining()
+    use crate::lifecycle::{draining, handing_over};
+    !first || (draining() && !handing_over())
 }
 
 /// What a slow head's later reads go into: one size for all, so that the

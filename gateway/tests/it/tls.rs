@@ -1194,3 +1194,52 @@ async fn reloads_add_tls_listeners_and_rename_on_the_same_socket() {
         "{metrics}"
     );
 }
+
+/// A binary upgrade: a TLS connection the old process accepted, whose
+/// request has not come when the old process stops accepting, is served
+/// that request by the old process, then closed (the client goes on with
+/// the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_serves_a_tls_connection_its_first_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let certs = edge_and_api(&ca, dir.path());
+    let sock = dir.path().join("upgrade.sock");
+    let config = format!(
+        "[gateway]\nupgrade_socket = \"{}\"\nshutdown_grace_period = \"5s\"\n{}",
+        sock.display(),
+        tls_listener("certs = [\"edge\"]", &certs, RESPOND)
+    );
+    let mut old = Gateway::start(&config).await;
+    let ca_pem = ca.pem();
+    let opts = ClientTls::new(&ca_pem, Some("edge.example"));
+    let (mut waiting, _) = tls::connect(old.listen, &opts).await.unwrap();
+    let new =
+        crate::support::Upgrading::start(&old.config_path, &sock, dir.path().join("new.log")).await;
+    crate::support::signal(old.pid(), "QUIT");
+    // The old process stops accepting 5 s after SIGQUIT.
+    let start = Instant::now();
+    while !old.log().contains("Broadcasting graceful shutdown") {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", old.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nhost: edge.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\nold: {}\nnew: {}",
+        old.log(),
+        new.log()
+    );
+    // The new process serves the same address.
+    let (resp, _) = tls::get(old.listen, &opts, "/", &[]).await.unwrap();
+    assert_eq!(resp.text(), "secure");
+    assert!(old.wait_exit(Duration::from_secs(20)).await.is_some());
+}
