@@ -223,50 +223,12 @@ impl Listeners {
             if current.is_some_and(|r| !needs_start(&r.config, n)) {
                 continue;
             }
-            let key = n.bind.to_string();
-            let held = fds.lock().get(&key).copied();
-            let in_use = running.iter().any(|r| r.config.bind == n.bind);
-            let socket = match held {
-                // Another listener, stopping now, or this one starting again:
-                // both accept from the one queue until the old one stops.
-                Some(fd) if in_use => match duplicate(fd) {
-                    Ok(s) => Some(s),
-                    Err(source) => {
-                        errors.push(ListenersError::Duplicate {
-                            name: n.name.clone(),
-                            addr: n.bind,
-                            source,
-                        });
-                        continue;
-                    }
-                },
-                Some(_) => None,
-                None => match bind_after(n.bind, stopping) {
-                    Ok(s) => Some(s),
-                    Err(source) => {
-                        let overlapping = running.iter().find(|r| {
-                            r.config.bind.port() == n.bind.port()
-                                && (r.config.bind.ip().is_unspecified()
-                                    || n.bind.ip().is_unspecified())
-                        });
-                        errors.push(match overlapping {
-                            Some(r) if source.kind() == std::io::ErrorKind::AddrInUse => {
-                                ListenersError::Overlaps {
-                                    name: n.name.clone(),
-                                    addr: n.bind,
-                                    holder: r.config.name.clone(),
-                                    held: r.config.bind,
-                                }
-                            }
-                            _ => ListenersError::Bind {
-                                name: n.name.clone(),
-                                addr: n.bind,
-                                source,
-                            },
-                        });
-                        continue;
-                    }
-                },
+            let socket = match socket_for(n, running, stopping, fds) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
             };
             let admission = running
                 .iter()
@@ -486,6 +448,52 @@ impl Listeners {
         for d in done {
             let _ = d.await;
         }
+    }
+}
+
+/// The socket listener `n` starts on: a duplicate of one a running
+/// listener holds on its address (it stops now), `None` for one Pingora's
+/// table holds that no listener uses (handed over by the process this one
+/// upgraded), else a new one.
+fn socket_for(
+    n: &Listener,
+    running: &[Running],
+    stopping: &[(SocketAddr, JoinHandle<()>)],
+    fds: &ListenFds,
+) -> Result<Option<OwnedFd>, ListenersError> {
+    let held = fds.lock().get(&n.bind.to_string()).copied();
+    let in_use = running.iter().any(|r| r.config.bind == n.bind);
+    match held {
+        // Another listener, stopping now, or this one starting again.
+        Some(fd) if in_use => duplicate(fd)
+            .map(Some)
+            .map_err(|source| ListenersError::Duplicate {
+                name: n.name.clone(),
+                addr: n.bind,
+                source,
+            }),
+        Some(_) => Ok(None),
+        None => bind_after(n.bind, stopping).map(Some).map_err(|source| {
+            let overlapping = running.iter().find(|r| {
+                r.config.bind.port() == n.bind.port()
+                    && (r.config.bind.ip().is_unspecified() || n.bind.ip().is_unspecified())
+            });
+            match overlapping {
+                Some(r) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                    ListenersError::Overlaps {
+                        name: n.name.clone(),
+                        addr: n.bind,
+                        holder: r.config.name.clone(),
+                        held: r.config.bind,
+                    }
+                }
+                _ => ListenersError::Bind {
+                    name: n.name.clone(),
+                    addr: n.bind,
+                    source,
+                },
+            }
+        }),
     }
 }
 
