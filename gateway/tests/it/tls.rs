@@ -1158,14 +1158,7 @@ async fn reloads_add_tls_listeners_and_rename_on_the_same_socket() {
             "listener `tls` restarted on {secure} (a new TLS context)"
         )])
     );
-    waiting
-        .write_all(b"GET / HTTP/1.1\r\nhost: edge.example\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    let answer = last_request(&mut waiting).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", gw.log());
     assert!(answer.ends_with("secure"), "{answer}");
 
@@ -1224,14 +1217,7 @@ async fn a_binary_upgrade_serves_a_tls_connection_its_first_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    waiting
-        .write_all(b"GET / HTTP/1.1\r\nhost: edge.example\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    let answer = last_request(&mut waiting).await;
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "{answer}\nold: {}\nnew: {}",
@@ -1242,4 +1228,18 @@ async fn a_binary_upgrade_serves_a_tls_connection_its_first_request() {
     let (resp, _) = tls::get(old.listen, &opts, "/", &[]).await.unwrap();
     assert_eq!(resp.text(), "secure");
     assert!(old.wait_exit(Duration::from_secs(20)).await.is_some());
+}
+
+/// `GET /` on an open TLS connection the gateway then closes: all it sent.
+async fn last_request<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: edge.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    String::from_utf8_lossy(&answer).into_owned()
 }
