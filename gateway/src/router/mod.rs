@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::HashMap;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::model::{HostMatch, PathMatch, Route};
 
@@ -26,7 +26,33 @@ pub struct RequestParts<'a> {
     /// Path without the query.
     pub path: &'a str,
     pub method: &'a Method,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a dyn FieldView,
+}
+
+/// A request's header fields as routing asks about them. Pingora's lane
+/// has them in a `HeaderMap`; the HTTP/1.1 fast lane as slices of its read
+/// buffer (`crate::http1`): both answer, so routes are chosen by one code.
+pub trait FieldView: std::fmt::Debug + Sync {
+    /// Whether a `name` field line has exactly `value`.
+    fn has(&self, name: &HeaderName, value: &[u8]) -> bool;
+}
+
+impl FieldView for HeaderMap {
+    fn has(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    }
+}
+
+/// Fields parsed by httparse, as the fast lane holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct ParsedFields<'h, 'b>(pub &'h [httparse::Header<'b>]);
+
+impl FieldView for ParsedFields<'_, '_> {
+    fn has(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.0
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name.as_str()) && h.value == value)
+    }
 }
 
 /// A listener's routes, indexed by host and sorted by specificity. Holds
@@ -130,7 +156,7 @@ impl Matcher {
             && self
                 .headers
                 .iter()
-                .all(|(name, want)| req.headers.get_all(name).iter().any(|v| v == want))
+                .all(|(name, want)| req.headers.has(name, want.as_bytes()))
     }
 }
 

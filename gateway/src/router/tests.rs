@@ -268,3 +268,57 @@ fn paths_are_normalized_like_upstream_servers_read_them() {
     assert_eq!(n("/a/.hidden"), None);
     assert_eq!(n("/a/..b"), None);
 }
+
+/// The fast lane's fields (slices of the read buffer) route as a
+/// `HeaderMap` does: the same route for every combination of fields.
+#[test]
+fn parsed_fields_route_as_a_header_map_does() {
+    let t = table(
+        r#"
+[routes.plain]
+path_prefix = "/p/"
+upstream = "u"
+[routes.canary]
+path_prefix = "/p/"
+headers = { "x-canary" = "true" }
+upstream = "u"
+[routes.team]
+path_prefix = "/p/"
+headers = { "x-canary" = "true", "x-team" = "a" }
+upstream = "u"
+"#,
+        "public",
+    );
+    let fields: [&[(&str, &str)]; 6] = [
+        &[],
+        &[("X-Canary", "true")],
+        &[("x-canary", "TRUE")],
+        &[("x-team", "a"), ("x-canary", "true")],
+        &[("x-canary", "no"), ("x-canary", "true"), ("X-TEAM", "a")],
+        &[("x-team", "b"), ("x-canary", "true")],
+    ];
+    for set in fields {
+        let mut map = HeaderMap::new();
+        let mut parsed = Vec::new();
+        for (name, value) in set {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+            parsed.push(httparse::Header {
+                name,
+                value: value.as_bytes(),
+            });
+        }
+        let by = |headers: &dyn FieldView| {
+            let parts = RequestParts {
+                host: None,
+                path: "/p/1",
+                method: &Method::GET,
+                headers,
+            };
+            t.0.find(&parts).map(|i| t.1[i].clone())
+        };
+        assert_eq!(by(&map), by(&ParsedFields(&parsed)), "{set:?}");
+    }
+}
