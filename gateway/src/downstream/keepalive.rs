@@ -116,6 +116,13 @@ impl<A> Listener<A> {
     fn at(&self, rt: &Runtime) -> Option<usize> {
         rt.listener_named(&self.name)
     }
+
+    /// This listener's limits on heads now (read per head, so that a
+    /// reload applies).
+    fn head_settings(&self) -> HeadSettings {
+        let rt = self.runtime.load();
+        HeadSettings::of(&rt, self.at(&rt))
+    }
 }
 
 #[async_trait]
@@ -138,15 +145,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         if !self.speaks_http1(&mut stream, &mut idle, opened).await? {
-            let limits = {
-                let rt = self.runtime.load();
-                let settings = HeadSettings::of(&rt, self.at(&rt));
-                super::h2::H2Limits {
-                    listener: self.name.to_string(),
-                    handshake_timeout: settings.handshake_timeout,
-                    idle_timeout: settings.idle_timeout,
-                    max_requests: settings.max_requests,
-                }
+            let settings = self.head_settings();
+            let limits = super::h2::H2Limits {
+                listener: self.name.to_string(),
+                handshake_timeout: settings.handshake_timeout,
+                idle_timeout: settings.idle_timeout,
+                max_requests: settings.max_requests,
             };
             // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
             // only once its `shutdown_delay` is over.
@@ -265,8 +269,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                         Some(DEFAULT_IDLE.as_secs())
                     });
                     // The first request is this one; the rest are reuses.
-                    let rt = self.runtime.load();
-                    let max = HeadSettings::of(&rt, self.at(&rt)).max_requests;
+                    let max = self.head_settings().max_requests;
                     session.set_keepalive_reuses_remaining(Some(
                         u32::try_from(max.saturating_sub(1)).unwrap_or(u32::MAX),
                     ));
@@ -329,10 +332,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         // sends: the first byte tells most requests apart at once, and the
         // first three the rest (`PUT`, `POST`, `PATCH`, `PROPFIND`: `PRI` is
         // the preface's alone, RFC 9113 §3.4).
-        let settings = {
-            let rt = self.runtime.load();
-            HeadSettings::of(&rt, self.at(&rt))
-        };
+        let settings = self.head_settings();
         let head_deadline = settings.header_read_timeout.map(|t| opened + t);
         let deadline = earliest(Instant::now() + settings.idle_timeout, head_deadline);
         let peek = async {
@@ -389,11 +389,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     where
         F: Future + Unpin,
     {
-        // Read per head, so that a reload applies.
-        let settings = {
-            let rt = self.runtime.load();
-            HeadSettings::of(&rt, self.at(&rt))
-        };
+        let settings = self.head_settings();
         let Waits {
             idle,
             shutting_down,
