@@ -144,10 +144,6 @@ struct Start {
 }
 
 impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.start.is_empty() && self.stop.is_empty()
-    }
-
     /// What the plan changes, a line per listener, for the reload's report.
     pub fn changes(&self) -> Vec<String> {
         let mut lines = Vec::new();
@@ -230,9 +226,7 @@ impl Listeners {
                     continue;
                 }
             };
-            let admission = running
-                .iter()
-                .find(|r| r.config.name == n.name)
+            let admission = current
                 .map(|r| r.admission.clone())
                 .unwrap_or_else(|| Admission::new(&n.name, self.runtime.clone(), rt));
             match self.service(n, rt, admission.clone()) {
@@ -266,14 +260,16 @@ impl Listeners {
 
     fn apply_locked(&self, plan: Plan) -> Vec<std::sync::mpsc::Receiver<()>> {
         let mut live = self.lock();
-        if plan.before_start && live.started.is_some() {
+        let started_since = live
+            .started
+            .as_ref()
+            .filter(|_| plan.before_start)
+            .map(|s| s.fds.clone());
+        if let Some(fds) = started_since {
             // The service started, with the config before this one, while
             // the reload was under way: what it changes is planned again.
             let rt = self.runtime.load();
-            let started = live.started.as_ref().map(|s| s.fds.clone());
-            let planned = started.ok_or_else(Vec::new).and_then(|fds| {
-                self.plan_from(&live.running, &live.stopping, &fds, &rt.config, &rt)
-            });
+            let planned = self.plan_from(&live.running, &live.stopping, &fds, &rt.config, &rt);
             return match planned {
                 Ok(plan) => self.apply_to(&mut live, plan),
                 Err(errors) => {
@@ -644,15 +640,6 @@ impl ServiceTrait for ListenerService {
 
     fn threads(&self) -> Option<usize> {
         Some(self.threads)
-    }
-}
-
-impl std::fmt::Debug for Listeners {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let live = self.lock();
-        f.debug_list()
-            .entries(live.running.iter().map(|r| (&r.config.name, r.config.bind)))
-            .finish()
     }
 }
 
