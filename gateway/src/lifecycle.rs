@@ -1,5 +1,6 @@
 //! Process-wide state every layer may read and the process layer sets:
-//! whether the gateway is draining (a stop signal came) and whether it is
+//! whether the gateway is draining (a stop signal came, or a handover to a
+//! new process, which an upgrade asks for here) and whether it is
 //! shedding load (memory over `gateway.overload.memory`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,20 @@ pub fn begin_handover() {
 /// Whether the process is draining for a handover (not a stop).
 pub fn handing_over() -> bool {
     HANDING_OVER.load(Ordering::Relaxed)
+}
+
+/// The cue that an upgrade this process started is ready for the
+/// listening sockets (the stop-signal watcher then hands them over).
+static HANDOVER_ASKED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Ask for the listening sockets to be handed over now.
+pub fn ask_for_handover() {
+    HANDOVER_ASKED.notify_one();
+}
+
+/// Done once a handover is asked for.
+pub async fn handover_asked() {
+    HANDOVER_ASKED.notified().await
 }
 
 /// Whether the gateway is shedding load now.

@@ -17,6 +17,11 @@ use sd_notify::NotifyState;
 
 use crate::runtime::Runtime;
 
+/// The environment variable that tells a new process an upgrade started
+/// it, and from which process ([`crate::upgrade`]): it is the service's
+/// main process once it serves.
+pub const UPGRADE_FROM: &str = "MESHGATE_UPGRADE_FROM";
+
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         log::warn!("cannot notify systemd: {e}");
@@ -94,7 +99,7 @@ impl BackgroundService for Notify {
             let rt = self.runtime.load_full();
             if rt.probe_listeners().await.is_ok() {
                 let status = status(&rt);
-                if std::env::var_os(crate::upgrade::UPGRADE_FROM).is_some() {
+                if std::env::var_os(UPGRADE_FROM).is_some() {
                     // Started by the unit's old main process for an
                     // upgrade: this one is the main process now.
                     send(&[

@@ -169,30 +169,25 @@ pub struct ReloadOnSighup {
 
 #[async_trait]
 impl BackgroundService for ReloadOnSighup {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot listen for SIGHUP, reload disabled: {e}");
-                return;
-            }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        use tokio::signal::unix::SignalKind;
+        // Reading files and looking up names block: off the async workers.
+        let reload = || async {
+            let _ = reload_and_log(
+                self.path.clone(),
+                self.runtime.clone(),
+                self.listeners.clone(),
+            )
+            .await;
         };
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    // Reading files and looking up names block: off the
-                    // async workers.
-                    let _ = reload_and_log(
-                        self.path.clone(),
-                        self.runtime.clone(),
-                        self.listeners.clone(),
-                    )
-                    .await;
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
+        crate::shutdown::on_each_signal(
+            SignalKind::hangup(),
+            "SIGHUP",
+            "reload disabled",
+            shutdown,
+            reload,
+        )
+        .await;
     }
 }
 

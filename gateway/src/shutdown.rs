@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::runtime::Runtime;
@@ -36,6 +36,34 @@ fn listen(kind: SignalKind, name: &str) -> Option<Signal> {
     signal(kind)
         .inspect_err(|e| log::error!("cannot listen for {name}: {e}"))
         .ok()
+}
+
+/// Run `on` at each `kind` signal (`name` in the log) until `shutdown`
+/// changes. When the handler cannot be installed, says so, with what
+/// goes missing (`without`), and returns.
+pub async fn on_each_signal<F, Fut>(
+    kind: SignalKind,
+    name: &str,
+    without: &str,
+    mut shutdown: ShutdownWatch,
+    mut on: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut signals = match signal(kind) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen for {name}, {without}: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = signals.recv() => on().await,
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn next(s: &mut Option<Signal>) {
@@ -69,7 +97,7 @@ impl ShutdownSignalWatch for DelayedTerminate {
                 log::info!("SIGQUIT: handing the listening sockets to the new meshgate, then draining");
                 return hand_over();
             }
-            () = crate::upgrade::hand_over_requested() => {
+            () = crate::lifecycle::handover_asked() => {
                 log::info!("upgrade: handing the listening sockets to the new meshgate, then draining");
                 return hand_over();
             }

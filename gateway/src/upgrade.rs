@@ -20,11 +20,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tokio::sync::Notify;
-
-/// The environment variable that tells a new process it was started by an
-/// upgrade, and by which process.
-pub const UPGRADE_FROM: &str = "MESHGATE_UPGRADE_FROM";
 
 /// How long the new process may take to load its config and wait for the
 /// sockets.
@@ -36,9 +31,6 @@ static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Set when an upgrade has handed over (or is handing over): one at a time.
 static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The signal handler's cue: the sockets are to be handed over now.
-static HAND_OVER: Notify = Notify::const_new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -63,11 +55,6 @@ pub fn remember_binary() {
     EXE.get_or_init(|| std::env::current_exe().ok());
 }
 
-/// Done when an upgrade asks for the sockets to be handed over.
-pub async fn hand_over_requested() {
-    HAND_OVER.notified().await
-}
-
 /// Start the new process with `config`, wait until it waits on `socket`,
 /// and ask for the handover; the new process's id. Blocks: run it off the
 /// async workers.
@@ -80,7 +67,7 @@ pub fn start(config: &Path, socket: &Path) -> Result<u32, UpgradeError> {
     match &outcome {
         Ok(pid) => {
             log::info!("upgrade: process {pid} waits for the listening sockets; handing them over");
-            HAND_OVER.notify_one();
+            crate::lifecycle::ask_for_handover();
         }
         Err(e) => {
             log::error!("upgrade aborted: {e}");
@@ -103,7 +90,7 @@ fn spawn_and_wait(config: &Path, socket: &Path) -> Result<u32, UpgradeError> {
         .arg("-c")
         .arg(config)
         .arg("--upgrade")
-        .env(UPGRADE_FROM, std::process::id().to_string())
+        .env(crate::notify::UPGRADE_FROM, std::process::id().to_string())
         // The watchdog is the new main process's to feed once it says
         // MAINPID=; systemd's WATCHDOG_PID names this one.
         .env_remove("WATCHDOG_PID")
@@ -148,25 +135,22 @@ pub struct UpgradeOnSigusr2 {
 
 #[async_trait]
 impl BackgroundService for UpgradeOnSigusr2 {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut usr2 = match signal(SignalKind::user_defined2()) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot listen for SIGUSR2, upgrades by signal disabled: {e}");
-                return;
-            }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        use tokio::signal::unix::SignalKind;
+        let upgrade = || async {
+            log::info!("SIGUSR2: starting a binary upgrade");
+            let (config, socket) = (self.config.clone(), self.socket.clone());
+            // Errors are logged by `start`.
+            let _ = tokio::task::spawn_blocking(move || start(&config, &socket)).await;
         };
-        loop {
-            tokio::select! {
-                _ = usr2.recv() => {
-                    log::info!("SIGUSR2: starting a binary upgrade");
-                    let (config, socket) = (self.config.clone(), self.socket.clone());
-                    // Errors are logged by `start`.
-                    let _ = tokio::task::spawn_blocking(move || start(&config, &socket)).await;
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
+        let without = "upgrades by signal disabled";
+        crate::shutdown::on_each_signal(
+            SignalKind::user_defined2(),
+            "SIGUSR2",
+            without,
+            shutdown,
+            upgrade,
+        )
+        .await;
     }
 }
