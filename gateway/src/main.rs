@@ -72,17 +72,8 @@ enum Command {
     /// For `ExecReload` in the systemd unit: `systemctl reload` then fails
     /// visibly. SIGHUP keeps working as before.
     Reload {
-        /// The config file: its `[admin] listen` says where to ask, even
-        /// when the rest of the file is invalid. The gateway reloads the
-        /// file it was started with.
-        #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
-        config: PathBuf,
-        /// The admin endpoint's address instead.
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<String>,
-        /// How long to wait for the outcome.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
+        #[command(flatten)]
+        gateway: RunningGateway,
     },
     /// Replace the running gateway by a new process of the binary on disk
     /// without refusing a connection (`POST /upgrade` on its admin endpoint,
@@ -93,16 +84,8 @@ enum Command {
     /// cannot be reached. SIGUSR2 to the gateway does the same, without the
     /// report.
     Upgrade {
-        /// The config file: its `[admin] listen` says where to ask. The new
-        /// process runs with the file the gateway was started with.
-        #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
-        config: PathBuf,
-        /// The admin endpoint's address instead.
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<String>,
-        /// How long to wait for the new process.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
+        #[command(flatten)]
+        gateway: RunningGateway,
     },
     /// Print the version.
     Version,
@@ -126,6 +109,44 @@ enum Command {
         #[arg(short, long, default_value = "demo")]
         name: String,
     },
+}
+
+/// Where `reload` and `upgrade` ask the running gateway.
+#[derive(clap::Args)]
+struct RunningGateway {
+    /// The config file: its `[admin] listen` says where to ask, even when
+    /// the rest of the file is invalid. The gateway reloads, or starts the
+    /// new process with, the file it was started with.
+    #[arg(short, long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+    config: PathBuf,
+    /// The admin endpoint's address instead.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// How long to wait for the outcome.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+impl RunningGateway {
+    /// The admin endpoint: `--admin`, else `[admin] listen` read from the
+    /// config file (valid or not).
+    fn admin_addr(&self) -> Result<std::net::SocketAddr, String> {
+        use meshgate::admin_client;
+        let config = &self.config;
+        match &self.admin {
+            Some(a) => admin_client::parse_admin(a).map_err(|e| e.to_string()),
+            None => std::fs::read_to_string(config)
+                .map_err(|e| format!("cannot read {}: {e}", config.display()))
+                .and_then(|text| {
+                    admin_client::admin_of(&text).ok_or_else(|| {
+                        format!(
+                            "{}: no [admin] listen can be read from it (not TOML?); give --admin ADDR",
+                            config.display()
+                        )
+                    })
+                }),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -208,16 +229,8 @@ fn main() -> ExitCode {
             config,
             timeout,
         } => health(admin, config, timeout),
-        Command::Reload {
-            config,
-            admin,
-            timeout,
-        } => reload(config, admin, timeout),
-        Command::Upgrade {
-            config,
-            admin,
-            timeout,
-        } => upgrade(config, admin, timeout),
+        Command::Reload { gateway } => reload(&gateway),
+        Command::Upgrade { gateway } => upgrade(&gateway),
         Command::DemoUpstream { listen, name } => {
             meshgate::demo::run(&listen, &name);
             ExitCode::SUCCESS
@@ -254,32 +267,11 @@ fn health(
     }
 }
 
-/// The admin endpoint: `--admin`, else `[admin] listen` read from `config`
-/// (valid or not).
-fn admin_addr(
-    config: &std::path::Path,
-    admin: Option<String>,
-) -> Result<std::net::SocketAddr, String> {
-    use meshgate::admin_client;
-    match admin {
-        Some(a) => admin_client::parse_admin(&a).map_err(|e| e.to_string()),
-        None => std::fs::read_to_string(config)
-            .map_err(|e| format!("cannot read {}: {e}", config.display()))
-            .and_then(|text| {
-                admin_client::admin_of(&text).ok_or_else(|| {
-                    format!(
-                        "{}: no [admin] listen can be read from it (not TOML?); give --admin ADDR",
-                        config.display()
-                    )
-                })
-            }),
-    }
-}
-
-fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
+fn reload(gateway: &RunningGateway) -> ExitCode {
     use meshgate::admin_client::{self, Reloaded};
-    let addr = admin_addr(&config, admin);
-    let outcome = addr.and_then(|a| admin_client::reload(a, timeout).map_err(|e| e.to_string()));
+    let outcome = gateway
+        .admin_addr()
+        .and_then(|a| admin_client::reload(a, gateway.timeout).map_err(|e| e.to_string()));
     match outcome {
         Ok(Reloaded::Yes {
             generation,
@@ -305,10 +297,11 @@ fn reload(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) 
     }
 }
 
-fn upgrade(config: PathBuf, admin: Option<String>, timeout: std::time::Duration) -> ExitCode {
-    let addr = admin_addr(&config, admin);
-    match addr.and_then(|a| meshgate::admin_client::upgrade(a, timeout).map_err(|e| e.to_string()))
-    {
+fn upgrade(gateway: &RunningGateway) -> ExitCode {
+    let upgraded = gateway.admin_addr().and_then(|a| {
+        meshgate::admin_client::upgrade(a, gateway.timeout).map_err(|e| e.to_string())
+    });
+    match upgraded {
         Ok((from, to)) => {
             println!("upgraded: process {to} serves; process {from} drains and exits");
             ExitCode::SUCCESS
