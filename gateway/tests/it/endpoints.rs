@@ -391,27 +391,8 @@ health_check = {{ path = "/healthz", host = "api.internal", interval = "200ms", 
 async fn tcp_and_grpc_health_checks() {
     let good = faulty("good", Fault::Good).await;
     let dead = crate::support::upstream::dead_addr();
-    let tcp = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{}", "{dead}"]
-outlier = false
-health_check = {{ kind = "tcp", interval = "200ms", timeout = "100ms" }}
-"#,
-        good.upstream.addr
-    );
-    let gw = Gateway::start(&tcp).await;
-    wait_log(
-        &gw,
-        &format!("upstream `api` endpoint {dead} is unhealthy"),
-        Duration::from_secs(5),
-    )
-    .await;
-    let statuses = load(&gw, 20, 4).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let tcp = r#"health_check = { kind = "tcp", interval = "200ms", timeout = "100ms" }"#;
+    let gw = health_checked(good.upstream.addr, dead, tcp).await;
     assert_eq!(good.checks(), 0, "a tcp check sends no request");
     drop(gw);
 
@@ -762,13 +743,17 @@ async fn a_flapping_endpoint_is_ejected_for_longer_each_time_and_ramps_up_when_b
     assert!(share > 0 && share < 60, "{share} of 200 while ramping up");
 }
 
-/// A gateway whose upstream `api` is `good` and `bad` over TLS (`tls`, its
-/// CA already named), health-checked every 200 ms; returns once `bad` is
-/// unhealthy, after checking that requests still all succeed.
-async fn tls_health_checked(
+/// An HTTP health check every 200 ms.
+const HTTP_CHECK: &str = r#"health_check = { path = "/", interval = "200ms", timeout = "150ms" }"#;
+
+/// A gateway whose upstream `api` is `good` and `bad`, with `keys` (its
+/// `health_check`, and its `tls` if any) and outlier detection off;
+/// returns once `bad` is unhealthy, after checking that requests all
+/// succeed.
+async fn health_checked(
     good: std::net::SocketAddr,
     bad: std::net::SocketAddr,
-    tls: &str,
+    keys: &str,
 ) -> Gateway {
     let config = format!(
         r#"{HEAD}
@@ -777,9 +762,8 @@ path_prefix = "/"
 upstream = "api"
 [upstreams.api]
 endpoints = ["{good}", "{bad}"]
-tls = {{ {tls} }}
 outlier = false
-health_check = {{ path = "/", interval = "200ms", timeout = "150ms" }}
+{keys}
 "#
     );
     let gw = Gateway::start(&config).await;
@@ -808,11 +792,11 @@ async fn health_checks_use_the_upstreams_tls() {
     let trusted = crate::support::upstream::https_echo("trusted", &leaf(&ca)).await;
     let stranger = crate::support::upstream::https_echo("stranger", &leaf(&other)).await;
     let dir = tempfile::tempdir().unwrap();
-    let tls = format!(
-        "ca = \"{}\", sni = \"api.test\"",
+    let keys = format!(
+        "tls = {{ ca = \"{}\", sni = \"api.test\" }}\n{HTTP_CHECK}",
         ca.write(dir.path(), "ca.pem").display()
     );
-    let gw = tls_health_checked(trusted.addr, stranger.addr, &tls).await;
+    let gw = health_checked(trusted.addr, stranger.addr, &keys).await;
     let first = first_checked(&gw).await;
     assert_eq!(first["state"], "healthy", "{first}");
     assert_eq!(first["last_health_check"]["result"], "200", "{first}");
@@ -835,10 +819,10 @@ async fn health_checks_check_the_upstreams_identity() {
     let other =
         crate::support::upstream::https_echo("other", &leaf(&["spiffe://test/other"])).await;
     let dir = tempfile::tempdir().unwrap();
-    let tls = format!(
-        "ca = \"{}\", sni = \"api.mesh\", verify = \"spiffe://test/api\"",
+    let keys = format!(
+        "tls = {{ ca = \"{}\", sni = \"api.mesh\", verify = \"spiffe://test/api\" }}\n{HTTP_CHECK}",
         ca.write(dir.path(), "ca.pem").display()
     );
-    let gw = tls_health_checked(api.addr, other.addr, &tls).await;
+    let gw = health_checked(api.addr, other.addr, &keys).await;
     assert!(gw.log().contains("does not match verify"), "{}", gw.log());
 }
