@@ -145,9 +145,9 @@ upstream = "u"
     assert_eq!(pick(&t, &req(None, "/")), None);
 }
 
-#[test]
-fn methods_and_headers_narrow_and_rank_first() {
-    let t = table(
+/// Routes narrowed by a header, and by two headers and methods.
+fn canary_routes() -> (RouteTable, Vec<String>) {
+    table(
         r#"
 [routes.plain]
 path_prefix = "/p/"
@@ -163,7 +163,12 @@ headers = { "x-canary" = "true", "x-team" = "a" }
 upstream = "u"
 "#,
         "public",
-    );
+    )
+}
+
+#[test]
+fn methods_and_headers_narrow_and_rank_first() {
+    let t = canary_routes();
     let mut r = req(None, "/p/1");
     assert_eq!(pick(&t, &r).as_deref(), Some("plain"));
     r.headers
@@ -273,22 +278,7 @@ fn paths_are_normalized_like_upstream_servers_read_them() {
 /// `HeaderMap` does: the same route for every combination of fields.
 #[test]
 fn parsed_fields_route_as_a_header_map_does() {
-    let t = table(
-        r#"
-[routes.plain]
-path_prefix = "/p/"
-upstream = "u"
-[routes.canary]
-path_prefix = "/p/"
-headers = { "x-canary" = "true" }
-upstream = "u"
-[routes.team]
-path_prefix = "/p/"
-headers = { "x-canary" = "true", "x-team" = "a" }
-upstream = "u"
-"#,
-        "public",
-    );
+    let t = canary_routes();
     let fields: [&[(&str, &str)]; 6] = [
         &[],
         &[("X-Canary", "true")],
@@ -310,15 +300,17 @@ upstream = "u"
                 value: value.as_bytes(),
             });
         }
-        let by = |headers: &dyn FieldView| {
-            let parts = RequestParts {
-                host: None,
-                path: "/p/1",
-                method: &Method::GET,
-                headers,
+        for method in [Method::GET, Method::PUT] {
+            let by = |headers: &dyn FieldView| {
+                let parts = RequestParts {
+                    host: None,
+                    path: "/p/1",
+                    method: &method,
+                    headers,
+                };
+                t.0.find(&parts).map(|i| t.1[i].clone())
             };
-            t.0.find(&parts).map(|i| t.1[i].clone())
-        };
-        assert_eq!(by(&map), by(&ParsedFields(&parsed)), "{set:?}");
+            assert_eq!(by(&map), by(&ParsedFields(&parsed)), "{method} {set:?}");
+        }
     }
 }

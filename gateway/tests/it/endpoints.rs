@@ -400,18 +400,11 @@ async fn tcp_and_grpc_health_checks() {
     let a = crate::support::upstream::grpc_health(serving.clone()).await;
     let b_serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let b = crate::support::upstream::grpc_health(b_serving.clone()).await;
-    let grpc = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{}", "{}"]
-protocol = "h2c"
-outlier = false
-health_check = {{ kind = "grpc", interval = "200ms", timeout = "150ms", healthy = 1 }}
-"#,
-        a.addr, b.addr
+    let grpc = two_endpoints(
+        a.addr,
+        b.addr,
+        r#"protocol = "h2c"
+health_check = { kind = "grpc", interval = "200ms", timeout = "150ms", healthy = 1 }"#,
     );
     let gw = Gateway::start(&grpc).await;
     wait_log(
@@ -743,6 +736,22 @@ async fn a_flapping_endpoint_is_ejected_for_longer_each_time_and_ramps_up_when_b
     assert!(share > 0 && share < 60, "{share} of 200 while ramping up");
 }
 
+/// A route to upstream `api` of endpoints `a` and `b`, with `keys` and
+/// outlier detection off.
+fn two_endpoints(a: std::net::SocketAddr, b: std::net::SocketAddr, keys: &str) -> String {
+    format!(
+        r#"{HEAD}
+[routes.api]
+path_prefix = "/"
+upstream = "api"
+[upstreams.api]
+endpoints = ["{a}", "{b}"]
+outlier = false
+{keys}
+"#
+    )
+}
+
 /// An HTTP health check every 200 ms.
 const HTTP_CHECK: &str = r#"health_check = { path = "/", interval = "200ms", timeout = "150ms" }"#;
 
@@ -755,18 +764,7 @@ async fn health_checked(
     bad: std::net::SocketAddr,
     keys: &str,
 ) -> Gateway {
-    let config = format!(
-        r#"{HEAD}
-[routes.api]
-path_prefix = "/"
-upstream = "api"
-[upstreams.api]
-endpoints = ["{good}", "{bad}"]
-outlier = false
-{keys}
-"#
-    );
-    let gw = Gateway::start(&config).await;
+    let gw = Gateway::start(&two_endpoints(good, bad, keys)).await;
     wait_log(
         &gw,
         &format!("upstream `api` endpoint {bad} is unhealthy"),
