@@ -34,20 +34,6 @@ pub struct Head<'h, 'b> {
     pub keep_alive: bool,
 }
 
-impl Head<'_, '_> {
-    /// The value of the field `name` (lower case), when it has one line.
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
-        let mut lines = self
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name));
-        match (lines.next(), lines.next()) {
-            (Some(h), None) => Some(h.value),
-            _ => None,
-        }
-    }
-}
-
 /// What the bytes so far are.
 #[derive(Debug)]
 pub enum Parse<'h, 'b> {
