@@ -189,6 +189,19 @@ async fn a_full_listener_makes_room_or_makes_new_clients_wait() {
         "{text}"
     );
 
+    // The third client's connection has ended once only the busy one is
+    // counted: else it could still hold the slot busy2 is to take, and
+    // `waiting` would get busy2's.
+    let start = std::time::Instant::now();
+    loop {
+        let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
+        if metric(&text, active) == 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // Both slots busy: a new client is accepted by the kernel but gets no
     // answer, nor a reset, until a busy one ends.
     let mut busy2 = TcpStream::connect(gw.listen).await.unwrap();
