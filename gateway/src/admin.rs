@@ -107,6 +107,9 @@ impl AdminApp {
         if crate::lifecycle::draining() {
             return Err("shutting down (SIGTERM)".to_string());
         }
+        if !crate::lifecycle::signals_handled() {
+            return Err("starting: signal handlers not yet installed".to_string());
+        }
         if self.listeners_up.load(Ordering::Acquire) {
             return Ok(());
         }

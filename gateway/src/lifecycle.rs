@@ -1,12 +1,14 @@
 //! Process-wide state every layer may read and the process layer sets:
 //! whether the gateway is draining (a stop signal came, or a handover to a
 //! new process, which an upgrade asks for here) and whether it is
-//! shedding load (memory over `gateway.overload.memory`).
+//! shedding load (memory over `gateway.overload.memory`), and which signals
+//! it already handles.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::LazyLock;
 
 use pingora::server::ShutdownWatch;
+use tokio::signal::unix::SignalKind;
 
 use crate::telemetry::metrics::metrics;
 
@@ -66,6 +68,42 @@ pub fn ask_for_handover() {
 /// Done once a handover is asked for.
 pub async fn handover_asked() {
     HANDOVER_ASKED.notified().await
+}
+
+/// The signals (one bit per number) whose handlers run. Until a handler
+/// runs, a signal is lost or takes its default action, which for SIGTERM
+/// and SIGUSR2 ends the process: readiness waits for them.
+static HANDLED_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// The signals the gateway acts on: stop (TERM, INT), hand over (QUIT),
+/// reload (HUP), upgrade (USR2).
+fn acted_on() -> [SignalKind; 5] {
+    [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::quit(),
+        SignalKind::hangup(),
+        SignalKind::user_defined2(),
+    ]
+}
+
+fn bit(kind: SignalKind) -> u64 {
+    u32::try_from(kind.as_raw_value())
+        .ok()
+        .and_then(|n| 1u64.checked_shl(n))
+        .unwrap_or(0)
+}
+
+/// The handler for `kind` runs (or, logged, cannot be installed).
+pub fn handling_signal(kind: SignalKind) {
+    HANDLED_SIGNALS.fetch_or(bit(kind), Ordering::Relaxed);
+}
+
+/// Whether every signal the gateway acts on has its handler running (so
+/// one sent now is acted on): part of being ready.
+pub fn signals_handled() -> bool {
+    let handled = HANDLED_SIGNALS.load(Ordering::Relaxed);
+    acted_on().iter().all(|&k| handled & bit(k) == bit(k))
 }
 
 /// Whether the gateway is shedding load now.

@@ -87,7 +87,9 @@ fn watchdog_usec() -> Option<u64> {
 /// How often listeners are probed before `READY=1`.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 
-/// Says `READY=1` once every listener accepts, then keeps the watchdog fed.
+/// Says `READY=1` once every listener accepts and every signal the
+/// gateway acts on has its handler (a reload or stop sent at once must not
+/// be lost), then keeps the watchdog fed.
 pub struct Notify {
     pub runtime: Arc<ArcSwap<Runtime>>,
 }
@@ -97,7 +99,7 @@ impl BackgroundService for Notify {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let rt = self.runtime.load_full();
-            if rt.probe_listeners().await.is_ok() {
+            if crate::lifecycle::signals_handled() && rt.probe_listeners().await.is_ok() {
                 let status = status(&rt);
                 if std::env::var_os(UPGRADE_FROM).is_some() {
                     // Started by the unit's old main process for an

@@ -31,11 +31,13 @@ pub struct DelayedTerminate {
 }
 
 /// A stream of `kind`, or none (a signal never received) if the handler
-/// cannot be installed.
+/// cannot be installed. Either way readiness no longer waits for it.
 fn listen(kind: SignalKind, name: &str) -> Option<Signal> {
-    signal(kind)
+    let s = signal(kind)
         .inspect_err(|e| log::error!("cannot listen for {name}: {e}"))
-        .ok()
+        .ok();
+    crate::lifecycle::handling_signal(kind);
+    s
 }
 
 /// Run `on` at each `kind` signal (`name` in the log) until `shutdown`
@@ -51,7 +53,10 @@ pub async fn on_each_signal<F, Fut>(
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut signals = match signal(kind) {
+    let installed = signal(kind);
+    // Readiness waits for the handler, not for one that cannot come.
+    crate::lifecycle::handling_signal(kind);
+    let mut signals = match installed {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot listen for {name}, {without}: {e}");
