@@ -1,8 +1,9 @@
 //! HTTP/1.1 framing for the fast lane (#24): request heads parsed with
 //! httparse into the caller's stack array of header slices and framed as
 //! RFC 9112 §6 says ([`request`]), upstream response heads framed as
-//! Pingora's client frames them ([`response`]), and chunked bodies decoded
-//! as they arrive ([`chunked`]).
+//! Pingora's client frames them ([`response`]), chunked bodies decoded as
+//! they arrive ([`chunked`]), and a head's fields kept, edited and written
+//! in the order and spelling Pingora's maps give them ([`fields`]).
 //!
 //! The lane serves plain heads only: anything unusual (an obsolete or
 //! ambiguous form, an upgrade, `Expect`, a `Content-Length` list,
@@ -16,6 +17,7 @@
 //! No allocation, no `HeaderMap`: a head is slices of the read buffer.
 
 pub mod chunked;
+pub mod fields;
 pub mod request;
 pub mod response;
 

@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
+use bytes::Bytes;
+
 use crate::config::model::{FieldValue, HeaderRewrite};
+use crate::http1::fields::FieldList;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -85,12 +88,18 @@ impl serde::Serialize for RequestId {
 }
 
 /// A message head meshgate edits: Pingora's, which keeps each name's wire
-/// case in a second map (so an edit touches two maps and parses the name),
-/// or, with `gateway.header_case = "lowercase"`, the plain `http` map under
-/// it (one map; names are constants). The policy below is written once
-/// against this.
+/// case in a second map (so an edit touches two maps and parses the name);
+/// with `gateway.header_case = "lowercase"`, the plain `http` map under
+/// it (one map; names are constants); or the fast lane's list of the lines
+/// as read ([`FieldList`]). The policy below is written once against this.
 pub trait Fields {
-    fn map(&self) -> &HeaderMap;
+    /// Every value of `name`, in order.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> + 'a;
+    /// Whether a line of `name` is there.
+    fn contains(&self, name: &HeaderName) -> bool;
+    /// Which of `names` are there (`present[i]` for `names[i]`), in one
+    /// pass over the fields.
+    fn which_of(&self, names: &[HeaderName], present: &mut [bool]);
     /// Replace `name`; `wire` is how it is spelled when case is kept.
     fn set(&mut self, name: &HeaderName, wire: &'static str, value: HeaderValue);
     /// Replace `name`, spelled as the name itself.
@@ -103,11 +112,29 @@ pub trait Fields {
     fn remove(&mut self, name: &HeaderName);
 }
 
+/// `which_of` over a map's names.
+fn which_of_map(map: &HeaderMap, names: &[HeaderName], present: &mut [bool]) {
+    for name in map.keys() {
+        if let Some(i) = names.iter().position(|n| n == name) {
+            present[i] = true;
+        }
+    }
+}
+
 macro_rules! pingora_fields {
     ($t:ty) => {
         impl Fields for $t {
-            fn map(&self) -> &HeaderMap {
-                &self.headers
+            fn values<'a>(
+                &'a self,
+                name: &'a HeaderName,
+            ) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+                self.headers.get_all(name).iter()
+            }
+            fn contains(&self, name: &HeaderName) -> bool {
+                self.headers.contains_key(name)
+            }
+            fn which_of(&self, names: &[HeaderName], present: &mut [bool]) {
+                which_of_map(&self.headers, names, present)
             }
             fn set(&mut self, _: &HeaderName, wire: &'static str, value: HeaderValue) {
                 // `wire` is a valid name (constants only): this cannot fail.
@@ -141,8 +168,14 @@ pingora_fields!(RequestHeader);
 pingora_fields!(ResponseHeader);
 
 impl Fields for HeaderMap {
-    fn map(&self) -> &HeaderMap {
-        self
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+        self.get_all(name).iter()
+    }
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+    fn which_of(&self, names: &[HeaderName], present: &mut [bool]) {
+        which_of_map(self, names, present)
     }
     fn set(&mut self, name: &HeaderName, _: &'static str, value: HeaderValue) {
         self.insert(name.clone(), value);
@@ -158,6 +191,46 @@ impl Fields for HeaderMap {
     }
     fn remove(&mut self, name: &HeaderName) {
         HeaderMap::remove(self, name);
+    }
+}
+
+/// The lane's lines, spelled as Pingora's maps would spell them after the
+/// same edits (the differential test below holds the two together).
+impl Fields for FieldList {
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+        FieldList::values(self, name.as_str().as_bytes())
+    }
+    fn contains(&self, name: &HeaderName) -> bool {
+        FieldList::contains(self, name.as_str().as_bytes())
+    }
+    fn which_of(&self, names: &[HeaderName], present: &mut [bool]) {
+        for spelled in self.names() {
+            if let Some(i) = names
+                .iter()
+                .position(|n| n.as_str().as_bytes().eq_ignore_ascii_case(spelled))
+            {
+                present[i] = true;
+            }
+        }
+    }
+    fn set(&mut self, _: &HeaderName, wire: &'static str, value: HeaderValue) {
+        self.insert(Bytes::from_static(wire.as_bytes()), value);
+    }
+    fn set_name(&mut self, name: &HeaderName, value: HeaderValue) {
+        let spelled = match wire_name(name).or_else(|| crate::http1::fields::titled(name)) {
+            Some(s) => Bytes::from_static(s.as_bytes()),
+            None => Bytes::copy_from_slice(name.as_str().as_bytes()),
+        };
+        self.insert(spelled, value);
+    }
+    fn set_field(&mut self, field: &FieldValue) {
+        self.insert(field.spelled.clone(), field.value.clone());
+    }
+    fn add_field(&mut self, field: &FieldValue) {
+        self.append(field.spelled.clone(), field.value.clone());
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        FieldList::remove(self, name.as_str().as_bytes());
     }
 }
 
@@ -263,9 +336,9 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
 /// RFC 9110 §5.3), in a buffer with room for `extra` more bytes (empty when
 /// there are none). Lines that are not visible ASCII are kept as they are
 /// (lossless bytes).
-fn joined(map: &HeaderMap, name: &HeaderName, sep: &[u8], extra: usize) -> Vec<u8> {
+fn joined(fields: &impl Fields, name: &HeaderName, sep: &[u8], extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
-    for v in map.get_all(name) {
+    for v in fields.values(name) {
         let v = v.as_bytes();
         if v.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
@@ -285,7 +358,7 @@ fn joined(map: &HeaderMap, name: &HeaderName, sep: &[u8], extra: usize) -> Vec<u
 
 /// Append `element` to the list-valued header `name`, as one line.
 fn append_element(req: &mut impl Fields, list: &HeaderName, wire: &'static str, element: &[u8]) {
-    let mut value = joined(req.map(), list, b", ", element.len() + 2);
+    let mut value = joined(req, list, b", ", element.len() + 2);
     if !value.is_empty() {
         value.extend_from_slice(b", ");
     }
@@ -329,7 +402,7 @@ impl Forwarding<'_> {
         }
         req.set(&X_REQUEST_ID, "X-Request-Id", self.request_id);
         if let Some(host) = self.upstream_host {
-            if !req.map().contains_key(header::HOST) {
+            if !req.contains(&header::HOST) {
                 req.set(&header::HOST, "Host", host);
             }
         }
@@ -412,7 +485,7 @@ pub fn add_forwarding(
         HeaderValue::from_static(proto),
     );
     if let Some(h) = &host {
-        if !req.map().contains_key(&X_FORWARDED_HOST) {
+        if !req.contains(&X_FORWARDED_HOST) {
             req.set(&X_FORWARDED_HOST, "X-Forwarded-Host", h.clone());
         }
     }
@@ -466,9 +539,7 @@ pub fn strip_response_hop_by_hop(resp: &mut impl Fields, status: http::StatusCod
     // `keep-alive` and `close` are the usual tokens, and `keep-alive` is
     // removed below anyway: skipping them spares a name parse and a list.
     let nominated: Vec<HeaderName> = resp
-        .map()
-        .get_all(header::CONNECTION)
-        .iter()
+        .values(&header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -482,11 +553,7 @@ pub fn strip_response_hop_by_hop(resp: &mut impl Fields, status: http::StatusCod
     // One pass over the few names a response has finds the ones to remove
     // (usually just `Connection`) instead of a lookup per field.
     let mut present = [false; HOP_BY_HOP_FIELDS];
-    for name in resp.map().keys() {
-        if let Some(i) = RESPONSE_HOP_BY_HOP.iter().position(|n| n == name) {
-            present[i] = true;
-        }
-    }
+    resp.which_of(&RESPONSE_HOP_BY_HOP, &mut present);
     for (n, present) in RESPONSE_HOP_BY_HOP.iter().zip(present) {
         if present {
             resp.remove(n);
@@ -532,17 +599,21 @@ fn is_protected(n: &HeaderName) -> bool {
 /// values are refused with 400 before this) leaves as one plain number, so
 /// no peer has to decide what the other forms mean (RFC 9110 §8.6).
 pub fn single_content_length(msg: &mut impl Fields) {
-    let mut values = msg.map().get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else {
-        return;
+    let length = {
+        let mut values = msg.values(&header::CONTENT_LENGTH);
+        let Some(first) = values.next() else {
+            return;
+        };
+        let repeated = values.next().is_some();
+        let b = first.as_bytes();
+        let plain =
+            !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1);
+        if plain && !repeated {
+            return;
+        }
+        length_of(first)
     };
-    let repeated = values.next().is_some();
-    let b = first.as_bytes();
-    let plain = !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1);
-    if plain && !repeated {
-        return;
-    }
-    if let Some(n) = length_of(first) {
+    if let Some(n) = length {
         msg.set(
             &header::CONTENT_LENGTH,
             "Content-Length",
@@ -556,11 +627,10 @@ pub fn single_content_length(msg: &mut impl Fields) {
 /// joined with `; ` (frameworks that see several lines merge them with
 /// `,` and lose the session).
 fn single_cookie(req: &mut impl Fields) {
-    let mut values = req.map().get_all(header::COOKIE).iter();
-    let (Some(_), Some(_)) = (values.next(), values.next()) else {
+    if req.values(&header::COOKIE).nth(1).is_none() {
         return;
-    };
-    let one = joined(req.map(), &header::COOKIE, b"; ", 0);
+    }
+    let one = joined(req, &header::COOKIE, b"; ", 0);
     // Joined valid values with `; ` are a valid value.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(one)) {
         req.set(&header::COOKIE, "Cookie", v);
@@ -595,6 +665,190 @@ pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A random spelling of a name from a pool that has the fields the
+    /// edits look at, and a random value.
+    struct Gen(fastrand::Rng);
+
+    impl Gen {
+        const NAMES: [&'static str; 18] = [
+            "host",
+            "x-forwarded-for",
+            "forwarded",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "cookie",
+            "content-length",
+            "connection",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "x-request-id",
+            "x-meshgate-peer-identity",
+            "x-secret",
+            "user-agent",
+            "set-cookie",
+            "date",
+            "ratelimit",
+        ];
+        const VALUES: [&'static str; 9] = [
+            "1",
+            "0",
+            "a b",
+            "close, x-secret",
+            "keep-alive",
+            "5, 5",
+            "007",
+            "for=10.0.0.1",
+            "",
+        ];
+
+        fn name(&mut self) -> String {
+            let n = Self::NAMES[self.0.usize(..Self::NAMES.len())];
+            n.chars()
+                .map(|c| {
+                    if self.0.bool() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        }
+
+        fn value(&mut self) -> HeaderValue {
+            HeaderValue::from_static(Self::VALUES[self.0.usize(..Self::VALUES.len())])
+        }
+
+        fn lines(&mut self) -> Vec<(String, HeaderValue)> {
+            (0..self.0.usize(0..12))
+                .map(|_| (self.name(), self.value()))
+                .collect()
+        }
+
+        fn field(&mut self) -> FieldValue {
+            let spelled = self.name();
+            FieldValue {
+                name: HeaderName::from_bytes(spelled.as_bytes()).unwrap(),
+                spelled: Bytes::from(spelled),
+                value: self.value(),
+            }
+        }
+
+        fn rewrite(&mut self) -> HeaderRewrite {
+            HeaderRewrite {
+                set: (0..self.0.usize(0..3)).map(|_| self.field()).collect(),
+                add: (0..self.0.usize(0..3)).map(|_| self.field()).collect(),
+                remove: (0..self.0.usize(0..3))
+                    .map(|_| HeaderName::from_bytes(self.name().as_bytes()).unwrap())
+                    .collect(),
+            }
+        }
+
+        fn maybe(&mut self) -> Option<HeaderValue> {
+            self.0.bool().then(|| self.value())
+        }
+    }
+
+    fn lane_list(lines: &[(String, HeaderValue)], keep_case: bool) -> FieldList {
+        let mut list = FieldList::with_capacity(lines.len(), keep_case);
+        for (n, v) in lines {
+            list.append(Bytes::copy_from_slice(n.as_bytes()), v.clone());
+        }
+        list
+    }
+
+    fn lane_wire(list: &FieldList) -> Vec<u8> {
+        let mut out = Vec::new();
+        list.write(&mut out);
+        out
+    }
+
+    /// The forward and response stages' edits, made on Pingora's heads and
+    /// on the lane's lists of the same lines, with names kept as sent and
+    /// in lower case: the lines written are the same bytes.
+    #[test]
+    fn lane_fields_are_written_as_pingora_writes_them() {
+        let mut gen = Gen(fastrand::Rng::with_seed(0x6669_656c));
+        for case in 0..5_000 {
+            let lines = gen.lines();
+            let keep_case = case % 2 == 0;
+            let rewrite = gen.rewrite();
+            let client: Option<IpAddr> = match gen.0.u8(..3) {
+                0 => None,
+                1 => Some("192.0.2.7".parse().unwrap()),
+                _ => Some("2001:db8::1".parse().unwrap()),
+            };
+            let scheme = if gen.0.bool() { "http" } else { "https" };
+            let (host, identity, upstream_host) = (gen.maybe(), gen.maybe(), gen.maybe());
+            let forwarding = || Forwarding {
+                client,
+                scheme,
+                host: host.clone(),
+                identity: identity.clone(),
+                request_id: HeaderValue::from_static("req-1"),
+                rewrite: &rewrite,
+                upstream_host: upstream_host.clone(),
+            };
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            for (n, v) in &lines {
+                req.append_header(n.clone(), v.clone()).unwrap();
+            }
+            if keep_case {
+                forwarding().apply(&mut req);
+            } else {
+                let room = forwarding().room();
+                edit_plain_request(&mut req, room, |f| forwarding().apply(f));
+            }
+            let mut pingora = Vec::new();
+            req.header_to_h1_wire(&mut pingora);
+            let mut list = lane_list(&lines, keep_case);
+            forwarding().apply(&mut list);
+            assert_eq!(
+                String::from_utf8_lossy(&lane_wire(&list)),
+                String::from_utf8_lossy(&pingora),
+                "request {case}: {lines:?} {rewrite:?}"
+            );
+
+            let status = [200u16, 101, 204, 304, 103, 503][gen.0.usize(..6)];
+            let status = http::StatusCode::from_u16(status).unwrap();
+            let rate_limit: Vec<(HeaderName, HeaderValue)> = if gen.0.bool() {
+                vec![
+                    (RATELIMIT_POLICY, HeaderValue::from_static("10;w=1")),
+                    (RATELIMIT, HeaderValue::from_static("r=9;t=1")),
+                    (header::RETRY_AFTER, HeaderValue::from_static("1")),
+                ]
+            } else {
+                Vec::new()
+            };
+            let resp_rewrite = gen.0.bool().then_some(&rewrite);
+            let answer = || Answer {
+                status,
+                rate_limit: rate_limit.clone(),
+                request_id: HeaderValue::from_static("req-1"),
+                rewrite: resp_rewrite,
+            };
+            let mut resp = ResponseHeader::build(status, None).unwrap();
+            for (n, v) in &lines {
+                resp.append_header(n.clone(), v.clone()).unwrap();
+            }
+            if keep_case {
+                answer().apply(&mut resp);
+            } else {
+                let room = answer().room();
+                edit_plain_response(&mut resp, room, |f| answer().apply(f));
+            }
+            let mut pingora = Vec::new();
+            resp.header_to_h1_wire(&mut pingora);
+            let mut list = lane_list(&lines, keep_case);
+            answer().apply(&mut list);
+            assert_eq!(
+                String::from_utf8_lossy(&lane_wire(&list)),
+                String::from_utf8_lossy(&pingora),
+                "response {case} {status}: {lines:?} {rewrite:?}"
+            );
+        }
+    }
 
     #[test]
     fn request_id_kept_when_plain_else_generated() {
