@@ -45,6 +45,7 @@ LAYERS = {
     # L4: the data plane: request stages, and the connection drivers.
     "proxy": 4,
     "downstream": 4,
+    "lane": 4,
     # L5: the process.
     "server": 5,
     "reload": 5,

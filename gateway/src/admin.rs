@@ -352,6 +352,7 @@ pub fn config_json(c: &Config) -> serde_json::Value {
             "shutdown_grace_period_seconds": secs(c.gateway.shutdown_grace_period),
             "shutdown_delay_seconds": secs(c.gateway.shutdown_delay),
             "header_case": c.gateway.header_case.as_str(),
+            "http1_engine": c.gateway.http1_engine.as_str(),
             "max_pending_head_bytes": c.gateway.max_pending_head_bytes,
             "overload": c.gateway.overload_memory.map(|m| serde_json::json!({ "memory": m })),
         },

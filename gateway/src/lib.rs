@@ -5,7 +5,8 @@
 //! (`docs/architecture.md`; `make lint` checks it).
 //!
 //! - L0 leaf: [`types`] (host, identity and path types), [`http1`] (the
-//!   HTTP/1.1 fast lane's framing: heads as slices, chunked bodies),
+//!   HTTP/1.1 fast lane's framing: heads as slices, their fields as Pingora
+//!   writes them, chunked bodies),
 //!   [`lifecycle`]
 //!   (draining and overload flags), `telemetry::{names, metrics}`, and
 //!   [`tls`] (certificate chains and keys, peer identities, BoringSSL hooks).
@@ -26,7 +27,8 @@
 //!   one snapshot.
 //! - L4 data plane: [`proxy`], the request stages (admission, route, policy,
 //!   body, forward, respond, observe) behind a thin `ProxyHttp`
-//!   dispatcher; [`downstream`], the connection drivers (a listener's
+//!   dispatcher; [`lane`], the HTTP/1.1 fast lane, a second driver over
+//!   the same stages; [`downstream`], the connection drivers (a listener's
 //!   slots, TLS, whole request heads and their memory budget, HTTP/1
 //!   keep-alive outside Pingora, HTTP/2, egress tunnels).
 //! - L5 process: [`server`] (assembly), [`listening`] (the listeners as
@@ -50,6 +52,7 @@ pub mod downstream;
 pub mod egress;
 pub mod endpoints;
 pub mod http1;
+pub mod lane;
 pub mod lifecycle;
 pub mod listening;
 pub mod notify;

@@ -114,6 +114,8 @@ pub struct GatewaySettings {
     /// connections are still accepted, so load balancers stop sending first.
     pub shutdown_delay: Duration,
     pub header_case: HeaderCase,
+    /// Which driver serves HTTP/1.1 requests.
+    pub http1_engine: Http1Engine,
     /// Bytes all unfinished request heads may hold together; past it the
     /// oldest are cut.
     pub max_pending_head_bytes: usize,
@@ -125,6 +127,27 @@ pub struct GatewaySettings {
 }
 
 pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/meshgate/upgrade.sock";
+
+/// Which driver serves HTTP/1.1 requests (`gateway.http1_engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1Engine {
+    /// Pingora's HTTP/1 server and proxy, for every request.
+    #[default]
+    Pingora,
+    /// meshgate's own driver for the requests it serves (plain keep-alive
+    /// HTTP/1.1 to HTTP/1.1 upstreams); every other request still goes to
+    /// Pingora.
+    Fast,
+}
+
+impl Http1Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Http1Engine::Pingora => "pingora",
+            Http1Engine::Fast => "fast",
+        }
+    }
+}
 
 /// How field names of forwarded HTTP/1 messages are written
 /// (`gateway.header_case`). Names are case-insensitive (RFC 9110 §5.1);

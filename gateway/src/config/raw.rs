@@ -79,6 +79,8 @@ pub struct RawGateway {
     pub shutdown_delay: Option<Spanned<RawDuration>>,
     #[schemars(with = "Option<String>")]
     pub header_case: Option<Spanned<String>>,
+    #[schemars(with = "Option<String>")]
+    pub http1_engine: Option<Spanned<String>>,
     #[schemars(with = "Option<i64>")]
     pub max_pending_head_bytes: Option<Spanned<i64>>,
     #[schemars(with = "Option<RawOverload>")]

@@ -81,6 +81,14 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// Pingora's first head buffer (`INIT_HEADER_BUF_SIZE`); most heads fit.
 pub(crate) const HEAD_BUFFER: usize = 4096;
 
+/// What the fast lane made of a request head.
+enum Lane {
+    /// Served; the connection stays open (`true`) or closes.
+    Served(bool),
+    /// Left to Pingora.
+    Pingora(BytesMut),
+}
+
 /// One listener's connections: every connection the listener accepts is
 /// served from here, the listener known from the start. It holds its slot
 /// (`max_connections`), goes to an egress tunnel if it is one, or is
@@ -203,6 +211,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         // the session and its bytes are gone by then. Kept here, and filled
         // in place, so that it is not moved about per request.
         let mut line = FirstLine::default();
+        // Requests served on this connection, and those the fast lane
+        // served since Pingora's last session (Pingora counts its own).
+        let mut served: usize = 0;
+        let mut lane_since: u32 = 0;
         loop {
             line.clear();
             // A pipelined request whose first bytes Pingora read with the
@@ -235,7 +247,24 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     admission: admission.as_ref(),
                 };
                 match self.read_head(&mut stream, started, waits).await {
-                    Head::Complete(head) => Some(head),
+                    Head::Complete(head) => {
+                        let last =
+                            *shutdown.borrow() || served + 1 >= self.head_settings().max_requests;
+                        match self
+                            .lane(&mut stream, head, &digest, tls.as_deref(), last)
+                            .await
+                        {
+                            Lane::Served(keep_alive) => {
+                                served += 1;
+                                lane_since = lane_since.saturating_add(1);
+                                if keep_alive {
+                                    continue;
+                                }
+                                return None;
+                            }
+                            Lane::Pingora(head) => Some(head),
+                        }
+                    }
                     Head::Gone => return None,
                     Head::Unfinished(bytes, end) => {
                         line.fill(&bytes);
@@ -268,15 +297,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     } else {
                         Some(DEFAULT_IDLE.as_secs())
                     });
-                    // The first request is this one; the rest are reuses.
+                    // This request and those the lane served before it
+                    // count; the rest are reuses.
                     let max = self.head_settings().max_requests;
                     session.set_keepalive_reuses_remaining(Some(
-                        u32::try_from(max.saturating_sub(1)).unwrap_or(u32::MAX),
+                        u32::try_from(max.saturating_sub(1 + served)).unwrap_or(u32::MAX),
                     ));
                 }
-                Some(Some(settings)) => settings.apply_to_session(&mut session),
+                Some(Some(settings)) => {
+                    settings.apply_to_session(&mut session);
+                    if lane_since > 0 {
+                        let left = session.get_keepalive_reuses_remaining();
+                        session.set_keepalive_reuses_remaining(
+                            left.map(|n| n.saturating_sub(lane_since)),
+                        );
+                    }
+                }
                 Some(None) => {}
             }
+            served += 1;
+            lane_since = 0;
             if let Some(head) = head {
                 line.fill(&head);
                 start_with(&mut session, head);
@@ -308,6 +348,37 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             let (next, settings) = reused.consume();
             stream = next;
             carried = Some(settings);
+        }
+    }
+
+    /// Offer a whole request head to the fast lane, when the listener's
+    /// config asks for it; `Lane::Pingora` hands it back.
+    async fn lane(
+        &self,
+        stream: &mut Stream,
+        head: BytesMut,
+        digest: &Option<Arc<pingora::protocols::SocketDigest>>,
+        tls: Option<&pingora::protocols::tls::SslDigest>,
+        last: bool,
+    ) -> Lane {
+        let rt = self.runtime.load_full();
+        if rt.config.gateway.http1_engine != crate::config::model::Http1Engine::Fast {
+            return Lane::Pingora(head);
+        }
+        let Some(listener) = self.at(&rt) else {
+            return Lane::Pingora(head);
+        };
+        let peer = digest
+            .as_ref()
+            .and_then(|d| d.peer_addr())
+            .and_then(|a| a.as_inet())
+            .copied();
+        let conn = crate::lane::Conn { stream, peer, tls };
+        // Boxed: the lane's state is room no idle connection should hold.
+        match Box::pin(crate::lane::serve(&rt, listener, conn, head, last)).await {
+            crate::lane::Served::KeepAlive => Lane::Served(true),
+            crate::lane::Served::Close => Lane::Served(false),
+            crate::lane::Served::Fallback(head) => Lane::Pingora(head),
         }
     }
 

@@ -140,7 +140,7 @@ pub(super) fn asks_to_close(req: &RequestHeader) -> bool {
 /// `host [ ":" port ]`: an IP literal in brackets, or a reg-name (an IPv4
 /// address is one) without `,` (no DNS name has one, and `X-Forwarded-Host`
 /// readers split on it); the port all digits.
-fn is_host_and_port(b: &[u8]) -> bool {
+pub(crate) fn is_host_and_port(b: &[u8]) -> bool {
     let (host, port) = if b.first() == Some(&b'[') {
         match b.iter().position(|&c| c == b']') {
             Some(end) => b.split_at(end + 1),

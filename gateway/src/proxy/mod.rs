@@ -2,8 +2,9 @@
 //! needs from the request snapshot and calls the router, upstream pools,
 //! header policy or responder.
 
-mod admission;
+pub(crate) mod admission;
 mod body;
+pub mod client;
 pub mod conn;
 pub mod ctx;
 pub mod egress;
@@ -14,7 +15,7 @@ mod hedge;
 pub(crate) mod observe;
 mod policy;
 pub mod respond;
-mod retry;
+pub(crate) mod retry;
 mod trace;
 
 use std::sync::Arc;
@@ -291,20 +292,34 @@ fn response_head(session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Req
     {
         session.set_keepalive(None);
     }
-    let edits = headers::Answer {
-        status: resp.status,
+    let edits = answer_edits(ctx, resp.status.as_u16());
+    if keeps_case(ctx) {
+        edits.apply(resp);
+    } else {
+        headers::edit_plain_response(resp, edits.room(), |fields| edits.apply(fields))
+    }
+}
+
+/// The response stage's edits to an upstream's answer of `status`,
+/// whichever driver passes it on.
+pub(crate) fn answer_edits(ctx: &RequestCtx, status: u16) -> headers::Answer<'_> {
+    headers::Answer {
+        status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK),
         rate_limit: respond::rate_limit_headers(ctx),
         request_id: ctx.request_id.header_value(),
         rewrite: ctx.response_rewrite(),
-    };
-    // Egress goes to the outside, where names are left as they are.
-    let case = ctx.runtime.as_ref().map(|rt| rt.config.gateway.header_case);
-    match case.filter(|_| ctx.egress.is_none()) {
-        Some(HeaderCase::Lowercase) => {
-            headers::edit_plain_response(resp, edits.room(), |fields| edits.apply(fields))
-        }
-        _ => edits.apply(resp),
     }
+}
+
+/// Whether the answer's field names keep their case: unless
+/// `gateway.header_case = "lowercase"`, and always for egress, which goes
+/// to the outside, where names are left as they are.
+pub(crate) fn keeps_case(ctx: &RequestCtx) -> bool {
+    let case = ctx.runtime.as_ref().map(|rt| rt.config.gateway.header_case);
+    !matches!(
+        case.filter(|_| ctx.egress.is_none()),
+        Some(HeaderCase::Lowercase)
+    )
 }
 
 impl Proxy {
@@ -344,24 +359,7 @@ impl Proxy {
         endpoint: usize,
         peer: &HttpPeer,
     ) {
-        let now = Instant::now();
-        if ctx.tried.is_empty() {
-            ctx.upstream_started = Some(now);
-        } else {
-            if let Some(series) = ctx.upstream_series() {
-                series.retries(ctx.next_attempt_reason).inc();
-            }
-            ctx.retried.push((ctx.endpoint, ctx.next_attempt_reason));
-        }
-        // Unless a decision says otherwise, a further attempt is Pingora's
-        // retry of a pooled connection the endpoint had closed.
-        ctx.next_attempt_reason = "stale_connection";
-        ctx.tried.push(endpoint);
-        ctx.connect_started = Some(now);
-        ctx.connected = false;
-        ctx.upstream_status = None;
-        ctx.outcome_reported = false;
-        ctx.endpoint = peer._address.as_inet().copied();
+        observe::attempt_started(ctx, endpoint, peer._address.as_inet().copied());
         if let Some(t) = &self.tracing {
             trace::start_attempt(t, session.req_header(), ctx);
         }

@@ -3,9 +3,9 @@
 
 use std::time::{Instant, SystemTime};
 
+use super::client::Client;
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::SocketDigest;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use super::ctx::{Failure, RequestCtx};
@@ -84,18 +84,38 @@ pub fn connected(ctx: &mut RequestCtx, reused: bool) {
     }
 }
 
+/// Bookkeeping for each attempt at endpoint index `endpoint` (at `addr`),
+/// whichever driver makes it: timers, the retry count and reason.
+pub fn attempt_started(ctx: &mut RequestCtx, endpoint: usize, addr: Option<std::net::SocketAddr>) {
+    let now = Instant::now();
+    if ctx.tried.is_empty() {
+        ctx.upstream_started = Some(now);
+    } else {
+        if let Some(series) = ctx.upstream_series() {
+            series.retries(ctx.next_attempt_reason).inc();
+        }
+        ctx.retried.push((ctx.endpoint, ctx.next_attempt_reason));
+    }
+    // Unless a decision says otherwise, a further attempt is a retry of a
+    // pooled connection the endpoint had closed.
+    ctx.next_attempt_reason = "stale_connection";
+    ctx.tried.push(endpoint);
+    ctx.connect_started = Some(now);
+    ctx.connected = false;
+    ctx.upstream_status = None;
+    ctx.outcome_reported = false;
+    ctx.endpoint = addr;
+}
+
 /// Everything recorded once the request is over.
-pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+pub fn finished(session: &impl Client, e: Option<&Error>, ctx: &RequestCtx) {
     let m = metrics();
-    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let status = session.status_written().unwrap_or(0);
     let listener = ctx.listener_name().unwrap_or("");
     let route = ctx.route_name().unwrap_or(NO_ROUTE);
-    let req = session.req_header();
+    let method = session.method();
     let elapsed = ctx.started.elapsed();
-    let (bytes_in, bytes_out) = (
-        session.body_bytes_read() as u64,
-        session.body_bytes_sent() as u64,
-    );
+    let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
     let cached = ctx
         .runtime
         .as_ref()
@@ -111,7 +131,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         }
     };
     let class = status_index(status);
-    series.requests(method_index(&req.method), class).inc();
+    series.requests(method_index(method), class).inc();
     series.duration(class).observe(elapsed.as_secs_f64());
     let (bytes_in_total, bytes_out_total) = series.bytes();
     bytes_in_total.inc_by(bytes_in);
@@ -138,16 +158,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     if format == access_log::Format::Off {
         return;
     }
-    let host = req
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+    let host = session.host();
     let error = match (ctx.failure, e) {
         (Some(f), _) => f.message().to_string(),
         (None, Some(e)) => e.etype().as_str().to_string(),
@@ -159,8 +170,7 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .as_ref()
         .map(crate::telemetry::tracing::trace_id)
         .unwrap_or_default();
-    let (tls_version, tls_cipher, sni) =
-        tls_fields(session.digest().and_then(|d| d.ssl_digest.as_deref()));
+    let (tls_version, tls_cipher, sni) = tls_fields(session.tls());
     let entry = Entry {
         timestamp: access_log::timestamp(SystemTime::now() - elapsed),
         request_id: &ctx.request_id,
@@ -178,24 +188,17 @@ pub fn finished(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
             .collect::<Vec<_>>()
             .join(","),
         hedged: ctx.hedges,
-        method: req.method.as_str(),
+        method: method.as_str(),
         host,
-        path: req.uri.path(),
-        protocol: version_str(req.version),
+        path: session.path(),
+        protocol: version_str(session.version()),
         status,
         bytes_in,
         bytes_out,
         duration_ms: millis(elapsed),
         upstream_duration_ms: upstream_elapsed.map(millis),
-        client: session
-            .client_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        user_agent: req
-            .headers
-            .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        client: session.client_text(),
+        user_agent: session.user_agent(),
         error: &error,
         rate_limit: &ctx.rate_limit_note,
         peer_identity: ctx.peer_identity.as_deref().unwrap_or(""),
@@ -382,7 +385,7 @@ fn version_str(v: http::Version) -> &'static str {
 /// The process log's lines for a request: with `RUST_LOG=meshgate=debug`
 /// one per request, whatever the access log's setting; a warning for what
 /// an operator must look at.
-pub fn process_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+pub fn process_log(session: &impl Client, e: Option<&Error>, ctx: &RequestCtx) {
     // `RUST_LOG=meshgate=debug`: one line per request, whatever the
     // access log's setting.
     if log::log_enabled!(log::Level::Debug) {
@@ -421,12 +424,11 @@ pub fn process_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
 }
 
 /// What both of a request's process-log lines name it by.
-struct Named<'a>(&'a Session, &'a RequestCtx);
+struct Named<'a, C>(&'a C, &'a RequestCtx);
 
-impl std::fmt::Display for Named<'_> {
+impl<C: Client> std::fmt::Display for Named<'_, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Named(session, ctx) = self;
-        let req = session.req_header();
         write!(
             f,
             "request_id={} listener={} route={} upstream={} method={} path={} status={}",
@@ -434,9 +436,9 @@ impl std::fmt::Display for Named<'_> {
             ctx.listener_name().unwrap_or("-"),
             ctx.route_name().unwrap_or("-"),
             ctx.upstream_name().unwrap_or("-"),
-            req.method,
-            req.uri.path(),
-            session.response_written().map_or(0, |r| r.status.as_u16()),
+            session.method(),
+            session.path(),
+            session.status_written().unwrap_or(0),
         )
     }
 }

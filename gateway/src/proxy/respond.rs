@@ -1,19 +1,19 @@
 //! Responses the gateway writes itself: direct responses, redirects, and
-//! JSON error bodies.
+//! JSON error bodies, through either driver ([`Client`]).
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use super::client::Client;
 use super::ctx::{Failure, RequestCtx};
 use crate::config::model::HeaderRewrite;
 
 /// Write a complete response: status, headers, body (omitted for HEAD).
 pub async fn send(
-    session: &mut Session,
+    session: &mut impl Client,
     status: StatusCode,
     headers: &[(header::HeaderName, HeaderValue)],
     body: Bytes,
@@ -40,39 +40,14 @@ pub async fn send(
     if let Some(rw) = rewrite {
         super::headers::rewrite(&mut resp, rw);
     }
-    discard_small_body(session).await;
-    let head_only = session.req_header().method == Method::HEAD;
+    session.discard_small_body().await;
+    let head_only = *session.method() == Method::HEAD;
     let empty = head_only || body.is_empty();
-    session.write_response_header(Box::new(resp), empty).await?;
+    session.write_head(Box::new(resp), empty).await?;
     if !empty {
-        session.write_response_body(Some(body), true).await?;
+        session.write_body(body, true).await?;
     }
     Ok(())
-}
-
-/// Request bodies up to this size are read and dropped before a response
-/// meshgate writes itself, so that the connection stays open.
-pub const DISCARD_BODY_LIMIT: u64 = 64 * 1024;
-/// How long such a body may take to arrive.
-const DISCARD_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Pingora closes a connection answered before its request body was read
-/// (the rest of the body would be taken for the next request). A small
-/// body of declared length that arrives promptly is read and dropped
-/// instead, as NGINX does, so a POST to a direct response keeps its
-/// connection. Larger, chunked or `Expect: 100-continue` bodies are left,
-/// and the connection closes after the response.
-async fn discard_small_body(session: &mut Session) {
-    // Nothing left to read, or the connection closes anyway.
-    if session.is_body_done() || session.get_keepalive().is_none() {
-        return;
-    }
-    let req = session.req_header();
-    let small = super::headers::declared_length(req).is_some_and(|n| n <= DISCARD_BODY_LIMIT);
-    if !small || req.headers.contains_key(header::EXPECT) {
-        return;
-    }
-    let _ = pingora::time::timeout(DISCARD_BODY_WAIT, session.drain_request_body()).await;
 }
 
 /// `{"error": "...", "kind": "...", "status": N, "route": "...", "request_id": "..."}`
@@ -124,7 +99,11 @@ impl Refusal {
 /// Answer with `refusal`, and note it for the log and metrics: the one way
 /// a stage refuses a request. `Ok(true)`: the request is answered (what
 /// `request_filter` returns).
-pub async fn refuse(session: &mut Session, ctx: &mut RequestCtx, refusal: Refusal) -> Result<bool> {
+pub async fn refuse(
+    session: &mut impl Client,
+    ctx: &mut RequestCtx,
+    refusal: Refusal,
+) -> Result<bool> {
     ctx.failure = Some(refusal.failure());
     match refusal {
         Refusal::Error(failure) => send_error(session, failure, ctx).await?,
@@ -140,7 +119,11 @@ pub async fn refuse(session: &mut Session, ctx: &mut RequestCtx, refusal: Refusa
     Ok(true)
 }
 
-pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCtx) -> Result<()> {
+pub async fn send_error(
+    session: &mut impl Client,
+    failure: Failure,
+    ctx: &RequestCtx,
+) -> Result<()> {
     if matches!(
         failure,
         Failure::BadRequest
@@ -150,12 +133,12 @@ pub async fn send_error(session: &mut Session, failure: Failure, ctx: &RequestCt
             | Failure::BodyTimeout
     ) {
         // After a malformed request the connection's framing cannot be trusted.
-        session.set_keepalive(None);
+        session.close_after();
     }
     if matches!(failure, Failure::ClientCertUntrusted | Failure::Overloaded) {
         // The client reconnects: to a handshake that decides afresh, or
         // (overloaded) to where its balancer sends it.
-        session.set_keepalive(None);
+        session.close_after();
     }
     let status =
         StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -211,7 +194,7 @@ pub fn classify(e: &Error, ctx: &RequestCtx) -> Option<Failure> {
 
 /// 429 with `Retry-After`, the `RateLimit` fields and a JSON body naming the policy.
 pub async fn send_rate_limited(
-    session: &mut Session,
+    session: &mut impl Client,
     ctx: &RequestCtx,
     policy: &str,
     retry_after: u64,
@@ -248,7 +231,7 @@ pub async fn send_rate_limited(
 /// 503 for a global limit that cannot reach Redis under `on_error = "deny"`.
 /// `Retry-After: 1`: Redis is given a second to come back.
 pub async fn send_rate_limit_unavailable(
-    session: &mut Session,
+    session: &mut impl Client,
     ctx: &RequestCtx,
     policy: &str,
 ) -> Result<()> {
@@ -264,13 +247,17 @@ pub async fn send_rate_limit_unavailable(
 }
 
 /// 403 with a JSON body naming the policy that denied the request.
-pub async fn send_forbidden(session: &mut Session, ctx: &RequestCtx, policy: &str) -> Result<()> {
+pub async fn send_forbidden(
+    session: &mut impl Client,
+    ctx: &RequestCtx,
+    policy: &str,
+) -> Result<()> {
     send_policy_error(session, ctx, Failure::Forbidden, policy, None).await
 }
 
 /// A JSON error naming the policy that caused it.
 async fn send_policy_error(
-    session: &mut Session,
+    session: &mut impl Client,
     ctx: &RequestCtx,
     failure: Failure,
     policy: &str,

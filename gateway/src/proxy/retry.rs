@@ -30,18 +30,54 @@ pub fn after_connect_failure(
     ctx: &mut RequestCtx,
     connect_retries: usize,
 ) -> bool {
+    after_connect_failure_for(&sent(session), ctx, connect_retries)
+}
+
+/// [`after_connect_failure`], for whichever driver sent `sent`.
+pub fn after_connect_failure_for(
+    sent: &Sent<'_>,
+    ctx: &mut RequestCtx,
+    connect_retries: usize,
+) -> bool {
     if ctx.tried.len() <= connect_retries && !ctx.remaining().is_zero() {
         ctx.next_attempt_reason = Reason::ConnectFailure.label();
         // It counts toward the route's `retries.attempts`.
         ctx.policy_retries += 1;
         return true;
     }
-    decide(session, ctx, Reason::ConnectFailure)
+    decide_for(sent, ctx, Reason::ConnectFailure)
+}
+
+/// What a driver knows of its request when an attempt fails.
+pub struct Sent<'a> {
+    pub method: &'a http::Method,
+    /// The body's declared length, if any.
+    pub declared: Option<u64>,
+    /// Part of the body is no longer held, so it cannot be sent again.
+    pub body_truncated: bool,
+    /// The client has been sent a response head already.
+    pub response_started: bool,
 }
 
 /// Whether the attempt that failed for `reason` is tried again. Counts an
 /// exhausted budget; on a retry, leaves its wait in `ctx.backoff`.
 pub fn decide(session: &Session, ctx: &mut RequestCtx, reason: Reason) -> bool {
+    decide_for(&sent(session), ctx, reason)
+}
+
+/// What Pingora's session has sent of its request.
+fn sent(session: &Session) -> Sent<'_> {
+    let head = session.req_header();
+    Sent {
+        method: &head.method,
+        declared: super::headers::declared_length(head),
+        body_truncated: session.as_ref().retry_buffer_truncated(),
+        response_started: session.response_written().is_some(),
+    }
+}
+
+/// [`decide`], for whichever driver sent `sent`.
+pub fn decide_for(sent: &Sent<'_>, ctx: &mut RequestCtx, reason: Reason) -> bool {
     if ctx.egress.is_some() {
         return false;
     }
@@ -53,14 +89,11 @@ pub fn decide(session: &Session, ctx: &mut RequestCtx, reason: Reason) -> bool {
         .map(|r| rt.route(r))
         .and_then(|r| r.retries.as_ref());
     let pool = ctx.upstream.and_then(|u| rt.upstreams.get(u));
-    let head = session.req_header();
     let req = resilience::Request {
-        method: &head.method,
-        body_bytes: ctx
-            .body_seen
-            .max(super::headers::declared_length(head).unwrap_or(0)),
-        body_truncated: session.as_ref().retry_buffer_truncated(),
-        response_started: session.response_written().is_some(),
+        method: sent.method,
+        body_bytes: ctx.body_seen.max(sent.declared.unwrap_or(0)),
+        body_truncated: sent.body_truncated,
+        response_started: sent.response_started,
         upgrade: ctx.websocket,
         remaining: ctx.remaining(),
     };

@@ -328,6 +328,14 @@ impl Runtime {
         &self.config.routes[index]
     }
 
+    /// Every upstream a forwarding route may pick.
+    pub fn route_upstreams(&self, route: usize) -> impl Iterator<Item = usize> + '_ {
+        self.routes
+            .get(route)
+            .into_iter()
+            .flat_map(|r| r.targets.iter().map(|(u, _)| *u))
+    }
+
     /// The upstream for one request of a forwarding route (weighted draw for a split).
     pub fn pick_upstream(&self, route: usize) -> Option<usize> {
         let targets = &self.routes.get(route)?.targets;

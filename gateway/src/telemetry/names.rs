@@ -17,6 +17,7 @@ pub const DOWNSTREAM_CONNECTIONS_EVICTED_TOTAL: &str =
     "meshgate_downstream_connections_evicted_total";
 pub const OVERLOAD_ACTIVE: &str = "meshgate_overload_active";
 pub const OVERLOAD_SHED_TOTAL: &str = "meshgate_overload_shed_total";
+pub const HTTP1_LANE_REQUESTS_TOTAL: &str = "meshgate_http1_lane_requests_total";
 
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "meshgate_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str = "meshgate_upstream_request_duration_seconds";
@@ -96,6 +97,7 @@ pub mod label {
     pub const MODE: &str = "mode";
     pub const DESTINATION: &str = "destination";
     pub const WON: &str = "won";
+    pub const DRIVER: &str = "driver";
 }
 
 /// Distinct `destination` label values kept before new ones read `other`:

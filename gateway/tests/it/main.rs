@@ -19,6 +19,7 @@ mod egress;
 mod endpoints;
 mod errors;
 mod global_ratelimit;
+mod lanes;
 mod limits;
 mod listeners;
 mod metrics;

@@ -63,6 +63,21 @@ impl Validator {
                 }
             },
         };
+        let http1_engine = match raw.http1_engine.as_ref() {
+            None => Http1Engine::default(),
+            Some(e) => match e.get_ref().as_str() {
+                "pingora" => Http1Engine::Pingora,
+                "fast" => Http1Engine::Fast,
+                other => {
+                    self.error(
+                        e.span(),
+                        format!("unknown gateway.http1_engine \"{other}\""),
+                        "use \"pingora\" (the default) or \"fast\"",
+                    );
+                    Http1Engine::default()
+                }
+            },
+        };
         let max_pending_head_bytes = match raw.max_pending_head_bytes {
             None => DEFAULT_MAX_PENDING_HEAD_BYTES,
             Some(b) if (MIN_PENDING_HEAD_BYTES..=MAX_PENDING_HEAD_BYTES).contains(b.get_ref()) => {
@@ -107,6 +122,7 @@ impl Validator {
             shutdown_grace_period,
             shutdown_delay,
             header_case,
+            http1_engine,
             max_pending_head_bytes,
             overload_memory,
             upgrade_socket: raw

@@ -145,13 +145,26 @@ fn listens_on(pid: u32, addr: SocketAddr) -> bool {
 /// tests run many gateways at once on a small machine, and none but a test
 /// about workers needs more.
 pub fn one_worker(config: &str) -> String {
-    if config.contains("workers") {
+    let mut extra = String::new();
+    if !config.contains("workers") {
+        extra.push_str("workers = 1\n");
+    }
+    if let Some(engine) = http1_engine().filter(|_| !config.contains("http1_engine")) {
+        extra.push_str(&format!("http1_engine = \"{engine}\"\n"));
+    }
+    if extra.is_empty() {
         config.to_string()
     } else if config.contains("[gateway]") {
-        config.replacen("[gateway]", "[gateway]\nworkers = 1", 1)
+        config.replacen("[gateway]", &format!("[gateway]\n{extra}"), 1)
     } else {
-        format!("[gateway]\nworkers = 1\n{config}")
+        format!("[gateway]\n{extra}{config}")
     }
+}
+
+/// The HTTP/1.1 driver the suite runs against (`MESHGATE_TEST_HTTP1_ENGINE`,
+/// set by `make test` for its second pass); `None`: the config's default.
+pub fn http1_engine() -> Option<String> {
+    std::env::var("MESHGATE_TEST_HTTP1_ENGINE").ok()
 }
 
 /// A running gateway process; killed on drop.

@@ -93,6 +93,22 @@ bad!(
     "unknown gateway.header_case \"upper\""
 );
 
+bad!(
+    http1_engine_unknown,
+    format!("[gateway]\nhttp1_engine = \"turbo\"\n{OK_LISTENER}"),
+    2,
+    "unknown gateway.http1_engine \"turbo\""
+);
+
+#[test]
+fn http1_engine_is_read_and_defaults_to_pingora() {
+    let src = format!("[gateway]\nhttp1_engine = \"fast\"\n{OK_LISTENER}");
+    let cfg = parse(Path::new("t.toml"), &src).unwrap();
+    assert_eq!(cfg.gateway.http1_engine, model::Http1Engine::Fast);
+    let cfg = parse(Path::new("t.toml"), OK_LISTENER).unwrap();
+    assert_eq!(cfg.gateway.http1_engine, model::Http1Engine::Pingora);
+}
+
 #[test]
 fn header_case_is_read() {
     let src = format!("[gateway]\nheader_case = \"lowercase\"\n{OK_LISTENER}");

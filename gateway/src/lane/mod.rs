@@ -1,0 +1,686 @@
+//! The HTTP/1.1 fast lane (`gateway.http1_engine = "fast"`): meshgate's own
+//! driver for the requests Pingora's HTTP/1 path spends most on, plain
+//! keep-alive HTTP/1.1 to HTTP/1.1 upstreams, over the same stages as the
+//! Pingora driver ([`crate::proxy`]): routing, the forward edits, the retry
+//! and budget decisions, endpoint choice and outlier accounting, answers
+//! the gateway writes itself, the access log and metrics.
+//!
+//! The keep-alive loop ([`crate::downstream`]) hands the lane each request
+//! head it read whole. The lane takes a request only when every decision
+//! about it is one the lane makes exactly as Pingora's driver would
+//! ([`plan`]); anything else (a refusal, a policy, a body still arriving,
+//! a pipelined request, an upgrade, HTTP/1.0, TLS or HTTP/2 upstreams,
+//! tracing) is handed back with its bytes, and Pingora serves it as
+//! before. What the lane writes is Pingora's bytes: the upstream request
+//! and the response head are the same edits on the lines as read
+//! ([`crate::http1::fields`]), with the same fields Pingora adds (`Date`,
+//! `Connection`, chunked framing for a close-delimited body).
+//!
+//! Per request there is no `HeaderMap`, no task and no large future moved
+//! about; upstream connections are pooled per worker thread ([`pool`]).
+
+mod client;
+mod plan;
+pub mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::Stream;
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::endpoints::Outcome;
+use crate::http1::fields::FieldList;
+use crate::http1::response::{self, Framing};
+use crate::proxy::ctx::{Failure, RequestCtx};
+use crate::proxy::{observe, respond, retry};
+use crate::resilience::Reason;
+use crate::runtime::Runtime;
+use client::LaneClient;
+use plan::Plan;
+
+/// The connection a request came on, as the keep-alive loop knows it.
+pub struct Conn<'a> {
+    pub stream: &'a mut Stream,
+    pub peer: Option<SocketAddr>,
+    pub tls: Option<&'a SslDigest>,
+}
+
+/// How a request handed to the lane ended.
+#[derive(Debug)]
+pub enum Served {
+    /// Answered; the connection carries the next request.
+    KeepAlive,
+    /// Answered (or the client went away); the connection closes.
+    Close,
+    /// Not for the lane: Pingora serves it from these bytes.
+    Fallback(BytesMut),
+}
+
+/// Most bytes of an upstream's response head (Pingora's client limit).
+const MAX_RESPONSE_HEAD: usize = 1024 * 1024;
+/// The first read of a response head, and each body read.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Serve the request whose whole head (and body) is `buf`, on listener
+/// `listener` of `rt`. `last`: the connection closes after it whatever the
+/// client asks (shutdown, the listener's `max_requests_per_connection`).
+pub async fn serve(
+    rt: &Arc<Runtime>,
+    listener: usize,
+    conn: Conn<'_>,
+    buf: BytesMut,
+    last: bool,
+) -> Served {
+    let frozen = buf.freeze();
+    let plan = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
+        Ok(plan) => plan,
+        Err(why) => {
+            handed_to_pingora(why);
+            return Served::Fallback(BytesMut::from(frozen));
+        }
+    };
+    let pool = &rt.upstreams[plan.upstream];
+    // Circuit breaking first: refused, Pingora's driver refuses it too,
+    // and counts it, from the start.
+    let permit = match pool.gate.enter().await {
+        Ok(permit) => permit,
+        Err(_) => {
+            drop(plan);
+            handed_to_pingora("upstream limits");
+            return Served::Fallback(BytesMut::from(frozen));
+        }
+    };
+    SERVED.with(|c| c.inc());
+    let mut ctx = RequestCtx::new();
+    ctx.request_id = crate::proxy::headers::RequestId::from_request(plan.request_id.as_ref());
+    ctx.listener = Some(listener);
+    ctx.runtime = Some(rt.clone());
+    ctx.tls = conn.tls.is_some();
+    ctx.in_flight = Some(crate::telemetry::metrics::GaugeGuard::new(
+        rt.in_flight(Some(listener)),
+    ));
+    ctx.route = Some(plan.route);
+    ctx.deadline = ctx.started.checked_add(rt.route(plan.route).timeout);
+    ctx.upstream = Some(plan.upstream);
+    ctx.upstream_permit = Some(permit);
+    if let Some(budget) = &pool.budget {
+        budget.deposit(ctx.started);
+    }
+    let mut plan = plan;
+    let request = plan.upstream_request(rt, &ctx, LaneClient::peer_ip(conn.peer));
+    let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
+    let mut client = LaneClient::new(conn, &plan, keep_alive);
+    let error = attempts(rt, &plan, &request, &mut ctx, &mut client).await;
+    if let Some(e) = &error {
+        fail(e, &mut ctx, &mut client).await;
+    }
+    observe::finished(&client, error.as_deref(), &ctx);
+    observe::process_log(&client, error.as_deref(), &ctx);
+    if client.keeps_alive() {
+        Served::KeepAlive
+    } else {
+        Served::Close
+    }
+}
+
+thread_local! {
+    /// This thread's handle on the `served` series: no label lookup per request.
+    static SERVED: prometheus::IntCounter = crate::telemetry::metrics::metrics()
+        .http1_lane
+        .with_label_values(&["fast", ""]);
+}
+
+/// Count a request head left to Pingora's driver, and why.
+fn handed_to_pingora(why: &'static str) {
+    crate::telemetry::metrics::metrics()
+        .http1_lane
+        .with_label_values(&["pingora", why])
+        .inc();
+}
+
+/// An error from the upstream's side.
+fn upstream_error(etype: ErrorType, why: &'static str) -> Box<Error> {
+    Error::explain(etype, why).into_up()
+}
+
+/// The attempt loop: endpoints chosen, connections made or taken from
+/// the pool, failures decided by the shared retry policy. `None` once the
+/// upstream's answer went to the client.
+async fn attempts(
+    rt: &Runtime,
+    plan: &Plan,
+    request: &Bytes,
+    ctx: &mut RequestCtx,
+    client: &mut LaneClient<'_>,
+) -> Option<Box<Error>> {
+    let pool = &rt.upstreams[plan.upstream];
+    let members = pool.members();
+    ctx.members = Some(members.clone());
+    let route = rt.route(plan.route);
+    let sent = plan.sent();
+    loop {
+        if !ctx.backoff.is_zero() {
+            tokio::time::sleep(std::mem::take(&mut ctx.backoff)).await;
+        }
+        let remaining = ctx.remaining();
+        if remaining.is_zero() {
+            ctx.failure = Some(Failure::Timeout);
+            return Some(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "route timeout passed before connecting",
+            ));
+        }
+        let per_try = route.retries.as_ref().and_then(|p| p.per_try_timeout);
+        let remaining = per_try.map_or(remaining, |t| t.min(remaining));
+        let Some((endpoint, peer)) = pool.select(&members, &ctx.tried, None, remaining) else {
+            ctx.failure = Some(Failure::NoEndpoints);
+            return Some(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "upstream has no endpoints",
+            ));
+        };
+        let Some(addr) = peer._address.as_inet().copied() else {
+            return Some(Error::explain(
+                ErrorType::InternalError,
+                "not an IP endpoint",
+            ));
+        };
+        observe::attempt_started(ctx, endpoint, Some(addr));
+        ctx.at_endpoint = members.set.in_flight(endpoint);
+        let options = &peer.options;
+        let (mut up, reused) = match pool::checkout(addr) {
+            Some(stream) => (stream, true),
+            None => match connect(addr, options.connection_timeout).await {
+                Ok(stream) => (stream, false),
+                Err(e) => {
+                    observe::attempt_failed(ctx, &e);
+                    observe::attempt_outcome(ctx, Outcome::Failure);
+                    if retry::after_connect_failure_for(&sent, ctx, pool.connect_retries as usize) {
+                        continue;
+                    }
+                    return Some(e);
+                }
+            },
+        };
+        observe::connected(ctx, reused);
+        let exchange = Exchange {
+            read_timeout: options.read_timeout,
+            write_timeout: options.write_timeout,
+            head: plan.method == http::Method::HEAD,
+        };
+        match exchange.run(&mut up, request, ctx, client).await {
+            Ok(Some(reuse)) => {
+                if reuse {
+                    pool::give_back(addr, up, options.idle_timeout);
+                }
+                return None;
+            }
+            // Answered, then cut short: nothing more to send.
+            Ok(None) => return None,
+            Err(Attempt::Cut(e)) => return Some(e),
+            Err(Attempt::Failed(e)) => {
+                // An answer whose status the route retries.
+                if let Some(reason) = ctx.retry_reason.take() {
+                    ctx.next_attempt_reason = reason.label();
+                    continue;
+                }
+                // A pooled connection the endpoint had closed (it ended, or
+                // failed, before an answer): tried again at once, and no
+                // mark against the endpoint, as Pingora's client decides.
+                if reused
+                    && plan.method.is_idempotent()
+                    && matches!(
+                        e.etype(),
+                        ErrorType::ConnectionClosed | ErrorType::ReadError
+                    )
+                {
+                    continue;
+                }
+                observe::attempt_failed(ctx, &e);
+                observe::attempt_outcome(ctx, Outcome::Failure);
+                if retry::reason_of(&e).is_some_and(|r| retry::decide_for(&sent, ctx, r)) {
+                    continue;
+                }
+                return Some(e);
+            }
+        }
+    }
+}
+
+/// Connect to `addr` within `timeout`, as Pingora's connector fails.
+async fn connect(addr: SocketAddr, timeout: Option<Duration>) -> Result<TcpStream, Box<Error>> {
+    let connecting = TcpStream::connect(addr);
+    let made = match timeout {
+        Some(t) => match tokio::time::timeout(t, connecting).await {
+            Ok(made) => made,
+            Err(_) => {
+                return Err(upstream_error(
+                    ErrorType::ConnectTimedout,
+                    "connect timed out",
+                ))
+            }
+        },
+        None => connecting.await,
+    };
+    let stream = made.map_err(|e| {
+        let etype = match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+            _ => ErrorType::ConnectError,
+        };
+        Error::because(etype, "connecting to the upstream", e).into_up()
+    })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// How an attempt did not end in an answer.
+enum Attempt {
+    /// Nothing reached the client: the loop decides whether to try again.
+    Failed(Box<Error>),
+    /// The answer was cut short after its head went out.
+    Cut(Box<Error>),
+}
+
+/// One exchange on an upstream connection.
+struct Exchange {
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    head: bool,
+}
+
+impl Exchange {
+    /// Send `request`, pass the answer on. `Ok(Some(reuse))`: answered
+    /// whole, the connection reusable or not; `Ok(None)`: the client went
+    /// away while it was answered.
+    async fn run(
+        &self,
+        up: &mut TcpStream,
+        request: &Bytes,
+        ctx: &mut RequestCtx,
+        client: &mut LaneClient<'_>,
+    ) -> Result<Option<bool>, Attempt> {
+        let write = up.write_all(request);
+        let written = match self.write_timeout {
+            Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
+                Attempt::Failed(upstream_error(
+                    ErrorType::WriteTimedout,
+                    "writing the request",
+                ))
+            })?,
+            None => write.await,
+        };
+        written.map_err(|e| {
+            Attempt::Failed(
+                Error::because(ErrorType::WriteError, "writing the request", e).into_up(),
+            )
+        })?;
+        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        loop {
+            let (head_len, answer) = self
+                .read_head(up, &mut buf)
+                .await
+                .map_err(Attempt::Failed)?;
+            let head = buf.split_to(head_len).freeze();
+            match answer.framing {
+                Framing::Interim => {
+                    // Passed on (103 Early Hints) through the same response
+                    // stage, and the final answer read.
+                    ctx.upstream_status = Some(answer.status);
+                    observe::attempt_outcome(ctx, Outcome::of_status(answer.status));
+                    let mut fields = answer.fields(&head, ctx);
+                    crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
+                    client
+                        .write_interim(answer.status, answer.reason(&head), fields)
+                        .await
+                        .map_err(|e| Attempt::Cut(e.into_down()))?;
+                    continue;
+                }
+                _ => return self.answer(up, head, answer, buf, ctx, client).await,
+            }
+        }
+    }
+
+    /// Read a response head into `buf`: its length and what it says.
+    async fn read_head(
+        &self,
+        up: &mut TcpStream,
+        buf: &mut BytesMut,
+    ) -> Result<(usize, Answer), Box<Error>> {
+        loop {
+            if !buf.is_empty() {
+                let mut fields = [httparse::EMPTY_HEADER; response::MAX_FIELDS];
+                match response::parse(buf, &mut fields) {
+                    response::Parse::Complete(h) => {
+                        let framing = h
+                            .framing(self.head)
+                            .map_err(|why| upstream_error(ErrorType::InvalidHTTPHeader, why))?;
+                        return Ok((h.len, Answer::of(&h, buf, framing)));
+                    }
+                    response::Parse::Invalid(why) => {
+                        return Err(upstream_error(ErrorType::InvalidHTTPHeader, why))
+                    }
+                    response::Parse::Partial if buf.len() >= MAX_RESPONSE_HEAD => {
+                        return Err(upstream_error(
+                            ErrorType::InvalidHTTPHeader,
+                            "response head too large",
+                        ))
+                    }
+                    response::Parse::Partial => {}
+                }
+            }
+            buf.reserve(READ_SIZE);
+            let n = read(up, buf, self.read_timeout).await?;
+            if n == 0 {
+                return Err(upstream_error(
+                    ErrorType::ConnectionClosed,
+                    "the upstream closed the connection before its response head",
+                ));
+            }
+        }
+    }
+
+    /// The response stage for the final answer, then its body.
+    async fn answer(
+        &self,
+        up: &mut TcpStream,
+        head: Bytes,
+        answer: Answer,
+        mut rest: BytesMut,
+        ctx: &mut RequestCtx,
+        client: &mut LaneClient<'_>,
+    ) -> Result<Option<bool>, Attempt> {
+        ctx.upstream_status = Some(answer.status);
+        // A gRPC error answered in the head counts as the status it stands for.
+        let status = answer.grpc_status.unwrap_or(answer.status);
+        observe::attempt_outcome(ctx, Outcome::of_status(status));
+        if status >= 500 {
+            let reason = Reason::Status(status);
+            if retry::decide_for(&client.sent(), ctx, reason) {
+                ctx.retry_reason = Some(reason);
+                return Err(Attempt::Failed(upstream_error(
+                    ErrorType::HTTPStatus(status),
+                    "answer retried",
+                )));
+            }
+        }
+        if answer.status == 101 {
+            return Err(Attempt::Failed(upstream_error(
+                ErrorType::InvalidHTTPHeader,
+                "101 Switching Protocols to a request that asked for no upgrade",
+            )));
+        }
+        let mut fields = answer.fields(&head, ctx);
+        // Pingora's proxy turns a body delimited by the upstream's close
+        // into a chunked one, so the client's connection can stay.
+        let to_chunked = answer.framing == Framing::UntilClose;
+        let minor = if to_chunked {
+            fields.insert(
+                Bytes::from_static(b"Transfer-Encoding"),
+                http::HeaderValue::from_static("chunked"),
+            );
+            1
+        } else {
+            answer.minor
+        };
+        crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
+        let chunked = to_chunked || fields.values(b"transfer-encoding").next().is_some();
+        let body = Body::of(answer.framing, chunked, self.read_timeout);
+        client
+            .write_answer(
+                minor,
+                answer.status,
+                answer.reason(&head),
+                &mut fields,
+                &body,
+            )
+            .await
+            .map_err(|e| Attempt::Cut(e.into_down()))?;
+        match body.pass(up, &mut rest, ctx, client).await {
+            Ok(overread) => Ok(Some(answer.reusable(overread))),
+            Err(e) => {
+                if e.esource() == &pingora::ErrorSource::Downstream {
+                    // The client went away: its answer ends here.
+                    let _ = client.flush().await;
+                }
+                Err(Attempt::Cut(e))
+            }
+        }
+    }
+}
+
+/// One read from the upstream into `buf`, within `timeout`.
+async fn read(
+    up: &mut TcpStream,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+) -> Result<usize, Box<Error>> {
+    let reading = up.read_buf(buf);
+    let read = match timeout {
+        Some(t) => tokio::time::timeout(t, reading)
+            .await
+            .map_err(|_| upstream_error(ErrorType::ReadTimedout, "reading the response"))?,
+        None => reading.await,
+    };
+    read.map_err(|e| Error::because(ErrorType::ReadError, "reading the response", e).into_up())
+}
+
+/// What an upstream's response head says, kept as offsets into its bytes.
+struct Answer {
+    status: u16,
+    minor: u8,
+    framing: Framing,
+    /// Where the reason phrase is, if the status line had one.
+    reason: Option<(usize, usize)>,
+    /// Each line's name and value, as ranges of the head.
+    lines: Vec<(usize, usize, usize, usize)>,
+    grpc_status: Option<u16>,
+    /// The connection may carry another request once the body is read
+    /// whole and nothing came after it.
+    reusable: bool,
+}
+
+impl Answer {
+    fn of(h: &response::Head<'_, '_>, buf: &[u8], framing: Framing) -> Answer {
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+        let lines = h
+            .headers
+            .iter()
+            .map(|f| {
+                let (n, nl) = at(f.name.as_bytes());
+                let (v, vl) = at(f.value);
+                (n, nl, v, vl)
+            })
+            .collect();
+        let grpc_status = h
+            .headers
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case("grpc-status"))
+            .and_then(|f| crate::resilience::grpc_status_as_http(f.value));
+        Answer {
+            status: h.status,
+            minor: h.minor,
+            framing,
+            reason: h.reason.map(|r| at(r.as_bytes())),
+            lines,
+            grpc_status,
+            // Decided now, from the head, as Pingora's client decides it.
+            reusable: h.keep_alive(framing, false, false),
+        }
+    }
+
+    fn reason<'h>(&self, head: &'h Bytes) -> Option<&'h str> {
+        match self.reason {
+            Some((at, len)) => std::str::from_utf8(&head[at..at + len]).ok(),
+            None => http::StatusCode::from_u16(self.status)
+                .ok()
+                .and_then(|s| s.canonical_reason()),
+        }
+    }
+
+    /// The head's lines, sharing its bytes, in the case the gateway keeps.
+    fn fields(&self, head: &Bytes, ctx: &RequestCtx) -> FieldList {
+        let keep_case = crate::proxy::keeps_case(ctx);
+        let mut fields = FieldList::with_capacity(self.lines.len() + 4, keep_case);
+        for &(n, nl, v, vl) in &self.lines {
+            let value = match response::field_value(&head[v..v + vl]) {
+                std::borrow::Cow::Borrowed(_) => head.slice(v..v + vl),
+                std::borrow::Cow::Owned(o) => Bytes::from(o),
+            };
+            fields.append(
+                head.slice(n..n + nl),
+                pingora::http::header_value_from_raw(value),
+            );
+        }
+        fields
+    }
+
+    fn reusable(&self, overread: bool) -> bool {
+        self.reusable && !overread
+    }
+}
+
+/// How the answer's body is passed on.
+struct Body {
+    framing: Framing,
+    /// The client is sent it chunked.
+    chunked: bool,
+    read_timeout: Option<Duration>,
+}
+
+impl Body {
+    fn of(framing: Framing, chunked: bool, read_timeout: Option<Duration>) -> Body {
+        Body {
+            framing,
+            chunked,
+            read_timeout,
+        }
+    }
+
+    /// Whether the answer has a body for the client.
+    fn is_empty(&self) -> bool {
+        matches!(self.framing, Framing::Empty | Framing::Length(0))
+    }
+
+    /// Pass the body from `up` (after the `rest` already read) to the
+    /// client. `Ok(overread)`: whole, with or without bytes past its end.
+    async fn pass(
+        &self,
+        up: &mut TcpStream,
+        rest: &mut BytesMut,
+        ctx: &mut RequestCtx,
+        client: &mut LaneClient<'_>,
+    ) -> Result<bool, Box<Error>> {
+        match self.framing {
+            Framing::Empty | Framing::Interim => {
+                client.flush().await?;
+                Ok(!rest.is_empty())
+            }
+            Framing::Length(n) => {
+                let mut left = n;
+                loop {
+                    if !rest.is_empty() {
+                        let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                        let piece = rest.split_to(take).freeze();
+                        left -= take as u64;
+                        client.write_piece(piece, false).await?;
+                    }
+                    if left == 0 {
+                        client.flush().await?;
+                        return Ok(!rest.is_empty());
+                    }
+                    self.more(up, rest, ctx).await?.ok_or_else(|| {
+                        upstream_error(
+                            ErrorType::ConnectionClosed,
+                            "the upstream closed the connection before the body's end",
+                        )
+                    })?;
+                }
+            }
+            Framing::Chunked => {
+                let mut decoder = crate::http1::chunked::Decoder::default();
+                loop {
+                    if !rest.is_empty() {
+                        let mut pieces = Vec::new();
+                        let used = decoder
+                            .decode(rest, |d| pieces.push(Bytes::copy_from_slice(d)))
+                            .map_err(|_| {
+                                upstream_error(ErrorType::InvalidHTTPHeader, "invalid chunked body")
+                            })?;
+                        let _ = rest.split_to(used);
+                        for piece in pieces {
+                            client.write_piece(piece, self.chunked).await?;
+                        }
+                        client.flush().await?;
+                    }
+                    if decoder.is_done() {
+                        client.end_chunked(self.chunked).await?;
+                        return Ok(!rest.is_empty());
+                    }
+                    self.more(up, rest, ctx).await?.ok_or_else(|| {
+                        upstream_error(
+                            ErrorType::ConnectionClosed,
+                            "the upstream closed the connection before the body's end",
+                        )
+                    })?;
+                }
+            }
+            Framing::UntilClose => loop {
+                if !rest.is_empty() {
+                    let piece = rest.split().freeze();
+                    client.write_piece(piece, self.chunked).await?;
+                    client.flush().await?;
+                }
+                if self.more(up, rest, ctx).await?.is_none() {
+                    client.end_chunked(self.chunked).await?;
+                    return Ok(false);
+                }
+            },
+        }
+    }
+
+    /// Read more of the body; `None` at the upstream's close. The route's
+    /// deadline is checked at each read, as Pingora's driver checks it.
+    async fn more(
+        &self,
+        up: &mut TcpStream,
+        rest: &mut BytesMut,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<usize>, Box<Error>> {
+        rest.reserve(READ_SIZE);
+        let n = read(up, rest, self.read_timeout).await?;
+        if ctx.deadline.is_some_and(|d| Instant::now() > d) {
+            ctx.failure = Some(Failure::Timeout);
+            return Err(upstream_error(
+                ErrorType::ReadTimedout,
+                "route timeout passed while reading the response body",
+            ));
+        }
+        Ok((n > 0).then_some(n))
+    }
+}
+
+/// A request that failed before its answer began: the gateway answers,
+/// and the connection closes (part of it may be unread).
+async fn fail(e: &Error, ctx: &mut RequestCtx, client: &mut LaneClient<'_>) {
+    let failure = respond::classify(e, ctx);
+    ctx.failure = failure;
+    let Some(failure) = failure else {
+        client.close_after_now();
+        return;
+    };
+    if client.status_written_any() {
+        client.close_after_now();
+        return;
+    }
+    client.close_after_now();
+    if let Err(write_err) = respond::send_error(client, failure, ctx).await {
+        log::debug!("could not write error response: {write_err}");
+    }
+}
