@@ -399,6 +399,8 @@ def meshgate_variant(variant, otlp_port):
         return f"work_stealing = {str(variant == 'steal').lower()}", "", ""
     if variant == "lowercase":
         return 'header_case = "lowercase"', "", ""
+    if variant == "fast":
+        return 'http1_engine = "fast"', "", ""
     if variant == "resilienceoff":
         return "", "retries = false", ""
     return "", "", ""

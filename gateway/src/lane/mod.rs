@@ -85,18 +85,8 @@ pub async fn serve(
             return Served::Fallback(BytesMut::from(frozen));
         }
     };
-    let pool = &rt.upstreams[plan.upstream];
-    // Circuit breaking first: refused, Pingora's driver refuses it too,
-    // and counts it, from the start.
-    let permit = match pool.gate.enter().await {
-        Ok(permit) => permit,
-        Err(_) => {
-            drop(plan);
-            handed_to_pingora("upstream limits");
-            return Served::Fallback(BytesMut::from(frozen));
-        }
-    };
     SERVED.with(|c| c.inc());
+    let pool = &rt.upstreams[plan.upstream];
     let mut ctx = RequestCtx::new();
     ctx.request_id = crate::proxy::headers::RequestId::from_request(plan.request_id.as_ref());
     ctx.listener = Some(listener);
@@ -108,7 +98,6 @@ pub async fn serve(
     ctx.route = Some(plan.route);
     ctx.deadline = ctx.started.checked_add(rt.route(plan.route).timeout);
     ctx.upstream = Some(plan.upstream);
-    ctx.upstream_permit = Some(permit);
     if let Some(budget) = &pool.budget {
         budget.deposit(ctx.started);
     }
@@ -116,7 +105,23 @@ pub async fn serve(
     let request = plan.upstream_request(rt, &ctx, LaneClient::peer_ip(conn.peer));
     let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
     let mut client = LaneClient::new(conn, &plan, keep_alive);
-    let error = attempts(rt, &plan, &request, &mut ctx, &mut client).await;
+    // Circuit breaking: a place among the upstream's max_requests.
+    let error = match pool.gate.enter().await {
+        Ok(permit) => {
+            ctx.upstream_permit = Some(permit);
+            attempts(rt, &plan, &request, &mut ctx, &mut client).await
+        }
+        Err(limit) => {
+            pool.series.overflow(limit.as_str()).inc();
+            ctx.overflow = Some(limit);
+            let refusal = Failure::UpstreamOverloaded.into();
+            if let Err(e) = respond::refuse(&mut client, &mut ctx, refusal).await {
+                log::debug!("could not write error response: {e}");
+                client.close_after_now();
+            }
+            None
+        }
+    };
     if let Some(e) = &error {
         fail(e, &mut ctx, &mut client).await;
     }
@@ -417,8 +422,15 @@ impl Exchange {
         }
         let mut fields = answer.fields(&head, ctx);
         // Pingora's proxy turns a body delimited by the upstream's close
-        // into a chunked one, so the client's connection can stay.
-        let to_chunked = answer.framing == Framing::UntilClose;
+        // into a chunked one, so the client's connection can stay; not one
+        // with a `Transfer-Encoding` other than chunked, which goes on as
+        // it came, ending the connection.
+        let coded = answer.framing == Framing::UntilClose
+            && fields.values(b"transfer-encoding").next().is_some();
+        let to_chunked = answer.framing == Framing::UntilClose && !coded;
+        if coded {
+            client.close_after_now();
+        }
         let minor = if to_chunked {
             fields.insert(
                 Bytes::from_static(b"Transfer-Encoding"),
@@ -429,7 +441,7 @@ impl Exchange {
             answer.minor
         };
         crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
-        let chunked = to_chunked || fields.values(b"transfer-encoding").next().is_some();
+        let chunked = to_chunked || answer.framing == Framing::Chunked;
         let body = Body::of(answer.framing, chunked, self.read_timeout);
         client
             .write_answer(
