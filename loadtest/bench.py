@@ -246,12 +246,13 @@ class Bench:
 
     # ---- load -----------------------------------------------------------
 
-    def wrk(self, url, conns, duration, headers=()):
+    def wrk(self, url, conns, duration, headers=(), post_bytes=0):
         argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
                 "-s", str(LOADTEST / "wrk-report.lua")]
         for h in headers:
             argv += ["-H", h]
-        out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 30).stdout
+        env = dict(os.environ, WRK_POST_BYTES=str(post_bytes)) if post_bytes else None
+        out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 30, env=env).stdout
         m = re.search(r"^REPORT (.*)$", out, re.M)
         if not m:
             raise RuntimeError(f"wrk printed no report:\n{out}")
@@ -473,6 +474,9 @@ def scenarios(b):
     def h2_tls(ports, dur):
         return b.h2load(f"https://127.0.0.1:{ports['tls']}/", dur)
 
+    def post(ports, dur):
+        return b.wrk(f"http://127.0.0.1:{ports['plain']}/", 50, dur, post_bytes=1024)
+
     def big(ports, dur):
         return b.wrk(f"http://127.0.0.1:{ports['plain']}/1m", 10, dur)
 
@@ -481,16 +485,19 @@ def scenarios(b):
 
     return {
         "1-h1": ("HTTP/1.1 keep-alive, small GET (wrk -c50)",
-                 [(s, "default") for s in SYSTEMS] + [("meshgate", "lowercase")], h1),
+                 [(s, "default") for s in SYSTEMS] + [("meshgate", "lowercase"), ("meshgate", "fast")], h1),
+        "1p-post": ("HTTP/1.1 keep-alive, 1 KiB POST bodies (wrk -c50)",
+                    [(s, "default") for s in SYSTEMS] + [("meshgate", "fast")], post),
         "2-h2c": ("h2c, 10 connections x 10 streams (h2load)", [(s, "default") for s in SYSTEMS], h2c),
         "3-tls-handshake": ("TLS 1.3, new connection per request (wrk -c20, Connection: close)",
                             [(s, "tls") for s in SYSTEMS] + [("nginx", "tls-aes128"), ("haproxy", "tls-aes128")],
                             tls_new),
         "3r-tls-resumed": ("TLS 1.3, new connection per request resuming a session (openssl s_time -reuse, 4 clients, HTTP/1.0)",
                            [(s, "tls") for s in SYSTEMS], tls_resumed),
-        "4a-tls-keepalive": ("TLS 1.3 keep-alive, HTTP/1.1 (wrk -c50)", [(s, "tls") for s in SYSTEMS], tls_keepalive),
+        "4a-tls-keepalive": ("TLS 1.3 keep-alive, HTTP/1.1 (wrk -c50)",
+                             [(s, "tls") for s in SYSTEMS] + [("meshgate", "fast")], tls_keepalive),
         "4b-h2-tls": ("HTTP/2 over TLS, 10 x 10 streams (h2load)", [(s, "tls") for s in SYSTEMS], h2_tls),
-        "5-1mib": ("1 MiB responses (wrk -c10), MB/s", [(s, "default") for s in SYSTEMS], big),
+        "5-1mib": ("1 MiB responses (wrk -c10), MB/s", [(s, "default") for s in SYSTEMS] + [("meshgate", "fast")], big),
         "6-routes": ("1,000 routes (100 hosts x 10 prefixes) vs 1 route, request for the last one",
                      [("meshgate", "default"), ("meshgate", "routes1000"), ("nginx", "default"), ("nginx", "routes1000")], routed),
         "7-ratelimit": ("a local rate limit on every request", [("meshgate", "default"), ("meshgate", "ratelimit")], h1),

@@ -1,3 +1,11 @@
+-- WRK_POST_BYTES=N: each request a POST with an N-byte body (scenario 1p).
+local post = tonumber(os.getenv("WRK_POST_BYTES") or "")
+if post and post > 0 then
+  wrk.method = "POST"
+  wrk.body = string.rep("x", post)
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
 -- wrk prints this one line at the end; loadtest/bench.py reads it.
 -- Latencies in microseconds.
 done = function(summary, latency, requests)
