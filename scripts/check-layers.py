@@ -26,6 +26,7 @@ LAYERS = {
     "types": 0,
     "http1": 0,
     "lifecycle": 0,
+    "deadline": 0,
     "telemetry::names": 0,
     "telemetry::metrics": 0,
     "telemetry::process_log": 0,

@@ -8,7 +8,8 @@
 //!   HTTP/1.1 fast lane's framing: heads as slices, their fields as Pingora
 //!   writes them, chunked bodies),
 //!   [`lifecycle`]
-//!   (draining and overload flags), `telemetry::{names, metrics}`, and
+//!   (draining and overload flags), [`deadline`] (one timer for a
+//!   connection's waits), `telemetry::{names, metrics}`, and
 //!   [`tls`] (certificate chains and keys, peer identities, BoringSSL hooks).
 //! - L1 [`config`]: the file. `raw` (serde, the only serde structs) ->
 //!   `validate/` (a file per section; every error with file:line:col and a
@@ -47,6 +48,7 @@ pub mod admin_client;
 pub mod authz;
 pub mod background;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod downstream;
 pub mod egress;

@@ -61,6 +61,7 @@ use super::admission::{Admission, Waiting};
 use super::head::{progress, HeadLimits, HeadScan, Progress};
 use super::pending::PendingHeads;
 use super::probe::{carried_head, FirstLine};
+use crate::deadline::IdleTimer;
 use crate::proxy::conn::{fate, head_handed, with_fate, Fate};
 use crate::proxy::observe::refused;
 use crate::proxy::observe::HeadEnd;
@@ -251,7 +252,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                         let last =
                             *shutdown.borrow() || served + 1 >= self.head_settings().max_requests;
                         match self
-                            .lane(&mut stream, head, &digest, tls.as_deref(), last)
+                            .lane(&mut stream, head, &digest, tls.as_deref(), last, &mut idle)
                             .await
                         {
                             Lane::Served(keep_alive) => {
@@ -360,6 +361,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         digest: &Option<Arc<pingora::protocols::SocketDigest>>,
         tls: Option<&pingora::protocols::tls::SslDigest>,
         last: bool,
+        idle: &mut IdleTimer,
     ) -> Lane {
         let rt = self.runtime.load_full();
         if rt.config.gateway.http1_engine != crate::config::model::Http1Engine::Fast {
@@ -375,7 +377,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             .copied();
         let conn = crate::lane::Conn { stream, peer, tls };
         // Boxed: the lane's state is room no idle connection should hold.
-        match Box::pin(crate::lane::serve(&rt, listener, conn, head, last)).await {
+        match Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle)).await {
             crate::lane::Served::KeepAlive => Lane::Served(true),
             crate::lane::Served::Close => Lane::Served(false),
             crate::lane::Served::Fallback(head) => Lane::Pingora(head),
@@ -752,49 +754,6 @@ async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
     id.as_str().to_string()
 }
 
-/// A connection's idle deadline, kept with one of Pingora's (10 ms coarse)
-/// timers that outlives the wait that set it. Registering a timer costs
-/// about as much as the rest of the wait; a timer set by an earlier wait
-/// fires before this one's deadline, and is then set again for the rest.
-#[derive(Default)]
-struct IdleTimer {
-    /// When the armed timer fires, and the timer.
-    armed: Option<(Instant, Sleep)>,
-}
-
-type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Pingora's timer resolution: a deadline this close counts as reached.
-const TIMER_SLACK: Duration = Duration::from_millis(10);
-
-impl IdleTimer {
-    /// Done once `deadline` has passed. Dropping this keeps the timer for
-    /// the next wait.
-    async fn until(&mut self, deadline: Instant) {
-        loop {
-            match &mut self.armed {
-                Some((fires, sleep)) if *fires <= deadline => {
-                    sleep.as_mut().await;
-                    self.armed = None;
-                    let now = Instant::now();
-                    if now + TIMER_SLACK >= deadline {
-                        return;
-                    }
-                    self.arm(deadline, deadline - now);
-                }
-                // None yet, or one for a later deadline (a reload shortened
-                // `idle_timeout`).
-                _ => self.arm(deadline, deadline.saturating_duration_since(Instant::now())),
-            }
-        }
-    }
-
-    fn arm(&mut self, deadline: Instant, rest: Duration) {
-        let sleep = pingora::time::fast_timeout::fast_sleep(rest);
-        self.armed = Some((deadline, Box::pin(sleep)));
-    }
-}
-
 /// What the client has sent, once it has sent something; `None` at end of
 /// stream. Read through a buffer on the stack, so that a connection waiting
 /// here holds none.
@@ -821,42 +780,5 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
 fn start_with(session: &mut ServerSession, head: BytesMut) {
     if let ServerSession::H1(h1) = session {
         h1.set_pipelined_prefix(head);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn one_timer_serves_several_waits_and_none_ends_early() {
-        let mut idle = IdleTimer::default();
-        let start = Instant::now();
-        let first = start + Duration::from_millis(150);
-        // A wait cut short by its read: the timer stays armed.
-        let cut = tokio::time::timeout(Duration::from_millis(20), idle.until(first)).await;
-        assert!(cut.is_err(), "fired before its deadline");
-        assert_eq!(idle.armed.as_ref().map(|(at, _)| *at), Some(first));
-
-        // The next wait, with a later deadline, keeps that timer until it
-        // fires, then sets one for the rest.
-        let second = Instant::now() + Duration::from_millis(300);
-        let cut = tokio::time::timeout(Duration::from_millis(20), idle.until(second)).await;
-        assert!(cut.is_err());
-        assert_eq!(idle.armed.as_ref().map(|(at, _)| *at), Some(first));
-        idle.until(second).await;
-        assert!(
-            Instant::now() + TIMER_SLACK >= second,
-            "ended before the deadline"
-        );
-
-        // A shorter deadline than the armed one (a reload) gets its own timer.
-        let later = Instant::now() + Duration::from_secs(60);
-        let _ = tokio::time::timeout(Duration::from_millis(5), idle.until(later)).await;
-        let sooner = Instant::now() + Duration::from_millis(50);
-        tokio::time::timeout(Duration::from_secs(5), idle.until(sooner))
-            .await
-            .expect("a timer for the sooner deadline");
-        assert!(Instant::now() + TIMER_SLACK >= sooner);
     }
 }

@@ -125,6 +125,15 @@ impl FieldList {
         self.entries.is_empty()
     }
 
+    /// The bytes [`Self::write`] writes, so a buffer can be sized once.
+    pub fn wire_len(&self) -> usize {
+        self.entries
+            .iter()
+            .flat_map(Entry::lines)
+            .map(|l| l.spelled.len() + l.value.len() + 4)
+            .sum()
+    }
+
     /// The lines as a head carries them: `name: value` and CRLF each.
     pub fn write(&self, buf: &mut impl BufMut) {
         for entry in &self.entries {

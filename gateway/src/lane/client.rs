@@ -165,6 +165,7 @@ impl<'a> LaneClient<'a> {
             }),
         );
         self.out.clear();
+        self.out.reserve(fields.wire_len() + 64);
         self.status_line(minor, status, reason);
         fields.write(&mut self.out);
         self.out.put_slice(b"\r\n");

@@ -34,6 +34,7 @@ use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::deadline::IdleTimer;
 use crate::endpoints::Outcome;
 use crate::http1::fields::FieldList;
 use crate::http1::response::{self, Framing};
@@ -76,6 +77,7 @@ pub async fn serve(
     conn: Conn<'_>,
     buf: BytesMut,
     last: bool,
+    timer: &mut IdleTimer,
 ) -> Served {
     let frozen = buf.freeze();
     let plan = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
@@ -109,7 +111,7 @@ pub async fn serve(
     let error = match pool.gate.enter().await {
         Ok(permit) => {
             ctx.upstream_permit = Some(permit);
-            attempts(rt, &plan, &request, &mut ctx, &mut client).await
+            attempts(rt, &plan, &request, &mut ctx, &mut client, timer).await
         }
         Err(limit) => {
             pool.series.overflow(limit.as_str()).inc();
@@ -163,6 +165,7 @@ async fn attempts(
     request: &Bytes,
     ctx: &mut RequestCtx,
     client: &mut LaneClient<'_>,
+    timer: &mut IdleTimer,
 ) -> Option<Box<Error>> {
     let pool = &rt.upstreams[plan.upstream];
     let members = pool.members();
@@ -183,25 +186,19 @@ async fn attempts(
         }
         let per_try = route.retries.as_ref().and_then(|p| p.per_try_timeout);
         let remaining = per_try.map_or(remaining, |t| t.min(remaining));
-        let Some((endpoint, peer)) = pool.select(&members, &ctx.tried, None, remaining) else {
+        let Some((endpoint, addr, times)) = pool.select_addr(&members, &ctx.tried, None, remaining)
+        else {
             ctx.failure = Some(Failure::NoEndpoints);
             return Some(Error::explain(
                 ErrorType::ConnectNoRoute,
                 "upstream has no endpoints",
             ));
         };
-        let Some(addr) = peer._address.as_inet().copied() else {
-            return Some(Error::explain(
-                ErrorType::InternalError,
-                "not an IP endpoint",
-            ));
-        };
         observe::attempt_started(ctx, endpoint, Some(addr));
         ctx.at_endpoint = members.set.in_flight(endpoint);
-        let options = &peer.options;
         let (mut up, reused) = match pool::checkout(addr) {
             Some(stream) => (stream, true),
-            None => match connect(addr, options.connection_timeout).await {
+            None => match connect(addr, times.connect).await {
                 Ok(stream) => (stream, false),
                 Err(e) => {
                     observe::attempt_failed(ctx, &e);
@@ -215,14 +212,14 @@ async fn attempts(
         };
         observe::connected(ctx, reused);
         let exchange = Exchange {
-            read_timeout: options.read_timeout,
-            write_timeout: options.write_timeout,
+            read_timeout: times.read,
+            write_timeout: times.write,
             head: plan.method == http::Method::HEAD,
         };
-        match exchange.run(&mut up, request, ctx, client).await {
+        match exchange.run(&mut up, request, ctx, client, timer).await {
             Ok(Some(reuse)) => {
                 if reuse {
-                    pool::give_back(addr, up, options.idle_timeout);
+                    pool::give_back(addr, up, times.idle);
                 }
                 return None;
             }
@@ -309,44 +306,33 @@ impl Exchange {
         request: &Bytes,
         ctx: &mut RequestCtx,
         client: &mut LaneClient<'_>,
+        timer: &mut IdleTimer,
     ) -> Result<Option<bool>, Attempt> {
-        let write = up.write_all(request);
-        let written = match self.write_timeout {
-            Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
-                Attempt::Failed(upstream_error(
-                    ErrorType::WriteTimedout,
-                    "writing the request",
-                ))
-            })?,
-            None => write.await,
-        };
-        written.map_err(|e| {
-            Attempt::Failed(
-                Error::because(ErrorType::WriteError, "writing the request", e).into_up(),
-            )
-        })?;
+        write(up, request, self.write_timeout, timer)
+            .await
+            .map_err(Attempt::Failed)?;
         let mut buf = BytesMut::with_capacity(READ_SIZE);
         loop {
-            let (head_len, answer) = self
-                .read_head(up, &mut buf)
+            let (head_len, mut answer) = self
+                .read_head(up, &mut buf, timer)
                 .await
                 .map_err(Attempt::Failed)?;
-            let head = buf.split_to(head_len).freeze();
+            answer.head = buf.split_to(head_len).freeze();
             match answer.framing {
                 Framing::Interim => {
                     // Passed on (103 Early Hints) through the same response
                     // stage, and the final answer read.
                     ctx.upstream_status = Some(answer.status);
                     observe::attempt_outcome(ctx, Outcome::of_status(answer.status));
-                    let mut fields = answer.fields(&head, ctx);
+                    let mut fields = answer.fields(ctx);
                     crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
                     client
-                        .write_interim(answer.status, answer.reason(&head), fields)
+                        .write_interim(answer.status, answer.reason(), fields)
                         .await
                         .map_err(|e| Attempt::Cut(e.into_down()))?;
                     continue;
                 }
-                _ => return self.answer(up, head, answer, buf, ctx, client).await,
+                _ => return self.answer(up, answer, buf, ctx, client, timer).await,
             }
         }
     }
@@ -356,6 +342,7 @@ impl Exchange {
         &self,
         up: &mut TcpStream,
         buf: &mut BytesMut,
+        timer: &mut IdleTimer,
     ) -> Result<(usize, Answer), Box<Error>> {
         loop {
             if !buf.is_empty() {
@@ -380,7 +367,7 @@ impl Exchange {
                 }
             }
             buf.reserve(READ_SIZE);
-            let n = read(up, buf, self.read_timeout).await?;
+            let n = read(up, buf, self.read_timeout, timer).await?;
             if n == 0 {
                 return Err(upstream_error(
                     ErrorType::ConnectionClosed,
@@ -394,11 +381,11 @@ impl Exchange {
     async fn answer(
         &self,
         up: &mut TcpStream,
-        head: Bytes,
         answer: Answer,
         mut rest: BytesMut,
         ctx: &mut RequestCtx,
         client: &mut LaneClient<'_>,
+        timer: &mut IdleTimer,
     ) -> Result<Option<bool>, Attempt> {
         ctx.upstream_status = Some(answer.status);
         // A gRPC error answered in the head counts as the status it stands for.
@@ -420,7 +407,7 @@ impl Exchange {
                 "101 Switching Protocols to a request that asked for no upgrade",
             )));
         }
-        let mut fields = answer.fields(&head, ctx);
+        let mut fields = answer.fields(ctx);
         // Pingora's proxy turns a body delimited by the upstream's close
         // into a chunked one, so the client's connection can stay; not one
         // with a `Transfer-Encoding` other than chunked, which goes on as
@@ -444,16 +431,10 @@ impl Exchange {
         let chunked = to_chunked || answer.framing == Framing::Chunked;
         let body = Body::of(answer.framing, chunked, self.read_timeout);
         client
-            .write_answer(
-                minor,
-                answer.status,
-                answer.reason(&head),
-                &mut fields,
-                &body,
-            )
+            .write_answer(minor, answer.status, answer.reason(), &mut fields, &body)
             .await
             .map_err(|e| Attempt::Cut(e.into_down()))?;
-        match body.pass(up, &mut rest, ctx, client).await {
+        match body.pass(up, &mut rest, ctx, client, timer).await {
             Ok(overread) => Ok(Some(answer.reusable(overread))),
             Err(e) => {
                 if e.esource() == &pingora::ErrorSource::Downstream {
@@ -471,19 +452,62 @@ async fn read(
     up: &mut TcpStream,
     buf: &mut BytesMut,
     timeout: Option<Duration>,
+    timer: &mut IdleTimer,
 ) -> Result<usize, Box<Error>> {
-    let reading = up.read_buf(buf);
     let read = match timeout {
-        Some(t) => tokio::time::timeout(t, reading)
-            .await
-            .map_err(|_| upstream_error(ErrorType::ReadTimedout, "reading the response"))?,
-        None => reading.await,
+        Some(t) => {
+            let deadline = Instant::now() + t;
+            tokio::select! {
+                biased;
+                read = up.read_buf(buf) => read,
+                () = timer.until(deadline) => {
+                    return Err(upstream_error(ErrorType::ReadTimedout, "reading the response"));
+                }
+            }
+        }
+        None => up.read_buf(buf).await,
     };
     read.map_err(|e| Error::because(ErrorType::ReadError, "reading the response", e).into_up())
 }
 
+/// Send `request` within `timeout`: at once when the socket takes it
+/// whole (nearly always), without setting a timer.
+async fn write(
+    up: &mut TcpStream,
+    request: &[u8],
+    timeout: Option<Duration>,
+    timer: &mut IdleTimer,
+) -> Result<(), Box<Error>> {
+    let failed = |e| Error::because(ErrorType::WriteError, "writing the request", e).into_up();
+    let sent = match up.try_write(request) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(failed(e)),
+    };
+    let rest = &request[sent..];
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let written = match timeout {
+        Some(t) => {
+            let deadline = Instant::now() + t;
+            tokio::select! {
+                biased;
+                written = up.write_all(rest) => written,
+                () = timer.until(deadline) => {
+                    return Err(upstream_error(ErrorType::WriteTimedout, "writing the request"));
+                }
+            }
+        }
+        None => up.write_all(rest).await,
+    };
+    written.map_err(failed)
+}
+
 /// What an upstream's response head says, kept as offsets into its bytes.
 struct Answer {
+    /// The head's bytes (once read whole).
+    head: Bytes,
     status: u16,
     minor: u8,
     framing: Framing,
@@ -516,6 +540,7 @@ impl Answer {
             .find(|f| f.name.eq_ignore_ascii_case("grpc-status"))
             .and_then(|f| crate::resilience::grpc_status_as_http(f.value));
         Answer {
+            head: Bytes::new(),
             status: h.status,
             minor: h.minor,
             framing,
@@ -527,9 +552,9 @@ impl Answer {
         }
     }
 
-    fn reason<'h>(&self, head: &'h Bytes) -> Option<&'h str> {
+    fn reason(&self) -> Option<&str> {
         match self.reason {
-            Some((at, len)) => std::str::from_utf8(&head[at..at + len]).ok(),
+            Some((at, len)) => std::str::from_utf8(&self.head[at..at + len]).ok(),
             None => http::StatusCode::from_u16(self.status)
                 .ok()
                 .and_then(|s| s.canonical_reason()),
@@ -537,7 +562,8 @@ impl Answer {
     }
 
     /// The head's lines, sharing its bytes, in the case the gateway keeps.
-    fn fields(&self, head: &Bytes, ctx: &RequestCtx) -> FieldList {
+    fn fields(&self, ctx: &RequestCtx) -> FieldList {
+        let head = &self.head;
         let keep_case = crate::proxy::keeps_case(ctx);
         let mut fields = FieldList::with_capacity(self.lines.len() + 4, keep_case);
         for &(n, nl, v, vl) in &self.lines {
@@ -588,6 +614,7 @@ impl Body {
         rest: &mut BytesMut,
         ctx: &mut RequestCtx,
         client: &mut LaneClient<'_>,
+        timer: &mut IdleTimer,
     ) -> Result<bool, Box<Error>> {
         match self.framing {
             Framing::Empty | Framing::Interim => {
@@ -607,7 +634,7 @@ impl Body {
                         client.flush().await?;
                         return Ok(!rest.is_empty());
                     }
-                    self.more(up, rest, ctx).await?.ok_or_else(|| {
+                    self.more(up, rest, ctx, timer).await?.ok_or_else(|| {
                         upstream_error(
                             ErrorType::ConnectionClosed,
                             "the upstream closed the connection before the body's end",
@@ -635,7 +662,7 @@ impl Body {
                         client.end_chunked(self.chunked).await?;
                         return Ok(!rest.is_empty());
                     }
-                    self.more(up, rest, ctx).await?.ok_or_else(|| {
+                    self.more(up, rest, ctx, timer).await?.ok_or_else(|| {
                         upstream_error(
                             ErrorType::ConnectionClosed,
                             "the upstream closed the connection before the body's end",
@@ -649,7 +676,7 @@ impl Body {
                     client.write_piece(piece, self.chunked).await?;
                     client.flush().await?;
                 }
-                if self.more(up, rest, ctx).await?.is_none() {
+                if self.more(up, rest, ctx, timer).await?.is_none() {
                     client.end_chunked(self.chunked).await?;
                     return Ok(false);
                 }
@@ -664,9 +691,10 @@ impl Body {
         up: &mut TcpStream,
         rest: &mut BytesMut,
         ctx: &mut RequestCtx,
+        timer: &mut IdleTimer,
     ) -> Result<Option<usize>, Box<Error>> {
         rest.reserve(READ_SIZE);
-        let n = read(up, rest, self.read_timeout).await?;
+        let n = read(up, rest, self.read_timeout, timer).await?;
         if ctx.deadline.is_some_and(|d| Instant::now() > d) {
             ctx.failure = Some(Failure::Timeout);
             return Err(upstream_error(

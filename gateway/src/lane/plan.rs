@@ -297,7 +297,9 @@ impl Plan {
             Some(t) => t.as_str(),
             None => self.target(),
         };
-        let mut out = BytesMut::with_capacity(at + len + 256);
+        let mut out = BytesMut::with_capacity(
+            self.method.as_str().len() + target.len() + fields.wire_len() + len + 16,
+        );
         out.put_slice(self.method.as_str().as_bytes());
         out.put_u8(b' ');
         out.put_slice(target.as_bytes());

@@ -62,9 +62,12 @@ pub fn give_back(addr: SocketAddr, stream: TcpStream, idle_timeout: Option<Durat
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let now = Instant::now();
-        idle.retain(|c| !c.expired(now));
+        // Expired ones go at checkout; here only when the pool is full.
         if idle.len() >= MAX_IDLE {
-            idle.remove(0);
+            idle.retain(|c| !c.expired(now));
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
         }
         idle.push(Idle {
             addr,

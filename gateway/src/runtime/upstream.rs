@@ -69,6 +69,16 @@ pub struct Refresh {
 }
 
 /// A compiled upstream: its endpoints now and how to reach them.
+/// An attempt's timeouts, as Pingora's peer for it would carry them.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTimes {
+    pub connect: Option<Duration>,
+    pub read: Option<Duration>,
+    pub write: Option<Duration>,
+    /// How long a pooled connection may stay idle.
+    pub idle: Option<Duration>,
+}
+
 pub struct UpstreamPool {
     pub name: String,
     pub discovery: Discovery,
@@ -298,6 +308,41 @@ impl UpstreamPool {
         key: Option<&[u8]>,
         remaining: Duration,
     ) -> Option<(usize, Box<HttpPeer>)> {
+        let idx = self.choose(members, tried, key)?;
+        // Boxed once here: Pingora takes it boxed, and it is large to move.
+        let mut peer = Box::new(members.peers.get(idx)?.clone());
+        peer.options.read_timeout = Some(self.read_timeout.min(remaining));
+        peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
+        Some((idx, peer))
+    }
+
+    /// [`Self::select`] for a driver that connects itself: the endpoint's
+    /// address and the attempt's timeouts, without a copy of its peer.
+    pub fn select_addr(
+        &self,
+        members: &Members,
+        tried: &[usize],
+        key: Option<&[u8]>,
+        remaining: Duration,
+    ) -> Option<(usize, std::net::SocketAddr, AttemptTimes)> {
+        let idx = self.choose(members, tried, key)?;
+        let peer = members.peers.get(idx)?;
+        let addr = *peer._address.as_inet()?;
+        let o = &peer.options;
+        Some((
+            idx,
+            addr,
+            AttemptTimes {
+                connect: o.connection_timeout.map(|c| c.min(remaining)),
+                read: Some(self.read_timeout.min(remaining)),
+                write: o.write_timeout,
+                idle: o.idle_timeout,
+            },
+        ))
+    }
+
+    /// The endpoint for an attempt, noting those back from ejection.
+    fn choose(&self, members: &Members, tried: &[usize], key: Option<&[u8]>) -> Option<usize> {
         let chosen = members.set.select(tried, key);
         for i in chosen.back {
             log::info!(
@@ -306,12 +351,7 @@ impl UpstreamPool {
                 addr_of(members, i)
             );
         }
-        let idx = chosen.index?;
-        // Boxed once here: Pingora takes it boxed, and it is large to move.
-        let mut peer = Box::new(members.peers.get(idx)?.clone());
-        peer.options.read_timeout = Some(self.read_timeout.min(remaining));
-        peer.options.connection_timeout = peer.options.connection_timeout.map(|c| c.min(remaining));
-        Some((idx, peer))
+        chosen.index
     }
 
     /// Count how an attempt at endpoint `i` of `members` ended, `rtt`

@@ -341,6 +341,15 @@ health_check = {{ path = "/healthz", host = "api.internal", interval = "200ms", 
         "{}",
         gw.log()
     );
+    // The good endpoint's checks run beside the others': wait for its first.
+    let start = Instant::now();
+    while good.checks() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no check reached the good endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         good.last_check().contains("host: api.internal\r\n"),
         "{}",

@@ -505,8 +505,9 @@ pub async fn faulty_at(
                 };
                 let mut nth = 0;
                 if head.starts_with(b"GET /healthz ") {
-                    checks.fetch_add(1, Ordering::SeqCst);
+                    // The head first: a count seen means its head is there.
                     *last_check.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+                    checks.fetch_add(1, Ordering::SeqCst);
                 } else {
                     nth = requests.fetch_add(1, Ordering::SeqCst);
                 }
