@@ -129,13 +129,22 @@ impl<'a> LaneClient<'a> {
         self.out.clear();
         self.status_line(1, status, reason);
         fields.write(&mut self.out);
+        self.send_head(status, true).await
+    }
+
+    /// Write the head in `out` (its final empty line added) for `status`;
+    /// `flush` when nothing follows it at once.
+    async fn send_head(&mut self, status: u16, flush: bool) -> Result<()> {
         self.out.put_slice(b"\r\n");
         self.status = Some(status);
         self.stream
             .write_all(&self.out)
             .await
             .map_err(write_error)?;
-        self.stream.flush().await.map_err(write_error)
+        if flush {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// The final answer's head; its body follows through [`Body`].
@@ -168,17 +177,8 @@ impl<'a> LaneClient<'a> {
         self.out.reserve(fields.wire_len() + 64);
         self.status_line(minor, status, reason);
         fields.write(&mut self.out);
-        self.out.put_slice(b"\r\n");
-        self.status = Some(status);
         self.answered = true;
-        self.stream
-            .write_all(&self.out)
-            .await
-            .map_err(write_error)?;
-        if body.is_empty() {
-            self.stream.flush().await.map_err(write_error)?;
-        }
-        Ok(())
+        self.send_head(status, body.is_empty()).await
     }
 
     /// A piece of the body, framed as a chunk when `chunked`.
@@ -277,16 +277,7 @@ impl Client for LaneClient<'_> {
         let reason = resp.get_reason_phrase().map(str::to_owned);
         self.status_line(minor, status, reason.as_deref());
         resp.header_to_h1_wire(&mut self.out);
-        self.out.put_slice(b"\r\n");
-        self.status = Some(status);
-        self.stream
-            .write_all(&self.out)
-            .await
-            .map_err(write_error)?;
-        if end {
-            self.flush().await?;
-        }
-        Ok(())
+        self.send_head(status, end).await
     }
     async fn write_body(&mut self, body: Bytes, end: bool) -> Result<()> {
         if self.method != Method::HEAD {

@@ -99,14 +99,28 @@ pub async fn serve(
     ));
     ctx.route = Some(plan.route);
     ctx.deadline = ctx.started.checked_add(rt.route(plan.route).timeout);
+    let mut plan = plan;
+    let policy_head = plan.policy_head.take();
+    let peer_ip = LaneClient::peer_ip(conn.peer);
+    let request = plan.upstream_request(rt, &ctx, peer_ip);
+    let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
+    let mut client = LaneClient::new(conn, &plan, keep_alive);
+    // The policy stage: authorization, then rate limits.
+    if let Some(req) = policy_head.as_deref() {
+        let refused =
+            crate::proxy::policy::check(rt, listener, plan.route, req, peer_ip, &mut ctx).await;
+        if let Some(refusal) = refused {
+            if let Err(e) = respond::refuse(&mut client, &mut ctx, refusal).await {
+                log::debug!("could not write error response: {e}");
+                client.close_after_now();
+            }
+            return finish(&client, None, &ctx);
+        }
+    }
     ctx.upstream = Some(plan.upstream);
     if let Some(budget) = &pool.budget {
         budget.deposit(ctx.started);
     }
-    let mut plan = plan;
-    let request = plan.upstream_request(rt, &ctx, LaneClient::peer_ip(conn.peer));
-    let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
-    let mut client = LaneClient::new(conn, &plan, keep_alive);
     // Circuit breaking: a place among the upstream's max_requests.
     let error = match pool.gate.enter().await {
         Ok(permit) => {
@@ -127,8 +141,13 @@ pub async fn serve(
     if let Some(e) = &error {
         fail(e, &mut ctx, &mut client).await;
     }
-    observe::finished(&client, error.as_deref(), &ctx);
-    observe::process_log(&client, error.as_deref(), &ctx);
+    finish(&client, error.as_deref(), &ctx)
+}
+
+/// The observe stage, and what becomes of the connection.
+fn finish(client: &LaneClient<'_>, error: Option<&Error>, ctx: &RequestCtx) -> Served {
+    observe::finished(client, error, ctx);
+    observe::process_log(client, error, ctx);
     if client.keeps_alive() {
         Served::KeepAlive
     } else {
@@ -447,6 +466,26 @@ impl Exchange {
     }
 }
 
+/// `work`, bounded by `timeout` on the connection's timer; past it, an
+/// upstream error of type `late`.
+async fn within<T>(
+    work: impl std::future::Future<Output = std::io::Result<T>>,
+    timeout: Option<Duration>,
+    timer: &mut IdleTimer,
+    late: ErrorType,
+    why: &'static str,
+) -> Result<std::io::Result<T>, Box<Error>> {
+    let Some(t) = timeout else {
+        return Ok(work.await);
+    };
+    let deadline = Instant::now() + t;
+    tokio::select! {
+        biased;
+        done = work => Ok(done),
+        () = timer.until(deadline) => Err(upstream_error(late, why)),
+    }
+}
+
 /// One read from the upstream into `buf`, within `timeout`.
 async fn read(
     up: &mut TcpStream,
@@ -454,20 +493,16 @@ async fn read(
     timeout: Option<Duration>,
     timer: &mut IdleTimer,
 ) -> Result<usize, Box<Error>> {
-    let read = match timeout {
-        Some(t) => {
-            let deadline = Instant::now() + t;
-            tokio::select! {
-                biased;
-                read = up.read_buf(buf) => read,
-                () = timer.until(deadline) => {
-                    return Err(upstream_error(ErrorType::ReadTimedout, "reading the response"));
-                }
-            }
-        }
-        None => up.read_buf(buf).await,
-    };
-    read.map_err(|e| Error::because(ErrorType::ReadError, "reading the response", e).into_up())
+    let why = "reading the response";
+    within(
+        up.read_buf(buf),
+        timeout,
+        timer,
+        ErrorType::ReadTimedout,
+        why,
+    )
+    .await?
+    .map_err(|e| Error::because(ErrorType::ReadError, why, e).into_up())
 }
 
 /// Send `request` within `timeout`: at once when the socket takes it
@@ -478,7 +513,8 @@ async fn write(
     timeout: Option<Duration>,
     timer: &mut IdleTimer,
 ) -> Result<(), Box<Error>> {
-    let failed = |e| Error::because(ErrorType::WriteError, "writing the request", e).into_up();
+    let why = "writing the request";
+    let failed = |e| Error::because(ErrorType::WriteError, why, e).into_up();
     let sent = match up.try_write(request) {
         Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
@@ -488,20 +524,15 @@ async fn write(
     if rest.is_empty() {
         return Ok(());
     }
-    let written = match timeout {
-        Some(t) => {
-            let deadline = Instant::now() + t;
-            tokio::select! {
-                biased;
-                written = up.write_all(rest) => written,
-                () = timer.until(deadline) => {
-                    return Err(upstream_error(ErrorType::WriteTimedout, "writing the request"));
-                }
-            }
-        }
-        None => up.write_all(rest).await,
-    };
-    written.map_err(failed)
+    within(
+        up.write_all(rest),
+        timeout,
+        timer,
+        ErrorType::WriteTimedout,
+        why,
+    )
+    .await?
+    .map_err(failed)
 }
 
 /// What an upstream's response head says, kept as offsets into its bytes.

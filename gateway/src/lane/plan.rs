@@ -1,6 +1,6 @@
 //! Whether the lane serves a request, decided before anything is sent:
-//! the request must pass every check of the admission and policy stages
-//! as they stand (a refusal is Pingora's to write), route to a forwarding
+//! the request must pass every check of the admission stage as it stands
+//! (a refusal is Pingora's to write), route to a forwarding
 //! route whose upstreams are plain HTTP/1.1, and ask nothing the lane
 //! leaves to Pingora. What it serves, it serves from this plan.
 
@@ -39,6 +39,8 @@ pub struct Plan {
     pub upstream: usize,
     /// The target sent upstream, when `strip_prefix` changed it.
     upstream_target: Option<String>,
+    /// The head as Pingora's map holds it, for a route with policies.
+    pub policy_head: Option<Box<pingora::http::RequestHeader>>,
 }
 
 /// Methods the lane serves (upper case, as admission requires).
@@ -185,9 +187,26 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
         return Err("not forwarded");
     };
     let runtime_route = rt.routes.get(route).ok_or("route")?;
-    if !runtime_route.authz.is_empty() || !runtime_route.limits.is_empty() {
-        return Err("policies");
-    }
+    // The policy stage reads the head as Pingora's map holds it: made
+    // only for a route with policies (their rules match on any field).
+    let policy_head = if runtime_route.authz.is_empty() && runtime_route.limits.is_empty() {
+        None
+    } else {
+        let mut req = pingora::http::RequestHeader::build(
+            method.clone(),
+            target.as_bytes(),
+            Some(head.headers.len()),
+        )
+        .map_err(|_| "request head")?;
+        for h in head.headers.iter() {
+            req.append_header(
+                at(h.name.as_bytes()),
+                pingora::http::header_value_from_raw(at(h.value)),
+            )
+            .map_err(|_| "request head")?;
+        }
+        Some(Box::new(req))
+    };
     if r.hedge.is_some() || body_len as u64 > r.max_body_bytes {
         return Err("hedge or body size");
     }
@@ -227,6 +246,7 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
         route,
         upstream,
         upstream_target,
+        policy_head,
     })
 }
 

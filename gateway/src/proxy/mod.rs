@@ -13,7 +13,7 @@ mod framing;
 pub mod headers;
 mod hedge;
 pub(crate) mod observe;
-mod policy;
+pub(crate) mod policy;
 pub mod respond;
 pub(crate) mod retry;
 mod trace;

@@ -221,8 +221,14 @@ async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>, head_req: bool) 
         };
         let text = String::from_utf8_lossy(&buf[..len]).to_string();
         for line in text.split("\r\n") {
-            if line.to_ascii_lowercase().starts_with("date:") {
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("date:") {
                 heads.push_str("Date: <masked>\r\n");
+            } else if lower.starts_with("ratelimit") {
+                // The seconds to a refill depend on when each gateway was asked.
+                let kept: String = line.split(";t=").next().unwrap_or(line).into();
+                heads.push_str(&kept);
+                heads.push_str("\r\n");
             } else {
                 heads.push_str(line);
                 heads.push_str("\r\n");
@@ -306,6 +312,12 @@ fn request(rng: &mut fastrand::Rng, i: usize) -> Req {
     let path = PATHS[rng.usize(..PATHS.len())];
     // Rarer: an answer that is not HTTP (502, the connection closed).
     let path = if rng.u8(..40) == 0 { "/bad" } else { path };
+    // A route with an authorization policy and a rate limit, now and then.
+    let path = if rng.u8(..8) == 0 {
+        "/guarded/cl/4"
+    } else {
+        path
+    };
     let http10 = rng.u8(..20) == 0;
     let mut wire = format!(
         "{method} {path} HTTP/1.{}\r\nHost: example.test\r\nX-Request-Id: rid-{i}\r\n",
@@ -376,6 +388,19 @@ upstream = "app"
 strip_prefix = "/strip"
 request_headers = {{ set = {{ "X-Route" = "strip" }}, remove = ["cookie"] }}
 response_headers = {{ add = {{ "X-Served-By" = "meshgate" }} }}
+[routes.guarded]
+path_prefix = "/guarded/"
+upstream = "app"
+policies = ["no_delete"]
+rate_limits = ["few"]
+[policies.no_delete]
+deny = [{{ methods = ["DELETE"] }}]
+default = "allow"
+[rate_limits.few]
+key = "route"
+rate = 1
+per = "1h"
+burst = 1000
 [routes.all]
 upstream = "app"
 timeout = "5s"
