@@ -1,5 +1,5 @@
 //! The HTTP/1.1 fast lane (`gateway.http1_engine = "fast"`): meshgate's own
-//! driver for the requests Pingora's HTTP/1 path spends most on, plain
+//! driver for the requests Pingora's HTTP/1 path spends most on,
 //! keep-alive HTTP/1.1 to HTTP/1.1 upstreams, over the same stages as the
 //! Pingora driver ([`crate::proxy`]): routing, the forward edits, the retry
 //! and budget decisions, endpoint choice and outlier accounting, answers
@@ -9,8 +9,7 @@
 //! head it read whole. The lane takes a request only when every decision
 //! about it is one the lane makes exactly as Pingora's driver would
 //! ([`plan`]); anything else (a refusal, a policy, a body still arriving,
-//! a pipelined request, an upgrade, HTTP/1.0, TLS or HTTP/2 upstreams,
-//! tracing) is handed back with its bytes, and Pingora serves it as
+//! a pipelined request, an upgrade, HTTP/1.0, HTTP/2 upstreams, tracing) is handed back with its bytes, and Pingora serves it as
 //! before. What the lane writes is Pingora's bytes: the upstream request
 //! and the response head are the same edits on the lines as read
 //! ([`crate::http1::fields`]), with the same fields Pingora adds (`Date`,
@@ -22,6 +21,7 @@
 mod client;
 mod plan;
 pub mod pool;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::Stream;
-use pingora::{Error, ErrorType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use pingora::{Error, ErrorType, RetryType};
+use tokio::io::AsyncReadExt;
 
 use crate::deadline::IdleTimer;
 use crate::endpoints::Outcome;
@@ -44,6 +43,7 @@ use crate::resilience::Reason;
 use crate::runtime::Runtime;
 use client::LaneClient;
 use plan::Plan;
+use upstream::UpStream;
 
 /// The connection a request came on, as the keep-alive loop knows it.
 pub struct Conn<'a> {
@@ -215,9 +215,16 @@ async fn attempts(
         };
         observe::attempt_started(ctx, endpoint, Some(addr));
         ctx.at_endpoint = members.set.in_flight(endpoint);
-        let (mut up, reused) = match pool::checkout(addr) {
+        // A TLS upstream's peer, with the client certificate as its files
+        // hold it now; its settings key the pooled connections.
+        let tls = pool.tls_peer(&members, endpoint, &rt.certs);
+        let key = tls.as_ref().map_or(0, |p| {
+            use pingora::upstreams::peer::Peer;
+            p.reuse_hash()
+        });
+        let (mut up, reused) = match pool::checkout(addr, key) {
             Some(stream) => (stream, true),
-            None => match connect(addr, times.connect).await {
+            None => match UpStream::connect(addr, times.connect, tls.as_ref()).await {
                 Ok(stream) => (stream, false),
                 Err(e) => {
                     observe::attempt_failed(ctx, &e);
@@ -230,6 +237,18 @@ async fn attempts(
             },
         };
         observe::connected(ctx, reused);
+        if let Err(why) = up.check_identity(pool) {
+            log::warn!("request_id={} {why}", ctx.request_id);
+            let e = Error::create(
+                ErrorType::InvalidCert,
+                pingora::ErrorSource::Upstream,
+                Some(why.into()),
+                None,
+            );
+            observe::attempt_failed(ctx, &e);
+            observe::attempt_outcome(ctx, Outcome::Failure);
+            return Some(e);
+        }
         let exchange = Exchange {
             read_timeout: times.read,
             write_timeout: times.write,
@@ -238,29 +257,24 @@ async fn attempts(
         match exchange.run(&mut up, request, ctx, client, timer).await {
             Ok(Some(reuse)) => {
                 if reuse {
-                    pool::give_back(addr, up, times.idle);
+                    pool::give_back(addr, key, up, times.idle);
                 }
                 return None;
             }
             // Answered, then cut short: nothing more to send.
             Ok(None) => return None,
             Err(Attempt::Cut(e)) => return Some(e),
-            Err(Attempt::Failed(e)) => {
+            Err(Attempt::Failed(mut e)) => {
                 // An answer whose status the route retries.
                 if let Some(reason) = ctx.retry_reason.take() {
                     ctx.next_attempt_reason = reason.label();
                     continue;
                 }
                 // A pooled connection the endpoint had closed (it ended, or
-                // failed, before an answer): tried again at once, and no
-                // mark against the endpoint, as Pingora's client decides.
-                if reused
-                    && plan.method.is_idempotent()
-                    && matches!(
-                        e.etype(),
-                        ErrorType::ConnectionClosed | ErrorType::ReadError
-                    )
-                {
+                // its socket failed, before an answer): tried again at once,
+                // and no mark against the endpoint, as Pingora decides.
+                e.retry.decide_reuse(reused);
+                if plan.method.is_idempotent() && e.retry() {
                     continue;
                 }
                 observe::attempt_failed(ctx, &e);
@@ -272,32 +286,6 @@ async fn attempts(
             }
         }
     }
-}
-
-/// Connect to `addr` within `timeout`, as Pingora's connector fails.
-async fn connect(addr: SocketAddr, timeout: Option<Duration>) -> Result<TcpStream, Box<Error>> {
-    let connecting = TcpStream::connect(addr);
-    let made = match timeout {
-        Some(t) => match tokio::time::timeout(t, connecting).await {
-            Ok(made) => made,
-            Err(_) => {
-                return Err(upstream_error(
-                    ErrorType::ConnectTimedout,
-                    "connect timed out",
-                ))
-            }
-        },
-        None => connecting.await,
-    };
-    let stream = made.map_err(|e| {
-        let etype = match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
-            _ => ErrorType::ConnectError,
-        };
-        Error::because(etype, "connecting to the upstream", e).into_up()
-    })?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }
 
 /// How an attempt did not end in an answer.
@@ -321,7 +309,7 @@ impl Exchange {
     /// away while it was answered.
     async fn run(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpStream,
         request: &Bytes,
         ctx: &mut RequestCtx,
         client: &mut LaneClient<'_>,
@@ -359,7 +347,7 @@ impl Exchange {
     /// Read a response head into `buf`: its length and what it says.
     async fn read_head(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpStream,
         buf: &mut BytesMut,
         timer: &mut IdleTimer,
     ) -> Result<(usize, Answer), Box<Error>> {
@@ -388,10 +376,12 @@ impl Exchange {
             buf.reserve(READ_SIZE);
             let n = read(up, buf, self.read_timeout, timer).await?;
             if n == 0 {
-                return Err(upstream_error(
+                let mut e = upstream_error(
                     ErrorType::ConnectionClosed,
                     "the upstream closed the connection before its response head",
-                ));
+                );
+                e.retry = RetryType::ReusedOnly;
+                return Err(e);
             }
         }
     }
@@ -399,7 +389,7 @@ impl Exchange {
     /// The response stage for the final answer, then its body.
     async fn answer(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpStream,
         answer: Answer,
         mut rest: BytesMut,
         ctx: &mut RequestCtx,
@@ -488,7 +478,7 @@ async fn within<T>(
 
 /// One read from the upstream into `buf`, within `timeout`.
 async fn read(
-    up: &mut TcpStream,
+    up: &mut UpStream,
     buf: &mut BytesMut,
     timeout: Option<Duration>,
     timer: &mut IdleTimer,
@@ -502,30 +492,35 @@ async fn read(
         why,
     )
     .await?
-    .map_err(|e| Error::because(ErrorType::ReadError, why, e).into_up())
+    .map_err(|io| {
+        // A socket's own failure (not TLS's) is what a pooled connection
+        // the endpoint closed shows.
+        let os = io.raw_os_error().is_some();
+        let mut e = Error::because(ErrorType::ReadError, why, io).into_up();
+        if os {
+            e.retry = RetryType::ReusedOnly;
+        }
+        e
+    })
 }
 
 /// Send `request` within `timeout`: at once when the socket takes it
 /// whole (nearly always), without setting a timer.
 async fn write(
-    up: &mut TcpStream,
+    up: &mut UpStream,
     request: &[u8],
     timeout: Option<Duration>,
     timer: &mut IdleTimer,
 ) -> Result<(), Box<Error>> {
     let why = "writing the request";
     let failed = |e| Error::because(ErrorType::WriteError, why, e).into_up();
-    let sent = match up.try_write(request) {
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(failed(e)),
-    };
+    let sent = up.try_write_now(request).map_err(failed)?;
     let rest = &request[sent..];
     if rest.is_empty() {
         return Ok(());
     }
     within(
-        up.write_all(rest),
+        up.write_rest(rest),
         timeout,
         timer,
         ErrorType::WriteTimedout,
@@ -641,7 +636,7 @@ impl Body {
     /// client. `Ok(overread)`: whole, with or without bytes past its end.
     async fn pass(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpStream,
         rest: &mut BytesMut,
         ctx: &mut RequestCtx,
         client: &mut LaneClient<'_>,
@@ -719,7 +714,7 @@ impl Body {
     /// deadline is checked at each read, as Pingora's driver checks it.
     async fn more(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpStream,
         rest: &mut BytesMut,
         ctx: &mut RequestCtx,
         timer: &mut IdleTimer,

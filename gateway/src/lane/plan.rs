@@ -213,7 +213,7 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
     // Every upstream the route may pick: a split keeps its shares only if
     // all of them are the lane's.
     if rt.route_upstreams(route).next().is_none()
-        || !rt.route_upstreams(route).all(|u| upstream_is_plain(rt, u))
+        || !rt.route_upstreams(route).all(|u| upstream_is_lanes(rt, u))
     {
         return Err("upstream");
     }
@@ -250,14 +250,13 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
     })
 }
 
-/// A plain HTTP/1.1 upstream without the features the lane leaves to
-/// Pingora's driver.
-fn upstream_is_plain(rt: &Runtime, u: usize) -> bool {
+/// An HTTP/1.1 upstream (plain or TLS) without the features the lane
+/// leaves to Pingora's driver.
+fn upstream_is_lanes(rt: &Runtime, u: usize) -> bool {
     let (Some(config), Some(pool)) = (rt.config.upstreams.get(u), rt.upstreams.get(u)) else {
         return false;
     };
     config.protocol == UpstreamProtocol::Http1
-        && config.tls.is_none()
         && pool.hash_key.is_none()
         && pool.adaptive.is_none()
         && pool.gate.connections.is_none()

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use super::upstream::UpStream;
 
 /// Idle connections a worker thread keeps, over all endpoints (Pingora's
 /// `upstream_keepalive_pool_size` default).
@@ -15,7 +15,9 @@ const MAX_IDLE: usize = 128;
 
 struct Idle {
     addr: SocketAddr,
-    stream: TcpStream,
+    /// What else a connection to `addr` must match (its TLS settings).
+    key: u64,
+    stream: UpStream,
     since: Instant,
     idle_timeout: Option<Duration>,
 }
@@ -31,22 +33,16 @@ thread_local! {
     static IDLE: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether an idle connection is still open and quiet: an upstream that
-/// closed it, or wrote to it unasked, makes it unusable.
-fn usable(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// An idle connection to `addr`, the most recently used first.
-pub fn checkout(addr: SocketAddr) -> Option<TcpStream> {
+/// An idle connection to `addr` made with `key`'s settings, the most
+/// recently used first.
+pub fn checkout(addr: SocketAddr, key: u64) -> Option<UpStream> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let now = Instant::now();
         idle.retain(|c| !c.expired(now));
-        while let Some(at) = idle.iter().rposition(|c| c.addr == addr) {
-            let c = idle.remove(at);
-            if usable(&c.stream) {
+        while let Some(at) = idle.iter().rposition(|c| c.addr == addr && c.key == key) {
+            let mut c = idle.remove(at);
+            if c.stream.usable() {
                 return Some(c.stream);
             }
         }
@@ -55,7 +51,7 @@ pub fn checkout(addr: SocketAddr) -> Option<TcpStream> {
 }
 
 /// Keep `stream` to `addr` for a later request, for up to `idle_timeout`.
-pub fn give_back(addr: SocketAddr, stream: TcpStream, idle_timeout: Option<Duration>) {
+pub fn give_back(addr: SocketAddr, key: u64, stream: UpStream, idle_timeout: Option<Duration>) {
     if idle_timeout.is_some_and(|t| t.is_zero()) {
         return;
     }
@@ -71,6 +67,7 @@ pub fn give_back(addr: SocketAddr, stream: TcpStream, idle_timeout: Option<Durat
         }
         idle.push(Idle {
             addr,
+            key,
             stream,
             since: now,
             idle_timeout,
@@ -82,6 +79,11 @@ pub fn give_back(addr: SocketAddr, stream: TcpStream, idle_timeout: Option<Durat
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    fn plain(s: TcpStream) -> UpStream {
+        UpStream::Plain(s)
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn connections_come_back_unless_closed_chatty_or_expired() {
@@ -89,30 +91,33 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let a = TcpStream::connect(addr).await.unwrap();
         let (mut a_peer, _) = listener.accept().await.unwrap();
-        give_back(addr, a, None);
-        let a = checkout(addr).expect("an idle, quiet connection comes back");
-        assert!(checkout(addr).is_none(), "it is no longer idle");
+        give_back(addr, 0, plain(a), None);
+        assert!(checkout(addr, 1).is_none(), "made with other settings");
+        let Some(UpStream::Plain(a)) = checkout(addr, 0) else {
+            panic!("an idle, quiet connection comes back");
+        };
+        assert!(checkout(addr, 0).is_none(), "it is no longer idle");
 
         // The upstream wrote to it unasked: dropped.
         a_peer.write_all(b"x").await.unwrap();
         a.readable().await.unwrap();
-        give_back(addr, a, None);
-        assert!(checkout(addr).is_none());
+        give_back(addr, 0, plain(a), None);
+        assert!(checkout(addr, 0).is_none());
 
         // The upstream closed it: dropped.
         let b = TcpStream::connect(addr).await.unwrap();
         let (b_peer, _) = listener.accept().await.unwrap();
         drop(b_peer);
         b.readable().await.unwrap();
-        give_back(addr, b, None);
-        assert!(checkout(addr).is_none());
+        give_back(addr, 0, plain(b), None);
+        assert!(checkout(addr, 0).is_none());
 
         // Idle past its timeout: dropped.
         let c = TcpStream::connect(addr).await.unwrap();
         let (_c_peer, _) = listener.accept().await.unwrap();
-        give_back(addr, c, Some(Duration::from_micros(1)));
+        give_back(addr, 0, plain(c), Some(Duration::from_micros(1)));
         // The timeout is the condition here: let it pass.
         std::thread::sleep(Duration::from_millis(1));
-        assert!(checkout(addr).is_none());
+        assert!(checkout(addr, 0).is_none());
     }
 }

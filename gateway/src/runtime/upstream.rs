@@ -341,6 +341,26 @@ impl UpstreamPool {
         ))
     }
 
+    /// Endpoint `idx`'s peer for a TLS upstream, with the client
+    /// certificate as its files hold it now (rotated ones are picked up by
+    /// the watcher); `None` for a plain one.
+    pub fn tls_peer(
+        &self,
+        members: &Members,
+        idx: usize,
+        certs: &super::certs::CertStore,
+    ) -> Option<HttpPeer> {
+        let peer = members.peers.get(idx)?;
+        if !peer.is_tls() {
+            return None;
+        }
+        let mut peer = peer.clone();
+        if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
+            peer.client_cert_key = Some(current.get().cert_key());
+        }
+        Some(peer)
+    }
+
     /// The endpoint for an attempt, noting those back from ejection.
     fn choose(&self, members: &Members, tried: &[usize], key: Option<&[u8]>) -> Option<usize> {
         let chosen = members.set.select(tried, key);
