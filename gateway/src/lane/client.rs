@@ -17,9 +17,15 @@ use pingora::{Error, ErrorType, Result};
 use tokio::io::AsyncWriteExt;
 
 use super::plan::Plan;
-use super::{Body, Conn};
 use crate::http1::fields::FieldList;
 use crate::proxy::client::Client;
+
+/// The connection a request came on, as the keep-alive loop knows it.
+pub struct Conn<'a> {
+    pub stream: &'a mut Stream,
+    pub peer: Option<SocketAddr>,
+    pub tls: Option<&'a SslDigest>,
+}
 
 pub struct LaneClient<'a> {
     stream: &'a mut Stream,
@@ -154,7 +160,7 @@ impl<'a> LaneClient<'a> {
         status: u16,
         reason: Option<&str>,
         fields: &mut FieldList,
-        body: &Body,
+        no_body: bool,
     ) -> Result<()> {
         // A response written after SIGTERM closes its connection, even for
         // a request that came before it.
@@ -178,7 +184,7 @@ impl<'a> LaneClient<'a> {
         self.status_line(minor, status, reason);
         fields.write(&mut self.out);
         self.answered = true;
-        self.send_head(status, body.is_empty()).await
+        self.send_head(status, no_body).await
     }
 
     /// A piece of the body, framed as a chunk when `chunked`.

@@ -23,13 +23,10 @@ mod plan;
 pub mod pool;
 mod upstream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora::protocols::tls::SslDigest;
-use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, RetryType};
 use tokio::io::AsyncReadExt;
 
@@ -41,16 +38,10 @@ use crate::proxy::ctx::{Failure, RequestCtx};
 use crate::proxy::{observe, respond, retry};
 use crate::resilience::Reason;
 use crate::runtime::Runtime;
+pub use client::Conn;
 use client::LaneClient;
 use plan::Plan;
 use upstream::UpStream;
-
-/// The connection a request came on, as the keep-alive loop knows it.
-pub struct Conn<'a> {
-    pub stream: &'a mut Stream,
-    pub peer: Option<SocketAddr>,
-    pub tls: Option<&'a SslDigest>,
-}
 
 /// How a request handed to the lane ended.
 #[derive(Debug)]
@@ -440,7 +431,13 @@ impl Exchange {
         let chunked = to_chunked || answer.framing == Framing::Chunked;
         let body = Body::of(answer.framing, chunked, self.read_timeout);
         client
-            .write_answer(minor, answer.status, answer.reason(), &mut fields, &body)
+            .write_answer(
+                minor,
+                answer.status,
+                answer.reason(),
+                &mut fields,
+                body.is_empty(),
+            )
             .await
             .map_err(|e| Attempt::Cut(e.into_down()))?;
         match body.pass(up, &mut rest, ctx, client, timer).await {

@@ -70,10 +70,10 @@ const LEFT_TO_PINGORA: [&str; 8] = [
 /// Plan the request in `buf` on `listener`; `Err` names why it is left to
 /// Pingora.
 pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Plan, &'static str> {
+    let l = rt.config.listeners.get(listener).ok_or("listener")?;
     if rt.config.telemetry.tracing.is_some() {
         return Err("tracing");
     }
-    let l = rt.config.listeners.get(listener).ok_or("listener")?;
     if crate::lifecycle::overloaded() {
         return Err("overloaded");
     }
@@ -103,9 +103,85 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
         .find(|m| m.as_str() == head.method)
         .cloned()
         .ok_or("method")?;
+    let path_len = admitted(&head, &method, &l.limits)?;
+    let keep_case = rt.config.gateway.header_case == crate::config::model::HeaderCase::Preserve;
+    let read = Read::of(&head, buf, keep_case, body_len)?;
 
-    // The admission stage's limits, counted as it counts them.
-    let limits = &l.limits;
+    let target = head.target;
+    let route = rt
+        .find_route(
+            listener,
+            &RequestParts {
+                host: Some(&normalize_host(read.host.to_str().map_err(|_| "Host")?)),
+                path: &target[..path_len],
+                method: &method,
+                headers: &ParsedFields(head.headers),
+            },
+        )
+        .ok_or("no route")?;
+    let r = rt.route(route);
+    let Action::Forward(fwd) = &r.action else {
+        return Err("not forwarded");
+    };
+    if r.hedge.is_some() || body_len as u64 > r.max_body_bytes {
+        return Err("hedge or body size");
+    }
+    // Every upstream the route may pick: a split keeps its shares only if
+    // all of them are the lane's.
+    if rt.route_upstreams(route).next().is_none()
+        || !rt.route_upstreams(route).all(|u| upstream_is_lanes(rt, u))
+    {
+        return Err("upstream");
+    }
+    let runtime_route = rt.routes.get(route).ok_or("route")?;
+    let policy_head = if runtime_route.authz.is_empty() && runtime_route.limits.is_empty() {
+        None
+    } else {
+        Some(pingora_head(&head, &method, buf)?)
+    };
+    let upstream_target = match &fwd.strip_prefix {
+        Some(prefix) => stripped(target, prefix)?,
+        None => None,
+    };
+    let upstream = rt.pick_upstream(route).ok_or("upstream")?;
+    Ok(Plan {
+        method,
+        target: (offset(buf, target.as_bytes()), target.len()),
+        path_len,
+        body: (head.len, body_len),
+        buf: buf.clone(),
+        host: read.host,
+        user_agent: read.user_agent,
+        request_id: read.request_id,
+        fields: read.fields,
+        keep_alive: head.keep_alive,
+        declared: read.declared,
+        route,
+        upstream,
+        upstream_target,
+        policy_head,
+    })
+}
+
+/// Where `part` (a slice of `buf`) starts in it.
+fn offset(buf: &Bytes, part: &[u8]) -> usize {
+    part.as_ptr() as usize - buf.as_ptr() as usize
+}
+
+/// `part` of `buf` as a shared slice of it.
+fn share(buf: &Bytes, part: &[u8]) -> Bytes {
+    let start = offset(buf, part);
+    buf.slice(start..start + part.len())
+}
+
+/// The admission stage's checks as they stand, counted as it counts them:
+/// the head within the listener's limits, and a path the gateway neither
+/// normalizes nor refuses. The path's length in the target.
+fn admitted(
+    head: &request::Head<'_, '_>,
+    method: &Method,
+    limits: &crate::config::model::ListenerLimits,
+) -> Result<usize, &'static str> {
     let target = head.target;
     if target.len() > limits.max_uri_bytes || head.headers.len() > limits.max_request_headers {
         return Err("limits");
@@ -123,7 +199,6 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
     }
     let path_len = target.find('?').unwrap_or(target.len());
     let path = &target[..path_len];
-    // A path the gateway would normalize, or refuse.
     if crate::types::path::normalize_path(path).is_some()
         || path
             .split('/')
@@ -131,123 +206,98 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
     {
         return Err("path");
     }
+    Ok(path_len)
+}
 
-    let mut host = None;
-    let mut user_agent = None;
-    let mut request_id = None;
-    let mut declared = None;
-    let mut fields = FieldList::with_capacity(
-        head.headers.len() + 8,
-        rt.config.gateway.header_case == crate::config::model::HeaderCase::Preserve,
-    );
-    let at = |s: &[u8]| {
-        let start = s.as_ptr() as usize - buf.as_ptr() as usize;
-        buf.slice(start..start + s.len())
-    };
-    for h in head.headers.iter() {
-        let name = h.name;
-        if LEFT_TO_PINGORA.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            return Err("field left to Pingora");
-        }
-        // Values as Pingora keeps them (visible ASCII reads as text).
-        let value = pingora::http::header_value_from_raw(at(h.value));
-        if name.eq_ignore_ascii_case("host") {
-            if !crate::proxy::admission::is_host_and_port(h.value) || value.to_str().is_err() {
-                return Err("Host");
+/// What the lane reads of a head's fields: the lines to forward, and the
+/// few the stages ask for.
+struct Read {
+    fields: FieldList,
+    host: HeaderValue,
+    user_agent: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
+    declared: Option<u64>,
+}
+
+impl Read {
+    fn of(
+        head: &request::Head<'_, '_>,
+        buf: &Bytes,
+        keep_case: bool,
+        body_len: usize,
+    ) -> Result<Read, &'static str> {
+        let mut host = None;
+        let mut user_agent = None;
+        let mut request_id = None;
+        let mut declared = None;
+        let mut fields = FieldList::with_capacity(head.headers.len() + 8, keep_case);
+        for h in head.headers.iter() {
+            let name = h.name;
+            if LEFT_TO_PINGORA.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                return Err("field left to Pingora");
             }
-            host = Some(value.clone());
-        } else if name.eq_ignore_ascii_case("user-agent") {
-            user_agent.get_or_insert_with(|| value.clone());
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            request_id.get_or_insert_with(|| value.clone());
-        } else if name.eq_ignore_ascii_case("content-length") {
-            declared = Some(body_len as u64);
+            // Values as Pingora keeps them (visible ASCII reads as text).
+            let value = pingora::http::header_value_from_raw(share(buf, h.value));
+            if name.eq_ignore_ascii_case("host") {
+                if !crate::proxy::admission::is_host_and_port(h.value) || value.to_str().is_err() {
+                    return Err("Host");
+                }
+                host = Some(value.clone());
+            } else if name.eq_ignore_ascii_case("user-agent") {
+                user_agent.get_or_insert_with(|| value.clone());
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                request_id.get_or_insert_with(|| value.clone());
+            } else if name.eq_ignore_ascii_case("content-length") {
+                declared = Some(body_len as u64);
+            }
+            fields.append(share(buf, name.as_bytes()), value);
         }
-        fields.append(at(name.as_bytes()), value);
+        // Pingora's upstream request policy strips it (the map's removal
+        // moves the last name into its place: done the same way here).
+        fields.remove(b"connection");
+        Ok(Read {
+            fields,
+            host: host.ok_or("no Host")?,
+            user_agent,
+            request_id,
+            declared,
+        })
     }
-    let host = host.ok_or("no Host")?;
-    // Pingora's upstream request policy strips it (the map's removal moves
-    // the last name into its place: done the same way here).
-    fields.remove(b"connection");
+}
 
-    let host_text = host.to_str().map_err(|_| "Host")?;
-    let route = rt
-        .find_route(
-            listener,
-            &RequestParts {
-                host: Some(&normalize_host(host_text)),
-                path,
-                method: &method,
-                headers: &ParsedFields(head.headers),
-            },
-        )
-        .ok_or("no route")?;
-    let r = rt.route(route);
-    let Action::Forward(fwd) = &r.action else {
-        return Err("not forwarded");
-    };
-    let runtime_route = rt.routes.get(route).ok_or("route")?;
-    // The policy stage reads the head as Pingora's map holds it: made
-    // only for a route with policies (their rules match on any field).
-    let policy_head = if runtime_route.authz.is_empty() && runtime_route.limits.is_empty() {
-        None
-    } else {
-        let mut req = pingora::http::RequestHeader::build(
-            method.clone(),
-            target.as_bytes(),
-            Some(head.headers.len()),
+/// The head as Pingora's map holds it, for the policy stage of a route
+/// with policies (their rules match on any field): made only for those.
+fn pingora_head(
+    head: &request::Head<'_, '_>,
+    method: &Method,
+    buf: &Bytes,
+) -> Result<Box<pingora::http::RequestHeader>, &'static str> {
+    let mut req = pingora::http::RequestHeader::build(
+        method.clone(),
+        head.target.as_bytes(),
+        Some(head.headers.len()),
+    )
+    .map_err(|_| "request head")?;
+    for h in head.headers.iter() {
+        req.append_header(
+            share(buf, h.name.as_bytes()),
+            pingora::http::header_value_from_raw(share(buf, h.value)),
         )
         .map_err(|_| "request head")?;
-        for h in head.headers.iter() {
-            req.append_header(
-                at(h.name.as_bytes()),
-                pingora::http::header_value_from_raw(at(h.value)),
-            )
-            .map_err(|_| "request head")?;
-        }
-        Some(Box::new(req))
-    };
-    if r.hedge.is_some() || body_len as u64 > r.max_body_bytes {
-        return Err("hedge or body size");
     }
-    // Every upstream the route may pick: a split keeps its shares only if
-    // all of them are the lane's.
-    if rt.route_upstreams(route).next().is_none()
-        || !rt.route_upstreams(route).all(|u| upstream_is_lanes(rt, u))
-    {
-        return Err("upstream");
-    }
-    let upstream = rt.pick_upstream(route).ok_or("upstream")?;
-    let upstream_target = match &fwd.strip_prefix {
-        Some(prefix) => match headers::strip_prefix(target, prefix) {
-            Some(new) => {
-                // What Pingora's driver sends: the rewritten target as a URI.
-                let uri = new.parse::<http::Uri>().map_err(|_| "rewritten target")?;
-                Some(uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
-            }
-            None => None,
-        },
-        None => None,
+    Ok(Box::new(req))
+}
+
+/// The target after `strip_prefix`, as Pingora's driver sends it (the
+/// rewritten target read as a URI); `None` when the prefix is not there.
+fn stripped(target: &str, prefix: &str) -> Result<Option<String>, &'static str> {
+    let Some(new) = headers::strip_prefix(target, prefix) else {
+        return Ok(None);
     };
-    let target_range = at(target.as_bytes());
-    let target_at = target_range.as_ptr() as usize - buf.as_ptr() as usize;
-    Ok(Plan {
-        method,
-        target: (target_at, target.len()),
-        path_len,
-        body: (head.len, body_len),
-        buf: buf.clone(),
-        host,
-        user_agent,
-        request_id,
-        fields,
-        keep_alive: head.keep_alive,
-        declared,
-        route,
-        upstream,
-        upstream_target,
-        policy_head,
-    })
+    let uri = new.parse::<http::Uri>().map_err(|_| "rewritten target")?;
+    Ok(Some(
+        uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+    ))
 }
 
 /// An HTTP/1.1 upstream (plain or TLS) without the features the lane
