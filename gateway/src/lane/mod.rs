@@ -657,12 +657,7 @@ impl Body {
                         client.flush().await?;
                         return Ok(!rest.is_empty());
                     }
-                    self.more(up, rest, ctx, timer).await?.ok_or_else(|| {
-                        upstream_error(
-                            ErrorType::ConnectionClosed,
-                            "the upstream closed the connection before the body's end",
-                        )
-                    })?;
+                    self.more_of_body(up, rest, ctx, timer).await?;
                 }
             }
             Framing::Chunked => {
@@ -685,12 +680,7 @@ impl Body {
                         client.end_chunked(self.chunked).await?;
                         return Ok(!rest.is_empty());
                     }
-                    self.more(up, rest, ctx, timer).await?.ok_or_else(|| {
-                        upstream_error(
-                            ErrorType::ConnectionClosed,
-                            "the upstream closed the connection before the body's end",
-                        )
-                    })?;
+                    self.more_of_body(up, rest, ctx, timer).await?;
                 }
             }
             Framing::UntilClose => loop {
@@ -704,6 +694,23 @@ impl Body {
                     return Ok(false);
                 }
             },
+        }
+    }
+
+    /// Read more of a body of known end: its close before then cuts it.
+    async fn more_of_body(
+        &self,
+        up: &mut UpStream,
+        rest: &mut BytesMut,
+        ctx: &mut RequestCtx,
+        timer: &mut IdleTimer,
+    ) -> Result<(), Box<Error>> {
+        match self.more(up, rest, ctx, timer).await? {
+            Some(_) => Ok(()),
+            None => Err(upstream_error(
+                ErrorType::ConnectionClosed,
+                "the upstream closed the connection before the body's end",
+            )),
         }
     }
 
