@@ -205,6 +205,10 @@ class Bench:
             text = render("meshgate.toml", GATEWAY_EXTRA=extra_gateway, ROUTE_EXTRA=extra_route,
                           LIMITS_EXTRA=extra_limits, ENDPOINTS=endpoints, UPSTREAM_EXTRA=extra_upstream,
                           **values) + extra_top
+            if variant == "fastlog":
+                # The access log on (JSON, to a file), as an operator runs it.
+                text = text.replace('access_log = "off"',
+                                    f'access_log = "json"\naccess_log_file = "{self.work}/access-{variant}.log"')
             conf.write_text(text)
             p = self.procs.start([MESHGATE, "run", "-c", conf], PROXY_CORE, log)
         elif name == "bare-pingora":
@@ -400,7 +404,7 @@ def meshgate_variant(variant, otlp_port):
         return f"work_stealing = {str(variant == 'steal').lower()}", "", ""
     if variant == "lowercase":
         return 'header_case = "lowercase"', "", ""
-    if variant == "fast":
+    if variant in ("fast", "fastlog"):
         return 'http1_engine = "fast"', "", ""
     if variant == "resilienceoff":
         return "", "retries = false", ""
@@ -511,6 +515,8 @@ def scenarios(b):
                     [("meshgate", "steal"), ("meshgate", "nosteal"), ("bare-pingora", "default")], h1),
         "deadline": ("header_read_timeout's stream wrapper on and off (scenario 1 load)",
                      [("meshgate", "default"), ("meshgate", "nodeadline"), ("bare-pingora", "default")], h1),
+        "log": ("the fast lane with the JSON access log on (scenario 1 load)",
+                [("meshgate", "fast"), ("meshgate", "fastlog"), ("nginx", "default")], h1),
         "case": ("header_case preserve and lowercase (scenario 1 load)",
                  [("meshgate", "default"), ("meshgate", "lowercase"), ("bare-pingora", "default")], h1),
     }
