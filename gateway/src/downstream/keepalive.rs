@@ -249,10 +249,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 };
                 match self.read_head(&mut stream, started, waits).await {
                     Head::Complete(head) => {
-                        let last =
-                            *shutdown.borrow() || served + 1 >= self.head_settings().max_requests;
+                        let at = (*shutdown.borrow(), served);
                         match self
-                            .lane(&mut stream, head, &digest, tls.as_deref(), last, &mut idle)
+                            .lane(&mut stream, head, &digest, tls.as_deref(), at, &mut idle)
                             .await
                         {
                             Lane::Served(keep_alive) => {
@@ -353,14 +352,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     }
 
     /// Offer a whole request head to the fast lane, when the listener's
-    /// config asks for it; `Lane::Pingora` hands it back.
+    /// config asks for it; `Lane::Pingora` hands it back. With it: whether
+    /// the connection is stopping, and the requests it has served so far.
     async fn lane(
         &self,
         stream: &mut Stream,
         head: BytesMut,
         digest: &Option<Arc<pingora::protocols::SocketDigest>>,
         tls: Option<&pingora::protocols::tls::SslDigest>,
-        last: bool,
+        (stopping, served): (bool, usize),
         idle: &mut IdleTimer,
     ) -> Lane {
         let rt = self.runtime.load_full();
@@ -370,6 +370,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         let Some(listener) = self.at(&rt) else {
             return Lane::Pingora(head);
         };
+        // The connection's last request: the process or the listener stops,
+        // or `max_requests_per_connection` is reached with this one.
+        let max = rt.config.listeners[listener]
+            .limits
+            .max_requests_per_connection;
+        let last = stopping || served + 1 >= max;
         let peer = digest
             .as_ref()
             .and_then(|d| d.peer_addr())

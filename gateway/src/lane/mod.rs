@@ -590,13 +590,11 @@ impl Answer {
         let keep_case = crate::proxy::keeps_case(ctx);
         let mut fields = FieldList::with_capacity(self.lines.len() + 4, keep_case);
         for &(n, nl, v, vl) in &self.lines {
-            let value = match response::field_value(&head[v..v + vl]) {
-                std::borrow::Cow::Borrowed(_) => head.slice(v..v + vl),
-                std::borrow::Cow::Owned(o) => Bytes::from(o),
-            };
+            // Pingora's own normalization of a value (obs-folds, stray CR,
+            // LF, NUL), sharing the head's bytes when there is none to do.
             fields.append(
                 head.slice(n..n + nl),
-                pingora::http::header_value_from_raw(value),
+                pingora::http::header_value_from_raw(head.slice(v..v + vl)),
             );
         }
         fields

@@ -132,13 +132,12 @@ async fn reloads_add_remove_and_move_listeners() {
         on_connection(&mut on_extra, "/").await.as_deref(),
         Some("two")
     );
-    let metrics = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert!(
-        metrics.contains(
-            r#"meshgate_downstream_connections_active{direction="ingress",listener="extra"} 1"#
-        ),
-        "{metrics}"
-    );
+    // (The answered `get` connection may still be closing: wait for it.)
+    gw.wait_for_metric_line(
+        r#"meshgate_downstream_connections_active{direction="ingress",listener="extra"} 1"#,
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Moved to the wildcard address of its own port: the old socket still
     // accepts while the new one binds, so the reload is refused, saying so.

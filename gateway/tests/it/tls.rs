@@ -1186,19 +1186,13 @@ async fn reloads_add_tls_listeners_and_rename_on_the_same_socket() {
     let mut answer = [0u8; 12];
     kept.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200");
-    // Counted under the new name (a probe's connection the reload made may
-    // still be closing: wait for the count to settle on this one).
-    let series =
-        r#"meshgate_downstream_connections_active{direction="ingress",listener="front"} 1"#;
-    let start = std::time::Instant::now();
-    loop {
-        let metrics = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-        if metrics.contains(series) {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{metrics}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Counted under the new name (a connection answered before may still
+    // be closing: wait for the count to settle on this one).
+    gw.wait_for_metric_line(
+        r#"meshgate_downstream_connections_active{direction="ingress",listener="front"} 1"#,
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
 /// A binary upgrade: a TLS connection the old process accepted, whose

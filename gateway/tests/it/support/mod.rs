@@ -317,6 +317,23 @@ impl Gateway {
         }
     }
 
+    /// Wait until `/metrics` has the line `line` exactly (a gauge that
+    /// settles, such as open connections while a closed one is torn down).
+    pub async fn wait_for_metric_line(&self, line: &str, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = client::get(self.admin, "/metrics", &[])
+                .await
+                .unwrap()
+                .text();
+            if text.lines().any(|l| l == line) {
+                return text;
+            }
+            assert!(start.elapsed() < within, "no `{line}` in:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Write `config` (with `@LISTEN@`/`@ADMIN@` filled in as at start) and
     /// send SIGHUP.
     pub fn reload(&self, config: &str) {
