@@ -299,37 +299,39 @@ impl Gateway {
     /// Wait up to `within` until `/metrics` shows `series` at `at_least` or
     /// more; the scrape that did.
     pub async fn wait_for_metric(&self, series: &str, at_least: f64, within: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let text = client::get(self.admin, "/metrics", &[])
-                .await
-                .unwrap()
-                .text();
-            if metric(&text, series) >= at_least {
-                return text;
-            }
-            assert!(
-                start.elapsed() < within,
-                "{series} below {at_least}:\n{text}\nlog:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{series} at {at_least} or more");
+        self.wait_for_metrics(&what, within, |text| metric(text, series) >= at_least)
+            .await
     }
 
     /// Wait until `/metrics` has the line `line` exactly (a gauge that
     /// settles, such as open connections while a closed one is torn down).
     pub async fn wait_for_metric_line(&self, line: &str, within: Duration) -> String {
+        self.wait_for_metrics(line, within, |text| text.lines().any(|l| l == line))
+            .await
+    }
+
+    /// Poll `/metrics` until `done` holds of it (`what` names it if not).
+    async fn wait_for_metrics(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
         let start = Instant::now();
         loop {
             let text = client::get(self.admin, "/metrics", &[])
                 .await
                 .unwrap()
                 .text();
-            if text.lines().any(|l| l == line) {
+            if done(&text) {
                 return text;
             }
-            assert!(start.elapsed() < within, "no `{line}` in:\n{text}");
+            assert!(
+                start.elapsed() < within,
+                "no {what}:\n{text}\nlog:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
