@@ -62,6 +62,7 @@ use super::head::{progress, HeadLimits, HeadScan, Progress};
 use super::pending::PendingHeads;
 use super::probe::{carried_head, FirstLine};
 use crate::deadline::IdleTimer;
+use crate::lane::Served;
 use crate::proxy::conn::{fate, head_handed, with_fate, Fate};
 use crate::proxy::observe::refused;
 use crate::proxy::observe::HeadEnd;
@@ -81,14 +82,6 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// Pingora's first head buffer (`INIT_HEADER_BUF_SIZE`); most heads fit.
 pub(crate) const HEAD_BUFFER: usize = 4096;
-
-/// What the fast lane made of a request head.
-enum Lane {
-    /// Served; the connection stays open (`true`) or closes.
-    Served(bool),
-    /// Left to Pingora.
-    Pingora(BytesMut),
-}
 
 /// One listener's connections: every connection the listener accepts is
 /// served from here, the listener known from the start. It holds its slot
@@ -254,15 +247,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                             .lane(&mut stream, head, &digest, tls.as_deref(), at, &mut idle)
                             .await
                         {
-                            Lane::Served(keep_alive) => {
+                            Served::KeepAlive => {
                                 served += 1;
                                 lane_since = lane_since.saturating_add(1);
-                                if keep_alive {
-                                    continue;
-                                }
-                                return None;
+                                continue;
                             }
-                            Lane::Pingora(head) => Some(head),
+                            Served::Close => return None,
+                            Served::Fallback(head) => Some(head),
                         }
                     }
                     Head::Gone => return None,
@@ -352,7 +343,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     }
 
     /// Offer a whole request head to the fast lane, when the listener's
-    /// config asks for it; `Lane::Pingora` hands it back. With it: whether
+    /// config asks for it; `Served::Fallback` hands it back. With it: whether
     /// the connection is stopping, and the requests it has served so far.
     async fn lane(
         &self,
@@ -362,13 +353,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         tls: Option<&pingora::protocols::tls::SslDigest>,
         (stopping, served): (bool, usize),
         idle: &mut IdleTimer,
-    ) -> Lane {
-        let rt = self.runtime.load_full();
+    ) -> Served {
+        // Without the lane, a look at the config, not a reference kept.
+        let rt = self.runtime.load();
         if rt.config.gateway.http1_engine != crate::config::model::Http1Engine::Fast {
-            return Lane::Pingora(head);
+            return Served::Fallback(head);
         }
+        let rt = arc_swap::Guard::into_inner(rt);
         let Some(listener) = self.at(&rt) else {
-            return Lane::Pingora(head);
+            return Served::Fallback(head);
         };
         // The connection's last request: the process or the listener stops,
         // or `max_requests_per_connection` is reached with this one.
@@ -383,11 +376,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             .copied();
         let conn = crate::lane::Conn { stream, peer, tls };
         // Boxed: the lane's state is room no idle connection should hold.
-        match Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle)).await {
-            crate::lane::Served::KeepAlive => Lane::Served(true),
-            crate::lane::Served::Close => Lane::Served(false),
-            crate::lane::Served::Fallback(head) => Lane::Pingora(head),
-        }
+        Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle)).await
     }
 
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this

@@ -70,11 +70,7 @@ impl Head<'_, '_> {
     /// The reason phrase the status line had, or the status code's own
     /// when it had none.
     pub fn reason_phrase(&self) -> Option<&str> {
-        self.reason.or_else(|| {
-            http::StatusCode::from_u16(self.status)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-        })
+        reason_phrase(self.reason, self.status)
     }
 
     fn lines<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
@@ -172,6 +168,16 @@ impl Head<'_, '_> {
             _ => self.minor == 1,
         }
     }
+}
+
+/// The reason phrase a status line had (`reason`), or `status`'s own when
+/// it had none.
+pub fn reason_phrase(reason: Option<&str>, status: u16) -> Option<&str> {
+    reason.or_else(|| {
+        http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+    })
 }
 
 /// What a `Connection` value says of keep-alive: `keep-alive` alone, or a

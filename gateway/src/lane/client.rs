@@ -36,7 +36,6 @@ pub struct LaneClient<'a> {
     path_len: usize,
     host: &'a str,
     user_agent: &'a str,
-    declared: Option<u64>,
     body_read: u64,
     body_sent: u64,
     /// The status of the last head written (a 1xx, or the answer's).
@@ -68,7 +67,6 @@ impl<'a> LaneClient<'a> {
                 .as_ref()
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or(""),
-            declared: plan.declared,
             body_read: plan.body_len(),
             body_sent: 0,
             status: None,
@@ -93,16 +91,6 @@ impl<'a> LaneClient<'a> {
 
     pub fn status_written_any(&self) -> bool {
         self.answered
-    }
-
-    /// What the retry policy is told once the answer may have begun.
-    pub fn sent(&self) -> crate::proxy::retry::Sent<'_> {
-        crate::proxy::retry::Sent {
-            method: &self.method,
-            declared: self.declared,
-            body_truncated: false,
-            response_started: self.answered,
-        }
     }
 
     /// `HTTP/1.x NNN reason` and CRLF, as Pingora writes a status line.

@@ -101,10 +101,7 @@ pub async fn serve(
         let refused =
             crate::proxy::policy::check(rt, listener, plan.route, req, peer_ip, &mut ctx).await;
         if let Some(refusal) = refused {
-            if let Err(e) = respond::refuse(&mut client, &mut ctx, refusal).await {
-                log::debug!("could not write error response: {e}");
-                client.close_after_now();
-            }
+            refuse(&mut client, &mut ctx, refusal).await;
             return finish(&client, None, &ctx);
         }
     }
@@ -121,11 +118,7 @@ pub async fn serve(
         Err(limit) => {
             pool.series.overflow(limit.as_str()).inc();
             ctx.overflow = Some(limit);
-            let refusal = Failure::UpstreamOverloaded.into();
-            if let Err(e) = respond::refuse(&mut client, &mut ctx, refusal).await {
-                log::debug!("could not write error response: {e}");
-                client.close_after_now();
-            }
+            refuse(&mut client, &mut ctx, Failure::UpstreamOverloaded.into()).await;
             None
         }
     };
@@ -133,6 +126,15 @@ pub async fn serve(
         fail(e, &mut ctx, &mut client).await;
     }
     finish(&client, error.as_deref(), &ctx)
+}
+
+/// Answer with the respond stage's refusal; a connection it cannot be
+/// written to ends.
+async fn refuse(client: &mut LaneClient<'_>, ctx: &mut RequestCtx, refusal: respond::Refusal) {
+    if let Err(e) = respond::refuse(client, ctx, refusal).await {
+        log::debug!("could not write error response: {e}");
+        client.close_after_now();
+    }
 }
 
 /// The observe stage, and what becomes of the connection.
@@ -244,6 +246,7 @@ async fn attempts(
             read_timeout: times.read,
             write_timeout: times.write,
             head: plan.method == http::Method::HEAD,
+            sent: &sent,
         };
         match exchange.run(&mut up, request, ctx, client, timer).await {
             Ok(Some(reuse)) => {
@@ -288,13 +291,16 @@ enum Attempt {
 }
 
 /// One exchange on an upstream connection.
-struct Exchange {
+struct Exchange<'a> {
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     head: bool,
+    /// What the retry policy is told of the request (nothing of the
+    /// answer has reached the client when it is asked).
+    sent: &'a retry::Sent<'a>,
 }
 
-impl Exchange {
+impl Exchange<'_> {
     /// Send `request`, pass the answer on. `Ok(Some(reuse))`: answered
     /// whole, the connection reusable or not; `Ok(None)`: the client went
     /// away while it was answered.
@@ -393,7 +399,7 @@ impl Exchange {
         observe::attempt_outcome(ctx, Outcome::of_status(status));
         if status >= 500 {
             let reason = Reason::Status(status);
-            if retry::decide_for(&client.sent(), ctx, reason) {
+            if retry::decide_for(self.sent, ctx, reason) {
                 ctx.retry_reason = Some(reason);
                 return Err(Attempt::Failed(upstream_error(
                     ErrorType::HTTPStatus(status),
@@ -429,7 +435,11 @@ impl Exchange {
         };
         crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
         let chunked = to_chunked || answer.framing == Framing::Chunked;
-        let body = Body::of(answer.framing, chunked, self.read_timeout);
+        let body = Body {
+            framing: answer.framing,
+            chunked,
+            read_timeout: self.read_timeout,
+        };
         client
             .write_answer(
                 minor,
@@ -576,12 +586,10 @@ impl Answer {
     }
 
     fn reason(&self) -> Option<&str> {
-        match self.reason {
-            Some((at, len)) => std::str::from_utf8(&self.head[at..at + len]).ok(),
-            None => http::StatusCode::from_u16(self.status)
-                .ok()
-                .and_then(|s| s.canonical_reason()),
-        }
+        let sent = self
+            .reason
+            .and_then(|(at, len)| std::str::from_utf8(&self.head[at..at + len]).ok());
+        response::reason_phrase(sent, self.status)
     }
 
     /// The head's lines, sharing its bytes, in the case the gateway keeps.
@@ -614,14 +622,6 @@ struct Body {
 }
 
 impl Body {
-    fn of(framing: Framing, chunked: bool, read_timeout: Option<Duration>) -> Body {
-        Body {
-            framing,
-            chunked,
-            read_timeout,
-        }
-    }
-
     /// Whether the answer has a body for the client.
     fn is_empty(&self) -> bool {
         matches!(self.framing, Framing::Empty | Framing::Length(0))
@@ -739,15 +739,11 @@ impl Body {
 async fn fail(e: &Error, ctx: &mut RequestCtx, client: &mut LaneClient<'_>) {
     let failure = respond::classify(e, ctx);
     ctx.failure = failure;
-    let Some(failure) = failure else {
-        client.close_after_now();
+    client.close_after_now();
+    // Nothing to write when the client is gone, or its answer has begun.
+    let Some(failure) = failure.filter(|_| !client.status_written_any()) else {
         return;
     };
-    if client.status_written_any() {
-        client.close_after_now();
-        return;
-    }
-    client.close_after_now();
     if let Err(write_err) = respond::send_error(client, failure, ctx).await {
         log::debug!("could not write error response: {write_err}");
     }

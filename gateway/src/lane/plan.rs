@@ -34,7 +34,7 @@ pub struct Plan {
     /// The client lets the connection carry another request.
     pub keep_alive: bool,
     /// The body's declared length, if any.
-    pub declared: Option<u64>,
+    declared: Option<u64>,
     pub route: usize,
     pub upstream: usize,
     /// The target sent upstream, when `strip_prefix` changed it.

@@ -60,16 +60,7 @@ impl Client for Session {
         self.req_header().uri.path()
     }
     fn host(&self) -> &str {
-        let req = self.req_header();
-        req.uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("")
+        super::admission::request_host(self.req_header()).unwrap_or("")
     }
     fn version(&self) -> Version {
         self.req_header().version
