@@ -188,14 +188,10 @@ async fn attempts(
         if !ctx.backoff.is_zero() {
             tokio::time::sleep(std::mem::take(&mut ctx.backoff)).await;
         }
-        let remaining = ctx.remaining();
-        if remaining.is_zero() {
-            ctx.failure = Some(Failure::Timeout);
-            return Some(Error::explain(
-                ErrorType::HTTPStatus(504),
-                "route timeout passed before connecting",
-            ));
-        }
+        let remaining = match crate::proxy::time_left(ctx) {
+            Ok(left) => left,
+            Err(e) => return Some(e),
+        };
         let per_try = route.retries.as_ref().and_then(|p| p.per_try_timeout);
         let remaining = per_try.map_or(remaining, |t| t.min(remaining));
         let Some((endpoint, addr, times)) = pool.select_addr(&members, &ctx.tried, None, remaining)

@@ -19,7 +19,7 @@ pub(crate) mod retry;
 mod trace;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -244,7 +244,7 @@ fn choose(
     rt: &Runtime,
     pool: &crate::runtime::upstream::UpstreamPool,
     members: &crate::runtime::upstream::Members,
-    remaining: std::time::Duration,
+    remaining: Duration,
 ) -> Option<(
     usize,
     Box<HttpPeer>,
@@ -309,6 +309,20 @@ pub(crate) fn answer_edits(ctx: &RequestCtx, status: u16) -> headers::Answer<'_>
         request_id: ctx.request_id.header_value(),
         rewrite: ctx.response_rewrite(),
     }
+}
+
+/// The time left of the route's deadline before an attempt, whichever
+/// driver makes it; none left is the 504 that ends the request.
+pub(crate) fn time_left(ctx: &mut RequestCtx) -> Result<Duration> {
+    let remaining = ctx.remaining();
+    if remaining.is_zero() {
+        ctx.failure = Some(Failure::Timeout);
+        return Err(Error::explain(
+            ErrorType::HTTPStatus(504),
+            "route timeout passed before connecting",
+        ));
+    }
+    Ok(remaining)
 }
 
 /// Whether the answer's field names keep their case: unless
@@ -514,14 +528,7 @@ impl ProxyHttp for Proxy {
         }
         // Cancelled while it was routed (or rate limited): never forwarded.
         client_still_there(session, ctx)?;
-        let remaining = ctx.remaining();
-        if remaining.is_zero() {
-            ctx.failure = Some(Failure::Timeout);
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(504),
-                "route timeout passed before connecting",
-            ));
-        }
+        let remaining = time_left(ctx)?;
         let rt = ctx
             .runtime
             .as_ref()
