@@ -37,6 +37,24 @@ impl BackgroundService for EvictIdleKeys {
     }
 }
 
+/// Closes the fast lane's idle upstream connections that expired or that
+/// their upstream closed, in pools no request has looked at since.
+pub struct SweepIdleUpstreams;
+
+#[async_trait]
+impl BackgroundService for SweepIdleUpstreams {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::lane::pool::SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => crate::lane::pool::sweep(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// How often due health checks and discovery refreshes are looked for;
 /// each endpoint's interval and each answer's TTL decide when they run.
 const ENDPOINTS_TICK: Duration = Duration::from_millis(100);

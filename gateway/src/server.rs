@@ -215,6 +215,10 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
             runtime: runtime.clone(),
         },
     );
+    let lane_pools = background_service(
+        "fast lane upstream connections",
+        crate::background::SweepIdleUpstreams,
+    );
     crate::upgrade::remember_binary();
     let upgrader = background_service(
         "binary upgrade",
@@ -243,6 +247,7 @@ pub fn run(loaded: Loaded, path: &Path, upgrade: bool) -> Result<(), ServerError
     server.add_service(reloader);
     server.add_service(evictor);
     server.add_service(endpoints);
+    server.add_service(lane_pools);
     server.add_service(notify);
     server.add_service(upgrader);
     server.add_service(cert_watcher);

@@ -1,10 +1,13 @@
 //! The lane's idle upstream connections, one pool per worker thread: no
-//! lock, no task per connection. A connection is checked on checkout (an
-//! upstream that closed it, or sent something unasked, is dropped) and
-//! dropped once idle past its upstream's `idle_timeout`.
+//! contended lock, no task per connection. A connection is checked on
+//! checkout (an upstream that closed it, or sent something unasked, is
+//! dropped) and dropped once idle past its upstream's `idle_timeout`. A
+//! background sweep ([`sweep`], every [`SWEEP_INTERVAL`]) does the same
+//! for pools no request has used since, so that a connection the upstream
+//! closed is closed here too, not left half-open until the next request.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use super::upstream::UpStream;
@@ -12,6 +15,9 @@ use super::upstream::UpStream;
 /// Idle connections a worker thread keeps, over all endpoints (Pingora's
 /// `upstream_keepalive_pool_size` default).
 const MAX_IDLE: usize = 128;
+
+/// How often every thread's pool is swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Idle {
     addr: SocketAddr,
@@ -29,15 +35,31 @@ impl Idle {
     }
 }
 
+/// One thread's idle connections. Its own thread locks it per request,
+/// the sweep once per interval: the lock is all but never contended.
+type Shard = Mutex<Vec<Idle>>;
+
+/// Every thread's pool, for the sweep; a thread's goes with it.
+static SHARDS: Mutex<Vec<Weak<Shard>>> = Mutex::new(Vec::new());
+
 thread_local! {
-    static IDLE: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
+    static IDLE: Arc<Shard> = {
+        let shard = Arc::new(Mutex::new(Vec::new()));
+        lock(&SHARDS).push(Arc::downgrade(&shard));
+        shard
+    };
+}
+
+/// A pool's lock; a panic that poisoned it left its list whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// An idle connection to `addr` made with `key`'s settings, the most
 /// recently used first.
 pub fn checkout(addr: SocketAddr, key: u64) -> Option<UpStream> {
     IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
+        let mut idle = lock(idle);
         let now = Instant::now();
         idle.retain(|c| !c.expired(now));
         while let Some(at) = idle.iter().rposition(|c| c.addr == addr && c.key == key) {
@@ -56,7 +78,7 @@ pub fn give_back(addr: SocketAddr, key: u64, stream: UpStream, idle_timeout: Opt
         return;
     }
     IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
+        let mut idle = lock(idle);
         let now = Instant::now();
         // Expired ones go at checkout; here only when the pool is full.
         if idle.len() >= MAX_IDLE {
@@ -73,6 +95,24 @@ pub fn give_back(addr: SocketAddr, key: u64, stream: UpStream, idle_timeout: Opt
             idle_timeout,
         });
     });
+}
+
+/// Drop, from every thread's pool, the connections idle past their
+/// timeout and those the upstream closed or wrote to unasked.
+pub fn sweep() {
+    let shards: Vec<Arc<Shard>> = {
+        let mut all = lock(&SHARDS);
+        all.retain(|s| s.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    let now = Instant::now();
+    for shard in shards {
+        // Closed once the lock is let go: the request path waits on it.
+        let gone: Vec<Idle> = lock(&shard)
+            .extract_if(.., |c| c.expired(now) || !c.stream.usable())
+            .collect();
+        drop(gone);
+    }
 }
 
 #[cfg(test)]
@@ -119,5 +159,40 @@ mod tests {
         // The timeout is the condition here: let it pass.
         std::thread::sleep(Duration::from_millis(1));
         assert!(checkout(addr, 0).is_none());
+    }
+
+    /// The upstream's end, once the gateway's is closed: EOF.
+    async fn closed_here(peer: &mut TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(10), peer.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0)))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_sweep_closes_what_the_upstream_closed_and_what_expired() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The upstream half-closed it: it goes, and the gateway's end closes.
+        let a = TcpStream::connect(addr).await.unwrap();
+        let (mut a_peer, _) = listener.accept().await.unwrap();
+        a_peer.shutdown().await.unwrap();
+        a.readable().await.unwrap();
+        give_back(addr, 7, plain(a), None);
+        // Idle past its timeout: goes too.
+        let b = TcpStream::connect(addr).await.unwrap();
+        let (mut b_peer, _) = listener.accept().await.unwrap();
+        give_back(addr, 7, plain(b), Some(Duration::from_micros(1)));
+        std::thread::sleep(Duration::from_millis(1));
+        // Quiet and within its timeout: stays.
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (_c_peer, _) = listener.accept().await.unwrap();
+        give_back(addr, 7, plain(c), Some(Duration::from_secs(600)));
+
+        sweep();
+        assert!(closed_here(&mut a_peer).await, "closed by the upstream");
+        assert!(closed_here(&mut b_peer).await, "expired");
+        assert!(checkout(addr, 7).is_some(), "the quiet one stays");
+        assert!(checkout(addr, 7).is_none(), "and only it");
     }
 }
