@@ -761,7 +761,7 @@ async fn read_some(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
             return Poll::Ready(Ok(None));
         }
         // Pingora would have allocated its head buffer this size.
-        let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+        let mut head = crate::http1::spare::take(crate::http1::spare::Use::Head, HEAD_BUFFER);
         head.extend_from_slice(buf.filled());
         Poll::Ready(Ok(Some(head)))
     })

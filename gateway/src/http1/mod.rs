@@ -14,12 +14,14 @@
 //! both and compares the head, the framing, keep-alive and the decoded
 //! body.
 //!
-//! No allocation, no `HeaderMap`: a head is slices of the read buffer.
+//! No allocation, no `HeaderMap`: a head is slices of the read buffer, and
+//! the buffers themselves are kept per thread between requests ([`spare`]).
 
 pub mod chunked;
 pub mod fields;
 pub mod request;
 pub mod response;
+pub mod spare;
 
 #[cfg(test)]
 mod tests;

@@ -127,10 +127,8 @@ impl Head<'_, '_> {
     /// not a `HEAD`; `Err` for an invalid `Content-Length` (502).
     pub fn framing(&self, head: bool) -> Result<Framing, &'static str> {
         let te = self.has_transfer_encoding();
-        if !te {
-            // Validated before the body is looked at, as Pingora does.
-            self.content_length()?;
-        }
+        // Validated before the body is looked at, as Pingora does.
+        let length = if te { None } else { self.content_length()? };
         match self.status {
             101 => {}
             100..=199 => return Ok(Framing::Interim),
@@ -140,10 +138,10 @@ impl Head<'_, '_> {
         if head {
             return Ok(Framing::Empty);
         }
-        if self.is_chunked() {
+        if te && self.is_chunked() {
             return Ok(Framing::Chunked);
         }
-        match if te { Ok(None) } else { self.content_length() }? {
+        match length {
             Some(n) => Ok(Framing::Length(n)),
             None => Ok(Framing::UntilClose),
         }

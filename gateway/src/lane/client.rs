@@ -72,7 +72,7 @@ impl<'a> LaneClient<'a> {
             status: None,
             answered: false,
             keep_alive,
-            out: BytesMut::new(),
+            out: crate::http1::spare::take(crate::http1::spare::Use::Out, 0),
         }
     }
 
@@ -207,6 +207,12 @@ impl<'a> LaneClient<'a> {
 
     pub async fn flush(&mut self) -> Result<()> {
         self.stream.flush().await.map_err(write_error)
+    }
+}
+
+impl Drop for LaneClient<'_> {
+    fn drop(&mut self) {
+        crate::http1::spare::give(crate::http1::spare::Use::Out, std::mem::take(&mut self.out));
     }
 }
 

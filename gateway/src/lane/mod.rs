@@ -34,6 +34,7 @@ use crate::deadline::IdleTimer;
 use crate::endpoints::Outcome;
 use crate::http1::fields::FieldList;
 use crate::http1::response::{self, Framing};
+use crate::http1::spare;
 use crate::proxy::ctx::{Failure, RequestCtx};
 use crate::proxy::{observe, respond, retry};
 use crate::resilience::Reason;
@@ -71,14 +72,31 @@ pub async fn serve(
     timer: &mut IdleTimer,
 ) -> Served {
     let frozen = buf.freeze();
-    let plan = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
+    let mut plan = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
         Ok(plan) => plan,
         Err(why) => {
             handed_to_pingora(why);
             return Served::Fallback(BytesMut::from(frozen));
         }
     };
+    drop(frozen);
     SERVED.with(|c| c.inc());
+    let served = answer_plan(rt, listener, conn, &mut plan, last, timer).await;
+    // Everything that shared the head's buffer is gone: the next request
+    // on this thread reads into it.
+    spare::give_bytes(spare::Use::Head, plan.into_buf());
+    served
+}
+
+/// Serve the request `plan` describes.
+async fn answer_plan(
+    rt: &Arc<Runtime>,
+    listener: usize,
+    conn: Conn<'_>,
+    plan: &mut Plan,
+    last: bool,
+    timer: &mut IdleTimer,
+) -> Served {
     let pool = &rt.upstreams[plan.upstream];
     let mut ctx = RequestCtx::new();
     ctx.request_id = crate::proxy::headers::RequestId::from_request(plan.request_id.as_ref());
@@ -90,12 +108,12 @@ pub async fn serve(
     ));
     ctx.route = Some(plan.route);
     ctx.deadline = ctx.started.checked_add(rt.route(plan.route).timeout);
-    let mut plan = plan;
     let policy_head = plan.policy_head.take();
     let peer_ip = LaneClient::peer_ip(conn.peer);
     let request = plan.upstream_request(rt, &ctx, peer_ip);
+    let plan = &*plan;
     let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
-    let mut client = LaneClient::new(conn, &plan, keep_alive);
+    let mut client = LaneClient::new(conn, plan, keep_alive);
     // The policy stage: authorization, then rate limits.
     if let Some(req) = policy_head.as_deref() {
         let refused =
@@ -113,7 +131,7 @@ pub async fn serve(
     let error = match pool.gate.enter().await {
         Ok(permit) => {
             ctx.upstream_permit = Some(permit);
-            attempts(rt, &plan, &request, &mut ctx, &mut client, timer).await
+            attempts(rt, plan, &request, &mut ctx, &mut client, timer).await
         }
         Err(limit) => {
             pool.series.overflow(limit.as_str()).inc();
@@ -125,7 +143,9 @@ pub async fn serve(
     if let Some(e) = &error {
         fail(e, &mut ctx, &mut client).await;
     }
-    finish(&client, error.as_deref(), &ctx)
+    let served = finish(&client, error.as_deref(), &ctx);
+    spare::give_bytes(spare::Use::Request, request);
+    served
 }
 
 /// Answer with the respond stage's refusal; a connection it cannot be
@@ -311,7 +331,7 @@ impl Exchange<'_> {
         write(up, request, self.write_timeout, timer)
             .await
             .map_err(Attempt::Failed)?;
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        let mut buf = spare::take(spare::Use::Response, READ_SIZE);
         loop {
             let (head_len, mut answer) = self
                 .read_head(up, &mut buf, timer)
@@ -447,7 +467,11 @@ impl Exchange<'_> {
             .await
             .map_err(|e| Attempt::Cut(e.into_down()))?;
         match body.pass(up, &mut rest, ctx, client, timer).await {
-            Ok(overread) => Ok(Some(answer.reusable(overread))),
+            Ok(overread) => {
+                let reuse = answer.reusable(overread);
+                spare::give(spare::Use::Response, rest);
+                Ok(Some(reuse))
+            }
             Err(e) => {
                 if e.esource() == &pingora::ErrorSource::Downstream {
                     // The client went away: its answer ends here.

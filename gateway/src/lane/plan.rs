@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::{HeaderValue, Method};
 
 use crate::config::model::{Action, UpstreamProtocol};
@@ -66,6 +66,13 @@ const LEFT_TO_PINGORA: [&str; 8] = [
     "http2-settings",
     "grpc-timeout",
 ];
+
+/// Whether `name` is one of [`LEFT_TO_PINGORA`]: their lengths differ
+/// from most names', so most lines are told apart by length alone.
+fn left_to_pingora(name: &str) -> bool {
+    matches!(name.len(), 2 | 7 | 10 | 12 | 14 | 16 | 18 | 19)
+        && LEFT_TO_PINGORA.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
 
 /// Plan the request in `buf` on `listener`; `Err` names why it is left to
 /// Pingora.
@@ -200,9 +207,10 @@ fn admitted(
     let path_len = target.find('?').unwrap_or(target.len());
     let path = &target[..path_len];
     if crate::types::path::normalize_path(path).is_some()
-        || path
-            .split('/')
-            .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
+        || path.contains(';')
+            && path
+                .split('/')
+                .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
     {
         return Err("path");
     }
@@ -233,7 +241,7 @@ impl Read {
         let mut fields = FieldList::with_capacity(head.headers.len() + 8, keep_case);
         for h in head.headers.iter() {
             let name = h.name;
-            if LEFT_TO_PINGORA.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            if left_to_pingora(name) {
                 return Err("field left to Pingora");
             }
             // Values as Pingora keeps them (visible ASCII reads as text).
@@ -313,6 +321,11 @@ fn upstream_is_lanes(rt: &Runtime, u: usize) -> bool {
 }
 
 impl Plan {
+    /// The request's bytes, once nothing else needs them.
+    pub fn into_buf(self) -> Bytes {
+        self.buf
+    }
+
     /// The request's target as sent.
     pub fn target(&self) -> &str {
         let (at, len) = self.target;
@@ -366,7 +379,8 @@ impl Plan {
             Some(t) => t.as_str(),
             None => self.target(),
         };
-        let mut out = BytesMut::with_capacity(
+        let mut out = crate::http1::spare::take(
+            crate::http1::spare::Use::Request,
             self.method.as_str().len() + target.len() + fields.wire_len() + len + 16,
         );
         out.put_slice(self.method.as_str().as_bytes());
@@ -377,5 +391,21 @@ impl Plan {
         out.put_slice(b"\r\n");
         out.put_slice(&self.buf[at..at + len]);
         out.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_left_to_pingora_are_told_by_length_first() {
+        for name in LEFT_TO_PINGORA {
+            assert!(left_to_pingora(name), "{name}");
+            assert!(left_to_pingora(&name.to_ascii_uppercase()), "{name}");
+        }
+        for name in ["host", "content-length", "x-keep-alive", "tee", "trailers"] {
+            assert!(!left_to_pingora(name), "{name}");
+        }
     }
 }

@@ -116,7 +116,7 @@ pub struct RequestCtx {
     pub route: Option<usize>,
     pub upstream: Option<usize>,
     /// Endpoint indexes already tried, so a retry goes elsewhere.
-    pub tried: Vec<usize>,
+    pub tried: smallvec::SmallVec<[usize; 4]>,
     pub request_id: super::headers::RequestId,
     pub started: Instant,
     /// The route's whole-request deadline.
@@ -197,7 +197,7 @@ impl RequestCtx {
             listener: None,
             route: None,
             upstream: None,
-            tried: Vec::new(),
+            tried: smallvec::SmallVec::new(),
             request_id: Default::default(),
             started: Instant::now(),
             deadline: None,

@@ -333,8 +333,8 @@ pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
 }
 
 /// Every non-empty line of a header, joined with `sep` (`, ` for lists,
-/// RFC 9110 §5.3), in a buffer with room for `extra` more bytes (empty when
-/// there are none). Lines that are not visible ASCII are kept as they are
+/// RFC 9110 §5.3), in a buffer with room for `extra` more bytes (empty,
+/// unallocated, when there are none). Lines that are not visible ASCII are kept as they are
 /// (lossless bytes).
 fn joined(fields: &impl Fields, name: &HeaderName, sep: &[u8], extra: usize) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
@@ -344,14 +344,11 @@ fn joined(fields: &impl Fields, name: &HeaderName, sep: &[u8], extra: usize) -> 
             continue;
         }
         if out.is_empty() {
-            out.reserve(v.len() + sep.len() + extra);
+            out.reserve_exact(v.len() + extra);
         } else {
             out.extend_from_slice(sep);
         }
         out.extend_from_slice(v);
-    }
-    if out.is_empty() {
-        out.reserve(extra);
     }
     out
 }
@@ -359,11 +356,14 @@ fn joined(fields: &impl Fields, name: &HeaderName, sep: &[u8], extra: usize) -> 
 /// Append `element` to the list-valued header `name`, as one line.
 fn append_element(req: &mut impl Fields, list: &HeaderName, wire: &'static str, element: &[u8]) {
     let mut value = joined(req, list, b", ", element.len() + 2);
-    if !value.is_empty() {
+    if value.is_empty() {
+        value.reserve_exact(element.len());
+    } else {
         value.extend_from_slice(b", ");
     }
     value.extend_from_slice(element);
-    // The list's buffer becomes the value: no further copy.
+    // The list's buffer becomes the value: no further copy (and, filled to
+    // its capacity, no shared block either).
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         req.set(list, wire, v);
     }
