@@ -406,6 +406,9 @@ def meshgate_variant(variant, otlp_port):
         return 'header_case = "lowercase"', "", ""
     if variant in ("fast", "fastlog"):
         return 'http1_engine = "fast"', "", ""
+    if variant == "pingora":
+        # Pingora's HTTP/1.1 driver for every request (the default is the fast lane).
+        return 'http1_engine = "pingora"', "", ""
     if variant == "resilienceoff":
         return "", "retries = false", ""
     return "", "", ""
@@ -489,9 +492,9 @@ def scenarios(b):
 
     return {
         "1-h1": ("HTTP/1.1 keep-alive, small GET (wrk -c50)",
-                 [(s, "default") for s in SYSTEMS] + [("meshgate", "lowercase"), ("meshgate", "fast")], h1),
+                 [(s, "default") for s in SYSTEMS] + [("meshgate", "lowercase"), ("meshgate", "pingora")], h1),
         "1p-post": ("HTTP/1.1 keep-alive, 1 KiB POST bodies (wrk -c50)",
-                    [(s, "default") for s in SYSTEMS] + [("meshgate", "fast")], post),
+                    [(s, "default") for s in SYSTEMS] + [("meshgate", "pingora")], post),
         "2-h2c": ("h2c, 10 connections x 10 streams (h2load)", [(s, "default") for s in SYSTEMS], h2c),
         "3-tls-handshake": ("TLS 1.3, new connection per request (wrk -c20, Connection: close)",
                             [(s, "tls") for s in SYSTEMS] + [("nginx", "tls-aes128"), ("haproxy", "tls-aes128")],
@@ -499,9 +502,9 @@ def scenarios(b):
         "3r-tls-resumed": ("TLS 1.3, new connection per request resuming a session (openssl s_time -reuse, 4 clients, HTTP/1.0)",
                            [(s, "tls") for s in SYSTEMS], tls_resumed),
         "4a-tls-keepalive": ("TLS 1.3 keep-alive, HTTP/1.1 (wrk -c50)",
-                             [(s, "tls") for s in SYSTEMS] + [("meshgate", "fast")], tls_keepalive),
+                             [(s, "tls") for s in SYSTEMS] + [("meshgate", "pingora")], tls_keepalive),
         "4b-h2-tls": ("HTTP/2 over TLS, 10 x 10 streams (h2load)", [(s, "tls") for s in SYSTEMS], h2_tls),
-        "5-1mib": ("1 MiB responses (wrk -c10), MB/s", [(s, "default") for s in SYSTEMS] + [("meshgate", "fast")], big),
+        "5-1mib": ("1 MiB responses (wrk -c10), MB/s", [(s, "default") for s in SYSTEMS] + [("meshgate", "pingora")], big),
         "6-routes": ("1,000 routes (100 hosts x 10 prefixes) vs 1 route, request for the last one",
                      [("meshgate", "default"), ("meshgate", "routes1000"), ("nginx", "default"), ("nginx", "routes1000")], routed),
         "7-ratelimit": ("a local rate limit on every request", [("meshgate", "default"), ("meshgate", "ratelimit")], h1),

@@ -16,7 +16,7 @@ Each system serves a warm-up, then callgrind's counters are zeroed, then
 only; every process is stopped at the end.
 
 `--systems` takes `system` or `system:VARIANT` (a `bench.py` variant:
-`routes1000`, `ratelimit`, `tracing`, `tls`, `lowercase`, `fast`, `endpoints3`, `resilience3`, `resilienceoff`), so scenarios 6-8's, 10's and 11's costs,
+`routes1000`, `ratelimit`, `tracing`, `tls`, `lowercase`, `fast`, `pingora`, `endpoints3`, `resilience3`, `resilienceoff`), so scenarios 6-8's, 10's and 11's costs,
 which are smaller than the timed runs' spread, can be counted too. With
 `routes1000` the request is scenario 6's: the last of the 1,000 routes.
 With `tls` it is scenario 3's: a new TLS 1.3 connection per request (wrk,

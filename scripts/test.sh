@@ -24,9 +24,10 @@ phase lint make --no-print-directory lint-code
 phase build "$CARGO" test --workspace --locked --no-run
 phase deploy scripts/lint-deploy.sh
 phase test "$CARGO" test --workspace --locked -- --test-threads "$TEST_THREADS"
-# The integration suite again with the HTTP/1.1 fast lane on
-# (gateway.http1_engine = "fast"): every behaviour the same on both drivers.
-phase fastlane env MESHGATE_TEST_HTTP1_ENGINE=fast \
+# The integration suite again on Pingora's HTTP/1.1 driver
+# (gateway.http1_engine = "pingora"; the first pass ran on the default, the
+# fast lane): every behaviour the same on both drivers.
+phase pingora-h1 env MESHGATE_TEST_HTTP1_ENGINE=pingora \
   "$CARGO" test --locked -p meshgate --test it -- --test-threads "$TEST_THREADS"
 
 echo "== make test: phases"

@@ -132,11 +132,11 @@ pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/meshgate/upgrade.sock";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http1Engine {
     /// Pingora's HTTP/1 server and proxy, for every request.
-    #[default]
     Pingora,
     /// meshgate's own driver for the requests it serves (plain keep-alive
     /// HTTP/1.1 to HTTP/1.1 upstreams); every other request still goes to
     /// Pingora.
+    #[default]
     Fast,
 }
 

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 fast lane (`gateway.http1_engine = "fast"`): meshgate's own
+//! The HTTP/1.1 fast lane (`gateway.http1_engine = "fast"`, the default): meshgate's own
 //! driver for the requests Pingora's HTTP/1 path spends most on,
 //! keep-alive HTTP/1.1 to HTTP/1.1 upstreams, over the same stages as the
 //! Pingora driver ([`crate::proxy`]): routing, the forward edits, the retry

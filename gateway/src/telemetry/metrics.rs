@@ -133,7 +133,7 @@ impl Metrics {
             connections_evicted: counter(&r, names::DOWNSTREAM_CONNECTIONS_EVICTED_TOTAL, "Connections waiting for a request closed to make room for a new one on a full listener (max_connections).", &[LISTENER]),
             overload_active: scalar_gauge(names::OVERLOAD_ACTIVE, "1 while resident memory is over gateway.overload.memory and load is shed, else 0."),
             overload_shed: counter(&r, names::OVERLOAD_SHED_TOTAL, "Connections refused and requests answered 503 while overloaded, by kind (connection, request).", &[KIND]),
-            http1_lane: counter(&r, names::HTTP1_LANE_REQUESTS_TOTAL, "With gateway.http1_engine = \"fast\": HTTP/1.1 request heads the fast lane served (driver `fast`) or handed to Pingora's driver (driver `pingora`, with why).", &[DRIVER, REASON]),
+            http1_lane: counter(&r, names::HTTP1_LANE_REQUESTS_TOTAL, "With gateway.http1_engine = \"fast\" (the default): HTTP/1.1 request heads the fast lane served (driver `fast`) or handed to Pingora's driver (driver `pingora`, with why).", &[DRIVER, REASON]),
             no_route: counter(&r, names::NO_ROUTE_TOTAL, "Requests no route matched (answered 404).", &[LISTENER]),
             upstream_requests: counter(&r, names::UPSTREAM_REQUESTS_TOTAL, "Requests forwarded to an upstream, by upstream response status class (`none`: no response).", &[UPSTREAM, STATUS_CLASS]),
             upstream_duration: histogram(&r, names::UPSTREAM_REQUEST_DURATION_SECONDS, "Time from choosing an endpoint to the end of the upstream response, retries included.", &[UPSTREAM]),

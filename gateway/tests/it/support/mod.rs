@@ -162,7 +162,8 @@ pub fn one_worker(config: &str) -> String {
 }
 
 /// The HTTP/1.1 driver the suite runs against (`MESHGATE_TEST_HTTP1_ENGINE`,
-/// set by `make test` for its second pass); `None`: the config's default.
+/// set by `make test` for its second pass, on Pingora's driver); `None`: the
+/// config's default (the fast lane).
 pub fn http1_engine() -> Option<String> {
     std::env::var("MESHGATE_TEST_HTTP1_ENGINE").ok()
 }

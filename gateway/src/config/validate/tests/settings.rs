@@ -101,12 +101,12 @@ bad!(
 );
 
 #[test]
-fn http1_engine_is_read_and_defaults_to_pingora() {
-    let src = format!("[gateway]\nhttp1_engine = \"fast\"\n{OK_LISTENER}");
+fn http1_engine_is_read_and_defaults_to_fast() {
+    let src = format!("[gateway]\nhttp1_engine = \"pingora\"\n{OK_LISTENER}");
     let cfg = parse(Path::new("t.toml"), &src).unwrap();
-    assert_eq!(cfg.gateway.http1_engine, model::Http1Engine::Fast);
-    let cfg = parse(Path::new("t.toml"), OK_LISTENER).unwrap();
     assert_eq!(cfg.gateway.http1_engine, model::Http1Engine::Pingora);
+    let cfg = parse(Path::new("t.toml"), OK_LISTENER).unwrap();
+    assert_eq!(cfg.gateway.http1_engine, model::Http1Engine::Fast);
 }
 
 #[test]
