@@ -11,14 +11,70 @@
 //! list, which a head of a few dozen lines searches faster than a map
 //! hashes, and which costs one allocation.
 
+use std::ops::Range;
+use std::sync::OnceLock;
+
 use bytes::{BufMut, Bytes};
 use http::header::{self, HeaderName, HeaderValue};
 
-/// One line: its name as spelled, and its value.
+/// One line: as read (ranges of the list's source head, nothing copied or
+/// counted until asked for), or as an edit made it.
 #[derive(Debug, Clone)]
-struct Line {
-    spelled: Bytes,
-    value: HeaderValue,
+enum Line {
+    Read(ReadLine),
+    Made { spelled: Bytes, value: HeaderValue },
+}
+
+/// A line of the source head.
+#[derive(Debug, Clone)]
+struct ReadLine {
+    name: (u32, u32),
+    value: (u32, u32),
+    /// `name: value` and CRLF lie in the source exactly as they are
+    /// written: one copy writes the line.
+    verbatim: bool,
+    /// The value as a `HeaderValue`, made the first time one is asked for.
+    cached: OnceLock<HeaderValue>,
+}
+
+fn range((at, len): (u32, u32)) -> Range<usize> {
+    at as usize..(at + len) as usize
+}
+
+impl Line {
+    fn name<'a>(&'a self, src: &'a [u8]) -> &'a [u8] {
+        match self {
+            Line::Read(r) => &src[range(r.name)],
+            Line::Made { spelled, .. } => spelled,
+        }
+    }
+
+    fn value_bytes<'a>(&'a self, src: &'a [u8]) -> &'a [u8] {
+        match self {
+            Line::Read(r) => &src[range(r.value)],
+            Line::Made { value, .. } => value.as_bytes(),
+        }
+    }
+
+    fn value<'a>(&'a self, src: &Bytes) -> &'a HeaderValue {
+        match self {
+            Line::Read(r) => r.cached.get_or_init(|| {
+                let raw = src.slice(range(r.value));
+                // A value as the parser let it through is a valid one; should
+                // it not be, Pingora's own reading of it.
+                HeaderValue::from_maybe_shared(raw.clone())
+                    .unwrap_or_else(|_| pingora::http::header_value_from_raw(raw))
+            }),
+            Line::Made { value, .. } => value,
+        }
+    }
+
+    fn wire_len(&self) -> usize {
+        match self {
+            Line::Read(r) => (r.name.1 + r.value.1) as usize + 4,
+            Line::Made { spelled, value } => spelled.len() + value.len() + 4,
+        }
+    }
 }
 
 /// A name's lines: the first, then any more, in order.
@@ -29,10 +85,6 @@ struct Entry {
 }
 
 impl Entry {
-    fn is(&self, name: &[u8]) -> bool {
-        self.first.spelled.eq_ignore_ascii_case(name)
-    }
-
     fn lines(&self) -> impl Iterator<Item = &Line> {
         std::iter::once(&self.first).chain(&self.more)
     }
@@ -41,6 +93,8 @@ impl Entry {
 /// The fields of one head.
 #[derive(Debug, Clone, Default)]
 pub struct FieldList {
+    /// The head the lines as read are ranges of.
+    src: Bytes,
     entries: Vec<Entry>,
     /// Names are written as spelled; otherwise in lower case, but for the
     /// dozen Pingora writes in title case (`gateway.header_case`).
@@ -50,20 +104,29 @@ pub struct FieldList {
 impl FieldList {
     /// An empty list with room for `lines` names.
     pub fn with_capacity(lines: usize, keep_case: bool) -> Self {
+        Self::over(Bytes::new(), lines, keep_case)
+    }
+
+    /// An empty list with room for `lines` names, whose lines as read are
+    /// parts of `src` ([`Self::append_read`]).
+    pub fn over(src: Bytes, lines: usize, keep_case: bool) -> Self {
         FieldList {
+            src,
             entries: Vec::with_capacity(lines),
             keep_case,
         }
     }
 
     fn find(&self, name: &[u8]) -> Option<usize> {
-        self.entries.iter().position(|e| e.is(name))
+        let src = &self.src[..];
+        self.entries
+            .iter()
+            .position(|e| e.first.name(src).eq_ignore_ascii_case(name))
     }
 
-    /// Add a line, after any others of its name.
-    pub fn append(&mut self, spelled: Bytes, value: HeaderValue) {
-        let line = Line { spelled, value };
-        match self.find(&line.spelled) {
+    fn push(&mut self, line: Line) {
+        let src = &self.src[..];
+        match self.find(line.name(src)) {
             Some(at) => self.entries[at].more.push(line),
             None => self.entries.push(Entry {
                 first: line,
@@ -72,10 +135,47 @@ impl FieldList {
         }
     }
 
+    /// Add a line, after any others of its name.
+    pub fn append(&mut self, spelled: Bytes, value: HeaderValue) {
+        self.push(Line::Made { spelled, value });
+    }
+
+    /// Add the line of the source whose name and value are at `name` and
+    /// `value`, after any others of its name. The value is as httparse
+    /// let it through: no CR, LF or NUL but an obs-fold's, which is
+    /// unfolded as Pingora unfolds it.
+    pub fn append_read(&mut self, name: Range<usize>, value: Range<usize>) {
+        let src = &self.src[..];
+        let (Some(_), Some(v), Ok(n_at), Ok(n_len), Ok(v_at), Ok(v_len)) = (
+            src.get(name.clone()),
+            src.get(value.clone()),
+            u32::try_from(name.start),
+            u32::try_from(name.len()),
+            u32::try_from(value.start),
+            u32::try_from(value.len()),
+        ) else {
+            return;
+        };
+        if v.contains(&b'\n') {
+            let spelled = self.src.slice(name);
+            let value = pingora::http::header_value_from_raw(self.src.slice(value));
+            return self.append(spelled, value);
+        }
+        let verbatim = value.start == name.end + 2
+            && src.get(name.end..value.start) == Some(b": ")
+            && src.get(value.end..value.end + 2) == Some(b"\r\n");
+        self.push(Line::Read(ReadLine {
+            name: (n_at, n_len),
+            value: (v_at, v_len),
+            verbatim,
+            cached: OnceLock::new(),
+        }));
+    }
+
     /// Replace every line of the name with this one, in the name's place.
     pub fn insert(&mut self, spelled: Bytes, value: HeaderValue) {
-        let line = Line { spelled, value };
-        match self.find(&line.spelled) {
+        let line = Line::Made { spelled, value };
+        match self.find(line.name(&[])) {
             Some(at) => {
                 let entry = &mut self.entries[at];
                 entry.first = line;
@@ -108,12 +208,12 @@ impl FieldList {
     pub fn values<'a>(&'a self, name: &[u8]) -> impl Iterator<Item = &'a HeaderValue> + 'a {
         self.find(name)
             .into_iter()
-            .flat_map(|at| self.entries[at].lines().map(|l| &l.value))
+            .flat_map(|at| self.entries[at].lines().map(|l| l.value(&self.src)))
     }
 
     /// Each name once, as its first line spells it.
     pub fn names(&self) -> impl Iterator<Item = &[u8]> {
-        self.entries.iter().map(|e| &e.first.spelled[..])
+        self.entries.iter().map(|e| e.first.name(&self.src))
     }
 
     /// How many lines there are.
@@ -130,30 +230,39 @@ impl FieldList {
         self.entries
             .iter()
             .flat_map(Entry::lines)
-            .map(|l| l.spelled.len() + l.value.len() + 4)
+            .map(Line::wire_len)
             .sum()
     }
 
     /// The lines as a head carries them: `name: value` and CRLF each.
     pub fn write(&self, buf: &mut impl BufMut) {
-        for entry in &self.entries {
-            for line in entry.lines() {
-                if self.keep_case {
-                    buf.put_slice(&line.spelled);
-                } else {
-                    match titled_bytes(&line.spelled) {
-                        Some(t) => buf.put_slice(t.as_bytes()),
-                        None => {
-                            for b in line.spelled.iter() {
-                                buf.put_u8(b.to_ascii_lowercase());
-                            }
+        let src = &self.src[..];
+        for line in self.entries.iter().flat_map(Entry::lines) {
+            if let Line::Read(r) = line {
+                if r.verbatim && self.keep_case {
+                    let (at, len) = r.name;
+                    let end = (r.value.0 + r.value.1) as usize + 2;
+                    buf.put_slice(&src[at as usize..end]);
+                    debug_assert_eq!(end - at as usize, len as usize + r.value.1 as usize + 4);
+                    continue;
+                }
+            }
+            let spelled = line.name(src);
+            if self.keep_case {
+                buf.put_slice(spelled);
+            } else {
+                match titled_bytes(spelled) {
+                    Some(t) => buf.put_slice(t.as_bytes()),
+                    None => {
+                        for b in spelled.iter() {
+                            buf.put_u8(b.to_ascii_lowercase());
                         }
                     }
                 }
-                buf.put_slice(b": ");
-                buf.put_slice(line.value.as_bytes());
-                buf.put_slice(b"\r\n");
             }
+            buf.put_slice(b": ");
+            buf.put_slice(line.value_bytes(src));
+            buf.put_slice(b"\r\n");
         }
     }
 }
@@ -225,5 +334,28 @@ mod tests {
     fn without_kept_case_names_are_lower_or_title_case() {
         let f = list(&[("X-Thing", "1"), ("content-length", "0")], false);
         assert_eq!(wire(&f), "x-thing: 1\r\nContent-Length: 0\r\n");
+    }
+
+    #[test]
+    fn lines_as_read_are_written_in_one_piece_or_rebuilt() {
+        let head = Bytes::from_static(b"Host: a\r\nX-Fold: one\r\n two\r\nX-Tight:v\r\n");
+        let mut f = FieldList::over(head, 3, true);
+        f.append_read(0..4, 6..7);
+        f.append_read(9..15, 17..26);
+        f.append_read(28..35, 36..37);
+        // The fold unfolded as Pingora unfolds it; the tight line rebuilt.
+        assert_eq!(wire(&f), "Host: a\r\nX-Fold: one two\r\nX-Tight: v\r\n");
+        assert_eq!(f.wire_len(), wire(&f).len());
+        assert_eq!(f.values(b"x-tight").next().unwrap(), "v");
+        assert_eq!(f.values(b"HOST").next().unwrap(), "a");
+        // Lower case asked for: no line goes out as it came.
+        let mut f = FieldList::over(
+            Bytes::from_static(b"Content-Length: 1\r\nX-A: b\r\n"),
+            2,
+            false,
+        );
+        f.append_read(0..14, 16..17);
+        f.append_read(19..22, 24..25);
+        assert_eq!(wire(&f), "Content-Length: 1\r\nx-a: b\r\n");
     }
 }

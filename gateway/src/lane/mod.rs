@@ -614,16 +614,10 @@ impl Answer {
 
     /// The head's lines, sharing its bytes, in the case the gateway keeps.
     fn fields(&self, ctx: &RequestCtx) -> FieldList {
-        let head = &self.head;
         let keep_case = crate::proxy::keeps_case(ctx);
-        let mut fields = FieldList::with_capacity(self.lines.len() + 4, keep_case);
+        let mut fields = FieldList::over(self.head.clone(), self.lines.len() + 4, keep_case);
         for &(n, nl, v, vl) in &self.lines {
-            // Pingora's own normalization of a value (obs-folds, stray CR,
-            // LF, NUL), sharing the head's bytes when there is none to do.
-            fields.append(
-                head.slice(n..n + nl),
-                pingora::http::header_value_from_raw(head.slice(v..v + vl)),
-            );
+            fields.append_read(n..n + nl, v..v + vl);
         }
         fields
     }

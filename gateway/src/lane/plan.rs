@@ -238,27 +238,33 @@ impl Read {
         let mut user_agent = None;
         let mut request_id = None;
         let mut declared = None;
-        let mut fields = FieldList::with_capacity(head.headers.len() + 8, keep_case);
+        let mut fields = FieldList::over(buf.clone(), head.headers.len() + 8, keep_case);
+        // Values as Pingora keeps them (visible ASCII reads as text).
+        let value =
+            |h: &httparse::Header<'_>| pingora::http::header_value_from_raw(share(buf, h.value));
         for h in head.headers.iter() {
             let name = h.name;
             if left_to_pingora(name) {
                 return Err("field left to Pingora");
             }
-            // Values as Pingora keeps them (visible ASCII reads as text).
-            let value = pingora::http::header_value_from_raw(share(buf, h.value));
             if name.eq_ignore_ascii_case("host") {
-                if !crate::proxy::admission::is_host_and_port(h.value) || value.to_str().is_err() {
+                let v = value(h);
+                if !crate::proxy::admission::is_host_and_port(h.value) || v.to_str().is_err() {
                     return Err("Host");
                 }
-                host = Some(value.clone());
+                host = Some(v);
             } else if name.eq_ignore_ascii_case("user-agent") {
-                user_agent.get_or_insert_with(|| value.clone());
+                user_agent.get_or_insert_with(|| value(h));
             } else if name.eq_ignore_ascii_case("x-request-id") {
-                request_id.get_or_insert_with(|| value.clone());
+                request_id.get_or_insert_with(|| value(h));
             } else if name.eq_ignore_ascii_case("content-length") {
                 declared = Some(body_len as u64);
             }
-            fields.append(share(buf, name.as_bytes()), value);
+            let at = |part: &[u8]| {
+                let start = offset(buf, part);
+                start..start + part.len()
+            };
+            fields.append_read(at(name.as_bytes()), at(h.value));
         }
         // Pingora's upstream request policy strips it (the map's removal
         // moves the last name into its place: done the same way here).

@@ -750,10 +750,30 @@ mod tests {
         }
     }
 
-    fn lane_list(lines: &[(String, HeaderValue)], keep_case: bool) -> FieldList {
-        let mut list = FieldList::with_capacity(lines.len(), keep_case);
+    /// The lane's list of `lines`: made one by one, or (`sep`) read back
+    /// as ranges of a head that carries them with `sep` after each name
+    /// (`": "` lays a line out as it is written again, the others do not).
+    fn lane_list(lines: &[(String, HeaderValue)], keep_case: bool, sep: Option<&str>) -> FieldList {
+        let Some(sep) = sep else {
+            let mut list = FieldList::with_capacity(lines.len(), keep_case);
+            for (n, v) in lines {
+                list.append(Bytes::copy_from_slice(n.as_bytes()), v.clone());
+            }
+            return list;
+        };
+        let mut head = Vec::new();
+        let mut ranges = Vec::new();
         for (n, v) in lines {
-            list.append(Bytes::copy_from_slice(n.as_bytes()), v.clone());
+            let name = head.len()..head.len() + n.len();
+            head.extend_from_slice(n.as_bytes());
+            head.extend_from_slice(sep.as_bytes());
+            ranges.push((name, head.len()..head.len() + v.len()));
+            head.extend_from_slice(v.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        let mut list = FieldList::over(Bytes::from(head), lines.len(), keep_case);
+        for (name, value) in ranges {
+            list.append_read(name, value);
         }
         list
     }
@@ -773,6 +793,7 @@ mod tests {
         for case in 0..5_000 {
             let lines = gen.lines();
             let keep_case = case % 2 == 0;
+            let sep = [None, Some(": "), Some(":"), Some(":\t")][gen.0.usize(..4)];
             let rewrite = gen.rewrite();
             let client: Option<IpAddr> = match gen.0.u8(..3) {
                 0 => None,
@@ -802,12 +823,12 @@ mod tests {
             }
             let mut pingora = Vec::new();
             req.header_to_h1_wire(&mut pingora);
-            let mut list = lane_list(&lines, keep_case);
+            let mut list = lane_list(&lines, keep_case, sep);
             forwarding().apply(&mut list);
             assert_eq!(
                 String::from_utf8_lossy(&lane_wire(&list)),
                 String::from_utf8_lossy(&pingora),
-                "request {case}: {lines:?} {rewrite:?}"
+                "request {case} ({sep:?}): {lines:?} {rewrite:?}"
             );
 
             let status = [200u16, 101, 204, 304, 103, 503][gen.0.usize(..6)];
@@ -840,12 +861,12 @@ mod tests {
             }
             let mut pingora = Vec::new();
             resp.header_to_h1_wire(&mut pingora);
-            let mut list = lane_list(&lines, keep_case);
+            let mut list = lane_list(&lines, keep_case, sep);
             answer().apply(&mut list);
             assert_eq!(
                 String::from_utf8_lossy(&lane_wire(&list)),
                 String::from_utf8_lossy(&pingora),
-                "response {case} {status}: {lines:?} {rewrite:?}"
+                "response {case} {status} ({sep:?}): {lines:?} {rewrite:?}"
             );
         }
     }
