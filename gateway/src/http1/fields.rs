@@ -11,8 +11,8 @@
 //! list, which a head of a few dozen lines searches faster than a map
 //! hashes, and which costs one allocation.
 
+use std::cell::OnceCell;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes};
 use http::header::{self, HeaderName, HeaderValue};
@@ -34,7 +34,7 @@ struct ReadLine {
     /// written: one copy writes the line.
     verbatim: bool,
     /// The value as a `HeaderValue`, made the first time one is asked for.
-    cached: OnceLock<HeaderValue>,
+    cached: OnceCell<HeaderValue>,
 }
 
 fn range((at, len): (u32, u32)) -> Range<usize> {
@@ -80,11 +80,21 @@ impl Line {
 /// A name's lines: the first, then any more, in order.
 #[derive(Debug, Clone)]
 struct Entry {
+    /// The name's length: most names are told apart by it alone.
+    len: usize,
     first: Line,
     more: Vec<Line>,
 }
 
 impl Entry {
+    fn new(first: Line, src: &[u8]) -> Entry {
+        Entry {
+            len: first.name(src).len(),
+            first,
+            more: Vec::new(),
+        }
+    }
+
     fn lines(&self) -> impl Iterator<Item = &Line> {
         std::iter::once(&self.first).chain(&self.more)
     }
@@ -121,17 +131,17 @@ impl FieldList {
         let src = &self.src[..];
         self.entries
             .iter()
-            .position(|e| e.first.name(src).eq_ignore_ascii_case(name))
+            .position(|e| e.len == name.len() && e.first.name(src).eq_ignore_ascii_case(name))
     }
 
     fn push(&mut self, line: Line) {
         let src = &self.src[..];
         match self.find(line.name(src)) {
             Some(at) => self.entries[at].more.push(line),
-            None => self.entries.push(Entry {
-                first: line,
-                more: Vec::new(),
-            }),
+            None => {
+                let entry = Entry::new(line, src);
+                self.entries.push(entry);
+            }
         }
     }
 
@@ -141,12 +151,13 @@ impl FieldList {
     }
 
     /// Add the line of the source whose name and value are at `name` and
-    /// `value`, after any others of its name. The value is as httparse
-    /// let it through: no CR, LF or NUL but an obs-fold's, which is
-    /// unfolded as Pingora unfolds it.
+    /// `value`, after any others of its name. The value must be as httparse
+    /// lets one through without obs-folds: no CR, LF or NUL, so that it is
+    /// written as it came (one with a fold goes through [`Self::append`],
+    /// unfolded as Pingora unfolds it).
     pub fn append_read(&mut self, name: Range<usize>, value: Range<usize>) {
         let src = &self.src[..];
-        let (Some(_), Some(v), Ok(n_at), Ok(n_len), Ok(v_at), Ok(v_len)) = (
+        let (Some(_), Some(_), Ok(n_at), Ok(n_len), Ok(v_at), Ok(v_len)) = (
             src.get(name.clone()),
             src.get(value.clone()),
             u32::try_from(name.start),
@@ -156,11 +167,6 @@ impl FieldList {
         ) else {
             return;
         };
-        if v.contains(&b'\n') {
-            let spelled = self.src.slice(name);
-            let value = pingora::http::header_value_from_raw(self.src.slice(value));
-            return self.append(spelled, value);
-        }
         let verbatim = value.start == name.end + 2
             && src.get(name.end..value.start) == Some(b": ")
             && src.get(value.end..value.end + 2) == Some(b"\r\n");
@@ -168,8 +174,19 @@ impl FieldList {
             name: (n_at, n_len),
             value: (v_at, v_len),
             verbatim,
-            cached: OnceLock::new(),
+            cached: OnceCell::new(),
         }));
+    }
+
+    /// The line at `name` and `value` of the source, its value unfolded
+    /// as Pingora unfolds one (obs-folds, and any stray CR, LF or NUL).
+    pub fn append_unfolded(&mut self, name: Range<usize>, value: Range<usize>) {
+        if name.end > self.src.len() || value.end > self.src.len() {
+            return;
+        }
+        let spelled = self.src.slice(name);
+        let value = pingora::http::header_value_from_raw(self.src.slice(value));
+        self.append(spelled, value);
     }
 
     /// Replace every line of the name with this one, in the name's place.
@@ -181,10 +198,10 @@ impl FieldList {
                 entry.first = line;
                 entry.more.clear();
             }
-            None => self.entries.push(Entry {
-                first: line,
-                more: Vec::new(),
-            }),
+            None => {
+                let entry = Entry::new(line, &[]);
+                self.entries.push(entry);
+            }
         }
     }
 
@@ -341,7 +358,7 @@ mod tests {
         let head = Bytes::from_static(b"Host: a\r\nX-Fold: one\r\n two\r\nX-Tight:v\r\n");
         let mut f = FieldList::over(head, 3, true);
         f.append_read(0..4, 6..7);
-        f.append_read(9..15, 17..26);
+        f.append_unfolded(9..15, 17..26);
         f.append_read(28..35, 36..37);
         // The fold unfolded as Pingora unfolds it; the tight line rebuilt.
         assert_eq!(wire(&f), "Host: a\r\nX-Fold: one two\r\nX-Tight: v\r\n");

@@ -72,8 +72,8 @@ pub async fn serve(
     timer: &mut IdleTimer,
 ) -> Served {
     let frozen = buf.freeze();
-    let mut plan = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
-        Ok(plan) => plan,
+    let (mut plan, fields) = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
+        Ok(planned) => planned,
         Err(why) => {
             handed_to_pingora(why);
             return Served::Fallback(BytesMut::from(frozen));
@@ -81,19 +81,20 @@ pub async fn serve(
     };
     drop(frozen);
     SERVED.with(|c| c.inc());
-    let served = answer_plan(rt, listener, conn, &mut plan, last, timer).await;
+    let served = answer_plan(rt, listener, conn, &mut plan, fields, last, timer).await;
     // Everything that shared the head's buffer is gone: the next request
     // on this thread reads into it.
     spare::give_bytes(spare::Use::Head, plan.into_buf());
     served
 }
 
-/// Serve the request `plan` describes.
+/// Serve the request `plan` describes, the client's `fields` forwarded.
 async fn answer_plan(
     rt: &Arc<Runtime>,
     listener: usize,
     conn: Conn<'_>,
     plan: &mut Plan,
+    fields: FieldList,
     last: bool,
     timer: &mut IdleTimer,
 ) -> Served {
@@ -110,7 +111,7 @@ async fn answer_plan(
     ctx.deadline = ctx.started.checked_add(rt.route(plan.route).timeout);
     let policy_head = plan.policy_head.take();
     let peer_ip = LaneClient::peer_ip(conn.peer);
-    let request = plan.upstream_request(rt, &ctx, peer_ip);
+    let request = plan.upstream_request(fields, rt, &ctx, peer_ip);
     let plan = &*plan;
     let keep_alive = plan.keep_alive && !last && !crate::lifecycle::draining();
     let mut client = LaneClient::new(conn, plan, keep_alive);
@@ -568,6 +569,9 @@ struct Answer {
     reason: Option<(usize, usize)>,
     /// Each line's name and value, as ranges of the head.
     lines: Vec<(usize, usize, usize, usize)>,
+    /// A value spans lines (an obs-fold, which the parser allows in
+    /// responses, as Pingora's does).
+    folded: bool,
     grpc_status: Option<u16>,
     /// The connection may carry another request once the body is read
     /// whole and nothing came after it.
@@ -599,6 +603,9 @@ impl Answer {
             framing,
             reason: h.reason.map(|r| at(r.as_bytes())),
             lines,
+            // The status line, each field's and the empty one end in LF:
+            // one more is a fold.
+            folded: buf[..h.len].iter().filter(|&&b| b == b'\n').count() > h.headers.len() + 2,
             grpc_status,
             // Decided now, from the head, as Pingora's client decides it.
             reusable: h.keep_alive(framing, false, false),
@@ -617,7 +624,11 @@ impl Answer {
         let keep_case = crate::proxy::keeps_case(ctx);
         let mut fields = FieldList::over(self.head.clone(), self.lines.len() + 4, keep_case);
         for &(n, nl, v, vl) in &self.lines {
-            fields.append_read(n..n + nl, v..v + vl);
+            if self.folded && self.head[v..v + vl].contains(&b'\n') {
+                fields.append_unfolded(n..n + nl, v..v + vl);
+            } else {
+                fields.append_read(n..n + nl, v..v + vl);
+            }
         }
         fields
     }

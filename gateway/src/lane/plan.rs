@@ -29,8 +29,6 @@ pub struct Plan {
     pub host: HeaderValue,
     pub user_agent: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
-    /// The client's lines, `Connection` removed as Pingora removes it.
-    fields: FieldList,
     /// The client lets the connection carry another request.
     pub keep_alive: bool,
     /// The body's declared length, if any.
@@ -74,9 +72,16 @@ fn left_to_pingora(name: &str) -> bool {
         && LEFT_TO_PINGORA.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
-/// Plan the request in `buf` on `listener`; `Err` names why it is left to
-/// Pingora.
-pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Plan, &'static str> {
+/// Plan the request in `buf` on `listener`, with the client's lines to
+/// forward (`Connection` removed, as Pingora removes it; apart from the
+/// plan, which the answer's stages borrow across their waits); `Err` names
+/// why it is left to Pingora.
+pub fn plan(
+    rt: &Runtime,
+    listener: usize,
+    buf: &Bytes,
+    tls: bool,
+) -> Result<(Plan, FieldList), &'static str> {
     let l = rt.config.listeners.get(listener).ok_or("listener")?;
     if rt.config.telemetry.tracing.is_some() {
         return Err("tracing");
@@ -151,7 +156,7 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
         None => None,
     };
     let upstream = rt.pick_upstream(route).ok_or("upstream")?;
-    Ok(Plan {
+    let plan = Plan {
         method,
         target: (offset(buf, target.as_bytes()), target.len()),
         path_len,
@@ -160,14 +165,14 @@ pub fn plan(rt: &Runtime, listener: usize, buf: &Bytes, tls: bool) -> Result<Pla
         host: read.host,
         user_agent: read.user_agent,
         request_id: read.request_id,
-        fields: read.fields,
         keep_alive: head.keep_alive,
         declared: read.declared,
         route,
         upstream,
         upstream_target,
         policy_head,
-    })
+    };
+    Ok((plan, read.fields))
 }
 
 /// Where `part` (a slice of `buf`) starts in it.
@@ -362,12 +367,12 @@ impl Plan {
     /// client's lines, written as Pingora's client writes them, with the
     /// body. Taken once (the lines are moved out).
     pub fn upstream_request(
-        &mut self,
+        &self,
+        mut fields: FieldList,
         rt: &Runtime,
         ctx: &RequestCtx,
         client: Option<IpAddr>,
     ) -> Bytes {
-        let mut fields = std::mem::take(&mut self.fields);
         if let Action::Forward(fwd) = &rt.route(self.route).action {
             headers::Forwarding {
                 client,

@@ -164,7 +164,7 @@ async fn serve_upstream(mut conn: TcpStream, seen: Arc<Mutex<Vec<Vec<u8>>>>) {
                 )
             }
             "fields" => (
-                "HTTP/1.1 200 Fine\r\nset-cookie: a=1\r\nX-Mixed-Case: 1\r\nSet-Cookie: b=2\r\nConnection: x-drop, keep-alive\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: rec\r\nContent-Length: 3, 3\r\n"
+                "HTTP/1.1 200 Fine\r\nset-cookie: a=1\r\nX-Mixed-Case: 1\r\nSet-Cookie: b=2\r\nConnection: x-drop, keep-alive\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: rec\r\nX-Fold: one\r\n two\r\nX-Tight:v\r\nX-Spaced:  s \t\r\nContent-Length: 3, 3\r\n"
                     .into(),
                 b"abc".to_vec(),
                 false,
