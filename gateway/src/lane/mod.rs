@@ -569,7 +569,7 @@ struct Answer {
     reason: Option<(usize, usize)>,
     /// Each line's name and value, as ranges of the head.
     lines: Vec<(usize, usize, usize, usize)>,
-    /// A value spans lines (an obs-fold, which the parser allows in
+    /// A value may span lines (an obs-fold, which the parser allows in
     /// responses, as Pingora's does).
     folded: bool,
     grpc_status: Option<u16>,
@@ -582,7 +582,7 @@ impl Answer {
     fn of(h: &response::Head<'_, '_>, buf: &[u8], framing: Framing) -> Answer {
         let base = buf.as_ptr() as usize;
         let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-        let lines = h
+        let lines: Vec<(usize, usize, usize, usize)> = h
             .headers
             .iter()
             .map(|f| {
@@ -591,6 +591,11 @@ impl Answer {
                 (n, nl, v, vl)
             })
             .collect();
+        // Each line's CRLF, and the empty line's, right after its value:
+        // no value spans lines. Otherwise (a fold, bare LFs, trailing
+        // blanks) each value is looked at.
+        let tight = lines.windows(2).all(|w| w[1].0 == w[0].2 + w[0].3 + 2)
+            && lines.last().is_none_or(|l| l.2 + l.3 + 4 == h.len);
         let grpc_status = h
             .headers
             .iter()
@@ -603,9 +608,7 @@ impl Answer {
             framing,
             reason: h.reason.map(|r| at(r.as_bytes())),
             lines,
-            // The status line, each field's and the empty one end in LF:
-            // one more is a fold.
-            folded: buf[..h.len].iter().filter(|&&b| b == b'\n').count() > h.headers.len() + 2,
+            folded: !tight,
             grpc_status,
             // Decided now, from the head, as Pingora's client decides it.
             reusable: h.keep_alive(framing, false, false),
