@@ -1,5 +1,6 @@
 //! A message head's fields as the lane edits and writes them: each line as
-//! it came (its name's spelling, its value sharing the read buffer), held
+//! it came (ranges of the bytes read, written back in one copy when the
+//! edits leave it alone), or as an edit made it, held
 //! in the order and grouping Pingora's header maps give them, so that a
 //! head the lane writes is byte for byte the one Pingora writes after the
 //! same edits.
