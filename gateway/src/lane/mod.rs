@@ -71,8 +71,20 @@ pub async fn serve(
     last: bool,
     timer: &mut IdleTimer,
 ) -> Served {
-    let frozen = buf.freeze();
-    let (mut plan, fields) = match plan::plan(rt, listener, &frozen, conn.tls.is_some()) {
+    let mut frozen = buf.freeze();
+    let mut planned = plan::plan(rt, listener, &frozen, conn.tls.is_some());
+    // A body the first read did not hold whole, whose rest has already
+    // arrived: read, and the request planned again. A rest still on its
+    // way is Pingora's to wait for.
+    if planned.as_ref().err() == Some(&plan::BODY_NOT_WHOLE) {
+        if let Some(total) = plan::whole_len(&frozen) {
+            let mut buf = BytesMut::from(frozen);
+            arrived(conn.stream, &mut buf, total);
+            frozen = buf.freeze();
+            planned = plan::plan(rt, listener, &frozen, conn.tls.is_some());
+        }
+    }
+    let (mut plan, fields) = match planned {
         Ok(planned) => planned,
         Err(why) => {
             handed_to_pingora(why);
@@ -86,6 +98,26 @@ pub async fn serve(
     // on this thread reads into it.
     spare::give_bytes(spare::Use::Head, plan.into_buf());
     served
+}
+
+/// Read into `buf`, until it holds `total` bytes, what the client has
+/// already sent: no wait, and nothing past `total` (a pipelined request's
+/// bytes stay in the socket).
+fn arrived(stream: &mut pingora::protocols::Stream, buf: &mut BytesMut, total: usize) {
+    use tokio::io::AsyncRead;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut chunk = [0u8; 8192];
+    buf.reserve(total - buf.len());
+    while buf.len() < total {
+        let want = (total - buf.len()).min(chunk.len());
+        let mut read = tokio::io::ReadBuf::new(&mut chunk[..want]);
+        match std::pin::Pin::new(&mut *stream).poll_read(&mut cx, &mut read) {
+            std::task::Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                buf.extend_from_slice(read.filled());
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Serve the request `plan` describes, the client's `fields` forwarded.

@@ -65,6 +65,26 @@ const LEFT_TO_PINGORA: [&str; 8] = [
     "grpc-timeout",
 ];
 
+/// Why [`plan`] leaves a request whose body has not all arrived.
+pub const BODY_NOT_WHOLE: &str = "body not whole, or pipelined";
+
+/// The most bytes (head and body) the lane waits to have whole.
+pub const MAX_WHOLE: usize = 64 * 1024;
+
+/// The length of the request in `buf` (head and declared body) when its
+/// head is whole but its body not yet, and the whole fits [`MAX_WHOLE`].
+pub fn whole_len(buf: &[u8]) -> Option<usize> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let request::Parse::Complete(head) = request::parse(buf, &mut lines) else {
+        return None;
+    };
+    let Framing::Length(n) = head.framing else {
+        return None;
+    };
+    let total = head.len.checked_add(usize::try_from(n).ok()?)?;
+    (buf.len() < total && total <= MAX_WHOLE).then_some(total)
+}
+
 /// Whether `name` is one of [`LEFT_TO_PINGORA`]: their lengths differ
 /// from most names', so most lines are told apart by length alone.
 fn left_to_pingora(name: &str) -> bool {
@@ -108,7 +128,7 @@ pub fn plan(
     };
     // The body whole, and nothing after it (a pipelined request).
     if buf.len() != head.len + body_len {
-        return Err("body not whole, or pipelined");
+        return Err(BODY_NOT_WHOLE);
     }
     let method = METHODS
         .iter()

@@ -343,7 +343,13 @@ fn request(rng: &mut fastrand::Rng, i: usize) -> Req {
     }
     let mut wire = wire.into_bytes();
     if matches!(method, "POST" | "PUT") {
-        let body = body_of(rng.usize(0..3000));
+        // Now and then more than a first read holds.
+        let len = if rng.u8(..6) == 0 {
+            rng.usize(3000..40_000)
+        } else {
+            rng.usize(0..3000)
+        };
+        let body = body_of(len);
         if rng.u8(..5) == 0 && !http10 {
             wire.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
             if !body.is_empty() {
@@ -537,4 +543,45 @@ async fn both_drivers_answer_alike() {
     for (i, (x, y)) in log_a.iter().zip(&log_b).enumerate() {
         assert_eq!(x, y, "access-log line {i}");
     }
+}
+
+/// A body longer than the first read holds, sent in one write: the rest
+/// has arrived by the time the head is planned, and the lane serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_first_read_did_not_hold_is_served_by_the_lane() {
+    let up = Recorder::start().await;
+    let gw = Gateway::start(&config(up.addr, "fast")).await;
+    let body = body_of(20_000);
+    let mut wire = format!(
+        "POST /cl/3 HTTP/1.1\r\nHost: example.test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    wire.extend_from_slice(&body);
+    let mut client = Client {
+        addr: gw.listen,
+        conn: None,
+        buf: Vec::new(),
+    };
+    let seen = client.exchange(&[Req { wire, head: false }]).await;
+    let seen = seen[0].as_ref().expect("an answer");
+    assert!(seen.head.starts_with("HTTP/1.1 200"), "{}", seen.head);
+    let sent = up.take();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].ends_with(&body), "the upstream got the whole body");
+    let metrics = gw
+        .wait_for_metric(
+            "meshgate_http1_lane_requests_total{driver=\"fast\"",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(
+        crate::support::metric(
+            &metrics,
+            "meshgate_http1_lane_requests_total{driver=\"fast\",reason=\"\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
 }
