@@ -57,7 +57,11 @@ pub enum Served {
 
 /// Most bytes of an upstream's response head (Pingora's client limit).
 const MAX_RESPONSE_HEAD: usize = 1024 * 1024;
-/// The first read of a response head, and each body read.
+/// Each read of a response head: most heads, and small bodies with them,
+/// fit (Pingora's client reads heads the same way), so that many answers
+/// in flight at once take little memory.
+const HEAD_READ: usize = 4 * 1024;
+/// Each read of a response body past what came with its head.
 const READ_SIZE: usize = 16 * 1024;
 
 /// Serve the request whose whole head (and body) is `buf`, on listener
@@ -364,7 +368,7 @@ impl Exchange<'_> {
         write(up, request, self.write_timeout, timer)
             .await
             .map_err(Attempt::Failed)?;
-        let mut buf = spare::take(spare::Use::Response, READ_SIZE);
+        let mut buf = spare::take(spare::Use::Response, HEAD_READ);
         loop {
             let (head_len, mut answer) = self
                 .read_head(up, &mut buf, timer)
@@ -419,7 +423,7 @@ impl Exchange<'_> {
                     response::Parse::Partial => {}
                 }
             }
-            buf.reserve(READ_SIZE);
+            buf.reserve(HEAD_READ);
             let n = read(up, buf, self.read_timeout, timer).await?;
             if n == 0 {
                 let mut e = upstream_error(
