@@ -93,6 +93,16 @@ impl<'a> LaneClient<'a> {
         self.answered
     }
 
+    /// The `Connection` field a final answer carries, as Pingora's server
+    /// writes it.
+    fn connection(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.keep_alive {
+            "keep-alive"
+        } else {
+            "close"
+        })
+    }
+
     /// `HTTP/1.x NNN reason` and CRLF, as Pingora writes a status line.
     fn status_line(&mut self, minor: u8, status: u16, reason: Option<&str>) {
         self.out.put_slice(if minor == 0 {
@@ -159,14 +169,7 @@ impl<'a> LaneClient<'a> {
             Bytes::from_static(b"Date"),
             pingora::protocols::http::date::get_cached_date(),
         );
-        fields.insert(
-            Bytes::from_static(b"Connection"),
-            HeaderValue::from_static(if self.keep_alive {
-                "keep-alive"
-            } else {
-                "close"
-            }),
-        );
+        fields.insert(Bytes::from_static(b"Connection"), self.connection());
         self.out.clear();
         self.out.reserve(fields.wire_len() + 64);
         self.status_line(minor, status, reason);
@@ -261,14 +264,7 @@ impl Client for LaneClient<'_> {
                 header::DATE,
                 pingora::protocols::http::date::get_cached_date(),
             )?;
-            resp.insert_header(
-                header::CONNECTION,
-                if self.keep_alive {
-                    "keep-alive"
-                } else {
-                    "close"
-                },
-            )?;
+            resp.insert_header(header::CONNECTION, self.connection())?;
             self.answered = true;
         }
         self.out.clear();

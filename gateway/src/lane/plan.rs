@@ -200,10 +200,15 @@ fn offset(buf: &Bytes, part: &[u8]) -> usize {
     part.as_ptr() as usize - buf.as_ptr() as usize
 }
 
+/// Where `part` (a slice of `buf`) lies in it.
+fn span(buf: &Bytes, part: &[u8]) -> std::ops::Range<usize> {
+    let start = offset(buf, part);
+    start..start + part.len()
+}
+
 /// `part` of `buf` as a shared slice of it.
 fn share(buf: &Bytes, part: &[u8]) -> Bytes {
-    let start = offset(buf, part);
-    buf.slice(start..start + part.len())
+    buf.slice(span(buf, part))
 }
 
 /// The admission stage's checks as they stand, counted as it counts them:
@@ -232,10 +237,7 @@ fn admitted(
     let path_len = target.find('?').unwrap_or(target.len());
     let path = &target[..path_len];
     if crate::types::path::normalize_path(path).is_some()
-        || path.contains(';')
-            && path
-                .split('/')
-                .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
+        || crate::proxy::admission::has_dot_segment_with_params(path)
     {
         return Err("path");
     }
@@ -285,11 +287,7 @@ impl Read {
             } else if name.eq_ignore_ascii_case("content-length") {
                 declared = Some(body_len as u64);
             }
-            let at = |part: &[u8]| {
-                let start = offset(buf, part);
-                start..start + part.len()
-            };
-            fields.append_read(at(name.as_bytes()), at(h.value));
+            fields.append_read(span(buf, name.as_bytes()), span(buf, h.value));
         }
         // Pingora's upstream request policy strips it (the map's removal
         // moves the last name into its place: done the same way here).

@@ -96,9 +96,14 @@ pub(super) fn target_is_usable(req: &RequestHeader) -> bool {
         false
     };
     let path = req.uri.path();
-    consistent
-        && !path.contains('\\')
-        && !path
+    consistent && !path.contains('\\') && !has_dot_segment_with_params(path)
+}
+
+/// Whether `path` has a `.;…` or `..;…` segment, which some servers read
+/// as `.` or `..` (refused, whichever driver reads the request).
+pub(crate) fn has_dot_segment_with_params(path: &str) -> bool {
+    path.contains(';')
+        && path
             .split('/')
             .any(|seg| seg.contains(';') && matches!(seg.split(';').next(), Some("." | "..")))
 }

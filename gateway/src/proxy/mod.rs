@@ -263,12 +263,7 @@ fn choose(
         .and_then(|p| p.per_try_timeout);
     let remaining = per_try.map_or(remaining, |t| t.min(remaining));
     let (endpoint, mut peer) = pool.select(members, &ctx.tried, key.as_deref(), remaining)?;
-    // The client certificate as its files hold it now (rotated
-    // certificates are picked up by the watcher); a new pair also means
-    // new pooled connections.
-    if let Some(current) = pool.client_cert_slot.as_ref().and_then(|s| rt.certs.get(s)) {
-        peer.client_cert_key = Some(current.get().cert_key());
-    }
+    pool.use_current_client_cert(&mut peer, &rt.certs);
     Some((endpoint, peer, members.set.in_flight(endpoint)))
 }
 

@@ -68,7 +68,6 @@ pub struct Refresh {
     pub failed: Option<String>,
 }
 
-/// A compiled upstream: its endpoints now and how to reach them.
 /// An attempt's timeouts, as Pingora's peer for it would carry them.
 #[derive(Debug, Clone, Copy)]
 pub struct AttemptTimes {
@@ -79,6 +78,7 @@ pub struct AttemptTimes {
     pub idle: Option<Duration>,
 }
 
+/// A compiled upstream: its endpoints now and how to reach them.
 pub struct UpstreamPool {
     pub name: String,
     pub discovery: Discovery,
@@ -355,10 +355,17 @@ impl UpstreamPool {
             return None;
         }
         let mut peer = peer.clone();
+        self.use_current_client_cert(&mut peer, certs);
+        Some(peer)
+    }
+
+    /// Give `peer` the client certificate as its files hold it now
+    /// (rotated certificates are picked up by the watcher); a new pair
+    /// also means new pooled connections.
+    pub fn use_current_client_cert(&self, peer: &mut HttpPeer, certs: &super::certs::CertStore) {
         if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
             peer.client_cert_key = Some(current.get().cert_key());
         }
-        Some(peer)
     }
 
     /// The endpoint for an attempt, noting those back from ejection.
@@ -445,9 +452,7 @@ impl UpstreamPool {
         // A check's own connection is not traffic: `max_connections` leaves it out.
         peer.options.tracer = None;
         // The client certificate as its files hold it now, as for requests.
-        if let Some(current) = self.client_cert_slot.as_ref().and_then(|s| certs.get(s)) {
-            peer.client_cert_key = Some(current.get().cert_key());
-        }
+        self.use_current_client_cert(&mut peer, certs);
         let identity = |digest: Option<&pingora::protocols::Digest>| self.check_identity(digest);
         let (passed, seen) = prober.probe(&peer, host, &identity).await;
         self.series.health_check(passed).inc();
