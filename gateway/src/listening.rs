@@ -2,7 +2,8 @@
 //!
 //! Pingora starts a server's services once, at start. The listeners are
 //! instead one service ([`ListenerService`]) that runs each listener as a
-//! Pingora listening service of its own, on its runtime, with a stop signal
+//! listening service of its own (Pingora's for TLS, meshgate's
+//! [`PlainService`] for plain HTTP), on its runtime, with a stop signal
 //! of its own, so that a reload can change them ([`Listeners::plan`], then
 //! [`Listeners::apply`]):
 //! - an added listener's socket is bound before the new config is swapped
@@ -39,21 +40,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::model::{Config, Listener};
+use crate::downstream::accept::PlainService;
 use crate::downstream::admission::Admission;
 use crate::proxy::Proxy;
 use crate::runtime::Runtime;
 
-/// Pingora's L4 read buffer in front of each client socket. Its default,
-/// 64 KiB, is allocated zero-filled per connection and stays resident for
-/// as long as the connection is open: ~96 KiB per idle keep-alive
-/// connection with it, ~36 KiB with 4 KiB (docs/performance.md, which also
-/// shows no CPU difference), ~15 KiB with 1 KiB once idle connections wait
-/// outside Pingora (`keepalive`). Plain HTTP reads go to larger buffers
-/// (the keep-alive loop's, Pingora's header and body buffers), which bypass
-/// this one; no buffer at all (0) breaks upgraded WebSocket connections in
-/// Pingora 0.9. BoringSSL reads a record header and then the record, so TLS
-/// keeps one record's worth.
-const PLAIN_READ_BUFFER: usize = 64;
+/// Pingora's L4 read buffer in front of each TLS client socket. Its
+/// default, 64 KiB, is allocated zero-filled per connection and stays
+/// resident for as long as the connection is open (docs/performance.md).
+/// BoringSSL reads a record header and then the record, so TLS keeps one
+/// record's worth. Plain sockets have none ([`PlainService`]): every read
+/// of theirs goes to a larger buffer of its reader's.
 const TLS_READ_BUFFER: usize = 16 * 1024;
 
 /// Longest a listener starting again on its socket waits for the service
@@ -139,7 +136,7 @@ struct Start {
     /// `None`: a socket Pingora's table holds already and no listener uses
     /// (one handed over by the process this one upgraded).
     socket: Option<OwnedFd>,
-    service: Service<crate::downstream::Listener<ProxyApp>>,
+    service: Box<dyn ServiceTrait>,
     admission: Arc<Admission>,
 }
 
@@ -380,7 +377,7 @@ impl Listeners {
                 let _ = tokio::time::timeout(HANDOVER_WAIT, old).await;
                 let _ = ended.send(());
             }
-            ServiceTrait::start_service(&mut service, Some(fds), stopped, tasks).await;
+            service.start_service(Some(fds), stopped, tasks).await;
         });
         Running {
             config,
@@ -391,37 +388,32 @@ impl Listeners {
     }
 
     /// The listening service for `l`, with the slots of the listener of the
-    /// same name when there is one.
+    /// same name when there is one: a plain listener's connections are
+    /// accepted by meshgate's own loop, a TLS listener's by Pingora's.
     fn service(
         &self,
         l: &Listener,
         rt: &Runtime,
         admission: Arc<Admission>,
-    ) -> Result<Service<crate::downstream::Listener<ProxyApp>>, ListenersError> {
-        let mut service = Service::new(
-            format!("meshgate listener {}", l.name),
-            crate::downstream::Listener::new(
-                self.proxy.clone(),
-                self.runtime.clone(),
-                &l.name,
-                admission.clone(),
-            ),
+    ) -> Result<Box<dyn ServiceTrait>, ListenersError> {
+        let app = crate::downstream::Listener::new(
+            self.proxy.clone(),
+            self.runtime.clone(),
+            &l.name,
+            admission.clone(),
         );
-        let endpoint = ListenerConfig::tcp(l.bind.to_string());
-        match &l.tls {
-            None => service.add_listener(
-                endpoint.l4_buffer(L4BufferSettings::default().read(PLAIN_READ_BUFFER)),
-            ),
-            Some(tls) => {
-                let settings =
-                    crate::downstream::tls::settings(l, tls, self.runtime.clone(), &rt.material)?;
-                service.add_listener(
-                    endpoint
-                        .tls(settings)
-                        .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
-                );
-            }
-        }
+        let name = format!("meshgate listener {}", l.name);
+        let Some(tls) = &l.tls else {
+            return Ok(Box::new(PlainService::new(name, l.bind, app, admission)));
+        };
+        let mut service = Service::new(name, app);
+        let settings =
+            crate::downstream::tls::settings(l, tls, self.runtime.clone(), &rt.material)?;
+        service.add_listener(
+            ListenerConfig::tcp(l.bind.to_string())
+                .tls(settings)
+                .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
+        );
         service.set_connection_filter(admission);
         // The ClientHello within the listener's handshake_timeout.
         service.endpoints().set_pre_tls_callback(Arc::new(
@@ -429,7 +421,7 @@ impl Listeners {
                 runtime: self.runtime.clone(),
             },
         ));
-        Ok(service)
+        Ok(Box::new(service))
     }
 
     /// Stop every listener (the process is stopping) and wait for their

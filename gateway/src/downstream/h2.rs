@@ -386,4 +386,14 @@ impl tokio::io::AsyncWrite for FrameCaps {
     }
 }
 
-crate::delegate_stream_traits!(FrameCaps, inner);
+impl FrameCaps {
+    fn io(&self) -> &Stream {
+        &self.inner
+    }
+
+    fn io_mut(&mut self) -> &mut Stream {
+        &mut self.inner
+    }
+}
+
+crate::delegate_stream_traits!(FrameCaps, io, io_mut);

@@ -157,15 +157,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // HTTP/2 connections get their GOAWAY when SIGTERM comes, not
             // only once its `shutdown_delay` is over.
             // Boxed: its state would otherwise be room every HTTP/1
-            // connection holds.
-            Box::pin(super::h2::serve(
+            // connection holds. Bound before it is awaited: a temporary of
+            // the awaiting statement would keep that room all the same.
+            let serving = Box::pin(super::h2::serve(
                 &self.inner,
                 stream,
                 limits,
                 crate::lifecycle::h2_watch(),
                 shutdown.clone(),
-            ))
-            .await;
+            ));
+            serving.await;
             return None;
         }
         with_fate(
@@ -260,8 +261,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     Head::Unfinished(bytes, end) => {
                         line.fill(&bytes);
                         // Boxed, as the rare path it is: its state would
-                        // otherwise be held by every idle connection.
-                        let request_id = Box::pin(answer(&mut stream, end)).await;
+                        // otherwise be held by every idle connection (and
+                        // bound first: a temporary of the awaiting statement
+                        // would still hold room for it).
+                        let answering = Box::pin(answer(&mut stream, end));
+                        let request_id = answering.await;
                         let rt = self.runtime.load();
                         refused(
                             &rt,
@@ -276,70 +280,110 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                     }
                 }
             };
-            let mut session = ServerSession::new_http1(stream);
-            match carried {
-                None => {
-                    // Carried on to every later session by Pingora.
-                    session.set_pipelining_enabled(true);
-                    // Pingora's defaults; the proxy sets the listener's own
-                    // per request.
-                    session.set_keepalive(if *shutdown.borrow() {
-                        None
-                    } else {
-                        Some(DEFAULT_IDLE.as_secs())
-                    });
-                    // This request and those the lane served before it
-                    // count; the rest are reuses.
-                    let max = self.head_settings().max_requests;
-                    session.set_keepalive_reuses_remaining(Some(
-                        u32::try_from(max.saturating_sub(1 + served)).unwrap_or(u32::MAX),
-                    ));
-                }
-                Some(Some(settings)) => {
-                    settings.apply_to_session(&mut session);
-                    if lane_since > 0 {
-                        let left = session.get_keepalive_reuses_remaining();
-                        session.set_keepalive_reuses_remaining(
-                            left.map(|n| n.saturating_sub(lane_since)),
-                        );
-                    }
-                }
-                Some(None) => {}
-            }
+            // Boxed (and bound first, as above): Pingora's session is room
+            // no idle connection should hold.
+            let serving = Box::pin(self.pingora_request(
+                stream,
+                head,
+                carried,
+                (served, lane_since),
+                &mut line,
+                shutdown,
+                (&digest, tls.as_deref()),
+            ));
+            let next = serving.await?;
             served += 1;
             lane_since = 0;
-            if let Some(head) = head {
-                line.fill(&head);
-                start_with(&mut session, head);
-            }
-            head_handed();
-            let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
-                let end = match fate() {
-                    Fate::Taken => return None,
-                    // Pingora drops a session it has not parsed yet.
-                    Fate::Handed if *shutdown.borrow() => HeadEnd::Shutdown,
-                    Fate::Handed => HeadEnd::Refused,
-                };
-                // Empty lines are no request (a CRLF some clients send after
-                // a body, RFC 9112 §2.2), even unfinished.
-                if !line.is_blank() {
-                    let rt = self.runtime.load();
-                    refused(
-                        &rt,
-                        self.at(&rt),
-                        digest.as_deref(),
-                        tls.as_deref(),
-                        line.bytes(),
-                        end,
-                        "",
-                    );
-                }
-                return None;
-            };
-            let (next, settings) = reused.consume();
-            stream = next;
-            carried = Some(settings);
+            (stream, carried) = (next.0, Some(next.1));
         }
+    }
+
+    /// One request served by Pingora's HTTP/1 driver, `head` (what the loop
+    /// read of it, if anything) as its start, after `served` requests on
+    /// the connection (`lane_since` of them by the fast lane since
+    /// Pingora's last). The connection back, with what Pingora carries on
+    /// to the next request; `None` once it is closed (a head Pingora
+    /// refused is logged, from `line`).
+    #[allow(clippy::too_many_arguments)]
+    async fn pingora_request(
+        &self,
+        stream: Stream,
+        head: Option<BytesMut>,
+        carried: Option<Option<HttpPersistentSettings>>,
+        (served, lane_since): (usize, u32),
+        line: &mut FirstLine,
+        shutdown: &ShutdownWatch,
+        (digest, tls): (
+            &Option<Arc<pingora::protocols::SocketDigest>>,
+            Option<&pingora::protocols::tls::SslDigest>,
+        ),
+    ) -> Option<(Stream, Option<HttpPersistentSettings>)> {
+        // A plain connection's socket has no write buffer of its own
+        // (`accept`): Pingora's driver gets one while it serves.
+        let mut session = ServerSession::new_http1(if tls.is_none() {
+            super::buffered::buffered(stream)
+        } else {
+            stream
+        });
+        match carried {
+            None => {
+                // Carried on to every later session by Pingora.
+                session.set_pipelining_enabled(true);
+                // Pingora's defaults; the proxy sets the listener's own
+                // per request.
+                session.set_keepalive(if *shutdown.borrow() {
+                    None
+                } else {
+                    Some(DEFAULT_IDLE.as_secs())
+                });
+                // This request and those the lane served before it
+                // count; the rest are reuses.
+                let max = self.head_settings().max_requests;
+                session.set_keepalive_reuses_remaining(Some(
+                    u32::try_from(max.saturating_sub(1 + served)).unwrap_or(u32::MAX),
+                ));
+            }
+            Some(Some(settings)) => {
+                settings.apply_to_session(&mut session);
+                if lane_since > 0 {
+                    let left = session.get_keepalive_reuses_remaining();
+                    session
+                        .set_keepalive_reuses_remaining(left.map(|n| n.saturating_sub(lane_since)));
+                }
+            }
+            Some(None) => {}
+        }
+        if let Some(head) = head {
+            line.fill(&head);
+            start_with(&mut session, head);
+        }
+        head_handed();
+        let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
+            let end = match fate() {
+                Fate::Taken => return None,
+                // Pingora drops a session it has not parsed yet.
+                Fate::Handed if *shutdown.borrow() => HeadEnd::Shutdown,
+                Fate::Handed => HeadEnd::Refused,
+            };
+            // Empty lines are no request (a CRLF some clients send after
+            // a body, RFC 9112 §2.2), even unfinished.
+            if !line.is_blank() {
+                let rt = self.runtime.load();
+                refused(
+                    &rt,
+                    self.at(&rt),
+                    digest.as_deref(),
+                    tls,
+                    line.bytes(),
+                    end,
+                    "",
+                );
+            }
+            return None;
+        };
+        let (next, settings) = reused.consume();
+        let next = super::buffered::unbuffered(next).await.ok()?;
+        Some((next, settings))
     }
 
     /// Offer a whole request head to the fast lane, when the listener's
@@ -375,8 +419,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             .and_then(|a| a.as_inet())
             .copied();
         let conn = crate::lane::Conn { stream, peer, tls };
-        // Boxed: the lane's state is room no idle connection should hold.
-        Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle)).await
+        // Boxed (and bound first): the lane's state is room no idle
+        // connection should hold.
+        let serving = Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle));
+        serving.await
     }
 
     /// Pingora's choice of protocol, made here so that only HTTP/1 takes this
@@ -516,7 +562,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         }
         // The rest (rare: most heads come in one read) in a future of its
         // own, so that an idle connection does not hold room for it.
-        Box::pin(Self::read_rest(
+        let rest = Box::pin(Self::read_rest(
             stream,
             buf,
             settings,
@@ -527,8 +573,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                 shutting_down,
                 shutdown,
             },
-        ))
-        .await
+        ));
+        rest.await
     }
 
     /// The rest of a head that did not come in one read: read into chunks

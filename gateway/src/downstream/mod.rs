@@ -5,7 +5,9 @@
 //! egress tunnels ([`tunnel`]); TLS termination ([`tls`], [`hello`]); and
 //! each listener's connection app over all of them ([`Listener`]).
 
+pub mod accept;
 pub mod admission;
+pub mod buffered;
 pub mod h2;
 pub mod head;
 pub mod hello;
@@ -18,48 +20,49 @@ pub mod tunnel;
 pub use keepalive::Listener;
 
 /// Implement the stream traits Pingora's `IO` needs beyond reading and
-/// writing by handing each to the wrapped stream in `$field`.
+/// writing by handing each to the wrapped stream, which `$ty`'s methods
+/// `$get` and `$get_mut` lend.
 #[macro_export]
 macro_rules! delegate_stream_traits {
-    ($ty:ty, $field:ident) => {
+    ($ty:ty, $get:ident, $get_mut:ident) => {
         #[async_trait::async_trait]
         impl pingora::protocols::Shutdown for $ty {
             async fn shutdown(&mut self) {
-                self.$field.shutdown().await
+                self.$get_mut().shutdown().await
             }
         }
 
         impl pingora::protocols::UniqueID for $ty {
             fn id(&self) -> pingora::protocols::UniqueIDType {
-                self.$field.id()
+                self.$get().id()
             }
         }
 
         impl pingora::protocols::Ssl for $ty {
             fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-                self.$field.get_ssl()
+                self.$get().get_ssl()
             }
 
             fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
-                self.$field.get_ssl_digest()
+                self.$get().get_ssl_digest()
             }
 
             fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
-                self.$field.selected_alpn_proto()
+                self.$get().selected_alpn_proto()
             }
         }
 
         impl pingora::protocols::GetTimingDigest for $ty {
             fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-                self.$field.get_timing_digest()
+                self.$get().get_timing_digest()
             }
 
             fn get_read_pending_time(&self) -> std::time::Duration {
-                self.$field.get_read_pending_time()
+                self.$get().get_read_pending_time()
             }
 
             fn get_write_pending_time(&self) -> std::time::Duration {
-                self.$field.get_write_pending_time()
+                self.$get().get_write_pending_time()
             }
         }
 
@@ -67,11 +70,11 @@ macro_rules! delegate_stream_traits {
             fn get_proxy_digest(
                 &self,
             ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-                self.$field.get_proxy_digest()
+                self.$get().get_proxy_digest()
             }
 
             fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
-                self.$field.set_proxy_digest(digest)
+                self.$get_mut().set_proxy_digest(digest)
             }
         }
 
@@ -79,18 +82,18 @@ macro_rules! delegate_stream_traits {
             fn get_socket_digest(
                 &self,
             ) -> Option<std::sync::Arc<pingora::protocols::SocketDigest>> {
-                self.$field.get_socket_digest()
+                self.$get().get_socket_digest()
             }
 
             fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
-                self.$field.set_socket_digest(digest)
+                self.$get_mut().set_socket_digest(digest)
             }
         }
 
         #[async_trait::async_trait]
         impl pingora::protocols::Peek for $ty {
             async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-                self.$field.try_peek(buf).await
+                self.$get_mut().try_peek(buf).await
             }
         }
     };

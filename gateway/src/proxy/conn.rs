@@ -108,11 +108,11 @@ tokio::task_local! {
 }
 
 /// Run `fut` (a connection's HTTP/1 loop) with the fate of its requests
-/// and the name of the listener it arrived on.
-pub async fn with_fate<F: Future>(listener: Arc<str>, fut: F) -> F::Output {
-    LISTENER
-        .scope(listener, FATE.scope(Cell::new(Fate::Handed), fut))
-        .await
+/// and the name of the listener it arrived on. Not an `async fn`: one would
+/// hold room for `fut` twice (as its argument and inside the scopes), and
+/// an idle connection's task holds this future.
+pub fn with_fate<F: Future>(listener: Arc<str>, fut: F) -> impl Future<Output = F::Output> {
+    LISTENER.scope(listener, FATE.scope(Cell::new(Fate::Handed), fut))
 }
 
 /// `f` of the name of the listener the current request's connection
