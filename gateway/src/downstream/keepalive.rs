@@ -577,12 +577,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
         rest.await
     }
 
-    /// The rest of a head that did not come in one read: read into chunks
-    /// of one size, counted against the budget of unfinished heads (a cut
-    /// head's chunks are what the allocator hands the next one).
+    /// The rest of a head that did not come in one read: into the first
+    /// buffer while it has room (most heads end there), then into memory of
+    /// its own (an anonymous mapping as large as the head may be, of which
+    /// only the pages written to take memory), counted against the budget
+    /// of unfinished heads before each read. What it counts is what it
+    /// takes, and dropping it gives it all back to the system at once,
+    /// which the allocator would not (it keeps freed pages for reuse: a
+    /// flood of heads cut for the budget left several MiB behind).
     async fn read_rest<F>(
         stream: &mut Stream,
-        buf: BytesMut,
+        mut buf: BytesMut,
         settings: HeadSettings,
         head_deadline: Option<Instant>,
         idle: &mut IdleTimer,
@@ -593,67 +598,94 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     {
         let mut scan = HeadScan::new(settings.limits);
         let mut state = scan.feed(&buf, 0);
-        let mut len = buf.len();
-        let mut chunks = vec![buf];
+        let first = buf.capacity();
+        // What the head takes: its state, its first buffer, the pages of
+        // the rest written to (or about to be).
+        let taken = |rest: usize| HEAD_STATE + first + rest.next_multiple_of(PAGE);
         let ticket = PENDING_HEADS.register();
-        ticket.resize(chunks.iter().map(BytesMut::capacity).sum());
-        // For the log line, the start is enough.
-        let head = |mut chunks: Vec<BytesMut>, end| {
-            chunks.truncate(1);
-            Head::Unfinished(chunks.pop().unwrap_or_default(), end)
-        };
+        ticket.resize(taken(0));
+        let mut rest: Option<memmap2::MmapMut> = None;
+        let mut filled = 0;
         loop {
             match state {
-                Progress::Complete(_) => return Head::Complete(join(chunks)),
-                Progress::TooLarge => return head(chunks, HeadEnd::TooLarge),
-                Progress::UriTooLong => return head(chunks, HeadEnd::UriTooLong),
+                Progress::Complete(_) => {
+                    if let Some(rest) = &rest {
+                        buf.extend_from_slice(&rest[..filled]);
+                    }
+                    return Head::Complete(buf);
+                }
+                Progress::TooLarge => return Head::Unfinished(buf, HeadEnd::TooLarge),
+                Progress::UriTooLong => return Head::Unfinished(buf, HeadEnd::UriTooLong),
                 Progress::Blank | Progress::Partial => {}
             }
             // Checked before each read, not only while one waits: a client
             // that keeps sending would otherwise be read on after its cut.
             if ticket.is_cut() {
-                return head(chunks, HeadEnd::Cut);
+                return Head::Unfinished(buf, HeadEnd::Cut);
             }
-            if chunks.last().is_none_or(|c| c.len() == c.capacity()) {
-                let wanted = chunks.iter().map(BytesMut::capacity).sum::<usize>() + HEAD_CHUNK;
-                ticket.resize(wanted);
-                // Heads the budget cut free their buffers when their tasks
-                // next run: until then take no more, or one worker could
-                // allocate for many heads before any cut one is freed.
+            // Room for a head one read past its limit, which the scan refuses.
+            let room = settings.limits.max_bytes.saturating_sub(first) + HEAD_READ;
+            let end = (filled + HEAD_READ).min(room);
+            if buf.len() == first && rest.is_none() {
+                match memmap2::MmapMut::map_anon(room) {
+                    Ok(map) => rest = Some(map),
+                    Err(e) => {
+                        log::warn!(
+                            "cannot map {room} bytes for an unfinished request head ({e}); refused"
+                        );
+                        return Head::Unfinished(buf, HeadEnd::Refused);
+                    }
+                }
+            }
+            if rest.is_some() {
+                // The next read is counted before it is made.
+                ticket.resize(taken(end));
+                // Heads the budget cut give their memory back when their
+                // tasks next run: until then take no more, or one worker
+                // could read for many heads before any cut one is freed.
                 while PENDING_HEADS.over_budget() && !ticket.is_cut() {
                     tokio::task::yield_now().await;
                 }
                 if ticket.is_cut() {
-                    return head(chunks, HeadEnd::Cut);
+                    return Head::Unfinished(buf, HeadEnd::Cut);
                 }
-                chunks.push(BytesMut::with_capacity(HEAD_CHUNK));
             }
-            let Some(last) = chunks.last_mut() else {
-                return Head::Gone;
-            };
             let wait = earliest(Instant::now() + settings.idle_timeout, head_deadline);
-            let before = last.len();
+            let before = buf.len() + filled;
+            let into = async {
+                match &mut rest {
+                    // Within the first buffer's room: it does not grow.
+                    None => stream.read_buf(&mut buf).await,
+                    Some(rest) => stream.read(&mut rest[filled..end]).await,
+                }
+            };
             let read = tokio::select! {
                 biased;
-                read = stream.read_buf(last) => read,
-                () = ticket.cut() => return head(chunks, HeadEnd::Cut),
-                () = idle.until(wait) => return head(chunks, HeadEnd::TimedOut),
+                read = into => read,
+                () = ticket.cut() => return Head::Unfinished(buf, HeadEnd::Cut),
+                () = idle.until(wait) => return Head::Unfinished(buf, HeadEnd::TimedOut),
                 _ = &mut *stop.shutting_down, if !*stop.shutdown.borrow() => {
                     if closes_at_stop(stop.first) {
-                        return head(chunks, HeadEnd::Shutdown);
+                        return Head::Unfinished(buf, HeadEnd::Shutdown);
                     }
                     continue;
                 }
-                () = std::future::ready(()), if *stop.shutdown.borrow() && closes_at_stop(stop.first) => return head(chunks, HeadEnd::Shutdown),
+                () = std::future::ready(()), if *stop.shutdown.borrow() && closes_at_stop(stop.first) => return Head::Unfinished(buf, HeadEnd::Shutdown),
             };
             match read {
                 Ok(n) if n > 0 => {
-                    state = scan.feed(&last[before..], len);
-                    len += n;
+                    let new = match &rest {
+                        None => &buf[before..],
+                        Some(rest) => &rest[filled..filled + n],
+                    };
+                    state = scan.feed(new, before);
+                    if rest.is_some() {
+                        filled += n;
+                    }
                 }
                 // Empty lines and then the end are no request.
                 _ if state == Progress::Blank => return Head::Gone,
-                _ => return head(chunks, HeadEnd::Refused),
+                _ => return Head::Unfinished(buf, HeadEnd::Refused),
             }
         }
     }
@@ -677,21 +709,18 @@ fn closes_at_stop(first: bool) -> bool {
     !first || (draining() && !handing_over())
 }
 
-/// What a slow head's later reads go into: one size for all, so that the
-/// chunks of heads cut or done are reused as they are.
-const HEAD_CHUNK: usize = 16 * 1024;
+/// The most one read of a slow head takes (and counts against the budget
+/// before it is made).
+const HEAD_READ: usize = 16 * 1024;
 
-/// A head read in chunks, as one buffer for Pingora.
-fn join(mut chunks: Vec<BytesMut>) -> BytesMut {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut whole = BytesMut::with_capacity(chunks.iter().map(BytesMut::len).sum());
-    for c in &chunks {
-        whole.extend_from_slice(c);
-    }
-    whole
-}
+/// The unit in which a slow head's memory is taken: a page.
+const PAGE: usize = 4096;
+
+/// What an unfinished head counts against the budget besides its bytes:
+/// its connection's own state while the head is read (the connection's
+/// task and socket, ~3 KiB, the reader's state), so that the budget bounds
+/// the memory a flood of unfinished heads takes, not only their bytes.
+const HEAD_STATE: usize = 8 * 1024;
 
 /// What the loop waits on besides the client, for [`Listener::read_head`].
 struct Waits<'a, F> {

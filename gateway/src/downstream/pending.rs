@@ -2,11 +2,12 @@
 //! (`[gateway] max_pending_head_bytes`).
 //!
 //! A head that arrives in one read never counts: it goes to the proxy at
-//! once. One that needs more reads is registered here with its buffer's
-//! size; when the sum passes the budget, the oldest unfinished heads are
-//! cut (answered `408` and closed) until it fits again. Clients that send
-//! a head slowly on purpose are the oldest; a prompt client's head is young
-//! and complete before anyone looks at it.
+//! once. One that needs more reads is registered here with its buffers'
+//! size and its connection's state; when the sum passes seven eighths of
+//! the budget (the rest is for what no head counts as its own), the oldest
+//! unfinished heads are cut (answered `408` and closed) until it fits
+//! again. Clients that send a head slowly on purpose are the oldest; a
+//! prompt client's head is young and complete before anyone looks at it.
 //!
 //! A cut head's buffers are freed only when its connection's task next
 //! runs; until then they count as condemned, and a head that wants another
@@ -75,7 +76,17 @@ impl PendingHeads {
     /// Whether live and condemned heads together hold more than the
     /// budget: a head should take no more memory until cut ones are freed.
     pub fn over_budget(&self) -> bool {
-        self.held() + self.condemned() > self.budget.load(Ordering::Relaxed)
+        self.held() + self.condemned() > self.limit()
+    }
+
+    /// What the heads may hold: seven eighths of the budget, the rest kept
+    /// for the memory a flood of heads takes that no head can count as its
+    /// own (the state of connections come and gone, the allocator's pages
+    /// they leave partly used), so that the process grows by no more than
+    /// the budget.
+    fn limit(&self) -> usize {
+        let budget = self.budget.load(Ordering::Relaxed);
+        budget - budget / 8
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Slot>>> {
@@ -97,7 +108,7 @@ impl PendingHeads {
     /// Cut the oldest heads until what is held fits the budget; how many
     /// were cut.
     fn enforce(&self) -> usize {
-        let budget = self.budget.load(Ordering::Relaxed);
+        let budget = self.limit();
         let mut cut = 0;
         if self.held.load(Ordering::Relaxed) <= budget {
             return cut;
@@ -178,14 +189,15 @@ mod tests {
 
     #[test]
     fn the_oldest_heads_are_cut_when_the_budget_is_passed() {
-        let h = heads(10_000);
+        let h = heads(12_000);
         let old = h.register();
         let middle = h.register();
         let young = h.register();
         assert_eq!(old.resize(4_000), 0);
         assert_eq!(middle.resize(4_000), 0);
         assert_eq!(h.held(), 8_000);
-        // 12 000 > 10 000: the oldest goes, and that is enough.
+        // 12 000 > 10 500 (seven eighths of the budget): the oldest goes,
+        // and that is enough.
         assert_eq!(young.resize(4_000), 1);
         assert!(old.is_cut() && !middle.is_cut() && !young.is_cut());
         assert_eq!(h.held(), 8_000);
@@ -211,20 +223,30 @@ mod tests {
     fn a_finished_head_gives_its_bytes_back() {
         let h = heads(1_000);
         let t = h.register();
-        t.resize(600);
+        t.resize(400);
         let u = h.register();
         u.resize(300);
-        assert_eq!(h.held(), 900);
+        assert_eq!(h.held(), 700);
         drop(t);
         assert_eq!(h.held(), 300);
-        assert_eq!(u.resize(900), 0, "room again");
+        assert_eq!(u.resize(750), 0, "room again");
         drop(u);
         assert_eq!(h.held(), 0);
     }
 
+    #[test]
+    fn heads_may_hold_seven_eighths_of_the_budget() {
+        let h = heads(8_000);
+        let t = h.register();
+        assert_eq!(t.resize(7_000), 0);
+        assert!(!h.over_budget());
+        assert_eq!(t.resize(7_001), 1);
+        assert!(t.is_cut() && h.over_budget());
+    }
+
     #[tokio::test]
     async fn a_cut_head_is_woken() {
-        let h = heads(100);
+        let h = heads(120);
         let old = h.register();
         old.resize(80);
         let waiting = tokio::spawn(async move {

@@ -606,6 +606,49 @@ async fn unfinished_heads_share_a_memory_budget_and_the_oldest_are_cut() {
     assert_eq!(get(gw.listen, "/", &[]).await.unwrap().status, 200);
 }
 
+/// A head longer than the first read's buffer is read on into memory of
+/// its own, in counted steps, and reaches the upstream whole, byte for
+/// byte, whether it came at once or in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_head_reaches_the_upstream_whole() {
+    let live = echo("live").await;
+    let gw = Gateway::start(&format!(
+        "{}\nlimits = {{ max_request_header_bytes = 262144 }}\n[routes.r]\nupstream = \"live\"\n[upstreams.live]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        live.addr
+    ))
+    .await;
+    // 100 KiB of values that vary, so that a piece lost, repeated or out
+    // of place shows.
+    let value: String = (0..100 * 1024)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    let head = format!(
+        "GET /long HTTP/1.1\r\nHost: a\r\nX-Long: {value}\r\nX-After: end\r\nConnection: close\r\n\r\n"
+    );
+    for piece in [head.len(), 7 * 1024, 1000] {
+        let mut s = TcpStream::connect(gw.listen).await.unwrap();
+        for part in head.as_bytes().chunks(piece) {
+            s.write_all(part).await.unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("answered")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{}",
+            &text[..text.len().min(300)]
+        );
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let j: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(j["headers"]["x-long"], value.as_str(), "pieces of {piece}");
+        assert_eq!(j["headers"]["x-after"], "end");
+    }
+}
+
 /// HTTP/2 frames written by hand, for clients no library would be.
 mod frames {
     pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
