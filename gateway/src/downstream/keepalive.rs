@@ -598,12 +598,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
     {
         let mut scan = HeadScan::new(settings.limits);
         let mut state = scan.feed(&buf, 0);
-        let first = buf.capacity();
+        let first_room = buf.capacity();
         // What the head takes: its state, its first buffer, the pages of
         // the rest written to (or about to be).
-        let taken = |rest: usize| HEAD_STATE + first + rest.next_multiple_of(PAGE);
+        let taken = |rest: usize| HEAD_STATE + first_room + rest.next_multiple_of(PAGE);
         let ticket = PENDING_HEADS.register();
         ticket.resize(taken(0));
+        // Room for a head one read past its limit, which the scan refuses.
+        let room = settings.limits.max_bytes.saturating_sub(first_room) + HEAD_READ;
         let mut rest: Option<memmap2::MmapMut> = None;
         let mut filled = 0;
         loop {
@@ -623,10 +625,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             if ticket.is_cut() {
                 return Head::Unfinished(buf, HeadEnd::Cut);
             }
-            // Room for a head one read past its limit, which the scan refuses.
-            let room = settings.limits.max_bytes.saturating_sub(first) + HEAD_READ;
             let end = (filled + HEAD_READ).min(room);
-            if buf.len() == first && rest.is_none() {
+            if buf.len() == first_room && rest.is_none() {
                 match memmap2::MmapMut::map_anon(room) {
                     Ok(map) => rest = Some(map),
                     Err(e) => {
