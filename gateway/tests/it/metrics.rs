@@ -408,8 +408,13 @@ async fn access_log_lines_describe_each_request() {
         502
     );
     // The admin readiness probe is not logged; only data-plane requests are.
+    // Waited for by their ids: a line is written as its exchange ends, so
+    // the two need not come in the order the requests were sent.
     let text = crate::support::wait_for_log(&file, Duration::from_secs(5), |t| {
-        crate::support::json_lines(t).len() >= 2
+        let lines = crate::support::json_lines(t);
+        ["rid-1", "rid-2"]
+            .iter()
+            .all(|id| lines.iter().any(|l| l["request_id"] == *id))
     })
     .await;
     let lines = crate::support::json_lines(&text);
