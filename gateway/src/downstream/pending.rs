@@ -73,8 +73,9 @@ impl PendingHeads {
         self.condemned.load(Ordering::Relaxed)
     }
 
-    /// Whether live and condemned heads together hold more than the
-    /// budget: a head should take no more memory until cut ones are freed.
+    /// Whether live and condemned heads together hold more than heads may
+    /// ([`Self::limit`]): a head should take no more memory until cut ones
+    /// are freed.
     pub fn over_budget(&self) -> bool {
         self.held() + self.condemned() > self.limit()
     }

@@ -145,8 +145,14 @@ pub fn request_taken() {
 }
 
 /// Run `fut` (an HTTP/2 stream's task) with its connection's budget.
-pub async fn with_budget<F: Future>(budget: Arc<CancelBudget>, fut: F) -> F::Output {
-    BUDGET.scope(budget, fut).await
+///
+/// Not an `async fn`, as [`with_fate`]: each stream's task would hold room
+/// for `fut` twice.
+pub fn with_budget<F: Future>(
+    budget: Arc<CancelBudget>,
+    fut: F,
+) -> impl Future<Output = F::Output> {
+    BUDGET.scope(budget, fut)
 }
 
 /// Whether the client has already cancelled (reset) this HTTP/2 stream; if
