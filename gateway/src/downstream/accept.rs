@@ -152,12 +152,15 @@ async fn accept_loop<A: HttpServerApp + Send + Sync + 'static>(
     mut shutdown: ShutdownWatch,
 ) {
     loop {
+        // Shutdown first: once it is broadcast, a connection still in the
+        // kernel's queue is left to the process taking over the socket.
         let accepted = tokio::select! {
-            accepted = socket.accept() => accepted,
+            biased;
             changed = shutdown.changed() => match changed {
                 Ok(()) if !*shutdown.borrow() => continue,
                 _ => break,
             },
+            accepted = socket.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
