@@ -102,7 +102,10 @@ impl AdminApp {
         }
     }
 
-    /// Ready = a config is loaded and every listener accepts connections.
+    /// Ready = a config is loaded, every `dns`/`srv` upstream's first
+    /// lookup has ended and every listener accepts connections. Once
+    /// ready, it stays so until SIGTERM: an upstream a reload adds does not
+    /// take the node out of its balancer while its names are looked up.
     async fn ready(&self) -> Result<(), String> {
         if crate::lifecycle::draining() {
             return Err("shutting down (SIGTERM)".to_string());
@@ -113,7 +116,9 @@ impl AdminApp {
         if self.listeners_up.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.runtime.load_full().probe_listeners().await?;
+        let rt = self.runtime.load_full();
+        rt.discovery_answered()?;
+        rt.probe_listeners().await?;
         self.listeners_up.store(true, Ordering::Release);
         Ok(())
     }

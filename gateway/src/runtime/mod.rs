@@ -212,6 +212,24 @@ impl Runtime {
         }
     }
 
+    /// Whether every `dns` or `srv` upstream's first lookup has ended
+    /// (answered or failed): before, its requests would find no endpoint.
+    /// Without a resolver (its settings failed, as logged) none is coming.
+    pub fn discovery_answered(&self) -> Result<(), String> {
+        if self.discoverer.is_none() {
+            return Ok(());
+        }
+        match self.upstreams.iter().find(|u| {
+            u.discovery != crate::config::model::Discovery::Static && u.last_refresh().is_none()
+        }) {
+            Some(u) => Err(format!(
+                "starting: upstream {} has not had its first discovery answer",
+                u.name
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether every listener accepts a connection now (a wildcard bind
     /// is tried on loopback); the first that does not, and why.
     pub async fn probe_listeners(&self) -> Result<(), String> {

@@ -544,16 +544,12 @@ impl UpstreamPool {
                 .filter(|c| !unique.iter().any(|f| f.addr == c.addr))
                 .map(|c| format!("-{}", c.addr))
                 .collect();
-            log::info!(
-                "upstream `{}` endpoints changed: {} (now {})",
-                self.name,
-                added
-                    .into_iter()
-                    .chain(removed)
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                unique.len()
-            );
+            let change = added
+                .into_iter()
+                .chain(removed)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let now = unique.len();
             let next = members(
                 &self.policy,
                 &self.template,
@@ -564,6 +560,12 @@ impl UpstreamPool {
                 self.gate.connections.as_ref(),
             );
             self.members.store(Arc::new(next));
+            // Logged once in force: a request sent after this line never
+            // goes to an endpoint it says was removed.
+            log::info!(
+                "upstream `{}` endpoints changed: {change} (now {now})",
+                self.name
+            );
         }
         *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Refresh {
             at: SystemTime::now(),

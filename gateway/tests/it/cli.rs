@@ -547,15 +547,13 @@ async fn health_and_start_up_lines() {
         "{HEAD}[routes.ping]\nrespond = {{ body = \"pong\" }}\n"
     ))
     .await;
-    // The start-up log names where the proxy listens.
-    assert!(
-        gw.log().contains(&format!(
-            "listener `public` (ingress) on http://{}",
-            gw.listen
-        )),
-        "{}",
-        gw.log()
-    );
+    // The start-up log names where the proxy listens (the line may come
+    // just after the socket, bound at start, first accepts).
+    let listening = format!("listener `public` (ingress) on http://{}", gw.listen);
+    gw.wait_for_log(std::time::Duration::from_secs(5), |log| {
+        log.contains(&listening)
+    })
+    .await;
     // `meshgate health`: what the container image's HEALTHCHECK runs.
     let admin = gw.admin.to_string();
     let (code, out, err) = meshgate(&["health", "--admin", &admin]);

@@ -1180,11 +1180,10 @@ async fn memory_overload_sheds_new_connections_and_requests() {
         metric(&text, r#"meshgate_overload_shed_total{kind="connection"}"#) >= 1.0,
         "{text}"
     );
-    assert!(
-        gw.log().contains("overload: resident memory"),
-        "{}",
-        gw.log()
-    );
+    gw.wait_for_log(Duration::from_secs(5), |log| {
+        log.contains("overload: resident memory")
+    })
+    .await;
     gw.reload(&config(""));
     let start = Instant::now();
     loop {
@@ -1195,5 +1194,6 @@ async fn memory_overload_sheds_new_connections_and_requests() {
         assert!(start.elapsed() < Duration::from_secs(5), "still shedding");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(gw.log().contains("overload over"), "{}", gw.log());
+    gw.wait_for_log(Duration::from_secs(5), |log| log.contains("overload over"))
+        .await;
 }

@@ -253,6 +253,19 @@ impl Gateway {
         std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default()
     }
 
+    /// The process's log once `done` holds for it; fails after `within`.
+    pub async fn wait_for_log(&self, within: Duration, done: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if done(&log) {
+                return log;
+            }
+            assert!(start.elapsed() < within, "the log has: {log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.listen, path)
     }
