@@ -781,8 +781,11 @@ impl ProxyHttp for Proxy {
                 can_reuse_downstream: false,
             };
         };
-        // Headers already sent: the response can only be cut short.
-        if session.response_written().is_none() {
+        // A final head already sent: the response can only be cut short.
+        // After an interim one (an upstream's `100 Continue` relayed) the
+        // client still waits for the final answer, and gets the error.
+        let interim = |r: &ResponseHeader| r.status.is_informational() && r.status.as_u16() != 101;
+        if session.response_written().is_none_or(interim) {
             // The connection is not reused (below: part of the request body
             // may be unread), so the answer says `Connection: close`.
             session.set_keepalive(None);

@@ -550,6 +550,44 @@ async fn http10_clients_get_no_informational_responses() {
     assert!(r.contains("HTTP/1.1 200"), "{r}");
 }
 
+/// A relayed interim answer is not the answer: an upstream that hangs after
+/// a `100 Continue` (the body was asked for) or a `103 Early Hints` (a plain
+/// GET, which the fast lane serves) still gets the client its 504 at the
+/// route timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_error_follows_a_relayed_interim_answer() {
+    let (up, _) = scripted(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n").await;
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\ntimeout = \"400ms\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let r = read_to_close(gw.listen, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&r);
+    assert!(text.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");
+    let (_, last) = text.split_once("\r\n\r\n").unwrap();
+    assert!(last.starts_with("HTTP/1.1 504 "), "{text}");
+    drop(gw);
+
+    let (up, seen) = scripted(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    let gw = Gateway::start(&format!(
+        "{HEAD}\n[routes.ok]\nupstream = \"u\"\ntimeout = \"400ms\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let r = read_to_close(
+        gw.listen,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&r);
+    assert!(text.starts_with("HTTP/1.1 100 Continue\r\n"), "{text}");
+    let (_, last) = text.split_once("\r\n\r\n").unwrap();
+    assert!(last.starts_with("HTTP/1.1 504 "), "{text}");
+    assert!(last.contains("\"kind\":\"timeout\""), "{text}");
+    assert!(String::from_utf8_lossy(&seen.lock().unwrap()).ends_with("hello"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_of_http2_upstreams_get_bodies_they_can_read() {
     // `/trailers` streams its body: no length for Pingora to pass on.

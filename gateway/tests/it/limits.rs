@@ -144,8 +144,41 @@ async fn bodies_over_the_route_limit_get_413() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
 
+    // Chunked with `Expect: 100-continue` (as curl sends a large upload):
+    // the upstream's `100 Continue` is relayed, and the client, which then
+    // sends the body, still gets the final 413 (not a closed connection).
+    let mut s = TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("an interim answer")
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&interim));
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(format!("320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(out.contains("request body too large"), "{out}");
+
     let text = get(gw.admin, "/metrics", &[]).await.unwrap().text();
-    assert_eq!(rejected(&text, "body_size"), 3.0);
+    assert_eq!(rejected(&text, "body_size"), 4.0);
 }
 
 /// A full listener makes room by closing the connection that has waited
