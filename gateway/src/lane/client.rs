@@ -151,10 +151,11 @@ impl<'a> LaneClient<'a> {
         Ok(())
     }
 
-    /// The final answer's head; its body follows through [`Body`].
+    /// The final answer's head; its body follows through [`Body`]. Its
+    /// version is the gateway's own, whatever the upstream's (as
+    /// `proxy::response_head` has it for Pingora's driver).
     pub async fn write_answer(
         &mut self,
-        minor: u8,
         status: u16,
         reason: Option<&str>,
         fields: &mut FieldList,
@@ -172,7 +173,7 @@ impl<'a> LaneClient<'a> {
         fields.insert(Bytes::from_static(b"Connection"), self.connection());
         self.out.clear();
         self.out.reserve(fields.wire_len() + 64);
-        self.status_line(minor, status, reason);
+        self.status_line(1, status, reason);
         fields.write(&mut self.out);
         self.answered = true;
         self.send_head(status, no_body).await

@@ -477,15 +477,12 @@ impl Exchange<'_> {
         if coded {
             client.close_after_now();
         }
-        let minor = if to_chunked {
+        if to_chunked {
             fields.insert(
                 Bytes::from_static(b"Transfer-Encoding"),
                 http::HeaderValue::from_static("chunked"),
             );
-            1
-        } else {
-            answer.minor
-        };
+        }
         crate::proxy::answer_edits(ctx, answer.status).apply(&mut fields);
         let chunked = to_chunked || answer.framing == Framing::Chunked;
         let body = Body {
@@ -494,13 +491,7 @@ impl Exchange<'_> {
             read_timeout: self.read_timeout,
         };
         client
-            .write_answer(
-                minor,
-                answer.status,
-                answer.reason(),
-                &mut fields,
-                body.is_empty(),
-            )
+            .write_answer(answer.status, answer.reason(), &mut fields, body.is_empty())
             .await
             .map_err(|e| Attempt::Cut(e.into_down()))?;
         match body.pass(up, &mut rest, ctx, client, timer).await {
@@ -599,7 +590,6 @@ struct Answer {
     /// The head's bytes (once read whole).
     head: Bytes,
     status: u16,
-    minor: u8,
     framing: Framing,
     /// Where the reason phrase is, if the status line had one.
     reason: Option<(usize, usize)>,
@@ -640,7 +630,6 @@ impl Answer {
         Answer {
             head: Bytes::new(),
             status: h.status,
-            minor: h.minor,
             framing,
             reason: h.reason.map(|r| at(r.as_bytes())),
             lines,

@@ -287,6 +287,12 @@ fn response_head(session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Req
     {
         session.set_keepalive(None);
     }
+    // A proxy sends its own version (RFC 9110 §6.2): an HTTP/1.0
+    // upstream's answer goes out as HTTP/1.1, as NGINX's does, so a client
+    // does not take it for a server that cannot keep the connection.
+    if resp.version == http::Version::HTTP_10 && !session.is_http2() {
+        resp.set_version(http::Version::HTTP_11);
+    }
     let edits = answer_edits(ctx, resp.status.as_u16());
     if keeps_case(ctx) {
         edits.apply(resp);

@@ -588,6 +588,23 @@ async fn a_final_error_follows_a_relayed_interim_answer() {
     assert!(String::from_utf8_lossy(&seen.lock().unwrap()).ends_with("hello"));
 }
 
+/// The gateway answers in its own version (RFC 9110 §6.2), whatever the
+/// upstream's: an HTTP/1.0 upstream's answer goes out as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_upstreams_answer_goes_out_in_the_gateways_version() {
+    let (up, _) = scripted(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let gw = to_upstream(up.addr, "").await;
+    for raw in [
+        &b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"[..],
+        b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n",
+    ] {
+        let r = read_to_close(gw.listen, raw).await;
+        let text = String::from_utf8_lossy(&r);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nok"), "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_of_http2_upstreams_get_bodies_they_can_read() {
     // `/trailers` streams its body: no length for Pingora to pass on.
