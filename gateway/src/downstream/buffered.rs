@@ -13,20 +13,25 @@ use std::task::{Context, Poll};
 use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
+use super::linger::Linger;
+
 /// A stream with Pingora's write buffer in front: a small response leaves
-/// in one write, as from Pingora's own listener.
+/// in one write, as from Pingora's own listener. Pingora's driver shuts a
+/// connection down just before it drops it: the shut is a lingering close
+/// ([`super::linger`]), so that a client still sending is not reset before
+/// it reads the answer.
 #[derive(Debug)]
-pub(crate) struct WriteBuffered(BufWriter<Stream>);
+pub(crate) struct WriteBuffered(BufWriter<Stream>, Linger);
 
 /// Pingora's L4 write buffer size (a TCP segment's payload).
 const WRITE_BUFFER: usize = pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE;
 
 /// `stream` with the write buffer in front.
 pub(crate) fn buffered(stream: Stream) -> Stream {
-    Box::new(WriteBuffered(BufWriter::with_capacity(
-        WRITE_BUFFER,
-        stream,
-    )))
+    Box::new(WriteBuffered(
+        BufWriter::with_capacity(WRITE_BUFFER, stream),
+        Linger::default(),
+    ))
 }
 
 /// `stream` without the buffer [`buffered`] put in front (flushed first,
@@ -78,7 +83,8 @@ impl AsyncWrite for WriteBuffered {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        let WriteBuffered(io, linger) = &mut *self;
+        linger.poll_close(io, cx)
     }
 
     fn poll_write_vectored(
@@ -94,7 +100,18 @@ impl AsyncWrite for WriteBuffered {
     }
 }
 
-crate::delegate_stream_traits!(WriteBuffered, io, io_mut);
+/// Pingora's own shut, as its driver's: the buffer flushed, then the
+/// lingering close.
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for WriteBuffered {
+    async fn shutdown(&mut self) {
+        if let Err(e) = tokio::io::AsyncWriteExt::shutdown(self).await {
+            log::debug!("could not shut a closing connection down: {e}");
+        }
+    }
+}
+
+crate::delegate_stream_traits!(but_shutdown: WriteBuffered, io, io_mut);
 
 #[cfg(test)]
 mod tests {

@@ -253,7 +253,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                                 lane_since = lane_since.saturating_add(1);
                                 continue;
                             }
-                            Served::Close => return None,
+                            Served::Close => {
+                                // Boxed (and bound first, as above): the
+                                // close's read buffer is room no idle
+                                // connection should hold.
+                                let closing = Box::pin(super::linger::close(&mut stream));
+                                closing.await;
+                                return None;
+                            }
                             Served::Fallback(head) => Some(head),
                         }
                     }
@@ -820,7 +827,15 @@ async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
         stream.flush().await
     };
     // A client that does not read gets no more of our time.
-    let _ = pingora::time::timeout(REFUSAL_WRITE, write).await;
+    if pingora::time::timeout(REFUSAL_WRITE, write)
+        .await
+        .is_ok_and(|w| w.is_ok())
+        && end != HeadEnd::Cut
+    {
+        // One still sending its head reads the answer before the close;
+        // one cut for the budget gives its memory back at once.
+        super::linger::close(stream).await;
+    }
     id.as_str().to_string()
 }
 

@@ -12,6 +12,7 @@ pub mod h2;
 pub mod head;
 pub mod hello;
 pub mod keepalive;
+pub mod linger;
 pub mod pending;
 mod probe;
 pub mod tls;
@@ -21,7 +22,8 @@ pub use keepalive::Listener;
 
 /// Implement the stream traits Pingora's `IO` needs beyond reading and
 /// writing by handing each to the wrapped stream, which `$ty`'s methods
-/// `$get` and `$get_mut` lend.
+/// `$get` and `$get_mut` lend; with `but_shutdown`, all but `Shutdown`,
+/// which the type implements itself.
 #[macro_export]
 macro_rules! delegate_stream_traits {
     ($ty:ty, $get:ident, $get_mut:ident) => {
@@ -32,6 +34,9 @@ macro_rules! delegate_stream_traits {
             }
         }
 
+        $crate::delegate_stream_traits!(but_shutdown: $ty, $get, $get_mut);
+    };
+    (but_shutdown: $ty:ty, $get:ident, $get_mut:ident) => {
         impl pingora::protocols::UniqueID for $ty {
             fn id(&self) -> pingora::protocols::UniqueIDType {
                 self.$get().id()

@@ -845,6 +845,16 @@ impl ProxyHttp for Proxy {
         observe::finished(session, e, ctx);
         trace::finish(session, e, ctx);
         observe::process_log(session, e, ctx);
+        // A failed HTTP/1 exchange ends its connection, which Pingora then
+        // drops unshut: shut it here, with a lingering close on a plain
+        // connection (`downstream::linger`), so that a client still sending
+        // its body reads the answer (a 413 mid-upload) instead of a reset.
+        // After the log line: the linger is no part of the request's time.
+        // Only a connection already marked to close (as an answered error
+        // marks it).
+        if e.is_some() && !session.is_http2() && session.get_keepalive().is_none() {
+            session.downstream_session.shutdown().await;
+        }
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {

@@ -181,6 +181,61 @@ async fn bodies_over_the_route_limit_get_413() {
     assert_eq!(rejected(&text, "body_size"), 4.0);
 }
 
+/// A client that sends its whole upload before it reads (as curl does)
+/// gets to send it all and then reads the 413: the gateway closes with a
+/// lingering close, not a reset that fails the client's send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_the_limit_is_sent_whole_and_then_answered() {
+    let app = echo("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[routes.upload]\npath_prefix = \"/\"\nupstream = \"app\"\nmax_body_bytes = 1000\n[upstreams.app]\nendpoints = [\"{}\"]\n",
+        HEAD.trim_end(),
+        app.addr
+    ))
+    .await;
+    const BODY: usize = 16 << 20;
+    let chunk = vec![b'x'; 64 * 1024];
+    for chunked in [false, true] {
+        let s = TcpStream::connect(gw.listen).await.unwrap();
+        let (mut from, mut to) = s.into_split();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_string()
+        } else {
+            format!("Content-Length: {BODY}")
+        };
+        let head = format!("POST / HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\n");
+        let piece = if chunked {
+            [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat()
+        } else {
+            chunk.clone()
+        };
+        let sending = async {
+            to.write_all(head.as_bytes()).await?;
+            for _ in 0..BODY / chunk.len() {
+                to.write_all(&piece).await?;
+            }
+            if chunked {
+                to.write_all(b"0\r\n\r\n").await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(20), sending)
+            .await
+            .expect("the upload ends");
+        assert!(
+            sent.is_ok(),
+            "chunked {chunked}: the upload failed: {sent:?}"
+        );
+        let mut out = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut out))
+            .await
+            .expect("the gateway closes");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 413"), "chunked {chunked}: {out}");
+        assert!(end.is_ok(), "chunked {chunked}: {end:?} after {out}");
+    }
+}
+
 /// A full listener makes room by closing the connection that has waited
 /// longest for a request; when every connection is busy it accepts nothing
 /// more: a new client waits (it is not reset) until one ends.
