@@ -253,14 +253,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                                 lane_since = lane_since.saturating_add(1);
                                 continue;
                             }
-                            Served::Close => {
-                                // Boxed (and bound first, as above): the
-                                // close's read buffer is room no idle
-                                // connection should hold.
-                                let closing = Box::pin(super::linger::close(&mut stream));
-                                closing.await;
-                                return None;
-                            }
+                            // Closed by the lane, lingering (`linger`).
+                            Served::Close => return None,
                             Served::Fallback(head) => Some(head),
                         }
                     }
@@ -271,18 +265,28 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
                         // otherwise be held by every idle connection (and
                         // bound first: a temporary of the awaiting statement
                         // would still hold room for it).
-                        let answering = Box::pin(answer(&mut stream, end));
-                        let request_id = answering.await;
-                        let rt = self.runtime.load();
-                        refused(
-                            &rt,
-                            self.at(&rt),
-                            digest.as_deref(),
-                            tls.as_deref(),
-                            line.bytes(),
-                            end,
-                            &request_id,
-                        );
+                        let answering = Box::pin(async {
+                            let (request_id, answered) = answer(&mut stream, end).await;
+                            {
+                                let rt = self.runtime.load();
+                                refused(
+                                    &rt,
+                                    self.at(&rt),
+                                    digest.as_deref(),
+                                    tls.as_deref(),
+                                    line.bytes(),
+                                    end,
+                                    &request_id,
+                                );
+                            }
+                            // Closed lingering, once counted: one still
+                            // sending its head reads the answer; one cut
+                            // for the budget gives its memory back at once.
+                            if answered && end != HeadEnd::Cut {
+                                super::linger::close(&mut stream).await;
+                            }
+                        });
+                        answering.await;
                         return None;
                     }
                 }
@@ -425,10 +429,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> Listener<A> {
             .and_then(|d| d.peer_addr())
             .and_then(|a| a.as_inet())
             .copied();
-        let conn = crate::lane::Conn { stream, peer, tls };
         // Boxed (and bound first): the lane's state is room no idle
-        // connection should hold.
-        let serving = Box::pin(crate::lane::serve(&rt, listener, conn, head, last, idle));
+        // connection should hold. A connection the lane ends is closed in
+        // it, lingering (`linger`), so that a client still sending reads
+        // its answer.
+        let serving = Box::pin(async move {
+            let conn = crate::lane::Conn {
+                stream: &mut *stream,
+                peer,
+                tls,
+            };
+            let served = crate::lane::serve(&rt, listener, conn, head, last, idle).await;
+            if let Served::Close = served {
+                let closing = Box::pin(super::linger::close(stream));
+                closing.await;
+            }
+            served
+        });
         serving.await
     }
 
@@ -793,8 +810,9 @@ fn earliest(a: Instant, b: Option<Instant>) -> Instant {
 }
 
 /// Answer a head the loop refused, as the proxy would have; the request id
-/// the answer carries (none for what gets no answer).
-async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
+/// the answer carries (none for what gets no answer), and whether an
+/// answer was written whole.
+async fn answer(stream: &mut Stream, end: HeadEnd) -> (String, bool) {
     use crate::proxy::ctx::Failure;
     let (status, reason) = match end {
         HeadEnd::TooLarge => (
@@ -806,7 +824,7 @@ async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
         HeadEnd::Cut => (408, "Request Timeout"),
         // One that let its time run out is closed on, as NGINX does; one
         // that left or sent nothing parseable gets Pingora's answer, if any.
-        HeadEnd::TimedOut | HeadEnd::Refused | HeadEnd::Shutdown => return String::new(),
+        HeadEnd::TimedOut | HeadEnd::Refused | HeadEnd::Shutdown => return (String::new(), false),
     };
     let (_, message, _) = end.describe(b"");
     let id = crate::proxy::headers::RequestId::from_request(None);
@@ -827,16 +845,8 @@ async fn answer(stream: &mut Stream, end: HeadEnd) -> String {
         stream.flush().await
     };
     // A client that does not read gets no more of our time.
-    if pingora::time::timeout(REFUSAL_WRITE, write)
-        .await
-        .is_ok_and(|w| w.is_ok())
-        && end != HeadEnd::Cut
-    {
-        // One still sending its head reads the answer before the close;
-        // one cut for the budget gives its memory back at once.
-        super::linger::close(stream).await;
-    }
-    id.as_str().to_string()
+    let written = pingora::time::timeout(REFUSAL_WRITE, write).await;
+    (id.as_str().to_string(), written.is_ok_and(|w| w.is_ok()))
 }
 
 /// What the client has sent, once it has sent something; `None` at end of
