@@ -115,18 +115,9 @@ crate::delegate_stream_traits!(but_shutdown: WriteBuffered, io, io_mut);
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::pair;
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A connected pair of plain sockets: one as Pingora's unbuffered
-    /// stream, the other as it is.
-    async fn pair() -> (Stream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let stream = pingora::protocols::l4::stream::Stream::from(accepted.unwrap().0);
-        (Box::new(stream), client.unwrap())
-    }
 
     #[tokio::test]
     async fn writes_wait_for_a_flush_and_the_buffer_comes_off_again() {
@@ -162,5 +153,28 @@ mod tests {
         // A stream without the buffer is handed back as it is.
         let same = unbuffered(stream).await.unwrap();
         assert!(same.as_any().is::<pingora::protocols::l4::stream::Stream>());
+    }
+
+    /// Pingora's shut of a connection whose client reads nothing (the
+    /// answer's end cannot leave) gives up at the close's time, and a
+    /// second shut is done at once. The clock is paused: it moves on only
+    /// by the waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_shut_the_client_does_not_read_gives_up_in_time() {
+        let (stream, _peer) = pair().await;
+        let mut stream = buffered(stream);
+        // Fill the sockets' buffers, and leave some in ours.
+        let big = vec![b'x'; 64 << 20];
+        let filled =
+            tokio::time::timeout(std::time::Duration::from_millis(10), stream.write_all(&big))
+                .await;
+        assert!(filled.is_err(), "64 MiB went into the sockets' buffers");
+        stream.write_all(b"the end").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let _ = AsyncWriteExt::shutdown(&mut stream).await;
+        assert_eq!(started.elapsed(), crate::downstream::linger::LINGER_TIME);
+        let started = tokio::time::Instant::now();
+        assert!(AsyncWriteExt::shutdown(&mut stream).await.is_ok());
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
     }
 }

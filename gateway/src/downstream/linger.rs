@@ -35,9 +35,15 @@ const TURN: usize = 256 * 1024;
 /// Where a lingering close is.
 #[derive(Debug, Default)]
 pub enum Linger {
-    /// The write side is still open.
+    /// Not begun.
     #[default]
     Open,
+    /// The write side being shut (what is left of the answer flushed
+    /// first), within the close's whole time.
+    Shutting {
+        until: Instant,
+        timer: Pin<Box<Sleep>>,
+    },
     /// Shut: what the client still sends is read and dropped.
     Reading {
         until: Instant,
@@ -50,27 +56,53 @@ pub enum Linger {
 
 impl Linger {
     /// Drive the close of `io` on: shut its write side, then read while the
-    /// client sends. Ready once the socket may be closed, with the result
-    /// of shutting it.
+    /// client sends, all within [`LINGER_TIME`]. Ready once the socket may
+    /// be closed, with the result of shutting it; at once when it is done.
     pub fn poll_close<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
         &mut self,
         io: &mut S,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if let Linger::Open = self {
-            let shut = std::task::ready!(Pin::new(&mut *io).poll_shutdown(cx));
-            if shut.is_err() {
-                *self = Linger::Done;
-                return Poll::Ready(shut);
+        match self {
+            Linger::Done => return Poll::Ready(Ok(())),
+            Linger::Open => {
+                let until = Instant::now() + LINGER_TIME;
+                *self = Linger::Shutting {
+                    until,
+                    timer: Box::pin(tokio::time::sleep_until(until)),
+                };
+            }
+            Linger::Shutting { .. } | Linger::Reading { .. } => {}
+        }
+        if let Linger::Shutting { timer, .. } = self {
+            match Pin::new(&mut *io).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    *self = Linger::Done;
+                    return Poll::Ready(Err(e));
+                }
+                // A client that reads nothing can leave the answer's end
+                // unwritten: given up on at the close's time.
+                Poll::Pending => {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        *self = Linger::Done;
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
             }
             // Waited for even when nothing has come yet: bytes that are on
             // their way may not have been seen arriving.
-            let now = Instant::now();
-            *self = Linger::Reading {
-                until: now + LINGER_TIME,
-                wait: Box::pin(tokio::time::sleep_until(now + LINGER_WAIT)),
-                dropped: 0,
-            };
+            if let Linger::Shutting { until, mut timer } = std::mem::take(self) {
+                timer
+                    .as_mut()
+                    .reset((Instant::now() + LINGER_WAIT).min(until));
+                *self = Linger::Reading {
+                    until,
+                    wait: timer,
+                    dropped: 0,
+                };
+            }
         }
         let mut buf = [0u8; READ];
         let mut turn = 0;
@@ -105,7 +137,7 @@ impl Linger {
                         wait.as_mut().reset(next);
                     }
                 }
-                Linger::Open | Linger::Done => *self = Linger::Done,
+                Linger::Open | Linger::Shutting { .. } | Linger::Done => *self = Linger::Done,
             }
             if let Linger::Done = self {
                 return Poll::Ready(Ok(()));
@@ -130,16 +162,9 @@ pub async fn close(io: &mut Stream) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::pair;
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn pair() -> (Stream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let stream = pingora::protocols::l4::stream::Stream::from(accepted.unwrap().0);
-        (Box::new(stream), client.unwrap())
-    }
 
     /// A client that sends all it has before it reads (as curl uploads a
     /// body) can send it all, far more than the sockets' buffers hold,

@@ -103,3 +103,18 @@ macro_rules! delegate_stream_traits {
         }
     };
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use pingora::protocols::Stream;
+
+    /// A connected pair of plain sockets: one as Pingora's unbuffered
+    /// stream, the other as it is.
+    pub async fn pair() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let stream = pingora::protocols::l4::stream::Stream::from(accepted.unwrap().0);
+        (Box::new(stream), client.unwrap())
+    }
+}

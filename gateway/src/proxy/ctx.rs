@@ -122,6 +122,9 @@ pub struct RequestCtx {
     /// The route's whole-request deadline.
     pub deadline: Option<Instant>,
     pub failure: Option<Failure>,
+    /// `fail_to_proxy` wrote its error answer whole: the connection ends
+    /// with a lingering close.
+    pub error_answered: bool,
     /// Counts this request in the in-flight gauge until the context drops.
     pub in_flight: Option<crate::telemetry::metrics::GaugeGuard>,
     /// First endpoint choice: start of the upstream exchange.
@@ -202,6 +205,7 @@ impl RequestCtx {
             started: Instant::now(),
             deadline: None,
             failure: None,
+            error_answered: false,
             in_flight: None,
             upstream_started: None,
             connect_started: None,

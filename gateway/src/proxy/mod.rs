@@ -267,6 +267,11 @@ fn choose(
     Some((endpoint, peer, members.set.in_flight(endpoint)))
 }
 
+/// The longest a failed exchange's close may take: a lingering close's own
+/// bound (`downstream::linger`), which also covers a TLS close_notify a
+/// client that reads nothing leaves unwritten.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// The response stage for an upstream's answer, whichever driver got it:
 /// the connection's keep-alive, the route's `response_headers`, the
 /// request id and rate-limit fields, hop-by-hop fields dropped.
@@ -795,8 +800,9 @@ impl ProxyHttp for Proxy {
             // The connection is not reused (below: part of the request body
             // may be unread), so the answer says `Connection: close`.
             session.set_keepalive(None);
-            if let Err(write_err) = respond::send_error(session, failure, ctx).await {
-                log::debug!("could not write error response: {write_err}");
+            match respond::send_error(session, failure, ctx).await {
+                Ok(()) => ctx.error_answered = true,
+                Err(write_err) => log::debug!("could not write error response: {write_err}"),
             }
         }
         FailToProxy {
@@ -846,14 +852,25 @@ impl ProxyHttp for Proxy {
         trace::finish(session, e, ctx);
         observe::process_log(session, e, ctx);
         // A failed HTTP/1 exchange ends its connection, which Pingora then
-        // drops unshut: shut it here, with a lingering close on a plain
-        // connection (`downstream::linger`), so that a client still sending
-        // its body reads the answer (a 413 mid-upload) instead of a reset.
-        // After the log line: the linger is no part of the request's time.
-        // Only a connection already marked to close (as an answered error
-        // marks it).
-        if e.is_some() && !session.is_http2() && session.get_keepalive().is_none() {
-            session.downstream_session.shutdown().await;
+        // drops unshut: when it was answered with an error, shut it here,
+        // with a lingering close on a plain connection (`downstream::linger`),
+        // so that a client still sending its body reads the answer (a 413
+        // mid-upload) instead of a reset. After the log line, and with what
+        // the request held upstream given back: the linger is no part of
+        // the request. A response cut short is left to be dropped (a clean
+        // end could pass for a whole close-delimited body).
+        if e.is_some()
+            && ctx.error_answered
+            && !session.is_http2()
+            && session.get_keepalive().is_none()
+        {
+            ctx.upstream_permit = None;
+            ctx.connection_claim = None;
+            ctx.adaptive_slot = None;
+            ctx.at_endpoint = None;
+            ctx.in_flight = None;
+            let closing = session.downstream_session.shutdown();
+            let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
         }
     }
 

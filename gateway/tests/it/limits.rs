@@ -77,15 +77,27 @@ async fn oversized_heads_get_414_and_431() {
     assert_eq!(rejected(&text, "header_bytes"), 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_over_the_route_limit_get_413() {
-    let app = echo("app").await;
-    let gw = Gateway::start(&format!(
+/// What the gateway sends on `s` until it closes (within 5 s), as text.
+async fn rest_of(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A gateway whose one route, to `app`, takes bodies of up to 1,000 bytes.
+async fn upload_gateway(app: &crate::support::upstream::Upstream) -> Gateway {
+    Gateway::start(&format!(
         "{}\n[routes.upload]\npath_prefix = \"/\"\nupstream = \"app\"\nmax_body_bytes = 1000\n[upstreams.app]\nendpoints = [\"{}\"]\n",
         HEAD.trim_end(),
         app.addr
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_route_limit_get_413() {
+    let app = echo("app").await;
+    let gw = upload_gateway(&app).await;
     let ok = send(
         gw.listen,
         Method::POST,
@@ -139,9 +151,7 @@ async fn bodies_over_the_route_limit_get_413() {
     )
     .await
     .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let out = String::from_utf8_lossy(&out);
+    let out = rest_of(&mut s).await;
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
 
     // Chunked with `Expect: 100-continue` (as curl sends a large upload):
@@ -171,9 +181,7 @@ async fn bodies_over_the_route_limit_get_413() {
     s.write_all(format!("320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let out = String::from_utf8_lossy(&out);
+    let out = rest_of(&mut s).await;
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     assert!(out.contains("request body too large"), "{out}");
 
@@ -187,12 +195,7 @@ async fn bodies_over_the_route_limit_get_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_over_the_limit_is_sent_whole_and_then_answered() {
     let app = echo("app").await;
-    let gw = Gateway::start(&format!(
-        "{}\n[routes.upload]\npath_prefix = \"/\"\nupstream = \"app\"\nmax_body_bytes = 1000\n[upstreams.app]\nendpoints = [\"{}\"]\n",
-        HEAD.trim_end(),
-        app.addr
-    ))
-    .await;
+    let gw = upload_gateway(&app).await;
     const BODY: usize = 16 << 20;
     let chunk = vec![b'x'; 64 * 1024];
     for chunked in [false, true] {
@@ -1249,9 +1252,7 @@ async fn memory_overload_sheds_new_connections_and_requests() {
     open.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut got)).await;
-    let got = String::from_utf8_lossy(&got);
+    let got = rest_of(&mut open).await;
     assert!(got.starts_with("HTTP/1.1 503"), "{got}");
     assert!(got.contains("\"error\":\"overloaded\""), "{got}");
     assert!(
