@@ -31,8 +31,8 @@
 //!   dispatcher; [`lane`], the HTTP/1.1 fast lane, a second driver over
 //!   the same stages; [`downstream`], the connection drivers (plain
 //!   listeners' accept loop, a listener's slots, TLS, whole request heads
-//!   and their memory budget, HTTP/1 keep-alive outside Pingora, HTTP/2,
-//!   egress tunnels).
+//!   and their memory budget, HTTP/1 keep-alive outside Pingora and its
+//!   lingering close, HTTP/2, egress tunnels).
 //! - L5 process: [`server`] (assembly), [`listening`] (the listeners as
 //!   one service: started, stopped and moved by reloads), [`reload`]
 //!   (SIGHUP: load off the workers, swap the runtime whole or keep the old

@@ -2,7 +2,8 @@
 //! read whole and within their limits ([`head`]), under a memory budget
 //! shared by every connection ([`pending`]); HTTP/2 connections with their
 //! churn bounded ([`h2`]); a listener's connection slots ([`admission`]);
-//! egress tunnels ([`tunnel`]); TLS termination ([`tls`], [`hello`]); and
+//! egress tunnels ([`tunnel`]); TLS termination ([`tls`], [`hello`]); the
+//! close of a connection a client may still be sending on ([`linger`]); and
 //! each listener's connection app over all of them ([`Listener`]).
 
 pub mod accept;
