@@ -104,6 +104,16 @@ impl Linger {
                 };
             }
         }
+        // Shut: reading until the client ends, stops, or the time or the
+        // bytes run out.
+        let Linger::Reading {
+            until,
+            wait,
+            dropped,
+        } = self
+        else {
+            return Poll::Ready(Ok(()));
+        };
         let mut buf = [0u8; READ];
         let mut turn = 0;
         loop {
@@ -112,52 +122,32 @@ impl Linger {
                 Poll::Ready(Ok(())) => read.filled().len(),
                 // The client's end, or a connection already broken.
                 Poll::Ready(Err(_)) => 0,
-                Poll::Pending => {
-                    if let Linger::Reading { wait, .. } = self {
-                        if wait.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                    }
-                    *self = Linger::Done;
-                    return Poll::Ready(Ok(()));
-                }
+                Poll::Pending if wait.as_mut().poll(cx).is_pending() => return Poll::Pending,
+                Poll::Pending => break,
             };
-            match self {
-                _ if n == 0 => *self = Linger::Done,
-                Linger::Reading {
-                    until,
-                    wait,
-                    dropped,
-                } => {
-                    *dropped += n;
-                    if *dropped >= LINGER_BYTES {
-                        *self = Linger::Done;
-                    } else {
-                        let next = (Instant::now() + LINGER_WAIT).min(*until);
-                        wait.as_mut().reset(next);
-                    }
-                }
-                Linger::Open | Linger::Shutting { .. } | Linger::Done => *self = Linger::Done,
+            *dropped += n;
+            if n == 0 || *dropped >= LINGER_BYTES {
+                break;
             }
-            if let Linger::Done = self {
-                return Poll::Ready(Ok(()));
-            }
+            wait.as_mut()
+                .reset((Instant::now() + LINGER_WAIT).min(*until));
             turn += n;
             if turn >= TURN {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
         }
+        *self = Linger::Done;
+        Poll::Ready(Ok(()))
     }
 }
 
-/// Close `io` with a lingering close (the caller drops it after). Over
-/// TLS the shut writes a close_notify, which a client that reads nothing
-/// could leave waiting on a full socket: bounded by [`LINGER_TIME`] too.
+/// Close `io` with a lingering close (the caller drops it after), within
+/// [`LINGER_TIME`] in all (over TLS the shut writes a close_notify, which a
+/// client that reads nothing could leave unwritten).
 pub async fn close(io: &mut Stream) {
     let mut linger = Linger::default();
-    let closing = std::future::poll_fn(|cx| linger.poll_close(io, cx));
-    let _ = tokio::time::timeout(LINGER_TIME, closing).await;
+    let _ = std::future::poll_fn(|cx| linger.poll_close(io, cx)).await;
 }
 
 #[cfg(test)]

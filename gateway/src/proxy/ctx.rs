@@ -194,6 +194,18 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// Give back what the request holds upstream and counts in flight (its
+    /// permit, connection claim, concurrency slot, place at its endpoint,
+    /// the in-flight gauge), as dropping the context would: for a request
+    /// that is over while its connection still closes.
+    pub fn let_go(&mut self) {
+        self.upstream_permit = None;
+        self.connection_claim = None;
+        self.adaptive_slot = None;
+        self.at_endpoint = None;
+        self.in_flight = None;
+    }
+
     pub fn new() -> Self {
         RequestCtx {
             runtime: None,

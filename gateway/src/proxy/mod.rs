@@ -864,11 +864,7 @@ impl ProxyHttp for Proxy {
             && !session.is_http2()
             && session.get_keepalive().is_none()
         {
-            ctx.upstream_permit = None;
-            ctx.connection_claim = None;
-            ctx.adaptive_slot = None;
-            ctx.at_endpoint = None;
-            ctx.in_flight = None;
+            ctx.let_go();
             let closing = session.downstream_session.shutdown();
             let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
         }
